@@ -1,0 +1,32 @@
+"""Configs: YAML + dotted overrides, validated by a typed schema per recipe before anything loads."""
+
+from l2c_llava.config.core import (
+    ConfigError,
+    Problem,
+    RecipeConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_override,
+    read_yaml,
+    save_resolved_config,
+    validate_config,
+)
+from l2c_llava.config.schemas import RECIPES, MllmConfig, Stage1Config, Stage2Config
+
+__all__ = [
+    "RECIPES",
+    "ConfigError",
+    "MllmConfig",
+    "Problem",
+    "RecipeConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "save_resolved_config",
+    "validate_config",
+]

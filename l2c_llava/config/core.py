@@ -1,0 +1,386 @@
+"""YAML configs, dotted command-line overrides, typed validation that reports every problem at once.
+
+A config file is a YAML mapping whose top-level ``recipe`` key names its schema (``stage1``,
+``stage2``, ``mllm``...). Loading goes: read YAML (duplicate keys are an error) -> apply
+``a.b.c=value`` overrides (values parsed as YAML scalars/lists) -> validate with the recipe's
+pydantic schema -> run the schema's cross-field checks. Nothing touches a model or a dataset.
+
+Every problem becomes one line naming the file (or the override that set the value), the dotted key,
+the bad value and what is allowed; all lines are raised together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from l2c_llava.io import atomic_write_text
+
+MISSING = object()
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    # coerce_numbers_to_str: `revision=1.0` or a folder named 2024 stays a string where a string is expected
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+
+class RecipeConfig(Section):
+    """Base of a top-level config. Subclasses set ``recipe`` to a ``Literal`` and may add checks."""
+
+    RECIPE: ClassVar[str] = ""
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        """Cross-field checks run after type validation: list of (dotted key, value, message)."""
+        return []
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where it came from, which key, which value, what is allowed."""
+
+    source: str  # the YAML file, or "override 'k=v'"
+    key: str  # dotted path, "" for the whole file
+    value: Any  # the offending value, or MISSING
+    message: str  # what is wrong and what is allowed
+
+    def __str__(self) -> str:
+        where = f"{self.key}" if self.key else "(top level)"
+        val = "" if self.value is MISSING else f" = {_short_repr(self.value)}"
+        return f"{self.source}: {where}{val}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a config, one per line."""
+
+    def __init__(self, problems: Sequence[Problem], path: str | os.PathLike | None = None):
+        self.problems = list(problems)
+        self.path = str(path) if path is not None else None
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in config {self.path or ''}".rstrip()
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML reading
+# ---------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in out:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1}); keep only one", mark
+            )
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; syntax errors and duplicate keys become a ConfigError with the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "", MISSING, "file not found; `l2c ls` lists the shipped configs")], path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (strict safe loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([Problem(str(path), "", MISSING, f"invalid YAML: {loc}{problem}")], path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Problem(str(path), "", type(data).__name__, "the file must hold a YAML mapping (key: value)")], path
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``. The value is read as YAML (numbers, lists,
+    null, booleans); ``key=`` gives an empty string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            [Problem(f"override {text!r}", key, MISSING, "overrides look like dotted.key=value, e.g. train.lr=1e-4")]
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: keep the raw string, the schema decides
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, dict[str, str], list[Problem]]:
+    """Apply dotted overrides to a nested dict (copied). Returns (data, {key: override text}, problems)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    origin: dict[str, str] = {}
+    problems: list[Problem] = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        parts = key.split(".")
+        node = data
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part, MISSING)
+            if child is MISSING or child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(
+                    Problem(
+                        f"override {text!r}",
+                        ".".join(parts[: i + 1]),
+                        child,
+                        "is a single value, not a section: it has no sub-keys",
+                    )
+                )
+                ok = False
+                break
+            node = child
+        if ok:
+            node[parts[-1]] = value
+            origin[key] = text
+    return data, origin, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_path(model: type[BaseModel], loc: Sequence[Any]) -> tuple[str, type[BaseModel] | None]:
+    """Turn a pydantic error location into the dotted config key (dropping union-branch tags)."""
+    parts: list[str] = []
+    current: Any = model
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            continue  # a union-branch tag such as 'int' or 'list[str]': not part of the key
+        parts.append(str(item))
+        current = _section_type(fields[item].annotation) if item in fields else None
+    return ".".join(parts), current
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_keys(model: type[BaseModel], dotted_parent: str) -> list[str]:
+    current: Any = model
+    for part in [p for p in dotted_parent.split(".") if p]:
+        part = part.split("[")[0]
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = _section_type(fields[part].annotation)
+    return list(getattr(current, "model_fields", {}) or {})
+
+
+def _source_for(key: str, origin: Mapping[str, str], default: str) -> str:
+    best = None
+    for k, text in origin.items():
+        if key == k or key.startswith(k + ".") or key.startswith(k + "["):
+            if best is None or len(k) > len(best[0]):
+                best = (k, text)
+    return f"override {best[1]!r}" if best else default
+
+
+def _problems_from_validation(
+    err: ValidationError, model: type[BaseModel], source: str, origin: Mapping[str, str]
+) -> list[Problem]:
+    problems = []
+    for e in err.errors(include_url=False):
+        key, _ = _field_path(model, e["loc"])
+        src = _source_for(key, origin, source)
+        if e["type"] == "extra_forbidden":
+            parent, _, name = key.rpartition(".")
+            allowed = _allowed_keys(model, parent)
+            hint = difflib.get_close_matches(name, allowed, n=1)
+            msg = "unknown key"
+            if hint:
+                msg += f"; did you mean {hint[0]!r}?"
+            msg += f" Allowed keys{' under ' + parent if parent else ''}: {', '.join(allowed)}"
+            problems.append(Problem(src, key, e["input"], msg))
+        elif e["type"] == "missing":
+            problems.append(Problem(src, key, MISSING, "required key is missing"))
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            problems.append(Problem(src, key, e.get("input", MISSING), msg))
+    return problems
+
+
+def _get_dotted(data: Any, key: str) -> Any:
+    node = data
+    for part in key.split("."):
+        if isinstance(node, BaseModel):
+            node = getattr(node, part, MISSING)
+        elif isinstance(node, dict):
+            node = node.get(part, MISSING)
+        else:
+            return MISSING
+    return node
+
+
+def validate_config(
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    origin: Mapping[str, str] | None = None,
+    schema: type[RecipeConfig] | None = None,
+) -> RecipeConfig:
+    """Validate a config mapping against its recipe's schema; raise ConfigError with every problem."""
+    from l2c_llava.config.schemas import RECIPES
+
+    origin = origin or {}
+    if schema is None:
+        recipe = data.get("recipe", MISSING)
+        if recipe is MISSING:
+            raise ConfigError(
+                [Problem(source, "recipe", MISSING, f"required key is missing; one of: {', '.join(sorted(RECIPES))}")],
+                source,
+            )
+        if recipe not in RECIPES:
+            hint = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
+            raise ConfigError(
+                [
+                    Problem(
+                        _source_for("recipe", origin, source),
+                        "recipe",
+                        recipe,
+                        f"unknown recipe{'; did you mean ' + repr(hint[0]) + '?' if hint else ''}"
+                        f" Allowed: {', '.join(sorted(RECIPES))}",
+                    )
+                ],
+                source,
+            )
+        schema = RECIPES[recipe]
+    try:
+        cfg = schema.model_validate(dict(data))
+    except ValidationError as err:
+        problems = _problems_from_validation(err, schema, source, origin)
+        # Report the cross-field problems too, in the same error: drop the bad values (their defaults
+        # take over), validate again, and run the checks on keys not already reported.
+        pruned = _without(data, [e["loc"] for e in err.errors()])
+        try:
+            partial = schema.model_validate(pruned)
+        except ValidationError:
+            partial = None
+        if partial is not None:
+            reported = {p.key for p in problems}
+            problems += [
+                Problem(_source_for(key, origin, source), key, value, msg)
+                for key, value, msg in partial.check()
+                if key not in reported
+            ]
+        raise ConfigError(problems, source) from None
+    semantic = [Problem(_source_for(key, origin, source), key, value, msg) for key, value, msg in cfg.check()]
+    if semantic:
+        raise ConfigError(semantic, source)
+    return cfg
+
+
+def _without(data: Mapping[str, Any], locs: Sequence[Sequence[Any]]) -> dict:
+    """A deep copy of `data` with the value at each error location removed."""
+    import copy
+
+    out = copy.deepcopy(dict(data))
+    for loc in locs:
+        node: Any = out
+        for item in loc[:-1]:
+            if isinstance(node, dict) and item in node:
+                node = node[item]
+            elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+                node = node[item]
+            else:
+                node = None
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = (), schema: type[RecipeConfig] | None = None
+) -> RecipeConfig:
+    """Read ``path``, apply ``overrides``, validate. Raises :class:`ConfigError` listing every problem."""
+    data = read_yaml(path)
+    data, origin, problems = apply_overrides(data, overrides)
+    try:
+        cfg = validate_config(data, source=str(path), origin=origin, schema=schema)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems, path) from None
+    if problems:
+        raise ConfigError(problems, path)
+    return cfg
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (every key, defaults included), in schema order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_resolved_config(
+    cfg: BaseModel, run_dir: str | os.PathLike, source: str | None = None, overrides: Sequence[str] = ()
+) -> Path:
+    """Write ``config.yaml`` (resolved, every default spelled out) into a run folder, atomically."""
+    header = "# Resolved config written by l2c-llava"
+    if source:
+        header += f"\n# from: {source}"
+    if overrides:
+        header += f"\n# overrides: {' '.join(overrides)}"
+    return atomic_write_text(Path(run_dir) / "config.yaml", header + "\n" + dump_config(cfg))

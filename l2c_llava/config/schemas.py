@@ -1,0 +1,376 @@
+"""Typed schemas of every recipe. Defaults are the paper's real-scale values (../shared/RECIPE.md);
+the demo configs shrink sizes, never the method.
+
+Each schema is a pydantic model with ``extra="forbid"``: a misspelt key is an error that suggests the
+right one. ``check()`` holds the cross-field rules.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from l2c_llava.config.core import RecipeConfig, Section
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]  # auto: bf16 where the device supports it, else no
+TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImpl = Literal["eager", "sdpa", "flash_attention_2"]
+OnBadRow = Literal["error", "skip"]  # stop with the list of bad rows, or drop them and say how many
+ImageCheck = Literal["none", "exists", "header", "decode"]  # how hard images are checked before training
+Schedule = Literal["cosine", "linear", "constant"]
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared sections
+# ---------------------------------------------------------------------------------------------
+
+
+class RunSection(Section):
+    output_dir: str = Field(description="run folder: checkpoints, metrics, resolved config")
+    seed: int = 42
+    resume: bool = Field(True, description="pick up from the last checkpoint in output_dir if there is one")
+
+
+class LLMSection(Section):
+    name_or_path: str = Field(
+        description="a transformers model folder, a .gguf file, or 'embedded:smollm2-135m-instruct'"
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, if it is a folder")
+    torch_dtype: TorchDtype = "auto"
+    attn_implementation: AttnImpl = "sdpa"
+    trust_remote_code: bool = Field(False, description="never on unless you trust the checkpoint's code")
+
+
+class LoraSection(Section):
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32
+    dropout: Probability = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
+class DataChecks(Section):
+    on_bad_row: OnBadRow = "error"
+    image_check: ImageCheck = "header"
+
+
+def _schedule_checks(prefix: str, warmup_steps: int | None, warmup_ratio: float | None) -> list:
+    if warmup_steps is not None and warmup_ratio is not None:
+        return [(f"{prefix}.warmup_ratio", warmup_ratio, f"set either {prefix}.warmup_steps or "
+                 f"{prefix}.warmup_ratio, not both")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: caption-contrastive fine-tuning of the LLM (LLM2Vec method)
+# ---------------------------------------------------------------------------------------------
+
+
+class Stage1Model(LLMSection):
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapter folders merged in turn on top of the base (llm2vec / LLM2CLIP checkpoints)",
+    )
+    pooling: Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"] = "mean"
+    max_length: PositiveInt = 512
+    bidirectional: bool = True
+    gradient_checkpointing: bool = True
+
+
+class Instructions(Section):
+    """Prepended to the query only; attended to, not pooled (public LLM2CLIP code's wording)."""
+
+    short_to_long: str = "Given a sentence, retrieve a detailed relevant sentence"
+    long_to_short: str = "Given a detailed sentence, retrieve a short relevant sentence"
+    separator: str = "!@#$%^&*()"
+
+
+class Stage1Data(DataChecks):
+    train: str = Field(description="caption pairs (JSONL or CSV with image, short, long)")
+    eval: str | None = Field(None, description="CRA test set: Karpathy-style JSON or caption pairs")
+    eval_split: str = "test"
+    short_key: str = "short"
+    long_key: str = "long"
+    hard_negatives: bool = True
+    general_text: str | None = Field(None, description="JSONL of general (query, positive[, negative]) pairs")
+    general_text_share: Probability = 0.0
+    instructions: Instructions = Field(default_factory=Instructions)
+    max_samples: PositiveInt | None = None
+    image_check: ImageCheck = "none"  # stage 1 reads captions only
+
+
+class MNTPSection(Section):
+    enabled: bool = False
+    mask_probability: Probability = 0.2
+    mask_token: str = "_"
+    lr: PositiveFloat = 5e-5
+    batch_size: PositiveInt = 32
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    text: str | None = Field(None, description="extra text file (one paragraph per line); captions are always used")
+
+
+class Stage1Train(Section):
+    lr: PositiveFloat = 2e-4
+    batch_size: PositiveInt = Field(64, description="per device")
+    grad_accum: PositiveInt = 1
+    contrastive_accum: bool = Field(False, description="GradCache-style accumulation that keeps all negatives")
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    warmup_steps: NonNegInt | None = 300
+    warmup_ratio: Probability | None = None
+    schedule: Schedule = "linear"
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+    loss_scale: PositiveFloat = Field(50.0, description="cosine similarity x scale (temperature 1/scale)")
+    mixed_precision: MixedPrecision = "auto"
+    gather_across_processes: bool = True
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+
+
+class Stage1Eval(Section):
+    cra: bool = True
+    batch_size: PositiveInt = 64
+    max_images: PositiveInt | None = None
+
+
+class Stage1Output(Section):
+    merge_weights: bool = Field(False, description="also write the LoRA-merged full weights")
+
+
+class Stage1Config(RecipeConfig):
+    RECIPE: ClassVar[str] = "stage1"
+    recipe: Literal["stage1"]
+    run: RunSection
+    model: Stage1Model
+    lora: LoraSection = Field(default_factory=LoraSection)
+    mntp: MNTPSection = Field(default_factory=MNTPSection)
+    data: Stage1Data
+    train: Stage1Train = Field(default_factory=Stage1Train)
+    eval: Stage1Eval = Field(default_factory=Stage1Eval)
+    output: Stage1Output = Field(default_factory=Stage1Output)
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        out = _schedule_checks("train", self.train.warmup_steps, self.train.warmup_ratio)
+        if self.data.general_text_share > 0 and not self.data.general_text:
+            out.append(("data.general_text", None, "data.general_text_share > 0 needs a data.general_text file"))
+        if self.data.short_key == self.data.long_key:
+            out.append(("data.long_key", self.data.long_key, "must differ from data.short_key"))
+        if self.eval.cra and not self.data.eval:
+            out.append(("data.eval", None, "eval.cra is on: give a test set (data.eval) or set eval.cra=false"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: LLM2CLIP (frozen LLM features, fine-tuned CLIP vision encoder)
+# ---------------------------------------------------------------------------------------------
+
+
+class TextEncoderRef(Section):
+    path: str = Field(description="stage-1 output folder (or any folder TextEncoder.from_pretrained loads)")
+    instruction: str | None = None
+    batch_size: PositiveInt = 64
+    max_length: PositiveInt | None = Field(None, description="default: the encoder's own")
+
+
+class CacheSection(Section):
+    dir: str = Field(description="text feature cache folder (shards + manifest)")
+    shard_size: PositiveInt = 8192
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class VisionSection(Section):
+    name_or_path: str = Field(description="a transformers CLIP / CLIPVision folder (OpenAI ViT-L/14-336 at real scale)")
+    image_size: PositiveInt = 336
+    trainable: Literal["all", "none", "last_n"] = "all"
+    trainable_last_n: NonNegInt = 0
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.85
+    gradient_checkpointing: bool = True
+    attn_implementation: AttnImpl = "sdpa"
+
+
+class AdapterSection(Section):
+    """Text side on the cached LLM feature: L2 norm -> blocks x (x + W2 GELU(W1 LN(x))) -> LN -> Linear."""
+
+    num_blocks: PositiveInt = 4
+    expansion: PositiveInt = 2
+    projection_dim: PositiveInt = 1280
+
+
+class LogitScaleSection(Section):
+    init: PositiveFloat = Field(1 / 0.07, description="initial scale (logit = log of it)")
+    max: PositiveFloat = 100.0
+    learnable: bool = True
+
+
+class Stage2Data(DataChecks):
+    format: Literal["jsonl", "webdataset"] = "jsonl"
+    train: str = Field(description="caption-pair JSONL/CSV, or a webdataset shard pattern like data/{00000..00099}.tar")
+    image_root: str | None = None
+    short_key: str = "short"
+    long_key: str = "long"
+    dense_share: Probability = Field(0.5, description="per-sample chance of the dense caption")
+    rrc_scale: tuple[Probability, Probability] = (0.9, 1.0)
+    num_workers: NonNegInt = 4
+    eval_short: str | None = Field(None, description="Karpathy-style JSON, several short captions per image")
+    eval_long: str | None = Field(None, description="long-caption test set (Karpathy-style JSON or Urban-1K folder)")
+    eval_image_root: str | None = None
+    eval_split: str = "test"
+
+
+class Stage2Train(Section):
+    lr: PositiveFloat = 1e-5
+    weight_decay: NonNegFloat = 0.05
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegInt | None = 0
+    warmup_ratio: Probability | None = None
+    schedule: Schedule = "cosine"
+    grad_clip: PositiveFloat | None = 5.0
+    batch_size: PositiveInt = Field(512, description="per device; 512 x 8 GPUs = 4096 in the paper")
+    grad_accum: PositiveInt = 1
+    contrastive_accum: bool = False
+    epochs: PositiveInt = 4
+    max_steps: PositiveInt | None = None
+    mixed_precision: MixedPrecision = "fp16"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 2
+
+
+class Stage2Eval(Section):
+    batch_size: PositiveInt = 256
+    recall_at: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
+class Stage2Export(Section):
+    dir: str | None = Field(None, description="default: <run.output_dir>/export")
+
+
+class Stage2Config(RecipeConfig):
+    RECIPE: ClassVar[str] = "stage2"
+    recipe: Literal["stage2"]
+    run: RunSection
+    text_encoder: TextEncoderRef
+    cache: CacheSection
+    vision: VisionSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    logit_scale: LogitScaleSection = Field(default_factory=LogitScaleSection)
+    data: Stage2Data
+    train: Stage2Train = Field(default_factory=Stage2Train)
+    eval: Stage2Eval = Field(default_factory=Stage2Eval)
+    export: Stage2Export = Field(default_factory=Stage2Export)
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        out = _schedule_checks("train", self.train.warmup_steps, self.train.warmup_ratio)
+        lo, hi = self.data.rrc_scale
+        if not 0 < lo <= hi:
+            out.append(("data.rrc_scale", [lo, hi], "needs 0 < min <= max <= 1"))
+        if self.data.format == "jsonl" and not self.data.image_root:
+            out.append(("data.image_root", None, "data.format=jsonl needs the folder the `image` paths are relative to"))
+        if self.vision.trainable == "last_n" and self.vision.trainable_last_n == 0:
+            out.append(("vision.trainable_last_n", 0, "vision.trainable=last_n needs a number of blocks > 0"))
+        if self.logit_scale.init > self.logit_scale.max:
+            out.append(("logit_scale.init", self.logit_scale.init, f"must be <= logit_scale.max ({self.logit_scale.max})"))
+        if (self.data.eval_short or self.data.eval_long) and not self.data.eval_image_root:
+            out.append(("data.eval_image_root", None, "the retrieval test sets need their image folder"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mllm: LLaVA-1.5 with a swapped-in vision encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class MllmModel(Section):
+    vision_tower: str = Field(description="a transformers CLIPVisionModel/CLIPModel folder (stage-2 export or OpenAI CLIP)")
+    llm: LLMSection
+    projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"  # default drops CLS
+    image_aspect_ratio: Literal["pad", "crop"] = "pad"  # pad: to square with the mean colour, like LLaVA
+    init_from: str | None = Field(None, description="a pretrain run folder whose projector starts the finetune")
+
+
+class MllmData(DataChecks):
+    path: str = Field(description="LLaVA JSON (blip_laion_cc_sbu_558k / llava_v1_5_mix665k style)")
+    image_root: str | None = None
+    template: Literal["plain", "vicuna_v1"] = "vicuna_v1"
+    max_length: PositiveInt = 2048
+    group_by_modality_length: bool = True
+    num_workers: NonNegInt = 4
+
+
+class MllmLora(LoraSection):
+    r: PositiveInt = 128
+    alpha: PositiveFloat = 256
+
+
+class MllmTrain(Section):
+    stage: Literal["pretrain", "finetune"]
+    tune: Literal["projector", "full", "lora"]
+    lr: PositiveFloat
+    projector_lr: PositiveFloat | None = Field(None, description="separate projector lr (LoRA finetune: 2e-5)")
+    global_batch_size: PositiveInt = Field(description="kept constant whatever the number of devices")
+    per_device_batch_size: PositiveInt = 16
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    warmup_ratio: Probability | None = 0.03
+    warmup_steps: NonNegInt | None = None
+    schedule: Schedule = "cosine"
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+    mixed_precision: MixedPrecision = "bf16"
+    gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = True
+    lora: MllmLora = Field(default_factory=MllmLora)
+    log_every: PositiveInt = 1
+    save_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+
+
+class MllmConfig(RecipeConfig):
+    RECIPE: ClassVar[str] = "mllm"
+    recipe: Literal["mllm"]
+    run: RunSection
+    model: MllmModel
+    data: MllmData
+    train: MllmTrain
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        t = self.train
+        out = _schedule_checks("train", t.warmup_steps, t.warmup_ratio)
+        if t.stage == "pretrain" and t.tune != "projector":
+            out.append(("train.tune", t.tune, "the pretrain stage trains the projector only: use tune=projector"))
+        if t.stage == "finetune" and t.tune == "projector":
+            out.append(("train.tune", t.tune, "the finetune stage trains projector + LLM: use tune=full or tune=lora"))
+        if t.global_batch_size % t.per_device_batch_size:
+            out.append(
+                (
+                    "train.global_batch_size",
+                    t.global_batch_size,
+                    f"must be a multiple of train.per_device_batch_size ({t.per_device_batch_size})",
+                )
+            )
+        if t.projector_lr is not None and t.tune != "lora":
+            out.append(("train.projector_lr", t.projector_lr, "only used with tune=lora (LLaVA's mm_projector_lr)"))
+        if self.data.template == "plain" and t.stage == "finetune":
+            out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
+        return out
+
+
+RECIPES: dict[str, type[RecipeConfig]] = {
+    cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig)
+}

@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic dataset and readers for the real formats."""

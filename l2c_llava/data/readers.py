@@ -1,0 +1,493 @@
+"""Readers for the real data formats, shared by every stage.
+
+- caption pairs: JSONL or CSV rows with an image path and a short and a long caption
+  (CC-3M + ShareGPT4V recaptions; DreamLIP's shortSV/longSV columns through ``short_key``/``long_key``);
+- retrieval test sets: Karpathy-style JSON (dataset_coco.json, dataset_flickr30k.json: several
+  captions per image); long-caption sets: ShareGPT4V-1K-style JSON, a JSON list of {image, caption},
+  or an Urban-1K folder (``image/`` + ``caption/`` with the same stems);
+- LLaVA JSON: blip_laion_cc_sbu_558k.json / llava_v1_5_mix665k.json rows.
+
+Every image path resolves under its root and cannot escape it. All problems of a file (malformed
+row, missing key, empty caption, missing or unreadable image, escaping path) are collected before
+any training starts; then ``on_bad_row="error"`` raises one :class:`DataError` listing them with
+file and row, and ``"skip"`` drops those rows and says how many (``.skipped`` keeps the list).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+OnBadRow = Literal["error", "skip"]
+ImageCheck = Literal["none", "exists", "header", "decode"]
+T = TypeVar("T")
+SHOW = 20  # problems printed in an error message; the full list is on the exception
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    file: str
+    row: str  # "line 12" (JSONL/CSV), "item 7" (JSON list), or a file name (folder layouts)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}, {self.row}: {self.message}"
+
+
+class DataError(ValueError):
+    """Bad rows in a data file, all of them, each with file and row."""
+
+    def __init__(self, problems: Sequence[RowProblem], file: str, total: int | None = None):
+        self.problems = list(problems)
+        self.file = file
+        n = len(self.problems)
+        head = f"{n} bad row{'s' if n != 1 else ''}" + (f" of {total}" if total is not None else "") + f" in {file}"
+        lines = [f"  - {p.row}: {p.message}" for p in self.problems[:SHOW]]
+        if n > SHOW:
+            lines.append(f"  ... and {n - SHOW} more (DataError.problems has them all)")
+        hint = "Fix the rows, or set on_bad_row: skip (config key data.on_bad_row) to drop them."
+        super().__init__(f"{head}:\n" + "\n".join(lines) + f"\n{hint}")
+
+
+@dataclass
+class Loaded(Generic[T]):
+    """Rows that passed every check, and the problems of those that did not (when skipping)."""
+
+    items: list[T]
+    source: str
+    total: int
+    skipped: list[RowProblem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, i: int) -> T:
+        return self.items[i]
+
+
+def resolve_under(root: str | os.PathLike, relpath: str) -> Path:
+    """Join `relpath` to `root`, refusing absolute paths and anything (``..``, symlinks) that lands
+    outside `root`. Raises ValueError with the reason."""
+    if not isinstance(relpath, str) or not relpath.strip():
+        raise ValueError("image path is empty")
+    if relpath.startswith(("/", "\\")) or os.path.isabs(relpath) or (len(relpath) > 1 and relpath[1] == ":"):
+        raise ValueError(f"image path {relpath!r} is absolute; paths must be relative to the image root")
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / relpath).resolve()
+    if not candidate.is_relative_to(root_resolved):
+        raise ValueError(f"image path {relpath!r} escapes the image root {root_resolved}")
+    return candidate
+
+
+def check_image(path: Path, level: ImageCheck) -> str | None:
+    """None if the image passes the check at `level`, else the reason it does not."""
+    if level == "none":
+        return None
+    if not path.is_file():
+        return f"image not found: {path}"
+    if level == "exists":
+        return None
+    try:
+        with Image.open(path) as im:
+            if level == "header":
+                im.verify()
+            else:
+                im.load()
+                if im.width < 1 or im.height < 1:
+                    return f"image has no pixels: {path}"
+    except Exception as e:  # PIL raises many types for bad files
+        return f"image cannot be read ({type(e).__name__}: {e}): {path}"
+    return None
+
+
+def _check_images(paths: Iterable[Path], level: ImageCheck, threads: int = 8) -> dict[Path, str | None]:
+    unique = list(dict.fromkeys(paths))
+    if level == "none" or not unique:
+        return {p: None for p in unique}
+    with ThreadPoolExecutor(max_workers=min(threads, len(unique))) as pool:
+        return dict(zip(unique, pool.map(lambda p: check_image(p, level), unique)))
+
+
+def _finish(items: list, problems: list[RowProblem], file: str, total: int, on_bad_row: OnBadRow) -> Loaded:
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if problems and on_bad_row == "error":
+        raise DataError(problems, file, total)
+    if problems:
+        logger.warning("skipped %d of %d rows of %s (first: %s)", len(problems), total, file, problems[0])
+    if not items:
+        raise DataError(problems or [RowProblem(file, "file", "no usable rows")], file, total)
+    return Loaded(items, file, total, problems)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError([RowProblem(str(path), f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")], str(path)) from None
+
+
+def _nonempty_str(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"key {key!r} is missing (row has: {', '.join(map(str, row)) or 'nothing'})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{key!r} is empty")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# caption pairs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionPair:
+    image: str  # as written in the file (relative to the image root)
+    short: str
+    long: str
+    row: str
+    image_path: Path | None = None  # resolved under the root; None when no root was given
+
+
+def _iter_rows(path: Path) -> Iterable[tuple[str, dict | None, str | None]]:
+    """(row label, row dict or None, problem) for JSONL or CSV files."""
+    if path.suffix.lower() == ".csv" or path.suffix.lower() == ".tsv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for i, row in enumerate(reader, start=2):
+                if None in row:
+                    yield f"line {i}", None, "more fields than the header has columns"
+                else:
+                    yield f"line {i}", row, None
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {i}", None, f"invalid JSON: {e.msg} (column {e.colno})"
+                continue
+            if not isinstance(row, dict):
+                yield f"line {i}", None, f"expected a JSON object, got {type(row).__name__}"
+                continue
+            yield f"line {i}", row, None
+
+
+def read_caption_pairs(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    short_key: str = "short",
+    long_key: str = "long",
+    image_key: str = "image",
+    on_bad_row: OnBadRow = "error",
+    image_check: ImageCheck = "header",
+    max_rows: int | None = None,
+) -> Loaded[CaptionPair]:
+    """Read caption pairs from JSONL or CSV/TSV. Without `image_root` images are not resolved or
+    checked (stage 1 needs only the text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption-pair file not found: {path}")
+    problems: list[RowProblem] = []
+    pending: list[CaptionPair] = []
+    total = 0
+    for label, row, problem in _iter_rows(path):
+        if max_rows is not None and total >= max_rows:
+            break
+        total += 1
+        if problem:
+            problems.append(RowProblem(str(path), label, problem))
+            continue
+        try:
+            image = _nonempty_str(row, image_key)
+            short = _nonempty_str(row, short_key)
+            long = _nonempty_str(row, long_key)
+            image_path = resolve_under(image_root, image) if image_root is not None else None
+        except ValueError as e:
+            problems.append(RowProblem(str(path), label, str(e)))
+            continue
+        pending.append(CaptionPair(image, short, long, label, image_path))
+    if image_root is not None:
+        verdict = _check_images((p.image_path for p in pending), image_check)
+        kept = []
+        for p in pending:
+            if (why := verdict[p.image_path]) is not None:
+                problems.append(RowProblem(str(path), p.row, why))
+            else:
+                kept.append(p)
+        pending = kept
+    problems.sort(key=lambda p: int(p.row.split()[-1]))
+    return _finish(pending, problems, str(path), total, on_bad_row)
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval test sets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalSet:
+    """Images and captions of a retrieval test set; ``caption_image[j]`` is the image of caption j."""
+
+    images: list[Path]
+    image_ids: list[str]
+    captions: list[str]
+    caption_image: list[int]
+    source: str = ""
+    skipped: list[RowProblem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.caption_image):
+            raise ValueError("captions and caption_image differ in length")
+
+    def captions_of(self, i: int) -> list[str]:
+        return [c for c, k in zip(self.captions, self.caption_image) if k == i]
+
+
+def _build_retrieval(entries: list[tuple[str, str, list[str]]], image_root, path: str, total: int,
+                     on_bad_row: OnBadRow, image_check: ImageCheck, problems: list[RowProblem]) -> RetrievalSet:  # fmt: skip
+    """entries: (row label, relative image path, captions)."""
+    resolved = []
+    for label, rel, caps in entries:
+        try:
+            resolved.append((label, rel, resolve_under(image_root, rel), caps))
+        except ValueError as e:
+            problems.append(RowProblem(path, label, str(e)))
+    verdict = _check_images((r[2] for r in resolved), image_check)
+    kept = []
+    for label, rel, p, caps in resolved:
+        if (why := verdict[p]) is not None:
+            problems.append(RowProblem(path, label, why))
+        else:
+            kept.append((rel, p, caps))
+    loaded = _finish(kept, problems, path, total, on_bad_row)
+    rs = RetrievalSet([], [], [], [], source=path, skipped=loaded.skipped)
+    for i, (rel, p, caps) in enumerate(loaded.items):
+        rs.images.append(p)
+        rs.image_ids.append(rel)
+        rs.captions.extend(caps)
+        rs.caption_image.extend([i] * len(caps))
+    return rs
+
+
+def read_karpathy(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    split: str | None = "test",
+    *,
+    max_captions: int | None = None,
+    on_bad_row: OnBadRow = "error",
+    image_check: ImageCheck = "header",
+) -> RetrievalSet:
+    """Karpathy-style JSON ({"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}]}]}).
+    `max_captions` keeps the first k captions per image (MS-COCO images have 5-7; the usual is 5)."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError([RowProblem(str(path), "top level", "expected an object with an 'images' list (Karpathy format)")], str(path))
+    problems: list[RowProblem] = []
+    entries = []
+    total = 0
+    for i, img in enumerate(data["images"]):
+        label = f"images[{i}]"
+        if not isinstance(img, dict):
+            problems.append(RowProblem(str(path), label, "expected an object"))
+            total += 1
+            continue
+        if split is not None and img.get("split") != split:
+            continue
+        total += 1
+        try:
+            filename = _nonempty_str(img, "filename")
+            rel = f"{img['filepath']}/{filename}" if img.get("filepath") else filename
+            sents = img.get("sentences")
+            if not isinstance(sents, list) or not sents:
+                raise ValueError("'sentences' must be a non-empty list")
+            caps = []
+            for k, s in enumerate(sents[:max_captions] if max_captions else sents):
+                if not isinstance(s, dict):
+                    raise ValueError(f"sentences[{k}] must be an object with 'raw'")
+                try:
+                    caps.append(_nonempty_str(s, "raw").strip())
+                except ValueError as e:
+                    raise ValueError(f"sentences[{k}]: {e}") from None
+        except ValueError as e:
+            problems.append(RowProblem(str(path), label, str(e)))
+            continue
+        entries.append((label, rel, caps))
+    if total == 0:
+        splits = sorted({str(x.get("split")) for x in data["images"] if isinstance(x, dict)})
+        raise DataError([RowProblem(str(path), "images", f"no image has split {split!r} (splits here: {', '.join(splits)})")], str(path))
+    return _build_retrieval(entries, image_root, str(path), total, on_bad_row, image_check, problems)
+
+
+def read_long_captions(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    on_bad_row: OnBadRow = "error",
+    image_check: ImageCheck = "header",
+) -> RetrievalSet:
+    """A long-caption test set, one caption per image, in any of the layouts it is published in:
+    ShareGPT4V-1K-style JSON (image + conversations, the caption is the last gpt turn), a JSON list of
+    {"image", "caption"}, a Karpathy-style JSON, or an Urban-1K folder (image/ and caption/*.txt)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_caption_folder(path, on_bad_row, image_check)
+    data = _read_json(path)
+    if isinstance(data, dict) and "images" in data:
+        return read_karpathy(path, image_root if image_root is not None else path.parent, split=None,
+                             on_bad_row=on_bad_row, image_check=image_check)  # fmt: skip
+    if not isinstance(data, list):
+        raise DataError([RowProblem(str(path), "top level", "expected a JSON list of rows or a Karpathy-style object")], str(path))
+    root = image_root if image_root is not None else path.parent
+    problems, entries = [], []
+    for i, row in enumerate(data):
+        label = f"item {i}"
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("expected an object")
+            rel = _nonempty_str(row, "image")
+            if "conversations" in row:
+                turns = row["conversations"]
+                answers = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"] if isinstance(turns, list) else []
+                if not answers or not isinstance(answers[-1], str) or not answers[-1].strip():
+                    raise ValueError("no non-empty gpt turn holding the caption")
+                caption = answers[-1]
+            else:
+                caption = _nonempty_str(row, "caption")
+        except ValueError as e:
+            problems.append(RowProblem(str(path), label, str(e)))
+            continue
+        entries.append((label, rel, [caption.strip()]))
+    return _build_retrieval(entries, root, str(path), len(data), on_bad_row, image_check, problems)
+
+
+def _read_caption_folder(root: Path, on_bad_row: OnBadRow, image_check: ImageCheck) -> RetrievalSet:
+    image_dir, caption_dir = root / "image", root / "caption"
+    if not image_dir.is_dir() or not caption_dir.is_dir():
+        raise DataError([RowProblem(str(root), "folder", "expected image/ and caption/ sub-folders (Urban-1K layout)")], str(root))
+    problems, entries = [], []
+    images = sorted(p for p in image_dir.iterdir() if p.is_file())
+    for img in images:
+        label = img.name
+        txt = caption_dir / (img.stem + ".txt")
+        if not txt.is_file():
+            problems.append(RowProblem(str(root), label, f"no caption file {txt.name} in caption/"))
+            continue
+        caption = txt.read_text(encoding="utf-8").strip()
+        if not caption:
+            problems.append(RowProblem(str(root), label, f"caption file {txt.name} is empty"))
+            continue
+        entries.append((label, f"image/{img.name}", [caption]))
+    return _build_retrieval(entries, root, str(root), len(images), on_bad_row, image_check, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA JSON
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class LlavaRow:
+    id: str
+    conversations: list[dict]  # [{"from": "human"|"gpt", "value": str}, ...], as in the file
+    image: str | None = None  # as written in the file
+    image_path: Path | None = None
+    row: str = ""
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+def _check_conversations(conv: Any, has_image: bool) -> None:
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("'conversations' must be a non-empty list")
+    n_image_tokens = 0
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"conversations[{k}] must be an object with 'from' and 'value'")
+        expected = "human" if k % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise ValueError(f"conversations[{k}] is from {turn['from']!r}, expected {expected!r} (turns alternate, human first)")
+        if not isinstance(turn["value"], str) or not turn["value"].strip():
+            raise ValueError(f"conversations[{k}] has an empty value")
+        n_image_tokens += turn["value"].count(IMAGE_TOKEN)
+        if k > 0 and IMAGE_TOKEN in turn["value"]:
+            raise ValueError(f"conversations[{k}] holds {IMAGE_TOKEN}; only the first human turn may")
+    if len(conv) % 2:
+        raise ValueError("the last turn is from 'human': every question needs a 'gpt' answer")
+    if has_image and n_image_tokens != 1:
+        raise ValueError(f"a row with an image needs exactly one {IMAGE_TOKEN} in its first human turn, found {n_image_tokens}")
+    if not has_image and n_image_tokens:
+        raise ValueError(f"a text-only row (no 'image' key) must not contain {IMAGE_TOKEN}")
+
+
+def read_llava_json(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    *,
+    on_bad_row: OnBadRow = "error",
+    image_check: ImageCheck = "header",
+) -> Loaded[LlavaRow]:
+    """LLaVA training rows (558K pretrain / 665K instruction style). Text-only rows (no ``image``)
+    are kept; rows with an image need `image_root`."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DataError([RowProblem(str(path), "top level", "expected a JSON list of rows (LLaVA format)")], str(path))
+    problems: list[RowProblem] = []
+    pending: list[LlavaRow] = []
+    for i, row in enumerate(data):
+        label = f"item {i}"
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("expected an object")
+            rid = str(row.get("id", i))
+            image = row.get("image")
+            if image is not None:
+                if image_root is None:
+                    raise ValueError("row has an image but no image root was given")
+                image_path = resolve_under(image_root, image)
+            else:
+                image_path = None
+            _check_conversations(row.get("conversations"), image is not None)
+        except ValueError as e:
+            problems.append(RowProblem(str(path), label, str(e)))
+            continue
+        pending.append(LlavaRow(rid, row["conversations"], image, image_path, label))
+    verdict = _check_images((r.image_path for r in pending if r.image_path is not None), image_check)
+    kept = []
+    for r in pending:
+        if r.image_path is not None and (why := verdict[r.image_path]) is not None:
+            problems.append(RowProblem(str(path), r.row, why))
+        else:
+            kept.append(r)
+    problems.sort(key=lambda p: int(p.row.split()[-1]))
+    return _finish(kept, problems, str(path), len(data), on_bad_row)

