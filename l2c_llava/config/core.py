@@ -226,12 +226,21 @@ def _allowed_keys(model: type[BaseModel], dotted_parent: str) -> list[str]:
     return list(getattr(current, "model_fields", {}) or {})
 
 
-def _source_for(key: str, origin: Mapping[str, str], default: str) -> str:
+def _source_for(key: str, origin: Mapping[str, str], default: str, message: str = "") -> str:
+    """Which override set the value behind a problem: one at the key, under it, above it, or named
+    in the message (cross-field checks name every key they involve)."""
+    import re
+
     best = None
     for k, text in origin.items():
-        if key == k or key.startswith(k + ".") or key.startswith(k + "["):
-            if best is None or len(k) > len(best[0]):
-                best = (k, text)
+        related = (
+            key == k
+            or key.startswith((k + ".", k + "["))
+            or k.startswith(key + ".")
+            or (message and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message))
+        )
+        if related and (best is None or len(k) > len(best[0])):
+            best = (k, text)
     return f"override {best[1]!r}" if best else default
 
 
@@ -319,12 +328,12 @@ def validate_config(
         if partial is not None:
             reported = {p.key for p in problems}
             problems += [
-                Problem(_source_for(key, origin, source), key, value, msg)
+                Problem(_source_for(key, origin, source, msg), key, value, msg)
                 for key, value, msg in partial.check()
                 if key not in reported
             ]
         raise ConfigError(problems, source) from None
-    semantic = [Problem(_source_for(key, origin, source), key, value, msg) for key, value, msg in cfg.check()]
+    semantic = [Problem(_source_for(key, origin, source, msg), key, value, msg) for key, value, msg in cfg.check()]
     if semantic:
         raise ConfigError(semantic, source)
     return cfg
