@@ -59,14 +59,18 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, max_objects=args.max_objects, jpeg_quality=args.jpeg_quality,
     )  # fmt: skip
     try:
-        manifest = generate(args.out, opts, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+        manifest = generate(
+            args.out, opts, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet
+        )
     except (ValueError, FileExistsError) as e:
         print(f"l2c data synth: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if manifest.get("skipped"):
         print(f"{args.out}: already holds this dataset (same options and generator version); nothing to do")
     else:
-        print(f"wrote {args.images} images and their captions, questions and splits to {args.out} in {manifest['seconds']} s")
+        print(
+            f"wrote {args.images} images and their captions, questions and splits to {args.out} in {manifest['seconds']} s"
+        )
     print(json.dumps(manifest["stats"], indent=2))
     return 0
 
@@ -76,17 +80,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     try:
         if args.format == "pairs":
-            res = readers.read_caption_pairs(args.file, args.image_root, on_bad_row="skip", image_check=args.image_check)
+            res = readers.read_caption_pairs(
+                args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+            )
             n, skipped, total = len(res), res.skipped, res.total
         elif args.format == "llava":
-            res = readers.read_llava_json(args.file, args.image_root, on_bad_row="skip", image_check=args.image_check)
+            res = readers.read_llava_json(
+                args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+            )
             n, skipped, total = len(res), res.skipped, res.total
         else:
             if args.format == "karpathy":
                 rs = readers.read_karpathy(args.file, args.image_root, split=args.split, on_bad_row="skip",
                                            image_check=args.image_check)  # fmt: skip
             else:
-                rs = readers.read_long_captions(args.file, args.image_root, on_bad_row="skip", image_check=args.image_check)
+                rs = readers.read_long_captions(
+                    args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+                )
             n, skipped, total = len(rs.images), rs.skipped, len(rs.images) + len(rs.skipped)
     except (readers.DataError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
@@ -108,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list the shipped configs, one line each")
     p.set_defaults(func=_cmd_ls)
 
-    p = sub.add_parser("validate", help="validate configs (before anything is loaded) and print them resolved")
+    p = sub.add_parser(
+        "validate", help="validate configs (before anything is loaded) and print them resolved"
+    )
     p.add_argument("configs", nargs="+", metavar="CONFIG", type=str)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable (e.g. --set train.lr=1e-4)")  # fmt: skip
@@ -157,7 +169,9 @@ def _split_overrides(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_split_overrides(argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -56,7 +56,11 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

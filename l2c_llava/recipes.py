@@ -37,8 +37,8 @@ def shipped_configs(root: Path | None = None) -> list[ShippedConfig]:
     out = []
     for folder in RECIPE_FOLDERS:
         for path in sorted((root / folder).rglob("*.yaml")):
-            if "tasks" in path.relative_to(root / folder).parts:
-                continue  # lmms-eval task folders are not recipe configs
+            if {"tasks", "accelerate"} & set(path.relative_to(root / folder).parts):
+                continue  # lmms-eval task folders and accelerate launch configs are not recipe configs
             cmd, summary = _header(path)
             out.append(ShippedConfig(path, cmd, summary))
     return out

@@ -29,7 +29,9 @@ def versions() -> dict[str, str]:
             continue
     try:
         root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             out["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):

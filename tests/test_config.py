@@ -58,7 +58,15 @@ def test_stage1_minimal_file_gets_the_paper_defaults(tmp_path):
     cfg = load_config(write(tmp_path, STAGE1))
     assert isinstance(cfg, Stage1Config)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert cfg.train.lr == 2e-4 and cfg.train.batch_size == 64 and cfg.train.warmup_steps == 300
     assert cfg.train.loss_scale == 50.0 and cfg.model.pooling == "mean" and cfg.model.max_length == 512
     assert cfg.mntp.enabled is False and cfg.mntp.mask_probability == 0.2 and cfg.mntp.mask_token == "_"
@@ -69,7 +77,14 @@ def test_stage2_minimal_file_gets_the_paper_defaults(tmp_path):
     cfg = load_config(write(tmp_path, STAGE2))
     assert isinstance(cfg, Stage2Config)
     t = cfg.train
-    assert (t.lr, t.weight_decay, t.betas, t.eps, t.grad_clip, t.warmup_steps) == (1e-5, 0.05, (0.9, 0.999), 1e-8, 5.0, 0)
+    assert (t.lr, t.weight_decay, t.betas, t.eps, t.grad_clip, t.warmup_steps) == (
+        1e-5,
+        0.05,
+        (0.9, 0.999),
+        1e-8,
+        5.0,
+        0,
+    )
     assert t.batch_size == 512 and t.schedule == "cosine" and t.local_loss and t.gather_with_grad
     assert cfg.vision.layer_decay == 0.85 and cfg.vision.trainable == "all"
     assert (cfg.adapter.num_blocks, cfg.adapter.expansion, cfg.adapter.projection_dim) == (4, 2, 1280)
@@ -125,7 +140,10 @@ def test_missing_required_key_is_named(tmp_path):
     "text, expected",
     [
         ("run: {output_dir: x}\n", "recipe: required key is missing; one of: mllm, stage1, stage2"),
-        ("recipe: stage3\n", "recipe = 'stage3': unknown recipe; did you mean 'stage2'? Allowed: mllm, stage1, stage2"),
+        (
+            "recipe: stage3\n",
+            "recipe = 'stage3': unknown recipe; did you mean 'stage2'? Allowed: mllm, stage1, stage2",
+        ),
         ("recipe: stage1\nrun: [unclosed\n", "invalid YAML: line 3"),
         ("recipe: stage1\nrecipe: stage2\n", "duplicate key 'recipe' (line 2)"),
         ("- a\n- b\n", "must hold a YAML mapping"),
@@ -206,7 +224,10 @@ def test_overrides_change_values_and_are_typed_by_the_schema(tmp_path):
         ("train.lrr=1", "train.lrr = 1: unknown key; did you mean 'lr'?"),
         ("nosuch.key=1", "nosuch = {'key': 1}: unknown key"),
         ("run.seed.x=1", "override 'run.seed.x=1': run.seed = {'x': 1}: Input should be a valid integer"),
-        ("run.output_dir.x=1", "override 'run.output_dir.x=1': run.output_dir = 'runs/x': is a single value, not a section"),
+        (
+            "run.output_dir.x=1",
+            "override 'run.output_dir.x=1': run.output_dir = 'runs/x': is a single value, not a section",
+        ),
         ("justtext", "overrides look like dotted.key=value"),
     ],
 )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from l2c_llava.embedded import EMBEDDED_LLM, clip_token_count, clip_tokenizer, resolve_llm_path, smollm2_gguf_path
+from l2c_llava.embedded import (
+    EMBEDDED_LLM,
+    clip_token_count,
+    clip_tokenizer,
+    resolve_llm_path,
+    smollm2_gguf_path,
+)
 
 
 def test_smollm2_gguf_is_found_and_is_smollm2():

@@ -41,7 +41,9 @@ def test_tree_digest_sees_content_and_names(tmp_path):
 
 def test_run_folder_holds_resolved_config_and_versions(tmp_path):
     cfg = load_config(ROOT / "stage1/configs/demo.yaml", ["train.max_steps=7"])
-    run = prepare_run_dir(cfg, tmp_path / "run", source="stage1/configs/demo.yaml", overrides=["train.max_steps=7"])
+    run = prepare_run_dir(
+        cfg, tmp_path / "run", source="stage1/configs/demo.yaml", overrides=["train.max_steps=7"]
+    )
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 7 and saved["lora"]["r"] == 16
     assert load_config(run / "config.yaml") == cfg

@@ -161,7 +161,9 @@ def test_long_captions_in_every_published_layout(tmp_path, root):
     with pytest.raises(DataError, match="item 1: no non-empty gpt turn"):
         read_long_captions(share4v, root)
     plain = tmp_path / "plain.json"
-    plain.write_text(json.dumps([{"image": "a/1.jpg", "caption": "Long one."}, {"image": "a/2.jpg", "caption": "Two."}]))
+    plain.write_text(
+        json.dumps([{"image": "a/1.jpg", "caption": "Long one."}, {"image": "a/2.jpg", "caption": "Two."}])
+    )
     assert read_long_captions(plain, root).captions == ["Long one.", "Two."]
     urban = tmp_path / "urban1k"
     (urban / "image").mkdir(parents=True)
@@ -182,15 +184,34 @@ def conv(*turns):
 def test_llava_rows_checked_like_llava_expects(tmp_path, root):
     rows = [
         {"id": "ok", "image": "a/1.jpg", "conversations": conv(("human", "<image>\nWhat?"), ("gpt", "red"))},
-        {"id": "text", "conversations": conv(("human", "Hi"), ("gpt", "Hello"), ("human", "2+2?"), ("gpt", "4"))},
-        {"id": "two-images", "image": "a/1.jpg", "conversations": conv(("human", "<image> <image>"), ("gpt", "x"))},
+        {
+            "id": "text",
+            "conversations": conv(("human", "Hi"), ("gpt", "Hello"), ("human", "2+2?"), ("gpt", "4")),
+        },
+        {
+            "id": "two-images",
+            "image": "a/1.jpg",
+            "conversations": conv(("human", "<image> <image>"), ("gpt", "x")),
+        },
         {"id": "no-token", "image": "a/1.jpg", "conversations": conv(("human", "What?"), ("gpt", "x"))},
         {"id": "text-with-token", "conversations": conv(("human", "<image>\nWhat?"), ("gpt", "x"))},
         {"id": "order", "image": "a/1.jpg", "conversations": conv(("gpt", "<image>"), ("human", "x"))},
         {"id": "unanswered", "image": "a/1.jpg", "conversations": conv(("human", "<image>\nq"))},
-        {"id": "late-token", "image": "a/1.jpg", "conversations": conv(("human", "q"), ("gpt", "a"), ("human", "<image>"), ("gpt", "b"))},
-        {"id": "missing-img", "image": "a/missing.jpg", "conversations": conv(("human", "<image>\nq"), ("gpt", "a"))},
-        {"id": "escape", "image": "../outside.jpg", "conversations": conv(("human", "<image>\nq"), ("gpt", "a"))},
+        {
+            "id": "late-token",
+            "image": "a/1.jpg",
+            "conversations": conv(("human", "q"), ("gpt", "a"), ("human", "<image>"), ("gpt", "b")),
+        },
+        {
+            "id": "missing-img",
+            "image": "a/missing.jpg",
+            "conversations": conv(("human", "<image>\nq"), ("gpt", "a")),
+        },
+        {
+            "id": "escape",
+            "image": "../outside.jpg",
+            "conversations": conv(("human", "<image>\nq"), ("gpt", "a")),
+        },
         {"id": "empty", "image": "a/2.jpg", "conversations": conv(("human", "<image>\nq"), ("gpt", " "))},
     ]
     path = tmp_path / "mix.json"
@@ -214,7 +235,11 @@ def test_llava_rows_checked_like_llava_expects(tmp_path, root):
 
 def test_llava_image_row_without_root_is_reported(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps([{"id": "1", "image": "a/1.jpg", "conversations": conv(("human", "<image>"), ("gpt", "x"))}]))
+    path.write_text(
+        json.dumps(
+            [{"id": "1", "image": "a/1.jpg", "conversations": conv(("human", "<image>"), ("gpt", "x"))}]
+        )
+    )
     with pytest.raises(DataError, match="no image root was given"):
         read_llava_json(path, None)
 

@@ -70,7 +70,10 @@ def test_bad_options_are_refused_with_every_reason():
 
 
 def test_splits_are_disjoint_and_cover_every_image(synth_dir):
-    by_split = {s: {r["image"] for r in jsonl(synth_dir / "captions" / f"{s}.jsonl")} for s in ("train", "val", "test")}
+    by_split = {
+        s: {r["image"] for r in jsonl(synth_dir / "captions" / f"{s}.jsonl")}
+        for s in ("train", "val", "test")
+    }
     assert not (by_split["train"] & by_split["val"]) and not (by_split["train"] & by_split["test"])
     assert not (by_split["val"] & by_split["test"])
     assert sum(map(len, by_split.values())) == SMALL.images
@@ -143,7 +146,10 @@ def test_dense_captions_exceed_clip_context_for_most_images(synth_dir):
 
 
 def test_short_captions_are_about_a_dozen_words_and_alternatives_differ(synth_dir):
-    karpathy = {f"{i['filepath']}/{i['filename']}": i for i in json.loads((synth_dir / "retrieval" / "karpathy.json").read_text())["images"]}
+    karpathy = {
+        f"{i['filepath']}/{i['filename']}": i
+        for i in json.loads((synth_dir / "retrieval" / "karpathy.json").read_text())["images"]
+    }
     words = []
     for r in jsonl(synth_dir / "captions" / "train.jsonl"):
         words.append(len(r["short"].split()))

@@ -106,7 +106,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping; syntax errors and duplicate keys become a ConfigError with the line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([Problem(str(path), "", MISSING, "file not found; `l2c ls` lists the shipped configs")], path)
+        raise ConfigError(
+            [Problem(str(path), "", MISSING, "file not found; `l2c ls` lists the shipped configs")], path
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (strict safe loader)
     except yaml.YAMLError as e:
@@ -118,7 +120,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            [Problem(str(path), "", type(data).__name__, "the file must hold a YAML mapping (key: value)")], path
+            [Problem(str(path), "", type(data).__name__, "the file must hold a YAML mapping (key: value)")],
+            path,
         )
     return data
 
@@ -135,7 +138,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
-            [Problem(f"override {text!r}", key, MISSING, "overrides look like dotted.key=value, e.g. train.lr=1e-4")]
+            [
+                Problem(
+                    f"override {text!r}",
+                    key,
+                    MISSING,
+                    "overrides look like dotted.key=value, e.g. train.lr=1e-4",
+                )
+            ]
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -296,7 +306,14 @@ def validate_config(
         recipe = data.get("recipe", MISSING)
         if recipe is MISSING:
             raise ConfigError(
-                [Problem(source, "recipe", MISSING, f"required key is missing; one of: {', '.join(sorted(RECIPES))}")],
+                [
+                    Problem(
+                        source,
+                        "recipe",
+                        MISSING,
+                        f"required key is missing; one of: {', '.join(sorted(RECIPES))}",
+                    )
+                ],
                 source,
             )
         if recipe not in RECIPES:
@@ -333,7 +350,9 @@ def validate_config(
                 if key not in reported
             ]
         raise ConfigError(problems, source) from None
-    semantic = [Problem(_source_for(key, origin, source, msg), key, value, msg) for key, value, msg in cfg.check()]
+    semantic = [
+        Problem(_source_for(key, origin, source, msg), key, value, msg) for key, value, msg in cfg.check()
+    ]
     if semantic:
         raise ConfigError(semantic, source)
     return cfg

@@ -64,8 +64,13 @@ class DataChecks(Section):
 
 def _schedule_checks(prefix: str, warmup_steps: int | None, warmup_ratio: float | None) -> list:
     if warmup_steps is not None and warmup_ratio is not None:
-        return [(f"{prefix}.warmup_ratio", warmup_ratio, f"set either {prefix}.warmup_steps or "
-                 f"{prefix}.warmup_ratio, not both")]
+        return [
+            (
+                f"{prefix}.warmup_ratio",
+                warmup_ratio,
+                f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both",
+            )
+        ]
     return []
 
 
@@ -115,14 +120,18 @@ class MNTPSection(Section):
     batch_size: PositiveInt = 32
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
-    text: str | None = Field(None, description="extra text file (one paragraph per line); captions are always used")
+    text: str | None = Field(
+        None, description="extra text file (one paragraph per line); captions are always used"
+    )
 
 
 class Stage1Train(Section):
     lr: PositiveFloat = 2e-4
     batch_size: PositiveInt = Field(64, description="per device")
     grad_accum: PositiveInt = 1
-    contrastive_accum: bool = Field(False, description="GradCache-style accumulation that keeps all negatives")
+    contrastive_accum: bool = Field(
+        False, description="GradCache-style accumulation that keeps all negatives"
+    )
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     warmup_steps: NonNegInt | None = 300
@@ -163,11 +172,15 @@ class Stage1Config(RecipeConfig):
     def check(self) -> list[tuple[str, Any, str]]:
         out = _schedule_checks("train", self.train.warmup_steps, self.train.warmup_ratio)
         if self.data.general_text_share > 0 and not self.data.general_text:
-            out.append(("data.general_text", None, "data.general_text_share > 0 needs a data.general_text file"))
+            out.append(
+                ("data.general_text", None, "data.general_text_share > 0 needs a data.general_text file")
+            )
         if self.data.short_key == self.data.long_key:
             out.append(("data.long_key", self.data.long_key, "must differ from data.short_key"))
         if self.eval.cra and not self.data.eval:
-            out.append(("data.eval", None, "eval.cra is on: give a test set (data.eval) or set eval.cra=false"))
+            out.append(
+                ("data.eval", None, "eval.cra is on: give a test set (data.eval) or set eval.cra=false")
+            )
         return out
 
 
@@ -190,7 +203,9 @@ class CacheSection(Section):
 
 
 class VisionSection(Section):
-    name_or_path: str = Field(description="a transformers CLIP / CLIPVision folder (OpenAI ViT-L/14-336 at real scale)")
+    name_or_path: str = Field(
+        description="a transformers CLIP / CLIPVision folder (OpenAI ViT-L/14-336 at real scale)"
+    )
     image_size: PositiveInt = 336
     trainable: Literal["all", "none", "last_n"] = "all"
     trainable_last_n: NonNegInt = 0
@@ -215,7 +230,9 @@ class LogitScaleSection(Section):
 
 class Stage2Data(DataChecks):
     format: Literal["jsonl", "webdataset"] = "jsonl"
-    train: str = Field(description="caption-pair JSONL/CSV, or a webdataset shard pattern like data/{00000..00099}.tar")
+    train: str = Field(
+        description="caption-pair JSONL/CSV, or a webdataset shard pattern like data/{00000..00099}.tar"
+    )
     image_root: str | None = None
     short_key: str = "short"
     long_key: str = "long"
@@ -223,7 +240,9 @@ class Stage2Data(DataChecks):
     rrc_scale: tuple[Probability, Probability] = (0.9, 1.0)
     num_workers: NonNegInt = 4
     eval_short: str | None = Field(None, description="Karpathy-style JSON, several short captions per image")
-    eval_long: str | None = Field(None, description="long-caption test set (Karpathy-style JSON or Urban-1K folder)")
+    eval_long: str | None = Field(
+        None, description="long-caption test set (Karpathy-style JSON or Urban-1K folder)"
+    )
     eval_image_root: str | None = None
     eval_split: str = "test"
 
@@ -279,11 +298,23 @@ class Stage2Config(RecipeConfig):
         if not 0 < lo <= hi:
             out.append(("data.rrc_scale", [lo, hi], "needs 0 < min <= max <= 1"))
         if self.data.format == "jsonl" and not self.data.image_root:
-            out.append(("data.image_root", None, "data.format=jsonl needs the folder the `image` paths are relative to"))
+            out.append(
+                (
+                    "data.image_root",
+                    None,
+                    "data.format=jsonl needs the folder the `image` paths are relative to",
+                )
+            )
         if self.vision.trainable == "last_n" and self.vision.trainable_last_n == 0:
             out.append(("vision.trainable_last_n", 0, "vision.trainable=last_n needs a number of blocks > 0"))
         if self.logit_scale.init > self.logit_scale.max:
-            out.append(("logit_scale.init", self.logit_scale.init, f"must be <= logit_scale.max ({self.logit_scale.max})"))
+            out.append(
+                (
+                    "logit_scale.init",
+                    self.logit_scale.init,
+                    f"must be <= logit_scale.max ({self.logit_scale.max})",
+                )
+            )
         if (self.data.eval_short or self.data.eval_long) and not self.data.eval_image_root:
             out.append(("data.eval_image_root", None, "the retrieval test sets need their image folder"))
         return out
@@ -295,13 +326,17 @@ class Stage2Config(RecipeConfig):
 
 
 class MllmModel(Section):
-    vision_tower: str = Field(description="a transformers CLIPVisionModel/CLIPModel folder (stage-2 export or OpenAI CLIP)")
+    vision_tower: str = Field(
+        description="a transformers CLIPVisionModel/CLIPModel folder (stage-2 export or OpenAI CLIP)"
+    )
     llm: LLMSection
     projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"  # default drops CLS
     image_aspect_ratio: Literal["pad", "crop"] = "pad"  # pad: to square with the mean colour, like LLaVA
-    init_from: str | None = Field(None, description="a pretrain run folder whose projector starts the finetune")
+    init_from: str | None = Field(
+        None, description="a pretrain run folder whose projector starts the finetune"
+    )
 
 
 class MllmData(DataChecks):
@@ -322,7 +357,9 @@ class MllmTrain(Section):
     stage: Literal["pretrain", "finetune"]
     tune: Literal["projector", "full", "lora"]
     lr: PositiveFloat
-    projector_lr: PositiveFloat | None = Field(None, description="separate projector lr (LoRA finetune: 2e-5)")
+    projector_lr: PositiveFloat | None = Field(
+        None, description="separate projector lr (LoRA finetune: 2e-5)"
+    )
     global_batch_size: PositiveInt = Field(description="kept constant whatever the number of devices")
     per_device_batch_size: PositiveInt = 16
     epochs: PositiveInt = 1
@@ -353,9 +390,17 @@ class MllmConfig(RecipeConfig):
         t = self.train
         out = _schedule_checks("train", t.warmup_steps, t.warmup_ratio)
         if t.stage == "pretrain" and t.tune != "projector":
-            out.append(("train.tune", t.tune, "the pretrain stage trains the projector only: use tune=projector"))
+            out.append(
+                ("train.tune", t.tune, "the pretrain stage trains the projector only: use tune=projector")
+            )
         if t.stage == "finetune" and t.tune == "projector":
-            out.append(("train.tune", t.tune, "the finetune stage trains projector + LLM: use tune=full or tune=lora"))
+            out.append(
+                (
+                    "train.tune",
+                    t.tune,
+                    "the finetune stage trains projector + LLM: use tune=full or tune=lora",
+                )
+            )
         if t.global_batch_size % t.per_device_batch_size:
             out.append(
                 (
@@ -365,12 +410,12 @@ class MllmConfig(RecipeConfig):
                 )
             )
         if t.projector_lr is not None and t.tune != "lora":
-            out.append(("train.projector_lr", t.projector_lr, "only used with tune=lora (LLaVA's mm_projector_lr)"))
+            out.append(
+                ("train.projector_lr", t.projector_lr, "only used with tune=lora (LLaVA's mm_projector_lr)")
+            )
         if self.data.template == "plain" and t.stage == "finetune":
             out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
         return out
 
 
-RECIPES: dict[str, type[RecipeConfig]] = {
-    cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig)
-}
+RECIPES: dict[str, type[RecipeConfig]] = {cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig)}

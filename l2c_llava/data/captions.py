@@ -152,17 +152,29 @@ def alternative_captions(scene: Scene, rng: random.Random, n: int = 5) -> list[s
     by_salience = sorted(scene.groups, key=salience, reverse=True)
     bg = scene.background.colour
     templates = [
-        lambda: f"There {_be(a)} {noun_phrase(a, rng=rng)} {POSITION_PHRASE[a.position]} and "
-        f"{noun_phrase(b, rng=rng)} {POSITION_PHRASE[b.position]}.",
+        lambda: (
+            f"There {_be(a)} {noun_phrase(a, rng=rng)} {POSITION_PHRASE[a.position]} and "
+            f"{noun_phrase(b, rng=rng)} {POSITION_PHRASE[b.position]}."
+        ),
         lambda: f"A {bg} picture with {join_list([noun_phrase(g, rng=rng) for g in scene.groups])}.",
-        lambda: f"{cap(noun_phrase(a, rng=rng))} {'sits' if a.count == 1 else 'sit'} {relation(a, b)} "
-        f"{noun_phrase(b, rng=rng)}.",
-        lambda: f"Several shapes, including {noun_phrase(by_salience[0], size=True, rng=rng)}, drawn on {bg}.",
-        lambda: f"An image of {noun_phrase(a, rng=rng)} with {noun_phrase(b, rng=rng)} {POSITION_PHRASE[b.position]}.",
-        lambda: f"{cap(POSITION_PHRASE[a.position])} there {_be(a)} {noun_phrase(a, rng=rng)}, while "
-        f"{noun_phrase(b, rng=rng)} {_be(b)} {POSITION_PHRASE[b.position]}.",
-        lambda: f"{cap(number_word(scene.total))} {'object' if scene.total == 1 else 'objects'} on a {bg} "
-        f"background, the biggest being {noun_phrase(by_salience[0], rng=rng)}.",
+        lambda: (
+            f"{cap(noun_phrase(a, rng=rng))} {'sits' if a.count == 1 else 'sit'} {relation(a, b)} "
+            f"{noun_phrase(b, rng=rng)}."
+        ),
+        lambda: (
+            f"Several shapes, including {noun_phrase(by_salience[0], size=True, rng=rng)}, drawn on {bg}."
+        ),
+        lambda: (
+            f"An image of {noun_phrase(a, rng=rng)} with {noun_phrase(b, rng=rng)} {POSITION_PHRASE[b.position]}."
+        ),
+        lambda: (
+            f"{cap(POSITION_PHRASE[a.position])} there {_be(a)} {noun_phrase(a, rng=rng)}, while "
+            f"{noun_phrase(b, rng=rng)} {_be(b)} {POSITION_PHRASE[b.position]}."
+        ),
+        lambda: (
+            f"{cap(number_word(scene.total))} {'object' if scene.total == 1 else 'objects'} on a {bg} "
+            f"background, the biggest being {noun_phrase(by_salience[0], rng=rng)}."
+        ),
         lambda: f"A drawing showing {noun_phrase(b, rng=rng)} and {noun_phrase(a, size=True, rng=rng)}.",
     ]
     order = list(range(len(templates)))
@@ -216,7 +228,9 @@ def dense_caption(scene: Scene, rng: random.Random) -> str:
                 )
             )
     for a, b in zip(gs, gs[1:]):
-        sentences.append(f"{cap(noun_phrase(a, definite=True))} {_be(a)} {relation(a, b)} {noun_phrase(b, definite=True)}.")
+        sentences.append(
+            f"{cap(noun_phrase(a, definite=True))} {_be(a)} {relation(a, b)} {noun_phrase(b, definite=True)}."
+        )
     big = max(gs, key=salience)
     sentences.append(
         f"The most prominent {'element is' if big.count == 1 else 'elements are'} {noun_phrase(big, definite=True)}, "
@@ -260,12 +274,35 @@ def scene_questions(scene: Scene, rng: random.Random, absent_pool: list[tuple[st
     g = rng.choice(gs)
     if shape_counts[g.shape] == 1:
         noun = g.shape if g.count == 1 else PLURAL[g.shape]
-        out.append(_qa(f"What color {'is' if g.count == 1 else 'are'} the {noun}?", g.colour, "color", _colour_answers(g.colour)))
+        out.append(
+            _qa(
+                f"What color {'is' if g.count == 1 else 'are'} the {noun}?",
+                g.colour,
+                "color",
+                _colour_answers(g.colour),
+            )
+        )
     else:
-        out.append(_qa(f"What color is the object {POSITION_PHRASE[g.position]}?", g.colour, "color", _colour_answers(g.colour)))
+        out.append(
+            _qa(
+                f"What color is the object {POSITION_PHRASE[g.position]}?",
+                g.colour,
+                "color",
+                _colour_answers(g.colour),
+            )
+        )
     g = rng.choice(gs)
-    out.append(_qa(f"How many {g.colour} {PLURAL[g.shape]} are there?", str(g.count), "count", _count_answers(g.count)))
-    out.append(_qa("How many objects are there in total?", str(scene.total), "count", _count_answers(scene.total)))
+    out.append(
+        _qa(
+            f"How many {g.colour} {PLURAL[g.shape]} are there?",
+            str(g.count),
+            "count",
+            _count_answers(g.count),
+        )
+    )
+    out.append(
+        _qa("How many objects are there in total?", str(scene.total), "count", _count_answers(scene.total))
+    )
     g = rng.choice(gs)
     if colour_counts[g.colour] == 1:
         out.append(_qa(f"What shape is the {g.colour} object?", g.shape, "shape"))
@@ -275,7 +312,14 @@ def scene_questions(scene: Scene, rng: random.Random, absent_pool: list[tuple[st
     noun = f"{g.colour} {g.shape}" if g.count == 1 else f"{g.colour} {PLURAL[g.shape]}"
     out.append(_qa(f"Where {_be(g)} the {noun}?", g.position, "position", POSITION_ANSWERS[g.position]))
     g = rng.choice(gs)
-    out.append(_qa(f"Is there {article(g.colour)} {g.colour} {g.shape} in the image?", "yes", "existence", object=f"{g.colour} {g.shape}"))
+    out.append(
+        _qa(
+            f"Is there {article(g.colour)} {g.colour} {g.shape} in the image?",
+            "yes",
+            "existence",
+            object=f"{g.colour} {g.shape}",
+        )
+    )
     present = scene.present()
     absent = [p for p in absent_pool if p not in present]
     c, s = rng.choice(absent)
@@ -316,7 +360,11 @@ def conversational_answer(q: dict) -> str:
     t, a, question = q["type"], q["answer"], q["question"]
     if t == "existence":
         obj = q["object"]
-        return f"Yes, there is {article(obj)} {obj} in the image." if a == "yes" else f"No, there is no {obj} in the image."
+        return (
+            f"Yes, there is {article(obj)} {obj} in the image."
+            if a == "yes"
+            else f"No, there is no {obj} in the image."
+        )
     if t == "count":
         return f"There {'is' if a == '1' else 'are'} {number_word(int(a))}."
     if t == "color":
@@ -339,7 +387,9 @@ def text_only_conversation(rng: random.Random) -> list[tuple[str, str]]:
             what = "points" if s == "star" else "sides"
             if s == "star":
                 n = 5
-            turns.append((f"How many {what} does a regular {s} have?", f"A regular {s} has {number_word(n)} {what}."))
+            turns.append(
+                (f"How many {what} does a regular {s} have?", f"A regular {s} has {number_word(n)} {what}.")
+            )
         elif kind == 1:
             a, b = rng.randint(1, 9), rng.randint(1, 9)
             s1, s2 = rng.sample(SHAPES, 2)
@@ -353,7 +403,10 @@ def text_only_conversation(rng: random.Random) -> list[tuple[str, str]]:
         elif kind == 2:
             pos = rng.choice(list(POSITIONS.values()))
             turns.append(
-                (f"Where in a picture is the {pos} region?", f"The {pos} region is {POSITION_PHRASE[pos]} of the picture.")
+                (
+                    f"Where in a picture is the {pos} region?",
+                    f"The {pos} region is {POSITION_PHRASE[pos]} of the picture.",
+                )
             )
         else:
             words = rng.sample(SHAPES, 3)

@@ -52,7 +52,11 @@ class DataError(ValueError):
         self.problems = list(problems)
         self.file = file
         n = len(self.problems)
-        head = f"{n} bad row{'s' if n != 1 else ''}" + (f" of {total}" if total is not None else "") + f" in {file}"
+        head = (
+            f"{n} bad row{'s' if n != 1 else ''}"
+            + (f" of {total}" if total is not None else "")
+            + f" in {file}"
+        )
         lines = [f"  - {p.row}: {p.message}" for p in self.problems[:SHOW]]
         if n > SHOW:
             lines.append(f"  ... and {n - SHOW} more (DataError.problems has them all)")
@@ -141,7 +145,10 @@ def _read_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError([RowProblem(str(path), f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")], str(path)) from None
+        raise DataError(
+            [RowProblem(str(path), f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")],
+            str(path),
+        ) from None
 
 
 def _nonempty_str(row: dict, key: str) -> str:
@@ -307,7 +314,14 @@ def read_karpathy(
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError([RowProblem(str(path), "top level", "expected an object with an 'images' list (Karpathy format)")], str(path))
+        raise DataError(
+            [
+                RowProblem(
+                    str(path), "top level", "expected an object with an 'images' list (Karpathy format)"
+                )
+            ],
+            str(path),
+        )
     problems: list[RowProblem] = []
     entries = []
     total = 0
@@ -340,7 +354,14 @@ def read_karpathy(
         entries.append((label, rel, caps))
     if total == 0:
         splits = sorted({str(x.get("split")) for x in data["images"] if isinstance(x, dict)})
-        raise DataError([RowProblem(str(path), "images", f"no image has split {split!r} (splits here: {', '.join(splits)})")], str(path))
+        raise DataError(
+            [
+                RowProblem(
+                    str(path), "images", f"no image has split {split!r} (splits here: {', '.join(splits)})"
+                )
+            ],
+            str(path),
+        )
     return _build_retrieval(entries, image_root, str(path), total, on_bad_row, image_check, problems)
 
 
@@ -362,7 +383,10 @@ def read_long_captions(
         return read_karpathy(path, image_root if image_root is not None else path.parent, split=None,
                              on_bad_row=on_bad_row, image_check=image_check)  # fmt: skip
     if not isinstance(data, list):
-        raise DataError([RowProblem(str(path), "top level", "expected a JSON list of rows or a Karpathy-style object")], str(path))
+        raise DataError(
+            [RowProblem(str(path), "top level", "expected a JSON list of rows or a Karpathy-style object")],
+            str(path),
+        )
     root = image_root if image_root is not None else path.parent
     problems, entries = [], []
     for i, row in enumerate(data):
@@ -373,7 +397,11 @@ def read_long_captions(
             rel = _nonempty_str(row, "image")
             if "conversations" in row:
                 turns = row["conversations"]
-                answers = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"] if isinstance(turns, list) else []
+                answers = (
+                    [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+                    if isinstance(turns, list)
+                    else []
+                )
                 if not answers or not isinstance(answers[-1], str) or not answers[-1].strip():
                     raise ValueError("no non-empty gpt turn holding the caption")
                 caption = answers[-1]
@@ -389,7 +417,10 @@ def read_long_captions(
 def _read_caption_folder(root: Path, on_bad_row: OnBadRow, image_check: ImageCheck) -> RetrievalSet:
     image_dir, caption_dir = root / "image", root / "caption"
     if not image_dir.is_dir() or not caption_dir.is_dir():
-        raise DataError([RowProblem(str(root), "folder", "expected image/ and caption/ sub-folders (Urban-1K layout)")], str(root))
+        raise DataError(
+            [RowProblem(str(root), "folder", "expected image/ and caption/ sub-folders (Urban-1K layout)")],
+            str(root),
+        )
     problems, entries = [], []
     images = sorted(p for p in image_dir.iterdir() if p.is_file())
     for img in images:
@@ -435,7 +466,9 @@ def _check_conversations(conv: Any, has_image: bool) -> None:
             raise ValueError(f"conversations[{k}] must be an object with 'from' and 'value'")
         expected = "human" if k % 2 == 0 else "gpt"
         if turn["from"] != expected:
-            raise ValueError(f"conversations[{k}] is from {turn['from']!r}, expected {expected!r} (turns alternate, human first)")
+            raise ValueError(
+                f"conversations[{k}] is from {turn['from']!r}, expected {expected!r} (turns alternate, human first)"
+            )
         if not isinstance(turn["value"], str) or not turn["value"].strip():
             raise ValueError(f"conversations[{k}] has an empty value")
         n_image_tokens += turn["value"].count(IMAGE_TOKEN)
@@ -444,7 +477,9 @@ def _check_conversations(conv: Any, has_image: bool) -> None:
     if len(conv) % 2:
         raise ValueError("the last turn is from 'human': every question needs a 'gpt' answer")
     if has_image and n_image_tokens != 1:
-        raise ValueError(f"a row with an image needs exactly one {IMAGE_TOKEN} in its first human turn, found {n_image_tokens}")
+        raise ValueError(
+            f"a row with an image needs exactly one {IMAGE_TOKEN} in its first human turn, found {n_image_tokens}"
+        )
     if not has_image and n_image_tokens:
         raise ValueError(f"a text-only row (no 'image' key) must not contain {IMAGE_TOKEN}")
 
@@ -461,7 +496,9 @@ def read_llava_json(
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, list):
-        raise DataError([RowProblem(str(path), "top level", "expected a JSON list of rows (LLaVA format)")], str(path))
+        raise DataError(
+            [RowProblem(str(path), "top level", "expected a JSON list of rows (LLaVA format)")], str(path)
+        )
     problems: list[RowProblem] = []
     pending: list[LlavaRow] = []
     for i, row in enumerate(data):

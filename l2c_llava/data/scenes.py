@@ -95,7 +95,10 @@ class Scene:
         return {(g.colour, g.shape) for g in self.groups}
 
     def to_json(self) -> dict:
-        return {"background": asdict(self.background), "groups": [asdict(g) | {"position": g.position} for g in self.groups]}
+        return {
+            "background": asdict(self.background),
+            "groups": [asdict(g) | {"position": g.position} for g in self.groups],
+        }
 
 
 def _dist(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
@@ -142,7 +145,10 @@ def sample_scene(rng: random.Random, index: int, max_groups: int = 5) -> Scene:
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, tilt: float) -> list[tuple[float, float]]:
     def regular(n: int, radius: float, start: float) -> list[tuple[float, float]]:
-        return [(radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n))
+            for k in range(n)
+        ]
 
     up = -math.pi / 2
     if shape == "square":
@@ -163,7 +169,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, tilt: float) -> li
         ]  # fmt: skip
     elif shape == "cross":
         a, w = r * 1.05, r * 0.36
-        pts = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)]
+        pts = [
+            (-w, -a),
+            (w, -a),
+            (w, -w),
+            (a, -w),
+            (a, w),
+            (w, w),
+            (w, a),
+            (-w, a),
+            (-w, w),
+            (-a, w),
+            (-a, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     t = math.radians(tilt)
@@ -180,7 +199,9 @@ def _background(bg: Background, side: int, rng: np.random.Generator) -> Image.Im
     if bg.pattern == "gradient":
         t = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None]
         line = (base * (1 - t) + np.array(BACKGROUNDS[bg.colour2], dtype=np.float32) * t).astype(np.uint8)
-        arr = np.broadcast_to(line[:, None, :] if bg.direction == "top" else line[None, :, :], (side, side, 3))
+        arr = np.broadcast_to(
+            line[:, None, :] if bg.direction == "top" else line[None, :, :], (side, side, 3)
+        )
         return Image.fromarray(np.ascontiguousarray(arr), "RGB")
     coord = np.arange(side, dtype=np.float32) / side
     yy, xx = coord[:, None], coord[None, :]
@@ -199,7 +220,9 @@ def _background(bg: Background, side: int, rng: np.random.Generator) -> Image.Im
     else:
         raise ValueError(f"unknown background pattern {bg.pattern!r}")
     fg = Image.new("RGB", (side, side), tuple(int(v) for v in shade))
-    return Image.composite(fg, Image.new("RGB", (side, side), base_rgb), Image.fromarray(mask.astype(np.uint8) * 255, "L"))
+    return Image.composite(
+        fg, Image.new("RGB", (side, side), base_rgb), Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    )
 
 
 def _add_noise(img: Image.Image, grain: bool, rng: np.random.Generator) -> Image.Image:

@@ -76,7 +76,11 @@ class SynthOptions:
             problems.append(f"--images must be >= 3 (one per split), got {self.images}")
         if not 32 <= self.size <= 2048:
             problems.append(f"--size must be within 32..2048 pixels, got {self.size}")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 < self.val_fraction < 1
+            and 0 < self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1
+        ):
             problems.append("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if not 2 <= self.max_objects <= 9:
             problems.append(f"--max-objects (groups per image) must be within 2..9, got {self.max_objects}")
@@ -146,7 +150,9 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
                 f"pass --overwrite to replace it, or choose another --out"
             )
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists, is not empty and is not a synthetic dataset; choose another --out")
+        raise FileExistsError(
+            f"{out} exists, is not empty and is not a synthetic dataset; choose another --out"
+        )
 
     t0 = time.perf_counter()
     partial = out.with_name(out.name + ".partial")
@@ -155,7 +161,9 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     (partial / "images").mkdir(parents=True)
 
     n = options.images
-    scenes = [sample_scene(random.Random(f"{options.seed}-scene-{i}"), i, options.max_objects) for i in range(n)]
+    scenes = [
+        sample_scene(random.Random(f"{options.seed}-scene-{i}"), i, options.max_objects) for i in range(n)
+    ]
     splits = assign_splits(n, options.seed, options.val_fraction, options.test_fraction)
 
     # --- pixels (parallel; each image depends only on (seed, index)) ---
@@ -224,15 +232,22 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         folder, filename = r["image"].split("/")
         images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": r["split"],
                        "sentids": [x["sentid"] for x in sents], "sentences": sents, "cocoid": r["index"]})  # fmt: skip
-    atomic_write_json(partial / "retrieval" / "karpathy.json", {"images": images, "dataset": "l2c-synth"}, indent=None)
+    atomic_write_json(
+        partial / "retrieval" / "karpathy.json", {"images": images, "dataset": "l2c-synth"}, indent=None
+    )
 
     # long-caption test set, ShareGPT4V-1K style
     atomic_write_json(
         partial / "retrieval" / "long_test.json",
         [
-            {"id": f"{r['index']:09d}", "image": r["image"],
-             "conversations": [{"from": "human", "value": "<image>\nDescribe this image in detail."},
-                               {"from": "gpt", "value": r["long"]}]}  # fmt: skip
+            {
+                "id": f"{r['index']:09d}",
+                "image": r["image"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe this image in detail."},
+                    {"from": "gpt", "value": r["long"]},
+                ],
+            }  # fmt: skip
             for r in split_rows("test")
         ],
     )
@@ -261,7 +276,9 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         elif kind == "detail":
             turns = [(rng.choice(DETAIL_PROMPTS), r["long"])]
         else:
-            turns = [("Provide a one-sentence caption for the provided image.", rng.choice(r["alternatives"]))]
+            turns = [
+                ("Provide a one-sentence caption for the provided image.", rng.choice(r["alternatives"]))
+            ]
         first_q = turns[0][0]
         turns[0] = (f"{first_q}\n<image>" if rng.random() < 0.1 else f"<image>\n{first_q}", turns[0][1])
         conv = []
@@ -301,7 +318,9 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         "pretrain_rows": len(pretrain),
         "instruct_rows": len(instruct),
         "instruct_text_only_rows": n_text,
-        "vqa_questions": {name: sum(len(r["questions"]) for r in split_rows(name)) for name in ("val", "test")},
+        "vqa_questions": {
+            name: sum(len(r["questions"]) for r in split_rows(name)) for name in ("val", "test")
+        },
         "pope_questions": len(pope),
         "short_caption_words_mean": round(statistics.fmean(len(r["short"].split()) for r in rows), 2),
         "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
@@ -310,12 +329,17 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         from l2c_llava.embedded import clip_tokenizer
 
         tok = clip_tokenizer()
-        lengths = [len(ids) for ids in tok([r["long"] for r in rows], add_special_tokens=True, verbose=False)["input_ids"]]
+        lengths = [
+            len(ids)
+            for ids in tok([r["long"] for r in rows], add_special_tokens=True, verbose=False)["input_ids"]
+        ]
         stats |= {
             "dense_clip_tokens_mean": round(statistics.fmean(lengths), 1),
             "dense_clip_tokens_median": statistics.median(lengths),
             "dense_clip_tokens_max": max(lengths),
-            "dense_over_77_clip_tokens_share": round(sum(n_ > CLIP_CONTEXT for n_ in lengths) / len(lengths), 4),
+            "dense_over_77_clip_tokens_share": round(
+                sum(n_ > CLIP_CONTEXT for n_ in lengths) / len(lengths), 4
+            ),
         }
     except FileNotFoundError as e:  # the CLIP vocabulary package is missing: say so, generate anyway
         stats["dense_clip_tokens"] = f"not measured: {e}"
