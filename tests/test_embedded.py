@@ -38,3 +38,14 @@ def test_clip_tokenizer_matches_openai_ids():
     # ids of OpenAI CLIP's tokenizer for this text (49406 = <|startoftext|>, 49407 = <|endoftext|>)
     assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert clip_token_count("a photo of a cat") == 7
+
+
+def test_clip_tokenizer_files_build_from_scratch(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from l2c_llava.embedded import write_clip_tokenizer_files
+
+    out = write_clip_tokenizer_files(tmp_path / "clip")
+    assert sorted(p.name for p in out.iterdir()) == ["merges.txt", "vocab.json"]
+    tok = CLIPTokenizer.from_pretrained(str(out))
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
