@@ -197,7 +197,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def _field_path(model: type[BaseModel], loc: Sequence[Any]) -> tuple[str, type[BaseModel] | None]:
+def _field_path(model: type[BaseModel], loc: Sequence[Any]) -> str:
     """Turn a pydantic error location into the dotted config key (dropping union-branch tags)."""
     parts: list[str] = []
     current: Any = model
@@ -210,7 +210,7 @@ def _field_path(model: type[BaseModel], loc: Sequence[Any]) -> tuple[str, type[B
             continue  # a union-branch tag such as 'int' or 'list[str]': not part of the key
         parts.append(str(item))
         current = _section_type(fields[item].annotation) if item in fields else None
-    return ".".join(parts), current
+    return ".".join(parts)
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
@@ -259,7 +259,7 @@ def _problems_from_validation(
 ) -> list[Problem]:
     problems = []
     for e in err.errors(include_url=False):
-        key, _ = _field_path(model, e["loc"])
+        key = _field_path(model, e["loc"])
         src = _source_for(key, origin, source)
         if e["type"] == "extra_forbidden":
             parent, _, name = key.rpartition(".")

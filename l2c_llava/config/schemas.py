@@ -62,16 +62,25 @@ class DataChecks(Section):
     image_check: ImageCheck = "header"
 
 
-def _schedule_checks(prefix: str, warmup_steps: int | None, warmup_ratio: float | None) -> list:
-    if warmup_steps is not None and warmup_ratio is not None:
-        return [
-            (
-                f"{prefix}.warmup_ratio",
-                warmup_ratio,
-                f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both",
-            )
-        ]
-    return []
+class TrainSection(Section):
+    """What every training loop shares; each stage sets its own defaults from the recipe."""
+
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
+    warmup_steps: NonNegInt | None = None
+    warmup_ratio: Probability | None = None
+    schedule: Schedule = "cosine"
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+    mixed_precision: MixedPrecision = "auto"
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+
+    def schedule_problems(self, prefix: str = "train") -> list[tuple[str, Any, str]]:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            return [(f"{prefix}.warmup_ratio", self.warmup_ratio,
+                     f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both")]  # fmt: skip
+        return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +134,7 @@ class MNTPSection(Section):
     )
 
 
-class Stage1Train(Section):
+class Stage1Train(TrainSection):
     lr: PositiveFloat = 2e-4
     batch_size: PositiveInt = Field(64, description="per device")
     grad_accum: PositiveInt = 1
@@ -133,18 +142,10 @@ class Stage1Train(Section):
         False, description="GradCache-style accumulation that keeps all negatives"
     )
     epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = None
     warmup_steps: NonNegInt | None = 300
-    warmup_ratio: Probability | None = None
-    schedule: Schedule = "linear"
-    weight_decay: NonNegFloat = 0.0
-    grad_clip: PositiveFloat | None = 1.0
+    schedule: Schedule = "linear"  # llm2vec trains with the HF Trainer's default linear schedule
     loss_scale: PositiveFloat = Field(50.0, description="cosine similarity x scale (temperature 1/scale)")
-    mixed_precision: MixedPrecision = "auto"
     gather_across_processes: bool = True
-    log_every: PositiveInt = 10
-    save_every: PositiveInt = 500
-    keep_checkpoints: PositiveInt = 2
 
 
 class Stage1Eval(Section):
@@ -170,7 +171,7 @@ class Stage1Config(RecipeConfig):
     output: Stage1Output = Field(default_factory=Stage1Output)
 
     def check(self) -> list[tuple[str, Any, str]]:
-        out = _schedule_checks("train", self.train.warmup_steps, self.train.warmup_ratio)
+        out = self.train.schedule_problems()
         if self.data.general_text_share > 0 and not self.data.general_text:
             out.append(
                 ("data.general_text", None, "data.general_text_share > 0 needs a data.general_text file")
@@ -247,26 +248,21 @@ class Stage2Data(DataChecks):
     eval_split: str = "test"
 
 
-class Stage2Train(Section):
+class Stage2Train(TrainSection):
     lr: PositiveFloat = 1e-5
     weight_decay: NonNegFloat = 0.05
     betas: tuple[Probability, Probability] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     warmup_steps: NonNegInt | None = 0
-    warmup_ratio: Probability | None = None
-    schedule: Schedule = "cosine"
     grad_clip: PositiveFloat | None = 5.0
     batch_size: PositiveInt = Field(512, description="per device; 512 x 8 GPUs = 4096 in the paper")
     grad_accum: PositiveInt = 1
     contrastive_accum: bool = False
     epochs: PositiveInt = 4
-    max_steps: PositiveInt | None = None
     mixed_precision: MixedPrecision = "fp16"
     local_loss: bool = True
     gather_with_grad: bool = True
-    log_every: PositiveInt = 10
     save_every: PositiveInt = 1000
-    keep_checkpoints: PositiveInt = 2
 
 
 class Stage2Eval(Section):
@@ -293,7 +289,7 @@ class Stage2Config(RecipeConfig):
     export: Stage2Export = Field(default_factory=Stage2Export)
 
     def check(self) -> list[tuple[str, Any, str]]:
-        out = _schedule_checks("train", self.train.warmup_steps, self.train.warmup_ratio)
+        out = self.train.schedule_problems()
         lo, hi = self.data.rrc_scale
         if not 0 < lo <= hi:
             out.append(("data.rrc_scale", [lo, hi], "needs 0 < min <= max <= 1"))
@@ -353,7 +349,7 @@ class MllmLora(LoraSection):
     alpha: PositiveFloat = 256
 
 
-class MllmTrain(Section):
+class MllmTrain(TrainSection):
     stage: Literal["pretrain", "finetune"]
     tune: Literal["projector", "full", "lora"]
     lr: PositiveFloat
@@ -363,19 +359,12 @@ class MllmTrain(Section):
     global_batch_size: PositiveInt = Field(description="kept constant whatever the number of devices")
     per_device_batch_size: PositiveInt = 16
     epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = None
     warmup_ratio: Probability | None = 0.03
-    warmup_steps: NonNegInt | None = None
-    schedule: Schedule = "cosine"
-    weight_decay: NonNegFloat = 0.0
-    grad_clip: PositiveFloat | None = 1.0
     mixed_precision: MixedPrecision = "bf16"
     gradient_checkpointing: bool = True
     freeze_vision_tower: bool = True
     lora: MllmLora = Field(default_factory=MllmLora)
     log_every: PositiveInt = 1
-    save_every: PositiveInt = 500
-    keep_checkpoints: PositiveInt = 2
 
 
 class MllmConfig(RecipeConfig):
@@ -388,7 +377,7 @@ class MllmConfig(RecipeConfig):
 
     def check(self) -> list[tuple[str, Any, str]]:
         t = self.train
-        out = _schedule_checks("train", t.warmup_steps, t.warmup_ratio)
+        out = t.schedule_problems()
         if t.stage == "pretrain" and t.tune != "projector":
             out.append(
                 ("train.tune", t.tune, "the pretrain stage trains the projector only: use tune=projector")

@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,9 +127,29 @@ def _check_images(paths: Iterable[Path], level: ImageCheck, threads: int = 8) ->
         return dict(zip(unique, pool.map(lambda p: check_image(p, level), unique)))
 
 
+def _drop_bad_images(items: list[T], path_of, label_of, file: str, level: ImageCheck,
+                     problems: list[RowProblem]) -> list[T]:  # fmt: skip
+    """Check every item's image (in parallel, each file once); record and drop the failures."""
+    verdict = _check_images((p for it in items if (p := path_of(it)) is not None), level)
+    kept = []
+    for it in items:
+        p = path_of(it)
+        if p is not None and (why := verdict[p]) is not None:
+            problems.append(RowProblem(file, label_of(it), why))
+        else:
+            kept.append(it)
+    return kept
+
+
+def _row_order(p: RowProblem) -> tuple[int, str]:
+    digits = re.findall(r"\d+", p.row)
+    return (int(digits[-1]) if digits else -1, p.row)
+
+
 def _finish(items: list, problems: list[RowProblem], file: str, total: int, on_bad_row: OnBadRow) -> Loaded:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    problems = sorted(problems, key=_row_order)
     if problems and on_bad_row == "error":
         raise DataError(problems, file, total)
     if problems:
@@ -237,16 +258,9 @@ def read_caption_pairs(
             problems.append(RowProblem(str(path), label, str(e)))
             continue
         pending.append(CaptionPair(image, short, long, label, image_path))
-    if image_root is not None:
-        verdict = _check_images((p.image_path for p in pending), image_check)
-        kept = []
-        for p in pending:
-            if (why := verdict[p.image_path]) is not None:
-                problems.append(RowProblem(str(path), p.row, why))
-            else:
-                kept.append(p)
-        pending = kept
-    problems.sort(key=lambda p: int(p.row.split()[-1]))
+    pending = _drop_bad_images(
+        pending, lambda p: p.image_path, lambda p: p.row, str(path), image_check, problems
+    )
     return _finish(pending, problems, str(path), total, on_bad_row)
 
 
@@ -283,13 +297,8 @@ def _build_retrieval(entries: list[tuple[str, str, list[str]]], image_root, path
             resolved.append((label, rel, resolve_under(image_root, rel), caps))
         except ValueError as e:
             problems.append(RowProblem(path, label, str(e)))
-    verdict = _check_images((r[2] for r in resolved), image_check)
-    kept = []
-    for label, rel, p, caps in resolved:
-        if (why := verdict[p]) is not None:
-            problems.append(RowProblem(path, label, why))
-        else:
-            kept.append((rel, p, caps))
+    resolved = _drop_bad_images(resolved, lambda r: r[2], lambda r: r[0], path, image_check, problems)
+    kept = [(rel, p, caps) for _, rel, p, caps in resolved]
     loaded = _finish(kept, problems, path, total, on_bad_row)
     rs = RetrievalSet([], [], [], [], source=path, skipped=loaded.skipped)
     for i, (rel, p, caps) in enumerate(loaded.items):
@@ -519,12 +528,7 @@ def read_llava_json(
             problems.append(RowProblem(str(path), label, str(e)))
             continue
         pending.append(LlavaRow(rid, row["conversations"], image, image_path, label))
-    verdict = _check_images((r.image_path for r in pending if r.image_path is not None), image_check)
-    kept = []
-    for r in pending:
-        if r.image_path is not None and (why := verdict[r.image_path]) is not None:
-            problems.append(RowProblem(str(path), r.row, why))
-        else:
-            kept.append(r)
-    problems.sort(key=lambda p: int(p.row.split()[-1]))
+    kept = _drop_bad_images(
+        pending, lambda r: r.image_path, lambda r: r.row, str(path), image_check, problems
+    )
     return _finish(kept, problems, str(path), len(data), on_bad_row)

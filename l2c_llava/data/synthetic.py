@@ -28,7 +28,7 @@ import statistics
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -168,9 +168,8 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
 
     # --- pixels (parallel; each image depends only on (seed, index)) ---
     workers = workers or min(4, os.cpu_count() or 1)
-    payload = [s.to_json() | {"index": s.index} for s in scenes]
-    for p in payload:
-        p["groups"] = [{k: v for k, v in g.items() if k != "position"} for g in p["groups"]]
+    payload = [{"index": s.index, "background": asdict(s.background), "groups": [asdict(g) for g in s.groups]}
+               for s in scenes]  # fmt: skip
     chunk = max(1, min(64, n // (workers * 4) or 1))
     jobs = [(payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / "images"))
             for i in range(0, n, chunk)]  # fmt: skip
