@@ -13,7 +13,8 @@
 #   installs nothing.
 #
 # Usage: source-free; `bash scripts/setup_env.sh` prints the venv's python path on its last line.
-# Environment: PYTHON (interpreter to build the venv from, default python3), L2C_VENV (venv path).
+# Environment: PYTHON (interpreter to build the venv from, default python3), L2C_VENV (venv path),
+# L2C_SETUP_PLAN=1 (print the decisions - venv, torch pin - and install nothing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${L2C_VENV:-$ROOT/.venv}"
@@ -27,14 +28,26 @@ log() { echo "[setup] $*" >&2; }
 import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PYCHECK
 
-# Does the base interpreter already have torch? Then keep it.
+# Does the interpreter already have torch (a GPU machine, a conda env...)? Then keep it:
+# - a virtualenv with torch: install into that environment itself (a venv made from it would only
+#   see its base interpreter, not its torch), unless L2C_VENV says where to go;
+# - any other interpreter with torch: a venv with --system-site-packages sees it.
 BASE_TORCH="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+PY_PREFIX="$("$PY" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')"
+VENV_ARGS=()
 if [[ -n "$BASE_TORCH" ]]; then
-  TORCH_SPEC="torch==${BASE_TORCH}"
-  VENV_ARGS=(--system-site-packages)
+  TORCH_SPEC="torch==${BASE_TORCH%%+*}"  # "2.5.1+cu121" -> "2.5.1": matches the installed build
+  if [[ -n "$PY_PREFIX" && -z "${L2C_VENV:-}" ]]; then
+    VENV="$PY_PREFIX"
+  else
+    VENV_ARGS=(--system-site-packages)
+  fi
 else
   TORCH_SPEC="$CPU_TORCH"
-  VENV_ARGS=()
+fi
+if [[ "${L2C_SETUP_PLAN:-0}" == 1 ]]; then  # print the decisions and stop (used by the tests)
+  echo "venv=$VENV torch=$TORCH_SPEC venv_args=${VENV_ARGS[*]:-none}"
+  exit 0
 fi
 
 STAMP_INPUT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh"; echo "$TORCH_SPEC ${NO_DEPS_PKGS[*]} $("$PY" --version 2>&1)")"
