@@ -107,6 +107,70 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if skipped else 0
 
 
+def _load_or_report(path: str, overrides: list[str], recipe: str):
+    from l2c_llava.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return None
+    if cfg.recipe != recipe:
+        print(
+            f"{path}: this is a {cfg.recipe!r} config; `l2c {recipe.replace('_', ' ')}` needs recipe: {recipe}",
+            file=sys.stderr,
+        )
+        return None
+    return cfg
+
+
+def _cmd_stage1_train(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.stage1.encoder import EncoderLoadError
+    from l2c_llava.stage1.train import run_stage1
+
+    cfg = _load_or_report(args.config, args.overrides, "stage1")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    try:
+        metrics = run_stage1(cfg, source=args.config, overrides=tuple(args.overrides))
+    except (DataError, EncoderLoadError, FileNotFoundError) as e:
+        print(f"l2c stage1: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_stage1_eval(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.io import atomic_write_json
+    from l2c_llava.stage1.encoder import EncoderLoadError, TextEncoder
+    from l2c_llava.stage1.train import Stage1Recipe
+
+    cfg = _load_or_report(args.config, args.overrides, "stage1")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    recipe = Stage1Recipe(cfg)
+    try:
+        _, test, held_out, _ = recipe.load_data()
+        if args.base:
+            encoder = recipe.load_encoder()
+        else:
+            path = args.encoder or str(Path(cfg.run.output_dir) / "encoder")
+            encoder = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
+                                                  attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+        encoder.set_bidirectional(not args.causal)
+        result = recipe.evaluate(encoder, test, held_out)
+    except (DataError, EncoderLoadError, FileNotFoundError, ValueError) as e:
+        print(f"l2c stage1 eval: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=2))
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -126,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted override, repeatable (e.g. --set train.lr=1e-4)")  # fmt: skip
     p.add_argument("--print", action="store_true", help="print the resolved config as YAML")
     p.set_defaults(func=_cmd_validate)
+
+    s1 = sub.add_parser("stage1", help="stage 1: caption-contrastive fine-tuning of the LLM (train, eval)")
+    s1sub = s1.add_subparsers(dest="stage1_command", metavar="ACTION", required=True)
+    p = s1sub.add_parser(
+        "train", help="MNTP (optional) + supervised contrastive LoRA; CRA before and after (default action)"
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=_cmd_stage1_train)
+    p = s1sub.add_parser("eval", help="caption retrieval accuracy (CRA) and short<->long top-1 of an encoder")
+    p.add_argument("--config", required=True, help="the stage-1 config (its data.eval / data.eval_pairs)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--encoder", default=None, help="encoder folder (default: <run.output_dir>/encoder)")
+    p.add_argument("--base", action="store_true", help="evaluate the untuned LLM of the config instead")
+    p.add_argument(
+        "--causal", action="store_true", help="with causal attention (the LLM as it was pretrained)"
+    )
+    p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=_cmd_stage1_eval)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -154,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> list[str]:
-    """`l2c validate x.yaml train.lr=1e-4` -> move bare key=value words after the config to --set."""
+    """`l2c validate x.yaml train.lr=1e-4` -> move bare key=value words after the config to --set;
+    `l2c stage1 --config x` -> `l2c stage1 train --config x` (train is the default action)."""
+    if argv[:1] == ["stage1"] and (len(argv) < 2 or argv[1] not in ("train", "eval", "-h", "--help")):
+        return ["stage1", "train", *argv[1:]]
     if not argv or argv[0] != "validate":
         return argv
     out = []

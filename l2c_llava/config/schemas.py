@@ -109,7 +109,12 @@ class Instructions(Section):
 
 class Stage1Data(DataChecks):
     train: str = Field(description="caption pairs (JSONL or CSV with image, short, long)")
-    eval: str | None = Field(None, description="CRA test set: Karpathy-style JSON or caption pairs")
+    eval: str | None = Field(
+        None, description="CRA test set: Karpathy-style JSON (first two captions per image)"
+    )
+    eval_pairs: str | None = Field(
+        None, description="held-out caption pairs for short->long / long->short top-1"
+    )
     eval_split: str = "test"
     short_key: str = "short"
     long_key: str = "long"
@@ -146,10 +151,14 @@ class Stage1Train(TrainSection):
     schedule: Schedule = "linear"  # llm2vec trains with the HF Trainer's default linear schedule
     loss_scale: PositiveFloat = Field(50.0, description="cosine similarity x scale (temperature 1/scale)")
     gather_across_processes: bool = True
+    length_buckets: PositiveInt = Field(
+        4, description="forward a batch in this many groups of similar length"
+    )
 
 
 class Stage1Eval(Section):
     cra: bool = True
+    causal_baseline: bool = Field(True, description="also measure the untuned LLM with causal attention")
     batch_size: PositiveInt = 64
     max_images: PositiveInt | None = None
 

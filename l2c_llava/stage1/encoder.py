@@ -1,0 +1,562 @@
+"""The LLM text encoder: a decoder LLM made bidirectional, pooled over caption tokens (LLM2Vec).
+
+llm2vec is the specification: on the same checkpoint, pooling, instruction and max length,
+:meth:`TextEncoder.encode` returns what ``llm2vec.LLM2Vec.encode`` returns (the parity test checks
+cosine >= 0.9999 per row against llm2vec 0.2.3 in its own environment). What is the same:
+
+- the text put together as ``"{instruction} !@#$%^&*(){text}"`` (or ``"!@#$%^&*(){text}"``), with
+  llm2vec's chat wrapping for the checkpoints it knows and its end-of-sequence suffix for
+  ``eos_token`` pooling, texts first cut to ``doc_max_length`` tokens by whole words;
+- the separator removed; the instruction is attended to but not pooled: the pooled positions are the
+  last ``len(tokenize(text))`` ones (``embed_mask``), left padding with the EOS token;
+- pooling over the base model's last hidden state (after the final norm).
+
+What differs: bidirectional attention comes from ``config.is_causal = False`` (transformers >= 5.2,
+every supported family, eager and SDPA, with padding, through peft and after merge), not from
+llm2vec's patched model classes, which do not import on transformers 5.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf, resolve_llm_path
+from l2c_llava.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR = "!@#$%^&*()"
+POOLINGS = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+# model_type -> GGUF general.architecture
+SUPPORTED_FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "phi3": "phi3",
+}
+GGUF_DECODERS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
+ENCODER_META = "l2c_encoder.json"
+LLM2VEC_CONFIG = "llm2vec_config.json"
+ADAPTER_DIR = "adapter"
+
+# llm2vec wraps the text in a chat turn for these checkpoints, keyed by config._name_or_path.
+_CHAT_WRAP = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+    "mistralai/Mistral-7B-Instruct-v0.2": "[INST] {text} [/INST]",
+    "meta-llama/Llama-2-7b-chat-hf": "[INST] {text} [/INST]",
+    "google/gemma-2-9b-it": "<bos><start_of_turn>user\n{text}<end_of_turn>",
+    "Qwen/Qwen2-1.5B-Instruct": "<|im_start|>user\n{text}<|im_end|>",
+    "Qwen/Qwen2-7B-Instruct": "<|im_start|>user\n{text}<|im_end|>",
+}
+
+
+class EncoderLoadError(ValueError):
+    """A checkpoint that cannot be made into a text encoder; the message says what and how to fix it."""
+
+
+@dataclass
+class EncoderSettings:
+    """How texts become embeddings; saved as llm2vec_config.json (+ the l2c extras)."""
+
+    pooling: str = "mean"
+    max_length: int = 512
+    doc_max_length: int = 400
+    skip_instruction: bool = True
+    chat_template: str | None = None  # "{text}" pattern; None: no wrapping
+    eos_suffix: str | None = None  # appended for eos_token pooling
+    bidirectional: bool = True
+
+    def llm2vec_config(self) -> dict:
+        return {
+            "pooling_mode": self.pooling,
+            "max_length": self.max_length,
+            "doc_max_length": self.doc_max_length,
+            "skip_instruction": self.skip_instruction,
+        }
+
+
+@dataclass
+class EncoderSource:
+    """Where the weights come from: a base (folder / GGUF) and LoRA adapters merged in turn."""
+
+    base: str
+    gguf_file: str | None = None
+    adapters: list[str] = field(default_factory=list)
+
+
+def _eos_suffix(model_type: str, name_or_path: str, tokenizer) -> str | None:
+    """llm2vec's suffix for eos_token pooling (its rules for its families; the EOS token otherwise)."""
+    if name_or_path == "meta-llama/Meta-Llama-3-8B":
+        return "<|end_of_text|>"
+    if model_type in ("llama", "mistral"):
+        return " </s>"
+    if model_type == "gemma":
+        return "<eos>"
+    if model_type == "qwen2":
+        return "<|endoftext|>"
+    return tokenizer.eos_token
+
+
+# Families that fuse projections: the recipe's names (q,k,v,o,gate,up,down) map onto theirs.
+_FUSED_NAMES = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def lora_targets(model: nn.Module, wanted: Sequence[str]) -> list[str]:
+    """The module names of `wanted` that exist in `model` (fused equivalents for Phi-3-like
+    families). Raises with the available linear layer names if none match."""
+    present = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    out: list[str] = []
+    for w in wanted:
+        name = w if w in present else _FUSED_NAMES.get(w)
+        if name in present and name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(
+            f"none of the LoRA target modules {list(wanted)} exist in this model; its linear layers: {', '.join(sorted(present))}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_gguf(path: Path) -> str:
+    """The GGUF file's architecture, or an EncoderLoadError saying why it is not a decoder LLM."""
+    if not path.is_file():
+        raise EncoderLoadError(f"GGUF file not found: {path}")
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is a core dependency
+        raise EncoderLoadError("loading GGUF files needs the `gguf` package (pip install gguf)") from e
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        arch = bytes(field_.parts[field_.data[0]]).decode()
+    except KeyError:
+        raise EncoderLoadError(
+            f"{path}: GGUF file without general.architecture; cannot tell what model it holds"
+        ) from None
+    except Exception as e:  # not a GGUF file at all
+        raise EncoderLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if arch not in GGUF_DECODERS:
+        raise EncoderLoadError(
+            f"{path} holds a {arch!r} model, not a supported decoder LLM; "
+            f"supported GGUF architectures: {', '.join(sorted(GGUF_DECODERS))}"
+        )
+    return arch
+
+
+def _check_family(model_type: str, where: str) -> None:
+    if model_type not in SUPPORTED_FAMILIES:
+        raise EncoderLoadError(
+            f"{where}: model family {model_type!r} is not supported as a bidirectional text encoder; "
+            f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
+        )
+
+
+def _resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype == "auto":
+        return "auto" if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPU
+    return getattr(torch, torch_dtype)
+
+
+def _load_base(source: EncoderSource, *, bidirectional: bool, torch_dtype, attn_implementation: str,
+               trust_remote_code: bool, causal_lm: bool = False):  # fmt: skip
+    """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = resolve_llm_path(source.base, source.gguf_file)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        _check_gguf(Path(folder) / gguf_file)
+        folder = str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
+    else:
+        p = Path(folder)
+        if not p.is_dir():
+            raise EncoderLoadError(
+                f"model folder not found: {folder} (a transformers folder, a .gguf file or {EMBEDDED_LLM!r})"
+            )
+        if not (p / "config.json").is_file():
+            raise EncoderLoadError(f"{folder} has no config.json: not a transformers model folder")
+        if not any(p.glob("*.safetensors")):
+            found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
+            raise EncoderLoadError(
+                f"{folder} has no *.safetensors weights (found: {found}); save the model with safetensors"
+            )
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    _check_family(config.model_type, source.base)
+    config.is_causal = not bidirectional
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_pretrained(
+        folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as e:
+        raise EncoderLoadError(f"{folder}: no usable tokenizer ({e})") from None
+    name = getattr(config, "_name_or_path", "") or ""
+    return model, tokenizer, config.model_type, name
+
+
+def _merge_adapters(model, adapters: Sequence[str]):
+    from peft import PeftModel
+
+    for adapter in adapters:
+        p = Path(adapter)
+        if not (p / "adapter_config.json").is_file():
+            raise EncoderLoadError(
+                f"adapter folder {adapter} has no adapter_config.json (a peft LoRA folder is expected)"
+            )
+        if not (p / "adapter_model.safetensors").is_file():
+            other = [x.name for x in p.glob("adapter_model.*")]
+            raise EncoderLoadError(
+                f"adapter folder {adapter} has no adapter_model.safetensors"
+                + (f" (found {', '.join(other)}: convert it to safetensors)" if other else "")
+            )
+        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    return model
+
+
+def _read_llm2vec_config(folders: Sequence[str]) -> dict:
+    """llm2vec_config.json of the last folder that has one (llm2vec reads the adapter's, else the base's)."""
+    for folder in reversed(folders):
+        path = Path(folder) / LLM2VEC_CONFIG
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise EncoderLoadError(f"{path} is not valid JSON: {e}") from None
+    return {}
+
+
+class TextEncoder(nn.Module):
+    """A decoder LLM as a text encoder. ``forward`` gives pooled features [B, D] with gradients
+    (training); :meth:`encode` embeds a list of texts without gradients (inference)."""
+
+    def __init__(self, model: nn.Module, tokenizer, settings: EncoderSettings, source: EncoderSource | None = None,
+                 model_type: str = "llama"):  # fmt: skip
+        super().__init__()
+        if settings.pooling not in POOLINGS:
+            raise ValueError(f"pooling {settings.pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.source = source
+        self.model_type = model_type
+        # llm2vec: pad with EOS, on the left; pooling reads the last positions
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        adapters: Sequence[str | os.PathLike] = (),
+        gguf_file: str | None = None,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        doc_max_length: int | None = None,
+        skip_instruction: bool | None = None,
+        bidirectional: bool = True,
+        torch_dtype: str | torch.dtype = "auto",
+        attn_implementation: str = "sdpa",
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> TextEncoder:
+        """Load an encoder from: a transformers folder, a ``.gguf`` file (or folder + `gguf_file`),
+        ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
+        merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
+        override the saved ones."""
+        path = str(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        meta_path = Path(path) / ENCODER_META
+        saved: dict = {}
+        if meta_path.is_file():
+            saved = json.loads(meta_path.read_text())
+            src = saved["source"]
+            if saved.get("standalone"):
+                source = EncoderSource(base=path)
+            else:
+                adapter = Path(path) / ADAPTER_DIR
+                if not adapter.is_dir():
+                    raise EncoderLoadError(
+                        f"{path}: {ENCODER_META} names an adapter, but {adapter} is missing"
+                    )
+                source = EncoderSource(
+                    src["base"], src.get("gguf_file"), list(src.get("adapters", [])) + [str(adapter)]
+                )
+            source.adapters += [str(a) for a in adapters]
+        else:
+            source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
+        model, tokenizer, model_type, name = _load_base(
+            source, bidirectional=bidirectional, torch_dtype=_resolve_dtype(torch_dtype, device),
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        model = _merge_adapters(model, source.adapters)
+        folder, _ = resolve_llm_path(source.base, source.gguf_file)
+        l2v = _read_llm2vec_config([folder, *source.adapters, path] if saved else [folder, *source.adapters])
+        settings = EncoderSettings(**saved.get("settings", {})) if saved else EncoderSettings()
+        if not saved:
+            settings.chat_template = _CHAT_WRAP.get(name)
+        settings.pooling = pooling or l2v.get("pooling_mode", settings.pooling)
+        settings.max_length = max_length or l2v.get("max_length", settings.max_length)
+        settings.doc_max_length = doc_max_length or l2v.get("doc_max_length", settings.doc_max_length)
+        if skip_instruction is not None:
+            settings.skip_instruction = skip_instruction
+        elif "skip_instruction" in l2v:
+            settings.skip_instruction = bool(l2v["skip_instruction"])
+        settings.bidirectional = bidirectional
+        settings.eos_suffix = (
+            _eos_suffix(model_type, name, tokenizer) if settings.pooling == "eos_token" else None
+        )
+        enc = cls(model.to(device).eval(), tokenizer, settings, source, model_type)
+        logger.info("text encoder: %s (%s, %s attention, pooling %s)", source.base, model_type,
+                    "bidirectional" if bidirectional else "causal", settings.pooling)  # fmt: skip
+        return enc
+
+    # -- text preparation (llm2vec's) ------------------------------------------------------------
+
+    def set_bidirectional(self, on: bool) -> None:
+        """Switch attention between bidirectional and causal on the loaded model (transformers
+        reads ``config.is_causal`` at every forward); used for the causal-attention baseline."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.config.is_causal = not on
+        self.settings.bidirectional = on
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _cut_to_doc_length(self, text: str) -> str:
+        n = len(
+            self.tokenizer(
+                text, add_special_tokens=False, truncation=True, max_length=self.settings.max_length
+            )["input_ids"]
+        )
+        while n > self.settings.doc_max_length:
+            words = text.split()
+            text = " ".join(words[: int(len(words) * self.settings.doc_max_length / n)])
+            n = len(
+                self.tokenizer(
+                    text, add_special_tokens=False, truncation=True, max_length=self.settings.max_length
+                )["input_ids"]
+            )
+        return text
+
+    def format_text(
+        self, text: str, instruction: str | None = None, *, cut: bool = True, joiner: str = " "
+    ) -> str:
+        """The string llm2vec tokenizes for (instruction, text), separator included. ``encode`` uses
+        llm2vec's inference form (``cut`` to doc_max_length, joiner " "); training uses the public
+        LLM2CLIP/llm2vec training form (no cut, joiner "; ")."""
+        if cut:
+            text = self._cut_to_doc_length(text)
+        joined = f"{instruction.strip()}{joiner}{SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+        s = self.settings
+        if s.chat_template:
+            joined = s.chat_template.format(text=joined.strip())
+        if s.eos_suffix is not None:
+            joined = joined.strip() + s.eos_suffix
+        return joined
+
+    def tokenize(self, formatted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``embed_mask`` (1 on the pooled positions:
+        the last len(tokens of the text after the separator) positions of each row)."""
+        whole, parts = [], []
+        for t in formatted:
+            pieces = t.split(SEPARATOR)
+            parts.append(pieces[1] if len(pieces) > 1 else "")
+            whole.append("".join(pieces))
+        tok = self.tokenizer
+        ids = tok(whole, truncation=True, max_length=self.settings.max_length)["input_ids"]
+        part_lens = [
+            len(x)
+            for x in tok(
+                parts, add_special_tokens=False, truncation=True, max_length=self.settings.max_length
+            )["input_ids"]
+        ]
+        width = max(len(x) for x in ids)
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        embed = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, (row, n) in enumerate(zip(ids, part_lens)):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention[i, width - len(row) :] = 1
+            if n > 0:
+                embed[i, max(0, width - n) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "embed_mask": embed}
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def pool(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """hidden [B, L, D] -> [B, D] with llm2vec's pooling (left padding: rows end at position L-1)."""
+        mode = self.settings.pooling
+        if mode in ("eos_token", "last_token"):
+            return hidden[:, -1]
+        if mode == "bos_token":
+            bos = self.tokenizer.bos_token_id
+            hit = (
+                batch["input_ids"] == bos
+                if bos is not None
+                else torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            )
+            if not bool(hit.any(dim=1).all()):
+                raise ValueError(
+                    "bos_token pooling needs a BOS token in every input; this tokenizer adds none"
+                )
+            first = hit.int().argmax(dim=1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        mask = batch["embed_mask"] if self.settings.skip_instruction else batch["attention_mask"]
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError("a text has no tokens to pool (empty text after the instruction)")
+        width = hidden.shape[1]
+        pos = torch.arange(width, device=hidden.device).unsqueeze(0)
+        start = (width - lengths).unsqueeze(1)
+        inside = pos >= start  # the last `length` positions of each row
+        if mode == "mean":
+            weights = inside.to(hidden.dtype) / lengths.unsqueeze(1).to(hidden.dtype)
+        else:  # weighted_mean: 1..n over the last n positions, normalised
+            ranks = (pos - start + 1).clamp(min=0) * inside
+            weights = ranks.to(hidden.dtype) / ranks.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return torch.einsum("bld,bl->bd", hidden, weights)
+
+    def _forward_rows(self, input_ids, attention_mask, embed_mask) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.pool(
+            hidden, {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor,
+                length_buckets: int = 1) -> torch.Tensor:  # fmt: skip
+        """[B, L] left-padded -> pooled [B, D]. ``length_buckets`` > 1 runs the rows in that many
+        groups of similar length, each cut to its own longest row (a training batch mixes short and
+        dense captions; one padded batch would spend most of its compute on padding). One call, so
+        it stays a single DDP forward."""
+        if length_buckets <= 1 or input_ids.shape[0] < 2:
+            return self._forward_rows(input_ids, attention_mask, embed_mask)
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, descending=True)
+        parts = []
+        for idx in torch.tensor_split(order, min(length_buckets, input_ids.shape[0])):
+            width = int(lengths[idx].max())
+            parts.append(
+                self._forward_rows(
+                    input_ids[idx, -width:], attention_mask[idx, -width:], embed_mask[idx, -width:]
+                )
+            )
+        return torch.cat(parts)[torch.argsort(order)]  # back to input order
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Embed `texts` -> float32 tensor [N, D] on the CPU, in input order. Texts are batched by
+        token length (little padding); a progress bar shows for long inputs (or `show_progress`)."""
+        from tqdm.auto import tqdm
+
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts")
+        texts = list(texts)
+        if not texts:
+            return torch.zeros((0, self.hidden_size), dtype=torch.float32)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text {i} is empty: every text needs at least one token")
+        formatted = [self.format_text(t, instruction) for t in texts]
+        lengths = [
+            len(x)
+            for x in self.tokenizer(formatted, truncation=True, max_length=self.settings.max_length)[
+                "input_ids"
+            ]
+        ]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        was_training = self.training
+        self.eval()
+        device = self.device
+        out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
+        show = len(texts) >= 512 if show_progress is None else show_progress
+        for start in tqdm(range(0, len(texts), batch_size), desc="encoding", unit="batch", disable=not show,
+                          total=math.ceil(len(texts) / batch_size)):  # fmt: skip
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in self.tokenize([formatted[i] for i in idx]).items()}
+            out[idx] = self(**batch).float().cpu()
+        self.train(was_training)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | os.PathLike, merged: bool = False) -> Path:
+        """Write a folder :meth:`from_pretrained` loads. A peft-wrapped model saves its adapter
+        (``adapter/``) and points at its base; ``merged=True`` (or a plain model) writes the full
+        weights instead (safetensors), a standalone folder llm2vec loads too."""
+        from peft import PeftModel
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        standalone = merged or not isinstance(model, PeftModel)
+        if standalone:
+            if isinstance(model, PeftModel):
+                model = model.merge_and_unload()
+                self.model = model
+            model.config.is_causal = True  # stored like any checkpoint; bidirectionality is set at load
+            model.save_pretrained(out, safe_serialization=True)
+            model.config.is_causal = not self.settings.bidirectional
+        else:
+            model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        atomic_write_json(out / LLM2VEC_CONFIG, self.settings.llm2vec_config())
+        src = self.source or EncoderSource(base="")
+        base_adapters = [a for a in src.adapters if Path(a).resolve() != (out / ADAPTER_DIR).resolve()]
+        atomic_write_json(
+            out / ENCODER_META,
+            {
+                "format": "l2c-llava text encoder",
+                "standalone": standalone,
+                "model_type": self.model_type,
+                "source": {
+                    "base": src.base,
+                    "gguf_file": src.gguf_file,
+                    "adapters": [] if standalone else base_adapters,
+                },
+                "settings": asdict(self.settings),
+            },
+        )
+        return out

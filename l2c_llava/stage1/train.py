@@ -1,0 +1,440 @@
+"""Stage-1 recipe: caption-contrastive fine-tuning of a decoder LLM (LLM2Vec method, LLM2CLIP data).
+
+Reads top to bottom like the method:
+
+1. load the caption pairs and the held-out sets (every bad row reported before any model loads);
+2. load the LLM (folder / GGUF / llm2vec chain), measure CRA with causal and with bidirectional
+   attention: the "before" numbers;
+3. optional MNTP: LoRA on the bidirectional LLM predicting masked token i from position i-1, merged;
+4. supervised contrastive training with a new LoRA: query (with its instruction) vs positive,
+   in-batch and cross-process negatives plus one hard negative, HardNegativeNLLLoss;
+5. save the encoder (adapter + its base, and merged weights on request), measure CRA again.
+
+Launch: ``l2c stage1 --config C`` or ``accelerate launch -m l2c_llava.cli stage1 --config C``.
+Checkpoints (adapter + optimizer + scheduler + step) are written atomically every ``save_every``
+steps; a re-run with ``run.resume: true`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from l2c_llava.config import Stage1Config, dump_config
+from l2c_llava.data.readers import read_caption_pairs, read_karpathy
+from l2c_llava.io import atomic_write_json
+from l2c_llava.runs import prepare_run_dir
+from l2c_llava.stage1.cra import evaluate_caption_retrieval
+from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
+from l2c_llava.stage1.encoder import (
+    EncoderSource,
+    TextEncoder,
+    _load_base,
+    _merge_adapters,
+    _resolve_dtype,
+    lora_targets,
+)
+from l2c_llava.stage1.loss import hard_negative_nll_loss
+
+logger = logging.getLogger("l2c_llava.stage1")
+CHECKPOINTS = "checkpoints"
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def config_digest(cfg: Stage1Config) -> str:
+    """What must not change between a checkpoint and its resume (run bookkeeping excluded)."""
+    d = cfg.model_dump(mode="json")
+    d.pop("run", None)
+    d["train"] = {
+        k: v
+        for k, v in d["train"].items()
+        if k not in ("max_steps", "log_every", "save_every", "keep_checkpoints")
+    }
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stage1Recipe:
+    def __init__(self, cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.source = source
+        self.overrides = tuple(overrides)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        acc = Accelerator(
+            mixed_precision=resolve_mixed_precision(self.cfg.train.mixed_precision),
+            cpu=not torch.cuda.is_available(),
+        )
+        set_seed(self.cfg.run.seed)
+        return acc
+
+    def _log_to_file(self) -> None:
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("l2c_llava").addHandler(handler)
+        logging.getLogger("l2c_llava").setLevel(logging.INFO)
+
+    def load_data(self):
+        d = self.cfg.data
+        pairs = read_caption_pairs(d.train, None, short_key=d.short_key, long_key=d.long_key,
+                                   on_bad_row=d.on_bad_row, max_rows=d.max_samples)  # fmt: skip
+        test = read_karpathy(d.eval, Path(d.eval).parent, split=d.eval_split, image_check="none",
+                             on_bad_row=d.on_bad_row) if (d.eval and self.cfg.eval.cra) else None  # fmt: skip
+        held_out = read_caption_pairs(d.eval_pairs, None, short_key=d.short_key, long_key=d.long_key,
+                                      on_bad_row=d.on_bad_row).items if d.eval_pairs else None  # fmt: skip
+        general = general_text_examples(d.general_text) if d.general_text and d.general_text_share > 0 else []
+        return pairs, test, held_out, general
+
+    def evaluate(self, encoder: TextEncoder, test, held_out) -> dict:
+        ins = self.cfg.data.instructions
+        return evaluate_caption_retrieval(encoder, test, held_out, ins.short_to_long, ins.long_to_short,
+                                          batch_size=self.cfg.eval.batch_size, max_images=self.cfg.eval.max_images)  # fmt: skip
+
+    def base_source(self) -> EncoderSource:
+        m = self.cfg.model
+        return EncoderSource(base=m.name_or_path, gguf_file=m.gguf_file, adapters=list(m.adapters))
+
+    def load_encoder(self, adapters_extra: list[str] = ()) -> TextEncoder:
+        m = self.cfg.model
+        src = self.base_source()
+        return TextEncoder.from_pretrained(
+            src.base, gguf_file=src.gguf_file, adapters=src.adapters + list(adapters_extra), pooling=m.pooling,
+            max_length=m.max_length, torch_dtype=m.torch_dtype, attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )  # fmt: skip
+
+    # -- the method ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        acc = self._accelerator()
+        cfg = self.cfg
+        pairs, test, held_out, general = self.load_data()  # bad rows stop us before any model loads
+        if acc.is_main_process:
+            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+            self._log_to_file()
+        acc.wait_for_everyone()
+        logger.info(
+            "stage 1: %d caption pairs (%d skipped), %s",
+            len(pairs),
+            len(pairs.skipped),
+            cfg.model.name_or_path,
+        )
+
+        before_path = self.run_dir / "eval_before.json"
+        before = json.loads(before_path.read_text()) if before_path.is_file() else None
+        encoder = None
+        if before is None and (test is not None or held_out):
+            encoder = self.load_encoder()
+            before = {}
+            if acc.is_main_process:
+                if cfg.eval.causal_baseline:
+                    encoder.set_bidirectional(False)
+                    before["causal"] = self.evaluate(encoder, test, held_out)
+                    encoder.set_bidirectional(True)
+                before["bidirectional"] = self.evaluate(encoder, test, held_out)
+                atomic_write_json(before_path, before)
+                logger.info("before training: %s", before)
+            acc.wait_for_everyone()
+
+        extra = []
+        if cfg.mntp.enabled:
+            extra.append(str(self.run_mntp(acc, [p.short for p in pairs] + [p.long for p in pairs])))
+            encoder = None  # reload with the MNTP adapter merged
+        if encoder is None:
+            encoder = self.load_encoder(extra)
+
+        examples = caption_examples(pairs.items, cfg.data.instructions.short_to_long, cfg.data.instructions.long_to_short,
+                                    seed=cfg.run.seed, hard_negatives=cfg.data.hard_negatives)  # fmt: skip
+        examples = mix(examples, general, cfg.data.general_text_share, cfg.run.seed)
+        train_stats = self.train_contrastive(acc, encoder, examples)
+
+        encoder = acc.unwrap_model(encoder)
+        metrics: dict = {"before": before or {}, "train": train_stats}
+        if acc.is_main_process:
+            out = encoder.save(self.run_dir / "encoder")
+            if cfg.output.merge_weights:
+                merged = TextEncoder(
+                    encoder.model, encoder.tokenizer, encoder.settings, encoder.source, encoder.model_type
+                )
+                merged.save(self.run_dir / "encoder_merged", merged=True)
+            logger.info("encoder saved to %s", out)
+            if test is not None or held_out:
+                metrics["after"] = self.evaluate(encoder, test, held_out)
+            for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
+                if key in metrics.get("after", {}):
+                    metrics[f"{key}_before_causal"] = metrics["before"].get("causal", {}).get(key)
+                    metrics[f"{key}_before"] = metrics["before"].get("bidirectional", {}).get(key)
+                    metrics[f"{key}_after"] = metrics["after"][key]
+            atomic_write_json(self.run_dir / "metrics.json", metrics)
+            logger.info(
+                "metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+            )
+        acc.wait_for_everyone()
+        return metrics
+
+    # -- MNTP ------------------------------------------------------------------------------------
+
+    def run_mntp(self, acc, texts: list[str]) -> Path:
+        """Masked next-token prediction with LoRA on the bidirectional LLM; returns the adapter folder
+        (merged into the base before the contrastive step). Restarts from scratch if interrupted."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg, m = self.cfg, self.cfg.model
+        out = self.run_dir / "mntp"
+        if (out / ".complete").is_file():
+            logger.info("MNTP already done: %s", out)
+            return out
+        if cfg.mntp.text:
+            texts = texts + [
+                t for t in Path(cfg.mntp.text).read_text(encoding="utf-8").splitlines() if t.strip()
+            ]
+        src = self.base_source()
+        lm, tok, _, _ = _load_base(src, bidirectional=True, torch_dtype=_resolve_dtype(m.torch_dtype, str(acc.device)),
+                                   attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+                                   causal_lm=True)  # fmt: skip
+        lm = _merge_adapters(lm, src.adapters)
+        base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        head = lm.get_output_embeddings()
+        lora = cfg.lora
+        peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                    target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
+        head.requires_grad_(False)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
+        if len(mask_ids) != 1:
+            raise ValueError(
+                f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer"
+            )
+        mask_id = mask_ids[0]
+        params = [p for p in peft_base.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.mntp.lr)
+        peft_base, head, opt = acc.prepare(peft_base, head, opt)
+        bs = cfg.mntp.batch_size
+        total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        special = set(tok.all_special_ids)
+        for step in range(total):
+            epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
+            order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
+            batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]
+            enc = tok(
+                batch_texts, padding=True, truncation=True, max_length=m.max_length, return_tensors="pt"
+            )
+            ids, att = enc["input_ids"], enc["attention_mask"]
+            can = att.bool() & ~torch.isin(ids, torch.tensor(sorted(special)))
+            chosen = (torch.rand(ids.shape, generator=gen) < cfg.mntp.mask_probability) & can
+            labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+            roll = torch.rand(ids.shape, generator=gen)
+            inputs = ids.clone()
+            inputs[chosen & (roll < 0.8)] = mask_id  # 80% mask token, 10% random, 10% unchanged
+            rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
+            inputs[rand_pos] = torch.randint(len(tok), ids.shape, generator=gen)[rand_pos]
+            hidden = peft_base(
+                input_ids=inputs.to(acc.device), attention_mask=att.to(acc.device)
+            ).last_hidden_state
+            logits = head(hidden[:, :-1])  # token i is predicted from position i-1
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     labels[:, 1:].reshape(-1).to(acc.device), ignore_index=-100)  # fmt: skip
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            if step % cfg.train.log_every == 0:
+                logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
+        if acc.is_main_process:
+            tmp = out.with_name("mntp.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
+            (tmp / ".complete").write_text(f"{total} steps\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        acc.wait_for_everyone()
+        del lm, base, peft_base, head
+        return out
+
+    # -- contrastive training -------------------------------------------------------------------------
+
+    def train_contrastive(self, acc, encoder: TextEncoder, examples: list[Example]) -> dict:
+        from peft import LoraConfig, get_peft_model
+        from tqdm.auto import tqdm
+        from transformers import get_scheduler
+
+        cfg, t = self.cfg, self.cfg.train
+        lora = cfg.lora
+        targets = lora_targets(encoder.model, lora.target_modules)
+        encoder.model = get_peft_model(encoder.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                                 target_modules=targets))  # fmt: skip
+        if cfg.model.gradient_checkpointing:
+            encoder.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        encoder.train()
+        world, rank = acc.num_processes, acc.process_index
+        per_step = t.batch_size * world * t.grad_accum
+        steps_per_epoch = max(1, len(examples) // per_step)
+        total = t.max_steps or t.epochs * steps_per_epoch
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_ratio or 0) * total)
+        sched = get_scheduler(t.schedule, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        model, opt = acc.prepare(encoder, opt)
+        start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0
+        if start >= total:
+            logger.info("training already complete (%d steps)", total)
+            return self._read_train_stats()
+        log_path = self.run_dir / "train_log.jsonl"
+        if acc.is_main_process:
+            kept = [
+                ln
+                for ln in (log_path.read_text().splitlines() if log_path.is_file() else [])
+                if json.loads(ln)["step"] <= start
+            ]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        bar = tqdm(
+            total=total,
+            initial=start,
+            desc="stage 1 contrastive",
+            unit="step",
+            disable=not acc.is_main_process,
+        )
+        t0, tokens, last_loss = time.perf_counter(), 0, float("nan")
+        for step in range(start, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            order = epoch_order(len(examples), cfg.run.seed, epoch)
+            chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
+            step_loss = 0.0
+            for micro in range(t.grad_accum):
+                part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
+                mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
+                    examples[part[0]]
+                ]
+                batch = self._batch(encoder, mine, acc.device)
+                tokens += int(batch["attention_mask"].sum())
+                ctx = acc.no_sync(model) if (micro < t.grad_accum - 1 and world > 1) else _nullcontext()
+                with ctx, acc.autocast():
+                    feats = model(**batch, length_buckets=t.length_buckets)
+                    n = len(mine)
+                    q, p = feats[:n], feats[n : 2 * n]
+                    neg = feats[2 * n :] if feats.shape[0] > 2 * n else None
+                    loss = hard_negative_nll_loss(
+                        q, p, neg, scale=t.loss_scale, gather=t.gather_across_processes
+                    )
+                    acc.backward(loss / t.grad_accum)
+                step_loss += loss.item() / t.grad_accum
+            if t.grad_clip:
+                acc.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            last_loss = step_loss
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if acc.is_main_process and (done % t.log_every == 0 or done == total):
+                rec = {"step": done, "epoch": epoch, "loss": round(step_loss, 6), "lr": sched.get_last_lr()[0],
+                       "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if done % t.save_every == 0 or done == total:
+                self.save_checkpoint(acc, encoder, opt, sched, done)
+        bar.close()
+        stats = {"steps": total, "examples": len(examples), "global_batch": per_step, "final_loss": last_loss,
+                 "seconds_this_session": round(time.perf_counter() - t0, 1),
+                 "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
+        if acc.is_main_process:
+            atomic_write_json(self.run_dir / "train_stats.json", stats)
+        return stats
+
+    def _read_train_stats(self) -> dict:
+        p = self.run_dir / "train_stats.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    @staticmethod
+    def _batch(encoder: TextEncoder, examples: list[Example], device) -> dict[str, torch.Tensor]:
+        """queries, then positives, then hard negatives (if any) in one padded batch."""
+        fmt = encoder.format_text
+        texts = [fmt(e.query, e.instruction, cut=False, joiner="; ") for e in examples]
+        texts += [fmt(e.positive, None, cut=False) for e in examples]
+        negs = [e.negative for e in examples if e.negative is not None]
+        if len(negs) == len(examples):
+            texts += [fmt(n, None, cut=False) for n in negs]
+        return {k: v.to(device) for k, v in encoder.tokenize(texts).items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def _checkpoints(self) -> list[Path]:
+        root = self.run_dir / CHECKPOINTS
+        return (
+            sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file())
+            if root.is_dir()
+            else []
+        )
+
+    def save_checkpoint(self, acc, encoder: TextEncoder, opt, sched, step: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            root = self.run_dir / CHECKPOINTS
+            final = root / f"step-{step:07d}"
+            tmp = root / f".step-{step:07d}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(encoder).model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                        "config_digest": config_digest(self.cfg)}, tmp / "trainer_state.pt")  # fmt: skip
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self._checkpoints()[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, acc, encoder: TextEncoder, opt, sched) -> int:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        found = self._checkpoints()
+        if not found:
+            return 0
+        ck = found[-1]
+        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+        if state.get("config_digest") != config_digest(self.cfg):
+            logger.warning("resuming %s with a config that differs from the one it was made with", ck)
+        peft_model = acc.unwrap_model(encoder).model
+        set_peft_model_state_dict(peft_model, load_file(str(ck / "adapter" / "adapter_model.safetensors")))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        logger.info("resumed from %s (step %d)", ck, state["step"])
+        return int(state["step"])
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_stage1(cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """Entry point of ``l2c stage1``."""
+    logger.debug("resolved config:\n%s", dump_config(cfg))
+    return Stage1Recipe(cfg, source, overrides).run()

@@ -1,0 +1,150 @@
+"""Stage 1 end to end on a tiny random Llama: train, save, reload, resume; MNTP; the CLI."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from l2c_llava.cli import main
+from l2c_llava.config import load_config
+from l2c_llava.stage1.encoder import TextEncoder
+from l2c_llava.stage1.train import Stage1Recipe
+
+from .tiny_llm import save_tiny_llm
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_llm(tmp_path_factory.mktemp("base") / "llama", "llama")
+
+
+def write_config(tmp_path: Path, base: Path, data: Path, out: Path, extra: str = "") -> Path:
+    cfg = tmp_path / f"{out.name}.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        # l2c stage1 --config {cfg}
+        # test config
+        recipe: stage1
+        run: {{output_dir: {out}, seed: 3}}
+        model: {{name_or_path: {base}, max_length: 48, gradient_checkpointing: false}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        data:
+          train: {data}/captions/train.jsonl
+          eval: {data}/retrieval/karpathy.json
+          eval_pairs: {data}/captions/test.jsonl
+          max_samples: 24
+        train: {{lr: 1.0e-3, batch_size: 4, max_steps: 3, warmup_steps: 1, log_every: 1, save_every: 1, keep_checkpoints: 2}}
+        eval: {{batch_size: 8}}
+        """) + extra)  # fmt: skip
+    return cfg
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "encoder" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_three_steps_save_reload_and_resume(tmp_path, tiny_base, synth_dir):
+    run = tmp_path / "run"
+    cfg_path = write_config(tmp_path, tiny_base, synth_dir, run)
+    metrics = Stage1Recipe(load_config(cfg_path)).run()
+    # metrics: CRA etc. before (causal and bidirectional) and after
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
+        for when in ("before_causal", "before", "after"):
+            assert 0.0 <= saved[f"{key}_{when}"] <= 1.0
+    assert saved["train"]["steps"] == 3
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-0000002",
+        "step-0000003",
+    ]  # keep 2
+    assert (run / "config.yaml").is_file() and (run / "versions.json").is_file()
+
+    # the encoder folder reloads, with the trained adapter applied
+    enc = TextEncoder.from_pretrained(run / "encoder", device="cpu")
+    base = TextEncoder.from_pretrained(tiny_base, device="cpu")
+    texts = ["a red circle", "two blue squares on a beige background"]
+    assert not torch.allclose(enc.encode(texts), base.encode(texts))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, synth_dir, monkeypatch):
+    """A run killed after its step-3 checkpoint and run again ends where an uninterrupted run ends."""
+    cfg = load_config(
+        write_config(tmp_path, tiny_base, synth_dir, tmp_path / "killed"), ["train.max_steps=5"]
+    )
+    original = Stage1Recipe.save_checkpoint
+
+    def save_then_die(self, acc, encoder, opt, sched, step):
+        original(self, acc, encoder, opt, sched, step)
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(Stage1Recipe, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        Stage1Recipe(cfg).run()
+    monkeypatch.setattr(Stage1Recipe, "save_checkpoint", original)
+    assert not (tmp_path / "killed" / "encoder").exists()
+    resumed = Stage1Recipe(cfg).run()
+    assert resumed["train"]["steps"] == 5
+    log = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    straight = load_config(
+        write_config(tmp_path, tiny_base, synth_dir, tmp_path / "straight"), ["train.max_steps=5"]
+    )
+    Stage1Recipe(straight).run()
+    a, b = adapter_weights(tmp_path / "killed"), adapter_weights(tmp_path / "straight")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # a finished run re-run trains nothing more
+    again = Stage1Recipe(cfg).run()
+    assert again["train"]["steps"] == 5
+
+
+def test_mntp_then_contrastive_and_merged_output(tmp_path, tiny_base, synth_dir):
+    run = tmp_path / "mntp_run"
+    extra = "mntp: {enabled: true, max_steps: 2, batch_size: 4, lr: 1.0e-3}\noutput: {merge_weights: true}\n"
+    cfg = load_config(
+        write_config(tmp_path, tiny_base, synth_dir, run, extra), ["eval.causal_baseline=false"]
+    )
+    metrics = Stage1Recipe(cfg).run()
+    assert (run / "mntp" / ".complete").is_file() and (run / "mntp" / "adapter_model.safetensors").is_file()
+    meta = json.loads((run / "encoder" / "l2c_encoder.json").read_text())
+    assert meta["source"]["adapters"] == [str(run / "mntp")]  # the encoder = base + MNTP + CC adapter
+    assert "causal" not in metrics["before"]
+    merged = TextEncoder.from_pretrained(run / "encoder_merged", device="cpu")
+    adapter = TextEncoder.from_pretrained(run / "encoder", device="cpu")
+    texts = ["a red circle", "two blue squares"]
+    assert torch.allclose(merged.encode(texts), adapter.encode(texts), atol=1e-5)
+
+
+def test_cli_train_and_eval(tmp_path, tiny_base, synth_dir, capsys):
+    run = tmp_path / "cli_run"
+    cfg = write_config(tmp_path, tiny_base, synth_dir, run)
+    assert main(["stage1", "--config", str(cfg), "train.max_steps=1", "eval.causal_baseline=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["cra_after"] >= 0
+    assert main(["stage1", "eval", "--config", str(cfg), "--out", str(tmp_path / "e.json")]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())) >= {
+        "cra",
+        "short_to_long_top1",
+        "long_to_short_top1",
+    }
+    assert main(["stage1", "eval", "--config", str(cfg), "--base", "--causal"]) == 0
+    capsys.readouterr()
+    # bad data stops before any model loads, naming file and row
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.jpg", "short": "", "long": "y"}\n')
+    assert main(["stage1", "--config", str(cfg), f"data.train={bad}"]) == 2
+    assert "line 1: 'short' is empty" in capsys.readouterr().err
+    assert main(["stage1", "--config", str(cfg), "model.name_or_path=/nonexistent/model"]) == 2
+    assert "model folder not found" in capsys.readouterr().err
