@@ -3,8 +3,8 @@
 #
 # Today the main job is what has landed: the embedded dataset (1,000 procedurally drawn images with
 # short/dense captions, retrieval sets, LLaVA pretrain/instruction rows and VQA/POPE eval splits, in
-# the real formats) and the validation of every shipped config. The steps still missing are listed at
-# the end; once `l2c pipeline` lands this script runs it on configs/demo.yaml.
+# the real formats), the validation of every shipped config, and stage 1 on the embedded SmolLM2.
+# The steps still missing are listed at the end; once `l2c pipeline` lands this script runs it.
 # Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default 1000).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,14 +15,17 @@ OUT="${L2C_DEMO_DIR:-runs/demo}"
 IMAGES="${L2C_DEMO_IMAGES:-1000}"
 
 start=$SECONDS
-echo "== [1/2] embedded dataset -> $OUT/data"
+echo "== [1/3] embedded dataset -> $OUT/data"
 "$L2C" data synth --out "$OUT/data" --images "$IMAGES" --seed 0
-echo "== [2/2] validating every shipped config"
+echo "== [2/3] validating every shipped config"
 "$L2C" validate stage1/configs/*.yaml stage2/configs/*.yaml mllm/configs/*.yaml
+echo "== [3/3] stage 1: SmolLM2-135M -> caption encoder (CRA before/after in $OUT/stage1/metrics.json)"
+"$L2C" stage1 --config stage1/configs/demo.yaml "run.output_dir=$OUT/stage1" \
+  "data.train=$OUT/data/captions/train.jsonl" "data.eval=$OUT/data/retrieval/karpathy.json" \
+  "data.eval_pairs=$OUT/data/captions/test.jsonl"
 
 missing=()
-for step in "stage1:stage 1, caption-contrastive LLM (issue: Stage 1)" \
-            "stage2:stage 2, LLM2CLIP vision fine-tuning (issue: Stage 2)" \
+for step in "stage2:stage 2, LLM2CLIP vision fine-tuning (issue: Stage 2)" \
             "mllm:LLaVA-1.5 assembly, pretrain, finetune, export (issue: mllm)" \
             "pipeline:lmms-eval on both encoders and the comparison report (issue: Evaluation and pipeline)"; do
   cmd="${step%%:*}"

@@ -123,7 +123,23 @@ class Stage1Recipe:
 
     # -- the method ------------------------------------------------------------------------------
 
+    def finished(self) -> dict | None:
+        """The saved metrics if this exact config already ran to the end in run_dir, else None."""
+        from l2c_llava.config import ConfigError, load_config
+
+        done, saved = self.run_dir / "metrics.json", self.run_dir / "config.yaml"
+        if not (done.is_file() and saved.is_file() and (self.run_dir / "encoder").is_dir()):
+            return None
+        try:
+            same = load_config(saved) == self.cfg
+        except ConfigError:
+            return None
+        return json.loads(done.read_text()) if same else None
+
     def run(self) -> dict:
+        if (previous := self.finished()) is not None:
+            logger.info("%s already holds a finished run of this config; nothing to do", self.run_dir)
+            return previous
         acc = self._accelerator()
         cfg = self.cfg
         pairs, test, held_out, general = self.load_data()  # bad rows stop us before any model loads
