@@ -106,6 +106,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, synth_dir, 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # each run's train.log holds its own lines only
+    assert str(tmp_path / "straight") not in (tmp_path / "killed" / "train.log").read_text()
+    assert "resumed from" in (tmp_path / "killed" / "train.log").read_text()
     # a finished run re-run trains nothing more
     again = Stage1Recipe(cfg).run()
     assert again["train"]["steps"] == 5

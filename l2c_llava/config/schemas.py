@@ -77,10 +77,14 @@ class TrainSection(Section):
     keep_checkpoints: PositiveInt = 2
 
     def schedule_problems(self, prefix: str = "train") -> list[tuple[str, Any, str]]:
+        out = []
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            return [(f"{prefix}.warmup_ratio", self.warmup_ratio,
-                     f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both")]  # fmt: skip
-        return []
+            out.append((f"{prefix}.warmup_ratio", self.warmup_ratio,
+                        f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both"))  # fmt: skip
+        if getattr(self, "contrastive_accum", False):
+            out.append((f"{prefix}.contrastive_accum", True, "GradCache-style contrastive accumulation is not "
+                        "available yet; use train.grad_accum (negatives then come from each micro-batch only)"))  # fmt: skip
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

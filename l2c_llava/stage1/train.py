@@ -86,11 +86,12 @@ class Stage1Recipe:
         set_seed(self.cfg.run.seed)
         return acc
 
-    def _log_to_file(self) -> None:
+    def _log_to_file(self) -> logging.Handler:
         handler = logging.FileHandler(self.run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("l2c_llava").addHandler(handler)
         logging.getLogger("l2c_llava").setLevel(logging.INFO)
+        return handler
 
     def load_data(self):
         d = self.cfg.data
@@ -119,6 +120,7 @@ class Stage1Recipe:
             src.base, gguf_file=src.gguf_file, adapters=src.adapters + list(adapters_extra), pooling=m.pooling,
             max_length=m.max_length, torch_dtype=m.torch_dtype, attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
+            bidirectional=m.bidirectional,
         )  # fmt: skip
 
     # -- the method ------------------------------------------------------------------------------
@@ -143,10 +145,20 @@ class Stage1Recipe:
         acc = self._accelerator()
         cfg = self.cfg
         pairs, test, held_out, general = self.load_data()  # bad rows stop us before any model loads
+        handler = None
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
-            self._log_to_file()
+            handler = self._log_to_file()
         acc.wait_for_everyone()
+        try:
+            return self._run(acc, pairs, test, held_out, general)
+        finally:
+            if handler is not None:
+                logging.getLogger("l2c_llava").removeHandler(handler)
+                handler.close()
+
+    def _run(self, acc, pairs, test, held_out, general) -> dict:
+        cfg = self.cfg
         logger.info(
             "stage 1: %d caption pairs (%d skipped), %s",
             len(pairs),
@@ -185,15 +197,12 @@ class Stage1Recipe:
         encoder = acc.unwrap_model(encoder)
         metrics: dict = {"before": before or {}, "train": train_stats}
         if acc.is_main_process:
-            out = encoder.save(self.run_dir / "encoder")
-            if cfg.output.merge_weights:
-                merged = TextEncoder(
-                    encoder.model, encoder.tokenizer, encoder.settings, encoder.source, encoder.model_type
-                )
-                merged.save(self.run_dir / "encoder_merged", merged=True)
-            logger.info("encoder saved to %s", out)
             if test is not None or held_out:
                 metrics["after"] = self.evaluate(encoder, test, held_out)
+            out = encoder.save(self.run_dir / "encoder")
+            logger.info("encoder saved to %s", out)
+            if cfg.output.merge_weights:  # last: merging folds the adapter into the model in place
+                encoder.save(self.run_dir / "encoder_merged", merged=True)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
                 if key in metrics.get("after", {}):
                     metrics[f"{key}_before_causal"] = metrics["before"].get("causal", {}).get(key)
@@ -242,7 +251,8 @@ class Stage1Recipe:
         mask_id = mask_ids[0]
         params = [p for p in peft_base.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.mntp.lr)
-        peft_base, head, opt = acc.prepare(peft_base, head, opt)
+        head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
+        peft_base, opt = acc.prepare(peft_base, opt)
         bs = cfg.mntp.batch_size
         total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
         gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -309,7 +319,8 @@ class Stage1Recipe:
         params = [p for p in encoder.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_ratio or 0) * total)
-        sched = get_scheduler(t.schedule, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        name = "constant_with_warmup" if t.schedule == "constant" else t.schedule
+        sched = get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
         model, opt = acc.prepare(encoder, opt)
         start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0
         if start >= total:
