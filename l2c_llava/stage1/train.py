@@ -205,7 +205,8 @@ class Stage1Recipe:
                 encoder.save(self.run_dir / "encoder_merged", merged=True)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
                 if key in metrics.get("after", {}):
-                    metrics[f"{key}_before_causal"] = metrics["before"].get("causal", {}).get(key)
+                    if "causal" in metrics["before"]:
+                        metrics[f"{key}_before_causal"] = metrics["before"]["causal"].get(key)
                     metrics[f"{key}_before"] = metrics["before"].get("bidirectional", {}).get(key)
                     metrics[f"{key}_after"] = metrics["after"][key]
             atomic_write_json(self.run_dir / "metrics.json", metrics)
