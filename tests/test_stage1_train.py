@@ -151,3 +151,41 @@ def test_cli_train_and_eval(tmp_path, tiny_base, synth_dir, capsys):
     assert "line 1: 'short' is empty" in capsys.readouterr().err
     assert main(["stage1", "--config", str(cfg), "model.name_or_path=/nonexistent/model"]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_caption_examples_and_general_text(tmp_path):
+    from l2c_llava.data.readers import CaptionPair, DataError
+    from l2c_llava.stage1.data import caption_examples, general_text_examples, mix
+
+    pairs = [CaptionPair(f"{i}.jpg", f"short {i}", f"long {i}", f"line {i}") for i in range(50)]
+    ex = caption_examples(pairs, "S2L", "L2S", seed=0)
+    for p, e in zip(pairs, ex):
+        if e.instruction == "S2L":  # query short -> positive its long, negative another long
+            assert (
+                (e.query, e.positive) == (p.short, p.long)
+                and e.negative.startswith("long")
+                and e.negative != p.long
+            )
+        else:
+            assert e.instruction == "L2S" and (e.query, e.positive) == (p.long, p.short)
+            assert e.negative.startswith("short") and e.negative != p.short
+    directions = {e.instruction for e in ex}
+    assert directions == {"S2L", "L2S"}  # random order within a pair
+    assert caption_examples(pairs, "S2L", "L2S", seed=0) == ex  # fixed by the seed
+
+    path = tmp_path / "general.jsonl"
+    path.write_text('{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Retrieve"}\n'
+                    '{"query": "q2", "positive": ""}\n\nnot json\n{"query": "q3", "positive": "p3"}\n')  # fmt: skip
+    with pytest.raises(DataError) as ei:
+        general_text_examples(path)
+    assert [(p.row, p.message) for p in ei.value.problems] == [
+        ("line 2", "'positive' is empty"), ("line 4", "invalid JSON: Expecting value (column 1)")]  # fmt: skip
+    path.write_text(
+        '{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Retrieve"}\n{"query": "q3", "positive": "p3"}\n'
+    )
+    general = general_text_examples(path)
+    assert (
+        general[0].negative == "n1" and general[0].instruction == "Retrieve" and general[1].negative is None
+    )
+    mixed = mix(ex[:6], general * 10, share=0.25, seed=0)
+    assert len(mixed) == 8 and sum(e in general for e in mixed) == 2  # 2 of 8 = 25%

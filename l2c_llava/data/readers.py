@@ -172,7 +172,7 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
-def _nonempty_str(row: dict, key: str) -> str:
+def nonempty_str(row: dict, key: str) -> str:
     if key not in row:
         raise ValueError(f"key {key!r} is missing (row has: {', '.join(map(str, row)) or 'nothing'})")
     value = row[key]
@@ -197,7 +197,7 @@ class CaptionPair:
     image_path: Path | None = None  # resolved under the root; None when no root was given
 
 
-def _iter_rows(path: Path) -> Iterable[tuple[str, dict | None, str | None]]:
+def iter_rows(path: Path) -> Iterable[tuple[str, dict | None, str | None]]:
     """(row label, row dict or None, problem) for JSONL or CSV files."""
     if path.suffix.lower() == ".csv" or path.suffix.lower() == ".tsv":
         with open(path, encoding="utf-8", newline="") as f:
@@ -242,7 +242,7 @@ def read_caption_pairs(
     problems: list[RowProblem] = []
     pending: list[CaptionPair] = []
     total = 0
-    for label, row, problem in _iter_rows(path):
+    for label, row, problem in iter_rows(path):
         if max_rows is not None and total >= max_rows:
             break
         total += 1
@@ -250,9 +250,9 @@ def read_caption_pairs(
             problems.append(RowProblem(str(path), label, problem))
             continue
         try:
-            image = _nonempty_str(row, image_key)
-            short = _nonempty_str(row, short_key)
-            long = _nonempty_str(row, long_key)
+            image = nonempty_str(row, image_key)
+            short = nonempty_str(row, short_key)
+            long = nonempty_str(row, long_key)
             image_path = resolve_under(image_root, image) if image_root is not None else None
         except ValueError as e:
             problems.append(RowProblem(str(path), label, str(e)))
@@ -344,7 +344,7 @@ def read_karpathy(
             continue
         total += 1
         try:
-            filename = _nonempty_str(img, "filename")
+            filename = nonempty_str(img, "filename")
             rel = f"{img['filepath']}/{filename}" if img.get("filepath") else filename
             sents = img.get("sentences")
             if not isinstance(sents, list) or not sents:
@@ -354,7 +354,7 @@ def read_karpathy(
                 if not isinstance(s, dict):
                     raise ValueError(f"sentences[{k}] must be an object with 'raw'")
                 try:
-                    caps.append(_nonempty_str(s, "raw").strip())
+                    caps.append(nonempty_str(s, "raw").strip())
                 except ValueError as e:
                     raise ValueError(f"sentences[{k}]: {e}") from None
         except ValueError as e:
@@ -403,7 +403,7 @@ def read_long_captions(
         try:
             if not isinstance(row, dict):
                 raise ValueError("expected an object")
-            rel = _nonempty_str(row, "image")
+            rel = nonempty_str(row, "image")
             if "conversations" in row:
                 turns = row["conversations"]
                 answers = (
@@ -415,7 +415,7 @@ def read_long_captions(
                     raise ValueError("no non-empty gpt turn holding the caption")
                 caption = answers[-1]
             else:
-                caption = _nonempty_str(row, "caption")
+                caption = nonempty_str(row, "caption")
         except ValueError as e:
             problems.append(RowProblem(str(path), label, str(e)))
             continue

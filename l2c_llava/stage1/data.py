@@ -9,13 +9,12 @@ negative is a caption of the same kind as the positive, from another image. Gene
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2c_llava.data.readers import CaptionPair, DataError, RowProblem
+from l2c_llava.data.readers import CaptionPair, DataError, RowProblem, iter_rows, nonempty_str
 
 
 @dataclass(frozen=True)
@@ -49,30 +48,26 @@ def caption_examples(
 
 
 def general_text_examples(path: str | Path, limit: int | None = None) -> list[Example]:
-    """General (query, positive[, negative]) pairs, e.g. the E5 data llm2vec trains on."""
+    """General (query, positive[, negative][, instruction]) pairs, e.g. the E5 data llm2vec trains on.
+    Every bad row is reported at once, by line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"general-text file not found: {path}")
     problems, out = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for label, row, problem in iter_rows(path):
+        if problem is None:
             try:
-                row = json.loads(line)
-                q, p = row["query"], row["positive"]
-                if not (isinstance(q, str) and q.strip() and isinstance(p, str) and p.strip()):
-                    raise ValueError("'query' and 'positive' must be non-empty strings")
-                neg = row.get("negative")
-                out.append(
-                    Example(
-                        q, p, neg if isinstance(neg, str) and neg.strip() else None, row.get("instruction")
-                    )
-                )
-            except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-                problems.append(RowProblem(str(path), f"line {n}", f"{type(e).__name__}: {e}"))
-            if limit is not None and len(out) >= limit:
-                break
+                query, positive = nonempty_str(row, "query"), nonempty_str(row, "positive")
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            problems.append(RowProblem(str(path), label, problem))
+            continue
+        negative, instruction = row.get("negative"), row.get("instruction")
+        out.append(Example(query, positive, negative if isinstance(negative, str) and negative.strip() else None,
+                           instruction if isinstance(instruction, str) and instruction.strip() else None))  # fmt: skip
+        if limit is not None and len(out) >= limit:
+            break
     if problems:
         raise DataError(problems, str(path))
     return out
