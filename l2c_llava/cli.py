@@ -171,6 +171,53 @@ def _cmd_stage1_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stage2_cache(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError, read_caption_pairs, read_karpathy, read_long_captions
+    from l2c_llava.stage1.encoder import EncoderLoadError
+    from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
+
+    cfg = _load_or_report(args.config, args.overrides, "stage2")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    d, te, c = cfg.data, cfg.text_encoder, cfg.cache
+    if d.format != "jsonl":
+        print("l2c stage2 cache: webdataset captions are cached by the stage-2 training issue's reader; "
+              "data.format=jsonl is supported here", file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    try:
+        pairs = read_caption_pairs(
+            d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+        )
+        sets = {"train": pair_captions(pairs)}
+        root = d.eval_image_root or "."
+        if d.eval_short:
+            sets["eval_short"] = read_karpathy(
+                d.eval_short, root, split=d.eval_split, image_check="none"
+            ).captions
+        if d.eval_long:
+            sets["eval_long"] = read_long_captions(d.eval_long, root, image_check="none").captions
+        encoder = None
+
+        def load():
+            nonlocal encoder
+            if encoder is None:
+                from l2c_llava.stage1.encoder import TextEncoder
+
+                encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length)
+            return encoder
+
+        summary = {}
+        for name, captions in sets.items():
+            cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
+                                dtype=c.dtype, batch_size=te.batch_size, overwrite=args.overwrite, load_encoder=load)  # fmt: skip
+            summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
+    except (DataError, EncoderLoadError, CacheError, FileNotFoundError) as e:
+        print(f"l2c stage2 cache: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -209,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=_cmd_stage1_eval)
+
+    s2 = sub.add_parser(
+        "stage2", help="stage 2: LLM2CLIP (text feature cache; training, eval and export to come)"
+    )
+    s2sub = s2.add_subparsers(dest="stage2_command", metavar="ACTION", required=True)
+    p = s2sub.add_parser(
+        "cache", help="embed every caption once with the frozen stage-1 encoder (resumable, fingerprinted)"
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild a cache made by another encoder or for other captions",
+    )
+    p.set_defaults(func=_cmd_stage2_cache)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -25,11 +25,11 @@ echo "== [3/3] stage 1: SmolLM2-135M -> caption encoder (CRA before/after in $OU
   "data.eval_pairs=$OUT/data/captions/test.jsonl"
 
 missing=()
-for step in "stage2:stage 2, LLM2CLIP vision fine-tuning (issue: Stage 2)" \
-            "mllm:LLaVA-1.5 assembly, pretrain, finetune, export (issue: mllm)" \
+for step in "stage2 train:stage 2, LLM2CLIP vision fine-tuning (issue: Stage 2)" \
+            "mllm pretrain:LLaVA-1.5 assembly, pretrain, finetune, export (issue: mllm)" \
             "pipeline:lmms-eval on both encoders and the comparison report (issue: Evaluation and pipeline)"; do
   cmd="${step%%:*}"
-  if ! "$L2C" "$cmd" --help >/dev/null 2>&1; then missing+=("${step#*:}"); fi
+  if ! "$L2C" $cmd --help >/dev/null 2>&1; then missing+=("${step#*:}"); fi
 done
 echo "== done in $((SECONDS - start)) s; outputs under $OUT/"
 if ((${#missing[@]})); then

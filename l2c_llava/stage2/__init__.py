@@ -1,0 +1,1 @@
+"""Stage 2: LLM2CLIP (frozen LLM caption features, CLIP vision fine-tuning)."""

@@ -1,0 +1,314 @@
+"""The text feature cache: the frozen stage-1 encoder embeds every caption once; stage-2 training
+reads the features from disk and never loads the LLM.
+
+Layout of a cache folder::
+
+    manifest.json                  format, encoder fingerprint, caption digest, dim, dtype, shards
+    shard-00000.safetensors        "features" [n, D] (float16 by default), "keys" [n] int64
+    shard-00001.safetensors        ...
+
+Row i of the cache is caption i of the list it was built for (stage 2: short_0, long_0, short_1,
+long_1, ...). Each row carries the first 8 bytes of its caption's sha256 ("keys"), so a cache is
+checked against the captions a run asks for, row by row, and a cache made for other captions or by
+another encoder is refused with the reason, never silently reused.
+
+Building is resumable: shards are written one at a time (temporary file, then rename) and the
+manifest lists the finished ones; a killed build continues at the next shard. Reading memory-maps the
+shards (safetensors ``safe_open``): only the rows asked for are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2c_llava.embedded import resolve_llm_path
+from l2c_llava.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "l2c-llava text feature cache v1"
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_WHOLE_FILE_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole; larger ones by size + head + tail
+_EDGE = 1 << 20
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used for this run; the message says why and how to rebuild it."""
+
+
+def caption_keys(captions: Sequence[str]) -> torch.Tensor:
+    """int64 key per caption: the first 8 bytes of sha256(utf-8 text)."""
+    return torch.tensor(
+        [
+            int.from_bytes(hashlib.sha256(c.encode("utf-8")).digest()[:8], "little", signed=True)
+            for c in captions
+        ],
+        dtype=torch.int64,
+    )
+
+
+def captions_digest(keys: torch.Tensor) -> str:
+    return hashlib.sha256(keys.numpy().tobytes()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}|{size}|".encode())
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE_LIMIT:
+            h.update(f.read())
+        else:  # safetensors header + first/last MiB: names, shapes, dtypes and real bytes of the weights
+            h.update(f.read(_EDGE))
+            f.seek(size - _EDGE)
+            h.update(f.read(_EDGE))
+    return h.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    keep = (".json", ".safetensors", ".gguf", ".model", ".txt", ".jinja")
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix in keep and not p.name.startswith(".")
+    )
+
+
+def encoder_fingerprint(encoder_path: str | os.PathLike, instruction: str | None = None) -> dict[str, Any]:
+    """Identity of a text encoder computed from its files, without loading it: the encoder folder
+    (settings, tokenizer, adapter), every adapter it stacks and its base weights (small files whole,
+    large ones by size, header and tail), plus the instruction the cache is built with."""
+    path = Path(encoder_path)
+    parts: dict[str, str] = {}
+
+    def add_folder(tag: str, folder: Path) -> None:
+        for f in _folder_files(folder):
+            parts[f"{tag}/{f.relative_to(folder).as_posix()}"] = _file_digest(f)
+
+    meta = path / "l2c_encoder.json"
+    if meta.is_file():
+        add_folder("encoder", path)
+        src = json.loads(meta.read_text())["source"]
+        if src.get("base") and src["base"] != str(path):
+            folder, gguf = resolve_llm_path(src["base"], src.get("gguf_file"))
+            if gguf:
+                parts["base/" + gguf] = _file_digest(Path(folder) / gguf)
+            else:
+                add_folder("base", Path(folder))
+        for i, adapter in enumerate(src.get("adapters", [])):
+            add_folder(f"adapter{i}", Path(adapter))
+    else:
+        folder, gguf = resolve_llm_path(str(path))
+        if gguf:
+            parts["base/" + gguf] = _file_digest(Path(folder) / gguf)
+        elif Path(folder).is_dir():
+            add_folder("base", Path(folder))
+        else:
+            raise CacheError(f"text encoder not found: {encoder_path}")
+    digest = hashlib.sha256(
+        json.dumps({"files": parts, "instruction": instruction}, sort_keys=True).encode()
+    ).hexdigest()
+    return {"digest": digest, "path": str(encoder_path), "instruction": instruction, "files": len(parts)}
+
+
+class TextFeatureCache:
+    """Read side: memory-mapped features by row, checked against the captions a run needs."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise CacheError(
+                f"{self.folder} is not a text feature cache (no {MANIFEST}); build it with `l2c stage2 cache`"
+            )
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise CacheError(
+                f"{path}: unknown cache format {self.manifest.get('format')!r} (expected {FORMAT!r})"
+            )
+        if not self.manifest.get("complete"):
+            done = len(self.manifest.get("shards", []))
+            raise CacheError(
+                f"{self.folder}: the cache is incomplete ({done} shards written); run `l2c stage2 cache` again to finish it"
+            )
+        self._handles = [
+            safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]
+        ]
+        self._starts = []
+        start = 0
+        for s in self.manifest["shards"]:
+            self._starts.append(start)
+            start += s["rows"]
+        self._n = start
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def encoder_digest(self) -> str:
+        return self.manifest["encoder"]["digest"]
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        if not 0 <= row < self._n:
+            raise IndexError(f"row {row} is outside the cache ({self._n} rows)")
+        lo, hi = 0, len(self._starts) - 1
+        while lo < hi:  # last shard whose start <= row
+            mid = (lo + hi + 1) // 2
+            if self._starts[mid] <= row:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, row - self._starts[lo]
+
+    def feature(self, row: int) -> torch.Tensor:
+        """float32 [D] feature of row `row` (unnormalised, as the encoder produced it)."""
+        shard, off = self._locate(row)
+        return self._handles[shard].get_slice("features")[off : off + 1][0].float()
+
+    def features(self, rows: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.feature(int(r)) for r in rows]) if len(rows) else torch.zeros((0, self.dim))
+
+    def keys(self) -> torch.Tensor:
+        return (
+            torch.cat([h.get_tensor("keys") for h in self._handles])
+            if self._handles
+            else torch.zeros(0, dtype=torch.int64)
+        )
+
+    def check(self, captions: Sequence[str], *, encoder_path: str | os.PathLike | None = None,
+              instruction: str | None = None, where: str = "") -> None:  # fmt: skip
+        """Refuse the cache unless it holds exactly `captions` (row by row), made by `encoder_path`
+        (if given) with `instruction`. The error names the first caption without its feature."""
+        if encoder_path is not None:
+            want = encoder_fingerprint(encoder_path, instruction)["digest"]
+            if want != self.encoder_digest:
+                made = self.manifest["encoder"]
+                raise CacheError(
+                    f"{self.folder} was built by another text encoder or instruction "
+                    f"({made.get('path')}, instruction {made.get('instruction')!r}); this run uses {encoder_path} "
+                    f"(instruction {instruction!r}). Rebuild it: l2c stage2 cache --config ... (or point cache.dir elsewhere)"
+                )
+        keys = caption_keys(captions)
+        if self.manifest["captions_digest"] == captions_digest(keys):
+            return
+        have = self.keys()
+        for i in range(len(captions)):
+            if i >= len(have) or int(have[i]) != int(keys[i]):
+                text = captions[i] if len(captions[i]) <= 60 else captions[i][:57] + "..."
+                raise CacheError(
+                    f"{where + ': ' if where else ''}caption {i} ({text!r}) has no cached feature: {self.folder} was "
+                    f"built for other captions ({len(have)} rows, this run needs {len(captions)}). "
+                    f"Rebuild it: l2c stage2 cache --config ..."
+                )
+        raise CacheError(
+            f"{self.folder} holds {len(have)} rows; this run needs {len(captions)} (rebuild the cache)"
+        )
+
+
+def build_cache(
+    folder: str | os.PathLike,
+    captions: Sequence[str],
+    encoder_path: str | os.PathLike,
+    *,
+    instruction: str | None = None,
+    shard_size: int = 8192,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    overwrite: bool = False,
+    load_encoder: Callable[[], Any] | None = None,
+    progress: bool = True,
+) -> TextFeatureCache:
+    """Embed `captions` with the encoder at `encoder_path` into a cache at `folder` (resuming a
+    partial one made with the same encoder, instruction, captions and layout). ``load_encoder``
+    overrides how the encoder is loaded (default: TextEncoder.from_pretrained); it is only called
+    when shards remain to be written."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not captions:
+        raise ValueError("no captions to cache")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"caption {i} is empty")
+    folder = Path(folder)
+    keys = caption_keys(captions)
+    fp = encoder_fingerprint(encoder_path, instruction)
+    wanted = {"format": FORMAT, "encoder": fp, "captions_digest": captions_digest(keys), "rows": len(captions),
+              "dtype": dtype, "shard_size": shard_size}  # fmt: skip
+    manifest_path = folder / MANIFEST
+    manifest: dict[str, Any] | None = (
+        json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    )
+    if manifest is not None:
+        differs = [k for k in wanted if (manifest.get(k) if k != "encoder" else manifest.get("encoder", {}).get("digest"))
+                   != (wanted[k] if k != "encoder" else fp["digest"])]  # fmt: skip
+        if differs and not overwrite:
+            raise CacheError(
+                f"{folder} holds a cache made with other {', '.join(differs)}; it is not reused. "
+                f"Pass --overwrite to rebuild it there, or choose another cache.dir"
+            )
+        if differs:
+            for p in folder.glob("shard-*.safetensors"):
+                p.unlink()
+            manifest = None
+    if manifest is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = wanted | {"dim": None, "shards": [], "complete": False}
+        atomic_write_json(manifest_path, manifest)
+    n_shards = -(-len(captions) // shard_size)
+    done = len(manifest["shards"])
+    if done < n_shards:
+        if done:
+            logger.info("resuming the cache at shard %d of %d", done + 1, n_shards)
+        encoder = load_encoder() if load_encoder else _default_loader(encoder_path)
+        for s in tqdm(range(done, n_shards), desc="text feature cache", unit="shard", initial=done, total=n_shards,
+                      disable=not progress):  # fmt: skip
+            lo, hi = s * shard_size, min(len(captions), (s + 1) * shard_size)
+            feats = encoder.encode(list(captions[lo:hi]), instruction=instruction, batch_size=batch_size)
+            if manifest["dim"] is None:
+                manifest["dim"] = int(feats.shape[1])
+            elif feats.shape[1] != manifest["dim"]:
+                raise CacheError(
+                    f"shard {s}: feature dimension {feats.shape[1]} differs from the cache's {manifest['dim']}"
+                )
+            name = f"shard-{s:05d}.safetensors"
+            tmp = folder / f".{name}.tmp"
+            save_file(
+                {"features": feats.to(DTYPES[dtype]).contiguous(), "keys": keys[lo:hi].contiguous()}, str(tmp)
+            )
+            os.replace(tmp, folder / name)
+            manifest["shards"].append({"file": name, "rows": hi - lo})
+            atomic_write_json(manifest_path, manifest)  # the shard counts once the manifest says so
+    if not manifest["complete"]:
+        manifest["complete"] = True
+        atomic_write_json(manifest_path, manifest)
+    return TextFeatureCache(folder)
+
+
+def _default_loader(encoder_path):
+    from l2c_llava.stage1.encoder import TextEncoder
+
+    return TextEncoder.from_pretrained(encoder_path)
+
+
+def pair_captions(pairs) -> list[str]:
+    """The stage-2 caption order: short_0, long_0, short_1, long_1, ... (row 2i / 2i+1 of pair i)."""
+    out: list[str] = []
+    for p in pairs:
+        out += [p.short, p.long]
+    return out

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from l2c_llava.cli import main
+from l2c_llava.stage1.encoder import TextEncoder
+from l2c_llava.stage2.cache import CacheError, TextFeatureCache, build_cache, encoder_fingerprint
+
+from .tiny_llm import save_tiny_llm
+
+CAPTIONS = [f"a red circle and {n} blue squares" for n in ("one", "two", "three", "four")] + [
+    "a large green star on a beige background", "two small pink hexagons", "an outlined black cross", "a cyan diamond",
+    "three orange triangles in the top left corner", "a white pentagon",
+]  # fmt: skip
+
+
+class FakeEncoder:
+    """Deterministic features from the text hash; counts calls; can die on a given call."""
+
+    def __init__(self, dim: int = 6, die_on_call: int | None = None):
+        self.dim, self.calls, self.die_on_call = dim, 0, die_on_call
+
+    def encode(self, texts, instruction=None, batch_size=32):
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            raise KeyboardInterrupt("killed")
+        rows = [
+            torch.tensor(
+                list(hashlib.sha256(f"{instruction}|{t}".encode()).digest()[: self.dim]), dtype=torch.float32
+            )
+            for t in texts
+        ]
+        return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    return save_tiny_llm(tmp_path_factory.mktemp("enc") / "llama", "llama")
+
+
+def test_round_trip_with_a_real_encoder(tmp_path, encoder_dir):
+    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False)
+    assert len(cache) == 10 and cache.dim == 32 and len(cache.manifest["shards"]) == 3
+    want = TextEncoder.from_pretrained(encoder_dir, device="cpu").encode(CAPTIONS)
+    assert torch.allclose(cache.features(range(10)), want, atol=1e-5)
+    assert torch.allclose(cache.feature(9), want[9], atol=1e-5)
+    cache.check(CAPTIONS, encoder_path=encoder_dir)  # the same captions and encoder: accepted
+    half = build_cache(tmp_path / "h", CAPTIONS, encoder_dir, shard_size=4, dtype="float16", progress=False)
+    assert half._handles[0].get_slice("features").get_dtype() == "F16"
+    assert torch.allclose(half.features([0, 5]), want[[0, 5]], atol=2e-3)
+    with pytest.raises(IndexError):
+        cache.feature(10)
+
+
+def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
+    dying = FakeEncoder(die_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(
+            tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: dying, progress=False
+        )
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not manifest["complete"]
+    with pytest.raises(CacheError, match="incomplete .2 shards written"):
+        TextFeatureCache(tmp_path / "c")
+    again = FakeEncoder()
+    cache = build_cache(
+        tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: again, progress=False
+    )
+    assert again.calls == 1  # only the missing shard was embedded
+    straight = build_cache(
+        tmp_path / "s", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
+    )
+    assert torch.equal(cache.features(range(10)), straight.features(range(10)))
+    # complete: nothing is embedded again (the loader is not even called)
+    build_cache(
+        tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
+    )
+
+
+def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
+    build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False)
+    other = CAPTIONS[:6] + ["a brown star"] + CAPTIONS[7:]
+    with pytest.raises(CacheError, match="made with other captions_digest; it is not reused"):
+        build_cache(
+            tmp_path / "c", other, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
+        )
+    cache = TextFeatureCache(tmp_path / "c")
+    with pytest.raises(CacheError, match=r"caption 6 \('a brown star'\) has no cached feature"):
+        cache.check(other)
+    with pytest.raises(CacheError, match=r"caption 10 \('one more'\) has no cached feature"):
+        cache.check(CAPTIONS + ["one more"])
+    # another encoder (other weights) or another instruction: refused
+    other_encoder = save_tiny_llm(tmp_path / "other", "llama", seed=1)
+    assert encoder_fingerprint(other_encoder)["digest"] != encoder_fingerprint(encoder_dir)["digest"]
+    with pytest.raises(CacheError, match="built by another text encoder"):
+        cache.check(CAPTIONS, encoder_path=other_encoder)
+    with pytest.raises(CacheError, match="built by another text encoder or instruction"):
+        cache.check(CAPTIONS, encoder_path=encoder_dir, instruction="Given a caption")
+    with pytest.raises(CacheError, match="other encoder"):
+        build_cache(
+            tmp_path / "c", CAPTIONS, other_encoder, shard_size=4, load_encoder=FakeEncoder, progress=False
+        )
+    # --overwrite rebuilds in place
+    rebuilt = build_cache(
+        tmp_path / "c",
+        other,
+        encoder_dir,
+        shard_size=4,
+        load_encoder=FakeEncoder,
+        overwrite=True,
+        progress=False,
+    )
+    rebuilt.check(other)
+
+
+def test_bad_input(tmp_path, encoder_dir):
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        build_cache(tmp_path / "c", ["a", " "], encoder_dir, load_encoder=FakeEncoder, progress=False)
+    with pytest.raises(CacheError, match="not a text feature cache"):
+        TextFeatureCache(tmp_path / "nowhere")
+
+    class Shifting(FakeEncoder):  # the feature dimension changes between shards
+        def encode(self, texts, instruction=None, batch_size=32):
+            self.dim += 1
+            return super().encode(texts, instruction, batch_size)
+
+    with pytest.raises(CacheError, match="shard 1: feature dimension 8 differs from the cache's 7"):
+        build_cache(
+            tmp_path / "d", CAPTIONS, encoder_dir, shard_size=4, load_encoder=Shifting, progress=False
+        )
+    with pytest.raises(CacheError, match="text encoder not found"):
+        build_cache(
+            tmp_path / "e", CAPTIONS, tmp_path / "no_encoder", load_encoder=FakeEncoder, progress=False
+        )
+
+
+def test_cli_builds_train_and_eval_caches(tmp_path, encoder_dir, synth_dir, capsys):
+    cfg = tmp_path / "s2.yaml"
+    cfg.write_text(f"""recipe: stage2
+run: {{output_dir: {tmp_path}/run}}
+text_encoder: {{path: {encoder_dir}, batch_size: 8}}
+cache: {{dir: {tmp_path}/cache, shard_size: 16, dtype: float32}}
+vision: {{name_or_path: unused}}
+data:
+  train: {synth_dir}/captions/val.jsonl
+  image_root: {synth_dir}/images
+  eval_short: {synth_dir}/retrieval/karpathy.json
+  eval_long: {synth_dir}/retrieval/long_test.json
+  eval_image_root: {synth_dir}/images
+""")
+    assert main(["stage2", "cache", "--config", str(cfg)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    n_val = len((synth_dir / "captions" / "val.jsonl").read_text().splitlines())
+    assert summary["train"]["rows"] == 2 * n_val and summary["train"]["dim"] == 32
+    assert summary["eval_short"]["rows"] == 5 * summary["eval_long"]["rows"]
+    assert main(["stage2", "cache", "--config", str(cfg)]) == 0  # complete: reused
+    capsys.readouterr()
+    assert main(["stage2", "cache", "--config", str(cfg), f"data.train={synth_dir}/captions/test.jsonl"]) == 2
+    assert "it is not reused" in capsys.readouterr().err
