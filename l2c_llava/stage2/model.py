@@ -1,0 +1,117 @@
+"""The LLM2CLIP model: a CLIP vision tower with a new projection, and the paper's adapter on the
+cached LLM caption feature, meeting in a shared space under the CLIP loss.
+
+Names follow the released checkpoints (microsoft/LLM2CLIP-Openai-L-14-336): ``vision_model.*``
+(transformers' CLIP vision transformer), ``visual_projection``, ``text_adapter.*``, ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2c_llava.distributed import (
+    all_gather_keep_local_grad,
+    all_gather_with_grad,
+    is_distributed,
+    rank_offset,
+)
+
+
+class LinearBlock(nn.Module):
+    """Pre-LN residual MLP: x + W2 GELU(W1 LN(x)), hidden width `expansion` x dim."""
+
+    def __init__(self, dim: int, expansion: int = 2):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * expansion)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * expansion, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TextAdapter(nn.Module):
+    """The text side on a cached LLM feature [B, in_dim] -> [B, out_dim]: L2 normalisation, residual
+    LinearBlocks, LayerNorm, Linear with bias (the public code's TextProj; ~273M parameters at 4096)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(LinearBlock(in_dim, expansion) for _ in range(num_blocks))
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, llm_features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(llm_features, dim=-1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))
+
+
+class LLM2CLIPModel(nn.Module):
+    """vision_model (CLIP ViT) -> visual_projection; cached LLM feature -> text_adapter; logit_scale."""
+
+    def __init__(self, vision_model: nn.Module, vision_hidden: int, text_dim: int, projection_dim: int = 1280,
+                 num_blocks: int = 4, expansion: int = 2, logit_scale_init: float = 1 / 0.07):  # fmt: skip
+        super().__init__()
+        self.vision_model = vision_model  # transformers CLIP vision transformer
+        self.visual_projection = nn.Linear(vision_hidden, projection_dim, bias=False)  # new, not OpenAI's
+        self.text_adapter = TextAdapter(text_dim, projection_dim, num_blocks, expansion)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+
+    @classmethod
+    def from_vision_tower(cls, vision, text_dim: int, **kwargs) -> LLM2CLIPModel:
+        """Wrap a transformers CLIPVisionModel (or CLIPModel: its vision side is taken). On
+        transformers 5 a CLIPVisionModel is itself the vision transformer; a CLIPModel holds one."""
+        tower = getattr(vision, "vision_model", vision)
+        config = getattr(tower, "config", None) or vision.config.vision_config
+        hidden = getattr(config, "hidden_size", None) or vision.config.vision_config.hidden_size
+        return cls(tower, hidden, text_dim, **kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, projection_dim] (pooled CLS after the tower's post-LayerNorm, projected)."""
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+
+    def get_text_features(self, llm_features: torch.Tensor) -> torch.Tensor:
+        """Cached LLM caption features [B, text_dim] -> [B, projection_dim]."""
+        return self.text_adapter(llm_features)
+
+    def forward(self, pixel_values: torch.Tensor, llm_features: torch.Tensor):
+        """Normalised image and text embeddings and the logit scale exp(s)."""
+        img = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        txt = F.normalize(self.get_text_features(llm_features), dim=-1)
+        return img, txt, self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keep exp(s) in [1, max_scale] (the paper clamps s to [0, ln 100] after each step)."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = True,
+              gather_with_grad: bool = True) -> torch.Tensor:  # fmt: skip
+    """Symmetric InfoNCE over image/text pairs (row i of each is a pair), open_clip's ClipLoss: with
+    several processes the features of all ranks are the negatives; ``local_loss`` scores only this
+    rank's rows against everything (memory O(local x global)); ``gather_with_grad`` lets gradients
+    flow into the other ranks' rows too."""
+    if is_distributed():
+        gather = all_gather_with_grad if gather_with_grad else all_gather_keep_local_grad
+        all_image, all_text = gather(image), gather(text)
+        if local_loss:
+            lo, _ = rank_offset(image.shape[0], image.device)
+            logits_image = logit_scale * image @ all_text.T
+            logits_text = logit_scale * text @ all_image.T
+            labels = torch.arange(image.shape[0], device=image.device) + lo
+        else:
+            logits_image = logit_scale * all_image @ all_text.T
+            logits_text = logits_image.T
+            labels = torch.arange(all_image.shape[0], device=image.device)
+    else:
+        logits_image = logit_scale * image @ text.T
+        logits_text = logits_image.T
+        labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels)) / 2
