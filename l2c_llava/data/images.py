@@ -1,0 +1,96 @@
+"""Image preprocessing without torchvision (it cannot be installed next to the CPU torch here).
+
+Evaluation uses transformers' own CLIP image processor with its PIL backend (resize the shortest
+side, bicubic; centre crop; rescale; OpenAI mean/std), so features match what LLaVA and every
+transformers user feed the tower. Training adds the paper's RandomResizedCrop (scale 0.9-1.0,
+bicubic) before the same normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded; the message names it."""
+
+
+def load_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode a file path or encoded bytes into an RGB image, or raise ImageError naming it."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many kinds
+        raise ImageError(f"cannot decode image {label}: {type(e).__name__}: {e}") from None
+
+
+def clip_image_processor(size: int):
+    """transformers' CLIP image processor (PIL backend) at `size` (shortest edge and crop)."""
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # older transformers: the slow processor is the PIL one
+        from transformers import CLIPImageProcessor as cls
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+               image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+
+
+def normalize(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 [3, H, W], rescaled to [0, 1] and normalised with OpenAI's mean/std."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+class EvalTransform:
+    """Deterministic: the CLIP image processor's resize + centre crop + normalisation."""
+
+    def __init__(self, size: int):
+        self.processor = clip_image_processor(size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, ratio 3/4-4/3, bicubic) then normalisation (torchvision's
+    sampling: up to 10 tries for an in-bounds crop, else a centre crop of the clamped ratio)."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 rng: random.Random | None = None):  # fmt: skip
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.rng = rng or random.Random()
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = math.exp(self.rng.uniform(*log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                x, y = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+                return x, y, x + w, y + h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            w, h = width, height
+        x, y = (width - w) // 2, (height - h) // 2
+        return x, y, x + w, y + h
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        box = self.crop_box(*img.size)
+        return normalize(img.resize((self.size, self.size), Image.BICUBIC, box=box))
