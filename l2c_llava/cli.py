@@ -218,6 +218,24 @@ def _cmd_stage2_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stage2_train(args: argparse.Namespace) -> int:
+    from l2c_llava.data.images import ImageError
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.stage2.cache import CacheError
+    from l2c_llava.stage2.train import run_stage2
+
+    cfg = _load_or_report(args.config, args.overrides, "stage2")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    try:
+        stats = run_stage2(cfg, source=args.config, overrides=tuple(args.overrides))
+    except (DataError, CacheError, ImageError, FileNotFoundError, ValueError) as e:
+        print(f"l2c stage2 train: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -258,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stage1_eval)
 
     s2 = sub.add_parser(
-        "stage2", help="stage 2: LLM2CLIP (text feature cache; training, eval and export to come)"
+        "stage2", help="stage 2: LLM2CLIP (text feature cache, training; eval and export to come)"
     )
     s2sub = s2.add_subparsers(dest="stage2_command", metavar="ACTION", required=True)
     p = s2sub.add_parser(
@@ -272,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild a cache made by another encoder or for other captions",
     )
     p.set_defaults(func=_cmd_stage2_cache)
+    p = s2sub.add_parser(
+        "train", help="fine-tune the CLIP vision tower against the cached LLM features (CLIP loss)"
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_stage2_train)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

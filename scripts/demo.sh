@@ -25,7 +25,7 @@ echo "== [3/3] stage 1: SmolLM2-135M -> caption encoder (CRA before/after in $OU
   "data.eval_pairs=$OUT/data/captions/test.jsonl"
 
 missing=()
-for step in "stage2 train:stage 2, LLM2CLIP vision fine-tuning (issue: Stage 2)" \
+for step in "stage2 eval:stage 2 on the demo: CLIP baseline, LLM2CLIP training, retrieval eval, export (issue: Stage 2)" \
             "mllm pretrain:LLaVA-1.5 assembly, pretrain, finetune, export (issue: mllm)" \
             "pipeline:lmms-eval on both encoders and the comparison report (issue: Evaluation and pipeline)"; do
   cmd="${step%%:*}"

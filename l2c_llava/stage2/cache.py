@@ -181,6 +181,23 @@ class TextFeatureCache:
     def features(self, rows: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.feature(int(r)) for r in rows]) if len(rows) else torch.zeros((0, self.dim))
 
+    def rows_of(self, captions: Sequence[str], where: str = "") -> torch.Tensor:
+        """Cache rows of `captions` found by their keys (sorted-key search: 16 bytes per row, no dict),
+        or a CacheError naming the first caption with no cached feature."""
+        if not hasattr(self, "_sorted"):
+            keys = self.keys()
+            order = torch.argsort(keys)
+            self._sorted, self._order = keys[order], order
+        want = caption_keys(captions)
+        pos = torch.searchsorted(self._sorted, want).clamp(max=len(self._sorted) - 1)
+        found = self._sorted[pos] == want
+        if not bool(found.all()):
+            i = int((~found).nonzero()[0])
+            text = captions[i] if len(captions[i]) <= 60 else captions[i][:57] + "..."
+            raise CacheError(f"{where + ': ' if where else ''}caption {text!r} has no cached feature in {self.folder}; "
+                             "rebuild the cache for this data: l2c stage2 cache --config ...")  # fmt: skip
+        return self._order[pos]
+
     def keys(self) -> torch.Tensor:
         return (
             torch.cat([h.get_tensor("keys") for h in self._handles])

@@ -1,0 +1,358 @@
+"""Stage-2 recipe: fine-tune a CLIP vision tower against the frozen LLM's cached caption features.
+
+1. open the text feature cache (built by ``l2c stage2 cache``; the LLM is never loaded here) and
+   check that it holds every caption of the training data;
+2. build the model: the CLIP vision tower + a new projection, the adapter on the LLM feature, a
+   learnable logit scale (init 1/0.07);
+3. train with the CLIP loss (features gathered across processes with gradient, local loss), per
+   sample the dense caption with probability ``dense_share`` else the short one; AdamW with
+   layer-wise lr decay on the vision blocks, no weight decay on norms, biases and the logit scale,
+   cosine schedule, gradient clipping, logit scale clamped to [0, ln 100] after each step;
+4. checkpoints (trainable weights, optimizer, scheduler, RNG, step) atomically every ``save_every``
+   steps; a re-run resumes from the last one; the trained model is saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from l2c_llava.config import Stage2Config
+from l2c_llava.data.images import TrainTransform, load_rgb
+from l2c_llava.data.readers import read_caption_pairs
+from l2c_llava.data.webdataset import expand_shards, iter_samples
+from l2c_llava.io import atomic_write_json
+from l2c_llava.runs import prepare_run_dir
+from l2c_llava.stage2.cache import TextFeatureCache
+from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
+
+logger = logging.getLogger("l2c_llava.stage2")
+
+
+def pick_dense(seed: int, epoch: int, sample: int | str, share: float) -> bool:
+    """Per sample and epoch, the dense caption with probability `share` (reproducible across runs,
+    workers and processes: seeded by the sample's id, never by Python's salted hash)."""
+    return random.Random(f"{seed}-{epoch}-{sample}").random() < share
+
+
+def sample_rng(seed: int, epoch: int, sample: int | str) -> random.Random:
+    """The augmentation RNG of one sample in one epoch (same crop whichever worker draws it)."""
+    return random.Random(f"{seed}-{epoch}-{sample}-crop")
+
+
+class PairImages(Dataset):
+    """JSONL caption pairs: (pixel_values, cache row of the chosen caption)."""
+
+    def __init__(
+        self, pairs, rows_short: torch.Tensor, rows_long: torch.Tensor, transform, seed: int, share: float
+    ):
+        self.pairs, self.rows_short, self.rows_long = pairs, rows_short, rows_long
+        self.transform, self.seed, self.share, self.epoch = transform, seed, share, 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        p = self.pairs[i]
+        dense = pick_dense(self.seed, self.epoch, i, self.share)
+        img = load_rgb(p.image_path, name=f"{p.image} ({p.row})")
+        self.transform.rng = sample_rng(self.seed, self.epoch, i)
+        return self.transform(img), int((self.rows_long if dense else self.rows_short)[i])
+
+
+class ShardImages(IterableDataset):
+    """Webdataset shards streamed; each worker and process reads its own shards."""
+
+    def __init__(self, shards: list[str], cache: TextFeatureCache, transform, seed: int, share: float, rank: int = 0,
+                 world: int = 1, on_bad_row: str = "error"):  # fmt: skip
+        self.shards, self.cache, self.transform = shards, cache, transform
+        self.seed, self.share, self.rank, self.world, self.on_bad_row, self.epoch = (
+            seed,
+            share,
+            rank,
+            world,
+            on_bad_row,
+            0,
+        )
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        mine = self.shards[self.rank * n_workers + worker :: self.world * n_workers]
+        for s in iter_samples(mine, on_bad_row=self.on_bad_row, skipped=[]):
+            sample = f"{Path(s.shard).name}/{s.key}"
+            dense = pick_dense(self.seed, self.epoch, sample, self.share)
+            row = self.cache.rows_of([s.long if dense else s.short], where=f"{s.shard} sample {s.key}")[0]
+            self.transform.rng = sample_rng(self.seed, self.epoch, sample)
+            yield self.transform(load_rgb(s.image, name=f"{s.shard}/{s.key}")), int(row)
+
+
+def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups: vision block i gets lr x decay^(L+1-i) (embeddings i=0, projection L+1), the
+    adapter the full lr; no weight decay on 1-D parameters (norms, biases) nor on the logit scale."""
+    n_layers = len(model.vision_model.encoder.layers)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("vision_model."):
+            if ".encoder.layers." in name:
+                depth = int(name.split(".encoder.layers.")[1].split(".")[0]) + 1
+            elif ".embeddings." in name or ".pre_layrnorm." in name:
+                depth = 0
+            else:
+                depth = n_layers + 1
+            scale = layer_decay ** (n_layers + 1 - depth)
+        else:
+            scale = 1.0
+        wd = 0.0 if (p.ndim < 2 or name == "logit_scale") else weight_decay
+        groups.setdefault((scale, wd), []).append(p)
+    return [
+        {"params": ps, "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
+        for (scale, wd), ps in groups.items()
+    ]
+
+
+def load_vision_tower(path: str, attn_implementation: str = "sdpa"):
+    """A transformers CLIP vision tower from a CLIPVisionModel or CLIPModel folder, refusing others."""
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"vision tower {path}: no config.json (a transformers CLIPVisionModel / CLIPModel folder is expected)"
+        )
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type == "clip":
+        return CLIPModel.from_pretrained(path, attn_implementation=attn_implementation).vision_model
+    if cfg.model_type == "clip_vision_model":
+        return CLIPVisionModel.from_pretrained(path, attn_implementation=attn_implementation)
+    raise ValueError(
+        f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model (clip / clip_vision_model)"
+    )
+
+
+class Stage2Recipe:
+    def __init__(self, cfg: Stage2Config, source: str | None = None, overrides: tuple[str, ...] = ()):
+        self.cfg, self.source, self.overrides = cfg, source, tuple(overrides)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    def build_data(self, cache: TextFeatureCache, rank: int, world: int):
+        d = self.cfg.data
+        transform = TrainTransform(
+            self.cfg.vision.image_size, tuple(d.rrc_scale), rng=random.Random(self.cfg.run.seed + rank)
+        )
+        if d.format == "webdataset":
+            ds = ShardImages(
+                expand_shards(d.train),
+                cache,
+                transform,
+                self.cfg.run.seed,
+                d.dense_share,
+                rank,
+                world,
+                d.on_bad_row,
+            )
+            return ds, None
+        pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
+                                   on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
+        rows_short = cache.rows_of([p.short for p in pairs], where=d.train)
+        rows_long = cache.rows_of([p.long for p in pairs], where=d.train)
+        ds = PairImages(pairs.items, rows_short, rows_long, transform, self.cfg.run.seed, d.dense_share)
+        return ds, len(ds)
+
+    def run(self) -> dict:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+        from transformers import get_scheduler
+
+        cfg, t = self.cfg, self.cfg.train
+        mp = (
+            t.mixed_precision
+            if t.mixed_precision != "auto"
+            else ("bf16" if torch.cuda.is_available() else "no")
+        )
+        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        set_seed(cfg.run.seed)
+        cache = TextFeatureCache(Path(cfg.cache.dir) / "train")
+        dataset, n = self.build_data(cache, acc.process_index, acc.num_processes)
+        if acc.is_main_process:
+            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        vision = load_vision_tower(cfg.vision.name_or_path, cfg.vision.attn_implementation)
+        model = LLM2CLIPModel.from_vision_tower(vision, cache.dim, projection_dim=cfg.adapter.projection_dim,
+                                                num_blocks=cfg.adapter.num_blocks, expansion=cfg.adapter.expansion,
+                                                logit_scale_init=cfg.logit_scale.init)  # fmt: skip
+        model.logit_scale.requires_grad_(cfg.logit_scale.learnable)
+        self._freeze(model)
+        if cfg.vision.gradient_checkpointing:
+            model.vision_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        per_step = t.batch_size * acc.num_processes * t.grad_accum
+        steps_per_epoch = max(1, n // per_step) if n else None
+        total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
+        if total is None:
+            raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
+        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, cfg.vision.layer_decay), lr=t.lr,
+                                betas=tuple(t.betas), eps=t.eps)  # fmt: skip
+        warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_ratio or 0) * total)
+        name = "constant_with_warmup" if t.schedule == "constant" else t.schedule
+        sched = get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        wrapped, opt = acc.prepare(model, opt)
+        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
+        log_path = self.run_dir / "train_log.jsonl"
+        if acc.is_main_process:
+            kept = [
+                ln
+                for ln in (log_path.read_text().splitlines() if log_path.is_file() else [])
+                if json.loads(ln)["step"] <= start
+            ]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        bar = tqdm(total=total, initial=start, desc="stage 2", unit="step", disable=not acc.is_main_process)
+        t0, last, step = time.perf_counter(), float("nan"), start
+        epoch = start // steps_per_epoch if steps_per_epoch else 0
+        while step < total:
+            dataset.epoch = epoch
+            loader = self._loader(dataset, epoch, acc)
+            batches = iter(loader)
+            if steps_per_epoch:  # skip what this epoch already trained (resume)
+                for _ in range((step - epoch * steps_per_epoch) * t.grad_accum):
+                    next(batches)
+            done_epoch = False
+            while step < total and not done_epoch:
+                loss_sum = 0.0
+                for _ in range(t.grad_accum):
+                    try:
+                        pixels, rows = next(batches)
+                    except StopIteration:
+                        done_epoch = True
+                        break
+                    text = cache.features(rows.tolist()).to(acc.device)
+                    with acc.autocast():
+                        img, txt, scale = wrapped(pixels.to(acc.device), text)
+                        loss = clip_loss(
+                            img, txt, scale, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
+                        )
+                    acc.backward(loss / t.grad_accum)
+                    loss_sum += loss.item() / t.grad_accum
+                if done_epoch and loss_sum == 0.0:
+                    break
+                if t.grad_clip:
+                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                model.clamp_logit_scale(cfg.logit_scale.max)
+                step += 1
+                last = loss_sum
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", scale=f"{model.logit_scale.exp().item():.1f}")
+                if acc.is_main_process and (step % t.log_every == 0 or step == total):
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
+                                            "lr": sched.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item()}) + "\n")  # fmt: skip
+                if step % t.save_every == 0 or step == total:
+                    self.save_checkpoint(acc, model, opt, sched, step)
+            epoch += 1
+        bar.close()
+        stats = {
+            "steps": total,
+            "final_loss": last,
+            "seconds_this_session": round(time.perf_counter() - t0, 1),
+        }
+        if acc.is_main_process:
+            self.save_model(model, cache)
+            atomic_write_json(self.run_dir / "train_stats.json", stats)
+        acc.wait_for_everyone()
+        return stats
+
+    def _freeze(self, model: LLM2CLIPModel) -> None:
+        v = self.cfg.vision
+        if v.trainable == "none":
+            model.vision_model.requires_grad_(False)
+        elif v.trainable == "last_n":
+            model.vision_model.requires_grad_(False)
+            for block in model.vision_model.encoder.layers[-v.trainable_last_n :]:
+                block.requires_grad_(True)
+            model.vision_model.post_layernorm.requires_grad_(True)
+
+    def _loader(self, dataset, epoch: int, acc) -> DataLoader:
+        t, d = self.cfg.train, self.cfg.data
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(dataset, batch_size=t.batch_size, num_workers=d.num_workers)
+        g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
+        order = torch.randperm(len(dataset), generator=g)
+        mine = order[acc.process_index :: acc.num_processes].tolist()
+        return DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=t.batch_size, shuffle=False,
+                          num_workers=d.num_workers, drop_last=True)  # fmt: skip
+
+    # -- checkpoints and output --------------------------------------------------------------------
+
+    def _trainable_state(self, model: LLM2CLIPModel) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+        from safetensors.torch import save_file
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            root = self.run_dir / "checkpoints"
+            tmp, final = root / f".step-{step:07d}.tmp", root / f"step-{step:07d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(self._trainable_state(model), str(tmp / "model.safetensors"))
+            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")  # fmt: skip
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            found = sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
+            for old in found[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, model, opt, sched) -> int:
+        from safetensors.torch import load_file
+
+        root = self.run_dir / "checkpoints"
+        found = (
+            sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
+            if root.is_dir()
+            else []
+        )
+        if not found:
+            return 0
+        ck = found[-1]
+        model.load_state_dict(load_file(str(ck / "model.safetensors")))
+        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        logger.info("resumed from %s (step %d)", ck, state["step"])
+        return int(state["step"])
+
+    def save_model(self, model: LLM2CLIPModel, cache: TextFeatureCache) -> Path:
+        from safetensors.torch import save_file
+
+        out = self.run_dir / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self._trainable_state(model), str(out / "model.safetensors"))
+        atomic_write_json(out / "llm2clip_config.json", {
+            "vision_config": model.vision_model.config.to_dict(), "text_dim": cache.dim,
+            "projection_dim": self.cfg.adapter.projection_dim, "num_blocks": self.cfg.adapter.num_blocks,
+            "expansion": self.cfg.adapter.expansion, "text_encoder": self.cfg.text_encoder.path,
+            "text_encoder_digest": cache.encoder_digest, "instruction": self.cfg.text_encoder.instruction,
+        })  # fmt: skip
+        return out
+
+
+def run_stage2(cfg: Stage2Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    return Stage2Recipe(cfg, source, overrides).run()

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from l2c_llava.cli import main
+from l2c_llava.config import load_config
+from l2c_llava.data.readers import read_caption_pairs
+from l2c_llava.data.webdataset import write_shards
+from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
+from l2c_llava.stage2.train import LLM2CLIPModel, Stage2Recipe, load_vision_tower, param_groups
+
+from .test_stage2_cache import FakeEncoder
+from .test_stage2_model import tiny_vision
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, synth_dir):
+    root = tmp_path_factory.mktemp("s2")
+    vision_dir = root / "vision"
+    tiny_vision().save_pretrained(vision_dir)
+    encoder = root / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")  # the fake encoder's identity for the fingerprint
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
+    build_cache(root / "cache" / "train", pair_captions(pairs), encoder, shard_size=32,
+                load_encoder=lambda: FakeEncoder(dim=12), progress=False)  # fmt: skip
+    return root, vision_dir, encoder, pairs
+
+
+def config(root, vision_dir, encoder, synth_dir, out, extra=()):
+    text = f"""recipe: stage2
+run: {{output_dir: {out}, seed: 1}}
+text_encoder: {{path: {encoder}}}
+cache: {{dir: {root}/cache}}
+vision: {{name_or_path: {vision_dir}, image_size: 32, gradient_checkpointing: false}}
+adapter: {{num_blocks: 2, projection_dim: 16}}
+data: {{train: {synth_dir}/captions/train.jsonl, image_root: {synth_dir}/images, num_workers: 0}}
+train: {{lr: 1.0e-3, batch_size: 4, max_steps: 4, log_every: 1, save_every: 1, mixed_precision: "no"}}
+"""
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(text)
+    return load_config(path, list(extra))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_train_saves_resumes_to_the_same_weights(tmp_path, setup, synth_dir, monkeypatch):
+    root, vision_dir, encoder, _ = setup
+    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "killed")
+    original = Stage2Recipe.save_checkpoint
+
+    def die_after_2(self, acc, model, opt, sched, step):
+        original(self, acc, model, opt, sched, step)
+        if step == 2:
+            raise Killed
+
+    monkeypatch.setattr(Stage2Recipe, "save_checkpoint", die_after_2)
+    with pytest.raises(Killed):
+        Stage2Recipe(cfg).run()
+    monkeypatch.setattr(Stage2Recipe, "save_checkpoint", original)
+    stats = Stage2Recipe(cfg).run()
+    assert stats["steps"] == 4
+    log = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["logit_scale"] <= 100 for r in log)
+    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "straight")).run()
+    a = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {
+        "vision_model",
+        "visual_projection",
+        "text_adapter",
+        "logit_scale",
+    }
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    before = tiny_vision().state_dict()
+    assert not torch.allclose(
+        a["vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+        before["encoder.layers.0.self_attn.q_proj.weight"],
+    )
+    meta = json.loads((tmp_path / "killed" / "model" / "llm2clip_config.json").read_text())
+    assert meta["text_dim"] == 12 and meta["projection_dim"] == 16
+
+
+def test_webdataset_shards_are_streamed_in_training(tmp_path, setup, synth_dir):
+    root, vision_dir, encoder, pairs = setup
+    shards = write_shards(
+        [(f"{i:05d}", p.image_path, p.short, p.long) for i, p in enumerate(pairs)],
+        tmp_path / "wds",
+        per_shard=20,
+    )
+    pattern = str(tmp_path / "wds" / f"{{00000..{len(shards) - 1:05d}}}.tar")
+    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "wds_run", ["data.format=webdataset", f"data.train={pattern}",
+                                                                             "train.max_steps=3"])  # fmt: skip
+    assert Stage2Recipe(cfg).run()["steps"] == 3
+
+
+def test_layer_decay_groups():
+    model = LLM2CLIPModel.from_vision_tower(tiny_vision(), text_dim=8, projection_dim=4, num_blocks=1)
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert (
+        by_param[id(named["vision_model.embeddings.patch_embedding.weight"])]["lr"] == 0.5**3
+    )  # 2 blocks: depth 0
+    assert by_param[id(named["vision_model.encoder.layers.1.mlp.fc1.weight"])]["lr"] == 0.5  # last block
+    assert by_param[id(named["visual_projection.weight"])]["lr"] == 1.0
+    assert by_param[id(named["text_adapter.proj.weight"])]["lr"] == 1.0  # no decay on the adapter
+    assert by_param[id(named["logit_scale"])]["weight_decay"] == 0.0
+    assert by_param[id(named["text_adapter.proj.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["text_adapter.proj.weight"])]["weight_decay"] == 0.05
+
+
+def test_bad_input(tmp_path, setup, synth_dir, capsys):
+    from .tiny_llm import save_tiny_llm
+
+    root, vision_dir, encoder, _ = setup
+    llama = save_tiny_llm(tmp_path / "llama", "llama")
+    with pytest.raises(ValueError, match="is a 'llama' model, not a CLIP vision model"):
+        load_vision_tower(str(llama))
+    with pytest.raises(ValueError, match="no config.json"):
+        load_vision_tower(str(tmp_path))
+    # captions without a cached feature: the test split was never cached
+    cfg = config(
+        root,
+        vision_dir,
+        encoder,
+        synth_dir,
+        tmp_path / "nocache",
+        [f"data.train={synth_dir}/captions/test.jsonl"],
+    )
+    with pytest.raises(CacheError, match="has no cached feature"):
+        Stage2Recipe(cfg).run()
+    # the CLI reports it and exits 2
+    path = tmp_path / "nocache.yaml"
+    assert (
+        main(["stage2", "train", "--config", str(path), f"data.train={synth_dir}/captions/test.jsonl"]) == 2
+    )
+    assert "has no cached feature" in capsys.readouterr().err
+
+
+def test_dense_share_and_reproducible_choices():
+    from l2c_llava.stage2.train import pick_dense
+
+    picks = [pick_dense(0, 0, i, 0.5) for i in range(2000)]
+    assert 0.45 < sum(picks) / len(picks) < 0.55
+    assert picks == [pick_dense(0, 0, i, 0.5) for i in range(2000)]
+    assert picks != [pick_dense(0, 1, i, 0.5) for i in range(2000)]  # a new draw each epoch
+    assert not any(pick_dense(0, 0, i, 0.0) for i in range(100)) and all(
+        pick_dense(0, 0, i, 1.0) for i in range(100)
+    )
