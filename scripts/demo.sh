@@ -3,7 +3,8 @@
 #
 # Today the main job is what has landed: the embedded dataset (1,000 procedurally drawn images with
 # short/dense captions, retrieval sets, LLaVA pretrain/instruction rows and VQA/POPE eval splits, in
-# the real formats), the validation of every shipped config, and stage 1 on the embedded SmolLM2.
+# the real formats), the validation of every shipped config, stage 1 on the embedded SmolLM2, and
+# the stage-2 text feature cache made with the stage-1 encoder.
 # The steps still missing are listed at the end; once `l2c pipeline` lands this script runs it.
 # Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default 1000).
 set -euo pipefail
@@ -15,14 +16,19 @@ OUT="${L2C_DEMO_DIR:-runs/demo}"
 IMAGES="${L2C_DEMO_IMAGES:-1000}"
 
 start=$SECONDS
-echo "== [1/3] embedded dataset -> $OUT/data"
+echo "== [1/4] embedded dataset -> $OUT/data"
 "$L2C" data synth --out "$OUT/data" --images "$IMAGES" --seed 0
-echo "== [2/3] validating every shipped config"
+echo "== [2/4] validating every shipped config"
 "$L2C" validate stage1/configs/*.yaml stage2/configs/*.yaml mllm/configs/*.yaml
-echo "== [3/3] stage 1: SmolLM2-135M -> caption encoder (CRA before/after in $OUT/stage1/metrics.json)"
+echo "== [3/4] stage 1: SmolLM2-135M -> caption encoder (CRA before/after in $OUT/stage1/metrics.json)"
 "$L2C" stage1 --config stage1/configs/demo.yaml "run.output_dir=$OUT/stage1" \
   "data.train=$OUT/data/captions/train.jsonl" "data.eval=$OUT/data/retrieval/karpathy.json" \
   "data.eval_pairs=$OUT/data/captions/test.jsonl"
+echo "== [4/4] stage 2 text feature cache: every caption embedded once by the stage-1 encoder"
+"$L2C" stage2 cache --config stage2/configs/demo.yaml "text_encoder.path=$OUT/stage1/encoder" \
+  "cache.dir=$OUT/stage2/text_features" "data.train=$OUT/data/captions/train.jsonl" \
+  "data.image_root=$OUT/data/images" "data.eval_short=$OUT/data/retrieval/karpathy.json" \
+  "data.eval_long=$OUT/data/retrieval/long_test.json" "data.eval_image_root=$OUT/data/images"
 
 missing=()
 for step in "stage2 eval:stage 2 on the demo: CLIP baseline, LLM2CLIP training, retrieval eval, export (issue: Stage 2)" \
