@@ -155,3 +155,19 @@ def test_dense_share_and_reproducible_choices():
     assert not any(pick_dense(0, 0, i, 0.0) for i in range(100)) and all(
         pick_dense(0, 0, i, 1.0) for i in range(100)
     )
+
+
+def test_vision_tower_from_a_clip_model_folder(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8),
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    tower = load_vision_tower(str(tmp_path / "clip"))
+    model = LLM2CLIPModel.from_vision_tower(tower, text_dim=8, projection_dim=4, num_blocks=1)
+    model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    img, txt, _ = model(torch.randn(2, 3, 32, 32), torch.randn(2, 8))
+    (img.sum() + txt.sum()).backward()
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad is not None
