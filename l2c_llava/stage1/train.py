@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from pathlib import Path
@@ -43,9 +42,9 @@ from l2c_llava.stage1.encoder import (
     lora_targets,
 )
 from l2c_llava.stage1.loss import hard_negative_nll_loss
+from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
 
 logger = logging.getLogger("l2c_llava.stage1")
-CHECKPOINTS = "checkpoints"
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -301,7 +300,6 @@ class Stage1Recipe:
     def train_contrastive(self, acc, encoder: TextEncoder, examples: list[Example]) -> dict:
         from peft import LoraConfig, get_peft_model
         from tqdm.auto import tqdm
-        from transformers import get_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         lora = cfg.lora
@@ -319,9 +317,7 @@ class Stage1Recipe:
         total = t.max_steps or t.epochs * steps_per_epoch
         params = [p for p in encoder.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_ratio or 0) * total)
-        name = "constant_with_warmup" if t.schedule == "constant" else t.schedule
-        sched = get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
         model, opt = acc.prepare(encoder, opt)
         start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0
         if start >= total:
@@ -329,12 +325,7 @@ class Stage1Recipe:
             return self._read_train_stats()
         log_path = self.run_dir / "train_log.jsonl"
         if acc.is_main_process:
-            kept = [
-                ln
-                for ln in (log_path.read_text().splitlines() if log_path.is_file() else [])
-                if json.loads(ln)["step"] <= start
-            ]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            truncate_log(log_path, start)
         bar = tqdm(
             total=total,
             initial=start,
@@ -378,8 +369,7 @@ class Stage1Recipe:
             if acc.is_main_process and (done % t.log_every == 0 or done == total):
                 rec = {"step": done, "epoch": epoch, "loss": round(step_loss, 6), "lr": sched.get_last_lr()[0],
                        "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_log(log_path, rec)
             if done % t.save_every == 0 or done == total:
                 self.save_checkpoint(acc, encoder, opt, sched, done)
         bar.close()
@@ -407,50 +397,29 @@ class Stage1Recipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def _checkpoints(self) -> list[Path]:
-        root = self.run_dir / CHECKPOINTS
-        return (
-            sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file())
-            if root.is_dir()
-            else []
-        )
-
     def save_checkpoint(self, acc, encoder: TextEncoder, opt, sched, step: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            root = self.run_dir / CHECKPOINTS
-            final = root / f"step-{step:07d}"
-            tmp = root / f".step-{step:07d}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(encoder).model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "config_digest": config_digest(self.cfg)}, tmp / "trainer_state.pt")  # fmt: skip
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in self._checkpoints()[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            logger.info("checkpoint %s", final)
+            adapter = acc.unwrap_model(encoder).model
+            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
+                step, lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True), opt, sched,
+                extra={"config_digest": config_digest(self.cfg)},
+            )  # fmt: skip
         acc.wait_for_everyone()
 
     def load_checkpoint(self, acc, encoder: TextEncoder, opt, sched) -> int:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        found = self._checkpoints()
-        if not found:
+        ck = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).latest()
+        if ck is None:
             return 0
-        ck = found[-1]
-        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+        set_peft_model_state_dict(
+            acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
+        )
+        state = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).restore(ck, opt, sched)
         if state.get("config_digest") != config_digest(self.cfg):
-            logger.warning("resuming %s with a config that differs from the one it was made with", ck)
-        peft_model = acc.unwrap_model(encoder).model
-        set_peft_model_state_dict(peft_model, load_file(str(ck / "adapter" / "adapter_model.safetensors")))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        logger.info("resumed from %s (step %d)", ck, state["step"])
+            logger.warning("resumed %s with a config that differs from the one it was made with", ck)
         return int(state["step"])
 
 

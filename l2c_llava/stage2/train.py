@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
+from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
 
 logger = logging.getLogger("l2c_llava.stage2")
 
@@ -172,7 +171,6 @@ class Stage2Recipe:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
-        from transformers import get_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         mp = (
@@ -203,19 +201,12 @@ class Stage2Recipe:
             raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
         opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, cfg.vision.layer_decay), lr=t.lr,
                                 betas=tuple(t.betas), eps=t.eps)  # fmt: skip
-        warmup = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_ratio or 0) * total)
-        name = "constant_with_warmup" if t.schedule == "constant" else t.schedule
-        sched = get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
         wrapped, opt = acc.prepare(model, opt)
         start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
         log_path = self.run_dir / "train_log.jsonl"
         if acc.is_main_process:
-            kept = [
-                ln
-                for ln in (log_path.read_text().splitlines() if log_path.is_file() else [])
-                if json.loads(ln)["step"] <= start
-            ]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            truncate_log(log_path, start)
         bar = tqdm(total=total, initial=start, desc="stage 2", unit="step", disable=not acc.is_main_process)
         t0, last, step = time.perf_counter(), float("nan"), start
         epoch = start // steps_per_epoch if steps_per_epoch else 0
@@ -256,9 +247,8 @@ class Stage2Recipe:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", scale=f"{model.logit_scale.exp().item():.1f}")
                 if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
-                                            "lr": sched.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item()}) + "\n")  # fmt: skip
+                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
+                                          "lr": sched.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item()})  # fmt: skip
                 if step % t.save_every == 0 or step == total:
                     self.save_checkpoint(acc, model, opt, sched, step)
             epoch += 1
@@ -304,40 +294,20 @@ class Stage2Recipe:
 
         acc.wait_for_everyone()
         if acc.is_main_process:
-            root = self.run_dir / "checkpoints"
-            tmp, final = root / f".step-{step:07d}.tmp", root / f"step-{step:07d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(self._trainable_state(model), str(tmp / "model.safetensors"))
-            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")  # fmt: skip
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            found = sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
-            for old in found[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = self._trainable_state(model)
+            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
+                step, lambda d: save_file(state, str(d / "model.safetensors")), opt, sched)  # fmt: skip
         acc.wait_for_everyone()
 
     def load_checkpoint(self, model, opt, sched) -> int:
         from safetensors.torch import load_file
 
-        root = self.run_dir / "checkpoints"
-        found = (
-            sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
-            if root.is_dir()
-            else []
-        )
-        if not found:
+        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        ck = checkpoints.latest()
+        if ck is None:
             return 0
-        ck = found[-1]
         model.load_state_dict(load_file(str(ck / "model.safetensors")))
-        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        logger.info("resumed from %s (step %d)", ck, state["step"])
-        return int(state["step"])
+        return int(checkpoints.restore(ck, opt, sched)["step"])
 
     def save_model(self, model: LLM2CLIPModel, cache: TextFeatureCache) -> Path:
         from safetensors.torch import save_file
