@@ -171,3 +171,10 @@ def test_vision_tower_from_a_clip_model_folder(tmp_path):
     img, txt, _ = model(torch.randn(2, 3, 32, 32), torch.randn(2, 8))
     (img.sum() + txt.sum()).backward()
     assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad is not None
+
+
+def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path, setup, synth_dir):
+    root, vision_dir, encoder, _ = setup
+    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "small", ["train.batch_size=1000"])
+    with pytest.raises(ValueError, match="not enough samples for one batch of 1000"):
+        Stage2Recipe(cfg).run()

@@ -217,15 +217,16 @@ class Stage2Recipe:
             if steps_per_epoch:  # skip what this epoch already trained (resume)
                 for _ in range((step - epoch * steps_per_epoch) * t.grad_accum):
                     next(batches)
-            done_epoch = False
+            done_epoch, steps_before = False, step
             while step < total and not done_epoch:
-                loss_sum = 0.0
+                loss_sum, micro = 0.0, 0
                 for _ in range(t.grad_accum):
                     try:
                         pixels, rows = next(batches)
                     except StopIteration:
                         done_epoch = True
                         break
+                    micro += 1
                     text = cache.features(rows.tolist()).to(acc.device)
                     with acc.autocast():
                         img, txt, scale = wrapped(pixels.to(acc.device), text)
@@ -234,7 +235,7 @@ class Stage2Recipe:
                         )
                     acc.backward(loss / t.grad_accum)
                     loss_sum += loss.item() / t.grad_accum
-                if done_epoch and loss_sum == 0.0:
+                if micro == 0:
                     break
                 if t.grad_clip:
                     acc.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -251,6 +252,9 @@ class Stage2Recipe:
                                           "lr": sched.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item()})  # fmt: skip
                 if step % t.save_every == 0 or step == total:
                     self.save_checkpoint(acc, model, opt, sched, step)
+            if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
+                raise ValueError(f"{self.cfg.data.train}: not enough samples for one batch of {t.batch_size} per process "
+                                 f"({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
             epoch += 1
         bar.close()
         stats = {
