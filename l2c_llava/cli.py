@@ -236,6 +236,18 @@ def _cmd_stage2_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_vision(args: argparse.Namespace) -> int:
+    from l2c_llava.stage2.export import ExportError, export_vision
+
+    try:
+        out = export_vision(args.run, args.out)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"l2c export vision: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -296,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_stage2_train)
+
+    ex = sub.add_parser("export", help="export trained models (vision encoder)")
+    exsub = ex.add_subparsers(dest="export_command", metavar="WHAT", required=True)
+    p = exsub.add_parser("vision", help="the stage-2 vision tower as a transformers CLIPVisionModel folder")
+    p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export_vision)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

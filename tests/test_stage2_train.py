@@ -178,3 +178,40 @@ def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path, setup, s
     cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "small", ["train.batch_size=1000"])
     with pytest.raises(ValueError, match="not enough samples for one batch of 1000"):
         Stage2Recipe(cfg).run()
+
+
+def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, synth_dir, capsys):
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    from l2c_llava.stage2.export import ExportError, export_vision
+    from l2c_llava.stage2.model import LLM2CLIPModel
+
+    root, vision_dir, encoder, _ = setup
+    run = tmp_path / "run"
+    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, run, ["train.max_steps=2"])).run()
+    assert main(["export", "vision", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    exported, info = CLIPVisionModel.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = LLM2CLIPModel.from_vision_tower(
+        CLIPVisionModel.from_pretrained(vision_dir), text_dim=12, projection_dim=16, num_blocks=2
+    )
+    trained.load_state_dict(load_file(str(run / "model" / "model.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(
+            exported.eval()(pixel_values=x).pooler_output,
+            trained.eval().vision_model(pixel_values=x).pooler_output,
+            atol=1e-5,
+        )
+        base = CLIPVisionModel.from_pretrained(vision_dir).eval()(pixel_values=x).pooler_output
+        assert not torch.allclose(
+            exported(pixel_values=x).pooler_output, base, atol=1e-4
+        )  # it is the trained tower
+    proc = AutoImageProcessor.from_pretrained(tmp_path / "export")
+    assert proc.crop_size["height"] == 32 and list(proc.image_mean) == pytest.approx(
+        [0.48145466, 0.4578275, 0.40821073]
+    )
+    with pytest.raises(ExportError, match="is not a stage-2 model"):
+        export_vision(tmp_path, tmp_path / "x")
+    assert main(["export", "vision", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
