@@ -388,25 +388,24 @@ class TextEncoder(nn.Module):
             joined = joined.strip() + s.eos_suffix
         return joined
 
-    def tokenize(self, formatted: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids``, ``attention_mask`` and ``embed_mask`` (1 on the pooled positions:
-        the last len(tokens of the text after the separator) positions of each row)."""
+    def _token_ids(self, formatted: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids of each whole text (separator removed) and the token count of its part after
+        the separator (the pooled part)."""
         whole, parts = [], []
         for t in formatted:
             pieces = t.split(SEPARATOR)
             parts.append(pieces[1] if len(pieces) > 1 else "")
             whole.append("".join(pieces))
-        tok = self.tokenizer
-        ids = tok(whole, truncation=True, max_length=self.settings.max_length)["input_ids"]
+        tok, n = self.tokenizer, self.settings.max_length
+        ids = tok(whole, truncation=True, max_length=n)["input_ids"]
         part_lens = [
-            len(x)
-            for x in tok(
-                parts, add_special_tokens=False, truncation=True, max_length=self.settings.max_length
-            )["input_ids"]
+            len(x) for x in tok(parts, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
         ]
+        return ids, part_lens
+
+    def _pad(self, ids: Sequence[list[int]], part_lens: Sequence[int]) -> dict[str, torch.Tensor]:
         width = max(len(x) for x in ids)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(ids), width), dtype=torch.long)
         embed = torch.zeros((len(ids), width), dtype=torch.long)
         for i, (row, n) in enumerate(zip(ids, part_lens)):
@@ -415,6 +414,11 @@ class TextEncoder(nn.Module):
             if n > 0:
                 embed[i, max(0, width - n) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "embed_mask": embed}
+
+    def tokenize(self, formatted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``embed_mask`` (1 on the pooled positions:
+        the last len(tokens of the text after the separator) positions of each row)."""
+        return self._pad(*self._token_ids(formatted))
 
     # -- model ------------------------------------------------------------------------------------
 
@@ -500,13 +504,8 @@ class TextEncoder(nn.Module):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text {i} is empty: every text needs at least one token")
         formatted = [self.format_text(t, instruction) for t in texts]
-        lengths = [
-            len(x)
-            for x in self.tokenizer(formatted, truncation=True, max_length=self.settings.max_length)[
-                "input_ids"
-            ]
-        ]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        ids, part_lens = self._token_ids(formatted)  # tokenized once: sorted by length, then padded per batch
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         was_training = self.training
         self.eval()
         device = self.device
@@ -515,7 +514,10 @@ class TextEncoder(nn.Module):
         for start in tqdm(range(0, len(texts), batch_size), desc="encoding", unit="batch", disable=not show,
                           total=math.ceil(len(texts) / batch_size)):  # fmt: skip
             idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([formatted[i] for i in idx]).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in self._pad([ids[i] for i in idx], [part_lens[i] for i in idx]).items()
+            }
             out[idx] = self(**batch).float().cpu()
         self.train(was_training)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out

@@ -411,13 +411,14 @@ class Stage1Recipe:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        ck = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).latest()
+        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        ck = checkpoints.latest()
         if ck is None:
             return 0
         set_peft_model_state_dict(
             acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
         )
-        state = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).restore(ck, opt, sched)
+        state = checkpoints.restore(ck, opt, sched)
         if state.get("config_digest") != config_digest(self.cfg):
             logger.warning("resumed %s with a config that differs from the one it was made with", ck)
         return int(state["step"])
