@@ -83,3 +83,176 @@ class Checkpoints:
         random.setstate(state["python_rng"])
         logger.info("resumed from %s (step %d)", ck, state["step"])
         return state
+
+
+class ContrastiveRecipe:
+    """The training loop both image-text contrastive recipes share (stage 2 and the demo CLIP
+    baseline): accelerate, AdamW on the recipe's parameter groups, schedule, CLIP loss with features
+    gathered across processes, gradient accumulation and clipping, logit-scale clamp, atomic
+    checkpoints every ``save_every`` steps and an exact resume, a JSONL log and a progress bar.
+
+    A recipe provides ``build_data(acc) -> (dataset, length or None)``, ``build_model(acc)``,
+    ``param_groups(model)``, ``embed(wrapped, batch, acc) -> (image, text, scale)`` (normalised
+    embeddings), ``after_step(model) -> logit scale`` and ``save_model(model)``; optionally
+    ``collate``. Its config has ``run``, ``train`` (lr, betas, eps, batch_size, grad_accum, epochs or
+    max_steps, schedule, local_loss, gather_with_grad, ...) and ``data.num_workers``.
+    """
+
+    name = "train"
+    collate = None
+
+    def __init__(self, cfg, source: str | None = None, overrides: tuple[str, ...] = ()):
+        self.cfg, self.source, self.overrides = cfg, source, tuple(overrides)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    def build_data(self, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build_model(self, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, wrapped, batch, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, model) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save_model(self, model) -> Path:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self) -> dict:
+        import time
+
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        from l2c_llava.runs import prepare_run_dir
+        from l2c_llava.stage2.model import clip_loss
+
+        cfg, t = self.cfg, self.cfg.train
+        mp = (
+            t.mixed_precision
+            if t.mixed_precision != "auto"
+            else ("bf16" if torch.cuda.is_available() else "no")
+        )
+        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        set_seed(cfg.run.seed)
+        dataset, n = self.build_data(acc)
+        if acc.is_main_process:
+            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        model = self.build_model(acc)
+        per_step = t.batch_size * acc.num_processes * t.grad_accum
+        steps_per_epoch = max(1, n // per_step) if n else None
+        total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
+        if total is None:
+            raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
+        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
+        wrapped, opt = acc.prepare(model, opt)
+        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
+        log_path = self.run_dir / "train_log.jsonl"
+        if acc.is_main_process:
+            truncate_log(log_path, start)
+        bar = tqdm(total=total, initial=start, desc=self.name, unit="step", disable=not acc.is_main_process)
+        t0, last, step, seen = time.perf_counter(), float("nan"), start, 0
+        epoch = start // steps_per_epoch if steps_per_epoch else 0
+        while step < total:
+            dataset.epoch = epoch
+            batches = iter(self._loader(dataset, epoch, acc))
+            if steps_per_epoch:  # skip what this epoch already trained (resume)
+                for _ in range((step - epoch * steps_per_epoch) * t.grad_accum):
+                    next(batches)
+            done_epoch, steps_before = False, step
+            while step < total and not done_epoch:
+                loss_sum, micro = 0.0, 0
+                for _ in range(t.grad_accum):
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        done_epoch = True
+                        break
+                    micro += 1
+                    with acc.autocast():
+                        img, txt, scale = self.embed(wrapped, batch, acc)
+                        loss = clip_loss(
+                            img, txt, scale, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
+                        )
+                    acc.backward(loss / t.grad_accum)
+                    loss_sum += loss.item() / t.grad_accum
+                    seen += img.shape[0]
+                if micro == 0:
+                    break
+                if t.grad_clip:
+                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                scale_now = self.after_step(model)
+                step += 1
+                last = loss_sum
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", scale=f"{scale_now:.1f}")
+                if acc.is_main_process and (step % t.log_every == 0 or step == total):
+                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
+                                          "lr": sched.get_last_lr()[0], "logit_scale": scale_now})  # fmt: skip
+                if step % t.save_every == 0 or step == total:
+                    self.save_checkpoint(acc, model, opt, sched, step)
+            if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
+                raise ValueError(f"{cfg.data.train}: not enough samples for one batch of {t.batch_size} per process "
+                                 f"({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
+            epoch += 1
+        bar.close()
+        seconds = time.perf_counter() - t0
+        stats = {"steps": total, "final_loss": last, "seconds_this_session": round(seconds, 1),
+                 "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None}  # fmt: skip
+        if acc.is_main_process:
+            self.save_model(model)
+            from l2c_llava.io import atomic_write_json
+
+            atomic_write_json(self.run_dir / "train_stats.json", stats)
+        acc.wait_for_everyone()
+        return stats
+
+    def _loader(self, dataset, epoch: int, acc):
+        from torch.utils.data import DataLoader, IterableDataset, Subset
+
+        t, d = self.cfg.train, self.cfg.data
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(
+                dataset, batch_size=t.batch_size, num_workers=d.num_workers, collate_fn=self.collate
+            )
+        g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
+        order = torch.randperm(len(dataset), generator=g)
+        mine = order[acc.process_index :: acc.num_processes].tolist()
+        return DataLoader(Subset(dataset, mine), batch_size=t.batch_size, shuffle=False, num_workers=d.num_workers,
+                          drop_last=True, collate_fn=self.collate)  # fmt: skip
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state(model) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+        from safetensors.torch import save_file
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = self._state(model)
+            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
+                step, lambda d: save_file(state, str(d / "model.safetensors")), opt, sched)  # fmt: skip
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, model, opt, sched) -> int:
+        from safetensors.torch import load_file
+
+        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        ck = checkpoints.latest()
+        if ck is None:
+            return 0
+        model.load_state_dict(load_file(str(ck / "model.safetensors")))
+        return int(checkpoints.restore(ck, opt, sched)["step"])

@@ -40,6 +40,10 @@ def test_adapter_shapes_and_residual_structure():
     # the parameter count of the paper's adapter at d=4096: ~273M
     n = sum(p.numel() for p in TextAdapter(4096, 1280, 4, 2).parameters())
     assert 270e6 < n < 276e6
+    # parameter names of the released checkpoints (microsoft/LLM2CLIP-Openai-L-14-336)
+    names = set(TextAdapter(8, 4, num_blocks=2).state_dict())
+    assert {"adaptor.0.ln.weight", "adaptor.0.fn.0.weight", "adaptor.1.fn.3.bias", "adaptor.2.weight",
+            "adaptor.3.weight", "adaptor.3.bias"} <= names  # fmt: skip
 
 
 def test_model_features_and_logit_scale():

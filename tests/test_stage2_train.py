@@ -111,10 +111,10 @@ def test_layer_decay_groups():
     )  # 2 blocks: depth 0
     assert by_param[id(named["vision_model.encoder.layers.1.mlp.fc1.weight"])]["lr"] == 0.5  # last block
     assert by_param[id(named["visual_projection.weight"])]["lr"] == 1.0
-    assert by_param[id(named["text_adapter.proj.weight"])]["lr"] == 1.0  # no decay on the adapter
+    assert by_param[id(named["text_adapter.adaptor.2.weight"])]["lr"] == 1.0  # no decay on the adapter
     assert by_param[id(named["logit_scale"])]["weight_decay"] == 0.0
-    assert by_param[id(named["text_adapter.proj.bias"])]["weight_decay"] == 0.0
-    assert by_param[id(named["text_adapter.proj.weight"])]["weight_decay"] == 0.05
+    assert by_param[id(named["text_adapter.adaptor.2.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["text_adapter.adaptor.2.weight"])]["weight_decay"] == 0.05
 
 
 def test_bad_input(tmp_path, setup, synth_dir, capsys):

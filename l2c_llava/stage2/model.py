@@ -22,34 +22,56 @@ from l2c_llava.distributed import (
 
 
 class LinearBlock(nn.Module):
-    """Pre-LN residual MLP: x + W2 GELU(W1 LN(x)), hidden width `expansion` x dim."""
+    """Pre-LN residual MLP: x + W2 GELU(W1 LN(x)), hidden width `expansion` x dim. Parameter names as
+    in the released checkpoints: ``ln``, ``fn.0`` (W1), ``fn.3`` (W2)."""
 
     def __init__(self, dim: int, expansion: int = 2):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim * expansion)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim * expansion, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.fn = nn.Sequential(
+            nn.Linear(dim, dim * expansion), nn.GELU(), nn.Dropout(0.0), nn.Linear(dim * expansion, dim)
+        )
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self.fn[0]
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self.fn[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+        return x + self.fn(self.ln(x))
 
 
 class TextAdapter(nn.Module):
     """The text side on a cached LLM feature [B, in_dim] -> [B, out_dim]: L2 normalisation, residual
-    LinearBlocks, LayerNorm, Linear with bias (the public code's TextProj; ~273M parameters at 4096)."""
+    LinearBlocks, LayerNorm, Linear with bias (the public code's TextProj; ~273M parameters at 4096).
+    Held in one ``adaptor`` Sequential so the keys match the released checkpoints
+    (``text_adapter.adaptor.{i}.*``: blocks, then the LayerNorm, then the projection)."""
 
     def __init__(self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2):
         super().__init__()
-        self.blocks = nn.ModuleList(LinearBlock(in_dim, expansion) for _ in range(num_blocks))
-        self.norm = nn.LayerNorm(in_dim)
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.adaptor = nn.Sequential(
+            *[LinearBlock(in_dim, expansion) for _ in range(num_blocks)],
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, out_dim),
+        )
+
+    @property
+    def blocks(self) -> list[LinearBlock]:
+        return list(self.adaptor)[:-2]
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return self.adaptor[-2]
+
+    @property
+    def proj(self) -> nn.Linear:
+        return self.adaptor[-1]
 
     def forward(self, llm_features: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(llm_features, dim=-1)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj(self.norm(x))
+        return self.adaptor(F.normalize(llm_features, dim=-1))
 
 
 class LLM2CLIPModel(nn.Module):

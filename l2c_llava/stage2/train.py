@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples
 from l2c_llava.io import atomic_write_json
-from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage2.cache import TextFeatureCache
-from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
-from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
+from l2c_llava.stage2.model import LLM2CLIPModel
+from l2c_llava.training import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.stage2")
 
@@ -138,54 +136,30 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa"):
     )
 
 
-class Stage2Recipe:
-    def __init__(self, cfg: Stage2Config, source: str | None = None, overrides: tuple[str, ...] = ()):
-        self.cfg, self.source, self.overrides = cfg, source, tuple(overrides)
-        self.run_dir = Path(cfg.run.output_dir)
+class Stage2Recipe(ContrastiveRecipe):
+    name = "stage 2"
 
-    def build_data(self, cache: TextFeatureCache, rank: int, world: int):
-        d = self.cfg.data
+    def build_data(self, acc):
+        self.cache = TextFeatureCache(Path(self.cfg.cache.dir) / "train")
+        d, rank, world = self.cfg.data, acc.process_index, acc.num_processes
         transform = TrainTransform(
             self.cfg.vision.image_size, tuple(d.rrc_scale), rng=random.Random(self.cfg.run.seed + rank)
         )
         if d.format == "webdataset":
-            ds = ShardImages(
-                expand_shards(d.train),
-                cache,
-                transform,
-                self.cfg.run.seed,
-                d.dense_share,
-                rank,
-                world,
-                d.on_bad_row,
-            )
+            ds = ShardImages(expand_shards(d.train), self.cache, transform, self.cfg.run.seed, d.dense_share,
+                             rank, world, d.on_bad_row)  # fmt: skip
             return ds, None
         pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
                                    on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
-        rows_short = cache.rows_of([p.short for p in pairs], where=d.train)
-        rows_long = cache.rows_of([p.long for p in pairs], where=d.train)
+        rows_short = self.cache.rows_of([p.short for p in pairs], where=d.train)
+        rows_long = self.cache.rows_of([p.long for p in pairs], where=d.train)
         ds = PairImages(pairs.items, rows_short, rows_long, transform, self.cfg.run.seed, d.dense_share)
         return ds, len(ds)
 
-    def run(self) -> dict:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
-
-        cfg, t = self.cfg, self.cfg.train
-        mp = (
-            t.mixed_precision
-            if t.mixed_precision != "auto"
-            else ("bf16" if torch.cuda.is_available() else "no")
-        )
-        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
-        set_seed(cfg.run.seed)
-        cache = TextFeatureCache(Path(cfg.cache.dir) / "train")
-        dataset, n = self.build_data(cache, acc.process_index, acc.num_processes)
-        if acc.is_main_process:
-            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+    def build_model(self, acc) -> LLM2CLIPModel:
+        cfg = self.cfg
         vision = load_vision_tower(cfg.vision.name_or_path, cfg.vision.attn_implementation)
-        model = LLM2CLIPModel.from_vision_tower(vision, cache.dim, projection_dim=cfg.adapter.projection_dim,
+        model = LLM2CLIPModel.from_vision_tower(vision, self.cache.dim, projection_dim=cfg.adapter.projection_dim,
                                                 num_blocks=cfg.adapter.num_blocks, expansion=cfg.adapter.expansion,
                                                 logit_scale_init=cfg.logit_scale.init)  # fmt: skip
         model.logit_scale.requires_grad_(cfg.logit_scale.learnable)
@@ -194,79 +168,21 @@ class Stage2Recipe:
             model.vision_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        per_step = t.batch_size * acc.num_processes * t.grad_accum
-        steps_per_epoch = max(1, n // per_step) if n else None
-        total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
-        if total is None:
-            raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
-        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, cfg.vision.layer_decay), lr=t.lr,
-                                betas=tuple(t.betas), eps=t.eps)  # fmt: skip
-        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
-        wrapped, opt = acc.prepare(model, opt)
-        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
-        log_path = self.run_dir / "train_log.jsonl"
-        if acc.is_main_process:
-            truncate_log(log_path, start)
-        bar = tqdm(total=total, initial=start, desc="stage 2", unit="step", disable=not acc.is_main_process)
-        t0, last, step = time.perf_counter(), float("nan"), start
-        epoch = start // steps_per_epoch if steps_per_epoch else 0
-        while step < total:
-            dataset.epoch = epoch
-            loader = self._loader(dataset, epoch, acc)
-            batches = iter(loader)
-            if steps_per_epoch:  # skip what this epoch already trained (resume)
-                for _ in range((step - epoch * steps_per_epoch) * t.grad_accum):
-                    next(batches)
-            done_epoch, steps_before = False, step
-            while step < total and not done_epoch:
-                loss_sum, micro = 0.0, 0
-                for _ in range(t.grad_accum):
-                    try:
-                        pixels, rows = next(batches)
-                    except StopIteration:
-                        done_epoch = True
-                        break
-                    micro += 1
-                    text = cache.features(rows.tolist()).to(acc.device)
-                    with acc.autocast():
-                        img, txt, scale = wrapped(pixels.to(acc.device), text)
-                        loss = clip_loss(
-                            img, txt, scale, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
-                        )
-                    acc.backward(loss / t.grad_accum)
-                    loss_sum += loss.item() / t.grad_accum
-                if micro == 0:
-                    break
-                if t.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                model.clamp_logit_scale(cfg.logit_scale.max)
-                step += 1
-                last = loss_sum
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", scale=f"{model.logit_scale.exp().item():.1f}")
-                if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
-                                          "lr": sched.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item()})  # fmt: skip
-                if step % t.save_every == 0 or step == total:
-                    self.save_checkpoint(acc, model, opt, sched, step)
-            if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
-                raise ValueError(f"{self.cfg.data.train}: not enough samples for one batch of {t.batch_size} per process "
-                                 f"({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
-            epoch += 1
-        bar.close()
-        stats = {
-            "steps": total,
-            "final_loss": last,
-            "seconds_this_session": round(time.perf_counter() - t0, 1),
-        }
-        if acc.is_main_process:
-            self.save_model(model, cache)
-            atomic_write_json(self.run_dir / "train_stats.json", stats)
-        acc.wait_for_everyone()
-        return stats
+        return model
+
+    def param_groups(self, model):
+        return param_groups(
+            model, self.cfg.train.lr, self.cfg.train.weight_decay, self.cfg.vision.layer_decay
+        )
+
+    def embed(self, wrapped, batch, acc):
+        pixels, rows = batch
+        text = self.cache.features(rows.tolist()).to(acc.device)
+        return wrapped(pixels.to(acc.device), text)
+
+    def after_step(self, model) -> float:
+        model.clamp_logit_scale(self.cfg.logit_scale.max)
+        return model.logit_scale.exp().item()
 
     def _freeze(self, model: LLM2CLIPModel) -> None:
         v = self.cfg.vision
@@ -278,52 +194,17 @@ class Stage2Recipe:
                 block.requires_grad_(True)
             model.vision_model.post_layernorm.requires_grad_(True)
 
-    def _loader(self, dataset, epoch: int, acc) -> DataLoader:
-        t, d = self.cfg.train, self.cfg.data
-        if isinstance(dataset, IterableDataset):
-            return DataLoader(dataset, batch_size=t.batch_size, num_workers=d.num_workers)
-        g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
-        order = torch.randperm(len(dataset), generator=g)
-        mine = order[acc.process_index :: acc.num_processes].tolist()
-        return DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=t.batch_size, shuffle=False,
-                          num_workers=d.num_workers, drop_last=True)  # fmt: skip
-
-    # -- checkpoints and output --------------------------------------------------------------------
-
-    def _trainable_state(self, model: LLM2CLIPModel) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
-        from safetensors.torch import save_file
-
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = self._trainable_state(model)
-            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
-                step, lambda d: save_file(state, str(d / "model.safetensors")), opt, sched)  # fmt: skip
-        acc.wait_for_everyone()
-
-    def load_checkpoint(self, model, opt, sched) -> int:
-        from safetensors.torch import load_file
-
-        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        ck = checkpoints.latest()
-        if ck is None:
-            return 0
-        model.load_state_dict(load_file(str(ck / "model.safetensors")))
-        return int(checkpoints.restore(ck, opt, sched)["step"])
-
-    def save_model(self, model: LLM2CLIPModel, cache: TextFeatureCache) -> Path:
+    def save_model(self, model: LLM2CLIPModel) -> Path:
         from safetensors.torch import save_file
 
         out = self.run_dir / "model"
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self._trainable_state(model), str(out / "model.safetensors"))
+        save_file(self._state(model), str(out / "model.safetensors"))
         atomic_write_json(out / "llm2clip_config.json", {
-            "vision_config": model.vision_model.config.to_dict(), "text_dim": cache.dim,
+            "vision_config": model.vision_model.config.to_dict(), "text_dim": self.cache.dim,
             "projection_dim": self.cfg.adapter.projection_dim, "num_blocks": self.cfg.adapter.num_blocks,
             "expansion": self.cfg.adapter.expansion, "text_encoder": self.cfg.text_encoder.path,
-            "text_encoder_digest": cache.encoder_digest, "instruction": self.cfg.text_encoder.instruction,
+            "text_encoder_digest": self.cache.encoder_digest, "instruction": self.cfg.text_encoder.instruction,
         })  # fmt: skip
         return out
 
