@@ -218,33 +218,85 @@ def _cmd_stage2_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_stage2_train(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, recipe: str, label: str, run) -> int:
     from l2c_llava.data.images import ImageError
     from l2c_llava.data.readers import DataError
     from l2c_llava.stage2.cache import CacheError
-    from l2c_llava.stage2.train import run_stage2
 
-    cfg = _load_or_report(args.config, args.overrides, "stage2")
+    cfg = _load_or_report(args.config, args.overrides, recipe)
     if cfg is None:
         return EXIT_BAD_INPUT
     try:
-        stats = run_stage2(cfg, source=args.config, overrides=tuple(args.overrides))
+        stats = run(cfg, source=args.config, overrides=tuple(args.overrides))
     except (DataError, CacheError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"l2c stage2 train: {e}", file=sys.stderr)
+        print(f"l2c {label}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(stats, indent=2))
     return 0
 
 
-def _cmd_export_vision(args: argparse.Namespace) -> int:
-    from l2c_llava.stage2.export import ExportError, export_vision
+def _cmd_stage2_train(args: argparse.Namespace) -> int:
+    from l2c_llava.stage2.train import run_stage2
+
+    return _run_training(args, "stage2", "stage2 train", run_stage2)
+
+
+def _cmd_clip_pretrain(args: argparse.Namespace) -> int:
+    from l2c_llava.stage2.clip_baseline import run_clip_pretrain
+
+    return _run_training(args, "clip", "clip pretrain", run_clip_pretrain)
+
+
+def _cmd_stage2_eval(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.stage2.cache import CacheError
+    from l2c_llava.stage2.evaluate import evaluate, table
+    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+
+    cfg = _load_or_report(args.config, args.overrides, "stage2")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    try:
+        results = evaluate(cfg, model_dir=args.model, baseline=args.baseline, skip_baseline=args.no_baseline)
+    except (DataError, CacheError, LLM2CLIPLoadError, FileNotFoundError, ValueError) as e:
+        print(f"l2c stage2 eval: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(table(results, tuple(cfg.eval.recall_at)))
+    print(
+        f"written: {Path(cfg.run.output_dir) / 'metrics.json'}, {Path(cfg.run.output_dir) / 'retrieval.md'}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from l2c_llava.stage2 import export
 
     try:
-        out = export_vision(args.run, args.out)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"l2c export vision: {e}", file=sys.stderr)
+        if args.export_command == "vision":
+            out = export.export_vision(args.run, args.out)
+            print(
+                f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
+            )
+        else:
+            out = export.export_llm2clip(args.run, args.out, text_encoder=args.text_encoder)
+            print(
+                f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.LLM2CLIP.from_pretrained)"
+            )
+    except (export.ExportError, FileNotFoundError) as e:
+        print(f"l2c export {args.export_command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)")
+    return 0
+
+
+def _cmd_import_llm2clip(args: argparse.Namespace) -> int:
+    from l2c_llava.stage2.export import ExportError, import_llm2clip
+
+    try:
+        outs = import_llm2clip(args.source, args.out, text_encoder=args.text_encoder)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"l2c import llm2clip: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(outs, indent=2))
     return 0
 
 
@@ -288,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stage1_eval)
 
     s2 = sub.add_parser(
-        "stage2", help="stage 2: LLM2CLIP (text feature cache, training; eval and export to come)"
+        "stage2", help="stage 2: LLM2CLIP (text feature cache, training, retrieval evaluation)"
     )
     s2sub = s2.add_subparsers(dest="stage2_command", metavar="ACTION", required=True)
     p = s2sub.add_parser(
@@ -308,13 +360,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_stage2_train)
+    p = s2sub.add_parser(
+        "eval",
+        help="retrieval R@1/5/10, short and long captions: baseline CLIP vs LLM2CLIP (metrics.json, table)",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--model", default=None, help="LLM2CLIP model (default: the run's model/)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="baseline CLIPModel folder (default: eval.baseline or vision.name_or_path)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="evaluate LLM2CLIP only")
+    p.set_defaults(func=_cmd_stage2_eval)
 
-    ex = sub.add_parser("export", help="export trained models (vision encoder)")
+    cl = sub.add_parser("clip", help="the demo CLIP baseline (no pretrained CLIP can be downloaded here)")
+    clsub = cl.add_subparsers(dest="clip_command", metavar="ACTION", required=True)
+    p = clsub.add_parser(
+        "pretrain", help="train a small transformers CLIPModel (own 77-token text tower) from scratch"
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_clip_pretrain)
+
+    ex = sub.add_parser("export", help="export trained models (vision encoder, whole LLM2CLIP model)")
     exsub = ex.add_subparsers(dest="export_command", metavar="WHAT", required=True)
     p = exsub.add_parser("vision", help="the stage-2 vision tower as a transformers CLIPVisionModel folder")
+    p.add_argument(
+        "--run", required=True, help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+    p = exsub.add_parser(
+        "llm2clip",
+        help="the whole model (vision + projection + adapter + text encoder reference), release layout",
+    )
     p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=_cmd_export_vision)
+    p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
+    p.set_defaults(func=_cmd_export)
+
+    im = sub.add_parser("import", help="bring released checkpoints in (read as data, no remote code)")
+    imsub = im.add_subparsers(dest="import_command", metavar="WHAT", required=True)
+    p = imsub.add_parser(
+        "llm2clip",
+        help="a released LLM2CLIP folder (e.g. LLM2CLIP-Openai-L-14-336) -> OUT/vision + OUT/llm2clip",
+    )
+    p.add_argument("source", help="the downloaded checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--text-encoder", default=None, help="the caption-contrastive LLM it pairs with (for text features)"
+    )
+    p.set_defaults(func=_cmd_import_llm2clip)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

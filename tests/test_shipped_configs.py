@@ -30,7 +30,7 @@ def test_shipped_config_validates_and_opens_with_its_command(shipped):
         "l2c " in shipped.command or "l2c_llava.cli" in shipped.command
     )
     assert shipped.summary, f"{rel}: the second comment line says what the config is"
-    stage_word = {"stage1": "stage1", "stage2": "stage2", "mllm": "mllm"}[cfg.recipe]
+    stage_word = {"stage1": "stage1", "stage2": "stage2", "mllm": "mllm", "clip": "clip"}[cfg.recipe]
     assert f" {stage_word}" in shipped.command
 
 

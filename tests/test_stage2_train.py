@@ -212,6 +212,6 @@ def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, syn
     assert proc.crop_size["height"] == 32 and list(proc.image_mean) == pytest.approx(
         [0.48145466, 0.4578275, 0.40821073]
     )
-    with pytest.raises(ExportError, match="is not a stage-2 model"):
+    with pytest.raises(ExportError, match="neither an LLM2CLIP export"):
         export_vision(tmp_path, tmp_path / "x")
     assert main(["export", "vision", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

@@ -12,10 +12,11 @@ from l2c_llava.config.core import (
     save_resolved_config,
     validate_config,
 )
-from l2c_llava.config.schemas import RECIPES, MllmConfig, Stage1Config, Stage2Config
+from l2c_llava.config.schemas import RECIPES, ClipConfig, MllmConfig, Stage1Config, Stage2Config
 
 __all__ = [
     "RECIPES",
+    "ClipConfig",
     "ConfigError",
     "MllmConfig",
     "Problem",

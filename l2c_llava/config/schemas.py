@@ -263,6 +263,9 @@ class Stage2Data(DataChecks):
 
 class Stage2Train(TrainSection):
     lr: PositiveFloat = 1e-5
+    adapter_lr: PositiveFloat | None = Field(
+        None, description="lr of the new parts (adapter, logit scale); default: train.lr as in the paper"
+    )
     weight_decay: NonNegFloat = 0.05
     betas: tuple[Probability, Probability] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
@@ -279,6 +282,11 @@ class Stage2Train(TrainSection):
 
 
 class Stage2Eval(Section):
+    baseline: str | None = Field(
+        None,
+        description="the CLIP compared against (a CLIPModel folder with its own text tower and tokenizer); "
+        "default: vision.name_or_path, the CLIP stage 2 started from",
+    )
     batch_size: PositiveInt = 256
     recall_at: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
 
@@ -420,4 +428,82 @@ class MllmConfig(RecipeConfig):
         return out
 
 
-RECIPES: dict[str, type[RecipeConfig]] = {cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig)}
+# ---------------------------------------------------------------------------------------------
+# demo CLIP baseline: a small transformers CLIPModel trained from scratch (no pretrained CLIP here)
+# ---------------------------------------------------------------------------------------------
+
+
+class ClipModelSection(Section):
+    """A transformers CLIPModel: ViT image tower + causal text tower over OpenAI's CLIP BPE (77 tokens)."""
+
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 32
+    vision_width: PositiveInt = 256
+    vision_layers: PositiveInt = 6
+    vision_heads: PositiveInt = 4
+    text_width: PositiveInt = 256
+    text_layers: PositiveInt = 4
+    text_heads: PositiveInt = 4
+    context_length: Annotated[int, Field(gt=2, le=77)] = 77
+    mlp_ratio: PositiveInt = 4
+    projection_dim: PositiveInt = 256
+    attn_implementation: AttnImpl = "sdpa"
+
+
+class ClipData(DataChecks):
+    format: Literal["karpathy", "jsonl"] = Field(
+        "karpathy",
+        description="karpathy: several short captions per image, one drawn per epoch (alt-text-like, as "
+        "OpenAI CLIP saw); jsonl: caption pairs, the dense caption with probability dense_share",
+    )
+    train: str = Field(description="Karpathy-style JSON or caption-pair JSONL")
+    image_root: str = Field(description="the folder image paths are relative to")
+    split: str = Field("train", description="Karpathy split to train on")
+    short_key: str = "short"
+    long_key: str = "long"
+    dense_share: Probability = 0.0
+    rrc_scale: tuple[Probability, Probability] = (0.9, 1.0)
+    num_workers: NonNegInt = 2
+
+
+class ClipTrain(TrainSection):
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegFloat = 0.2
+    betas: tuple[Probability, Probability] = (0.9, 0.98)
+    eps: PositiveFloat = 1e-6
+    warmup_ratio: Probability | None = 0.05
+    batch_size: PositiveInt = 64
+    grad_accum: PositiveInt = 1
+    epochs: PositiveInt = 30
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    logit_scale_max: PositiveFloat = 100.0
+    save_every: PositiveInt = 200
+
+
+class ClipConfig(RecipeConfig):
+    RECIPE: ClassVar[str] = "clip"
+    recipe: Literal["clip"]
+    run: RunSection
+    model: ClipModelSection = Field(default_factory=ClipModelSection)
+    data: ClipData
+    train: ClipTrain = Field(default_factory=ClipTrain)
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        out = self.train.schedule_problems()
+        m = self.model
+        if m.image_size % m.patch_size:
+            out.append(("model.patch_size", m.patch_size, f"must divide model.image_size ({m.image_size})"))
+        for tower in ("vision", "text"):
+            width, heads = getattr(m, f"{tower}_width"), getattr(m, f"{tower}_heads")
+            if width % heads:
+                out.append((f"model.{tower}_heads", heads, f"must divide model.{tower}_width ({width})"))
+        lo, hi = self.data.rrc_scale
+        if not 0 < lo <= hi:
+            out.append(("data.rrc_scale", [lo, hi], "needs 0 < min <= max <= 1"))
+        return out
+
+
+RECIPES: dict[str, type[RecipeConfig]] = {
+    cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig, ClipConfig)
+}

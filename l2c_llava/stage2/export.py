@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from l2c_llava.data.images import clip_image_processor
 
@@ -21,28 +20,27 @@ class ExportError(ValueError):
     """A folder that is not a stage-2 model, or an export that does not load back cleanly."""
 
 
-def _model_folder(path: Path) -> Path:
-    for candidate in (path, path / "model"):
-        if (candidate / "llm2clip_config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise ExportError(f"{path} is not a stage-2 model (no llm2clip_config.json + model.safetensors, "
-                      f"nor a model/ folder holding them); train one with `l2c stage2 train`")  # fmt: skip
+def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the tower of a stage-2 run (or its model/ folder, an LLM2CLIP export or release) as a
+    CLIPVisionModel folder."""
+    from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
+
+    try:
+        model = LLM2CLIP.from_pretrained(source).model
+    except LLM2CLIPLoadError as e:
+        raise ExportError(
+            f"{e}; train one with `l2c stage2 train` or import a release with `l2c import llm2clip`"
+        ) from None
+    return export_vision_tower(model.vision_model, out_dir)
 
 
-def export_vision(run_or_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the trained tower of a stage-2 run (or its model/ folder) as a CLIPVisionModel folder."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
+    """Save a CLIP vision transformer as a CLIPVisionModel folder, verified on load-back."""
+    from transformers import CLIPVisionModel
 
-    src = _model_folder(Path(run_or_model))
-    meta = json.loads((src / "llm2clip_config.json").read_text())
-    state = load_file(str(src / "model.safetensors"))
-    prefix = "vision_model."
-    tower_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not tower_state:
-        raise ExportError(f"{src / 'model.safetensors'} holds no vision_model.* tensors")
-    config = CLIPVisionConfig.from_dict(meta["vision_config"])
+    config = trained.config
     tower = CLIPVisionModel(config).eval()
-    missing, unexpected = tower.load_state_dict(tower_state, strict=False)
+    missing, unexpected = tower.load_state_dict(trained.state_dict(), strict=False)
     if missing or unexpected:
         raise ExportError(
             f"the trained tower does not fit CLIPVisionModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -66,7 +64,7 @@ def export_vision(run_or_model: str | os.PathLike, out_dir: str | os.PathLike) -
         )
         with torch.no_grad():
             if not torch.allclose(
-                tower(pixel_values=probe).pooler_output,
+                trained.eval()(pixel_values=probe).pooler_output,
                 again.eval()(pixel_values=probe).pooler_output,
                 atol=1e-5,
             ):
@@ -77,3 +75,26 @@ def export_vision(run_or_model: str | os.PathLike, out_dir: str | os.PathLike) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_llm2clip(
+    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None
+) -> Path:
+    """The whole model (vision + projection + adapter + text encoder reference), release layout."""
+    from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
+
+    try:
+        return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(out_dir)
+    except LLM2CLIPLoadError as e:
+        raise ExportError(str(e)) from None
+
+
+def import_llm2clip(
+    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None
+) -> dict:
+    """A released LLM2CLIP checkpoint folder (read as data: its remote code is never run) -> OUT/vision
+    (CLIPVisionModel for LLaVA) and OUT/llm2clip (the whole model)."""
+    out = Path(out_dir)
+    whole = export_llm2clip(source, out / "llm2clip", text_encoder)
+    vision = export_vision(whole, out / "vision")
+    return {"vision": str(vision), "llm2clip": str(whole)}

@@ -91,9 +91,11 @@ class ShardImages(IterableDataset):
             yield self.transform(load_rgb(s.image, name=f"{s.shard}/{s.key}")), int(row)
 
 
-def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_decay: float,
+                 adapter_lr: float | None = None) -> list[dict]:  # fmt: skip
     """AdamW groups: vision block i gets lr x decay^(L+1-i) (embeddings i=0, projection L+1), the
-    adapter the full lr; no weight decay on 1-D parameters (norms, biases) nor on the logit scale."""
+    adapter and the logit scale the full lr (or ``adapter_lr``); no weight decay on 1-D parameters
+    (norms, biases) nor on the logit scale."""
     n_layers = len(model.vision_model.encoder.layers)
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
@@ -108,7 +110,7 @@ def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_dec
                 depth = n_layers + 1
             scale = layer_decay ** (n_layers + 1 - depth)
         else:
-            scale = 1.0
+            scale = (adapter_lr or lr) / lr
         wd = 0.0 if (p.ndim < 2 or name == "logit_scale") else weight_decay
         groups.setdefault((scale, wd), []).append(p)
     return [
@@ -171,9 +173,8 @@ class Stage2Recipe(ContrastiveRecipe):
         return model
 
     def param_groups(self, model):
-        return param_groups(
-            model, self.cfg.train.lr, self.cfg.train.weight_decay, self.cfg.vision.layer_decay
-        )
+        t = self.cfg.train
+        return param_groups(model, t.lr, t.weight_decay, self.cfg.vision.layer_decay, t.adapter_lr)
 
     def embed(self, wrapped, batch, acc):
         pixels, rows = batch

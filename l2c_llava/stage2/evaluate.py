@@ -1,0 +1,168 @@
+"""``l2c stage2 eval``: image <-> text retrieval R@1/5/10 of the baseline CLIP (its own text tower)
+and of LLM2CLIP (LLM caption features through the adapter), on a Karpathy-style short-caption set
+(several captions per image, as Flickr30k 1K / COCO 5K) and a long-caption set (ShareGPT4V-1K,
+Urban-1K, DOCCI style). Same images, same protocol, one table.
+
+LLM2CLIP's caption features come from the text feature cache (``l2c stage2 cache`` embeds the test
+captions too), so the LLM is not loaded here; the cache must have been made by the encoder the model
+was trained with. The baseline's text tower truncates at its context (77 tokens for CLIP): the share
+of captions it cut is reported beside its numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from l2c_llava.data.images import load_rgb
+from l2c_llava.data.readers import RetrievalSet, read_karpathy, read_long_captions
+from l2c_llava.io import atomic_write_json, atomic_write_text
+from l2c_llava.stage2.cache import CacheError, TextFeatureCache
+from l2c_llava.stage2.retrieval import recall_at_k
+
+logger = logging.getLogger("l2c_llava.stage2.eval")
+
+
+def embed_images(
+    paths: list[Path], preprocess: Callable, embed: Callable, batch_size: int, desc: str
+) -> torch.Tensor:
+    """L2-normalised image embeddings, in batches, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for lo in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False):
+        images = [load_rgb(p) for p in paths[lo : lo + batch_size]]
+        with torch.no_grad():
+            out.append(F.normalize(embed(preprocess(images)).float(), dim=-1))
+    return torch.cat(out)
+
+
+class BaselineCLIP:
+    """A transformers CLIP folder (OpenAI's, or the demo's from ``l2c clip pretrain``): its own
+    tokenizer, image processor and text tower."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from transformers import AutoConfig, AutoTokenizer, CLIPModel
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"baseline CLIP {folder}: no config.json (a transformers CLIPModel folder is expected)"
+            )
+        cfg = AutoConfig.from_pretrained(folder)
+        if cfg.model_type != "clip":
+            raise ValueError(f"baseline CLIP {folder} is a {cfg.model_type!r} model; the baseline needs a CLIPModel "
+                             "folder with its text tower and tokenizer (e.g. openai/clip-vit-large-patch14-336)")  # fmt: skip
+        self.model = CLIPModel.from_pretrained(folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.context = int(cfg.text_config.max_position_embeddings)
+        self.image_size = int(cfg.vision_config.image_size)
+        self.folder = folder
+
+    def preprocess(self, images) -> torch.Tensor:
+        from l2c_llava.data.images import clip_image_processor
+
+        return clip_image_processor(self.image_size)(images=images, return_tensors="pt")["pixel_values"]
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        from l2c_llava.stage2.clip_baseline import pooled
+
+        return pooled(self.model.get_image_features(pixel_values=pixels))
+
+    def embed_texts(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, float]:
+        """Normalised text embeddings and the share of captions longer than the context."""
+        from l2c_llava.stage2.clip_baseline import pooled
+
+        out, cut = [], 0
+        for lo in range(0, len(texts), batch_size):
+            chunk = texts[lo : lo + batch_size]
+            cut += sum(len(ids) > self.context for ids in self.tokenizer(chunk)["input_ids"])
+            tok = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.context, return_tensors="pt"
+            )
+            with torch.no_grad():
+                out.append(F.normalize(pooled(self.model.get_text_features(**tok)).float(), dim=-1))
+        return torch.cat(out), cut / max(1, len(texts))
+
+
+def load_sets(cfg) -> dict[str, RetrievalSet]:
+    d = cfg.data
+    sets = {}
+    if d.eval_short:
+        sets["short"] = read_karpathy(
+            d.eval_short, d.eval_image_root, split=d.eval_split, image_check="exists"
+        )
+    if d.eval_long:
+        sets["long"] = read_long_captions(d.eval_long, d.eval_image_root, image_check="exists")
+    if not sets:
+        raise ValueError("no retrieval test set: set data.eval_short and/or data.eval_long")
+    return sets
+
+
+def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
+             skip_baseline: bool = False) -> dict:  # fmt: skip
+    """Both models on every configured set; writes metrics.json and retrieval.md in the run folder."""
+    from l2c_llava.stage2.llm2clip import LLM2CLIP
+
+    run_dir = Path(cfg.run.output_dir)
+    ks = tuple(cfg.eval.recall_at)
+    bs = cfg.eval.batch_size
+    sets = load_sets(cfg)
+    model = LLM2CLIP.from_pretrained(model_dir or run_dir)
+    results: dict = {"sets": {}, "llm2clip": {}, "baseline": {}, "models": {"llm2clip": model.source}}
+    for name, rs in sets.items():
+        cache = TextFeatureCache(Path(cfg.cache.dir) / f"eval_{name}")
+        want = model.text_encoder_ref.get("digest")
+        if want and cache.encoder_digest != want:
+            raise CacheError(f"{cache.folder} was made by another text encoder than the one {model.source} was trained "
+                             "with; rebuild it: l2c stage2 cache --config ...")  # fmt: skip
+        rows = cache.rows_of(rs.captions, where=f"{rs.source} ({name} set)")
+        txt = F.normalize(model.get_text_features_from_llm(cache.features(rows.tolist())).float(), dim=-1)
+        img = embed_images(
+            rs.images, model.preprocess, model.get_image_features, bs, f"LLM2CLIP images ({name})"
+        )
+        results["llm2clip"][name] = recall_at_k(img, txt, rs.caption_image, ks)
+        results["sets"][name] = {"source": rs.source, "images": len(rs.images), "captions": len(rs.captions)}
+    if not skip_baseline:
+        folder = baseline or cfg.eval.baseline or cfg.vision.name_or_path
+        clip = BaselineCLIP(folder)
+        results["models"]["baseline"] = str(folder)
+        for name, rs in sets.items():
+            txt, cut = clip.embed_texts(rs.captions, bs)
+            img = embed_images(rs.images, clip.preprocess, clip.embed_images, bs, f"baseline images ({name})")
+            results["baseline"][name] = recall_at_k(img, txt, rs.caption_image, ks) | {
+                "captions_truncated": cut
+            }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "metrics.json", results)
+    atomic_write_text(run_dir / "retrieval.md", table(results, ks))
+    return results
+
+
+def table(results: dict, ks=(1, 5, 10)) -> str:
+    """Markdown: one row per set and direction, R@K of the baseline, LLM2CLIP and the difference."""
+    cols = [f"R@{k}" for k in ks]
+    has_base = bool(results.get("baseline"))
+    head = ["set", "direction", "model", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, info in results["sets"].items():
+        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            rows = [("LLM2CLIP", results["llm2clip"][name])]
+            if has_base:
+                rows.insert(0, ("baseline CLIP", results["baseline"][name]))
+            for model, m in rows:
+                vals = [f"{100 * m[f'{direction}_R@{k}']:.1f}" for k in ks]
+                lines.append(f"| {name} ({info['images']} img, {info['captions']} capt) | {label} | {model} | "
+                             + " | ".join(vals) + " |")  # fmt: skip
+            if has_base:
+                b, l2 = results["baseline"][name], results["llm2clip"][name]
+                vals = [f"{100 * (l2[f'{direction}_R@{k}'] - b[f'{direction}_R@{k}']):+.1f}" for k in ks]
+                lines.append("| | | difference | " + " | ".join(vals) + " |")
+    notes = [f"- baseline captions cut at its text context: {name} {100 * m['captions_truncated']:.0f}%"
+             for name, m in results.get("baseline", {}).items()]  # fmt: skip
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
