@@ -173,6 +173,7 @@ def _cmd_stage1_eval(args: argparse.Namespace) -> int:
 
 def _cmd_stage2_cache(args: argparse.Namespace) -> int:
     from l2c_llava.data.readers import DataError, read_caption_pairs, read_karpathy, read_long_captions
+    from l2c_llava.io import atomic_write_json
     from l2c_llava.stage1.encoder import EncoderLoadError
     from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
 
@@ -180,15 +181,22 @@ def _cmd_stage2_cache(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_BAD_INPUT
     d, te, c = cfg.data, cfg.text_encoder, cfg.cache
-    if d.format != "jsonl":
-        print("l2c stage2 cache: webdataset captions are cached by the stage-2 training issue's reader; "
-              "data.format=jsonl is supported here", file=sys.stderr)  # fmt: skip
-        return EXIT_BAD_INPUT
     try:
-        pairs = read_caption_pairs(
-            d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
-        )
-        sets = {"train": pair_captions(pairs)}
+        if d.format == "webdataset":
+            from l2c_llava.data.webdataset import expand_shards, scan_shards
+
+            scan = scan_shards(expand_shards(d.train), short_key=d.short_key, long_key=d.long_key,
+                               image_check=d.image_check, on_bad_row=d.on_bad_row)  # fmt: skip
+            if scan.bad:  # on_bad_row=skip: training leaves these samples out
+                print(f"l2c stage2 cache: {len(scan.bad)} bad sample(s) of {scan.samples} skipped "
+                      f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})", file=sys.stderr)  # fmt: skip
+            train_captions = scan.captions
+        else:
+            pairs = read_caption_pairs(
+                d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+            )
+            train_captions = pair_captions(pairs)
+        sets = {"train": train_captions}
         root = d.eval_image_root or "."
         if d.eval_short:
             sets["eval_short"] = read_karpathy(
@@ -211,6 +219,8 @@ def _cmd_stage2_cache(args: argparse.Namespace) -> int:
             cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
                                 dtype=c.dtype, batch_size=te.batch_size, overwrite=args.overwrite, load_encoder=load)  # fmt: skip
             summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
+            if name == "train" and d.format == "webdataset":
+                atomic_write_json(cache.folder / "bad_samples.json", scan.bad)
     except (DataError, EncoderLoadError, CacheError, FileNotFoundError) as e:
         print(f"l2c stage2 cache: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

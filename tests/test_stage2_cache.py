@@ -162,3 +162,49 @@ data:
     capsys.readouterr()
     assert main(["stage2", "cache", "--config", str(cfg), f"data.train={synth_dir}/captions/test.jsonl"]) == 2
     assert "it is not reused" in capsys.readouterr().err
+
+
+def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, encoder_dir, synth_dir, capsys):
+    import io
+    import tarfile
+
+    from l2c_llava.config import load_config
+    from l2c_llava.data.images import TrainTransform
+    from l2c_llava.data.readers import read_caption_pairs
+    from l2c_llava.data.webdataset import expand_shards, write_shards
+    from l2c_llava.stage2.train import ShardImages
+
+    pairs = read_caption_pairs(synth_dir / "captions" / "val.jsonl", synth_dir / "images")
+    write_shards([(f"{i:05d}", p.image_path, p.short, p.long) for i, p in enumerate(pairs)], tmp_path / "wds",
+                 per_shard=4)  # fmt: skip
+    # corrupt the image of the first sample of shard 1 (same size, garbage bytes)
+    shard = tmp_path / "wds" / "00001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            tar.addfile(m, io.BytesIO(b"\0" * len(data) if i == 0 else data))
+    bad_key = members[0][0].name.split(".")[0]
+    n = len(list((tmp_path / "wds").glob("*.tar")))
+    cfg = tmp_path / "s2.yaml"
+    cfg.write_text(f"""recipe: stage2
+run: {{output_dir: {tmp_path}/run}}
+text_encoder: {{path: {encoder_dir}, batch_size: 8}}
+cache: {{dir: {tmp_path}/cache, shard_size: 16, dtype: float32}}
+vision: {{name_or_path: unused}}
+data: {{format: webdataset, train: "{tmp_path}/wds/{{00000..{n - 1:05d}}}.tar"}}
+""")
+    assert main(["stage2", "cache", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"00001.tar/{bad_key}" in err and "cannot be read" in err and "on_bad_row" in err
+    assert main(["stage2", "cache", "--config", str(cfg), "data.on_bad_row=skip"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["train"]["rows"] == 2 * (len(pairs) - 1)
+    assert f"1 bad sample(s) of {len(pairs)} skipped" in captured.err
+    bad = json.loads((tmp_path / "cache" / "train" / "bad_samples.json").read_text())
+    assert list(bad) == [f"00001.tar/{bad_key}"]
+    # training streams the shards and leaves the bad sample out (its caption has no feature: it would fail)
+    c = load_config(cfg, ["data.on_bad_row=skip"])
+    ds = ShardImages(expand_shards(c.data.train), TextFeatureCache(tmp_path / "cache" / "train"),
+                     TrainTransform(32), seed=0, share=0.5)  # fmt: skip
+    assert len(list(ds)) == len(pairs) - 1

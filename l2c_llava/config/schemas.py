@@ -234,6 +234,12 @@ class AdapterSection(Section):
     num_blocks: PositiveInt = 4
     expansion: PositiveInt = 2
     projection_dim: PositiveInt = 1280
+    center_features: bool = Field(
+        False,
+        description="not in the paper: subtract the mean training caption feature before the L2 norm. For "
+        "anisotropic LLM features (all captions at cosine ~0.96, as after a short stage 1) the adapter "
+        "otherwise collapses to one point",
+    )
 
 
 class LogitScaleSection(Section):

@@ -16,6 +16,7 @@ file and row, and ``"skip"`` drops those rows and says how many (``.skipped`` ke
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -98,14 +99,20 @@ def resolve_under(root: str | os.PathLike, relpath: str) -> Path:
     return candidate
 
 
-def check_image(path: Path, level: ImageCheck) -> str | None:
-    """None if the image passes the check at `level`, else the reason it does not."""
+def check_image(path: Path | bytes, level: ImageCheck) -> str | None:
+    """None if the image (a file, or the encoded bytes of a webdataset member) passes the check at
+    `level`, else the reason it does not."""
     if level == "none":
         return None
-    if not path.is_file():
+    in_memory = isinstance(path, bytes)
+    if not in_memory and not path.is_file():
         return f"image not found: {path}"
+    if in_memory and not path:
+        return "image member is empty"
     if level == "exists":
         return None
+    if in_memory:
+        path, label = io.BytesIO(path), "(shard member)"
     try:
         with Image.open(path) as im:
             if level == "header":
@@ -115,7 +122,7 @@ def check_image(path: Path, level: ImageCheck) -> str | None:
                 if im.width < 1 or im.height < 1:
                     return f"image has no pixels: {path}"
     except Exception as e:  # PIL raises many types for bad files
-        return f"image cannot be read ({type(e).__name__}: {e}): {path}"
+        return f"image cannot be read ({type(e).__name__}: {e}): {label if in_memory else path}"
     return None
 
 

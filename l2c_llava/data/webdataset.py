@@ -119,3 +119,47 @@ def _emit(shard, key, members, short_key, long_key, on_bad_row, skipped) -> Iter
             return
         raise DataError([problem], shard) from None
     yield WebSample(key, image, caps[0], caps[1], shard)
+
+
+@dataclass
+class ShardScan:
+    """What one pass over the shards found: the captions of the good samples in order (short_0,
+    long_0, short_1, ...), the number of samples seen, and the bad ones ("shard/key": reason)."""
+
+    captions: list[str]
+    samples: int
+    bad: dict[str, str]
+
+
+def sample_id(shard: str, key: str) -> str:
+    return f"{Path(shard).name}/{key}"
+
+
+def scan_shards(shards: Sequence[str | os.PathLike], *, short_key: str = "short", long_key: str = "long",
+                image_check: str = "header", on_bad_row: str = "error", progress: bool = True) -> ShardScan:  # fmt: skip
+    """Stream every sample once: collect the captions and check each image at `image_check` level
+    (the up-front check JSONL data gets, done while the captions are read anyway). With
+    ``on_bad_row="error"`` every bad sample is listed in one DataError; with ``"skip"`` they are
+    returned so training leaves them out."""
+    from tqdm.auto import tqdm
+
+    from l2c_llava.data.readers import check_image
+
+    skipped: list[RowProblem] = []  # samples iter_samples could not form (no image, bad json, ...)
+    captions: list[str] = []
+    bad: dict[str, str] = {}
+    n = 0
+    samples = iter_samples(shards, short_key=short_key, long_key=long_key, on_bad_row="skip", skipped=skipped)
+    for s in tqdm(samples, desc="scanning shards", unit="sample", disable=not progress):
+        n += 1
+        reason = check_image(s.image, image_check)
+        if reason:
+            bad[sample_id(s.shard, s.key)] = reason
+            continue
+        captions += [s.short, s.long]
+    for p in skipped:
+        bad[sample_id(p.file, p.row.removeprefix("sample "))] = p.message
+    if bad and on_bad_row == "error":
+        problems = [RowProblem(str(Path(shards[0]).parent), k, v) for k, v in sorted(bad.items())]
+        raise DataError(problems, f"webdataset shards in {Path(shards[0]).parent}", total=n + len(skipped))
+    return ShardScan(captions, n + len(skipped), bad)

@@ -181,6 +181,15 @@ class TextFeatureCache:
     def features(self, rows: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.feature(int(r)) for r in rows]) if len(rows) else torch.zeros((0, self.dim))
 
+    def mean_feature(self, max_rows: int = 100_000) -> torch.Tensor:
+        """float32 mean feature over the cache (evenly spaced rows when it holds more than `max_rows`)."""
+        step = max(1, self._n // max_rows)
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        rows = list(range(0, self._n, step))
+        for lo in range(0, len(rows), 4096):
+            total += self.features(rows[lo : lo + 4096]).double().sum(0)
+        return (total / len(rows)).float()
+
     def rows_of(self, captions: Sequence[str], where: str = "") -> torch.Tensor:
         """Cache rows of `captions` found by their keys (sorted-key search: 16 bytes per row, no dict),
         or a CacheError naming the first caption with no cached feature."""

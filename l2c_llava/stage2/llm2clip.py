@@ -73,7 +73,7 @@ def adapter_shape(state: dict[str, torch.Tensor], where: str = "") -> dict[str, 
     fc1 = state["text_adapter.adaptor.0.fn.0.weight"]
     proj = state[f"text_adapter.adaptor.{len(blocks) + 1}.weight"]
     return {"text_dim": int(fc1.shape[1]), "num_blocks": len(blocks), "expansion": int(fc1.shape[0] // fc1.shape[1]),
-            "projection_dim": int(proj.shape[0])}  # fmt: skip
+            "projection_dim": int(proj.shape[0]), "center_text": "text_adapter.feature_mean" in state}  # fmt: skip
 
 
 def build_model(vision_config: dict, shape: dict[str, int]) -> LLM2CLIPModel:
@@ -82,7 +82,8 @@ def build_model(vision_config: dict, shape: dict[str, int]) -> LLM2CLIPModel:
     config = CLIPVisionConfig.from_dict({k: v for k, v in vision_config.items() if k != "model_type"})
     tower = CLIPVisionModel(config)
     return LLM2CLIPModel.from_vision_tower(tower, shape["text_dim"], projection_dim=shape["projection_dim"],
-                                           num_blocks=shape["num_blocks"], expansion=shape["expansion"])  # fmt: skip
+                                           num_blocks=shape["num_blocks"], expansion=shape["expansion"],
+                                           center_text=shape.get("center_text", False))  # fmt: skip
 
 
 def load_weights(model: LLM2CLIPModel, state: dict[str, torch.Tensor], where: str) -> None:

@@ -50,8 +50,11 @@ class TextAdapter(nn.Module):
     Held in one ``adaptor`` Sequential so the keys match the released checkpoints
     (``text_adapter.adaptor.{i}.*``: blocks, then the LayerNorm, then the projection)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2):
+    def __init__(self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2,
+                 center: bool = False):  # fmt: skip
         super().__init__()
+        if center:  # optional, not in the paper: subtract the mean caption feature before normalising
+            self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.adaptor = nn.Sequential(
             *[LinearBlock(in_dim, expansion) for _ in range(num_blocks)],
             nn.LayerNorm(in_dim),
@@ -70,7 +73,13 @@ class TextAdapter(nn.Module):
     def proj(self) -> nn.Linear:
         return self.adaptor[-1]
 
+    @property
+    def centered(self) -> bool:
+        return hasattr(self, "feature_mean")
+
     def forward(self, llm_features: torch.Tensor) -> torch.Tensor:
+        if self.centered:
+            llm_features = llm_features - self.feature_mean
         return self.adaptor(F.normalize(llm_features, dim=-1))
 
 
@@ -78,11 +87,12 @@ class LLM2CLIPModel(nn.Module):
     """vision_model (CLIP ViT) -> visual_projection; cached LLM feature -> text_adapter; logit_scale."""
 
     def __init__(self, vision_model: nn.Module, vision_hidden: int, text_dim: int, projection_dim: int = 1280,
-                 num_blocks: int = 4, expansion: int = 2, logit_scale_init: float = 1 / 0.07):  # fmt: skip
+                 num_blocks: int = 4, expansion: int = 2, logit_scale_init: float = 1 / 0.07,
+                 center_text: bool = False):  # fmt: skip
         super().__init__()
         self.vision_model = vision_model  # transformers CLIP vision transformer
         self.visual_projection = nn.Linear(vision_hidden, projection_dim, bias=False)  # new, not OpenAI's
-        self.text_adapter = TextAdapter(text_dim, projection_dim, num_blocks, expansion)
+        self.text_adapter = TextAdapter(text_dim, projection_dim, num_blocks, expansion, center_text)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
     @classmethod

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset, IterableDataset
 from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
-from l2c_llava.data.webdataset import expand_shards, iter_samples
+from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
 from l2c_llava.io import atomic_write_json
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.model import LLM2CLIPModel
@@ -70,6 +71,8 @@ class ShardImages(IterableDataset):
     def __init__(self, shards: list[str], cache: TextFeatureCache, transform, seed: int, share: float, rank: int = 0,
                  world: int = 1, on_bad_row: str = "error"):  # fmt: skip
         self.shards, self.cache, self.transform = shards, cache, transform
+        bad = cache.folder / "bad_samples.json"
+        self.bad = set(json.loads(bad.read_text())) if bad.is_file() else set()
         self.seed, self.share, self.rank, self.world, self.on_bad_row, self.epoch = (
             seed,
             share,
@@ -84,7 +87,9 @@ class ShardImages(IterableDataset):
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
         mine = self.shards[self.rank * n_workers + worker :: self.world * n_workers]
         for s in iter_samples(mine, on_bad_row=self.on_bad_row, skipped=[]):
-            sample = f"{Path(s.shard).name}/{s.key}"
+            sample = sample_id(s.shard, s.key)
+            if sample in self.bad:  # found by the scan of `l2c stage2 cache` (on_bad_row=skip)
+                continue
             dense = pick_dense(self.seed, self.epoch, sample, self.share)
             row = self.cache.rows_of([s.long if dense else s.short], where=f"{s.shard} sample {s.key}")[0]
             self.transform.rng = sample_rng(self.seed, self.epoch, sample)
@@ -163,7 +168,10 @@ class Stage2Recipe(ContrastiveRecipe):
         vision = load_vision_tower(cfg.vision.name_or_path, cfg.vision.attn_implementation)
         model = LLM2CLIPModel.from_vision_tower(vision, self.cache.dim, projection_dim=cfg.adapter.projection_dim,
                                                 num_blocks=cfg.adapter.num_blocks, expansion=cfg.adapter.expansion,
-                                                logit_scale_init=cfg.logit_scale.init)  # fmt: skip
+                                                logit_scale_init=cfg.logit_scale.init,
+                                                center_text=cfg.adapter.center_features)  # fmt: skip
+        if cfg.adapter.center_features:
+            model.text_adapter.feature_mean.copy_(self.cache.mean_feature())
         model.logit_scale.requires_grad_(cfg.logit_scale.learnable)
         self._freeze(model)
         if cfg.vision.gradient_checkpointing:
