@@ -78,3 +78,22 @@ def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
         h.update(sha256_file(p).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def publish_folder(out: str | os.PathLike, build) -> Path:
+    """Build a folder in a temporary sibling (``build(tmp)`` writes and checks it), then move it into
+    place, replacing `out`: a failed or killed build leaves the previous folder untouched."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -45,6 +45,16 @@ def clip_image_processor(size: int):
                image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
 
 
+def write_preprocessor_config(folder: str | Path, size: int) -> None:
+    """``preprocessor_config.json`` of a CLIP image processor at `size`, typed as CLIPImageProcessor
+    (the class every loader knows: AutoImageProcessor, LLaVA, lmms-eval)."""
+    import json
+
+    processor = clip_image_processor(size).to_dict()
+    processor["image_processor_type"] = "CLIPImageProcessor"
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
 def normalize(img: Image.Image) -> torch.Tensor:
     """RGB image -> float32 [3, H, W], rescaled to [0, 1] and normalised with OpenAI's mean/std."""
     arr = np.asarray(img, dtype=np.float32) / 255.0

@@ -14,7 +14,6 @@ alt-text-like captions OpenAI CLIP saw), dense captions truncated at 77 tokens o
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -25,9 +24,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from l2c_llava.config import ClipConfig
-from l2c_llava.data.images import TrainTransform, clip_image_processor, load_rgb
+from l2c_llava.data.images import TrainTransform, load_rgb, write_preprocessor_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_write_json, publish_folder
 from l2c_llava.training import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.clip")
@@ -174,22 +173,13 @@ class ClipPretrainRecipe(ContrastiveRecipe):
 
     def save_model(self, model) -> Path:
         """A standard CLIP folder (what OpenAI CLIP is on disk): CLIPModel, tokenizer, image processor."""
-        import shutil
-        import tempfile
 
-        out = self.run_dir / "model"
-        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.run_dir))
-        try:
+        def build(tmp: Path) -> None:
             model.clip.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            processor = clip_image_processor(self.cfg.model.image_size).to_dict()
-            processor["image_processor_type"] = "CLIPImageProcessor"
-            (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            write_preprocessor_config(tmp, self.cfg.model.image_size)
+
+        out = publish_folder(self.run_dir / "model", build)
         atomic_write_json(self.run_dir / "model_info.json", {
             "model": str(out), "parameters": sum(p.numel() for p in model.parameters()),
             "context_length": self.cfg.model.context_length, "image_size": self.cfg.model.image_size,

@@ -5,15 +5,13 @@ same features as the trained tower) before it is moved into place."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from l2c_llava.data.images import clip_image_processor
+from l2c_llava.data.images import write_preprocessor_config
+from l2c_llava.io import publish_folder
 
 
 class ExportError(ValueError):
@@ -45,14 +43,10 @@ def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
         raise ExportError(
             f"the trained tower does not fit CLIPVisionModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         tower.save_pretrained(tmp, safe_serialization=True)
-        processor = clip_image_processor(config.image_size).to_dict()
-        processor["image_processor_type"] = "CLIPImageProcessor"  # the class every loader knows
-        (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        write_preprocessor_config(tmp, config.image_size)
         again, info = CLIPVisionModel.from_pretrained(tmp, output_loading_info=True)
         bad = {
             k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
@@ -63,18 +57,11 @@ def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
             2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0)
         )
         with torch.no_grad():
-            if not torch.allclose(
-                trained.eval()(pixel_values=probe).pooler_output,
-                again.eval()(pixel_values=probe).pooler_output,
-                atol=1e-5,
-            ):
+            if not torch.allclose(trained.eval()(pixel_values=probe).pooler_output,
+                                  again.eval()(pixel_values=probe).pooler_output, atol=1e-5):  # fmt: skip
                 raise ExportError("the exported tower's features differ from the trained tower's")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return publish_folder(out_dir, build)
 
 
 def export_llm2clip(

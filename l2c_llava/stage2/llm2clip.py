@@ -22,16 +22,14 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from l2c_llava.data.images import clip_image_processor
+from l2c_llava.data.images import clip_image_processor, write_preprocessor_config
+from l2c_llava.io import publish_folder
 from l2c_llava.stage2.model import LLM2CLIPModel
 
 logger = logging.getLogger(__name__)
@@ -218,42 +216,31 @@ class LLM2CLIP:
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """The whole model in the release layout (+ our llm2clip block and preprocessor config),
         written to a temporary folder, loaded back and compared, then moved into place."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         m = self.model
-        shape = adapter_shape({k: v for k, v in m.state_dict().items()}, "model")
-        try:
+        shape = adapter_shape(dict(m.state_dict()), "model")
+
+        def build(tmp: Path) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            vision = m.vision_model.config.to_dict()
             config = {
                 "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": shape["projection_dim"],
-                "logit_scale_init_value": float(m.logit_scale.item()), "vision_config": vision,
+                "logit_scale_init_value": float(m.logit_scale.item()), "vision_config": m.vision_model.config.to_dict(),
                 "llm2clip": {"format": FORMAT, **shape, "normalize_text_input": True,
                              "text_encoder": self.text_encoder_ref},
             }  # fmt: skip
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            processor = self.image_processor.to_dict()
-            processor["image_processor_type"] = "CLIPImageProcessor"
-            (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+            write_preprocessor_config(tmp, self.image_size)
             again = LLM2CLIP.from_pretrained(tmp)
             probe = torch.randn(
                 2, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)
             )
             text = torch.randn(2, shape["text_dim"], generator=torch.Generator().manual_seed(1))
-            if not (torch.allclose(self.get_image_features(probe), again.get_image_features(probe), atol=1e-5)
-                    and torch.allclose(self.get_text_features_from_llm(text), again.get_text_features_from_llm(text),
-                                       atol=1e-5)):  # fmt: skip
+            same_img = torch.allclose(
+                self.get_image_features(probe), again.get_image_features(probe), atol=1e-5
+            )
+            same_txt = torch.allclose(self.get_text_features_from_llm(text), again.get_text_features_from_llm(text),
+                                      atol=1e-5)  # fmt: skip
+            if not (same_img and same_txt):
                 raise LLM2CLIPLoadError("the exported model's features differ from the model's own")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
 
-
-def safetensors_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+        return publish_folder(out_dir, build)
