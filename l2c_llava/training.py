@@ -254,5 +254,11 @@ class ContrastiveRecipe:
         ck = checkpoints.latest()
         if ck is None:
             return 0
-        model.load_state_dict(load_file(str(ck / "model.safetensors")))
+        state, own = load_file(str(ck / "model.safetensors")), model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]  # fmt: skip
+        if wrong:
+            raise ValueError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
+                             "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
+        model.load_state_dict(state)
         return int(checkpoints.restore(ck, opt, sched)["step"])

@@ -199,3 +199,17 @@ def test_import_a_released_checkpoint_folder(tmp_path, capsys):
     )
     assert main(["import", "llm2clip", str(tmp_path / "noadapter"), "--out", str(tmp_path / "o4")]) == 2
     assert "no text_adapter" in capsys.readouterr().err
+
+
+def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
+    root, cfg_path, cfg, encoder = trained
+    model = LLM2CLIP.from_pretrained(root / "s2")
+    with pytest.raises(ValueError, match="dimension 7; the adapter of .* takes 12"):
+        model.get_text_features_from_llm(torch.randn(2, 7))
+    # resuming a run with the features of another encoder (another dimension) stops with the reason
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
+    build_cache(tmp_path / "cache" / "train", pair_captions(pairs), encoder, shard_size=64,
+                load_encoder=lambda: FakeEncoder(dim=10), progress=False)  # fmt: skip
+    other = load_config(cfg_path, [f"cache.dir={tmp_path / 'cache'}", "train.max_steps=4"])
+    with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
+        Stage2Recipe(other).run()

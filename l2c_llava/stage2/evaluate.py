@@ -121,6 +121,9 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
         if want and cache.encoder_digest != want:
             raise CacheError(f"{cache.folder} was made by another text encoder than the one {model.source} was trained "
                              "with; rebuild it: l2c stage2 cache --config ...")  # fmt: skip
+        if cache.dim != model.text_dim:
+            raise CacheError(f"{cache.folder} holds {cache.dim}-d features; the adapter of {model.source} takes "
+                             f"{model.text_dim}-d ones. Rebuild the cache with the model's text encoder")  # fmt: skip
         rows = cache.rows_of(rs.captions, where=f"{rs.source} ({name} set)")
         txt = F.normalize(model.get_text_features_from_llm(cache.features(rows.tolist())).float(), dim=-1)
         img = embed_images(

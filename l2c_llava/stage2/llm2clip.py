@@ -159,6 +159,10 @@ class LLM2CLIP:
     # -- features ----------------------------------------------------------------------------------
 
     @property
+    def text_dim(self) -> int:
+        return self.model.text_adapter.norm.normalized_shape[0]
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -183,6 +187,10 @@ class LLM2CLIP:
     @torch.no_grad()
     def get_text_features_from_llm(self, llm_features: torch.Tensor) -> torch.Tensor:
         """Adapter on LLM caption features (e.g. from a text feature cache) -> [B, projection_dim]."""
+        if llm_features.shape[-1] != self.text_dim:
+            raise ValueError(f"text features of dimension {llm_features.shape[-1]}; the adapter of {self.source} "
+                             f"takes {self.text_dim} (features of the text encoder it was trained with: "
+                             f"{self.text_encoder_ref.get('path')})")  # fmt: skip
         return self.model.get_text_features(llm_features.to(self.device, torch.float32))
 
     def text_encoder(self):
