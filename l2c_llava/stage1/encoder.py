@@ -182,29 +182,35 @@ def _resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
     return getattr(torch, torch_dtype)
 
 
+def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
+    """A transformers folder for an LLM reference: a folder (checked: config.json and safetensors
+    weights), a .gguf file or the embedded model (converted once into a cached folder)."""
+    folder, gguf_file = resolve_llm_path(name_or_path, gguf_file)
+    if gguf_file:
+        _check_gguf(Path(folder) / gguf_file)
+        return str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
+    p = Path(folder)
+    if not p.is_dir():
+        raise EncoderLoadError(
+            f"model folder not found: {folder} (a transformers folder, a .gguf file or {EMBEDDED_LLM!r})"
+        )
+    if not (p / "config.json").is_file():
+        raise EncoderLoadError(f"{folder} has no config.json: not a transformers model folder")
+    if not any(p.glob("*.safetensors")):
+        found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
+        raise EncoderLoadError(
+            f"{folder} has no *.safetensors weights (found: {found}); save the model with safetensors"
+        )
+    return folder
+
+
 def _load_base(source: EncoderSource, *, bidirectional: bool, torch_dtype, attn_implementation: str,
                trust_remote_code: bool, causal_lm: bool = False):  # fmt: skip
     """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf_file = resolve_llm_path(source.base, source.gguf_file)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        _check_gguf(Path(folder) / gguf_file)
-        folder = str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
-    else:
-        p = Path(folder)
-        if not p.is_dir():
-            raise EncoderLoadError(
-                f"model folder not found: {folder} (a transformers folder, a .gguf file or {EMBEDDED_LLM!r})"
-            )
-        if not (p / "config.json").is_file():
-            raise EncoderLoadError(f"{folder} has no config.json: not a transformers model folder")
-        if not any(p.glob("*.safetensors")):
-            found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
-            raise EncoderLoadError(
-                f"{folder} has no *.safetensors weights (found: {found}); save the model with safetensors"
-            )
+    folder = local_llm_folder(source.base, source.gguf_file)
     config = AutoConfig.from_pretrained(folder, **kwargs)
     _check_family(config.model_type, source.base)
     config.is_causal = not bidirectional

@@ -1,0 +1,159 @@
+"""Assemble LLaVA-1.5 from a vision encoder folder and an LLM, as transformers'
+``LlavaForConditionalGeneration`` + ``LlavaProcessor``.
+
+- vision: a transformers ``CLIPVisionModel`` folder (``l2c export vision``) or a ``CLIPModel`` folder
+  (OpenAI CLIP, the demo baseline); penultimate layer, patch tokens only (CLS dropped);
+- projector ``mlp2x_gelu``: Linear(vision -> LLM), GELU, Linear(LLM -> LLM);
+- LLM: a transformers folder (Vicuna-7B-v1.5), a .gguf file or the embedded SmolLM2;
+- tokenizer: ``<image>`` added as a special token; a pad token distinct from end-of-sequence (the
+  unknown token where there is one, as LLaVA does for Llama, else ``<pad>``);
+- processor: ``patch_size`` and ``num_additional_image_tokens=1`` so ``<image>`` expands to exactly
+  the number of patch features; the vicuna_v1 chat template.
+
+Every weight of the tower and the LLM is copied with a strict check: a missing or unexpected key
+fails loudly, never a silently random tower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from l2c_llava.io import publish_folder
+from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
+
+logger = logging.getLogger("l2c_llava.mllm")
+
+META = "l2c_mllm.json"
+
+VICUNA_CHAT_TEMPLATE = (
+    "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for c in message['content'] if c['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{%- for c in message['content'] if c['type'] == 'text' -%}{{- c['text'] -}}{%- endfor -%}"
+    "{%- endif -%}{{- ' ASSISTANT:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] + eos_token -}}{%- else -%}"
+    "{%- for c in message['content'] if c['type'] == 'text' -%}{{- ' ' + c['text'] + eos_token -}}{%- endfor -%}"
+    "{%- endif -%}{%- endif -%}{%- endfor -%}"
+)
+
+
+class BuildError(ValueError):
+    """A vision or LLM folder that cannot make a LLaVA model; the message names it."""
+
+
+def num_image_tokens(vision_config, strategy: str = "default") -> int:
+    n = (vision_config.image_size // vision_config.patch_size) ** 2
+    return n + (1 if strategy == "full" else 0)
+
+
+def prepare_tokenizer(tokenizer) -> tuple[int, int]:
+    """Add `<image>` and a pad token distinct from EOS; returns (image token id, tokens added)."""
+    added = tokenizer.add_special_tokens(
+        {"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False
+    )
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"  # training pads on the right (generation sets left itself)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
+
+
+def make_processor(tokenizer, vision_config, strategy: str = "default"):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    size = vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+                          chat_template=VICUNA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)  # fmt: skip
+
+
+def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
+    own = dst.state_dict()
+    missing, unexpected = sorted(set(own) - set(src_state)), sorted(set(src_state) - set(own))
+    wrong = [k for k in own if k in src_state and own[k].shape != src_state[k].shape]
+    if missing or unexpected or wrong:
+        raise BuildError(f"{what}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"wrong shapes {wrong[:5]}")  # fmt: skip
+    dst.load_state_dict(src_state)
+
+
+def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
+                vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
+                torch_dtype: str = "float32"):  # fmt: skip
+    """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
+    object (name_or_path, gguf_file, attn_implementation, trust_remote_code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    from l2c_llava.stage1.encoder import local_llm_folder
+    from l2c_llava.stage2.train import load_vision_tower
+
+    if projector_type != "mlp2x_gelu":
+        raise BuildError(f"projector_type {projector_type!r}: transformers' LLaVA class holds the mlp2x_gelu "
+                         "connector only; use mlp2x_gelu")  # fmt: skip
+    try:
+        tower = load_vision_tower(str(vision_tower))
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    folder = local_llm_folder(llm.name_or_path, getattr(llm, "gguf_file", None))
+    dtype = torch.float32 if torch_dtype in ("auto", "float32") else getattr(torch, torch_dtype)
+    lm = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=getattr(llm, "trust_remote_code", False)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    image_id, added = prepare_tokenizer(tokenizer)
+    if added:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    text_config = lm.config
+    text_config.pad_token_id = tokenizer.pad_token_id
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_id=image_id,
+        projector_hidden_act="gelu", vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        image_seq_length=num_image_tokens(tower.config, vision_feature_select_strategy),
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )  # fmt: skip
+    config._attn_implementation = getattr(llm, "attn_implementation", "sdpa")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    _strict_copy(model.model.vision_tower, tower.state_dict(), f"vision tower {vision_tower}")
+    lm_state = lm.state_dict()
+    body = {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
+    _strict_copy(model.model.language_model, body, f"LLM {llm.name_or_path}")
+    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy)
+    return model, processor
+
+
+def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
+    ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back."""
+    from transformers import LlavaForConditionalGeneration
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
+        again, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
+        bad = {
+            k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+        }
+        if bad:
+            raise BuildError(f"the saved LLaVA folder does not load back cleanly: {bad}")
+
+    return publish_folder(out_dir, build)
