@@ -310,6 +310,85 @@ def _cmd_import_llm2clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mllm_train(args: argparse.Namespace) -> int:
+    from l2c_llava.mllm.build import BuildError
+    from l2c_llava.mllm.conversation import ConversationError
+    from l2c_llava.mllm.train import run_mllm
+    from l2c_llava.stage1.encoder import EncoderLoadError
+
+    cfg = _load_or_report(args.config, args.overrides, "mllm")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    if cfg.train.stage != args.mllm_command:
+        print(
+            f"{args.config}: train.stage is {cfg.train.stage!r}; run it with `l2c mllm {cfg.train.stage}`",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
+        from l2c_llava.data.images import ImageError
+        from l2c_llava.data.readers import DataError
+
+        stats = run_mllm(cfg, source=args.config, overrides=tuple(args.overrides))
+    except (
+        DataError,
+        ImageError,
+        BuildError,
+        ConversationError,
+        EncoderLoadError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
+        print(f"l2c mllm {args.mllm_command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _cmd_mllm_build(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from l2c_llava.mllm.build import BuildError, build_llava, save_llava
+    from l2c_llava.stage1.encoder import EncoderLoadError
+
+    try:
+        model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None))
+        out = save_llava(model, processor, args.out, {"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
+                                                      "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
+    except (BuildError, EncoderLoadError, FileNotFoundError) as e:
+        print(f"l2c mllm build: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"LLaVA model ({n / 1e6:.1f}M parameters, {model.config.image_seq_length} image tokens) written to {out}"
+    )
+    return 0
+
+
+def _cmd_mllm_chat(args: argparse.Namespace) -> int:
+    from l2c_llava.data.images import ImageError
+    from l2c_llava.mllm.export import LlavaExportError, chat
+
+    try:
+        print(chat(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens))
+    except (LlavaExportError, ImageError, FileNotFoundError) as e:
+        print(f"l2c mllm chat: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _cmd_export_llava(args: argparse.Namespace) -> int:
+    from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
+
+    try:
+        out = (export_hf if args.format == "hf" else export_original)(args.model, args.out)
+    except (LlavaExportError, FileNotFoundError) as e:
+        print(f"l2c export llava: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"exported ({args.format}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -410,6 +489,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
     p.set_defaults(func=_cmd_export)
+
+    p = exsub.add_parser(
+        "llava", help="a trained LLaVA: transformers format (hf) or the original LLaVA format"
+    )
+    p.add_argument("--model", required=True, help="an mllm run folder (or its model/ folder)")
+    p.add_argument(
+        "--out", required=True, help="output folder (original format: its name must contain 'llava')"
+    )
+    p.add_argument("--format", choices=["hf", "original"], default="hf")
+    p.set_defaults(func=_cmd_export_llava)
+
+    mm = sub.add_parser(
+        "mllm", help="LLaVA-1.5 with a swapped-in vision encoder: build, pretrain, finetune, chat"
+    )
+    mmsub = mm.add_subparsers(dest="mllm_command", metavar="ACTION", required=True)
+    p = mmsub.add_parser("build", help="assemble a LLaVA model from a vision encoder folder and an LLM")
+    p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder")
+    p.add_argument("--llm", required=True, help="LLM folder, .gguf file or embedded:smollm2-135m-instruct")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_mllm_build)
+    for stage, what in (("pretrain", "train the projector on caption pairs (plain template)"),
+                        ("finetune", "train projector + LLM (full or LoRA) on instruction data (vicuna_v1)")):  # fmt: skip
+        p = mmsub.add_parser(stage, help=what)
+        p.add_argument("--config", required=True)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        p.set_defaults(func=_cmd_mllm_train)
+    p = mmsub.add_parser("chat", help="answer one question about one image (greedy)")
+    p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
+    p.add_argument("--image", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("question")
+    p.set_defaults(func=_cmd_mllm_chat)
 
     im = sub.add_parser("import", help="bring released checkpoints in (read as data, no remote code)")
     imsub = im.add_subparsers(dest="import_command", metavar="WHAT", required=True)

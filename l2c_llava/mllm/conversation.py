@@ -51,7 +51,7 @@ def normalize_turns(conversations: list[dict], has_image: bool) -> list[tuple[st
             raise ConversationError(
                 f"turn {i} is from {role!r}; turns must alternate human, gpt, ... from a human turn"
             )
-        turns.append((role, value.replace(IMAGE_TOKEN, "").strip() if has_image else value.strip()))
+        turns.append((role, value.replace(IMAGE_TOKEN, "").strip()))  # a text-only row has no image to place
     if not turns or turns[-1][0] != "gpt":
         raise ConversationError("a conversation must end with a gpt turn")
     if has_image:

@@ -1,0 +1,141 @@
+"""LLaVA training data: LCS-558K / mix665k-style JSON rows, tokenized lazily (a row becomes tokens
+when the loader asks for it), images padded to square with the mean colour (LLaVA's "pad") and
+preprocessed by the model's processor; batches grouped by length with image and text-only rows kept
+apart (LLaVA's group_by_modality_length).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from l2c_llava.data.images import load_rgb
+from l2c_llava.data.readers import LlavaRow
+from l2c_llava.mllm.conversation import IGNORE, encode
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square canvas of the background colour, the image centred (LLaVA's "pad")."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+def preprocess_images(images: Sequence[Image.Image], image_processor, aspect: str = "pad") -> torch.Tensor:
+    if aspect == "pad":
+        bg = mean_colour(image_processor)
+        images = [expand2square(im, bg) for im in images]
+    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def row_length(row: LlavaRow, image_tokens: int) -> int:
+    """LLaVA's length estimate for grouping: words of the conversation, plus the image tokens;
+    negative for text-only rows (its modality_lengths convention)."""
+    words = sum(len(t["value"].split()) for t in row.conversations)
+    return words + image_tokens if row.has_image else -words
+
+
+class LlavaDataset(Dataset):
+    def __init__(self, rows: Sequence[LlavaRow], processor, template: str, max_length: int, num_image_tokens: int,
+                 image_token_id: int, aspect: str = "pad"):  # fmt: skip
+        self.rows, self.processor, self.template = list(rows), processor, template
+        self.max_length, self.num_image_tokens, self.image_token_id, self.aspect = (
+            max_length, num_image_tokens, image_token_id, aspect)  # fmt: skip
+        self.lengths = [row_length(r, num_image_tokens) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        enc = encode(row.conversations, self.processor.tokenizer, self.template, has_image=row.has_image,
+                     image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+                     max_length=self.max_length)  # fmt: skip
+        item = {"input_ids": enc.input_ids, "labels": enc.labels, "row": row.row}
+        if row.has_image:
+            img = load_rgb(row.image_path, name=f"{row.image} ({row.row})")
+            item["pixel_values"] = preprocess_images([img], self.processor.image_processor, self.aspect)[0]
+        return item
+
+
+class Collate:
+    """Right-pad ids (pad token) and labels (-100); stack the images of the rows that have one."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+        if images:
+            out["pixel_values"] = torch.stack(images)
+        return out
+
+
+class ModalityLengthSampler(Sampler[int]):
+    """LLaVA's group_by_modality_length: image rows and text-only rows are shuffled apart, cut into
+    mega-batches of `batch x world` sorted by length (so a batch holds rows of similar length and a
+    single modality), and the mega-batches are shuffled; the last incomplete ones are merged. The
+    order depends on (seed, epoch) only."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, world: int = 1, seed: int = 0):
+        self.lengths, self.batch_size, self.world, self.seed, self.epoch = (
+            list(lengths),
+            batch_size,
+            world,
+            seed,
+            0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        image = [i for i, n in enumerate(self.lengths) if n > 0]
+        text = [i for i, n in enumerate(self.lengths) if n <= 0]
+        mega = self.batch_size * self.world
+        batches, rests = [], []
+        for group in (image, text):
+            rng.shuffle(group)
+            chunks = [group[i : i + mega] for i in range(0, len(group), mega)]
+            for c in chunks:
+                c.sort(key=lambda i: -abs(self.lengths[i]))
+            if chunks and len(chunks[-1]) < mega:
+                rests += chunks.pop()
+            batches += chunks
+        rng.shuffle(batches)
+        if rests:
+            batches.append(rests)
+        return iter([i for b in batches for i in b])
+
+
+def padding_waste(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> float:
+    """Share of padded positions when `order` is cut into batches (for the benchmark and tests)."""
+    total = padded = 0
+    for lo in range(0, len(order), batch_size):
+        ls = [abs(lengths[i]) for i in order[lo : lo + batch_size]]
+        total += max(ls) * len(ls)
+        padded += max(ls) * len(ls) - sum(ls)
+    return padded / max(1, total)

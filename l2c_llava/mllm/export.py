@@ -1,0 +1,165 @@
+"""LLaVA exports and chat.
+
+(a) transformers format: ``run/model`` as the recipe saves it (``LlavaForConditionalGeneration`` +
+processor with the chat template); ``export_hf`` copies it to a folder of the user's choice.
+
+(b) the original LLaVA format (haotian-liu/LLaVA), for teams on that code base: ``config.json`` of a
+``LlavaLlamaForCausalLM`` (the LLM's own config plus ``mm_vision_tower``, ``mm_projector_type``,
+``mm_vision_select_layer``, ``mm_vision_select_feature``, ``mm_hidden_size``, ``image_aspect_ratio``,
+``mm_use_im_start_end``, ...), LLM weights under ``model.*`` / ``lm_head``, projector weights under
+``model.mm_projector.0`` / ``.2``, the tokenizer, and the vision encoder folder beside it
+(``vision_tower/``, which ``mm_vision_tower`` points at by absolute path: the original code rebuilds the
+tower from that path at load time). The folder name must contain "llava" (its loader checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from l2c_llava.io import publish_folder
+
+# transformers' conversion of an original LLaVA checkpoint to its LLaVA class
+# (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
+# occurs in the key); transformers >= 5 renames that layout on load (its conversion_mapping "llava").
+ORIGINAL_TO_HF_KEYS = {
+    "model.vision_tower.": "",
+    ".vision_resampler": "",
+    "model.mm_projector": "multi_modal_projector",
+    "model": "model.model",
+    "vision_model.model": "vision_model",
+    "lm_head": "language_model.lm_head",
+    "model.model": "language_model.model",
+    "multi_modal_projector.0": "multi_modal_projector.linear_1",
+    "multi_modal_projector.2": "multi_modal_projector.linear_2",
+}
+
+
+class LlavaExportError(ValueError):
+    pass
+
+
+def _load_hf(model_dir: str | os.PathLike):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(model_dir)
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    if not (folder / "config.json").is_file():
+        raise LlavaExportError(
+            f"{model_dir}: no LLaVA model (config.json); train one with `l2c mllm pretrain|finetune`"
+        )
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") != "llava":
+        raise LlavaExportError(
+            f"{folder}: model_type {cfg.get('model_type')!r}, not a transformers LLaVA model"
+        )
+    return (
+        folder,
+        LlavaForConditionalGeneration.from_pretrained(folder),
+        AutoProcessor.from_pretrained(folder),
+    )
+
+
+def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    folder, _, _ = _load_hf(model_dir)
+    return publish_folder(out_dir, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
+
+
+def original_state_dict(model) -> dict[str, torch.Tensor]:
+    """The original LLaVA key layout of a transformers LLaVA model (vision tower excluded: it lives in
+    its own folder)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            out["model." + k.removeprefix("model.language_model.")] = v
+        elif k.startswith("model.multi_modal_projector.linear_1."):
+            out["model.mm_projector.0." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.multi_modal_projector.linear_2."):
+            out["model.mm_projector.2." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("lm_head."):
+            out[k] = v
+    return out
+
+
+def original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original LLaVA state dict (vision tower under ``model.vision_tower.vision_tower.vision_model.*``
+    if present) renamed by transformers' conversion rules into its LLaVA checkpoint layout, which
+    ``LlavaForConditionalGeneration.from_pretrained`` loads (applying its own renaming on top)."""
+    out = {}
+    for key, value in state.items():
+        new = key
+        for old, rep in ORIGINAL_TO_HF_KEYS.items():
+            if old in new:
+                new = new.replace(old, rep)
+        out[new] = value
+    return out
+
+
+def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    out = Path(out_dir)
+    if "llava" not in out.name.lower():
+        raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
+                               "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip")  # fmt: skip
+    folder, model, processor = _load_hf(model_dir)
+    meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
+    vc, tc = model.config.vision_config, model.config.text_config
+
+    def build(tmp: Path) -> None:
+        tower = CLIPVisionModel(vc)
+        tower.load_state_dict(model.model.vision_tower.state_dict())
+        tower.save_pretrained(tmp / "vision_tower", safe_serialization=True)
+        processor.image_processor.save_pretrained(tmp / "vision_tower")
+        state = {k: v.contiguous() for k, v in original_state_dict(model).items()}
+        if getattr(tc, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = tc.to_dict()
+        config.update({
+            "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+            "mm_vision_tower": str((out / "vision_tower").resolve()), "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": model.config.vision_feature_layer,
+            "mm_vision_select_feature": "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch",
+            "mm_hidden_size": vc.hidden_size, "image_aspect_ratio": meta.get("image_aspect_ratio", "pad"),
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+            "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False, "use_mm_proj": True,
+            "image_token_index": model.config.image_token_id, "tokenizer_model_max_length": 2048,
+        })  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        processor.tokenizer.save_pretrained(tmp)
+
+    return publish_folder(out, build)
+
+
+def chat(
+    model_dir: str | os.PathLike, image: str | os.PathLike | None, question: str, max_new_tokens: int = 64
+) -> str:
+    """One answer of a transformers-format LLaVA (greedy), the image padded to square like training."""
+    from l2c_llava.data.images import load_rgb
+    from l2c_llava.mllm.data import expand2square, mean_colour
+
+    folder, model, processor = _load_hf(model_dir)
+    meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    if meta.get("template") == "plain":
+        text = "<image>" if image else ""
+    images = None
+    if image:
+        img = load_rgb(image)
+        if meta.get("image_aspect_ratio", "pad") == "pad":
+            img = expand2square(img, mean_colour(processor.image_processor))
+        images = img
+    inputs = processor(images=images, text=text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()

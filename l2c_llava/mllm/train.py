@@ -1,0 +1,284 @@
+"""LLaVA-1.5 training: ``pretrain`` (projector only, plain template) and ``finetune`` (projector +
+LLM, full or LoRA, vicuna_v1 template), with the global batch kept constant whatever the number of
+processes (gradient accumulation = global / (per-device x processes)).
+
+Checkpoints hold the trainable weights (safetensors) with the optimizer, scheduler and RNG states; a
+re-run resumes at the next micro-batch of the same epoch order. The finished model is saved in the
+transformers format (``run/model``: ``LlavaForConditionalGeneration`` + processor with its chat
+template), LoRA merged into the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from l2c_llava.config import MllmConfig
+from l2c_llava.data.readers import read_llava_json
+from l2c_llava.io import atomic_write_json
+from l2c_llava.mllm.build import build_llava, num_image_tokens, save_llava
+from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
+from l2c_llava.runs import prepare_run_dir
+from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
+
+logger = logging.getLogger("l2c_llava.mllm")
+
+PROJECTOR = "model.multi_modal_projector."
+
+
+def rank_order(order: list[int], batch: int, world: int, rank: int) -> list[int]:
+    """This process's rows: each run of `batch x world` rows is split into `world` batches."""
+    mega = batch * world
+    out = []
+    for lo in range(0, len(order) - mega + 1, mega):
+        out += order[lo + rank * batch : lo + (rank + 1) * batch]
+    return out
+
+
+class MllmRecipe:
+    def __init__(self, cfg: MllmConfig, source: str | None = None, overrides: tuple[str, ...] = ()):
+        self.cfg, self.source, self.overrides = cfg, source, tuple(overrides)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def build(self):
+        m, t = self.cfg.model, self.cfg.train
+        model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
+                                       vision_feature_layer=m.vision_feature_layer,
+                                       vision_feature_select_strategy=m.vision_feature_select_strategy,
+                                       torch_dtype=m.llm.torch_dtype)  # fmt: skip
+        if m.init_from:
+            self._load_projector(model, Path(m.init_from))
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        if t.tune == "full":
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+        elif t.tune == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lc = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                            target_modules=list(t.lora.target_modules))  # fmt: skip
+            inject_adapter_in_model(lc, model.model.language_model)
+            model.model.multi_modal_projector.requires_grad_(True)
+        if not t.freeze_vision_tower:
+            model.model.vision_tower.requires_grad_(True)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return model, processor
+
+    def _load_projector(self, model, init_from: Path) -> None:
+        from safetensors.torch import load_file
+
+        folder = init_from / "model" if (init_from / "model").is_dir() else init_from
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"model.init_from={init_from}: no pretrained model (run `l2c mllm pretrain` first)"
+            )
+        state = {}
+        for f in files:  # on disk transformers writes "multi_modal_projector.*" (its legacy layout)
+            for k, v in load_file(str(f)).items():
+                name = "model." + k.removeprefix("model.")
+                if name.startswith(PROJECTOR):
+                    state[name] = v
+        own = {k: v for k, v in model.state_dict().items() if k.startswith(PROJECTOR)}
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise ValueError(f"model.init_from={init_from}: its projector does not fit this model "
+                             f"(found {sorted(state)[:4]}, need {sorted(own)[:4]} with the same shapes)")  # fmt: skip
+        model.load_state_dict(state, strict=False)
+
+    def param_groups(self, model) -> list[dict]:
+        t = self.cfg.train
+        proj, rest = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (proj if "multi_modal_projector" in name else rest).append(p)
+        proj_lr = t.projector_lr or t.lr
+        groups = [{"params": proj, "lr": proj_lr, "lr_scale": proj_lr / t.lr, "weight_decay": t.weight_decay}]
+        if rest:
+            groups.append({"params": rest, "lr": t.lr, "lr_scale": 1.0, "weight_decay": t.weight_decay})
+        return groups
+
+    def trainable_state(self, model) -> dict[str, torch.Tensor]:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+    # -- data --------------------------------------------------------------------------------------
+
+    def build_data(self, processor, model):
+        d = self.cfg.data
+        rows = read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
+        n_img = num_image_tokens(model.config.vision_config, self.cfg.model.vision_feature_select_strategy)
+        if d.max_length <= n_img:
+            raise ValueError(
+                f"data.max_length={d.max_length} leaves no room for text after {n_img} image tokens"
+            )
+        return LlavaDataset(rows.items, processor, d.template, d.max_length, n_img, model.config.image_token_id,
+                            self.cfg.model.image_aspect_ratio)  # fmt: skip
+
+    def epoch_order(self, ds: LlavaDataset, epoch: int, world: int, rank: int) -> list[int]:
+        t = self.cfg.train
+        if self.cfg.data.group_by_modality_length:
+            sampler = ModalityLengthSampler(ds.lengths, t.per_device_batch_size, world, self.cfg.run.seed)
+            sampler.epoch = epoch
+            order = list(sampler)
+        else:
+            g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
+            order = torch.randperm(len(ds), generator=g).tolist()
+        return rank_order(order, t.per_device_batch_size, world, rank)
+
+    # -- loop --------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from torch.utils.data import DataLoader, Subset
+        from tqdm.auto import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        mp = (
+            t.mixed_precision
+            if t.mixed_precision != "auto"
+            else ("bf16" if torch.cuda.is_available() else "no")
+        )
+        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        set_seed(cfg.run.seed)
+        world = acc.num_processes
+        if t.global_batch_size % (t.per_device_batch_size * world):
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
+                             f"x processes ({t.per_device_batch_size} x {world})")  # fmt: skip
+        accum = t.global_batch_size // (t.per_device_batch_size * world)
+        model, processor = self.build()
+        ds = self.build_data(processor, model)
+        if acc.is_main_process:
+            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        steps_per_epoch = len(ds) // t.global_batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
+            )
+        total = t.max_steps or t.epochs * steps_per_epoch
+        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr)
+        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
+        wrapped, opt = acc.prepare(model, opt)
+        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
+        log_path = self.run_dir / "train_log.jsonl"
+        if acc.is_main_process:
+            truncate_log(log_path, start)
+        collate = Collate(processor.tokenizer.pad_token_id)
+        bar = tqdm(
+            total=total, initial=start, desc=f"llava {t.stage}", unit="step", disable=not acc.is_main_process
+        )
+        t0, step, last, tokens = time.perf_counter(), start, float("nan"), 0
+        wrapped.train()
+        while step < total:
+            epoch = step // steps_per_epoch
+            order = self.epoch_order(ds, epoch, world, acc.process_index)
+            loader = DataLoader(Subset(ds, order), batch_size=t.per_device_batch_size, collate_fn=collate,
+                                num_workers=cfg.data.num_workers)  # fmt: skip
+            batches = iter(loader)
+            for _ in range((step - epoch * steps_per_epoch) * accum):  # resume inside the epoch
+                next(batches)
+            for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
+                if step >= total:
+                    break
+                loss_sum, t_step = 0.0, time.perf_counter()
+                step_tokens = 0
+                for _ in range(accum):
+                    batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+                    with acc.autocast():
+                        loss = wrapped(**batch).loss
+                    if not torch.isfinite(loss):  # a micro-batch with no supervised token
+                        continue
+                    acc.backward(loss / accum)
+                    loss_sum += loss.item() / accum
+                    step_tokens += int(batch["attention_mask"].sum())
+                if t.grad_clip:
+                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                last, tokens = loss_sum, tokens + step_tokens
+                tps = step_tokens * world / max(1e-9, time.perf_counter() - t_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
+                if acc.is_main_process and (step % t.log_every == 0 or step == total):
+                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
+                                          "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1)})  # fmt: skip
+                if step % t.save_every == 0 or step == total:
+                    self.save_checkpoint(acc, model, opt, sched, step)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        stats = {"steps": total, "final_loss": last, "grad_accum": accum, "rows": len(ds),
+                 "seconds_this_session": round(seconds, 1),
+                 "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None}  # fmt: skip
+        if acc.is_main_process:
+            self.save_model(acc.unwrap_model(wrapped), processor)
+            atomic_write_json(self.run_dir / "train_stats.json", stats)
+        acc.wait_for_everyone()
+        return stats
+
+    # -- checkpoints and output --------------------------------------------------------------------
+
+    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+        from safetensors.torch import save_file
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = self.trainable_state(model)
+            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
+                step, lambda d: save_file(state, str(d / "trainable.safetensors")), opt, sched)  # fmt: skip
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, model, opt, sched) -> int:
+        from safetensors.torch import load_file
+
+        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        ck = checkpoints.latest()
+        if ck is None:
+            return 0
+        state = load_file(str(ck / "trainable.safetensors"))
+        own = self.trainable_state(model)
+        if set(state) != set(own):
+            raise ValueError(f"{ck} holds other trainable weights than this run trains (train.tune or model changed); "
+                             "use a new run.output_dir")  # fmt: skip
+        model.load_state_dict(state, strict=False)
+        return int(checkpoints.restore(ck, opt, sched)["step"])
+
+    def save_model(self, model, processor) -> Path:
+        if self.cfg.train.tune == "lora":
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.merge()
+            model = _strip_lora(model)
+        m = self.cfg.model
+        meta = {"stage": self.cfg.train.stage, "template": self.cfg.data.template,
+                "image_aspect_ratio": m.image_aspect_ratio, "vision_tower": m.vision_tower,
+                "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
+        if self.cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        return save_llava(model, processor, self.run_dir / "model", meta)
+
+
+def _strip_lora(model):
+    """Replace merged LoRA layers by their base layers (so the saved keys are the plain model's)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoraLayer):
+                setattr(module, child_name, child.get_base_layer())
+    return model
+
+
+def run_mllm(cfg: MllmConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    return MllmRecipe(cfg, source, overrides).run()

@@ -1,0 +1,293 @@
+"""LLaVA-1.5 assembly, label masks, data, training with resume, exports and chat (tiny models)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from l2c_llava.cli import main
+from l2c_llava.config import load_config
+from l2c_llava.mllm.build import BuildError, build_llava, prepare_tokenizer, save_llava
+from l2c_llava.mllm.conversation import IGNORE, encode
+from l2c_llava.mllm.data import ModalityLengthSampler, padding_waste
+
+from .test_stage2_model import tiny_vision
+from .tiny_llm import save_tiny_llm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mllm")
+    save_tiny_llm(root / "llm", "llama")
+    tiny_vision().save_pretrained(root / "vision")
+    return root
+
+
+def tok_with_image():
+    tok = tiny_tokenizer()
+    image_id, _ = prepare_tokenizer(tok)
+    return tok, image_id
+
+
+def supervised(enc, tok):
+    return [tok.convert_ids_to_tokens(i) for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+
+
+def test_vicuna_labels_multi_turn_and_text_only():
+    tok, image_id = tok_with_image()
+    conv = [{"from": "human", "value": "what shapes are there ?\n<image>"}, {"from": "gpt", "value": "two red circles"},
+            {"from": "human", "value": "and the background ?"}, {"from": "gpt", "value": "a beige background"}]  # fmt: skip
+    enc = encode(
+        conv, tok, "vicuna_v1", has_image=True, image_token_id=image_id, num_image_tokens=5, max_length=500
+    )
+    # <image> moved to the start of the first human turn, followed by a newline
+    assert "USER: <image>\nwhat shapes are there ? ASSISTANT: two red circles</s>USER: and the" in enc.text
+    assert enc.text.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert supervised(enc, tok) == ["two", "red", "circles", "</s>", "a", "beige", "background", "</s>"]
+    assert enc.input_ids.count(image_id) == 5 and enc.input_ids[0] == tok.bos_token_id
+    assert all(lab == IGNORE for i, lab in zip(enc.input_ids, enc.labels) if i == image_id)
+    # labels equal the ids where supervised
+    assert all(lab in (IGNORE, i) for i, lab in zip(enc.input_ids, enc.labels))
+    text_only = encode(conv[:2], tok, "vicuna_v1", has_image=False, image_token_id=image_id, num_image_tokens=5,
+                       max_length=500)  # fmt: skip
+    assert image_id not in text_only.input_ids and supervised(text_only, tok) == [
+        "two",
+        "red",
+        "circles",
+        "</s>",
+    ]
+
+
+def test_plain_labels_and_truncation():
+    tok, image_id = tok_with_image()
+    conv = [
+        {"from": "human", "value": "<image>\nrender a short caption"},
+        {"from": "gpt", "value": "a red star"},
+    ]
+    enc = encode(
+        conv, tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4, max_length=500
+    )
+    assert enc.text == "<image>a red star\n"
+    ids = enc.input_ids
+    assert ids[:5] == [tok.bos_token_id] + [image_id] * 4 and supervised(enc, tok) == ["a", "red", "star"]
+    cut = encode(
+        conv, tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4, max_length=7
+    )
+    assert len(cut.input_ids) == 7 and supervised(cut, tok) == ["a", "red"]
+    with pytest.raises(ValueError, match="cuts into the 4 image tokens"):
+        encode(conv, tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4, max_length=3)
+    with pytest.raises(ValueError, match="turn 1 is from 'human'"):
+        encode([conv[0], conv[0]], tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4,
+               max_length=50)  # fmt: skip
+
+
+@pytest.mark.parametrize("size,patch", [(32, 8), (48, 16), (64, 16)])
+def test_image_tokens_equal_patch_features(tmp_path, parts, size, patch):
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=size, patch_size=patch)  # fmt: skip
+    CLIPVisionModel(cfg).save_pretrained(tmp_path / "v")
+    model, proc = build_llava(tmp_path / "v", SimpleNamespace(name_or_path=str(parts / "llm")))
+    want = (size // patch) ** 2
+    assert model.config.image_seq_length == want
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "red ?"}]}],
+                                    add_generation_prompt=True)  # fmt: skip
+    inputs = proc(images=Image.new("RGB", (70, 50), (1, 2, 3)), text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == want
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=inputs["pixel_values"])
+    feats = feats if isinstance(feats, torch.Tensor) else getattr(feats, "pooler_output", feats)
+    n = feats[0].shape[0] if isinstance(feats, (list, tuple)) else feats.shape[-2]
+    assert n == want
+    model(**inputs)  # the forward checks tokens == features itself
+
+
+def test_build_is_strict_and_generates_after_save_load(tmp_path, parts):
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
+
+    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    tower = CLIPVisionModel.from_pretrained(parts / "vision")
+    for k, v in tower.state_dict().items():  # the tower's trained weights, not a random tower
+        assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
+    save_llava(model, proc, tmp_path / "a")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
+    proc2 = AutoProcessor.from_pretrained(tmp_path / "a")
+    text = proc2.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                                     add_generation_prompt=True)  # fmt: skip
+    inputs = proc2(images=Image.new("RGB", (32, 32), (200, 0, 0)), text=text, return_tensors="pt")
+    a = model.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
+    b = again.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b) and a.shape[1] == inputs["input_ids"].shape[1] + 4
+    with pytest.raises(BuildError, match="not a CLIP vision model"):
+        build_llava(parts / "llm", SimpleNamespace(name_or_path=str(parts / "llm")))
+    with pytest.raises(BuildError, match="mlp2x_gelu connector only"):
+        build_llava(
+            parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type="linear"
+        )
+
+
+def test_modality_grouped_batches():
+    lengths = [10, -5, 30, -50, 12, 40, -7, 8, 22, -9, 15, 33, -2, 5]
+    s = ModalityLengthSampler(lengths, batch_size=2, world=1, seed=0)
+    order = list(s)
+    assert sorted(order) == list(range(len(lengths)))
+    batches = [order[i : i + 2] for i in range(0, len(order), 2)]
+    mixed = [b for b in batches if len({lengths[i] > 0 for i in b}) > 1]
+    assert len(mixed) <= 1  # only the merged remainder may mix modalities
+    s.epoch = 1
+    assert list(s) != order
+    # within each mega-batch (batch x processes) rows come longest first, as LLaVA's sampler does
+    s2 = ModalityLengthSampler(lengths, batch_size=2, world=2, seed=0)
+    order2 = list(s2)
+    megas = [order2[i : i + 4] for i in range(0, len(order2), 4)]
+    for m in megas:
+        if len({lengths[i] > 0 for i in m}) == 1:
+            assert [abs(lengths[i]) for i in m] == sorted((abs(lengths[i]) for i in m), reverse=True)
+    assert padding_waste([0, 1], [3, -1], 2) == pytest.approx(1 / 3)
+
+
+def mllm_config(tmp_path, parts, synth_dir, stage, out, extra=()):
+    path = tmp_path / f"{out.name}.yaml"
+    tune = "projector" if stage == "pretrain" else "full"
+    data = "pretrain" if stage == "pretrain" else "instruct"
+    template = "plain" if stage == "pretrain" else "vicuna_v1"
+    path.write_text(f"""recipe: mllm
+run: {{output_dir: {out}, seed: 3}}
+model: {{vision_tower: {parts / "vision"}, llm: {{name_or_path: {parts / "llm"}, torch_dtype: float32}}}}
+data: {{path: {synth_dir}/llava/{data}.json, image_root: {synth_dir}/images, template: {template}, max_length: 120,
+        num_workers: 0}}
+train: {{stage: {stage}, tune: {tune}, lr: 1.0e-3, global_batch_size: 4, per_device_batch_size: 2, max_steps: 3,
+         mixed_precision: "no", gradient_checkpointing: false, save_every: 1, log_every: 1, warmup_ratio: 0.0}}
+""")
+    return path, load_config(path, list(extra))
+
+
+def saved_state(folder):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth_dir, monkeypatch, capsys):
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre")
+    original = MllmRecipe.save_checkpoint
+
+    def die_after_2(self, acc, model, opt, sched, step):
+        original(self, acc, model, opt, sched, step)
+        if step == 2:
+            raise Killed
+
+    monkeypatch.setattr(MllmRecipe, "save_checkpoint", die_after_2)
+    with pytest.raises(Killed):
+        MllmRecipe(cfg).run()
+    monkeypatch.setattr(MllmRecipe, "save_checkpoint", original)
+    stats = MllmRecipe(cfg).run()
+    assert stats["steps"] == 3 and stats["grad_accum"] == 2
+    _, straight = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre_straight")
+    MllmRecipe(straight).run()
+    a, b = saved_state(tmp_path / "pre" / "model"), saved_state(tmp_path / "pre_straight" / "model")
+    proj = [k for k in a if "multi_modal_projector" in k]
+    assert proj and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    built, _ = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    init = built.state_dict()
+    assert not torch.allclose(a[proj[0]], init[proj[0]])  # the projector trained
+    lm_key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[lm_key], init[lm_key])  # and only the projector
+    log = [json.loads(x) for x in (tmp_path / "pre" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["tokens_per_second"] > 0 for r in log)
+    # finetune from the pretrained projector, full LLM, through the CLI
+    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
+    assert main(["mllm", "finetune", "--config", str(path), f"model.init_from={tmp_path / 'pre'}"]) == 0
+    f = saved_state(tmp_path / "ft" / "model")
+    assert not torch.equal(f[lm_key], init[lm_key])
+    # the config's stage must match the command
+    capsys.readouterr()
+    assert main(["mllm", "pretrain", "--config", str(path)]) == 2
+    assert "run it with `l2c mllm finetune`" in capsys.readouterr().err
+
+
+def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "lora",
+                         ["train.tune=lora", "train.lora.r=4", "train.lora.alpha=8", "train.projector_lr=1e-4",
+                          "train.max_steps=2"])  # fmt: skip
+    MllmRecipe(cfg).run()
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "lora" / "model", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, parts, synth_dir, capsys):
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+
+    from l2c_llava.mllm.export import original_to_hf
+
+    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    torch.nn.init.normal_(model.model.multi_modal_projector.linear_1.weight)
+    save_llava(model, proc, tmp_path / "a")
+    args = ["export", "llava", "--model", str(tmp_path / "a"), "--format", "original", "--out"]
+    assert main([*args, str(tmp_path / "x")]) == 2
+    assert "contains 'llava'" in capsys.readouterr().err
+    out = tmp_path / "llava-v1.5-tiny"
+    assert main([*args, str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
+    assert config["mm_vision_select_feature"] == "patch" and config["mm_hidden_size"] == 32
+    assert config["mm_vision_tower"] == str((out / "vision_tower").resolve())
+    original = load_file(str(out / "model.safetensors"))
+    assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.embed_tokens.weight"} <= set(
+        original
+    )
+    # the whole original checkpoint (its tower where the original code keeps it) through transformers' rules
+    tower = CLIPVisionModel.from_pretrained(out / "vision_tower").state_dict()
+    original |= {"model.vision_tower.vision_tower.vision_model." + k: v for k, v in tower.items()}
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in original_to_hf(original).items()}, str(converted / "model.safetensors")
+    )
+    (converted / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(converted, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
+    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
+    image = next((synth_dir / "images").rglob("*.jpg"))
+    assert main(["mllm", "chat", "--model", str(tmp_path / "a"), "--image", str(image), "--max-new-tokens", "3",
+                 "what shapes are there ?"]) == 0  # fmt: skip
+    rows = json.loads((synth_dir / "llava" / "instruct.json").read_text())
+    rows[1]["image"] = "00000/missing.jpg"
+    rows[2]["conversations"] = [{"from": "gpt", "value": "x"}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows))
+    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "badrun")
+    capsys.readouterr()
+    assert main(["mllm", "finetune", "--config", str(path), f"data.path={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "item 1" in err and "missing.jpg" in err and "item 2" in err
