@@ -377,6 +377,22 @@ def _cmd_mllm_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mllm_eval_vqa(args: argparse.Namespace) -> int:
+    from l2c_llava.data.images import ImageError
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.mllm.evaluate import evaluate_vqa
+    from l2c_llava.mllm.export import LlavaExportError
+
+    try:
+        m = evaluate_vqa(args.model, args.questions, args.image_root, args.out or args.model, train_json=args.train_json,
+                         batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+    except (DataError, ImageError, LlavaExportError, FileNotFoundError) as e:
+        print(f"l2c mllm eval-vqa: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(m, indent=2))
+    return 0
+
+
 def _cmd_export_llava(args: argparse.Namespace) -> int:
     from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
 
@@ -515,6 +531,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         p.set_defaults(func=_cmd_mllm_train)
+    p = mmsub.add_parser(
+        "eval-vqa", help="short-answer accuracy on held-out questions, beside the answer prior"
+    )
+    p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
+    p.add_argument("--questions", required=True, help="JSONL: question_id, image, question, answers, type")
+    p.add_argument("--image-root", required=True)
+    p.add_argument(
+        "--train-json", default=None, help="LLaVA training JSON, for the most-frequent-answer prior"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for vqa_metrics.json / vqa_answers.jsonl (default: --model)"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.set_defaults(func=_cmd_mllm_eval_vqa)
     p = mmsub.add_parser("chat", help="answer one question about one image (greedy)")
     p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
     p.add_argument("--image", default=None)

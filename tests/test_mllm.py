@@ -291,3 +291,24 @@ def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
     assert main(["mllm", "finetune", "--config", str(path), f"data.path={bad}"]) == 2
     err = capsys.readouterr().err
     assert "item 1" in err and "missing.jpg" in err and "item 2" in err
+
+
+def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsys):
+    from l2c_llava.mllm.evaluate import normalize
+
+    assert (
+        normalize(" Two.") == "2"
+        and normalize("The red") == "red"
+        and normalize("top left\nmore") == "top left"
+    )
+    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    save_llava(model, proc, tmp_path / "m", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
+    args = ["mllm", "eval-vqa", "--model", str(tmp_path / "m"), "--questions", str(synth_dir / "eval" / "vqa_test.jsonl"),
+            "--image-root", str(synth_dir / "images"), "--train-json", str(synth_dir / "llava" / "instruct.json"),
+            "--limit", "6", "--batch-size", "4"]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "m" / "vqa_metrics.json").read_text())
+    assert metrics["n"] == 6 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["prior"]["accuracy"] <= 1
+    answers = [json.loads(x) for x in (tmp_path / "m" / "vqa_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 6 and all("prediction" in a for a in answers)
+    assert metrics["accuracy"] == sum(a["correct"] for a in answers) / 6
