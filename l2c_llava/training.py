@@ -41,6 +41,43 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+# settings that may change between a run and its resume (they do not change what is trained)
+RESUME_FREE = {"run.resume", "train.log_every", "train.save_every", "train.keep_checkpoints", "data.num_workers",
+               "eval", "export"}  # fmt: skip
+
+
+def check_resume_config(run_dir: Path, cfg) -> None:
+    """Refuse to resume checkpoints written under another config (a changed schedule, model or data
+    would silently continue a different run): name the keys that differ."""
+    import yaml
+
+    from l2c_llava.config.core import config_to_dict
+
+    old_path = Path(run_dir) / "config.yaml"
+    if not Checkpoints(run_dir, 1).all() or not old_path.is_file() or not getattr(cfg.run, "resume", True):
+        return
+    old = yaml.safe_load(old_path.read_text()) or {}
+    new = config_to_dict(cfg)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE or k == "run.output_dir"  # noqa: E731
+    differ = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:4])
+        raise ValueError(f"{run_dir} holds checkpoints of a run with another config ({shown}). Use a new "
+                         "run.output_dir, or run.resume=false to start over there")  # fmt: skip
+
+
 class Checkpoints:
     def __init__(self, run_dir: Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -142,6 +179,7 @@ class ContrastiveRecipe:
         acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         set_seed(cfg.run.seed)
         dataset, n = self.build_data(acc)
+        check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
         model = self.build_model(acc)

@@ -206,10 +206,19 @@ def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
     model = LLM2CLIP.from_pretrained(root / "s2")
     with pytest.raises(ValueError, match="dimension 7; the adapter of .* takes 12"):
         model.get_text_features_from_llm(torch.randn(2, 7))
-    # resuming a run with the features of another encoder (another dimension) stops with the reason
+    # resuming a run with the features of another encoder: the config check names the changed key,
+    # and a checkpoint of another shape is refused with the tensor that does not fit
     pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
     build_cache(tmp_path / "cache" / "train", pair_captions(pairs), encoder, shard_size=64,
                 load_encoder=lambda: FakeEncoder(dim=10), progress=False)  # fmt: skip
     other = load_config(cfg_path, [f"cache.dir={tmp_path / 'cache'}", "train.max_steps=4"])
-    with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
+    with pytest.raises(ValueError, match="another config .*cache.dir"):
         Stage2Recipe(other).run()
+    from transformers import CLIPModel
+
+    tower = CLIPModel.from_pretrained(root / "clip" / "model").vision_model
+    wrong = LLM2CLIPModel.from_vision_tower(tower, 10, projection_dim=16, num_blocks=2)
+    opt = torch.optim.AdamW(wrong.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
+        Stage2Recipe(cfg).load_checkpoint(wrong, opt, sched)

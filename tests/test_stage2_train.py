@@ -215,3 +215,21 @@ def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, syn
     with pytest.raises(ExportError, match="neither an LLM2CLIP export"):
         export_vision(tmp_path, tmp_path / "x")
     assert main(["export", "vision", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_resume_refuses_a_changed_config(tmp_path, setup, synth_dir):
+    root, vision_dir, encoder, _ = setup
+    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2"])).run()
+    changed = config(
+        root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2", "train.lr=5e-4"]
+    )
+    with pytest.raises(ValueError, match=r"another config \(train.lr: 0.001 -> 0.0005\)"):
+        Stage2Recipe(changed).run()
+    # logging settings may change; run.resume=false starts over
+    Stage2Recipe(
+        config(
+            root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2", "train.log_every=2"]
+        )
+    ).run()
+    assert Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "r",
+                               ["train.max_steps=2", "train.lr=5e-4", "run.resume=false"])).run()["steps"] == 2  # fmt: skip

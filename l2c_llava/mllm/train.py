@@ -22,7 +22,7 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.mllm.build import build_llava, num_image_tokens, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
-from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
+from l2c_llava.training import Checkpoints, append_log, check_resume_config, make_scheduler, truncate_log
 
 logger = logging.getLogger("l2c_llava.mllm")
 
@@ -156,6 +156,7 @@ class MllmRecipe:
         accum = t.global_batch_size // (t.per_device_batch_size * world)
         model, processor = self.build()
         ds = self.build_data(processor, model)
+        check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
         steps_per_epoch = len(ds) // t.global_batch_size
