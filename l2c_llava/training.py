@@ -111,6 +111,39 @@ class Checkpoints:
         logger.info("checkpoint %s", final)
         return final
 
+    def save_state(
+        self, acc, step: int, state_fn: Callable[[], dict], opt, sched, name: str = "model.safetensors"
+    ) -> None:
+        """Every process meets here; the main one writes `state_fn()` (tensors) as safetensors."""
+        from safetensors.torch import save_file
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = state_fn()
+            self.save(step, lambda d: save_file(state, str(d / name)), opt, sched)
+        acc.wait_for_everyone()
+
+    def load_state(self, model, own: dict, opt, sched, name: str = "model.safetensors") -> int:
+        """Restore the latest checkpoint into `model` (whose checkpointed tensors are `own`) and the
+        optimizer state; 0 when there is none. Other tensor names or shapes are refused with the reason."""
+        from safetensors.torch import load_file
+
+        ck = self.latest()
+        if ck is None:
+            return 0
+        state = load_file(str(ck / name))
+        if set(state) != set(own):
+            extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+            raise ValueError(f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
+                             "train.tune or the model changed; use a new run.output_dir")  # fmt: skip
+        wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
+                 if v.shape != own[k].shape]  # fmt: skip
+        if wrong:
+            raise ValueError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
+                             "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
+        model.load_state_dict(state, strict=False)
+        return int(self.restore(ck, opt, sched)["step"])
+
     def restore(self, ck: Path, opt, sched) -> dict:
         """Load optimizer, scheduler and RNG states from `ck`; returns the whole trainer state."""
         state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
@@ -276,27 +309,10 @@ class ContrastiveRecipe:
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
     def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
-        from safetensors.torch import save_file
-
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = self._state(model)
-            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
-                step, lambda d: save_file(state, str(d / "model.safetensors")), opt, sched)  # fmt: skip
-        acc.wait_for_everyone()
+        Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
+            acc, step, lambda: self._state(model), opt, sched
+        )
 
     def load_checkpoint(self, model, opt, sched) -> int:
-        from safetensors.torch import load_file
-
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        ck = checkpoints.latest()
-        if ck is None:
-            return 0
-        state, own = load_file(str(ck / "model.safetensors")), model.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
-                 if k in own and v.shape != own[k].shape]  # fmt: skip
-        if wrong:
-            raise ValueError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
-                             "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
-        model.load_state_dict(state)
-        return int(checkpoints.restore(ck, opt, sched)["step"])
+        return checkpoints.load_state(model, self._state(model), opt, sched)

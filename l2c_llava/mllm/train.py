@@ -229,29 +229,15 @@ class MllmRecipe:
     # -- checkpoints and output --------------------------------------------------------------------
 
     def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
-        from safetensors.torch import save_file
-
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = self.trainable_state(model)
-            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
-                step, lambda d: save_file(state, str(d / "trainable.safetensors")), opt, sched)  # fmt: skip
-        acc.wait_for_everyone()
+        Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
+            acc, step, lambda: self.trainable_state(model), opt, sched, name="trainable.safetensors"
+        )
 
     def load_checkpoint(self, model, opt, sched) -> int:
-        from safetensors.torch import load_file
-
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        ck = checkpoints.latest()
-        if ck is None:
-            return 0
-        state = load_file(str(ck / "trainable.safetensors"))
-        own = self.trainable_state(model)
-        if set(state) != set(own):
-            raise ValueError(f"{ck} holds other trainable weights than this run trains (train.tune or model changed); "
-                             "use a new run.output_dir")  # fmt: skip
-        model.load_state_dict(state, strict=False)
-        return int(checkpoints.restore(ck, opt, sched)["step"])
+        return checkpoints.load_state(
+            model, self.trainable_state(model), opt, sched, name="trainable.safetensors"
+        )
 
     def save_model(self, model, processor) -> Path:
         if self.cfg.train.tune == "lora":
