@@ -233,10 +233,8 @@ class ContrastiveRecipe:
         epoch = start // steps_per_epoch if steps_per_epoch else 0
         while step < total:
             dataset.epoch = epoch
-            batches = iter(self._loader(dataset, epoch, acc))
-            if steps_per_epoch:  # skip what this epoch already trained (resume)
-                for _ in range((step - epoch * steps_per_epoch) * t.grad_accum):
-                    next(batches)
+            done_micro = (step - epoch * steps_per_epoch) * t.grad_accum if steps_per_epoch else 0
+            batches = iter(self._loader(dataset, epoch, acc, skip_batches=done_micro))  # resume mid-epoch
             done_epoch, steps_before = False, step
             while step < total and not done_epoch:
                 loss_sum, micro = 0.0, 0
@@ -288,7 +286,9 @@ class ContrastiveRecipe:
         acc.wait_for_everyone()
         return stats
 
-    def _loader(self, dataset, epoch: int, acc):
+    def _loader(self, dataset, epoch: int, acc, skip_batches: int = 0):
+        """This process's batches of the epoch; `skip_batches` already trained ones are left out of the
+        order (not loaded and thrown away)."""
         from torch.utils.data import DataLoader, IterableDataset, Subset
 
         t, d = self.cfg.train, self.cfg.data
@@ -298,7 +298,7 @@ class ContrastiveRecipe:
             )
         g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
         order = torch.randperm(len(dataset), generator=g)
-        mine = order[acc.process_index :: acc.num_processes].tolist()
+        mine = order[acc.process_index :: acc.num_processes].tolist()[skip_batches * t.batch_size :]
         return DataLoader(Subset(dataset, mine), batch_size=t.batch_size, shuffle=False, num_workers=d.num_workers,
                           drop_last=True, collate_fn=self.collate)  # fmt: skip
 

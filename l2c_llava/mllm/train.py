@@ -181,11 +181,10 @@ class MllmRecipe:
         while step < total:
             epoch = step // steps_per_epoch
             order = self.epoch_order(ds, epoch, world, acc.process_index)
-            loader = DataLoader(Subset(ds, order), batch_size=t.per_device_batch_size, collate_fn=collate,
-                                num_workers=cfg.data.num_workers)  # fmt: skip
+            done_rows = (step - epoch * steps_per_epoch) * accum * t.per_device_batch_size  # resume mid-epoch
+            loader = DataLoader(Subset(ds, order[done_rows:]), batch_size=t.per_device_batch_size,
+                                collate_fn=collate, num_workers=cfg.data.num_workers)  # fmt: skip
             batches = iter(loader)
-            for _ in range((step - epoch * steps_per_epoch) * accum):  # resume inside the epoch
-                next(batches)
             for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
                 if step >= total:
                     break
