@@ -127,10 +127,32 @@ def test_build_is_strict_and_generates_after_save_load(tmp_path, parts):
     assert torch.equal(a, b) and a.shape[1] == inputs["input_ids"].shape[1] + 4
     with pytest.raises(BuildError, match="not a CLIP vision model"):
         build_llava(parts / "llm", SimpleNamespace(name_or_path=str(parts / "llm")))
-    with pytest.raises(BuildError, match="mlp2x_gelu connector only"):
+    with pytest.raises(BuildError, match="mlp2x_gelu or linear connectors only"):
         build_llava(
-            parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type="linear"
+            parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type="qformer"
         )
+
+
+def test_linear_projector_is_one_linear_and_stays_so(tmp_path, parts, synth_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from l2c_llava.mllm.export import export_original
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "lin",
+                         ["model.projector_type=linear", "train.max_steps=2"])  # fmt: skip
+    MllmRecipe(cfg).run()
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lin" / "model")
+    proj = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "linear"
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.allclose(proj(x), proj.linear_1(x), atol=1e-6)  # a single Linear, trained
+    out = export_original(tmp_path / "lin", tmp_path / "llava-linear")
+    config = json.loads((out / "config.json").read_text())
+    weights = load_file(str(out / "model.safetensors"))
+    assert config["mm_projector_type"] == "linear" and "model.mm_projector.weight" in weights
+    assert not any(k.startswith("model.mm_projector.2") for k in weights)
 
 
 def test_modality_grouped_batches():

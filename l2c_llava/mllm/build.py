@@ -3,7 +3,8 @@
 
 - vision: a transformers ``CLIPVisionModel`` folder (``l2c export vision``) or a ``CLIPModel`` folder
   (OpenAI CLIP, the demo baseline); penultimate layer, patch tokens only (CLS dropped);
-- projector ``mlp2x_gelu``: Linear(vision -> LLM), GELU, Linear(LLM -> LLM);
+- projector ``mlp2x_gelu``: Linear(vision -> LLM), GELU, Linear(LLM -> LLM); or ``linear``: one
+  Linear(vision -> LLM) (held as transformers' two linears, the second a frozen identity);
 - LLM: a transformers folder (Vicuna-7B-v1.5), a .gguf file or the embedded SmolLM2;
 - tokenizer: ``<image>`` added as a special token; a pad token distinct from end-of-sequence (the
   unknown token where there is one, as LLaVA does for Llama, else ``<pad>``);
@@ -43,6 +44,16 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- for c in message['content'] if c['type'] == 'text' -%}{{- ' ' + c['text'] + eos_token -}}{%- endfor -%}"
     "{%- endif -%}{%- endif -%}{%- endfor -%}"
 )
+
+
+# projector_type -> the activation between transformers' two projector linears. "linear" (LLaVA's
+# single nn.Linear) is linear_1 followed by a frozen identity linear_2: the same function, and a
+# model transformers' LLaVA class loads as it is.
+PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+
+
+def projector_type_of(config) -> str:
+    return "linear" if config.projector_hidden_act == "linear" else "mlp2x_gelu"
 
 
 class BuildError(ValueError):
@@ -101,9 +112,9 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     from l2c_llava.stage1.encoder import local_llm_folder
     from l2c_llava.stage2.train import load_vision_tower
 
-    if projector_type != "mlp2x_gelu":
-        raise BuildError(f"projector_type {projector_type!r}: transformers' LLaVA class holds the mlp2x_gelu "
-                         "connector only; use mlp2x_gelu")  # fmt: skip
+    if projector_type not in PROJECTORS:
+        raise BuildError(f"projector_type {projector_type!r}: transformers' LLaVA class holds "
+                         f"{' or '.join(PROJECTORS)} connectors only")  # fmt: skip
     try:
         tower = load_vision_tower(str(vision_tower))
     except ValueError as e:
@@ -121,7 +132,7 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     text_config.pad_token_id = tokenizer.pad_token_id
     config = LlavaConfig(
         vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_id=image_id,
-        projector_hidden_act="gelu", vision_feature_layer=vision_feature_layer,
+        projector_hidden_act=PROJECTORS[projector_type], vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_seq_length=num_image_tokens(tower.config, vision_feature_select_strategy),
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
@@ -134,6 +145,10 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     body = {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
     _strict_copy(model.model.language_model, body, f"LLM {llm.name_or_path}")
     model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    if projector_type == "linear":  # LLaVA's single Linear: linear_1, then an identity linear_2 (kept frozen)
+        with torch.no_grad():
+            model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(text_config.hidden_size))
+            model.model.multi_modal_projector.linear_2.bias.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
     processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy)

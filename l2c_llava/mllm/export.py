@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.io import publish_folder
+from l2c_llava.mllm.build import projector_type_of
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
@@ -72,14 +73,21 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def original_state_dict(model) -> dict[str, torch.Tensor]:
     """The original LLaVA key layout of a transformers LLaVA model (vision tower excluded: it lives in
-    its own folder)."""
+    its own folder). A ``linear`` projector is one ``model.mm_projector`` Linear."""
+    linear = projector_type_of(model.config) == "linear"
+    if linear:
+        second = model.model.multi_modal_projector.linear_2
+        eye = torch.eye(second.weight.shape[0], dtype=second.weight.dtype)
+        if not (torch.equal(second.weight, eye) and not second.bias.any()):
+            raise LlavaExportError("a linear projector whose second layer is not the identity cannot be written "
+                                   "as LLaVA's single mm_projector Linear")  # fmt: skip
     out = {}
     for k, v in model.state_dict().items():
         if k.startswith("model.language_model."):
             out["model." + k.removeprefix("model.language_model.")] = v
         elif k.startswith("model.multi_modal_projector.linear_1."):
-            out["model.mm_projector.0." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("model.multi_modal_projector.linear_2."):
+            out[("model.mm_projector." if linear else "model.mm_projector.0.") + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.multi_modal_projector.linear_2.") and not linear:
             out["model.mm_projector.2." + k.rsplit(".", 1)[1]] = v
         elif k.startswith("lm_head."):
             out[k] = v
@@ -124,7 +132,7 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         config = tc.to_dict()
         config.update({
             "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-            "mm_vision_tower": str((out / "vision_tower").resolve()), "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_tower": str((out / "vision_tower").resolve()), "mm_projector_type": projector_type_of(model.config),
             "mm_vision_select_layer": model.config.vision_feature_layer,
             "mm_vision_select_feature": "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch",
             "mm_hidden_size": vc.hidden_size, "image_aspect_ratio": meta.get("image_aspect_ratio", "pad"),

@@ -54,7 +54,7 @@ class MllmRecipe:
         if m.init_from:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
-        model.model.multi_modal_projector.requires_grad_(True)
+        self._projector_trainable(model)
         if t.tune == "full":
             model.model.language_model.requires_grad_(True)
             model.lm_head.requires_grad_(True)
@@ -64,13 +64,19 @@ class MllmRecipe:
             lc = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                             target_modules=list(t.lora.target_modules))  # fmt: skip
             inject_adapter_in_model(lc, model.model.language_model)
-            model.model.multi_modal_projector.requires_grad_(True)
+            self._projector_trainable(model)
         if not t.freeze_vision_tower:
             model.model.vision_tower.requires_grad_(True)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         return model, processor
+
+    def _projector_trainable(self, model) -> None:
+        proj = model.model.multi_modal_projector
+        proj.requires_grad_(True)
+        if self.cfg.model.projector_type == "linear":
+            proj.linear_2.requires_grad_(False)  # the identity that makes it a single Linear
 
     def _load_projector(self, model, init_from: Path) -> None:
         from safetensors.torch import load_file
