@@ -334,3 +334,30 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
     answers = [json.loads(x) for x in (tmp_path / "m" / "vqa_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 6 and all("prediction" in a for a in answers)
     assert metrics["accuracy"] == sum(a["correct"] for a in answers) / 6
+
+
+def test_labels_with_a_byte_level_bpe_tokenizer_keep_the_first_answer_token():
+    """GPT-2-style tokenizers (SmolLM2, Llama 3, Qwen) merge the space before an answer into its first
+    token; that token must carry the loss, or a one-word answer teaches only the end token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=False)
+    corpus = [
+        "USER: what colour is it ? ASSISTANT: red",
+        "A chat between a curious user and an assistant.",
+    ] * 20
+    bpe.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_end|>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    image_id, _ = prepare_tokenizer(tok)
+    conv = [{"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"}]
+    enc = encode(
+        conv, tok, "vicuna_v1", has_image=True, image_token_id=image_id, num_image_tokens=3, max_length=500
+    )
+    text = tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE])
+    assert text.strip() == "red<|im_end|>"
+    assert "ASSISTANT" not in text and ":" not in text

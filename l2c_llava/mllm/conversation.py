@@ -7,7 +7,7 @@ role words, the image tokens and padding. ``</s>`` is the LLM's own end-of-seque
 is ``</s>``; the demo's SmolLM2 uses ``<|im_end|>``).
 
 The whole text is tokenized at once (the same tokens a prompt gets at inference) and a token is
-supervised when its characters start inside an answer span (fast tokenizers' offset mapping), so the
+supervised when its characters overlap an answer span (fast tokenizers' offset mapping), so the
 masks need none of the length arithmetic of the original code. As in LLaVA, ``<image>`` moves to
 the start of the first human turn followed by a newline.
 """
@@ -101,7 +101,9 @@ def encode(conversations: list[dict], tokenizer, template: str, *, has_image: bo
             ids += [image_token_id] * num_image_tokens
             labels += [IGNORE] * num_image_tokens
             continue
-        inside = end > start and any(lo <= start < hi for lo, hi in spans)
+        # supervised when the token overlaps an answer: byte-level BPE merges the space before an
+        # answer into its first token ("ASSISTANT: red" -> ":", " red"), whose offsets start at the space
+        inside = end > start and any(start < hi and end > lo for lo, hi in spans)
         ids.append(tok)
         labels.append(tok if inside else IGNORE)
     if has_image and ids.count(image_token_id) != num_image_tokens:
