@@ -230,11 +230,21 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     assert torch.equal(a[lm_key], init[lm_key])  # and only the projector
     log = [json.loads(x) for x in (tmp_path / "pre" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["tokens_per_second"] > 0 for r in log)
-    # finetune from the pretrained projector, full LLM, through the CLI
+    # finetune from the pretrained projector, full LLM, through the CLI; killed after step 2 it
+    # resumes to the same weights as a straight run
+    init_from = f"model.init_from={tmp_path / 'pre'}"
     path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
-    assert main(["mllm", "finetune", "--config", str(path), f"model.init_from={tmp_path / 'pre'}"]) == 0
-    f = saved_state(tmp_path / "ft" / "model")
+    monkeypatch.setattr(MllmRecipe, "save_checkpoint", die_after_2)
+    with pytest.raises(Killed):
+        main(["mllm", "finetune", "--config", str(path), init_from])
+    monkeypatch.setattr(MllmRecipe, "save_checkpoint", original)
+    assert main(["mllm", "finetune", "--config", str(path), init_from]) == 0
+    straight_path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft_straight")
+    assert main(["mllm", "finetune", "--config", str(straight_path), init_from]) == 0
+    f, g = saved_state(tmp_path / "ft" / "model"), saved_state(tmp_path / "ft_straight" / "model")
     assert not torch.equal(f[lm_key], init[lm_key])
+    assert all(torch.allclose(f[k], g[k], atol=1e-6) for k in f)
+    assert torch.allclose(f[proj[0]], a[proj[0]], atol=0.1) and not torch.equal(f[proj[0]], init[proj[0]])
     # the config's stage must match the command
     capsys.readouterr()
     assert main(["mllm", "pretrain", "--config", str(path)]) == 2
