@@ -78,6 +78,15 @@ def check_resume_config(run_dir: Path, cfg) -> None:
                          "run.output_dir, or run.resume=false to start over there")  # fmt: skip
 
 
+def finished_stats(run_dir: Path, start: int, total: int) -> dict | None:
+    """The saved train_stats.json when the run already trained all `total` steps and saved its model."""
+    stats = Path(run_dir) / "train_stats.json"
+    if start < total or not stats.is_file() or not (Path(run_dir) / "model").is_dir():
+        return None
+    logger.info("%s already finished (%d steps); nothing to do", run_dir, total)
+    return json.loads(stats.read_text())
+
+
 class Checkpoints:
     def __init__(self, run_dir: Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -225,6 +234,9 @@ class ContrastiveRecipe:
         sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
         wrapped, opt = acc.prepare(model, opt)
         start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
+        done = finished_stats(self.run_dir, start, total)
+        if done is not None:  # a re-run of a finished run: keep its model and numbers
+            return done
         log_path = self.run_dir / "train_log.jsonl"
         if acc.is_main_process:
             truncate_log(log_path, start)

@@ -46,9 +46,11 @@ def test_pretrain_writes_a_standard_clip_folder(tmp_path, synth_dir, capsys):
         out = model.get_text_features(**ids)
     feats = out if isinstance(out, torch.Tensor) else out.pooler_output
     assert feats.shape == (2, 16) and torch.isfinite(feats).all()
-    # a re-run finds the finished checkpoint and trains no further step
+    # a re-run finds the finished run, trains no further step and keeps its numbers
+    stats = json.loads((tmp_path / "clip" / "train_stats.json").read_text())
     assert main(["clip", "pretrain", "--config", str(path)]) == 0
     assert len((tmp_path / "clip" / "train_log.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "clip" / "train_stats.json").read_text()) == stats
 
 
 def test_caption_choice_is_reproducible_and_follows_dense_share():

@@ -22,7 +22,14 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.mllm.build import build_llava, num_image_tokens, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
-from l2c_llava.training import Checkpoints, append_log, check_resume_config, make_scheduler, truncate_log
+from l2c_llava.training import (
+    Checkpoints,
+    append_log,
+    check_resume_config,
+    finished_stats,
+    make_scheduler,
+    truncate_log,
+)
 
 logger = logging.getLogger("l2c_llava.mllm")
 
@@ -175,6 +182,9 @@ class MllmRecipe:
         sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
         wrapped, opt = acc.prepare(model, opt)
         start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
+        done = finished_stats(self.run_dir, start, total)
+        if done is not None:  # a re-run of a finished run: keep its model and numbers
+            return done
         log_path = self.run_dir / "train_log.jsonl"
         if acc.is_main_process:
             truncate_log(log_path, start)
