@@ -290,7 +290,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         else:
             out = export.export_llm2clip(args.run, args.out, text_encoder=args.text_encoder)
             print(
-                f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.LLM2CLIP.from_pretrained)"
+                f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.stage2.llm2clip.LLM2CLIP.from_pretrained)"
             )
     except (export.ExportError, FileNotFoundError) as e:
         print(f"l2c export {args.export_command}: {e}", file=sys.stderr)
