@@ -21,6 +21,25 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else no mixed precision."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(mixed_precision: str, seed: int):
+    """The accelerate Accelerator every recipe runs under (CPU when there is no GPU), seeded."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = Accelerator(
+        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available()
+    )
+    set_seed(seed)
+    return acc
+
+
 def make_scheduler(opt, schedule: str, total: int, warmup_steps: int | None, warmup_ratio: float | None):
     """transformers' schedule by name ('constant' warms up too), warmup in steps or as a ratio."""
     from transformers import get_scheduler
@@ -205,21 +224,13 @@ class ContrastiveRecipe:
     def run(self) -> dict:
         import time
 
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         from l2c_llava.runs import prepare_run_dir
         from l2c_llava.stage2.model import clip_loss
 
         cfg, t = self.cfg, self.cfg.train
-        mp = (
-            t.mixed_precision
-            if t.mixed_precision != "auto"
-            else ("bf16" if torch.cuda.is_available() else "no")
-        )
-        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
-        set_seed(cfg.run.seed)
+        acc = make_accelerator(t.mixed_precision, cfg.run.seed)
         dataset, n = self.build_data(acc)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:

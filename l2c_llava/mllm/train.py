@@ -27,6 +27,7 @@ from l2c_llava.training import (
     append_log,
     check_resume_config,
     finished_stats,
+    make_accelerator,
     make_scheduler,
     truncate_log,
 )
@@ -149,19 +150,11 @@ class MllmRecipe:
     # -- loop --------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
         from torch.utils.data import DataLoader, Subset
         from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        mp = (
-            t.mixed_precision
-            if t.mixed_precision != "auto"
-            else ("bf16" if torch.cuda.is_available() else "no")
-        )
-        acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
-        set_seed(cfg.run.seed)
+        acc = make_accelerator(t.mixed_precision, cfg.run.seed)
         world = acc.num_processes
         if t.global_batch_size % (t.per_device_batch_size * world):
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "

@@ -42,15 +42,9 @@ from l2c_llava.stage1.encoder import (
     lora_targets,
 )
 from l2c_llava.stage1.loss import hard_negative_nll_loss
-from l2c_llava.training import Checkpoints, append_log, make_scheduler, truncate_log
+from l2c_llava.training import Checkpoints, append_log, make_accelerator, make_scheduler, truncate_log
 
 logger = logging.getLogger("l2c_llava.stage1")
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def config_digest(cfg: Stage1Config) -> str:
@@ -75,15 +69,7 @@ class Stage1Recipe:
     # -- setup --------------------------------------------------------------------------------
 
     def _accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        acc = Accelerator(
-            mixed_precision=resolve_mixed_precision(self.cfg.train.mixed_precision),
-            cpu=not torch.cuda.is_available(),
-        )
-        set_seed(self.cfg.run.seed)
-        return acc
+        return make_accelerator(self.cfg.train.mixed_precision, self.cfg.run.seed)
 
     def _log_to_file(self) -> logging.Handler:
         handler = logging.FileHandler(self.run_dir / "train.log")
