@@ -14,7 +14,9 @@ import logging
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,6 +106,32 @@ def finished_stats(run_dir: Path, start: int, total: int) -> dict | None:
         return None
     logger.info("%s already finished (%d steps); nothing to do", run_dir, total)
     return json.loads(stats.read_text())
+
+
+@dataclass
+class OpenRun:
+    wrapped: Any
+    opt: Any
+    sched: Any
+    start: int
+    log_path: Path
+    finished: dict | None
+
+
+def open_run(recipe, acc, model, groups: list[dict], total: int, **adamw) -> OpenRun:
+    """What every training loop does before its first step: AdamW on the recipe's groups, the schedule,
+    accelerate's wrapping, the resume from the last checkpoint (``run.resume``), and the training log
+    cut back to that step. ``finished`` holds the saved stats when the run is already complete."""
+    t = recipe.cfg.train
+    opt = torch.optim.AdamW(groups, **adamw)
+    sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
+    wrapped, opt = acc.prepare(model, opt)
+    start = recipe.load_checkpoint(model, opt, sched) if recipe.cfg.run.resume else 0
+    log_path = recipe.run_dir / "train_log.jsonl"
+    finished = finished_stats(recipe.run_dir, start, total)
+    if finished is None and acc.is_main_process:
+        truncate_log(log_path, start)
+    return OpenRun(wrapped, opt, sched, start, log_path, finished)
 
 
 class Checkpoints:
@@ -241,16 +269,12 @@ class ContrastiveRecipe:
         total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
         if total is None:
             raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
-        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
-        wrapped, opt = acc.prepare(model, opt)
-        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
-        done = finished_stats(self.run_dir, start, total)
-        if done is not None:  # a re-run of a finished run: keep its model and numbers
-            return done
-        log_path = self.run_dir / "train_log.jsonl"
-        if acc.is_main_process:
-            truncate_log(log_path, start)
+        run = open_run(
+            self, acc, model, self.param_groups(model), total, lr=t.lr, betas=tuple(t.betas), eps=t.eps
+        )
+        if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
+            return run.finished
+        wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
         bar = tqdm(total=total, initial=start, desc=self.name, unit="step", disable=not acc.is_main_process)
         t0, last, step, seen = time.perf_counter(), float("nan"), start, 0
         epoch = start // steps_per_epoch if steps_per_epoch else 0

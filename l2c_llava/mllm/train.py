@@ -26,10 +26,8 @@ from l2c_llava.training import (
     Checkpoints,
     append_log,
     check_resume_config,
-    finished_stats,
     make_accelerator,
-    make_scheduler,
-    truncate_log,
+    open_run,
 )
 
 logger = logging.getLogger("l2c_llava.mllm")
@@ -87,7 +85,7 @@ class MllmRecipe:
             proj.linear_2.requires_grad_(False)  # the identity that makes it a single Linear
 
     def _load_projector(self, model, init_from: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         folder = init_from / "model" if (init_from / "model").is_dir() else init_from
         files = sorted(folder.glob("*.safetensors"))
@@ -97,10 +95,11 @@ class MllmRecipe:
             )
         state = {}
         for f in files:  # on disk transformers writes "multi_modal_projector.*" (its legacy layout)
-            for k, v in load_file(str(f)).items():
-                name = "model." + k.removeprefix("model.")
-                if name.startswith(PROJECTOR):
-                    state[name] = v
+            with safe_open(str(f), framework="pt") as handle:  # read the projector only, not the LLM
+                for k in handle.keys():
+                    name = "model." + k.removeprefix("model.")
+                    if name.startswith(PROJECTOR):
+                        state[name] = handle.get_tensor(k)
         own = {k: v for k, v in model.state_dict().items() if k.startswith(PROJECTOR)}
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise ValueError(f"model.init_from={init_from}: its projector does not fit this model "
@@ -171,16 +170,10 @@ class MllmRecipe:
                 f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
         total = t.max_steps or t.epochs * steps_per_epoch
-        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr)
-        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
-        wrapped, opt = acc.prepare(model, opt)
-        start = self.load_checkpoint(model, opt, sched) if cfg.run.resume else 0
-        done = finished_stats(self.run_dir, start, total)
-        if done is not None:  # a re-run of a finished run: keep its model and numbers
-            return done
-        log_path = self.run_dir / "train_log.jsonl"
-        if acc.is_main_process:
-            truncate_log(log_path, start)
+        run = open_run(self, acc, model, self.param_groups(model), total, lr=t.lr)
+        if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
+            return run.finished
+        wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
         collate = Collate(processor.tokenizer.pad_token_id)
         bar = tqdm(
             total=total, initial=start, desc=f"llava {t.stage}", unit="step", disable=not acc.is_main_process
