@@ -365,6 +365,42 @@ def _cmd_mllm_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mllm_eval(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.mllm.lmms import EvalError, run_lmms_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    try:
+        rows = run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
+                             device=args.device, batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+    except (DataError, EvalError) as e:
+        print(f"l2c mllm eval: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print((Path(args.out) / "results.md").read_text(), end="")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from l2c_llava.config import ConfigError
+    from l2c_llava.pipeline import PipelineError, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.config, args.overrides)
+        if args.report_only:
+            from l2c_llava.report import write_report
+
+            print(write_report(pipe.out, pipe.cfg, pipe.load_state()))
+            return 0
+        pipe.run(dry_run=args.dry_run)
+    except ConfigError as e:
+        print(f"l2c pipeline: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PipelineError as e:
+        print(f"l2c pipeline: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_mllm_chat(args: argparse.Namespace) -> int:
     from l2c_llava.data.images import ImageError
     from l2c_llava.mllm.export import LlavaExportError, chat
@@ -546,12 +582,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.set_defaults(func=_cmd_mllm_eval_vqa)
+    p = mmsub.add_parser(
+        "eval", help="lmms-eval (llava_hf) on a LLaVA folder: paper benchmarks or the local tasks"
+    )
+    p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: local l2c_vqa,l2c_pope,l2c_caption (offline, need --data) or lmms-eval "
+                   "names (vqav2_val,gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,mme,mmbench_en_dev,seedbench)")  # fmt: skip
+    p.add_argument("--out", required=True, help="results folder (lmms_eval/ as written, results.json/.md)")
+    p.add_argument("--data", default=None, help="the embedded dataset's folder (for the local tasks)")
+    p.add_argument("--image-root", default=None, help="image root of the local tasks (default DATA/images)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="first N rows of each task")
+    p.set_defaults(func=_cmd_mllm_eval)
     p = mmsub.add_parser("chat", help="answer one question about one image (greedy)")
     p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
     p.add_argument("--image", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("question")
     p.set_defaults(func=_cmd_mllm_chat)
+
+    p = sub.add_parser(
+        "pipeline", help="every step for both encoders (stage 1, stage 2, LLaVA, lmms-eval), then the report"
+    )
+    p.add_argument("--config", required=True, help="a pipeline config (pipeline/configs/demo.yaml, quick.yaml, paper.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop")
+    p.add_argument("--report-only", action="store_true", help="write the report from what is there and stop")
+    p.set_defaults(func=_cmd_pipeline)
 
     im = sub.add_parser("import", help="bring released checkpoints in (read as data, no remote code)")
     imsub = im.add_subparsers(dest="import_command", metavar="WHAT", required=True)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPE_FOLDERS = ("stage1", "stage2", "mllm")
+RECIPE_FOLDERS = ("stage1", "stage2", "mllm", "pipeline")
 
 
 def project_root() -> Path:

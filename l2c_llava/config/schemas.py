@@ -510,6 +510,72 @@ class ClipConfig(RecipeConfig):
         return out
 
 
+# ---------------------------------------------------------------------------------------------
+# pipeline: every step for both encoders, then the report (l2c pipeline)
+# ---------------------------------------------------------------------------------------------
+
+
+class PipelineData(Section):
+    synth_images: PositiveInt | None = Field(
+        None, description="generate the embedded dataset with this many images into OUTPUT/data"
+    )
+    synth_seed: int = 0
+    synth_size: PositiveInt = 336
+    dir: str | None = Field(None, description="an existing data folder in the embedded dataset's layout")
+
+
+class PipelineStep(Section):
+    config: str = Field(description="the step's recipe config (a shipped YAML or your own)")
+    overrides: list[str] = Field(default_factory=list, description="dotted KEY=VALUE overrides of that config")
+
+
+class PipelineBaseline(Section):
+    clip: PipelineStep | None = Field(None, description="train a CLIP from scratch (demo / quick scale)")
+    vision: str | None = Field(None, description="an existing CLIP folder or hub id used as is (real scale)")
+
+
+class PipelineMllm(Section):
+    pretrain: PipelineStep
+    finetune: PipelineStep
+
+
+class PipelineEval(Section):
+    tasks: list[str] = Field(min_length=1, description="lmms-eval task names, local (l2c_*) or from the hub")
+    limit: PositiveInt | None = None
+    device: str = "cpu"
+    batch_size: PositiveInt = 1
+    data: str | None = Field(None, description="data folder of the local tasks (default: the pipeline's data)")
+
+
+class PipelineConfig(RecipeConfig):
+    RECIPE: ClassVar[str] = "pipeline"
+    recipe: Literal["pipeline"]
+    run: RunSection
+    scale: str = Field("demo", description="what the report says this run is (demo, quick, paper)")
+    data: PipelineData = Field(default_factory=PipelineData)
+    stage1: PipelineStep
+    baseline: PipelineBaseline
+    stage2: PipelineStep
+    mllm: PipelineMllm
+    eval: PipelineEval
+    estimates: dict[str, NonNegFloat] = Field(
+        default_factory=dict, description="seconds per step for the first run's time estimate"
+    )
+
+    def check(self) -> list[tuple[str, Any, str]]:
+        out = []
+        b = self.baseline
+        if (b.clip is None) == (b.vision is None):
+            out.append(("baseline", b.model_dump(), "give exactly one of baseline.clip (train one) and "
+                        "baseline.vision (use one as is)"))  # fmt: skip
+        if self.data.synth_images is not None and self.data.dir is not None:
+            out.append(("data.dir", self.data.dir, "give data.synth_images or data.dir, not both"))
+        local = [t for t in self.eval.tasks if t.startswith("l2c_")]
+        if local and self.data.synth_images is None and self.data.dir is None and self.eval.data is None:
+            out.append(("eval.data", None, f"the local tasks {local} need a data folder (eval.data)"))
+        return out
+
+
 RECIPES: dict[str, type[RecipeConfig]] = {
-    cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig, ClipConfig)
+    cls.RECIPE: cls for cls in (Stage1Config, Stage2Config, MllmConfig, ClipConfig, PipelineConfig)
 }

@@ -1,0 +1,341 @@
+"""``l2c pipeline``: every step of the method for both encoders, then the comparison report.
+
+Steps (each a ``l2c`` command run in a child process, so each one frees its memory and is exactly
+what a user would run by hand):
+
+    data -> stage1 -> baseline CLIP -> text cache -> stage2 -> retrieval eval -> export
+         -> for baseline and llm2clip: LLaVA pretrain -> finetune -> lmms-eval
+         -> report
+
+Each step has a fingerprint of its inputs: its resolved config (keys that only change logging left
+out), the fingerprints of the steps it reads from, and the size and time of every input file its
+config names. ``OUTPUT/pipeline/state.json`` records the fingerprint a step ran under and whether it
+finished. On the next run a finished step with the same fingerprint is skipped; a step whose
+fingerprint changed has its outputs removed and runs again (and so does everything downstream, whose
+fingerprints include it); a step that was started under the same fingerprint but did not finish (a
+kill, a crash) runs again in place, and the recipe resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l2c_llava.config import load_config
+from l2c_llava.config.core import config_to_dict
+from l2c_llava.config.schemas import PipelineConfig, PipelineStep
+from l2c_llava.io import atomic_write_json, dumps_json
+from l2c_llava.training import RESUME_FREE
+
+ENCODERS = ("baseline", "llm2clip")
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    argv: list[str] | None  # an `l2c` command line; None: run in process (`func`)
+    outputs: list[Path]  # what the step writes; removed when its inputs changed
+    done_marker: Path  # exists once the step's work is complete
+    fingerprint: str = ""
+    upstream: list[str] = field(default_factory=list)
+    func: Callable[[], None] | None = None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(dumps_json(obj, indent=None).encode()).hexdigest()
+
+
+def _free(key: str) -> bool:
+    return key in RESUME_FREE or key.split(".")[0] in RESUME_FREE
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _file_stats(values, produced: Path | None = None) -> dict:
+    """Size and mtime of every existing file named by a config value (data files, not folders), but
+    those under `produced` (the pipeline's folder): what steps write is covered by their fingerprints."""
+    out = {}
+    inside = produced.resolve() if produced is not None else None
+    for v in values:
+        if isinstance(v, str) and v and os.path.isfile(v):
+            if inside is not None and Path(v).resolve().is_relative_to(inside):
+                continue
+            st = os.stat(v)
+            out[v] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def config_fingerprint(path: str, overrides: list[str], sections: tuple[str, ...] | None = None,
+                       keep: tuple[str, ...] = (), produced: Path | None = None) -> dict:  # fmt: skip
+    """The resolved config a step runs under, minus logging-only keys (but the sections in `keep`),
+    plus its input files' stats. `sections` limits it to those top-level sections."""
+    cfg = load_config(path, overrides)
+    flat = {k: v for k, v in _flat(config_to_dict(cfg)).items() if not _free(k) or k.split(".")[0] in keep}
+    if sections is not None:
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+    return {"config": flat, "files": _file_stats(flat.values(), produced)}
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, source: str = "", overrides: list[str] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.state_path = self.out / "pipeline" / "state.json"
+        self.source, self.overrides = source, overrides or []
+        self.steps = self._plan()
+
+    # ------------------------------------------------------------------ the plan
+    def _data_dir(self) -> Path | None:
+        d = self.cfg.data
+        if d.synth_images is not None:
+            return self.out / "data"
+        return Path(d.dir) if d.dir else None
+
+    def _plan(self) -> list[Step]:
+        c, out, D = self.cfg, self.out, self._data_dir()
+        l2c = ["l2c"]
+        steps: list[Step] = []
+        fps: dict[str, str] = {}
+
+        def fp(path: str, overrides: list[str], sections=None, keep=()) -> dict:
+            return config_fingerprint(path, overrides, sections, keep, produced=out)
+
+        def add(step: Step, fp_obj, upstream: list[str]) -> None:
+            step.upstream = upstream
+            step.fingerprint = _digest({"step": step.name, "argv": step.argv, "inputs": fp_obj,
+                                        "upstream": {u: fps[u] for u in upstream}})  # fmt: skip
+            fps[step.name] = step.fingerprint
+            steps.append(step)
+
+        def with_data(pairs: list[tuple[str, str]]) -> list[str]:
+            return [f"{k}={v}" for k, v in pairs] if D is not None else []
+
+        # data
+        data_up: list[str] = []
+        if c.data.synth_images is not None:
+            argv = l2c + ["data", "synth", "--out", str(D), "--images", str(c.data.synth_images),
+                          "--seed", str(c.data.synth_seed), "--size", str(c.data.synth_size)]  # fmt: skip
+            add(Step("data", "embedded dataset", argv, [D], D / "manifest.json"), {}, [])
+            data_up = ["data"]
+        elif D is not None:
+            manifest = D / "manifest.json"
+            if not manifest.is_file():
+                raise PipelineError(f"data.dir {D}: no manifest.json (the embedded dataset's layout; "
+                                    "`l2c data synth` writes one)")  # fmt: skip
+
+        # stage 1
+        s1 = c.stage1
+        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data([
+            ("data.train", D / "captions/train.jsonl" if D else ""), ("data.eval", D / "retrieval/karpathy.json" if D else ""),
+            ("data.eval_pairs", D / "captions/test.jsonl" if D else "")])  # fmt: skip
+        add(Step("stage1", "stage 1: LLM -> caption encoder", l2c + ["stage1", "--config", s1.config, *ov],
+                 [out / "stage1"], out / "stage1" / "metrics.json"),
+            fp(s1.config, ov, keep=("eval",)), data_up)  # fmt: skip
+
+        # baseline
+        if c.baseline.clip is not None:
+            b = c.baseline.clip
+            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data([
+                ("data.train", D / "retrieval/karpathy.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+            add(Step("baseline", "baseline CLIP trained from scratch", l2c + ["clip", "pretrain", "--config", b.config, *ov],
+                     [out / "clip"], out / "clip" / "model" / "config.json"),
+                fp(b.config, ov), data_up)  # fmt: skip
+            base_vision, base_up = str(out / "clip" / "model"), ["baseline"]
+        else:
+            base_vision, base_up = str(c.baseline.vision), []
+
+        # stage 2
+        s2 = c.stage2
+        ov2 = [*s2.overrides, f"run.output_dir={out / 'stage2'}", f"text_encoder.path={out / 'stage1' / 'encoder'}",
+               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data([
+            ("data.train", D / "captions/train.jsonl" if D else ""), ("data.image_root", D / "images" if D else ""),
+            ("data.eval_short", D / "retrieval/karpathy.json" if D else ""),
+            ("data.eval_long", D / "retrieval/long_test.json" if D else ""),
+            ("data.eval_image_root", D / "images" if D else "")])  # fmt: skip
+        add(Step("text_cache", "stage 2: text feature cache", l2c + ["stage2", "cache", "--config", s2.config, *ov2],
+                 [out / "text_features"], out / "text_features" / "train" / "manifest.json"),
+            fp(s2.config, ov2, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
+        add(Step("stage2", "stage 2: vision encoder vs cached LLM features", l2c + ["stage2", "train", "--config", s2.config, *ov2],
+                 [out / "stage2"], out / "stage2" / "model" / "model.safetensors"),
+            fp(s2.config, ov2), ["text_cache", *base_up])  # fmt: skip
+        add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", l2c + ["stage2", "eval", "--config", s2.config, *ov2],
+                 [out / "stage2" / "metrics.json", out / "stage2" / "retrieval.md"], out / "stage2" / "metrics.json"),
+            fp(s2.config, ov2, keep=("eval",)), ["stage2"])  # fmt: skip
+        add(Step("export", "export the upgraded encoder", None, [out / "export"], out / "export" / "llm2clip" / "config.json",
+                 func=self._export), {}, ["stage2"])  # fmt: skip
+
+        # LLaVA on each encoder, then lmms-eval
+        towers = {"baseline": (base_vision, base_up), "llm2clip": (str(out / "export" / "vision"), ["export"])}
+        for enc in ENCODERS:
+            vt, vt_up = towers[enc]
+            m = out / "mllm" / enc
+            pre, fin = c.mllm.pretrain, c.mllm.finetune
+            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data([
+                ("data.path", D / "llava/pretrain.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+            add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector",
+                     l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json"),
+                fp(pre.config, ovp), [*vt_up, *data_up])  # fmt: skip
+            ovf = [*fin.overrides, f"run.output_dir={m / 'finetune'}", f"model.vision_tower={vt}",
+                   f"model.init_from={m / 'pretrain'}"] + with_data([
+                ("data.path", D / "llava/instruct.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+            add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune",
+                     l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json"),
+                fp(fin.config, ovf), [f"pretrain_{enc}"])  # fmt: skip
+            e = c.eval
+            ev = out / "eval" / enc
+            eval_data = e.data or (str(D) if D else None)
+            argv = l2c + ["mllm", "eval", "--model", str(m / "finetune"), "--tasks", ",".join(e.tasks), "--out", str(ev),
+                          "--device", e.device, "--batch-size", str(e.batch_size)]  # fmt: skip
+            argv += ["--data", eval_data] if eval_data else []
+            argv += ["--limit", str(e.limit)] if e.limit else []
+            add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], ev / "results.json"),
+                {"files": _file_stats([eval_data and str(Path(eval_data) / "manifest.json")], out)}, [f"finetune_{enc}"])  # fmt: skip
+
+        add(Step("report", "report", None, [out / "report.md", out / "plots"], out / "report.md", func=self._report),
+            {"scale": c.scale}, [s.name for s in steps])  # fmt: skip
+        return steps
+
+    def _export(self) -> None:
+        for what in ("vision", "llm2clip"):
+            self._run(["l2c", "export", what, "--run", str(self.out / "stage2"), "--out", str(self.out / "export" / what)])
+
+    def _report(self) -> None:
+        from l2c_llava.report import write_report
+
+        write_report(self.out, self.cfg, self.load_state())
+
+    # ------------------------------------------------------------------ state
+    def load_state(self) -> dict:
+        if self.state_path.is_file():
+            try:
+                return json.loads(self.state_path.read_text())
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{self.state_path}: not JSON ({e}); delete it to re-check every step") from e
+        return {"steps": {}}
+
+    def _save_state(self, state: dict) -> None:
+        atomic_write_json(self.state_path, state)
+
+    def decide(self, step: Step, state: dict) -> str:
+        """skip (finished, same inputs), resume (started, same inputs), fresh (new or changed inputs)."""
+        rec = state["steps"].get(step.name)
+        if rec is None or rec.get("fingerprint") != step.fingerprint:
+            return "fresh"
+        if rec.get("status") == "done" and step.done_marker.exists():
+            return "skip"
+        return "resume"
+
+    def plan(self) -> list[tuple[Step, str]]:
+        state = self.load_state()
+        out, changed = [], False
+        for step in self.steps:
+            d = self.decide(step, state)
+            changed = changed or d != "skip"
+            out.append((step, d))
+        return out
+
+    # ------------------------------------------------------------------ running
+    def _run(self, argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "l2c_llava.cli", *argv[1:]]
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise PipelineError(f"step command failed (exit {rc}): {' '.join(argv)}")
+
+    def run(self, dry_run: bool = False, echo=print) -> dict:
+        from l2c_llava.runs import versions
+
+        state = self.load_state()
+        state.setdefault("steps", {})
+        state.update(config=self.source, overrides=self.overrides, scale=self.cfg.scale)
+        plan = [(s, self.decide(s, state)) for s in self.steps]
+        n = len(plan)
+        if dry_run:
+            for i, (s, d) in enumerate(plan, 1):
+                echo(f"[{i}/{n}] {s.name:18s} {d:6s} {s.title}")
+            return {s.name: d for s, d in plan}
+        self.out.mkdir(parents=True, exist_ok=True)
+        state["versions"] = versions()
+        t0 = time.time()
+        ran: dict[str, str] = {}
+        for i, (step, decision) in enumerate(plan, 1):
+            rec = state["steps"].get(step.name, {})
+            elapsed = time.time() - t0
+            left = sum(self._estimate(s, state) for s, d in plan[i - 1 :] if d != "skip")
+            head = f"[{i}/{n}] {step.title}"
+            if decision == "skip":
+                echo(f"== {head}: done earlier ({_hms(rec.get('seconds', 0))}), inputs unchanged: skipped")
+                ran[step.name] = "skip"
+                continue
+            if decision == "fresh":
+                for p in step.outputs:
+                    _remove(p)
+            echo(f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
+                 f"about {_hms(left)} left")  # fmt: skip
+            state["steps"][step.name] = {"fingerprint": step.fingerprint, "status": "running",
+                                         "upstream": step.upstream, "started": time.time(),
+                                         "argv": step.argv, "seconds": rec.get("seconds", 0) if decision == "resume" else 0}  # fmt: skip
+            self._save_state(state)
+            started = time.time()
+            if step.func is not None:
+                step.func()
+            else:
+                self._run(step.argv)
+            if not step.done_marker.exists():
+                raise PipelineError(f"step {step.name} finished without writing {step.done_marker}")
+            rec = state["steps"][step.name]
+            rec.update(status="done", seconds=rec["seconds"] + time.time() - started, finished=time.time())
+            self._save_state(state)
+            ran[step.name] = decision
+        echo(f"== pipeline finished in {_hms(time.time() - t0)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
+             f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.out / 'report.md'}")  # fmt: skip
+        return ran
+
+    def _estimate(self, step: Step, state: dict) -> float:
+        rec = state["steps"].get(step.name)
+        if rec and rec.get("status") == "done" and rec.get("seconds"):
+            return float(rec["seconds"])
+        return float(self.cfg.estimates.get(step.name, 0.0))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def load_pipeline(path: str, overrides: list[str]) -> Pipeline:
+    cfg = load_config(path, overrides)
+    if not isinstance(cfg, PipelineConfig):
+        raise PipelineError(f"{path}: recipe {cfg.RECIPE!r}, not a pipeline config (recipe: pipeline)")
+    return Pipeline(cfg, source=str(path), overrides=list(overrides))
+
+
+__all__ = ["ENCODERS", "Pipeline", "PipelineError", "PipelineStep", "load_pipeline"]

@@ -1,0 +1,254 @@
+"""The pipeline's comparison report: ``report.md``, ``report.json`` and PNG plots in the run folder.
+
+Every number is read from what the steps wrote (stage 1 ``metrics.json``, stage 2 ``metrics.json``,
+each encoder's lmms-eval ``results.json``, the ``train_log.jsonl`` of every training step); nothing is
+typed in. A part whose step has not produced its file is reported as missing, not invented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from l2c_llava.io import atomic_write_json, atomic_write_text
+
+ENCODERS = ("baseline", "llm2clip")
+CURVES = (("stage1", "stage 1 (caption contrastive, LoRA)"), ("clip", "baseline CLIP from scratch"),
+          ("stage2", "stage 2 (vision vs LLM features)"), ("mllm/baseline/pretrain", "LLaVA pretrain, baseline"),
+          ("mllm/llm2clip/pretrain", "LLaVA pretrain, LLM2CLIP"), ("mllm/baseline/finetune", "LLaVA finetune, baseline"),
+          ("mllm/llm2clip/finetune", "LLaVA finetune, LLM2CLIP"))  # fmt: skip
+# plot panels: the LLaVA stages show both encoders on one axis
+PANELS = (("stage 1 (caption contrastive, LoRA)", ("stage1",)), ("baseline CLIP from scratch", ("clip",)),
+          ("stage 2 (vision vs LLM features)", ("stage2",)),
+          ("LLaVA pretrain (projector)", ("mllm/baseline/pretrain", "mllm/llm2clip/pretrain")),
+          ("LLaVA finetune", ("mllm/baseline/finetune", "mllm/llm2clip/finetune")))  # fmt: skip
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _log(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def collect(out: Path) -> dict:
+    """Every number the report shows, from the run folder."""
+    data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
+                  "lmms": {}, "curves": {}}  # fmt: skip
+    for enc in ENCODERS:
+        res = _read(out / "eval" / enc / "results.json")
+        data["lmms"][enc] = res["rows"] if res else None
+    for folder, _ in CURVES:
+        rows = [r for r in _log(out / folder / "train_log.jsonl") if "loss" in r and "step" in r]
+        if rows:
+            data["curves"][folder] = [[r["step"], r["loss"]] for r in rows]
+    return data
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def _num(x, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
+
+
+def lmms_table(lmms: dict) -> list[dict]:
+    """One row per (task, metric): both encoders' values and the difference (LLM2CLIP - baseline)."""
+    keyed: dict[tuple, dict] = {}
+    for enc in ENCODERS:
+        for r in lmms.get(enc) or []:
+            row = keyed.setdefault((r["task"], r["metric"]), {"task": r["task"], "metric": r["metric"]})
+            row[enc], row[f"{enc}_stderr"], row["n"] = r["value"], r["stderr"], r["n"]
+    rows = list(keyed.values())
+    for r in rows:
+        if isinstance(r.get("baseline"), float) and isinstance(r.get("llm2clip"), float):
+            r["diff"] = r["llm2clip"] - r["baseline"]
+    return rows
+
+
+def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    state = state or {}
+    data = collect(out)
+    scale = getattr(cfg, "scale", None) or state.get("scale", "?")
+    md = [f"# LLM2CLIP vs baseline CLIP: {scale} scale", ""]
+    md += [f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+           f"Config `{state.get('config', '?')}`" + (f" with `{' '.join(state['overrides'])}`" if state.get("overrides") else "")
+           + ". Every number below is read from the files the steps wrote.", ""]  # fmt: skip
+    manifest = _read(out / "data" / "manifest.json")
+    if scale != "paper":
+        size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
+        md += [f"At this scale (the embedded 135M LLM, a small CLIP trained from scratch, {size}) the numbers show "
+               "that every step runs end to end and how the two encoders compare here; they are not the paper's "
+               "numbers, and with test sets this small a difference of a few points is noise.", ""]  # fmt: skip
+
+    # stage 1
+    md += ["## Stage 1: caption retrieval accuracy (CRA) of the LLM as a caption encoder", ""]
+    s1 = data["stage1"]
+    if s1:
+        rows = [("causal LLM (before)", "_before_causal"), ("bidirectional, untrained (before)", "_before"),
+                ("after stage 1", "_after")]  # fmt: skip
+        md += ["| encoder | CRA | short->long top-1 | long->short top-1 |", "|---|---|---|---|"]
+        for name, suffix in rows:
+            md.append(f"| {name} | {_pct(s1.get('cra' + suffix))} | {_pct(s1.get('short_to_long_top1' + suffix))} | "
+                      f"{_pct(s1.get('long_to_short_top1' + suffix))} |")  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        keys = ("cra", "short_to_long_top1", "long_to_short_top1")
+        for i, (name, suffix) in enumerate(rows):
+            vals = [100 * (s1.get(k + suffix) or 0) for k in keys]
+            ax.bar([j + 0.27 * (i - 1) for j in range(3)], vals, width=0.27, label=name)
+        ax.set_xticks(range(3), ["CRA", "short->long top-1", "long->short top-1"])
+        ax.set_ylabel("%")
+        ax.set_title("Stage 1: the LLM as a caption encoder")
+        ax.legend(fontsize=7)
+        _savefig(fig, plots / "stage1_cra.png")
+        plt.close(fig)
+        md += ["", "![stage 1](plots/stage1_cra.png)", ""]
+    else:
+        md += ["(missing: stage1/metrics.json)", ""]
+
+    # retrieval
+    md += ["## Stage 2: image-text retrieval, baseline CLIP vs LLM2CLIP (R@K, %)", ""]
+    ret = data["retrieval"]
+    if ret:
+        md += ["| captions | direction | baseline R@1/5/10 | LLM2CLIP R@1/5/10 | R@1 difference |", "|---|---|---|---|---|"]
+        for cap in ("short", "long"):
+            for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
+                b = ret.get("baseline", {}).get(cap, {})
+                l_ = ret.get("llm2clip", {}).get(cap, {})
+                if not b or not l_:
+                    continue
+                bs = " / ".join(_pct(b.get(f"{d}_R@{k}")) for k in (1, 5, 10))
+                ls = " / ".join(_pct(l_.get(f"{d}_R@{k}")) for k in (1, 5, 10))
+                diff = 100 * (l_[f"{d}_R@1"] - b[f"{d}_R@1"])
+                md.append(f"| {cap} | {name} | {bs} | {ls} | {diff:+.1f} |")
+        sets = ret.get("sets", {})
+        md += ["", "Sets: " + "; ".join(f"{k}: {v.get('images')} images, {v.get('captions')} captions"
+                                       for k, v in sets.items()) + "."]  # fmt: skip
+        trunc = ret.get("baseline", {}).get("long", {}).get("captions_truncated")
+        if trunc is not None:
+            md.append(f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context.")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+        for ax, cap in zip(axes, ("short", "long")):
+            labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+            for i, enc in enumerate(ENCODERS):
+                vals = [100 * (ret.get(enc, {}).get(cap, {}).get(f"{lab.split()[0]}_{lab.split()[1]}") or 0)
+                        for lab in labels]  # fmt: skip
+                ax.bar([j + 0.4 * (i - 0.5) for j in range(len(labels))], vals, width=0.4, label=enc)
+            ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+            ax.set_title(f"{cap} captions")
+        axes[0].set_ylabel("recall %")
+        axes[0].legend(fontsize=7)
+        _savefig(fig, plots / "retrieval.png")
+        plt.close(fig)
+        md += ["", "![retrieval](plots/retrieval.png)", ""]
+    else:
+        md += ["(missing: stage2/metrics.json)", ""]
+
+    # lmms-eval
+    md += ["## LLaVA-1.5 on each encoder: lmms-eval", ""]
+    table = lmms_table(data["lmms"])
+    if table:
+        md += ["| task | metric | baseline | LLM2CLIP | difference | n |", "|---|---|---|---|---|---|"]
+        for r in table:
+            se = lambda enc: f" ± {r[enc + '_stderr']:.3f}" if isinstance(r.get(enc + "_stderr"), float) else ""  # noqa: E731
+            md.append(f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{se('baseline')} | "
+                      f"{_num(r.get('llm2clip'))}{se('llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
+                      f"{r.get('n', '-')} |")  # fmt: skip
+        missing = [enc for enc in ENCODERS if not data["lmms"].get(enc)]
+        if missing:
+            md.append(f"\n(missing: eval/{missing[0]}/results.json)")
+        tasks = sorted({r["task"] for r in table})
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            rows = [r for r in table if r["task"] == task]
+            for i, enc in enumerate(ENCODERS):
+                ax.bar([j + 0.4 * (i - 0.5) for j in range(len(rows))], [r.get(enc) or 0 for r in rows], width=0.4,
+                       label="LLM2CLIP" if enc == "llm2clip" else enc)  # fmt: skip
+            ax.set_xticks(range(len(rows)), [r["metric"] for r in rows], fontsize=7, rotation=20)
+            ax.set_title(task, fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("lmms-eval: the same LLaVA recipe on each encoder", fontsize=9)
+        _savefig(fig, plots / "lmms_eval.png")
+        plt.close(fig)
+        md += ["", "![lmms-eval](plots/lmms_eval.png)", ""]
+    else:
+        md += ["(missing: eval/*/results.json)", ""]
+
+    # curves
+    md += ["## Training curves", ""]
+    curves = data["curves"]
+    if curves:
+        panels = [(t, [f for f in fs if f in curves]) for t, fs in PANELS]
+        panels = [(t, fs) for t, fs in panels if fs]
+        n = len(panels)
+        cols = min(3, n)
+        rows_ = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 2.8 * rows_), squeeze=False)
+        titles = dict(CURVES)
+        for ax, (title, folders) in zip(axes.flat, panels):
+            for f in folders:
+                pts = curves[f]
+                label = "LLM2CLIP" if "llm2clip" in f else "baseline" if "baseline" in f else None
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+            if len(folders) > 1:
+                ax.legend(fontsize=7)
+            ax.set_title(title, fontsize=8)
+            ax.set_xlabel("step", fontsize=7)
+            ax.set_ylabel("loss", fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        _savefig(fig, plots / "training_curves.png")
+        plt.close(fig)
+        md += ["| step | first logged loss | last logged loss | logged points |", "|---|---|---|---|"]
+        for folder, pts in curves.items():
+            md.append(f"| {titles.get(folder, folder)} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {len(pts)} |")
+        md += ["", "![training curves](plots/training_curves.png)", ""]
+    else:
+        md += ["(no train_log.jsonl found)", ""]
+
+    # steps, versions, fingerprints
+    steps = state.get("steps", {})
+    if steps:
+        md += ["## Steps", "", "| step | status | seconds | fingerprint |", "|---|---|---|---|"]
+        for name, rec in steps.items():
+            if name == "report":
+                continue
+            md.append(f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |")
+        total = sum(r.get("seconds", 0) for r in steps.values())
+        md += ["", f"Time in steps: {total / 60:.1f} min.", ""]
+    if state.get("versions"):
+        md += ["## Versions", "", "| package | version |", "|---|---|"]
+        md += [f"| {k} | {v} |" for k, v in state["versions"].items()]
+        md.append("")
+    atomic_write_json(out / "report.json", {"scale": scale, "numbers": {**data, "lmms_table": table},
+                                            "steps": steps, "versions": state.get("versions", {})})  # fmt: skip
+    return atomic_write_text(out / "report.md", "\n".join(md) + "\n")
