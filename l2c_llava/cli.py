@@ -371,7 +371,7 @@ def _cmd_mllm_eval(args: argparse.Namespace) -> int:
 
     tasks = [t for t in args.tasks.split(",") if t]
     try:
-        rows = run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
+        run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
                              device=args.device, batch_size=args.batch_size, limit=args.limit)  # fmt: skip
     except (DataError, EvalError) as e:
         print(f"l2c mllm eval: {e}", file=sys.stderr)
@@ -606,7 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pipeline", help="every step for both encoders (stage 1, stage 2, LLaVA, lmms-eval), then the report"
     )
-    p.add_argument("--config", required=True, help="a pipeline config (pipeline/configs/demo.yaml, quick.yaml, paper.yaml)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a pipeline config (pipeline/configs/demo.yaml, quick.yaml, paper.yaml)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop")
     p.add_argument("--report-only", action="store_true", help="write the report from what is there and stop")

@@ -187,7 +187,10 @@ class Pipeline:
                  func=self._export), {}, ["stage2"])  # fmt: skip
 
         # LLaVA on each encoder, then lmms-eval
-        towers = {"baseline": (base_vision, base_up), "llm2clip": (str(out / "export" / "vision"), ["export"])}
+        towers = {
+            "baseline": (base_vision, base_up),
+            "llm2clip": (str(out / "export" / "vision"), ["export"]),
+        }
         for enc in ENCODERS:
             vt, vt_up = towers[enc]
             m = out / "mllm" / enc
@@ -219,7 +222,17 @@ class Pipeline:
 
     def _export(self) -> None:
         for what in ("vision", "llm2clip"):
-            self._run(["l2c", "export", what, "--run", str(self.out / "stage2"), "--out", str(self.out / "export" / what)])
+            self._run(
+                [
+                    "l2c",
+                    "export",
+                    what,
+                    "--run",
+                    str(self.out / "stage2"),
+                    "--out",
+                    str(self.out / "export" / what),
+                ]
+            )
 
     def _report(self) -> None:
         from l2c_llava.report import write_report
@@ -232,7 +245,9 @@ class Pipeline:
             try:
                 return json.loads(self.state_path.read_text())
             except json.JSONDecodeError as e:
-                raise PipelineError(f"{self.state_path}: not JSON ({e}); delete it to re-check every step") from e
+                raise PipelineError(
+                    f"{self.state_path}: not JSON ({e}); delete it to re-check every step"
+                ) from e
         return {"steps": {}}
 
     def _save_state(self, state: dict) -> None:

@@ -72,6 +72,11 @@ def _num(x, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
 
 
+def _se(row: dict, enc: str) -> str:
+    se = row.get(enc + "_stderr")
+    return f" ± {se:.3f}" if isinstance(se, float) else ""
+
+
 def lmms_table(lmms: dict) -> list[dict]:
     """One row per (task, metric): both encoders' values and the difference (LLM2CLIP - baseline)."""
     keyed: dict[tuple, dict] = {}
@@ -138,7 +143,10 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     md += ["## Stage 2: image-text retrieval, baseline CLIP vs LLM2CLIP (R@K, %)", ""]
     ret = data["retrieval"]
     if ret:
-        md += ["| captions | direction | baseline R@1/5/10 | LLM2CLIP R@1/5/10 | R@1 difference |", "|---|---|---|---|---|"]
+        md += [
+            "| captions | direction | baseline R@1/5/10 | LLM2CLIP R@1/5/10 | R@1 difference |",
+            "|---|---|---|---|---|",
+        ]
         for cap in ("short", "long"):
             for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
                 b = ret.get("baseline", {}).get(cap, {})
@@ -154,7 +162,9 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                                        for k, v in sets.items()) + "."]  # fmt: skip
         trunc = ret.get("baseline", {}).get("long", {}).get("captions_truncated")
         if trunc is not None:
-            md.append(f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context.")
+            md.append(
+                f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context."
+            )
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
         for ax, cap in zip(axes, ("short", "long")):
             labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -178,9 +188,8 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     if table:
         md += ["| task | metric | baseline | LLM2CLIP | difference | n |", "|---|---|---|---|---|---|"]
         for r in table:
-            se = lambda enc: f" ± {r[enc + '_stderr']:.3f}" if isinstance(r.get(enc + "_stderr"), float) else ""  # noqa: E731
-            md.append(f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{se('baseline')} | "
-                      f"{_num(r.get('llm2clip'))}{se('llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
+            md.append(f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
+                      f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
                       f"{r.get('n', '-')} |")  # fmt: skip
         missing = [enc for enc in ENCODERS if not data["lmms"].get(enc)]
         if missing:
@@ -242,7 +251,9 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         for name, rec in steps.items():
             if name == "report":
                 continue
-            md.append(f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |")
+            md.append(
+                f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |"
+            )
         total = sum(r.get("seconds", 0) for r in steps.values())
         md += ["", f"Time in steps: {total / 60:.1f} min.", ""]
     if state.get("versions"):

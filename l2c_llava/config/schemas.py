@@ -526,7 +526,9 @@ class PipelineData(Section):
 
 class PipelineStep(Section):
     config: str = Field(description="the step's recipe config (a shipped YAML or your own)")
-    overrides: list[str] = Field(default_factory=list, description="dotted KEY=VALUE overrides of that config")
+    overrides: list[str] = Field(
+        default_factory=list, description="dotted KEY=VALUE overrides of that config"
+    )
 
 
 class PipelineBaseline(Section):
@@ -544,7 +546,9 @@ class PipelineEval(Section):
     limit: PositiveInt | None = None
     device: str = "cpu"
     batch_size: PositiveInt = 1
-    data: str | None = Field(None, description="data folder of the local tasks (default: the pipeline's data)")
+    data: str | None = Field(
+        None, description="data folder of the local tasks (default: the pipeline's data)"
+    )
 
 
 class PipelineConfig(RecipeConfig):

@@ -147,7 +147,9 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
                 refs = [s["raw"] for s in im["sentences"]]
                 if not image.is_file() or not refs:
                     raise ValueError(f"image {rel!r} missing under {root} or no reference captions")
-                rows.append({"image_path": str(image), "image_id": str(im.get("imgid", i)), "references": refs})
+                rows.append(
+                    {"image_path": str(image), "image_id": str(im.get("imgid", i)), "references": refs}
+                )
             except (KeyError, ValueError, TypeError) as e:
                 problems.append(RowProblem(str(path), f"images[{i}]", f"{type(e).__name__}: {e}"))
         if problems:
@@ -217,8 +219,12 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     include = None
     if local:
         if data_dir is None:
-            raise EvalError(f"tasks {', '.join(local)} are local: give --data (the embedded dataset's folder)")
-        include = prepare_local_tasks(local, Path(data_dir), out, Path(image_root) if image_root else None, limit)
+            raise EvalError(
+                f"tasks {', '.join(local)} are local: give --data (the embedded dataset's folder)"
+            )
+        include = prepare_local_tasks(
+            local, Path(data_dir), out, Path(image_root) if image_root else None, limit
+        )
     env = dict(os.environ)
     if offline if offline is not None else all(t in LOCAL_TASKS for t in tasks):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -227,12 +233,16 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     if raw.exists():
         shutil.rmtree(raw)  # a result folder is the result of one run
     cmd = lmms_command(model, tasks, out, include, device, batch_size, limit)
-    atomic_write_json(out / "lmms_command.json", {"argv": cmd[1:], "offline": env.get("HF_HUB_OFFLINE") == "1"})
+    atomic_write_json(
+        out / "lmms_command.json", {"argv": cmd[1:], "offline": env.get("HF_HUB_OFFLINE") == "1"}
+    )
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     atomic_write_text(out / "lmms_eval.log", proc.stdout)
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-25:])
-        raise EvalError(f"lmms-eval exited with {proc.returncode} (full log: {out / 'lmms_eval.log'}):\n{tail}")
+        raise EvalError(
+            f"lmms-eval exited with {proc.returncode} (full log: {out / 'lmms_eval.log'}):\n{tail}"
+        )
     results = sorted(raw.rglob("*results.json"))
     if not results:
         raise EvalError(f"lmms-eval wrote no *results.json under {raw} (log: {out / 'lmms_eval.log'})")
@@ -262,5 +272,7 @@ def write_table(out: Path, rows: list[dict], source: Path) -> None:
     lines = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for r in rows:
         se = f"{r['stderr']:.4f}" if r["stderr"] is not None else "-"
-        lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n'] if r['n'] is not None else '-'} |")
+        lines.append(
+            f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n'] if r['n'] is not None else '-'} |"
+        )
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
