@@ -52,6 +52,7 @@ class Step:
     fingerprint: str = ""
     upstream: list[str] = field(default_factory=list)
     func: Callable[[], None] | None = None
+    launch: list[str] | None = None  # launcher words (accelerate launch ...); None: this Python
 
 
 def _digest(obj) -> str:
@@ -104,7 +105,22 @@ class Pipeline:
         self.out = Path(cfg.run.output_dir)
         self.state_path = self.out / "pipeline" / "state.json"
         self.source, self.overrides = source, overrides or []
+        self._resolve_configs()
         self.steps = self._plan()
+
+    def _resolve_configs(self) -> None:
+        """Step configs are paths from the working folder; the shipped ones also resolve from the checkout."""
+        from l2c_llava.recipes import project_root
+
+        c = self.cfg
+        for step in (c.stage1, c.stage2, c.mllm.pretrain, c.mllm.finetune, c.baseline.clip):
+            if step is None or Path(step.config).is_file():
+                continue
+            shipped = project_root() / step.config
+            if not shipped.is_file():
+                raise PipelineError(f"{self.source}: step config {step.config} not found (from {Path.cwd()} "
+                                    f"or {project_root()})")  # fmt: skip
+            step.config = str(shipped)
 
     # ------------------------------------------------------------------ the plan
     def _data_dir(self) -> Path | None:
@@ -124,7 +140,7 @@ class Pipeline:
 
         def add(step: Step, fp_obj, upstream: list[str]) -> None:
             step.upstream = upstream
-            step.fingerprint = _digest({"step": step.name, "argv": step.argv, "inputs": fp_obj,
+            step.fingerprint = _digest({"step": step.name, "inputs": fp_obj,
                                         "upstream": {u: fps[u] for u in upstream}})  # fmt: skip
             fps[step.name] = step.fingerprint
             steps.append(step)
@@ -137,7 +153,11 @@ class Pipeline:
         if c.data.synth_images is not None:
             argv = l2c + ["data", "synth", "--out", str(D), "--images", str(c.data.synth_images),
                           "--seed", str(c.data.synth_seed), "--size", str(c.data.synth_size)]  # fmt: skip
-            add(Step("data", "embedded dataset", argv, [D], D / "manifest.json"), {}, [])
+            add(
+                Step("data", "embedded dataset", argv, [D], D / "manifest.json"),
+                {"synth": c.data.model_dump()},
+                [],
+            )
             data_up = ["data"]
         elif D is not None:
             manifest = D / "manifest.json"
@@ -151,7 +171,7 @@ class Pipeline:
             ("data.train", D / "captions/train.jsonl" if D else ""), ("data.eval", D / "retrieval/karpathy.json" if D else ""),
             ("data.eval_pairs", D / "captions/test.jsonl" if D else "")])  # fmt: skip
         add(Step("stage1", "stage 1: LLM -> caption encoder", l2c + ["stage1", "--config", s1.config, *ov],
-                 [out / "stage1"], out / "stage1" / "metrics.json"),
+                 [out / "stage1"], out / "stage1" / "metrics.json", launch=s1.launch),
             fp(s1.config, ov, keep=("eval",)), data_up)  # fmt: skip
 
         # baseline
@@ -160,7 +180,7 @@ class Pipeline:
             ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data([
                 ("data.train", D / "retrieval/karpathy.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
             add(Step("baseline", "baseline CLIP trained from scratch", l2c + ["clip", "pretrain", "--config", b.config, *ov],
-                     [out / "clip"], out / "clip" / "model" / "config.json"),
+                     [out / "clip"], out / "clip" / "model" / "config.json", launch=b.launch),
                 fp(b.config, ov), data_up)  # fmt: skip
             base_vision, base_up = str(out / "clip" / "model"), ["baseline"]
         else:
@@ -178,7 +198,7 @@ class Pipeline:
                  [out / "text_features"], out / "text_features" / "train" / "manifest.json"),
             fp(s2.config, ov2, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
         add(Step("stage2", "stage 2: vision encoder vs cached LLM features", l2c + ["stage2", "train", "--config", s2.config, *ov2],
-                 [out / "stage2"], out / "stage2" / "model" / "model.safetensors"),
+                 [out / "stage2"], out / "stage2" / "model" / "model.safetensors", launch=s2.launch),
             fp(s2.config, ov2), ["text_cache", *base_up])  # fmt: skip
         add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", l2c + ["stage2", "eval", "--config", s2.config, *ov2],
                  [out / "stage2" / "metrics.json", out / "stage2" / "retrieval.md"], out / "stage2" / "metrics.json"),
@@ -198,13 +218,13 @@ class Pipeline:
             ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data([
                 ("data.path", D / "llava/pretrain.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
             add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector",
-                     l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json"),
+                     l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json", launch=pre.launch),
                 fp(pre.config, ovp), [*vt_up, *data_up])  # fmt: skip
             ovf = [*fin.overrides, f"run.output_dir={m / 'finetune'}", f"model.vision_tower={vt}",
                    f"model.init_from={m / 'pretrain'}"] + with_data([
                 ("data.path", D / "llava/instruct.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
             add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune",
-                     l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json"),
+                     l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json", launch=fin.launch),
                 fp(fin.config, ovf), [f"pretrain_{enc}"])  # fmt: skip
             e = c.eval
             ev = out / "eval" / enc
@@ -214,7 +234,8 @@ class Pipeline:
             argv += ["--data", eval_data] if eval_data else []
             argv += ["--limit", str(e.limit)] if e.limit else []
             add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], ev / "results.json"),
-                {"files": _file_stats([eval_data and str(Path(eval_data) / "manifest.json")], out)}, [f"finetune_{enc}"])  # fmt: skip
+                {"eval": {**e.model_dump(), "data": eval_data},
+                 "files": _file_stats([eval_data and str(Path(eval_data) / "manifest.json")], out)}, [f"finetune_{enc}"])  # fmt: skip
 
         add(Step("report", "report", None, [out / "report.md", out / "plots"], out / "report.md", func=self._report),
             {"scale": c.scale}, [s.name for s in steps])  # fmt: skip
@@ -272,8 +293,8 @@ class Pipeline:
         return out
 
     # ------------------------------------------------------------------ running
-    def _run(self, argv: list[str]) -> None:
-        cmd = [sys.executable, "-m", "l2c_llava.cli", *argv[1:]]
+    def _run(self, argv: list[str], launch: list[str] | None = None) -> None:
+        cmd = [*(launch or [sys.executable]), "-m", "l2c_llava.cli", *argv[1:]]
         rc = subprocess.call(cmd)
         if rc != 0:
             raise PipelineError(f"step command failed (exit {rc}): {' '.join(argv)}")
@@ -316,7 +337,7 @@ class Pipeline:
             if step.func is not None:
                 step.func()
             else:
-                self._run(step.argv)
+                self._run(step.argv, step.launch)
             if not step.done_marker.exists():
                 raise PipelineError(f"step {step.name} finished without writing {step.done_marker}")
             rec = state["steps"][step.name]

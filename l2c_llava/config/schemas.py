@@ -529,6 +529,10 @@ class PipelineStep(Section):
     overrides: list[str] = Field(
         default_factory=list, description="dotted KEY=VALUE overrides of that config"
     )
+    launch: list[str] | None = Field(
+        None,
+        description="launcher words run before `-m l2c_llava.cli` (accelerate launch --num_processes 8 ...)",
+    )
 
 
 class PipelineBaseline(Section):

@@ -1,0 +1,176 @@
+"""`l2c pipeline`: step fingerprints decide skip / resume / re-run; the quick pipeline runs for real,
+resumes a killed step, skips everything on a second run, and re-runs only stage 2 onwards when a
+stage-2 setting changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l2c_llava.io import atomic_write_json
+from l2c_llava.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = str(ROOT / "pipeline" / "configs" / "quick.yaml")
+AFTER_STAGE2 = [
+    "stage2",
+    "retrieval",
+    "export",
+    "pretrain_llm2clip",
+    "finetune_llm2clip",
+    "eval_llm2clip",
+    "report",
+]
+# the baseline's LLaVA reads nothing stage 2 writes
+NOT_AFTER_STAGE2 = [
+    "data",
+    "stage1",
+    "baseline",
+    "text_cache",
+    "pretrain_baseline",
+    "finetune_baseline",
+    "eval_baseline",
+]
+
+
+def plan(out: Path, *overrides: str) -> dict[str, str]:
+    return load_pipeline(QUICK, [f"run.output_dir={out}", *overrides]).run(dry_run=True, echo=lambda *_: None)
+
+
+def pretend_done(out: Path, pipe, unfinished: str | None = None) -> None:
+    steps = {}
+    for s in pipe.steps:
+        s.done_marker.parent.mkdir(parents=True, exist_ok=True)
+        s.done_marker.touch()
+        steps[s.name] = {
+            "fingerprint": s.fingerprint,
+            "status": "running" if s.name == unfinished else "done",
+        }
+    atomic_write_json(out / "pipeline" / "state.json", {"steps": steps})
+
+
+def test_fingerprints_decide_skip_resume_and_rerun(tmp_path):
+    out = tmp_path / "p"
+    assert set(plan(out).values()) == {"fresh"}
+    pretend_done(out, load_pipeline(QUICK, [f"run.output_dir={out}"]), unfinished="text_cache")
+    first = plan(out)
+    assert first["text_cache"] == "resume" and {first[s] for s in first if s != "text_cache"} == {"skip"}
+    pretend_done(out, load_pipeline(QUICK, [f"run.output_dir={out}"]))
+    assert set(plan(out).values()) == {"skip"}
+    # a logging-only key changes nothing; a training setting of stage 2 re-runs stage 2 and what follows
+    assert set(plan(out, "stage2.overrides=[train.log_every=3]").values()) == {"skip"}
+    changed = plan(out, "stage2.overrides=[train.lr=0.0003]")
+    assert [changed[s] for s in NOT_AFTER_STAGE2] == ["skip"] * len(NOT_AFTER_STAGE2)
+    assert [changed[s] for s in AFTER_STAGE2] == ["fresh"] * len(AFTER_STAGE2)
+    # the LLaVA finetune of one encoder: only that encoder's finetune and eval, then the report
+    changed = plan(out, "mllm.finetune.overrides=[train.lr=0.0001]")
+    assert {s for s, d in changed.items() if d != "skip"} == {"finetune_baseline", "eval_baseline", "finetune_llm2clip",
+                                                              "eval_llm2clip", "report"}  # fmt: skip
+    # a stage-1 setting re-runs everything but the data
+    changed = plan(out, "stage1.overrides=[train.lr=0.0001]")
+    assert changed["data"] == "skip" and changed["baseline"] == "skip" and changed["stage1"] == "fresh"
+    assert changed["text_cache"] == changed["stage2"] == "fresh"
+    # a missing output means the step has to run again even when its state says done
+    (out / "stage2" / "model" / "model.safetensors").unlink()
+    assert plan(out)["stage2"] == "resume"
+
+
+def test_bad_pipeline_configs_are_named(tmp_path, capsys):
+    from l2c_llava.cli import main
+
+    assert (
+        main(
+            [
+                "pipeline",
+                "--config",
+                QUICK,
+                f"run.output_dir={tmp_path}",
+                "baseline.vision=openai/clip",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
+    assert "exactly one of baseline.clip" in capsys.readouterr().err
+    assert main(["pipeline", "--config", QUICK, f"run.output_dir={tmp_path}", "stage2.overrides=[train.lrr=1]",
+                 "--dry-run"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "stage2/configs/quick.yaml" in err
+
+
+def _pipeline(out: Path, *overrides: str, **kw):
+    cmd = [
+        sys.executable,
+        "-m",
+        "l2c_llava.cli",
+        "pipeline",
+        "--config",
+        QUICK,
+        f"run.output_dir={out}",
+        *overrides,
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc) -> str:
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(tmp_path):
+    out = tmp_path / "quick"
+    # 1) kill the pipeline while stage 1 is training (after its first checkpoint)
+    proc = _pipeline(out, start_new_session=True)
+    ckpts = out / "stage1" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(not p.name.startswith(".") for p in ckpts.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline ended before stage 1 wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stage1" / "metrics.json").exists()
+    # 2) run again: stage 1 resumes from its checkpoint, then everything runs to the report
+    text = _finish(_pipeline(out))
+    assert "stage 1: LLM -> caption encoder (resuming)" in text
+    assert "resumed from" in (out / "stage1" / "train.log").read_text()
+    state = json.loads((out / "pipeline" / "state.json").read_text())["steps"]
+    assert all(rec["status"] == "done" for rec in state.values()), state
+    report = (out / "report.md").read_text()
+    for part in (
+        "## Stage 1",
+        "## Stage 2",
+        "| l2c_vqa | exact_match |",
+        "| l2c_pope | pope_f1 |",
+        "## Training curves",
+    ):
+        assert part in report
+    for png in ("stage1_cra.png", "retrieval.png", "lmms_eval.png", "training_curves.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+    numbers = json.loads((out / "report.json").read_text())["numbers"]
+    assert numbers["lmms"]["baseline"] and numbers["lmms"]["llm2clip"] and numbers["retrieval"]["llm2clip"]
+    # 3) run again: every step is skipped
+    text = _finish(_pipeline(out))
+    assert text.count("inputs unchanged: skipped") == len(state) and "(running)" not in text
+    # 4) a stage-2 setting changes: stage 2 and what follows run again, stage 1 does not
+    stage1_mtime = (out / "stage1" / "metrics.json").stat().st_mtime_ns
+    text = _finish(_pipeline(out, "stage2.overrides=[train.lr=0.0003]"))
+    assert "stage 1: LLM -> caption encoder: done earlier" in text
+    assert "stage 2: vision encoder vs cached LLM features (running)" in text
+    assert (
+        "lmms-eval (llm2clip) (running)" in text
+        and "LLaVA (baseline): instruction-tune: done earlier" in text
+    )
+    assert (out / "stage1" / "metrics.json").stat().st_mtime_ns == stage1_mtime
+    cfg = (out / "stage2" / "config.yaml").read_text()
+    assert "lr: 0.0003" in cfg
