@@ -587,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
     p.add_argument("--tasks", required=True,
-                   help="comma-separated: local l2c_vqa,l2c_pope,l2c_caption (offline, need --data) or lmms-eval "
-                   "names (vqav2_val,gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,mme,mmbench_en_dev,seedbench)")  # fmt: skip
+                   help="comma-separated: local l2c_vqa,l2c_pope,l2c_caption (offline, need --data; `local` for all "
+                   "three) or lmms-eval names (vqav2_val,gqa,...; `paper` for the paper table's, `paper_all` with the "
+                   "GPT-judged ones)")  # fmt: skip
     p.add_argument("--out", required=True, help="results folder (lmms_eval/ as written, results.json/.md)")
     p.add_argument("--data", default=None, help="the embedded dataset's folder (for the local tasks)")
     p.add_argument("--image-root", default=None, help="image root of the local tasks (default DATA/images)")

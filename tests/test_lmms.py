@@ -43,6 +43,15 @@ def test_scoring_functions():
     assert caption_bleu4([{"pred": "green", "refs": ["a red circle on a blue background"]}]) < 0.1
 
 
+def test_task_aliases_expand_to_lmms_eval_names():
+    from l2c_llava.mllm.lmms import expand_tasks
+
+    paper = expand_tasks(["paper"])
+    assert {"vqav2_val", "gqa", "textvqa_val", "pope_adv", "mme"} <= set(paper) and "mmvet" not in paper
+    assert "mmvet" in expand_tasks(["paper_all"])
+    assert expand_tasks(["local", "l2c_vqa", "gqa"]) == ["l2c_vqa", "l2c_pope", "l2c_caption", "gqa"]
+
+
 def test_normalize_results_keeps_values_stderr_and_n():
     res = {
         "results": {"l2c_vqa": {"alias": "l2c_vqa", "exact_match,none": 0.25, "exact_match_stderr,none": 0.1,

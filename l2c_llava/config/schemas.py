@@ -578,7 +578,7 @@ class PipelineConfig(RecipeConfig):
                         "baseline.vision (use one as is)"))  # fmt: skip
         if self.data.synth_images is not None and self.data.dir is not None:
             out.append(("data.dir", self.data.dir, "give data.synth_images or data.dir, not both"))
-        local = [t for t in self.eval.tasks if t.startswith("l2c_")]
+        local = [t for t in self.eval.tasks if t.startswith("l2c_") or t == "local"]
         if local and self.data.synth_images is None and self.data.dir is None and self.eval.data is None:
             out.append(("eval.data", None, f"the local tasks {local} need a data folder (eval.data)"))
         return out

@@ -31,9 +31,21 @@ from l2c_llava.mllm.evaluate import normalize
 ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = ROOT / "mllm" / "tasks"
 LOCAL_TASKS = ("l2c_vqa", "l2c_pope", "l2c_caption")
-# The paper table's columns by their lmms-eval names (RECIPE.md "Evaluation with lmms-eval").
+# The paper table's columns by their lmms-eval names (RECIPE.md "Evaluation with lmms-eval"); the
+# last four need a GPT judge (OPENAI_API_KEY). `--tasks paper` / `paper_all` expand to them.
 PAPER_TASKS = ("vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "pope_random", "pope_pop",
-               "pope_adv", "mme", "mmbench_en_dev", "mmbench_cn_dev", "seedbench", "llava_in_the_wild", "mmvet")  # fmt: skip
+               "pope_adv", "mme", "seedbench")  # fmt: skip
+JUDGED_TASKS = ("mmbench_en_dev", "mmbench_cn_dev", "llava_in_the_wild", "mmvet")
+ALIASES = {"paper": PAPER_TASKS, "paper_all": PAPER_TASKS + JUDGED_TASKS, "local": LOCAL_TASKS}
+
+
+def expand_tasks(tasks: list[str]) -> list[str]:
+    out: list[str] = []
+    for t in tasks:
+        for x in ALIASES.get(t, (t,)):
+            if x not in out:
+                out.append(x)
+    return out
 
 
 class EvalError(RuntimeError):
@@ -213,6 +225,7 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     except ImportError as e:
         raise EvalError(f"lmms-eval is not installed ({e}); `bash scripts/setup_env.sh` installs it "
                         "(without torchvision, see README 'Evaluation')") from e  # fmt: skip
+    tasks = expand_tasks(tasks)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     local = [t for t in tasks if t in LOCAL_TASKS]
