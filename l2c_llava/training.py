@@ -211,6 +211,59 @@ class Checkpoints:
         return state
 
 
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def contrastive_accumulate(
+    embed: Callable, batches: list, loss_fn: Callable, backward: Callable | None = None
+) -> tuple[float, int]:
+    """One optimizer step's gradients over several micro-batches with the loss of the whole batch
+    (every row a negative of every other), in two passes as GradCache (Gao et al. 2021) and open_clip's
+    ``accum_freq`` do:
+
+    1. embed every micro-batch without gradient (keeping the random state of each);
+    2. the loss on the concatenated features, backward to the features only;
+    3. embed each micro-batch again with gradient (same random state, so the same features) and
+       backpropagate the cached feature gradients through it.
+
+    `embed(batch) -> (image_features, text_features, logit_scale)`, `loss_fn(img, txt, scale) -> loss`.
+    The gradients equal those of one pass over the whole batch; memory is one micro-batch's
+    activations plus the features. Returns (loss, rows)."""
+    backward = backward or (lambda t: t.backward())
+    states, imgs, txts, scale = [], [], [], None
+    with torch.no_grad():
+        for b in batches:
+            states.append(_rng_state())
+            i, t, scale = embed(b)
+            imgs.append(i.detach())
+            txts.append(t.detach())
+    img = torch.cat(imgs).requires_grad_()
+    txt = torch.cat(txts).requires_grad_()
+    sc = scale.detach().clone().requires_grad_()
+    loss = loss_fn(img, txt, sc)
+    g_img, g_txt, g_sc = torch.autograd.grad(loss, (img, txt, sc))
+    after = _rng_state()
+    lo = 0
+    for k, (b, st) in enumerate(zip(batches, states)):
+        _set_rng_state(st)
+        i, t, s = embed(b)
+        n = i.shape[0]
+        surrogate = (i.float() * g_img[lo : lo + n]).sum() + (t.float() * g_txt[lo : lo + n]).sum()
+        if k == 0:  # the logit scale is one parameter shared by every micro-batch: its gradient once
+            surrogate = surrogate + (s.float() * g_sc).sum()
+        backward(surrogate)
+        lo += n
+    _set_rng_state(after)
+    return loss.item(), lo
+
+
 class ContrastiveRecipe:
     """The training loop both image-text contrastive recipes share (stage 2 and the demo CLIP
     baseline): accelerate, AdamW on the recipe's parameter groups, schedule, CLIP loss with features
@@ -284,24 +337,35 @@ class ContrastiveRecipe:
             batches = iter(self._loader(dataset, epoch, acc, skip_batches=done_micro))  # resume mid-epoch
             done_epoch, steps_before = False, step
             while step < total and not done_epoch:
-                loss_sum, micro = 0.0, 0
+                micro_batches = []
                 for _ in range(t.grad_accum):
                     try:
-                        batch = next(batches)
+                        micro_batches.append(next(batches))
                     except StopIteration:
                         done_epoch = True
                         break
-                    micro += 1
-                    with acc.autocast():
-                        img, txt, scale = self.embed(wrapped, batch, acc)
-                        loss = clip_loss(
-                            img, txt, scale, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
-                        )
-                    acc.backward(loss / t.grad_accum)
-                    loss_sum += loss.item() / t.grad_accum
-                    seen += img.shape[0]
-                if micro == 0:
+                if not micro_batches:
                     break
+                loss_fn = lambda i, x, s: clip_loss(
+                    i, x, s, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
+                )  # noqa: E731
+                if getattr(t, "contrastive_accum", False) and len(micro_batches) > 1:
+
+                    def embed(b):
+                        with acc.autocast():
+                            return self.embed(wrapped, b, acc)
+
+                    loss_sum, rows = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward)
+                    seen += rows
+                else:
+                    loss_sum = 0.0
+                    for batch in micro_batches:
+                        with acc.autocast():
+                            img, txt, scale = self.embed(wrapped, batch, acc)
+                            loss = loss_fn(img, txt, scale)
+                        acc.backward(loss / t.grad_accum)
+                        loss_sum += loss.item() / t.grad_accum
+                        seen += img.shape[0]
                 if t.grad_clip:
                     acc.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()

@@ -81,9 +81,10 @@ class TrainSection(Section):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             out.append((f"{prefix}.warmup_ratio", self.warmup_ratio,
                         f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both"))  # fmt: skip
-        if getattr(self, "contrastive_accum", False):
+        if getattr(self, "contrastive_accum", False) and type(self).__name__ == "Stage1Train":
             out.append((f"{prefix}.contrastive_accum", True, "GradCache-style contrastive accumulation is not "
-                        "available yet; use train.grad_accum (negatives then come from each micro-batch only)"))  # fmt: skip
+                        "available in stage 1 yet (stage 2 and the CLIP baseline have it); use train.grad_accum "
+                        "(negatives then come from each micro-batch only)"))  # fmt: skip
         return out
 
 
@@ -279,7 +280,10 @@ class Stage2Train(TrainSection):
     grad_clip: PositiveFloat | None = 5.0
     batch_size: PositiveInt = Field(512, description="per device; 512 x 8 GPUs = 4096 in the paper")
     grad_accum: PositiveInt = 1
-    contrastive_accum: bool = False
+    contrastive_accum: bool = Field(
+        False,
+        description="with grad_accum > 1: the loss over the whole accumulated batch (GradCache), all negatives kept",
+    )
     epochs: PositiveInt = 4
     mixed_precision: MixedPrecision = "fp16"
     local_loss: bool = True
@@ -480,6 +484,10 @@ class ClipTrain(TrainSection):
     warmup_ratio: Probability | None = 0.05
     batch_size: PositiveInt = 64
     grad_accum: PositiveInt = 1
+    contrastive_accum: bool = Field(
+        False,
+        description="with grad_accum > 1: the loss over the whole accumulated batch (GradCache), all negatives kept",
+    )
     epochs: PositiveInt = 30
     local_loss: bool = True
     gather_with_grad: bool = True
