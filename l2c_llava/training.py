@@ -15,6 +15,7 @@ import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +347,7 @@ class ContrastiveRecipe:
                         break
                 if not micro_batches:
                     break
-                loss_fn = lambda i, x, s: clip_loss(
-                    i, x, s, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad
-                )  # noqa: E731
+                loss_fn = partial(clip_loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad)
                 if getattr(t, "contrastive_accum", False) and len(micro_batches) > 1:
 
                     def embed(b):
