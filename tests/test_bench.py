@@ -1,0 +1,47 @@
+"""The benchmark scripts run (tiny sizes; the figures themselves are measured by hand, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def _run(args, tmp_path):
+    out = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_gpu_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
+    text = _run(["bench/gpu.py", "--tiny"], tmp_path)
+    res = json.loads((tmp_path / "gpu-tiny-cpu.json").read_text())
+    assert set(res["benches"]) == {"stage2", "stage1", "llava_lora", "llava_full"}
+    for r in res["benches"].values():
+        assert r["largest_batch"] >= r["batch"] and any(k.endswith("_per_s") and v > 0 for k, v in r.items())
+    assert "| stage2 |" in text
+
+
+def test_cpu_suite_runs_quick(tmp_path, synth_dir):
+    _run(["bench/run.py", "--quick", "--only", "retrieval", "stage2_step"], tmp_path)
+    res = json.loads(next(tmp_path.glob("cpu-quick-*.json")).read_text())["benches"]
+    assert res["retrieval"]["ratio"] > 0 and res["stage2_step"]["ratio_cached_over_clip"] > 0
+
+
+@pytest.mark.slow
+def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import llava_data
+
+    r = llava_data.run(str(synth_dir), batch=2, batches=2, model_steps=1)
+    assert 0 <= r["padding_waste_grouped"] <= r["padding_waste_random"] <= 1
+    assert r["collate_rows_per_s"] > 0 and r["model_step_rows_per_s"] > 0
+    import text_encode
+
+    t = text_encode.run(n=8, batch=4, rounds=1)
+    assert t["ours"]["texts_per_s"] > 0 and t["llm2vec"]["texts_per_s"] > 0
