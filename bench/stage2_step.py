@@ -40,8 +40,8 @@ def _vision_tower(image_size=224, patch=32, width=192, layers=4, heads=3):
 def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -> dict:
     from types import SimpleNamespace
 
-    from l2c_llava.stage2.clip_baseline import ClipDual, build_clip
     from l2c_llava.embedded import clip_tokenizer
+    from l2c_llava.stage2.clip_baseline import ClipDual, build_clip
     from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
 
     torch.set_num_threads(torch.get_num_threads())
