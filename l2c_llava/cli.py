@@ -370,9 +370,16 @@ def _cmd_mllm_eval(args: argparse.Namespace) -> int:
     from l2c_llava.mllm.lmms import EvalError, run_lmms_eval
 
     tasks = [t for t in args.tasks.split(",") if t]
+    task_limits = {}
+    for item in args.task_limit or []:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            print(f"l2c mllm eval: --task-limit {item!r}: use TASK=N with N >= 1", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        task_limits[name] = int(n)
     try:
         run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
-                             device=args.device, batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                      device=args.device, batch_size=args.batch_size, limit=args.limit, task_limits=task_limits)  # fmt: skip
     except (DataError, EvalError) as e:
         print(f"l2c mllm eval: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -596,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N rows of each task")
+    p.add_argument("--task-limit", action="append", metavar="TASK=N", help="first N rows of one local task")
     p.set_defaults(func=_cmd_mllm_eval)
     p = mmsub.add_parser("chat", help="answer one question about one image (greedy)")
     p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")

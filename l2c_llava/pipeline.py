@@ -233,6 +233,8 @@ class Pipeline:
                           "--device", e.device, "--batch-size", str(e.batch_size)]  # fmt: skip
             argv += ["--data", eval_data] if eval_data else []
             argv += ["--limit", str(e.limit)] if e.limit else []
+            for task, n in sorted(e.task_limits.items()):
+                argv += ["--task-limit", f"{task}={n}"]
             add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], ev / "results.json"),
                 {"eval": {**e.model_dump(), "data": eval_data},
                  "files": _file_stats([eval_data and str(Path(eval_data) / "manifest.json")], out)}, [f"finetune_{enc}"])  # fmt: skip

@@ -79,13 +79,13 @@ def tiny_llava(tmp_path_factory):
 def test_lmms_eval_runs_for_real_on_the_local_tasks(tmp_path, tiny_llava, synth_dir, capsys):
     out = tmp_path / "eval"
     args = ["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa,l2c_pope,l2c_caption",
-            "--out", str(out), "--data", str(synth_dir), "--limit", "3"]  # fmt: skip
+            "--out", str(out), "--data", str(synth_dir), "--limit", "3", "--task-limit", "l2c_caption=2"]  # fmt: skip
     assert main(args) == 0
     table = json.loads((out / "results.json").read_text())["rows"]
     got = {(r["task"], r["metric"]) for r in table}
     assert got == {("l2c_vqa", "exact_match"), ("l2c_pope", "pope_accuracy"), ("l2c_pope", "pope_f1"),
                    ("l2c_pope", "pope_yes_ratio"), ("l2c_caption", "bleu4"), ("l2c_caption", "rougeL")}  # fmt: skip
-    assert all(r["n"] == 3 and 0.0 <= r["value"] <= 1.0 for r in table)
+    assert all(r["n"] == (2 if r["task"] == "l2c_caption" else 3) and 0.0 <= r["value"] <= 1.0 for r in table)
     # lmms-eval's own files are kept as written; its per-sample log agrees with the table
     raw = list((out / "lmms_eval").rglob("*results.json"))
     samples = list((out / "lmms_eval").rglob("*samples_l2c_vqa.jsonl"))
@@ -115,6 +115,13 @@ def test_lmms_eval_bad_inputs_are_named(tmp_path, tiny_llava, synth_dir, capsys)
         == 2
     )
     assert "are local: give --data" in capsys.readouterr().err
+    # a per-task limit only for local tasks, and well-formed
+    assert main(["mllm", "eval", "--model", str(tiny_llava), "--tasks", "gqa", "--out", str(tmp_path / "o"),
+                 "--task-limit", "gqa=3"]) == 2  # fmt: skip
+    assert "only local tasks take one" in capsys.readouterr().err
+    assert main(["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa", "--out", str(tmp_path / "o"),
+                 "--data", str(synth_dir), "--task-limit", "l2c_vqa=x"]) == 2  # fmt: skip
+    assert "use TASK=N" in capsys.readouterr().err
     # a question row whose image escapes the root is reported with file and row
     bad = tmp_path / "data"
     (bad / "eval").mkdir(parents=True)

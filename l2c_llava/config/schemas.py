@@ -556,6 +556,9 @@ class PipelineMllm(Section):
 class PipelineEval(Section):
     tasks: list[str] = Field(min_length=1, description="lmms-eval task names, local (l2c_*) or from the hub")
     limit: PositiveInt | None = None
+    task_limits: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="rows of one local task, e.g. {l2c_caption: 40}"
+    )
     device: str = "cpu"
     batch_size: PositiveInt = 1
     data: str | None = Field(

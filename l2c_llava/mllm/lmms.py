@@ -171,7 +171,7 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
 
 
 def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root: Path | None = None,
-                        limit: int | None = None) -> Path:  # fmt: skip
+                        limit: int | None = None, task_limits: dict[str, int] | None = None) -> Path:  # fmt: skip
     """A copy of ``mllm/tasks`` under ``out/tasks`` whose YAMLs read JSONL files written there."""
     dest = out / "tasks"
     if dest.exists():
@@ -180,8 +180,9 @@ def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root:
     shutil.copy2(TASK_DIR / "utils.py", dest / "utils.py")
     for task in tasks:
         rows = local_task_rows(task, data_dir, image_root)
-        if limit:
-            rows = rows[:limit]
+        cap = (task_limits or {}).get(task, limit)
+        if cap:
+            rows = rows[:cap]
         if not rows:
             raise EvalError(f"task {task}: no rows in {data_dir}")
         data = dest / f"{task}.jsonl"
@@ -210,7 +211,7 @@ def lmms_command(model_dir: Path, tasks: list[str], out: Path, include_path: Pat
 def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str | os.PathLike,
                   data_dir: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
                   device: str = "cpu", batch_size: int = 1, limit: int | None = None,
-                  offline: bool | None = None) -> list[dict]:  # fmt: skip
+                  task_limits: dict[str, int] | None = None, offline: bool | None = None) -> list[dict]:  # fmt: skip
     """Run lmms-eval on `model_dir` for `tasks`, then write the normalized table. Returns its rows."""
     model = Path(model_dir).resolve()
     if (model / "model" / "config.json").is_file():  # an mllm run folder
@@ -235,9 +236,8 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
             raise EvalError(
                 f"tasks {', '.join(local)} are local: give --data (the embedded dataset's folder)"
             )
-        include = prepare_local_tasks(
-            local, Path(data_dir), out, Path(image_root) if image_root else None, limit
-        )
+        root = Path(image_root) if image_root else None
+        include = prepare_local_tasks(local, Path(data_dir), out, root, limit, task_limits)
     env = dict(os.environ)
     if offline if offline is not None else all(t in LOCAL_TASKS for t in tasks):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -245,6 +245,12 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     raw = out / "lmms_eval"
     if raw.exists():
         shutil.rmtree(raw)  # a result folder is the result of one run
+    unknown = set(task_limits or {}) - set(local)
+    if unknown:
+        raise EvalError(
+            f"per-task limits for {sorted(unknown)}: only local tasks take one (use --limit for the others)"
+        )
+    # local tasks are cut when their rows are written; lmms-eval's --limit caps the others
     cmd = lmms_command(model, tasks, out, include, device, batch_size, limit)
     atomic_write_json(
         out / "lmms_command.json", {"argv": cmd[1:], "offline": env.get("HF_HUB_OFFLINE") == "1"}
