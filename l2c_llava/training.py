@@ -365,6 +365,8 @@ class ContrastiveRecipe:
                         acc.backward(loss / t.grad_accum)
                         loss_sum += loss.item() / t.grad_accum
                         seen += img.shape[0]
+                if acc.num_processes > 1:  # log the global batch's loss, not this process's share
+                    loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean").item()
                 if t.grad_clip:
                     acc.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()

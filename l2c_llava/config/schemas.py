@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from l2c_llava.config.core import RecipeConfig, Section
 
@@ -75,6 +75,12 @@ class TrainSection(Section):
     log_every: PositiveInt = 10
     save_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
+
+    @field_validator("mixed_precision", mode="before", check_fields=False)
+    @classmethod
+    def _yaml_no(cls, v):
+        """YAML reads a bare `no` as false: `train.mixed_precision=no` means "no"."""
+        return "no" if v is False else v
 
     def schedule_problems(self, prefix: str = "train") -> list[tuple[str, Any, str]]:
         out = []
