@@ -72,6 +72,37 @@ def _num(x, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
 
 
+def blind_references(out: Path) -> dict[tuple[str, str], float]:
+    """What a model that ignores the image scores on the local tasks' rows it was given:
+    l2c_vqa, the most frequent training answer per question type (from the LLaVA training JSON);
+    l2c_pope, always the majority answer (accuracy) and always "yes" (F1, yes ratio)."""
+    from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
+
+    refs: dict[tuple[str, str], float] = {}
+    tasks = next((p for p in sorted((out / "eval").glob("*/tasks")) if p.is_dir()), None)
+    if tasks is None:
+        return refs
+
+    def rows(name):
+        f = tasks / f"{name}.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+    vqa, train = rows("l2c_vqa"), out / "data" / "llava" / "instruct.json"
+    if vqa and train.is_file():
+        prior = prior_answers(train, vqa)
+        hits = [
+            normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
+            for q in vqa
+        ]
+        refs[("l2c_vqa", "exact_match")] = sum(hits) / len(hits)
+    pope = rows("l2c_pope")
+    if pope:
+        yes = sum(normalize(q["answer"]).startswith("yes") for q in pope) / len(pope)
+        refs[("l2c_pope", "pope_accuracy")] = max(yes, 1 - yes)
+        refs[("l2c_pope", "pope_f1")] = 2 * yes / (1 + yes) if yes else 0.0
+    return refs
+
+
 def _se(row: dict, enc: str) -> str:
     se = row.get(enc + "_stderr")
     return f" ± {se:.3f}" if isinstance(se, float) else ""
@@ -186,11 +217,19 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     md += ["## LLaVA-1.5 on each encoder: lmms-eval", ""]
     table = lmms_table(data["lmms"])
     if table:
-        md += ["| task | metric | baseline | LLM2CLIP | difference | n |", "|---|---|---|---|---|---|"]
+        refs = blind_references(out)
+        md += ["| task | metric | baseline | LLM2CLIP | difference | without the image | n |",
+               "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in table:
+            ref = refs.get((r["task"], r["metric"]))
+            r["without_image"] = ref
             md.append(f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
                       f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
-                      f"{r.get('n', '-')} |")  # fmt: skip
+                      f"{_num(ref)} | {r.get('n', '-')} |")  # fmt: skip
+        if refs:
+            md += ["", "\"Without the image\" is what answering blind scores on the same rows: for l2c_vqa the most "
+                   "frequent training answer of the question's type, for POPE the majority answer (accuracy) and "
+                   "always \"yes\" (F1). A model above it uses the image."]  # fmt: skip
         missing = [enc for enc in ENCODERS if not data["lmms"].get(enc)]
         if missing:
             md.append(f"\n(missing: eval/{missing[0]}/results.json)")
