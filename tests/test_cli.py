@@ -30,7 +30,7 @@ def test_ls_lists_every_shipped_config_with_a_line(capsys):
     assert any(line.startswith("stage1/configs/demo.yaml ") and "Demo" in line for line in lines)
     assert len(lines) == len(list(ROOT.glob("stage1/configs/*.yaml"))) + len(
         list(ROOT.glob("stage2/configs/*.yaml"))
-    ) + len(list(ROOT.glob("mllm/configs/*.yaml")))
+    ) + len(list(ROOT.glob("mllm/configs/*.yaml"))) + len(list(ROOT.glob("pipeline/configs/*.yaml")))
 
 
 def test_validate_good_and_bad_with_overrides(capsys):

@@ -139,10 +139,13 @@ def test_missing_required_key_is_named(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("run: {output_dir: x}\n", "recipe: required key is missing; one of: clip, mllm, stage1, stage2"),
+        (
+            "run: {output_dir: x}\n",
+            "recipe: required key is missing; one of: clip, mllm, pipeline, stage1, stage2",
+        ),
         (
             "recipe: stage3\n",
-            "recipe = 'stage3': unknown recipe; did you mean 'stage2'? Allowed: clip, mllm, stage1, stage2",
+            "recipe = 'stage3': unknown recipe; did you mean 'stage2'? Allowed: clip, mllm, pipeline, stage1, stage2",
         ),
         ("recipe: stage1\nrun: [unclosed\n", "invalid YAML: line 3"),
         ("recipe: stage1\nrecipe: stage2\n", "duplicate key 'recipe' (line 2)"),

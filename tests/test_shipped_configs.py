@@ -14,10 +14,11 @@ CONFIGS = shipped_configs(ROOT)
 
 def test_configs_are_shipped_for_every_stage():
     folders = {c.path.relative_to(ROOT).parts[0] for c in CONFIGS}
-    assert folders == {"stage1", "stage2", "mllm"}
+    assert folders == {"stage1", "stage2", "mllm", "pipeline"}
     names = {c.path.relative_to(ROOT).as_posix() for c in CONFIGS}
     for must in ("stage1/configs/demo.yaml", "stage1/configs/quick.yaml", "stage2/configs/demo.yaml",
-                 "stage2/configs/quick.yaml", "mllm/configs/demo_pretrain.yaml", "mllm/configs/demo_finetune.yaml"):  # fmt: skip
+                 "stage2/configs/quick.yaml", "mllm/configs/demo_pretrain.yaml", "mllm/configs/demo_finetune.yaml",
+                 "pipeline/configs/demo.yaml", "pipeline/configs/quick.yaml", "pipeline/configs/paper.yaml"):  # fmt: skip
         assert must in names
 
 
@@ -30,7 +31,13 @@ def test_shipped_config_validates_and_opens_with_its_command(shipped):
         "l2c " in shipped.command or "l2c_llava.cli" in shipped.command
     )
     assert shipped.summary, f"{rel}: the second comment line says what the config is"
-    stage_word = {"stage1": "stage1", "stage2": "stage2", "mllm": "mllm", "clip": "clip"}[cfg.recipe]
+    stage_word = {
+        "stage1": "stage1",
+        "stage2": "stage2",
+        "mllm": "mllm",
+        "clip": "clip",
+        "pipeline": "pipeline",
+    }[cfg.recipe]
     assert f" {stage_word}" in shipped.command
 
 
@@ -87,3 +94,21 @@ def test_every_launch_line_points_at_a_shipped_accelerate_config():
         if "--config_file" in c.command:
             target = c.command.split("--config_file", 1)[1].split()[0]
             assert (ROOT / target).is_file(), f"{c.path}: launch line names missing {target}"
+
+
+def test_pipeline_configs_name_shipped_step_configs_and_follow_the_recipe():
+    from l2c_llava.pipeline import load_pipeline
+
+    for name in ("demo", "quick", "paper"):
+        pipe = load_pipeline(str(ROOT / "pipeline" / "configs" / f"{name}.yaml"), [])
+        assert [s.name for s in pipe.steps][-1] == "report" and len(
+            {s.fingerprint for s in pipe.steps}
+        ) == len(pipe.steps)
+    paper = load_pipeline(str(ROOT / "pipeline/configs/paper.yaml"), [])
+    assert paper.cfg.baseline.vision == "openai/clip-vit-large-patch14-336" and "data" not in [
+        s.name for s in paper.steps
+    ]
+    assert paper.cfg.eval.tasks == ["paper"] and paper.cfg.mllm.finetune.launch[:2] == [
+        "accelerate",
+        "launch",
+    ]
