@@ -240,8 +240,14 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             for i, enc in enumerate(ENCODERS):
                 ax.bar([j + 0.4 * (i - 0.5) for j in range(len(rows))], [r.get(enc) or 0 for r in rows], width=0.4,
                        label="LLM2CLIP" if enc == "llm2clip" else enc)  # fmt: skip
+            for j, r in enumerate(rows):  # what answering without the image scores
+                if r.get("without_image") is not None:
+                    ax.hlines(r["without_image"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                              label="without the image" if not j else None)  # fmt: skip
             ax.set_xticks(range(len(rows)), [r["metric"] for r in rows], fontsize=7, rotation=20)
             ax.set_title(task, fontsize=9)
+            if any(r.get("without_image") is not None for r in rows):
+                ax.legend(fontsize=6)
         axes[0][0].legend(fontsize=7)
         fig.suptitle("lmms-eval: the same LLaVA recipe on each encoder", fontsize=9)
         _savefig(fig, plots / "lmms_eval.png")
