@@ -63,10 +63,14 @@ def run(data: str = "runs/demo/data", batch: int = 8, batches: int = 6, model_st
     d, s = statistics.median(data_s), statistics.median(step_s)
     lengths = ds.lengths
     grouped = list(ModalityLengthSampler(lengths, batch, 1, 0))
+    # LLaVA sorts by length within mega-batches of batch x world: on 8 GPUs each device's batch is a
+    # run of 8 similar lengths out of 64; on one process the mega-batch is the batch itself
+    grouped8 = list(ModalityLengthSampler(lengths, batch, 8, 0))
     return {"rows": len(ds), "batch": batch, "collate_rows_per_s": round(batch / d, 1),
             "model_step_rows_per_s": round(batch / s, 2), "data_time_share_of_step": round(d / s, 4),
             "padding_waste_random": round(padding_waste(order, lengths, batch), 4),
-            "padding_waste_grouped": round(padding_waste(grouped, lengths, batch), 4)}  # fmt: skip
+            "padding_waste_grouped": round(padding_waste(grouped, lengths, batch), 4),
+            "padding_waste_grouped_8_processes": round(padding_waste(grouped8, lengths, batch), 4)}  # fmt: skip
 
 
 if __name__ == "__main__":
