@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c_llava.config import load_config
-from l2c_llava.config.core import config_to_dict
+from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.training import RESUME_FREE
@@ -63,17 +63,6 @@ def _free(key: str) -> bool:
     return key in RESUME_FREE or key.split(".")[0] in RESUME_FREE
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _file_stats(values, produced: Path | None = None) -> dict:
     """Size and mtime of every existing file named by a config value (data files, not folders), but
     those under `produced` (the pipeline's folder): what steps write is covered by their fingerprints."""
@@ -93,7 +82,7 @@ def config_fingerprint(path: str, overrides: list[str], sections: tuple[str, ...
     """The resolved config a step runs under, minus logging-only keys (but the sections in `keep`),
     plus its input files' stats. `sections` limits it to those top-level sections."""
     cfg = load_config(path, overrides)
-    flat = {k: v for k, v in _flat(config_to_dict(cfg)).items() if not _free(k) or k.split(".")[0] in keep}
+    flat = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not _free(k) or k.split(".")[0] in keep}
     if sections is not None:
         flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
     return {"config": flat, "files": _file_stats(flat.values(), produced)}

@@ -44,10 +44,16 @@ def _log(path: Path) -> list[dict]:
     return rows
 
 
-def _savefig(fig, path: Path) -> None:
+def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
+    """Save `fig` as plots/name atomically, close it, and return the Markdown lines that show it."""
+    import matplotlib.pyplot as plt
+
+    path = plots / name
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
+    plt.close(fig)
+    return ["", f"![{alt}](plots/{name})", ""]
 
 
 def collect(out: Path) -> dict:
@@ -164,9 +170,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         ax.set_ylabel("%")
         ax.set_title("Stage 1: the LLM as a caption encoder")
         ax.legend(fontsize=7)
-        _savefig(fig, plots / "stage1_cra.png")
-        plt.close(fig)
-        md += ["", "![stage 1](plots/stage1_cra.png)", ""]
+        md += _figure(fig, plots, "stage1_cra.png", "stage 1")
     else:
         md += ["(missing: stage1/metrics.json)", ""]
 
@@ -207,9 +211,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             ax.set_title(f"{cap} captions")
         axes[0].set_ylabel("recall %")
         axes[0].legend(fontsize=7)
-        _savefig(fig, plots / "retrieval.png")
-        plt.close(fig)
-        md += ["", "![retrieval](plots/retrieval.png)", ""]
+        md += _figure(fig, plots, "retrieval.png", "retrieval")
     else:
         md += ["(missing: stage2/metrics.json)", ""]
 
@@ -250,9 +252,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                 ax.legend(fontsize=6)
         axes[0][0].legend(fontsize=7)
         fig.suptitle("lmms-eval: the same LLaVA recipe on each encoder", fontsize=9)
-        _savefig(fig, plots / "lmms_eval.png")
-        plt.close(fig)
-        md += ["", "![lmms-eval](plots/lmms_eval.png)", ""]
+        md += _figure(fig, plots, "lmms_eval.png", "lmms-eval")
     else:
         md += ["(missing: eval/*/results.json)", ""]
 
@@ -280,12 +280,10 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.tight_layout()
-        _savefig(fig, plots / "training_curves.png")
-        plt.close(fig)
         md += ["| step | first logged loss | last logged loss | logged points |", "|---|---|---|---|"]
         for folder, pts in curves.items():
             md.append(f"| {titles.get(folder, folder)} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {len(pts)} |")
-        md += ["", "![training curves](plots/training_curves.png)", ""]
+        md += _figure(fig, plots, "training_curves.png", "training curves")
     else:
         md += ["(no train_log.jsonl found)", ""]
 

@@ -73,25 +73,14 @@ def check_resume_config(run_dir: Path, cfg) -> None:
     would silently continue a different run): name the keys that differ."""
     import yaml
 
-    from l2c_llava.config.core import config_to_dict
+    from l2c_llava.config.core import config_to_dict, flatten
 
     old_path = Path(run_dir) / "config.yaml"
     if not Checkpoints(run_dir, 1).all() or not old_path.is_file() or not getattr(cfg.run, "resume", True):
         return
     old = yaml.safe_load(old_path.read_text()) or {}
     new = config_to_dict(cfg)
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flatten(old), flatten(new)
     free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE or k == "run.output_dir"  # noqa: E731
     differ = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
     if differ:

@@ -393,6 +393,18 @@ def load_config(
     return cfg
 
 
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4} (nested mappings to dotted keys)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 
