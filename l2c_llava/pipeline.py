@@ -134,8 +134,9 @@ class Pipeline:
             fps[step.name] = step.fingerprint
             steps.append(step)
 
-        def with_data(pairs: list[tuple[str, str]]) -> list[str]:
-            return [f"{k}={v}" for k, v in pairs] if D is not None else []
+        def with_data(keys: dict[str, str]) -> list[str]:
+            """Overrides pointing config keys at files of the embedded layout (none without a data folder)."""
+            return [f"{k}={D / rel}" for k, rel in keys.items()] if D is not None else []
 
         # data
         data_up: list[str] = []
@@ -156,9 +157,7 @@ class Pipeline:
 
         # stage 1
         s1 = c.stage1
-        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data([
-            ("data.train", D / "captions/train.jsonl" if D else ""), ("data.eval", D / "retrieval/karpathy.json" if D else ""),
-            ("data.eval_pairs", D / "captions/test.jsonl" if D else "")])  # fmt: skip
+        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data({"data.train": "captions/train.jsonl", "data.eval": "retrieval/karpathy.json", "data.eval_pairs": "captions/test.jsonl"})  # fmt: skip
         add(Step("stage1", "stage 1: LLM -> caption encoder", l2c + ["stage1", "--config", s1.config, *ov],
                  [out / "stage1"], out / "stage1" / "metrics.json", launch=s1.launch),
             fp(s1.config, ov, keep=("eval",)), data_up)  # fmt: skip
@@ -166,8 +165,7 @@ class Pipeline:
         # baseline
         if c.baseline.clip is not None:
             b = c.baseline.clip
-            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data([
-                ("data.train", D / "retrieval/karpathy.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data({"data.train": "retrieval/karpathy.json", "data.image_root": "images"})  # fmt: skip
             add(Step("baseline", "baseline CLIP trained from scratch", l2c + ["clip", "pretrain", "--config", b.config, *ov],
                      [out / "clip"], out / "clip" / "model" / "config.json", launch=b.launch),
                 fp(b.config, ov), data_up)  # fmt: skip
@@ -178,11 +176,7 @@ class Pipeline:
         # stage 2
         s2 = c.stage2
         ov2 = [*s2.overrides, f"run.output_dir={out / 'stage2'}", f"text_encoder.path={out / 'stage1' / 'encoder'}",
-               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data([
-            ("data.train", D / "captions/train.jsonl" if D else ""), ("data.image_root", D / "images" if D else ""),
-            ("data.eval_short", D / "retrieval/karpathy.json" if D else ""),
-            ("data.eval_long", D / "retrieval/long_test.json" if D else ""),
-            ("data.eval_image_root", D / "images" if D else "")])  # fmt: skip
+               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data({"data.train": "captions/train.jsonl", "data.image_root": "images", "data.eval_short": "retrieval/karpathy.json", "data.eval_long": "retrieval/long_test.json", "data.eval_image_root": "images"})  # fmt: skip
         add(Step("text_cache", "stage 2: text feature cache", l2c + ["stage2", "cache", "--config", s2.config, *ov2],
                  [out / "text_features"], out / "text_features" / "train" / "manifest.json"),
             fp(s2.config, ov2, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
@@ -204,14 +198,12 @@ class Pipeline:
             vt, vt_up = towers[enc]
             m = out / "mllm" / enc
             pre, fin = c.mllm.pretrain, c.mllm.finetune
-            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data([
-                ("data.path", D / "llava/pretrain.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data({"data.path": "llava/pretrain.json", "data.image_root": "images"})  # fmt: skip
             add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector",
                      l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json", launch=pre.launch),
                 fp(pre.config, ovp), [*vt_up, *data_up])  # fmt: skip
             ovf = [*fin.overrides, f"run.output_dir={m / 'finetune'}", f"model.vision_tower={vt}",
-                   f"model.init_from={m / 'pretrain'}"] + with_data([
-                ("data.path", D / "llava/instruct.json" if D else ""), ("data.image_root", D / "images" if D else "")])  # fmt: skip
+                   f"model.init_from={m / 'pretrain'}"] + with_data({"data.path": "llava/instruct.json", "data.image_root": "images"})  # fmt: skip
             add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune",
                      l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json", launch=fin.launch),
                 fp(fin.config, ovf), [f"pretrain_{enc}"])  # fmt: skip
@@ -273,15 +265,6 @@ class Pipeline:
         if rec.get("status") == "done" and step.done_marker.exists():
             return "skip"
         return "resume"
-
-    def plan(self) -> list[tuple[Step, str]]:
-        state = self.load_state()
-        out, changed = [], False
-        for step in self.steps:
-            d = self.decide(step, state)
-            changed = changed or d != "skip"
-            out.append((step, d))
-        return out
 
     # ------------------------------------------------------------------ running
     def _run(self, argv: list[str], launch: list[str] | None = None) -> None:
