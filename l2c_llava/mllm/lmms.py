@@ -230,6 +230,13 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     local = [t for t in tasks if t in LOCAL_TASKS]
+    unknown = set(task_limits or {}) - set(local)
+    if unknown:
+        raise EvalError(
+            f"per-task limits for {sorted(unknown)}: only local tasks take one (use --limit for the others)"
+        )
+    for stale in ("results.json", "results.md"):  # a result folder holds the result of one run
+        (out / stale).unlink(missing_ok=True)
     include = None
     if local:
         if data_dir is None:
@@ -244,21 +251,23 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     raw = out / "lmms_eval"
     if raw.exists():
-        shutil.rmtree(raw)  # a result folder is the result of one run
-    unknown = set(task_limits or {}) - set(local)
-    if unknown:
-        raise EvalError(
-            f"per-task limits for {sorted(unknown)}: only local tasks take one (use --limit for the others)"
-        )
+        shutil.rmtree(raw)
     # local tasks are cut when their rows are written; lmms-eval's --limit caps the others
     cmd = lmms_command(model, tasks, out, include, device, batch_size, limit)
     atomic_write_json(
         out / "lmms_command.json", {"argv": cmd[1:], "offline": env.get("HF_HUB_OFFLINE") == "1"}
     )
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    atomic_write_text(out / "lmms_eval.log", proc.stdout)
+    # lmms-eval's output goes to the terminal as it comes (its progress) and to lmms_eval.log
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stderr.write(line)
+    atomic_write_text(out / "lmms_eval.log", "".join(lines))
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-25:])
+        tail = "".join(lines[-25:])
         raise EvalError(
             f"lmms-eval exited with {proc.returncode} (full log: {out / 'lmms_eval.log'}):\n{tail}"
         )
