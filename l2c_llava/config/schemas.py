@@ -358,12 +358,26 @@ class Stage2Config(RecipeConfig):
 # ---------------------------------------------------------------------------------------------
 
 
+class ConnectorSection(Section):
+    """Shape of a qformer / perceiver connector (ignored by the MLP ones)."""
+
+    num_queries: PositiveInt = Field(64, description="vision tokens per image (576 for the MLP at 336 px)")
+    hidden_size: PositiveInt | None = Field(None, description="connector width (default: the vision width)")
+    depth: PositiveInt = 2
+    heads: PositiveInt = 8
+    mlp_ratio: PositiveInt = 4
+
+
 class MllmModel(Section):
     vision_tower: str = Field(
         description="a transformers CLIPVisionModel/CLIPModel folder (stage-2 export or OpenAI CLIP)"
     )
     llm: LLMSection
-    projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    projector_type: Literal["mlp2x_gelu", "linear", "qformer", "perceiver"] = Field(
+        "mlp2x_gelu",
+        description="qformer / perceiver: l2c's own connectors (not loadable by transformers' LLaVA)",
+    )
+    connector: ConnectorSection = Field(default_factory=ConnectorSection)
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"  # default drops CLS
     image_aspect_ratio: Literal["pad", "crop"] = "pad"  # pad: to square with the mean colour, like LLaVA

@@ -9,7 +9,10 @@
 - tokenizer: ``<image>`` added as a special token; a pad token distinct from end-of-sequence (the
   unknown token where there is one, as LLaVA does for Llama, else ``<pad>``);
 - processor: ``patch_size`` and ``num_additional_image_tokens=1`` so ``<image>`` expands to exactly
-  the number of patch features; the vicuna_v1 chat template.
+  the number of patch features; the vicuna_v1 chat template;
+- or a ``qformer`` / ``perceiver`` connector (``mllm/connectors.py``): a fixed number of vision tokens
+  (``num_queries``); the processor expands ``<image>`` to that many (one "patch" the size of the image
+  plus ``num_queries`` additional tokens, minus the CLS the default strategy drops).
 
 Every weight of the tower and the LLM is copied with a strict check: a missing or unexpected key
 fails loudly, never a silently random tower.
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.io import publish_folder
+from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
 
 logger = logging.getLogger("l2c_llava.mllm")
@@ -53,7 +57,28 @@ PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 
 
 def projector_type_of(config) -> str:
+    connector = getattr(config, "l2c_connector", None)
+    if connector:
+        return connector["type"]
     return "linear" if config.projector_hidden_act == "linear" else "mlp2x_gelu"
+
+
+def image_tokens_of(config) -> int:
+    """How many `<image>` tokens one image takes in a model of this config."""
+    connector = getattr(config, "l2c_connector", None)
+    if connector:
+        return int(connector["num_queries"])
+    return num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
+
+
+def not_transformers_llava(config, what: str, where: str = "") -> None:
+    """Refuse, with the reason, a model transformers' LLaVA class (and so lmms-eval's llava_hf, the
+    original LLaVA code) cannot hold."""
+    kind = projector_type_of(config)
+    if kind in CONNECTORS:
+        raise BuildError(f"{where or 'this model'} uses the {kind} connector; {what} needs transformers' LLaVA "
+                         "class, which takes only the MLP (mlp2x_gelu / linear) connector. Load it with "
+                         "l2c_llava.mllm.build.load_llava and evaluate it with `l2c mllm eval-vqa`")  # fmt: skip
 
 
 class BuildError(ValueError):
@@ -79,7 +104,10 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
-def make_processor(tokenizer, vision_config, strategy: str = "default"):
+def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None):
+    """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
+    with the "full" strategy), or `num_queries` for a connector (one image-sized "patch" + `num_queries`
+    additional tokens - the CLS the default strategy drops)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -87,8 +115,12 @@ def make_processor(tokenizer, vision_config, strategy: str = "default"):
     size = vision_config.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                          image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
-                          vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+    if num_queries:
+        patch, extra, strategy = size, num_queries, "default"
+    else:
+        patch, extra = vision_config.patch_size, 1
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                          vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
                           chat_template=VICUNA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)  # fmt: skip
 
 
@@ -104,17 +136,20 @@ def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
 
 def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
                 vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
-                torch_dtype: str = "float32"):  # fmt: skip
+                torch_dtype: str = "float32", connector: dict | None = None):  # fmt: skip
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
-    object (name_or_path, gguf_file, attn_implementation, trust_remote_code)."""
+    object (name_or_path, gguf_file, attn_implementation, trust_remote_code). With projector_type
+    qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
+    and the model is a ``LlavaWithConnector``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     from l2c_llava.stage1.encoder import local_llm_folder
     from l2c_llava.stage2.train import load_vision_tower
 
-    if projector_type not in PROJECTORS:
-        raise BuildError(f"projector_type {projector_type!r}: transformers' LLaVA class holds "
-                         f"{' or '.join(PROJECTORS)} connectors only")  # fmt: skip
+    if projector_type not in PROJECTORS and projector_type not in CONNECTORS:
+        raise BuildError(
+            f"projector_type {projector_type!r}: expected one of {', '.join([*PROJECTORS, *CONNECTORS])}"
+        )
     try:
         tower = load_vision_tower(str(vision_tower))
     except ValueError as e:
@@ -130,16 +165,31 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     text_config = lm.config
     text_config.pad_token_id = tokenizer.pad_token_id
+    extra, cls, num_queries = {}, LlavaForConditionalGeneration, None
+    if projector_type in CONNECTORS:
+        spec = {
+            "num_queries": 64,
+            "hidden_size": None,
+            "depth": 2,
+            "heads": 8,
+            "mlp_ratio": 4,
+            **(connector or {}),
+        }
+        extra["l2c_connector"] = {"type": projector_type, **spec}
+        cls, num_queries = llava_with_connector_class(), int(spec["num_queries"])
     config = LlavaConfig(
         vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_id=image_id,
-        projector_hidden_act=PROJECTORS[projector_type], vision_feature_layer=vision_feature_layer,
+        projector_hidden_act=PROJECTORS.get(projector_type, "gelu"), vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
-        image_seq_length=num_image_tokens(tower.config, vision_feature_select_strategy),
-        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+        image_seq_length=num_queries or num_image_tokens(tower.config, vision_feature_select_strategy),
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False), **extra,
     )  # fmt: skip
     config._attn_implementation = getattr(llm, "attn_implementation", "sdpa")
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(dtype)
+    try:
+        model = cls(config).to(dtype)
+    except ValueError as e:  # a connector shape that does not fit
+        raise BuildError(f"projector_type {projector_type}: {e}") from None
     _strict_copy(model.model.vision_tower, tower.state_dict(), f"vision tower {vision_tower}")
     lm_state = lm.state_dict()
     body = {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
@@ -151,24 +201,46 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
             model.model.multi_modal_projector.linear_2.bias.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
-    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy)
+    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy, num_queries)
     return model, processor
+
+
+def llava_class_for(config):
+    """transformers' LLaVA class for an MLP connector, ours for a Q-Former / perceiver one."""
+    from transformers import LlavaForConditionalGeneration
+
+    return (
+        llava_with_connector_class()
+        if getattr(config, "l2c_connector", None)
+        else LlavaForConditionalGeneration
+    )
+
+
+def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
+    """A LLaVA folder saved here (either connector) -> model, every weight loaded (strict by default)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "llava":
+        raise BuildError(f"{folder}: a {config.model_type!r} model, not a LLaVA folder")
+    model, info = llava_class_for(config).from_pretrained(folder, output_loading_info=True, **kwargs)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad and strict:
+        raise BuildError(f"{folder}: the weights do not fit the model: {bad}")
+    return model
 
 
 def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back."""
-    from transformers import LlavaForConditionalGeneration
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
-        again, info = LlavaForConditionalGeneration.from_pretrained(tmp, output_loading_info=True)
-        bad = {
-            k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-        }
-        if bad:
-            raise BuildError(f"the saved LLaVA folder does not load back cleanly: {bad}")
+        try:
+            load_llava(tmp)
+        except BuildError as e:
+            raise BuildError(f"the saved LLaVA folder does not load back cleanly: {e}") from None
 
     return publish_folder(out_dir, build)

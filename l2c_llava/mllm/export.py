@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.io import publish_folder
-from l2c_llava.mllm.build import projector_type_of
+from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
@@ -45,7 +45,7 @@ class LlavaExportError(ValueError):
 
 
 def _load_hf(model_dir: str | os.PathLike):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     folder = Path(model_dir)
     if (folder / "model" / "config.json").is_file():
@@ -61,9 +61,18 @@ def _load_hf(model_dir: str | os.PathLike):
         )
     return (
         folder,
-        LlavaForConditionalGeneration.from_pretrained(folder),
+        _loaded(folder),
         AutoProcessor.from_pretrained(folder),
     )
+
+
+def _loaded(folder: Path):
+    from l2c_llava.mllm.build import BuildError, load_llava
+
+    try:
+        return load_llava(folder)
+    except BuildError as e:
+        raise LlavaExportError(str(e)) from None
 
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -117,6 +126,10 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
                                "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip")  # fmt: skip
     folder, model, processor = _load_hf(model_dir)
+    try:
+        not_transformers_llava(model.config, "the original LLaVA format", str(folder))
+    except ValueError as e:
+        raise LlavaExportError(str(e)) from None
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     vc, tc = model.config.vision_config, model.config.text_config
 

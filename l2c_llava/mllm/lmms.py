@@ -221,6 +221,11 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
         raise EvalError(f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
                         "model_type llava, processor_config.json); point at a finetune run or make one with "
                         "`l2c export llava --format hf`")  # fmt: skip
+    if cfg.get("l2c_connector"):
+        kind = cfg["l2c_connector"].get("type")
+        raise EvalError(f"{model}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
+                        "transformers' LLaVA class, which takes only the MLP connector. Score it with "
+                        "`l2c mllm eval-vqa` (our loader) instead")  # fmt: skip
     try:
         import lmms_eval  # noqa: F401
     except ImportError as e:

@@ -19,7 +19,7 @@ import torch
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.io import atomic_write_json
-from l2c_llava.mllm.build import build_llava, num_image_tokens, save_llava
+from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.training import (
@@ -56,7 +56,7 @@ class MllmRecipe:
         model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
                                        vision_feature_layer=m.vision_feature_layer,
                                        vision_feature_select_strategy=m.vision_feature_select_strategy,
-                                       torch_dtype=m.llm.torch_dtype)  # fmt: skip
+                                       torch_dtype=m.llm.torch_dtype, connector=m.connector.model_dump())  # fmt: skip
         if m.init_from:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
@@ -127,7 +127,7 @@ class MllmRecipe:
     def build_data(self, processor, model):
         d = self.cfg.data
         rows = read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
-        n_img = num_image_tokens(model.config.vision_config, self.cfg.model.vision_feature_select_strategy)
+        n_img = image_tokens_of(model.config)
         if d.max_length <= n_img:
             raise ValueError(
                 f"data.max_length={d.max_length} leaves no room for text after {n_img} image tokens"
