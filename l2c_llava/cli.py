@@ -448,6 +448,55 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search_index(args: argparse.Namespace) -> int:
+    from l2c_llava.search import Encoder, SearchError, build_index
+    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+
+    try:
+        encoder = Encoder(args.encoder, text_encoder=args.text_encoder, batch_size=args.batch_size)
+        summary = build_index(args.images, encoder, args.out, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
+                              hnsw_m=args.hnsw_m, ef_search=args.ef_search)  # fmt: skip
+    except (SearchError, LLM2CLIPLoadError, FileNotFoundError) as e:
+        print(f"l2c search index: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    recall = summary["recall_vs_exact"]
+    print(f"{args.out}: {summary['count']} images ({summary['embedded']} embedded now, {summary['reused']} kept, "
+          f"{summary['removed']} removed, {summary['skipped']} unreadable), {summary['kind']} index"
+          + (f" {summary['params']}, recall@10 vs exact {recall:.3f}" if summary["kind"] != "flat" else ""))  # fmt: skip
+    return 0
+
+
+def _cmd_search_query(args: argparse.Namespace) -> int:
+    from l2c_llava.io import atomic_write_json, atomic_write_text
+    from l2c_llava.search import Encoder, SearchError, SearchIndex, contact_sheet, hits_table, run_queries
+    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+
+    if not args.text and not args.image:
+        print("l2c search query: give at least one --text or --image", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        panels = []
+        for i, folder in enumerate([args.index, *(args.compare or [])]):
+            index = SearchIndex(folder)
+            path = (args.encoder if i == 0 else None) or index.encoder["path"]
+            encoder = Encoder(path, text_encoder=args.text_encoder if i == 0 else None)
+            results = run_queries(index, encoder, args.text or [], args.image or [], k=args.k)
+            panels.append((f"{encoder.kind}: {Path(folder).name}", index, results))
+    except (SearchError, LLM2CLIPLoadError, FileNotFoundError) as e:
+        print(f"l2c search query: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    table = hits_table(panels)
+    print(table)
+    if args.sheet:
+        print(f"contact sheet: {contact_sheet(panels, args.sheet)}")
+        atomic_write_text(Path(args.sheet).with_suffix(".md"), table)
+    if args.json:
+        atomic_write_json(args.json, [{"index": str(idx.folder), "encoder": idx.encoder,
+                                       "results": [{**r, "hits": [h.as_dict() for h in r["hits"]]} for r in res]}
+                                      for _, idx, res in panels])  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -624,6 +673,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop")
     p.add_argument("--report-only", action="store_true", help="write the report from what is there and stop")
     p.set_defaults(func=_cmd_pipeline)
+
+    se = sub.add_parser("search", help="similarity search over an image folder with an encoder (faiss)")
+    sesub = se.add_subparsers(dest="search_command", metavar="ACTION", required=True)
+    p = sesub.add_parser("index", help="embed an image folder (only new or changed files on a re-run)")
+    p.add_argument("--images", required=True, help="image folder (searched recursively)")
+    p.add_argument(
+        "--encoder", required=True, help="LLM2CLIP model (export / stage-2 run) or CLIP model folder"
+    )
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument(
+        "--text-encoder", default=None, help="LLM2CLIP: its caption encoder, if not the recorded one"
+    )
+    p.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                   help="flat: exact; ivf / hnsw: approximate, for large collections (recall vs exact reported)")  # fmt: skip
+    p.add_argument("--nlist", type=int, default=None, help="ivf: cells (default 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="ivf: cells searched (default nlist / 8)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
+    p.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_search_index)
+    p = sesub.add_parser(
+        "query", help="top-k images for texts or images; --compare for encoders side by side"
+    )
+    p.add_argument("--index", required=True, help="index folder (l2c search index)")
+    p.add_argument("--text", action="append", help="a text query (repeatable)")
+    p.add_argument("--image", action="append", help="an image query (repeatable)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument(
+        "--compare", action="append", metavar="INDEX", help="another index (another encoder), side by side"
+    )
+    p.add_argument("--encoder", default=None, help="query encoder (default: the one the index records; another "
+                   "one is refused)")  # fmt: skip
+    p.add_argument(
+        "--text-encoder", default=None, help="LLM2CLIP: its caption encoder, if not the recorded one"
+    )
+    p.add_argument("--sheet", default=None, help="write a contact sheet PNG (and a .md table beside it)")
+    p.add_argument("--json", default=None, help="write the hits as JSON")
+    p.set_defaults(func=_cmd_search_query)
 
     im = sub.add_parser("import", help="bring released checkpoints in (read as data, no remote code)")
     imsub = im.add_subparsers(dest="import_command", metavar="WHAT", required=True)

@@ -79,8 +79,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 else
   log "keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
-log "installing l2c-llava (editable) with the dev and eval extras"
-pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval]"
+log "installing l2c-llava (editable) with the dev, eval and search extras"
+pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval,search]"
 log "installing ${NO_DEPS_PKGS[*]} (--no-deps)"
 pip_install --no-deps "${NO_DEPS_PKGS[@]}"
 
