@@ -448,6 +448,27 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_filter(args: argparse.Namespace) -> int:
+    from l2c_llava.data.filter import FilterError, filter_captions
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.search import Encoder, SearchError
+    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+
+    threshold = None if args.threshold == "auto" else float(args.threshold)
+    try:
+        encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
+        r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
+                            fields=tuple(args.fields.split(",")), threshold=threshold,
+                            null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row)  # fmt: skip
+    except (FilterError, SearchError, LLM2CLIPLoadError, DataError, FileNotFoundError) as e:
+        print(f"l2c data filter: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    th = ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items())
+    print(f"{args.out}: {r['rows']} rows, {r['flagged']} under the threshold ({th}; {r['threshold_from']}), "
+          f"{r['kept']} written; report {args.out}.report.md, plot {args.out}.scores.png")  # fmt: skip
+    return 0
+
+
 def _cmd_search_index(args: argparse.Namespace) -> int:
     from l2c_llava.search import Encoder, SearchError, build_index
     from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
@@ -748,6 +769,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="Karpathy split to check")
     p.add_argument("--image-check", default="header", choices=["none", "exists", "header", "decode"])
     p.set_defaults(func=_cmd_check)
+
+    p = dsub.add_parser(
+        "filter", help="drop or flag image-caption pairs a trained model scores as mismatched"
+    )
+    p.add_argument("file", type=Path, help="caption pairs (JSONL/CSV/TSV) or LCS-558K-style LLaVA JSON")
+    p.add_argument("--format", required=True, choices=["pairs", "llava"])
+    p.add_argument("--image-root", required=True, type=Path)
+    p.add_argument(
+        "--model", required=True, help="LLM2CLIP model (export / stage-2 run) or a CLIP model folder"
+    )
+    p.add_argument(
+        "--text-encoder", default=None, help="LLM2CLIP: its caption encoder, if not the recorded one"
+    )
+    p.add_argument("--out", required=True, type=Path, help="the filtered copy (same format as the input)")
+    p.add_argument(
+        "--threshold", default="auto", help="a cosine, or auto: the --null-quantile of shuffled pairs"
+    )
+    p.add_argument("--null-quantile", type=float, default=0.95)
+    p.add_argument("--mode", choices=["drop", "flag"], default="drop")
+    p.add_argument("--fields", default="short,long", help="pairs: caption fields scored (comma-separated)")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_data_filter)
     return parser
 
 

@@ -1,0 +1,338 @@
+"""``l2c data filter``: caption filtering in the spirit of BLIP's CapFilt, with the tools at hand.
+
+Every image-caption pair is scored by a trained image-text model (an LLM2CLIP model: the image
+through its tower, the caption through the LLM encoder + adapter; or a CLIP model through its own
+text tower): the cosine of the two embeddings. A cosine means nothing by itself (each model has its
+own scale), so the threshold is calibrated on the same data: the pairs are shuffled (each caption
+set against another row's image) and a pair is kept when it matches its own image better than
+``null_quantile`` (default 95%) of shuffled pairs do. An absolute threshold can be given instead.
+
+Formats, written back as read (same keys, same order, nothing else changed):
+- ``pairs``: caption-pair JSONL / CSV / TSV (``image``, ``short``, ``long``); both captions scored,
+  a row is dropped when either is under its threshold (or only the ``--fields`` named);
+- ``llava``: LCS-558K-style JSON (``image`` + ``conversations``); the caption is the first ``gpt``
+  turn; rows without an image are kept unscored.
+
+``mode=drop`` writes the kept rows; ``mode=flag`` writes every row with an ``l2c_filter`` entry
+(scores, flagged). Beside the output: ``.report.json`` / ``.report.md`` (thresholds, counts, every
+dropped row with its file row, image, caption and score), ``.scores.png`` (own vs shuffled score
+histograms with the threshold) and ``.scores.safetensors`` (the scores, reused by a re-run with the
+same data and model, e.g. to try another threshold without embedding again).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2c_llava.data.images import ImageError, load_rgb
+from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
+from l2c_llava.io import atomic_write_json, atomic_write_text, sha256_file
+
+logger = logging.getLogger("l2c_llava.filter")
+
+
+class FilterError(ValueError):
+    pass
+
+
+@dataclass
+class Row:
+    label: str  # "line 12", "row 3"
+    raw: Any
+    image: str | None
+    captions: dict[str, str]
+    image_path: Path | None = None
+
+
+@dataclass
+class Scored:
+    rows: list[Row]
+    scores: dict[str, torch.Tensor]  # field -> [rows with an image]
+    null: dict[str, torch.Tensor]  # field -> scores of shuffled pairs
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+def read_rows(path: Path, fmt: str, image_root: Path, fields: tuple[str, ...], image_key: str = "image",
+              on_bad_row: str = "error") -> tuple[list[Row], list[RowProblem], str]:  # fmt: skip
+    """The rows (raw, to be written back) with their captions; bad rows reported by file and row."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    problems: list[RowProblem] = []
+    rows: list[Row] = []
+    if fmt == "pairs":
+        kind = "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
+        for label, raw, problem in iter_rows(path):
+            if problem:
+                problems.append(RowProblem(str(path), label, problem))
+                continue
+            caps, missing = {}, []
+            for f in fields:
+                v = raw.get(f)
+                if isinstance(v, str) and v.strip():
+                    caps[f] = v
+                else:
+                    missing.append(f)
+            image = raw.get(image_key)
+            if missing or not isinstance(image, str) or not image.strip():
+                what = ", ".join(
+                    [*missing, *([image_key] if not isinstance(image, str) or not image.strip() else [])]
+                )
+                problems.append(RowProblem(str(path), label, f"missing or empty {what}"))
+                continue
+            rows.append(Row(label, raw, image, caps))
+    elif fmt == "llava":
+        kind = "json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise FilterError(f"{path}: not valid JSON ({e}); the llava format is one JSON list") from None
+        if not isinstance(data, list):
+            raise FilterError(f"{path}: expected a JSON list of rows (LCS-558K style)")
+        for i, raw in enumerate(data):
+            label = f"item {i}"
+            conv = raw.get("conversations") if isinstance(raw, dict) else None
+            answer = next(
+                (t.get("value") for t in conv or [] if isinstance(t, dict) and t.get("from") == "gpt"), None
+            )
+            if not isinstance(answer, str) or not answer.strip():
+                problems.append(RowProblem(str(path), label, "no gpt turn with a caption"))
+                continue
+            image = raw.get(image_key)
+            rows.append(
+                Row(
+                    label,
+                    raw,
+                    image if isinstance(image, str) and image.strip() else None,
+                    {"caption": answer},
+                )
+            )
+    else:
+        raise FilterError(f"format {fmt!r}: expected pairs or llava")
+    for r in rows:
+        if r.image is None:
+            continue
+        try:
+            r.image_path = resolve_under(image_root, r.image)
+        except ValueError as e:
+            problems.append(RowProblem(str(path), r.label, str(e)))
+            continue
+        if not r.image_path.is_file():
+            problems.append(RowProblem(str(path), r.label, f"image not found: {r.image_path}"))
+    bad = {p.row for p in problems}
+    if problems and on_bad_row == "error":
+        raise DataError(problems, str(path), len(rows) + len(bad))
+    for p in problems:
+        logger.warning("%s (skipped)", p)
+    return [r for r in rows if r.label not in bad], problems, kind
+
+
+def shuffled_scores(img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int = 0) -> torch.Tensor:
+    """Cosines of captions set against other rows' images (a random non-zero shift each round)."""
+    n = img.shape[0]
+    if n < 2:
+        return torch.empty(0)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rounds):
+        shift = int(torch.randint(1, n, (1,), generator=g))
+        out.append((img * txt.roll(shift, dims=0)).sum(-1))
+    return torch.cat(out)
+
+
+def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:  # fmt: skip
+    """(field -> own-pair cosines, field -> shuffled cosines, indices of the scored rows)."""
+    from tqdm.auto import tqdm
+
+    scored = [i for i, r in enumerate(rows) if r.image_path is not None]
+    bs = encoder.batch_size
+    img_vecs, ok = [], []
+    for lo in tqdm(range(0, len(scored), bs), desc="images", unit="batch", disable=not progress):
+        pics, idx = [], []
+        for i in scored[lo : lo + bs]:
+            try:
+                pics.append(load_rgb(rows[i].image_path))
+                idx.append(i)
+            except ImageError as e:
+                logger.warning("%s: %s (kept unscored)", rows[i].label, e)
+        if pics:
+            img_vecs.append(encoder.embed_images(pics))
+            ok.extend(idx)
+    if not ok:
+        raise FilterError("no readable image: nothing to score")
+    img = torch.cat(img_vecs)
+    scores, null = {}, {}
+    for f in rows[ok[0]].captions:
+        texts = [rows[i].captions[f] for i in ok]
+        txt = torch.cat([encoder.embed_texts(texts[lo : lo + bs])
+                         for lo in tqdm(range(0, len(texts), bs), desc=f"captions ({f})", unit="batch",
+                                        disable=not progress)])  # fmt: skip
+        scores[f] = (img * txt).sum(-1)
+        null[f] = shuffled_scores(img, txt)
+    return scores, null, ok
+
+
+def thresholds(null: dict[str, torch.Tensor], threshold: float | None, quantile: float) -> dict[str, float]:
+    if threshold is not None:
+        return {f: float(threshold) for f in null}
+    out = {}
+    for f, s in null.items():
+        if s.numel() == 0:
+            raise FilterError("fewer than 2 scored rows: no shuffled pairs to calibrate on; give --threshold")
+        out[f] = float(torch.quantile(s.float(), quantile))
+    return out
+
+
+def _write(path: Path, kind: str, raws: list, header: list[str] | None, delimiter: str = ",") -> None:
+    if kind == "jsonl":
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raws))
+    elif kind == "json":
+        atomic_write_text(path, json.dumps(raws, indent=2, ensure_ascii=False) + "\n")
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header, delimiter=delimiter, lineterminator="\n")
+        w.writeheader()
+        for r in raws:
+            w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+        atomic_write_text(path, buf.getvalue())
+
+
+def _fingerprint(path: Path, encoder, fields: tuple[str, ...], fmt: str) -> str:
+    return hashlib.sha256(f"{sha256_file(path)}|{encoder.digest}|{fields}|{fmt}".encode()).hexdigest()
+
+
+def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, encoder, out: str | os.PathLike, *,
+                    fmt: str = "pairs", fields: tuple[str, ...] = ("short", "long"), threshold: float | None = None,
+                    null_quantile: float = 0.95, mode: str = "drop", on_bad_row: str = "error",
+                    progress: bool = True, truth: Callable[[Row], bool] | None = None) -> dict:  # fmt: skip
+    """Score, threshold and write the filtered copy and its report. `truth(row) -> corrupted?` (for
+    measurements) adds precision / recall of the dropped rows to the report."""
+    from safetensors.torch import load_file, save_file
+
+    if mode not in ("drop", "flag"):
+        raise FilterError(f"mode {mode!r}: expected drop or flag")
+    if not 0.0 < null_quantile < 1.0:
+        raise FilterError(f"null_quantile {null_quantile}: must be between 0 and 1")
+    path, out = Path(path), Path(out)
+    if out.resolve() == path.resolve():
+        raise FilterError(f"--out {out} is the input file; write the filtered copy elsewhere")
+    fields = ("caption",) if fmt == "llava" else tuple(fields)
+    rows, problems, kind = read_rows(path, fmt, Path(image_root), fields, on_bad_row=on_bad_row)
+    cache = out.with_name(out.name + ".scores.safetensors")
+    fp = _fingerprint(path, encoder, fields, fmt)
+    loaded = None
+    if cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as h:
+            if (h.metadata() or {}).get("fingerprint") == fp:
+                loaded = load_file(str(cache))
+    if loaded is not None:
+        ok = loaded.pop("rows").tolist()
+        scores = {f: loaded[f"score.{f}"] for f in fields}
+        null = {f: loaded[f"null.{f}"] for f in fields}
+        logger.info("scores reused from %s", cache)
+    else:
+        scores, null, ok = score(rows, encoder, progress)
+        tensors = {"rows": torch.tensor(ok)} | {f"score.{f}": s.contiguous() for f, s in scores.items()}
+        tensors |= {f"null.{f}": s.contiguous() for f, s in null.items()}
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"fingerprint": fp})
+        os.replace(tmp, cache)
+    th = thresholds(null, threshold, null_quantile)
+    per_row: dict[int, dict[str, float]] = {
+        i: {f: float(scores[f][j]) for f in fields} for j, i in enumerate(ok)
+    }
+    flagged = {i for i, s in per_row.items() if any(s[f] < th[f] for f in fields)}
+    if mode == "drop":
+        written = [r.raw for i, r in enumerate(rows) if i not in flagged]
+    else:
+        written = []
+        for i, r in enumerate(rows):
+            tag = {"scores": {f: round(v, 5) for f, v in per_row.get(i, {}).items()}, "flagged": i in flagged}
+            written.append({**r.raw, "l2c_filter": tag} if isinstance(r.raw, dict) else r.raw)
+    header = None
+    if kind == "csv":
+        header = list(rows[0].raw.keys()) if rows else []
+        if mode == "flag":
+            header.append("l2c_filter")
+    _write(out, kind, written, header, "\t" if path.suffix.lower() == ".tsv" else ",")
+    dropped = sorted(flagged)
+    report = {
+        "input": str(path), "output": str(out), "format": fmt, "mode": mode, "encoder": encoder.identity,
+        "fields": list(fields), "threshold": th, "threshold_from": "given" if threshold is not None else
+        f"{null_quantile:.0%} quantile of shuffled pairs", "rows": len(rows), "scored": len(ok),
+        "unscored": len(rows) - len(ok), "flagged": len(dropped), "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
+        "bad_rows_skipped": [str(p) for p in problems],
+        "score_mean": {f: float(scores[f].mean()) for f in fields},
+        "shuffled_mean": {f: float(null[f].mean()) if null[f].numel() else None for f in fields},
+        "flagged_rows": [{"row": rows[i].label, "image": rows[i].image, "scores": per_row[i],
+                          "captions": rows[i].captions} for i in dropped],
+    }  # fmt: skip
+    if truth is not None:
+        corrupted = {i for i, r in enumerate(rows) if truth(r)}
+        tp = len(corrupted & flagged)
+        report["measured"] = {
+            "corrupted": len(corrupted), "flagged_corrupted": tp, "flagged_clean": len(flagged - corrupted),
+            "precision": tp / len(flagged) if flagged else None,
+            "recall": tp / len(corrupted) if corrupted else None,
+            "clean_dropped_share": len(flagged - corrupted) / max(1, len(rows) - len(corrupted)),
+        }  # fmt: skip
+    atomic_write_json(out.with_name(out.name + ".report.json"), report)
+    atomic_write_text(out.with_name(out.name + ".report.md"), report_md(report))
+    plot_scores(scores, null, th, out.with_name(out.name + ".scores.png"))
+    return report
+
+
+def report_md(r: dict) -> str:
+    lines = [f"# Caption filter: {r['input']}", "",
+             f"- encoder: {r['encoder']['kind']} {r['encoder']['path']}",
+             f"- rows: {r['rows']} ({r['scored']} scored), {r['flagged']} under the threshold "
+             f"({'dropped' if r['mode'] == 'drop' else 'flagged'}), {r['kept']} written",
+             f"- threshold ({r['threshold_from']}): " + ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items()),
+             "- mean cosine, own vs shuffled pairs: " + ", ".join(
+                 f"{f} {r['score_mean'][f]:.4f} vs {r['shuffled_mean'][f]:.4f}" for f in r["fields"]
+                 if r["shuffled_mean"][f] is not None)]  # fmt: skip
+    if "measured" in r:
+        m = r["measured"]
+        lines.append(f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
+                     f"clean rows dropped {m['clean_dropped_share']:.1%}")  # fmt: skip
+    lines += ["", "## Lowest-scoring rows", "", "| row | image | " + " | ".join(r["fields"]) + " | caption |",
+              "|---|---|" + "---|" * len(r["fields"]) + "---|"]  # fmt: skip
+    worst = sorted(r["flagged_rows"], key=lambda x: min(x["scores"].values()))[:20]
+    for x in worst:
+        cap = next(iter(x["captions"].values())).replace("|", "/")[:90]
+        lines.append(f"| {x['row']} | {x['image']} | " + " | ".join(f"{x['scores'][f]:.3f}" for f in r["fields"])
+                     + f" | {cap} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(scores: dict, null: dict, th: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.2), squeeze=False)
+    for ax, (f, s) in zip(axes[0], scores.items()):
+        ax.hist(null[f].numpy(), bins=40, alpha=0.5, density=True, label="shuffled pairs")
+        ax.hist(s.numpy(), bins=40, alpha=0.6, density=True, label="own pairs")
+        ax.axvline(th[f], color="k", linestyle="--", label=f"threshold {th[f]:.3f}")
+        ax.set_title(f"{f} captions")
+        ax.set_xlabel("cosine(image, caption)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
