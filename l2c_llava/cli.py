@@ -817,7 +817,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return args.func(args)
+    from l2c_llava.memory import MemorySaverError
+
+    try:
+        return args.func(args)
+    except MemorySaverError as e:  # a memory-saving switch that cannot run on this machine
+        print(f"l2c {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

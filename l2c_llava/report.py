@@ -59,7 +59,7 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
 def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
-                  "lmms": {}, "curves": {}}  # fmt: skip
+                  "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json")}  # fmt: skip
     for enc in ENCODERS:
         res = _read(out / "eval" / enc / "results.json")
         data["lmms"][enc] = res["rows"] if res else None
@@ -286,6 +286,17 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += _figure(fig, plots, "training_curves.png", "training curves")
     else:
         md += ["(no train_log.jsonl found)", ""]
+
+    # optional sections, written by the bench scripts on this run folder
+    conn = _read(out / "connectors" / "connectors.json")
+    if conn:
+        md += [f"## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, {conn['queries']} "
+               "queries; `python bench/connectors.py`)", ""]  # fmt: skip
+        md += (out / "connectors" / "connectors.md").read_text().splitlines()[2:] + [""]
+    filt = out / "filter" / "filter.md"
+    if filt.is_file():
+        md += ["## Caption filtering on deliberately corrupted pairs (`python bench/caption_filter.py`)", ""]
+        md += filt.read_text().splitlines()[2:] + [""]
 
     # steps, versions, fingerprints
     steps = state.get("steps", {})

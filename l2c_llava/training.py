@@ -113,7 +113,9 @@ def open_run(recipe, acc, model, groups: list[dict], total: int, **adamw) -> Ope
     accelerate's wrapping, the resume from the last checkpoint (``run.resume``), and the training log
     cut back to that step. ``finished`` holds the saved stats when the run is already complete."""
     t = recipe.cfg.train
-    opt = torch.optim.AdamW(groups, **adamw)
+    from l2c_llava.memory import make_adamw
+
+    opt = make_adamw(groups, t.optimizer, **adamw)
     sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
     wrapped, opt = acc.prepare(model, opt)
     start = recipe.load_checkpoint(model, opt, sched) if recipe.cfg.run.resume else 0

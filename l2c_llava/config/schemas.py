@@ -48,6 +48,10 @@ class LLMSection(Section):
     torch_dtype: TorchDtype = "auto"
     attn_implementation: AttnImpl = "sdpa"
     trust_remote_code: bool = Field(False, description="never on unless you trust the checkpoint's code")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: NF4 4-bit base weights through bitsandbytes (CUDA only), LoRA trained on top",
+    )
 
 
 class LoraSection(Section):
@@ -75,6 +79,9 @@ class TrainSection(Section):
     log_every: PositiveInt = 10
     save_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw_8bit: bitsandbytes' 8-bit AdamW (CUDA only), ~75% less optimizer memory"
+    )
 
     @field_validator("mixed_precision", mode="before", check_fields=False)
     @classmethod
@@ -198,6 +205,10 @@ class Stage1Config(RecipeConfig):
             )
         if self.data.short_key == self.data.long_key:
             out.append(("data.long_key", self.data.long_key, "must differ from data.short_key"))
+        if self.model.load_in_4bit and self.output.merge_weights:
+            out.append(("output.merge_weights", True, "with model.load_in_4bit the adapter would be merged into "
+                        "4-bit-rounded weights; keep the adapter (merge_weights=false) and merge it into the "
+                        "full-precision base later"))  # fmt: skip
         if self.eval.cra and not self.data.eval:
             out.append(
                 ("data.eval", None, "eval.cra is on: give a test set (data.eval) or set eval.cra=false")
@@ -455,6 +466,10 @@ class MllmConfig(RecipeConfig):
             )
         if self.data.template == "plain" and t.stage == "finetune":
             out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
+        if self.model.llm.load_in_4bit and t.tune != "lora":
+            out.append(("model.llm.load_in_4bit", True, "QLoRA trains LoRA adapters on the 4-bit LLM: use "
+                        "train.tune=lora (a 4-bit LLM cannot be trained in full, nor is it needed to pretrain the "
+                        "projector)"))  # fmt: skip
         return out
 
 

@@ -51,7 +51,10 @@ class MllmRecipe:
 
     # -- model -------------------------------------------------------------------------------------
 
-    def build(self):
+    def build(self, quantize: bool = True):
+        """The model to train: built, projector initialised, the trainable parts unfrozen; with
+        ``model.llm.load_in_4bit`` (QLoRA) the LLM's linears in NF4 on the GPU (``quantize=False``
+        gives the same model in full precision, to merge the trained LoRA into for saving)."""
         m, t = self.cfg.model, self.cfg.train
         model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
                                        vision_feature_layer=m.vision_feature_layer,
@@ -60,6 +63,13 @@ class MllmRecipe:
         if m.init_from:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
+        if m.llm.load_in_4bit and quantize:
+            from l2c_llava.memory import quantize_linears_4bit_
+
+            dtype = torch.float16 if t.mixed_precision == "fp16" else torch.bfloat16
+            n = quantize_linears_4bit_(model.model.language_model, dtype, "model.llm.load_in_4bit")
+            logger.info("QLoRA: %d LLM linears in NF4", n)
+            model.to(torch.device("cuda", torch.cuda.current_device()))
         self._projector_trainable(model)
         if t.tune == "full":
             model.model.language_model.requires_grad_(True)
@@ -241,6 +251,16 @@ class MllmRecipe:
         )
 
     def save_model(self, model, processor) -> Path:
+        if self.cfg.model.llm.load_in_4bit:  # QLoRA: the trained LoRA merged into the full-precision LLM
+            trained = self.trainable_state(model)
+            model, _ = self.build(quantize=False)
+            own = model.state_dict()
+            unknown = sorted(set(trained) - set(own))
+            if unknown:
+                raise RuntimeError(
+                    f"QLoRA save: trained tensors the full-precision model lacks: {unknown[:4]}"
+                )
+            model.load_state_dict({k: v.to(own[k].dtype) for k, v in trained.items()}, strict=False)
         if self.cfg.train.tune == "lora":
             from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -205,18 +205,33 @@ def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
 
 
 def _load_base(source: EncoderSource, *, bidirectional: bool, torch_dtype, attn_implementation: str,
-               trust_remote_code: bool, causal_lm: bool = False):  # fmt: skip
-    """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file."""
+               trust_remote_code: bool, causal_lm: bool = False, load_in_4bit: bool = False):  # fmt: skip
+    """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file; `load_in_4bit`: NF4
+    base weights on the GPU through bitsandbytes (QLoRA), or a clear error where that cannot run."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    quant: dict[str, Any] = {}
+    if load_in_4bit:
+        from l2c_llava.memory import bnb_4bit_config, require_bitsandbytes
+
+        require_bitsandbytes("QLoRA (4-bit base weights)", "model.load_in_4bit")
+        compute = (
+            torch_dtype
+            if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32
+            else torch.bfloat16
+        )
+        quant = {
+            "quantization_config": bnb_4bit_config(compute),
+            "device_map": {"": torch.cuda.current_device()},
+        }
     folder = local_llm_folder(source.base, source.gguf_file)
     config = AutoConfig.from_pretrained(folder, **kwargs)
     _check_family(config.model_type, source.base)
     config.is_causal = not bidirectional
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(
-        folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+        folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs, **quant
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -293,6 +308,7 @@ class TextEncoder(nn.Module):
         attn_implementation: str = "sdpa",
         device: str | None = None,
         trust_remote_code: bool = False,
+        load_in_4bit: bool = False,
     ) -> TextEncoder:
         """Load an encoder from: a transformers folder, a ``.gguf`` file (or folder + `gguf_file`),
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
@@ -321,7 +337,7 @@ class TextEncoder(nn.Module):
             source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
         model, tokenizer, model_type, name = _load_base(
             source, bidirectional=bidirectional, torch_dtype=_resolve_dtype(torch_dtype, device),
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
         )  # fmt: skip
         model = _merge_adapters(model, source.adapters)
         folder, _ = resolve_llm_path(source.base, source.gguf_file)
@@ -340,7 +356,9 @@ class TextEncoder(nn.Module):
         settings.eos_suffix = (
             _eos_suffix(model_type, name, tokenizer) if settings.pooling == "eos_token" else None
         )
-        enc = cls(model.to(device).eval(), tokenizer, settings, source, model_type)
+        if not load_in_4bit:  # a 4-bit model is placed on the GPU at load and cannot be moved
+            model = model.to(device)
+        enc = cls(model.eval(), tokenizer, settings, source, model_type)
         logger.info("text encoder: %s (%s, %s attention, pooling %s)", source.base, model_type,
                     "bidirectional" if bidirectional else "causal", settings.pooling)  # fmt: skip
         return enc

@@ -30,6 +30,7 @@ import torch
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.io import atomic_write_json
+from l2c_llava.memory import make_adamw
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
@@ -105,7 +106,7 @@ class Stage1Recipe:
             src.base, gguf_file=src.gguf_file, adapters=src.adapters + list(adapters_extra), pooling=m.pooling,
             max_length=m.max_length, torch_dtype=m.torch_dtype, attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
-            bidirectional=m.bidirectional,
+            bidirectional=m.bidirectional, load_in_4bit=m.load_in_4bit,
         )  # fmt: skip
 
     # -- the method ------------------------------------------------------------------------------
@@ -220,11 +221,15 @@ class Stage1Recipe:
         src = self.base_source()
         lm, tok, _, _ = _load_base(src, bidirectional=True, torch_dtype=_resolve_dtype(m.torch_dtype, str(acc.device)),
                                    attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-                                   causal_lm=True)  # fmt: skip
+                                   causal_lm=True, load_in_4bit=m.load_in_4bit)  # fmt: skip
         lm = _merge_adapters(lm, src.adapters)
         base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
         head = lm.get_output_embeddings()
         lora = cfg.lora
+        if m.load_in_4bit:  # QLoRA: norms in fp32, inputs that carry gradients
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=m.gradient_checkpointing)
         peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                     target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
         head.requires_grad_(False)
@@ -236,7 +241,7 @@ class Stage1Recipe:
             )
         mask_id = mask_ids[0]
         params = [p for p in peft_base.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.mntp.lr)
+        opt = make_adamw(params, cfg.train.optimizer, lr=cfg.mntp.lr)
         head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
         peft_base, opt = acc.prepare(peft_base, opt)
         bs = cfg.mntp.batch_size
@@ -290,6 +295,12 @@ class Stage1Recipe:
         cfg, t = self.cfg, self.cfg.train
         lora = cfg.lora
         targets = lora_targets(encoder.model, lora.target_modules)
+        if cfg.model.load_in_4bit:  # QLoRA: norms in fp32, inputs that carry gradients
+            from peft import prepare_model_for_kbit_training
+
+            encoder.model = prepare_model_for_kbit_training(
+                encoder.model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+            )
         encoder.model = get_peft_model(encoder.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                                  target_modules=targets))  # fmt: skip
         if cfg.model.gradient_checkpointing:
@@ -302,7 +313,7 @@ class Stage1Recipe:
         steps_per_epoch = max(1, len(examples) // per_step)
         total = t.max_steps or t.epochs * steps_per_epoch
         params = [p for p in encoder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        opt = make_adamw(params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
         sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
         model, opt = acc.prepare(encoder, opt)
         start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0

@@ -1,0 +1,75 @@
+"""Memory savers for smaller GPUs, as config switches: QLoRA (4-bit NF4 base weights through
+bitsandbytes, LoRA adapters trained on top) and 8-bit AdamW. Gradient checkpointing is a switch of
+each stage already (``model.gradient_checkpointing`` / ``train.gradient_checkpointing`` /
+``vision.gradient_checkpointing``).
+
+bitsandbytes' 4-bit and 8-bit kernels need a CUDA GPU. Where they cannot run (no bitsandbytes, no
+GPU: this CPU machine) a switch fails before any work with a message naming the config key; it never
+falls back silently to full precision or plain AdamW, which would change memory use and numbers
+without a word.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class MemorySaverError(RuntimeError):
+    """A memory-saving switch that cannot work here; names the config key and what to do."""
+
+
+def require_bitsandbytes(what: str, key: str, off: str | None = None):
+    """The bitsandbytes module, on a machine where its CUDA kernels can run, or a clear error naming
+    `key` and the setting that turns the switch off (`off`, default `key=false`)."""
+    off = off or f"{key}=false"
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise MemorySaverError(f"{key}: {what} needs bitsandbytes ({e}); install the gpu extra "
+                               f"(pip install -e '.[gpu]') on a CUDA machine, or set {off}") from None  # fmt: skip
+    if not torch.cuda.is_available():
+        raise MemorySaverError(f"{key}: {what} runs bitsandbytes' CUDA kernels and this machine has no CUDA GPU; "
+                               f"set {off} here, or run on a GPU")  # fmt: skip
+    return bitsandbytes
+
+
+def bnb_4bit_config(compute_dtype: torch.dtype = torch.bfloat16):
+    """QLoRA's quantization: NF4 with double quantization, matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+
+
+def make_adamw(params, kind: str, key: str = "train.optimizer", **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, ~75% less state memory)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if kind == "adamw_8bit":
+        bnb = require_bitsandbytes("8-bit AdamW", key, off=f"{key}=adamw")
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise MemorySaverError(f"{key}={kind!r}: expected adamw or adamw_8bit")
+
+
+def quantize_linears_4bit_(module: torch.nn.Module, compute_dtype: torch.dtype, key: str, skip: tuple[str, ...] = ()) -> int:  # fmt: skip
+    """Replace every nn.Linear under `module` (but names containing one of `skip`) by a bitsandbytes
+    NF4 Linear4bit holding the same weights, quantized on the GPU. Returns how many were replaced."""
+    bnb = require_bitsandbytes("QLoRA (4-bit base weights)", key)
+    device = torch.device("cuda", torch.cuda.current_device())
+    n = 0
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if type(sub) is not torch.nn.Linear or any(s in full for s in skip):
+                continue
+            q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)  # fmt: skip
+            q.weight = bnb.nn.Params4bit(sub.weight.data.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)  # fmt: skip
+            if sub.bias is not None:
+                q.bias = torch.nn.Parameter(sub.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(child, attr, q.to(device))  # moving a Params4bit to CUDA quantizes it
+            n += 1
+    return n
