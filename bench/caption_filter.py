@@ -38,7 +38,7 @@ def corrupt(rows: list[dict], kind: str, share: float, seed: int) -> tuple[list[
                 r["short"], r["long"] = donor["short"], donor["long"]
             else:
                 swap = {c: rng.choice([d for d in words if d != c]) for c in words}
-                new = {k: pattern.sub(lambda m: swap[m.group(1)], r[k]) for k in ("short", "long")}
+                new = {k: pattern.sub(lambda m, swap=swap: swap[m.group(1)], r[k]) for k in ("short", "long")}
                 if new["short"] == r["short"] and new["long"] == r["long"]:
                     out.append(r)
                     continue
