@@ -45,3 +45,17 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
 
     t = text_encode.run(n=8, batch=4, rounds=1)
     assert t["ours"]["texts_per_s"] > 0 and t["llm2vec"]["texts_per_s"] > 0
+
+
+def test_caption_corruptions_mark_exactly_the_changed_rows():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from caption_filter import corrupt
+
+    rows = [{"image": f"{i}.jpg", "short": f"a red circle number {i}", "long": f"one red circle, {i} of them, on blue"}
+            for i in range(40)]  # fmt: skip
+    for kind in ("swap", "colour"):
+        noisy, bad = corrupt(rows, kind, 0.25, seed=1)
+        changed = {r["image"] for r, o in zip(noisy, rows) if r != o}
+        assert changed == bad and len(bad) == 10 and [r["image"] for r in noisy] == [r["image"] for r in rows]
+    noisy, bad = corrupt(rows, "colour", 0.25, seed=1)
+    assert all("red" not in r["short"] for r in noisy if r["image"] in bad)

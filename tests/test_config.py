@@ -191,7 +191,7 @@ def test_cross_field_checks(tmp_path, base, overrides, expected):
 
 def test_type_and_cross_field_problems_come_in_one_error(tmp_path):
     with pytest.raises(ConfigError) as ei:
-        load_config(write(tmp_path, MLLM), ["model.projector_type=qformer", "train.tune=full"])
+        load_config(write(tmp_path, MLLM), ["model.projector_type=blip2", "train.tune=full"])
     keys = [p.key for p in ei.value.problems]
     assert keys == ["model.projector_type", "train.tune"]
 
