@@ -95,7 +95,9 @@ def test_tiny_llava_with_a_connector_trains_three_steps_and_reloads(tmp_path, pa
     from l2c_llava.mllm.train import MllmRecipe
 
     extra = [f"model.projector_type={kind}", "model.connector.num_queries=8", "model.connector.heads=4"]
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre", extra)
+    _, cfg = mllm_config(
+        tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre", [*extra, "train.save_full_model=true"]
+    )
     stats = MllmRecipe(cfg).run()
     assert stats["steps"] == 3 and stats["final_loss"] == stats["final_loss"]  # finite
     trained = load_llava(tmp_path / "pre" / "model")

@@ -427,6 +427,11 @@ class MllmTrain(TrainSection):
     freeze_vision_tower: bool = True
     lora: MllmLora = Field(default_factory=MllmLora)
     log_every: PositiveInt = 1
+    save_full_model: bool | None = Field(
+        None,
+        description="save the whole LLaVA at the end; default: finetune yes, pretrain no (the projector only, "
+        "as LLaVA's mm_projector: the LLM and tower are unchanged)",
+    )
 
 
 class MllmConfig(RecipeConfig):

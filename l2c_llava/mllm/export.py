@@ -50,6 +50,9 @@ def _load_hf(model_dir: str | os.PathLike):
     folder = Path(model_dir)
     if (folder / "model" / "config.json").is_file():
         folder = folder / "model"
+    if (folder / "projector" / "projector.safetensors").is_file() and not (folder / "config.json").is_file():
+        raise LlavaExportError(f"{model_dir} is a pretrain run that saved the projector only (as LLaVA's mm_projector); "
+                               "use the finetune run, or pretrain with train.save_full_model=true")  # fmt: skip
     if not (folder / "config.json").is_file():
         raise LlavaExportError(
             f"{model_dir}: no LLaVA model (config.json); train one with `l2c mllm pretrain|finetune`"

@@ -97,7 +97,7 @@ class MllmRecipe:
     def _load_projector(self, model, init_from: Path) -> None:
         from safetensors import safe_open
 
-        folder = init_from / "model" if (init_from / "model").is_dir() else init_from
+        folder = next((f for f in (init_from / "projector", init_from / "model") if f.is_dir()), init_from)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(
@@ -251,6 +251,9 @@ class MllmRecipe:
         )
 
     def save_model(self, model, processor) -> Path:
+        t = self.cfg.train
+        if not (t.save_full_model if t.save_full_model is not None else t.stage == "finetune"):
+            return self.save_projector(model)
         if self.cfg.model.llm.load_in_4bit:  # QLoRA: the trained LoRA merged into the full-precision LLM
             trained = self.trainable_state(model)
             model, _ = self.build(quantize=False)
@@ -275,6 +278,28 @@ class MllmRecipe:
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         return save_llava(model, processor, self.run_dir / "model", meta)
+
+    def save_projector(self, model) -> Path:
+        """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,
+        in ``run/projector/projector.safetensors`` (transformers' names), with the model config and
+        meta beside them; the LLM and the tower are unchanged, so not copied."""
+        from safetensors.torch import save_file
+
+        from l2c_llava.io import publish_folder
+
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(PROJECTOR)
+        }
+        m = self.cfg.model
+        meta = {"stage": self.cfg.train.stage, "projector_only": True, "vision_tower": m.vision_tower,
+                "llm": m.llm.name_or_path, "projector_type": m.projector_type, "template": self.cfg.data.template}  # fmt: skip
+
+        def build(tmp: Path) -> None:
+            save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(tmp)
+            atomic_write_json(tmp / "l2c_mllm.json", meta)
+
+        return publish_folder(self.run_dir / "projector", build)
 
 
 def _strip_lora(model):
