@@ -50,6 +50,7 @@ def corrupt(rows: list[dict], kind: str, share: float, seed: int) -> tuple[list[
 
 def main(argv=None) -> int:
     from l2c_llava.data.filter import filter_captions
+    from l2c_llava.io import write_results
     from l2c_llava.search import Encoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -95,10 +96,7 @@ def main(argv=None) -> int:
     md = "\n".join(lines) + "\n"
     res = {"host": socket.gethostname(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "run": str(run), "results": results}  # fmt: skip
-    for folder, stem in ((out, "filter"), (HERE / "results", f"caption_filter-{res['host']}")):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-        (folder / f"{stem}.md").write_text(md)
+    write_results([(out, "filter"), (HERE / "results", f"caption_filter-{res['host']}")], res, md)
     print(md)
     return 0
 

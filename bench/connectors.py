@@ -110,16 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=16, help="vision tokens of the Q-Former / perceiver")
     p.add_argument("--vqa-limit", type=int, default=200)
     a = p.parse_args(argv)
+    from l2c_llava.io import write_results
+
     run_dir = Path(a.run).resolve()
     res = run(run_dir, Path(a.pipeline_config), a.kinds.split(","), a.queries, a.vqa_limit)
     md = f"# Connectors at demo scale ({res['host']}, {res['date']})\n\n" + table(res)
-    for folder, stem in (
-        (run_dir / "connectors", "connectors"),
-        (HERE / "results", f"connectors-{res['host']}"),
-    ):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-        (folder / f"{stem}.md").write_text(md)
+    write_results(
+        [(run_dir / "connectors", "connectors"), (HERE / "results", f"connectors-{res['host']}")], res, md
+    )
     print(md)
     return 0
 

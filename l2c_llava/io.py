@@ -53,6 +53,13 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def write_results(folders: Iterable[tuple[str | os.PathLike, str]], obj: Any, markdown: str) -> None:
+    """`obj` as STEM.json and `markdown` as STEM.md in each (folder, stem), atomically."""
+    for folder, stem in folders:
+        atomic_write_json(Path(folder) / f"{stem}.json", obj)
+        atomic_write_text(Path(folder) / f"{stem}.md", markdown)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
