@@ -214,7 +214,11 @@ def _set_rng_state(state: tuple) -> None:
 
 
 def contrastive_accumulate(
-    embed: Callable, batches: list, loss_fn: Callable, backward: Callable | None = None
+    embed: Callable,
+    batches: list,
+    loss_fn: Callable,
+    backward: Callable | None = None,
+    shared: tuple[int, ...] = (2,),
 ) -> tuple[float, int]:
     """One optimizer step's gradients over several micro-batches with the loss of the whole batch
     (every row a negative of every other), in two passes as GradCache (Gao et al. 2021) and open_clip's
@@ -225,35 +229,45 @@ def contrastive_accumulate(
     3. embed each micro-batch again with gradient (same random state, so the same features) and
        backpropagate the cached feature gradients through it.
 
-    `embed(batch) -> (image_features, text_features, logit_scale)`, `loss_fn(img, txt, scale) -> loss`.
-    The gradients equal those of one pass over the whole batch; memory is one micro-batch's
-    activations plus the features. Returns (loss, rows)."""
+    `embed(batch)` returns a tuple of tensors: per-row features (concatenated over the micro-batches;
+    e.g. image and text features in stage 2, queries, positives and hard negatives in stage 1) and,
+    at the positions in `shared`, values common to every micro-batch (the CLIP logit scale: its
+    gradient is counted once). `loss_fn(*tensors) -> loss`. The gradients equal those of one pass over
+    the whole batch; memory is one micro-batch's activations plus the features. Returns (loss, rows
+    of the first per-row tensor)."""
     backward = backward or (lambda t: t.backward())
-    states, imgs, txts, scale = [], [], [], None
+    states, outs = [], []
     with torch.no_grad():
         for b in batches:
             states.append(_rng_state())
-            i, t, scale = embed(b)
-            imgs.append(i.detach())
-            txts.append(t.detach())
-    img = torch.cat(imgs).requires_grad_()
-    txt = torch.cat(txts).requires_grad_()
-    sc = scale.detach().clone().requires_grad_()
-    loss = loss_fn(img, txt, sc)
-    g_img, g_txt, g_sc = torch.autograd.grad(loss, (img, txt, sc))
+            outs.append([x.detach() for x in embed(b)])
+    width = len(outs[0])
+    full = [
+        (outs[0][j].clone() if j in shared else torch.cat([o[j] for o in outs])).requires_grad_()
+        for j in range(width)
+    ]
+    loss = loss_fn(*full)
+    grads = torch.autograd.grad(loss, full, allow_unused=True)
     after = _rng_state()
-    lo = 0
-    for k, (b, st) in enumerate(zip(batches, states)):
+    offsets = [0] * width
+    for m, (b, st) in enumerate(zip(batches, states)):
         _set_rng_state(st)
-        i, t, s = embed(b)
-        n = i.shape[0]
-        surrogate = (i.float() * g_img[lo : lo + n]).sum() + (t.float() * g_txt[lo : lo + n]).sum()
-        if k == 0:  # the logit scale is one parameter shared by every micro-batch: its gradient once
-            surrogate = surrogate + (s.float() * g_sc).sum()
-        backward(surrogate)
-        lo += n
+        surrogate = None
+        for j, x in enumerate(embed(b)):
+            g = grads[j]
+            if j in shared:
+                part = (x.float() * g).sum() if (m == 0 and g is not None) else None
+            else:
+                n = x.shape[0]
+                part = (x.float() * g[offsets[j] : offsets[j] + n]).sum() if g is not None and n else None
+                offsets[j] += n
+            if part is not None:
+                surrogate = part if surrogate is None else surrogate + part
+        if surrogate is not None:
+            backward(surrogate)
     _set_rng_state(after)
-    return loss.item(), lo
+    first = next(j for j in range(width) if j not in shared)
+    return loss.item(), offsets[first]
 
 
 class ContrastiveRecipe:

@@ -68,3 +68,35 @@ def test_dropout_masks_are_replayed_in_the_second_pass():
     clip_loss(img, txt, feats[0][2]).backward()
     for name, g in grads(ref).items():
         torch.testing.assert_close(grads(acc)[name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_stage1_style_features_queries_positives_and_hard_negatives():
+    """Stage 1's loss (queries against every positive and hard negative of the whole batch): the same
+    equality with three per-row tensors and nothing shared."""
+    from l2c_llava.stage1.loss import hard_negative_nll_loss
+
+    g = torch.Generator().manual_seed(3)
+    q, p, n = (torch.randn(12, 10, generator=g) for _ in range(3))
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+
+    def loss_fn(a, b, c):
+        return hard_negative_nll_loss(a, b, c if c.shape[0] else None, scale=20.0, gather=False)
+
+    full = make()
+    loss = loss_fn(full(q), full(p), full(n))
+    loss.backward()
+    acc = make()
+    micro = list(zip(q.chunk(3), p.chunk(3), n.chunk(3)))
+    got, rows = contrastive_accumulate(lambda b: tuple(acc(x) for x in b), micro, loss_fn, shared=())
+    assert rows == 12 and got == pytest.approx(loss.item(), rel=1e-6)
+    for (name, a), (_, b) in zip(full.named_parameters(), acc.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # without hard negatives (an empty third tensor)
+    empty = make()
+    got, _ = contrastive_accumulate(
+        lambda b: (empty(b[0]), empty(b[1]), empty(b[1])[:0]), micro, loss_fn, shared=()
+    )
+    assert got == pytest.approx(loss_fn(make()(q), make()(p), torch.empty(0, 8)).item(), rel=1e-6)

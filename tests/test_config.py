@@ -175,11 +175,7 @@ def test_missing_file_says_how_to_find_configs(tmp_path):
         (STAGE2, ["data.image_root=null"], "data.format=jsonl needs the folder"),
         (STAGE1, ["data.general_text_share=0.3"], "needs a data.general_text file"),
         (STAGE1, ["data.eval=null"], "eval.cra is on: give a test set"),
-        (
-            STAGE1,
-            ["train.contrastive_accum=true"],
-            "contrastive accumulation is not available in stage 1 yet",
-        ),
+        (STAGE1, ["model.load_in_4bit=true", "output.merge_weights=true"], "4-bit-rounded weights"),
     ],
 )
 def test_cross_field_checks(tmp_path, base, overrides, expected):

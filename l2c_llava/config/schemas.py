@@ -94,10 +94,6 @@ class TrainSection(Section):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             out.append((f"{prefix}.warmup_ratio", self.warmup_ratio,
                         f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both"))  # fmt: skip
-        if getattr(self, "contrastive_accum", False) and type(self).__name__ == "Stage1Train":
-            out.append((f"{prefix}.contrastive_accum", True, "GradCache-style contrastive accumulation is not "
-                        "available in stage 1 yet (stage 2 and the CLIP baseline have it); use train.grad_accum "
-                        "(negatives then come from each micro-batch only)"))  # fmt: skip
         return out
 
 

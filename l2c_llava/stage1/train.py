@@ -43,7 +43,14 @@ from l2c_llava.stage1.encoder import (
     lora_targets,
 )
 from l2c_llava.stage1.loss import hard_negative_nll_loss
-from l2c_llava.training import Checkpoints, append_log, make_accelerator, make_scheduler, truncate_log
+from l2c_llava.training import (
+    Checkpoints,
+    append_log,
+    contrastive_accumulate,
+    make_accelerator,
+    make_scheduler,
+    truncate_log,
+)
 
 logger = logging.getLogger("l2c_llava.stage1")
 
@@ -336,12 +343,32 @@ class Stage1Recipe:
             order = epoch_order(len(examples), cfg.run.seed, epoch)
             chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
             step_loss = 0.0
+            micro_batches = []
             for micro in range(t.grad_accum):
                 part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
                 mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
                     examples[part[0]]
                 ]
-                batch = self._batch(encoder, mine, acc.device)
+                micro_batches.append((mine, self._batch(encoder, mine, acc.device)))
+            if t.contrastive_accum and t.grad_accum > 1:  # GradCache: the loss of the whole accumulated batch
+                tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
+
+                def embed(item, model=model):
+                    mine, batch = item
+                    n = len(mine)
+                    with acc.autocast():
+                        feats = model(**batch, length_buckets=t.length_buckets)
+                    return feats[:n], feats[n : 2 * n], feats[2 * n :]
+
+                def loss_fn(q, p, neg):
+                    return hard_negative_nll_loss(q, p, neg if neg.shape[0] else None, scale=t.loss_scale,
+                                                  gather=t.gather_across_processes)  # fmt: skip
+
+                step_loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
+                micro_batches = []
+                if world > 1:  # log the global batch's loss
+                    step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), "mean").item()
+            for micro, (mine, batch) in enumerate(micro_batches):
                 tokens += int(batch["attention_mask"].sum())
                 ctx = acc.no_sync(model) if (micro < t.grad_accum - 1 and world > 1) else _nullcontext()
                 with ctx, acc.autocast():
