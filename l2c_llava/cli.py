@@ -445,6 +445,11 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
         print(f"l2c export llava: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"exported ({args.format}) to {out}")
+    connector = json.loads((Path(out) / "config.json").read_text()).get("l2c_connector")
+    if connector:
+        print(f"note: this model uses the {connector['type']} connector ({connector['num_queries']} vision tokens); load "
+              "it with l2c_llava.mllm.build.load_llava: transformers' LlavaForConditionalGeneration (and lmms-eval's "
+              "llava_hf) take only the MLP connector")  # fmt: skip
     return 0
 
 

@@ -76,7 +76,7 @@ def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, par
     assert not torch.allclose(la, lb)
 
 
-def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts):  # noqa: F811
+def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsys):  # noqa: F811
     from l2c_llava.mllm.export import LlavaExportError, export_original
     from l2c_llava.mllm.lmms import EvalError, run_lmms_eval
 
@@ -84,6 +84,15 @@ def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts):  # n
     save_llava(model, proc, tmp_path / "m")
     with pytest.raises(LlavaExportError, match="takes only the MLP"):
         export_original(tmp_path / "m", tmp_path / "llava-orig")
+    from l2c_llava.cli import main
+
+    assert main(["export", "llava", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 0
+    assert "uses the qformer connector (4 vision tokens); load it with l2c_llava.mllm.build.load_llava" in (
+        capsys.readouterr().out
+    )
+    assert main(["export", "llava", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "llava-o"),
+                 "--format", "original"]) == 2  # fmt: skip
+    assert "takes only the MLP" in capsys.readouterr().err
     with pytest.raises(EvalError, match="takes only the MLP connector"):
         run_lmms_eval(tmp_path / "m", ["l2c_vqa"], tmp_path / "ev")
     with pytest.raises(BuildError, match="expected one of mlp2x_gelu, linear, qformer, perceiver"):
