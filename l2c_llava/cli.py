@@ -464,7 +464,8 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
         encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
         r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
                             fields=tuple(args.fields.split(",")), threshold=threshold,
-                            null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row)  # fmt: skip
+                            null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row,
+                            score_kind=args.score)  # fmt: skip
     except (FilterError, SearchError, LLM2CLIPLoadError, DataError, FileNotFoundError) as e:
         print(f"l2c data filter: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -792,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", default="auto", help="a cosine, or auto: the --null-quantile of shuffled pairs"
     )
     p.add_argument("--null-quantile", type=float, default=0.95)
+    p.add_argument("--score", choices=["zscore", "cosine"], default="zscore",
+                   help="zscore: the cosine against the image's and caption's cosines with other rows; cosine: raw")  # fmt: skip
     p.add_argument("--mode", choices=["drop", "flag"], default="drop")
     p.add_argument("--fields", default="short,long", help="pairs: caption fields scored (comma-separated)")
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error")

@@ -80,14 +80,21 @@ def test_swapped_captions_are_removed_and_the_rest_written_as_read(tmp_path, syn
     dropped = {x["image"] for x in r["flagged_rows"]}
     assert written == [json.dumps(x) for x in rows if x["image"] not in dropped]  # the kept rows, unchanged
     assert r["threshold_from"] == "95% quantile of shuffled pairs"
-    assert r["score_mean"]["short"] > 0.6 and abs(r["shuffled_mean"]["short"]) < 0.2
+    assert r["cosine_mean"]["short"] > 0.6 and abs(r["shuffled_cosine_mean"]["short"]) < 0.2
+    assert r["score"] == "zscore" and r["score_mean"]["short"] > 2 and abs(r["shuffled_mean"]["short"]) < 0.5
     for suffix in (".report.json", ".report.md", ".scores.png", ".scores.safetensors"):
         assert (tmp_path / f"clean.jsonl{suffix}").stat().st_size > 100
     assert "| line " in (tmp_path / "clean.jsonl.report.md").read_text()
     # a re-run with another threshold reuses the scores: no caption embedded again
     calls = enc.text_calls
-    r2 = filter_captions(path, synth_dir / "images", enc, out, threshold=2.0, progress=False)
+    r2 = filter_captions(
+        path, synth_dir / "images", enc, out, threshold=2.0, score_kind="cosine", progress=False
+    )
     assert enc.text_calls == calls and r2["flagged"] == r2["rows"]  # nothing reaches a cosine of 2
+    # the raw cosine works too on this perfect matcher
+    r3 = filter_captions(path, synth_dir / "images", enc, tmp_path / "c.jsonl", score_kind="cosine", progress=False,
+                         truth=lambda row: row.image in bad)  # fmt: skip
+    assert r3["measured"]["precision"] == 1.0 and r3["measured"]["recall"] >= 0.8
 
 
 def test_flag_mode_on_csv_and_the_llava_format(tmp_path, synth_dir):
@@ -168,3 +175,24 @@ def test_cli_with_a_clip_model(tmp_path, synth_dir, capsys):
     assert main(["data", "filter", str(out), "--format", "pairs", "--image-root", str(synth_dir / "images"),
                  "--model", str(tmp_path / "clip"), "--out", str(out)]) == 2  # fmt: skip
     assert "is the input file" in capsys.readouterr().err
+
+
+def test_zscore_separates_matched_pairs_where_hubs_blur_the_cosine():
+    """Rows that share a strong common direction at different strengths ("hubs"): the raw cosine of a
+    matched pair is often lower than a mismatched one; against each row's own level it is not."""
+    from l2c_llava.data.filter import pair_scores
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 32
+    hub = F.normalize(torch.randn(d, generator=g), dim=0)
+    level = torch.rand(n, 1, generator=g) * 10
+    own = torch.randn(n, d, generator=g)
+    img = F.normalize(level * hub + own, dim=-1)
+    txt = F.normalize(level * hub + own + 1.5 * torch.randn(n, d, generator=g), dim=-1)
+    s = pair_scores(img, txt)
+
+    def auc(kind):  # P(a matched pair scores above a shuffled one)
+        a, b = s["own"][kind], s["shuffled"][kind][:n]
+        return float((a[:, None] > b[None, :]).float().mean())
+
+    assert auc("zscore") > 0.99 and auc("cosine") < 0.95  # measured: 0.996 and 0.944

@@ -2,10 +2,13 @@
 
 Every image-caption pair is scored by a trained image-text model (an LLM2CLIP model: the image
 through its tower, the caption through the LLM encoder + adapter; or a CLIP model through its own
-text tower): the cosine of the two embeddings. A cosine means nothing by itself (each model has its
-own scale), so the threshold is calibrated on the same data: the pairs are shuffled (each caption
-set against another row's image) and a pair is kept when it matches its own image better than
-``null_quantile`` (default 95%) of shuffled pairs do. An absolute threshold can be given instead.
+text tower). ``score=zscore`` (default): the pair's cosine as a z-score against the image's cosines
+with other captions and the caption's with other images (a sample of 256 each), which removes each
+image's and caption's own level: weaker models put many pairs, matched or not, at one cosine
+("hubs"). ``score=cosine``: the raw cosine. Either means nothing by itself, so the threshold is
+calibrated on the same data: the pairs are shuffled (each caption set against another row's image)
+and a pair is kept when it scores higher than ``null_quantile`` (default 95%) of shuffled pairs do.
+An absolute threshold can be given instead.
 
 Formats, written back as read (same keys, same order, nothing else changed):
 - ``pairs``: caption-pair JSONL / CSV / TSV (``image``, ``short``, ``long``); both captions scored,
@@ -137,21 +140,53 @@ def read_rows(path: Path, fmt: str, image_root: Path, fields: tuple[str, ...], i
     return [r for r in rows if r.label not in bad], problems, kind
 
 
-def shuffled_scores(img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int = 0) -> torch.Tensor:
-    """Cosines of captions set against other rows' images (a random non-zero shift each round)."""
-    n = img.shape[0]
-    if n < 2:
-        return torch.empty(0)
+def row_stats(a: torch.Tensor, b: torch.Tensor, sample: int = 256, seed: int = 0, chunk: int = 16384):
+    """Mean and standard deviation of each row of `a` against a random sample of rows of `b` (its
+    own index left out): how a caption scores against other images, or an image against other
+    captions."""
+    n = b.shape[0]
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(rounds):
-        shift = int(torch.randint(1, n, (1,), generator=g))
-        out.append((img * txt.roll(shift, dims=0)).sum(-1))
-    return torch.cat(out)
+    pick = torch.randperm(n, generator=g)[: min(sample, n)]
+    means, stds = [], []
+    for lo in range(0, a.shape[0], chunk):
+        s = a[lo : lo + chunk] @ b[pick].T
+        own = pick[None, :] == torch.arange(lo, lo + s.shape[0])[:, None]
+        s = s.masked_fill(own, float("nan"))
+        mu = torch.nanmean(s, dim=1)
+        means.append(mu)
+        stds.append(torch.sqrt(torch.nanmean((s - mu[:, None]) ** 2, dim=1)))
+    return torch.cat(means), torch.cat(stds)
 
 
-def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:  # fmt: skip
-    """(field -> own-pair cosines, field -> shuffled cosines, indices of the scored rows)."""
+def pair_scores(img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+    """Own-pair and shuffled-pair scores, two ways: the raw cosine, and the z-score of the cosine
+    against the image's cosines with other captions and the caption's with other images (removes
+    each image's and caption's own level: a weak model puts many pairs at one cosine, "hubs").
+    Shuffled pairs set each caption against another row's image (a random non-zero shift per round).
+    -> {"own": {"cosine": [N], "zscore": [N]}, "shuffled": {...: [rounds x N]}}."""
+    n = img.shape[0]
+    mu_i, sd_i = row_stats(img, txt, seed=seed)
+    mu_t, sd_t = row_stats(txt, img, seed=seed + 1)
+
+    def both(t_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        cos = (img * txt[t_index]).sum(-1)
+        z = (cos - (mu_i + mu_t[t_index]) / 2) / ((sd_i + sd_t[t_index]) / 2 + 1e-6)
+        return {"cosine": cos, "zscore": z}
+
+    own = both(torch.arange(n))
+    shuffled: dict[str, list[torch.Tensor]] = {"cosine": [], "zscore": []}
+    if n >= 2:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(rounds):
+            shift = int(torch.randint(1, n, (1,), generator=g))
+            for k, v in both(torch.arange(n).roll(shift)).items():
+                shuffled[k].append(v)
+    return {"own": own, "shuffled": {k: torch.cat(v) if v else torch.empty(0) for k, v in shuffled.items()}}
+
+
+def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, dict], dict[str, dict], list[int]]:  # fmt: skip
+    """(field -> kind -> own-pair scores, field -> kind -> shuffled scores, indices of the scored rows);
+    kind: cosine, zscore (see pair_scores)."""
     from tqdm.auto import tqdm
 
     scored = [i for i, r in enumerate(rows) if r.image_path is not None]
@@ -177,8 +212,8 @@ def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, to
         txt = torch.cat([encoder.embed_texts(texts[lo : lo + bs])
                          for lo in tqdm(range(0, len(texts), bs), desc=f"captions ({f})", unit="batch",
                                         disable=not progress)])  # fmt: skip
-        scores[f] = (img * txt).sum(-1)
-        null[f] = shuffled_scores(img, txt)
+        both = pair_scores(img, txt)
+        scores[f], null[f] = both["own"], both["shuffled"]
     return scores, null, ok
 
 
@@ -208,17 +243,19 @@ def _write(path: Path, kind: str, raws: list, header: list[str] | None, delimite
 
 
 def _fingerprint(path: Path, encoder, fields: tuple[str, ...], fmt: str) -> str:
-    return hashlib.sha256(f"{sha256_file(path)}|{encoder.digest}|{fields}|{fmt}".encode()).hexdigest()
+    return hashlib.sha256(f"{sha256_file(path)}|{encoder.digest}|{fields}|{fmt}|v2".encode()).hexdigest()
 
 
 def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, encoder, out: str | os.PathLike, *,
                     fmt: str = "pairs", fields: tuple[str, ...] = ("short", "long"), threshold: float | None = None,
-                    null_quantile: float = 0.95, mode: str = "drop", on_bad_row: str = "error",
+                    null_quantile: float = 0.95, mode: str = "drop", on_bad_row: str = "error", score_kind: str = "zscore",
                     progress: bool = True, truth: Callable[[Row], bool] | None = None) -> dict:  # fmt: skip
     """Score, threshold and write the filtered copy and its report. `truth(row) -> corrupted?` (for
     measurements) adds precision / recall of the dropped rows to the report."""
     from safetensors.torch import load_file, save_file
 
+    if score_kind not in ("cosine", "zscore"):
+        raise FilterError(f"score {score_kind!r}: expected cosine or zscore")
     if mode not in ("drop", "flag"):
         raise FilterError(f"mode {mode!r}: expected drop or flag")
     if not 0.0 < null_quantile < 1.0:
@@ -239,16 +276,21 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
                 loaded = load_file(str(cache))
     if loaded is not None:
         ok = loaded.pop("rows").tolist()
-        scores = {f: loaded[f"score.{f}"] for f in fields}
-        null = {f: loaded[f"null.{f}"] for f in fields}
+        every = {f: {k: loaded[f"score.{k}.{f}"] for k in ("cosine", "zscore")} for f in fields}
+        null_all = {f: {k: loaded[f"null.{k}.{f}"] for k in ("cosine", "zscore")} for f in fields}
         logger.info("scores reused from %s", cache)
     else:
-        scores, null, ok = score(rows, encoder, progress)
-        tensors = {"rows": torch.tensor(ok)} | {f"score.{f}": s.contiguous() for f, s in scores.items()}
-        tensors |= {f"null.{f}": s.contiguous() for f, s in null.items()}
+        every, null_all, ok = score(rows, encoder, progress)
+        tensors = {"rows": torch.tensor(ok)}
+        for f in fields:
+            for k in ("cosine", "zscore"):
+                tensors[f"score.{k}.{f}"] = every[f][k].contiguous()
+                tensors[f"null.{k}.{f}"] = null_all[f][k].contiguous()
         tmp = cache.with_name(f".{cache.name}.tmp")
         save_file(tensors, str(tmp), metadata={"fingerprint": fp})
         os.replace(tmp, cache)
+    scores = {f: every[f][score_kind] for f in fields}
+    null = {f: null_all[f][score_kind] for f in fields}
     th = thresholds(null, threshold, null_quantile)
     per_row: dict[int, dict[str, float]] = {
         i: {f: float(scores[f][j]) for f in fields} for j, i in enumerate(ok)
@@ -270,12 +312,16 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     dropped = sorted(flagged)
     report = {
         "input": str(path), "output": str(out), "format": fmt, "mode": mode, "encoder": encoder.identity,
+        "score": score_kind,
         "fields": list(fields), "threshold": th, "threshold_from": "given" if threshold is not None else
         f"{null_quantile:.0%} quantile of shuffled pairs", "rows": len(rows), "scored": len(ok),
         "unscored": len(rows) - len(ok), "flagged": len(dropped), "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
         "bad_rows_skipped": [str(p) for p in problems],
         "score_mean": {f: float(scores[f].mean()) for f in fields},
         "shuffled_mean": {f: float(null[f].mean()) if null[f].numel() else None for f in fields},
+        "cosine_mean": {f: float(every[f]["cosine"].mean()) for f in fields},
+        "shuffled_cosine_mean": {f: float(null_all[f]["cosine"].mean()) if null_all[f]["cosine"].numel() else None
+                                 for f in fields},
         "flagged_rows": [{"row": rows[i].label, "image": rows[i].image, "scores": per_row[i],
                           "captions": rows[i].captions} for i in dropped],
     }  # fmt: skip
@@ -290,7 +336,7 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
         }  # fmt: skip
     atomic_write_json(out.with_name(out.name + ".report.json"), report)
     atomic_write_text(out.with_name(out.name + ".report.md"), report_md(report))
-    plot_scores(scores, null, th, out.with_name(out.name + ".scores.png"))
+    plot_scores(scores, null, th, out.with_name(out.name + ".scores.png"), score_kind)
     return report
 
 
@@ -299,10 +345,14 @@ def report_md(r: dict) -> str:
              f"- encoder: {r['encoder']['kind']} {r['encoder']['path']}",
              f"- rows: {r['rows']} ({r['scored']} scored), {r['flagged']} under the threshold "
              f"({'dropped' if r['mode'] == 'drop' else 'flagged'}), {r['kept']} written",
-             f"- threshold ({r['threshold_from']}): " + ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items()),
-             "- mean cosine, own vs shuffled pairs: " + ", ".join(
+             f"- score: {r['score']}; threshold ({r['threshold_from']}): "
+             + ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items()),
+             f"- mean {r['score']}, own vs shuffled pairs: " + ", ".join(
                  f"{f} {r['score_mean'][f]:.4f} vs {r['shuffled_mean'][f]:.4f}" for f in r["fields"]
-                 if r["shuffled_mean"][f] is not None)]  # fmt: skip
+                 if r["shuffled_mean"][f] is not None),
+             "- mean cosine, own vs shuffled pairs: " + ", ".join(
+                 f"{f} {r['cosine_mean'][f]:.4f} vs {r['shuffled_cosine_mean'][f]:.4f}" for f in r["fields"]
+                 if r["shuffled_cosine_mean"][f] is not None)]  # fmt: skip
     if "measured" in r:
         m = r["measured"]
         lines.append(f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
@@ -317,7 +367,7 @@ def report_md(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(scores: dict, null: dict, th: dict, out: Path) -> None:
+def plot_scores(scores: dict, null: dict, th: dict, out: Path, kind: str = "zscore") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,7 +379,7 @@ def plot_scores(scores: dict, null: dict, th: dict, out: Path) -> None:
         ax.hist(s.numpy(), bins=40, alpha=0.6, density=True, label="own pairs")
         ax.axvline(th[f], color="k", linestyle="--", label=f"threshold {th[f]:.3f}")
         ax.set_title(f"{f} captions")
-        ax.set_xlabel("cosine(image, caption)")
+        ax.set_xlabel("cosine(image, caption)" if kind == "cosine" else "z-score of cosine(image, caption)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
