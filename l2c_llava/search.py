@@ -412,7 +412,7 @@ def contact_sheet(
                     sheet.paste(img, (x, y))
                 except ImageError:
                     draw.rectangle([x, y, x + thumb, y + thumb], outline=(200, 0, 0))
-                draw.text((x, y + thumb + 1), f"#{h.rank} {h.score:.3f}", fill=(0, 0, 0), font=font)
+                draw.text((x, y + thumb + 1), f"#{h.rank} {h.score:.4f}", fill=(0, 0, 0), font=font)
             y += cell_h
         y += pad
         draw.line([(0, y - pad // 2), (width, y - pad // 2)], fill=(200, 200, 200))
@@ -436,7 +436,7 @@ def hits_table(panels: list[tuple[str, SearchIndex, list[dict]]]) -> str:
             cells = []
             for _, _, res in panels:
                 hits = res[qi]["hits"]
-                cells.append(f"{hits[r].path} ({hits[r].score:.3f})" if r < len(hits) else "")
+                cells.append(f"{hits[r].path} ({hits[r].score:.4f})" if r < len(hits) else "")
             lines.append(f"| {r + 1} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
