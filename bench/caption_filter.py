@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--share", type=float, default=0.2, help="share of rows corrupted")
     p.add_argument("--null-quantile", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    # AUC: P(a clean row scores above a corrupted one), how well the model separates them whatever the threshold
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
     data = run / "data"
@@ -72,26 +73,33 @@ def main(argv=None) -> int:
     results = []
     for name, folder in models.items():
         enc = Encoder(folder, batch_size=16)
-        for kind in ("swap", "colour"):
+        # cosine first: the z-score run reuses its cached scores and leaves its own files (the default)
+        runs = [("swap", "cosine", None), ("colour", "cosine", None), ("swap", "zscore", a.share),
+                ("colour", "zscore", a.share), ("swap", "zscore", None), ("colour", "zscore", None)]  # fmt: skip
+        for kind, score, share in runs:
             noisy, bad = corrupt(rows, kind, a.share, a.seed)
             src = out / f"noisy_{kind}.jsonl"
             src.write_text("".join(json.dumps(r) + "\n" for r in noisy))
             tag = "llm2clip" if name == "LLM2CLIP" else "clip"
             t0 = time.perf_counter()
-            r = filter_captions(src, data / "images", enc, out / f"clean_{kind}_{tag}.jsonl",
-                                null_quantile=a.null_quantile, truth=lambda row, bad=bad: row.image in bad)  # fmt: skip
+            r = filter_captions(src, data / "images", enc, out / f"clean_{kind}_{tag}.jsonl", score_kind=score,
+                                drop_share=share, null_quantile=a.null_quantile, truth=lambda row, bad=bad: row.image in bad)  # fmt: skip
             m = r["measured"]
-            results.append({"model": name, "corruption": kind, "rows": r["rows"], "corrupted": m["corrupted"],
+            results.append({"model": name, "corruption": kind, "score": score, "auc": m["auc"], "rows": r["rows"],
+                            "rule": f"drop lowest {share:.0%}" if share else f"{a.null_quantile:.0%} of shuffled",
+                            "corrupted": m["corrupted"],
                             "dropped": r["flagged"], "precision": m["precision"], "recall": m["recall"],
                             "clean_dropped_share": m["clean_dropped_share"], "threshold": r["threshold"],
                             "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             print(json.dumps(results[-1]), flush=True)
     lines = [f"# Caption filtering on corrupted demo pairs ({len(rows)} rows, {a.share:.0%} corrupted, "
-             f"threshold: {a.null_quantile:.0%} quantile of shuffled pairs)", "",
-             "| model | corruption | dropped | precision | recall | clean rows dropped |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "the rule: under the 95% quantile of shuffled pairs, or the lowest-scoring share)", "",
+             "| model | corruption | score | AUC | rule | dropped | precision | recall | clean rows dropped |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         prec = "n/a" if r["precision"] is None else f"{r['precision']:.3f}"
-        lines.append(f"| {r['model']} | {r['corruption']} | {r['dropped']} of {r['rows']} | {prec} | "
+        lines.append(f"| {r['model']} | {r['corruption']} | {r['score']} | {r['auc']:.3f} | {r['rule']} | "
+                     f"{r['dropped']} of {r['rows']} | {prec} | "
                      f"{r['recall']:.3f} | {r['clean_dropped_share']:.1%} |")  # fmt: skip
     md = "\n".join(lines) + "\n"
     res = {"host": socket.gethostname(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -465,7 +465,7 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
         r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
                             fields=tuple(args.fields.split(",")), threshold=threshold,
                             null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row,
-                            score_kind=args.score)  # fmt: skip
+                            score_kind=args.score, drop_share=args.drop_share)  # fmt: skip
     except (FilterError, SearchError, LLM2CLIPLoadError, DataError, FileNotFoundError) as e:
         print(f"l2c data filter: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -793,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", default="auto", help="a cosine, or auto: the --null-quantile of shuffled pairs"
     )
     p.add_argument("--null-quantile", type=float, default=0.95)
+    p.add_argument("--drop-share", type=float, default=None,
+                   help="instead of a threshold: drop this share of rows, the lowest-scoring (e.g. a known noise rate)")  # fmt: skip
     p.add_argument("--score", choices=["zscore", "cosine"], default="zscore",
                    help="zscore: the cosine against the image's and caption's cosines with other rows; cosine: raw")  # fmt: skip
     p.add_argument("--mode", choices=["drop", "flag"], default="drop")

@@ -85,6 +85,12 @@ def test_swapped_captions_are_removed_and_the_rest_written_as_read(tmp_path, syn
     for suffix in (".report.json", ".report.md", ".scores.png", ".scores.safetensors"):
         assert (tmp_path / f"clean.jsonl{suffix}").stat().st_size > 100
     assert "| line " in (tmp_path / "clean.jsonl.report.md").read_text()
+    # dropping a share instead: exactly that many rows, the worst ones (here: the swapped ones)
+    r4 = filter_captions(path, synth_dir / "images", enc, tmp_path / "share.jsonl", drop_share=0.1, progress=False,
+                         truth=lambda row: row.image in bad)  # fmt: skip
+    assert r4["flagged"] == round(0.1 * r4["rows"]) and r4["measured"]["precision"] == 1.0
+    with pytest.raises(FilterError, match="not both"):
+        filter_captions(path, synth_dir / "images", enc, out, drop_share=0.1, threshold=0.5, progress=False)
     # a re-run with another threshold reuses the scores: no caption embedded again
     calls = enc.text_calls
     r2 = filter_captions(

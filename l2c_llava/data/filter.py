@@ -249,11 +249,16 @@ def _fingerprint(path: Path, encoder, fields: tuple[str, ...], fmt: str) -> str:
 def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, encoder, out: str | os.PathLike, *,
                     fmt: str = "pairs", fields: tuple[str, ...] = ("short", "long"), threshold: float | None = None,
                     null_quantile: float = 0.95, mode: str = "drop", on_bad_row: str = "error", score_kind: str = "zscore",
+                    drop_share: float | None = None,
                     progress: bool = True, truth: Callable[[Row], bool] | None = None) -> dict:  # fmt: skip
     """Score, threshold and write the filtered copy and its report. `truth(row) -> corrupted?` (for
     measurements) adds precision / recall of the dropped rows to the report."""
     from safetensors.torch import load_file, save_file
 
+    if drop_share is not None and not 0.0 < drop_share < 1.0:
+        raise FilterError(f"drop_share {drop_share}: must be between 0 and 1 (the share of rows to drop)")
+    if drop_share is not None and threshold is not None:
+        raise FilterError("give either a threshold or a drop share, not both")
     if score_kind not in ("cosine", "zscore"):
         raise FilterError(f"score {score_kind!r}: expected cosine or zscore")
     if mode not in ("drop", "flag"):
@@ -295,7 +300,15 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     per_row: dict[int, dict[str, float]] = {
         i: {f: float(scores[f][j]) for f in fields} for j, i in enumerate(ok)
     }
-    flagged = {i for i, s in per_row.items() if any(s[f] < th[f] for f in fields)}
+    if (
+        drop_share is not None
+    ):  # the lowest-ranked rows: each caption's rank among its field, the worst counts
+        ranks = {f: torch.argsort(torch.argsort(scores[f])).float() / max(1, len(ok) - 1) for f in fields}
+        row_rank = {i: min(float(ranks[f][j]) for f in fields) for j, i in enumerate(ok)}
+        flagged = set(sorted(row_rank, key=row_rank.get)[: int(round(drop_share * len(ok)))])
+        th = {f: float(max((per_row[i][f] for i in flagged), default=float("nan"))) for f in fields}
+    else:
+        flagged = {i for i, s in per_row.items() if any(s[f] < th[f] for f in fields)}
     if mode == "drop":
         written = [r.raw for i, r in enumerate(rows) if i not in flagged]
     else:
@@ -314,7 +327,8 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
         "input": str(path), "output": str(out), "format": fmt, "mode": mode, "encoder": encoder.identity,
         "score": score_kind,
         "fields": list(fields), "threshold": th, "threshold_from": "given" if threshold is not None else
-        f"{null_quantile:.0%} quantile of shuffled pairs", "rows": len(rows), "scored": len(ok),
+        (f"the lowest {drop_share:.0%} of rows (highest dropped score shown)" if drop_share is not None else
+         f"{null_quantile:.0%} quantile of shuffled pairs"), "rows": len(rows), "scored": len(ok),
         "unscored": len(rows) - len(ok), "flagged": len(dropped), "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
         "bad_rows_skipped": [str(p) for p in problems],
         "score_mean": {f: float(scores[f].mean()) for f in fields},
@@ -328,7 +342,12 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     if truth is not None:
         corrupted = {i for i, r in enumerate(rows) if truth(r)}
         tp = len(corrupted & flagged)
+        row_score = {i: min(v.values()) for i, v in per_row.items()}  # a row is as good as its worst caption
+        bad_s = torch.tensor([v for i, v in row_score.items() if i in corrupted])
+        good_s = torch.tensor([v for i, v in row_score.items() if i not in corrupted])
+        auc = float((good_s[:, None] > bad_s[None, :]).float().mean()) if len(bad_s) and len(good_s) else None
         report["measured"] = {
+            "auc": auc,  # P(a clean row scores above a corrupted one): the separation, whatever the threshold
             "corrupted": len(corrupted), "flagged_corrupted": tp, "flagged_clean": len(flagged - corrupted),
             "precision": tp / len(flagged) if flagged else None,
             "recall": tp / len(corrupted) if corrupted else None,
@@ -356,7 +375,7 @@ def report_md(r: dict) -> str:
     if "measured" in r:
         m = r["measured"]
         lines.append(f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
-                     f"clean rows dropped {m['clean_dropped_share']:.1%}")  # fmt: skip
+                     f"clean rows dropped {m['clean_dropped_share']:.1%}, AUC {m['auc']}")  # fmt: skip
     lines += ["", "## Lowest-scoring rows", "", "| row | image | " + " | ".join(r["fields"]) + " | caption |",
               "|---|---|" + "---|" * len(r["fields"]) + "---|"]  # fmt: skip
     worst = sorted(r["flagged_rows"], key=lambda x: min(x["scores"].values()))[:20]
