@@ -167,14 +167,9 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     text_config.pad_token_id = tokenizer.pad_token_id
     extra, cls, num_queries = {}, LlavaForConditionalGeneration, None
     if projector_type in CONNECTORS:
-        spec = {
-            "num_queries": 64,
-            "hidden_size": None,
-            "depth": 2,
-            "heads": 8,
-            "mlp_ratio": 4,
-            **(connector or {}),
-        }
+        from l2c_llava.config.schemas import ConnectorSection
+
+        spec = {**ConnectorSection().model_dump(), **(connector or {})}
         extra["l2c_connector"] = {"type": projector_type, **spec}
         cls, num_queries = llava_with_connector_class(), int(spec["num_queries"])
     config = LlavaConfig(
