@@ -174,3 +174,23 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
     assert (out / "stage1" / "metrics.json").stat().st_mtime_ns == stage1_mtime
     cfg = (out / "stage2" / "config.yaml").read_text()
     assert "lr: 0.0003" in cfg
+
+
+def test_report_shows_the_bench_sections_when_present(tmp_path):
+    from l2c_llava.io import write_results
+    from l2c_llava.report import write_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    assert "## Connectors" not in write_report(out).read_text()  # absent: no section, no error
+    table = "| connector | tokens / image |\n|---|---|\n| qformer | 16 |\n"
+    write_results([(out / "connectors", "connectors")], {"queries": 16, "rows": []}, "# title\n\n" + table)
+    write_results(
+        [(out / "filter", "filter")],
+        {"results": []},
+        "# title\n\n| model | AUC |\n|---|---|\n| CLIP | 0.7 |\n",
+    )
+    text = write_report(out).read_text()
+    assert "## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, 16 queries" in text
+    assert "| qformer | 16 |" in text and "## Caption filtering" in text and "| CLIP | 0.7 |" in text
+    assert json.loads((out / "report.json").read_text())["numbers"]["connectors"]["queries"] == 16
