@@ -43,6 +43,14 @@ def bnb_4bit_config(compute_dtype: torch.dtype = torch.bfloat16):
                               bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
 
 
+def prepare_for_qlora(model, gradient_checkpointing: bool):
+    """QLoRA's preparation of a 4-bit model before LoRA: norms in fp32, base frozen, inputs that carry
+    gradients (peft's ``prepare_model_for_kbit_training``)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def make_adamw(params, kind: str, key: str = "train.optimizer", **kwargs: Any) -> torch.optim.Optimizer:
     """AdamW (torch) or 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, ~75% less state memory)."""
     if kind == "adamw":

@@ -30,7 +30,7 @@ import torch
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.io import atomic_write_json
-from l2c_llava.memory import make_adamw
+from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
@@ -233,10 +233,8 @@ class Stage1Recipe:
         base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
         head = lm.get_output_embeddings()
         lora = cfg.lora
-        if m.load_in_4bit:  # QLoRA: norms in fp32, inputs that carry gradients
-            from peft import prepare_model_for_kbit_training
-
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=m.gradient_checkpointing)
+        if m.load_in_4bit:
+            base = prepare_for_qlora(base, m.gradient_checkpointing)
         peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                     target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
         head.requires_grad_(False)
@@ -302,12 +300,8 @@ class Stage1Recipe:
         cfg, t = self.cfg, self.cfg.train
         lora = cfg.lora
         targets = lora_targets(encoder.model, lora.target_modules)
-        if cfg.model.load_in_4bit:  # QLoRA: norms in fp32, inputs that carry gradients
-            from peft import prepare_model_for_kbit_training
-
-            encoder.model = prepare_model_for_kbit_training(
-                encoder.model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
-            )
+        if cfg.model.load_in_4bit:
+            encoder.model = prepare_for_qlora(encoder.model, cfg.model.gradient_checkpointing)
         encoder.model = get_peft_model(encoder.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                                  target_modules=targets))  # fmt: skip
         if cfg.model.gradient_checkpointing:
