@@ -169,7 +169,7 @@ def test_missing_file_says_how_to_find_configs(tmp_path):
         (MLLM, ["train.tune=full"], "train.tune = 'full': the pretrain stage trains the projector only"),
         (MLLM, ["train.global_batch_size=100"], "must be a multiple of train.per_device_batch_size (32)"),
         (MLLM, ["train.warmup_steps=10"], "set either train.warmup_steps or train.warmup_ratio"),
-        (MLLM, ["train.projector_lr=2e-5"], "only used with tune=lora"),
+        (MLLM, ["train.projector_lr=2e-5"], "not used with tune=projector"),
         (STAGE2, ["data.rrc_scale=[0.9, 0.5]"], "needs 0 < min <= max <= 1"),
         (STAGE2, ["vision.trainable=last_n"], "vision.trainable=last_n needs a number of blocks > 0"),
         (STAGE2, ["data.image_root=null"], "data.format=jsonl needs the folder"),

@@ -266,6 +266,21 @@ def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_dir):
+    """LLaVA's mm_projector_lr is not tied to LoRA: a full finetune gets the projector its own lr."""
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "full",
+                         ["train.tune=full", "train.lr=2e-5", "train.projector_lr=1e-3"])  # fmt: skip
+    recipe = MllmRecipe(cfg)
+    model, _ = recipe.build()
+    proj, rest = recipe.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[1] for p in proj["params"]} == {"multi_modal_projector"}
+    assert (proj["lr"], proj["lr_scale"], rest["lr"], rest["lr_scale"]) == (1e-3, 50.0, 2e-5, 1.0)
+    assert len(proj["params"]) + len(rest["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
 def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, parts, synth_dir, capsys):
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration

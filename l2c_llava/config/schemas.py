@@ -412,7 +412,8 @@ class MllmTrain(TrainSection):
     tune: Literal["projector", "full", "lora"]
     lr: PositiveFloat
     projector_lr: PositiveFloat | None = Field(
-        None, description="separate projector lr (LoRA finetune: 2e-5)"
+        None,
+        description="separate projector lr in the finetune, full or LoRA (LLaVA's mm_projector_lr; LoRA recipe: 2e-5)",
     )
     global_batch_size: PositiveInt = Field(description="kept constant whatever the number of devices")
     per_device_batch_size: PositiveInt = 16
@@ -461,10 +462,11 @@ class MllmConfig(RecipeConfig):
                     f"must be a multiple of train.per_device_batch_size ({t.per_device_batch_size})",
                 )
             )
-        if t.projector_lr is not None and t.tune != "lora":
+        if t.projector_lr is not None and t.tune == "projector":
             out.append(
-                ("train.projector_lr", t.projector_lr, "only used with tune=lora (LLaVA's mm_projector_lr)")
-            )
+                ("train.projector_lr", t.projector_lr,
+                 "not used with tune=projector (the projector is all that trains): set train.lr")
+            )  # fmt: skip
         if self.data.template == "plain" and t.stage == "finetune":
             out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
         if self.model.llm.load_in_4bit and t.tune != "lora":
