@@ -428,7 +428,7 @@ def _cmd_mllm_eval_vqa(args: argparse.Namespace) -> int:
 
     try:
         m = evaluate_vqa(args.model, args.questions, args.image_root, args.out or args.model, train_json=args.train_json,
-                         batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                         batch_size=args.batch_size, limit=args.limit, shuffled_images=args.shuffled_images)  # fmt: skip
     except (DataError, ImageError, LlavaExportError, FileNotFoundError) as e:
         print(f"l2c mllm eval-vqa: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -664,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument(
+        "--shuffled-images",
+        action="store_true",
+        help="answer each question again with another question's image: the score without the right "
+        "image, and the share of answers the image changed (doubles the time)",
+    )
     p.set_defaults(func=_cmd_mllm_eval_vqa)
     p = mmsub.add_parser(
         "eval", help="lmms-eval (llava_hf) on a LLaVA folder: paper benchmarks or the local tasks"

@@ -351,13 +351,31 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
     save_llava(model, proc, tmp_path / "m", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     args = ["mllm", "eval-vqa", "--model", str(tmp_path / "m"), "--questions", str(synth_dir / "eval" / "vqa_test.jsonl"),
             "--image-root", str(synth_dir / "images"), "--train-json", str(synth_dir / "llava" / "instruct.json"),
-            "--limit", "6", "--batch-size", "4"]  # fmt: skip
+            "--limit", "6", "--batch-size", "4", "--shuffled-images"]  # fmt: skip
     assert main(args) == 0
     metrics = json.loads((tmp_path / "m" / "vqa_metrics.json").read_text())
     assert metrics["n"] == 6 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["prior"]["accuracy"] <= 1
     answers = [json.loads(x) for x in (tmp_path / "m" / "vqa_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 6 and all("prediction" in a for a in answers)
     assert metrics["accuracy"] == sum(a["correct"] for a in answers) / 6
+    shuffled = metrics["shuffled_images"]
+    assert (
+        shuffled["n"] == 6 and shuffled["accuracy"] == sum(a["correct_shuffled_image"] for a in answers) / 6
+    )
+    changed = sum(normalize(a["prediction"]) != normalize(a["prediction_shuffled_image"]) for a in answers)
+    assert shuffled["answers_changed"] == round(changed / 6, 4)
+
+
+def test_shuffled_images_never_keep_their_own_image():
+    from pathlib import Path
+
+    from l2c_llava.mllm.evaluate import shifted_images
+
+    paths = [Path(p) for p in ["b.jpg", "a.jpg", "a.jpg", "c.jpg", "b.jpg"]]
+    out = shifted_images(paths)
+    assert all(o != p for o, p in zip(out, paths))
+    assert out[1] == out[2] and out[0] == out[4]  # one replacement per image
+    assert sorted(set(out)) == sorted(set(paths))  # a rotation: every image still used
 
 
 def test_labels_with_a_byte_level_bpe_tokenizer_keep_the_first_answer_token():

@@ -80,41 +80,36 @@ def question_type(q: str) -> str:
 @torch.no_grad()
 def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike, image_root: str | os.PathLike,
                  out_dir: str | os.PathLike, train_json: str | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 8, limit: int | None = None) -> dict:  # fmt: skip
-    from tqdm.auto import tqdm
-
-    from l2c_llava.data.images import load_rgb
-    from l2c_llava.mllm.data import expand2square, mean_colour
+                 max_new_tokens: int = 8, limit: int | None = None, shuffled_images: bool = False) -> dict:  # fmt: skip
+    """Greedy short answers, exact match per type; with ``train_json`` the answer prior beside them.
+    ``shuffled_images`` answers every question a second time with another question's image (a
+    different file, the same for every question on one image): what the model scores when the image
+    carries nothing about the question, and how many answers the real image changed. Accuracy above
+    the prior and above the shuffled-image run is what shows the image is used."""
     from l2c_llava.mllm.export import _load_hf
 
     folder, model, processor = _load_hf(model_dir)
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     questions = read_questions(questions_path, image_root)[:limit]
-    tok = processor.tokenizer
-    tok.padding_side = "left"  # batched generation continues every row at the same position
     model.eval()
-    records = []
-    for lo in tqdm(range(0, len(questions), batch_size), desc="vqa", unit="batch"):
-        chunk = questions[lo : lo + batch_size]
-        texts = [
-            processor.apply_chat_template(
-                [user_turn(f"{q['question']}\n{SHORT_ANSWER}")], add_generation_prompt=True
-            )
-            for q in chunk
-        ]
-        images = [load_rgb(q["image_path"]) for q in chunk]
-        if meta.get("image_aspect_ratio", "pad") == "pad":
-            images = [expand2square(im, mean_colour(processor.image_processor)) for im in images]
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-        )
-        for q, ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
-            pred = tok.decode(ids, skip_special_tokens=True)
-            ok = normalize(pred) in {normalize(a) for a in q["answers"]}
-            records.append({"question_id": q["id"], "type": q["type"], "prediction": pred.strip(),
-                            "answers": q["answers"], "correct": ok})  # fmt: skip
+    preds = _answers(model, processor, meta, questions, [q["image_path"] for q in questions], batch_size,
+                     max_new_tokens, "vqa")  # fmt: skip
+    records = [{"question_id": q["id"], "type": q["type"], "prediction": p, "answers": q["answers"],
+                "correct": _correct(p, q)} for q, p in zip(questions, preds)]  # fmt: skip
     metrics = summarize(records)
+    if shuffled_images:
+        other = shifted_images([q["image_path"] for q in questions])
+        blind = _answers(
+            model, processor, meta, questions, other, batch_size, max_new_tokens, "vqa, shuffled images"
+        )
+        for r, q, p in zip(records, questions, blind):
+            r["prediction_shuffled_image"], r["correct_shuffled_image"] = p, _correct(p, q)
+        metrics["shuffled_images"] = summarize(
+            [{"type": r["type"], "correct": r["correct_shuffled_image"]} for r in records]
+        )
+        metrics["shuffled_images"]["answers_changed"] = round(
+            sum(normalize(r["prediction"]) != normalize(r["prediction_shuffled_image"]) for r in records)
+            / max(1, len(records)), 4)  # fmt: skip
     if train_json:
         prior = prior_answers(train_json, questions)
         hits = [normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
@@ -124,6 +119,50 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
     atomic_write_jsonl(out / "vqa_answers.jsonl", records)
     atomic_write_json(out / "vqa_metrics.json", metrics)
     return metrics
+
+
+def shifted_images(paths: list[Path]) -> list[Path]:
+    """Each question's image replaced by the next distinct image in sorted order (a rotation, so no
+    question keeps its own image while there are two or more images)."""
+    unique = sorted(set(paths))
+    nxt = {p: unique[(i + 1) % len(unique)] for i, p in enumerate(unique)}
+    return [nxt[p] for p in paths]
+
+
+def _correct(prediction: str, q: dict) -> bool:
+    return normalize(prediction) in {normalize(a) for a in q["answers"]}
+
+
+def _answers(model, processor, meta: dict, questions: list[dict], image_paths: list, batch_size: int,
+             max_new_tokens: int, desc: str) -> list[str]:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from l2c_llava.data.images import load_rgb
+    from l2c_llava.mllm.data import expand2square, mean_colour
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"  # batched generation continues every row at the same position
+    preds: list[str] = []
+    for lo in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+        chunk = questions[lo : lo + batch_size]
+        texts = [
+            processor.apply_chat_template(
+                [user_turn(f"{q['question']}\n{SHORT_ANSWER}")], add_generation_prompt=True
+            )
+            for q in chunk
+        ]
+        images = [load_rgb(p) for p in image_paths[lo : lo + batch_size]]
+        if meta.get("image_aspect_ratio", "pad") == "pad":
+            images = [expand2square(im, mean_colour(processor.image_processor)) for im in images]
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        preds += [
+            tok.decode(ids, skip_special_tokens=True).strip()
+            for ids in out[:, inputs["input_ids"].shape[1] :]
+        ]
+    return preds
 
 
 def user_turn(text: str, image: bool = True) -> dict:
