@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from l2c_llava.cli import main
-from l2c_llava.config import load_config
+from l2c_llava.config import ConfigError, load_config
 from l2c_llava.mllm.build import BuildError, build_llava, prepare_tokenizer, save_llava
 from l2c_llava.mllm.conversation import IGNORE, encode
 from l2c_llava.mllm.data import ModalityLengthSampler, padding_waste
@@ -279,6 +279,38 @@ def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_di
     assert {names[id(p)].split(".")[1] for p in proj["params"]} == {"multi_modal_projector"}
     assert (proj["lr"], proj["lr_scale"], rest["lr"], rest["lr_scale"]) == (1e-3, 50.0, 2e-5, 1.0)
     assert len(proj["params"]) + len(rest["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_path, parts, synth_dir):
+    """freeze_vision_tower=false in the pretrain: the projector-only output keeps the trained tower
+    beside the projector, at its own lr, and the finetune's init_from loads it over model.vision_tower."""
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre",
+                         ["train.freeze_vision_tower=false", "train.vision_lr=1e-4"])  # fmt: skip
+    recipe = MllmRecipe(cfg)
+    model, _ = recipe.build()
+    groups = recipe.param_groups(model)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert len(groups[1]["params"]) == sum(1 for _ in model.model.vision_tower.parameters())
+    recipe.run()
+    folder = tmp_path / "pre" / "projector"
+    tower = load_file(str(folder / "vision_tower.safetensors"))
+    assert json.loads((folder / "l2c_mllm.json").read_text())["vision_tower_trained"] is True
+    original = model.state_dict()  # built from parts/vision, before training
+    key = next(k for k in tower if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    assert not torch.allclose(tower[key], original[key])  # the tower trained
+    _, ft = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft",
+                        [f"model.init_from={tmp_path / 'pre'}"])  # fmt: skip
+    loaded, _ = MllmRecipe(ft).build()
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tower.items())
+    # a frozen tower is neither saved nor loaded, and vision_lr on a frozen tower is refused
+    _, frozen = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre_frozen")
+    MllmRecipe(frozen).run()
+    assert not (tmp_path / "pre_frozen" / "projector" / "vision_tower.safetensors").exists()
+    with pytest.raises(ConfigError, match="the tower is frozen"):
+        mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "x", ["train.vision_lr=1e-4"])
 
 
 def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, parts, synth_dir, capsys):

@@ -422,6 +422,10 @@ class MllmTrain(TrainSection):
     mixed_precision: MixedPrecision = "bf16"
     gradient_checkpointing: bool = True
     freeze_vision_tower: bool = True
+    vision_lr: PositiveFloat | None = Field(
+        None,
+        description="lr of the vision tower when it trains (freeze_vision_tower: false); default train.lr",
+    )
     lora: MllmLora = Field(default_factory=MllmLora)
     log_every: PositiveInt = 1
     save_full_model: bool | None = Field(
@@ -467,6 +471,10 @@ class MllmConfig(RecipeConfig):
                 ("train.projector_lr", t.projector_lr,
                  "not used with tune=projector (the projector is all that trains): set train.lr")
             )  # fmt: skip
+        if t.vision_lr is not None and t.freeze_vision_tower:
+            out.append(
+                ("train.vision_lr", t.vision_lr, "the tower is frozen: set train.freeze_vision_tower=false")
+            )
         if self.data.template == "plain" and t.stage == "finetune":
             out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
         if self.model.llm.load_in_4bit and t.tune != "lora":

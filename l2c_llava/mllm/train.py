@@ -10,6 +10,7 @@ template), LoRA merged into the weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from l2c_llava.training import (
 logger = logging.getLogger("l2c_llava.mllm")
 
 PROJECTOR = "model.multi_modal_projector."
+TOWER = "model.vision_tower."
 
 
 def rank_order(order: list[int], batch: int, world: int, rank: int) -> list[int]:
@@ -95,6 +97,8 @@ class MllmRecipe:
             proj.linear_2.requires_grad_(False)  # the identity that makes it a single Linear
 
     def _load_projector(self, model, init_from: Path) -> None:
+        """The pretrained projector from ``init_from`` (its ``projector/`` or ``model/`` folder), and the
+        vision tower too when that run trained it (``train.freeze_vision_tower: false``)."""
         from safetensors import safe_open
 
         folder = next((f for f in (init_from / "projector", init_from / "model") if f.is_dir()), init_from)
@@ -103,29 +107,50 @@ class MllmRecipe:
             raise FileNotFoundError(
                 f"model.init_from={init_from}: no pretrained model (run `l2c mllm pretrain` first)"
             )
+        meta_file = folder / "l2c_mllm.json"
+        tower_trained = meta_file.is_file() and json.loads(meta_file.read_text()).get(
+            "vision_tower_trained", False
+        )
+        prefixes = (PROJECTOR, TOWER) if tower_trained else (PROJECTOR,)
         state = {}
         for f in files:  # on disk transformers writes "multi_modal_projector.*" (its legacy layout)
-            with safe_open(str(f), framework="pt") as handle:  # read the projector only, not the LLM
+            with safe_open(str(f), framework="pt") as handle:  # read what was trained only, not the LLM
                 for k in handle.keys():
                     name = "model." + k.removeprefix("model.")
-                    if name.startswith(PROJECTOR):
+                    if name.startswith(prefixes):
                         state[name] = handle.get_tensor(k)
-        own = {k: v for k, v in model.state_dict().items() if k.startswith(PROJECTOR)}
-        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise ValueError(f"model.init_from={init_from}: its projector does not fit this model "
-                             f"(found {sorted(state)[:4]}, need {sorted(own)[:4]} with the same shapes)")  # fmt: skip
+        for prefix, what in zip(prefixes, ("projector", "trained vision tower")):
+            found = {k: v for k, v in state.items() if k.startswith(prefix)}
+            own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+            if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
+                raise ValueError(f"model.init_from={init_from}: its {what} does not fit this model "
+                                 f"(found {sorted(found)[:4]}, need {sorted(own)[:4]} with the same shapes)")  # fmt: skip
+        if tower_trained:
+            logger.info("model.init_from=%s: its vision tower was trained, loading it over %s", init_from,
+                        self.cfg.model.vision_tower)  # fmt: skip
         model.load_state_dict(state, strict=False)
 
     def param_groups(self, model) -> list[dict]:
+        """One group per learning rate: the projector (``train.projector_lr``), a trained vision tower
+        (``train.vision_lr``, LLaVA-NeXT's mm_vision_tower_lr) and the LLM (``train.lr``)."""
         t = self.cfg.train
-        proj, rest = [], []
+        parts: dict[str, list] = {"proj": [], "tower": [], "rest": []}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (proj if "multi_modal_projector" in name else rest).append(p)
-        proj_lr = t.projector_lr or t.lr
-        groups = [{"params": proj, "lr": proj_lr, "lr_scale": proj_lr / t.lr, "weight_decay": t.weight_decay}]
-        if rest:
-            groups.append({"params": rest, "lr": t.lr, "lr_scale": 1.0, "weight_decay": t.weight_decay})
+                key = (
+                    "proj"
+                    if "multi_modal_projector" in name
+                    else "tower"
+                    if "vision_tower" in name
+                    else "rest"
+                )
+                parts[key].append(p)
+        groups = []
+        for key, lr in (("proj", t.projector_lr or t.lr), ("tower", t.vision_lr or t.lr), ("rest", t.lr)):
+            if parts[key] or key == "proj":
+                groups.append(
+                    {"params": parts[key], "lr": lr, "lr_scale": lr / t.lr, "weight_decay": t.weight_decay}
+                )
         return groups
 
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
@@ -274,6 +299,7 @@ class MllmRecipe:
         m = self.cfg.model
         meta = {"stage": self.cfg.train.stage, "template": self.cfg.data.template,
                 "image_aspect_ratio": m.image_aspect_ratio, "vision_tower": m.vision_tower,
+                "vision_tower_trained": not self.cfg.train.freeze_vision_tower,
                 "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
@@ -282,20 +308,25 @@ class MllmRecipe:
     def save_projector(self, model) -> Path:
         """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,
         in ``run/projector/projector.safetensors`` (transformers' names), with the model config and
-        meta beside them; the LLM and the tower are unchanged, so not copied."""
+        meta beside them; the LLM is unchanged, so not copied. A tower trained too
+        (``train.freeze_vision_tower: false``) is kept beside it, in ``vision_tower.safetensors``."""
         from safetensors.torch import save_file
 
         from l2c_llava.io import publish_folder
 
-        state = {
-            k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(PROJECTOR)
-        }
+        full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v for k, v in full.items() if k.startswith(PROJECTOR)}
+        tower_trained = not self.cfg.train.freeze_vision_tower
         m = self.cfg.model
         meta = {"stage": self.cfg.train.stage, "projector_only": True, "vision_tower": m.vision_tower,
-                "llm": m.llm.name_or_path, "projector_type": m.projector_type, "template": self.cfg.data.template}  # fmt: skip
+                "vision_tower_trained": tower_trained, "llm": m.llm.name_or_path,
+                "projector_type": m.projector_type, "template": self.cfg.data.template}  # fmt: skip
 
         def build(tmp: Path) -> None:
             save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
+            if tower_trained:
+                tower = {k: v for k, v in full.items() if k.startswith(TOWER)}
+                save_file(tower, str(tmp / "vision_tower.safetensors"), metadata={"format": "pt"})
             model.config.save_pretrained(tmp)
             atomic_write_json(tmp / "l2c_mllm.json", meta)
 
