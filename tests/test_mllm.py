@@ -435,3 +435,40 @@ def test_labels_with_a_byte_level_bpe_tokenizer_keep_the_first_answer_token():
     text = tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE])
     assert text.strip() == "red<|im_end|>"
     assert "ASSISTANT" not in text and ":" not in text
+
+
+def test_a_numeric_answer_supervises_the_lone_space_before_it():
+    """Tokenizers that split digits (SmolLM2, Llama) give "ASSISTANT: 3" as ":", " ", "3": the inference
+    prompt ends at "ASSISTANT:", so the model generates that space and it must carry the loss (without
+    it a finetuned SmolLM2 answered every count question with a word it knew, "five")."""
+    from tokenizers import ByteLevelBPETokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from l2c_llava.mllm.conversation import prompt
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=False)
+    bpe._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    corpus = ["USER: how many stars ? ASSISTANT: 3", "USER: what colour ? ASSISTANT: red"] * 20
+    bpe.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_end|>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    image_id, _ = prepare_tokenizer(tok)
+    conv = [{"from": "human", "value": "<image>\nhow many stars ?"}, {"from": "gpt", "value": "3"},
+            {"from": "human", "value": "what colour ?"}, {"from": "gpt", "value": "red"}]  # fmt: skip
+    enc = encode(
+        conv, tok, "vicuna_v1", has_image=True, image_token_id=image_id, num_image_tokens=3, max_length=500
+    )
+    pieces = [(tok.convert_ids_to_tokens(i), lab != IGNORE) for i, lab in zip(enc.input_ids, enc.labels)]
+    first = next(k for k, (_, sup) in enumerate(pieces) if sup)
+    assert pieces[first - 1 : first + 3] == [(":", False), ("Ġ", True), ("3", True), ("<|im_end|>", True)]
+    assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]) == (
+        " 3<|im_end|> red<|im_end|>"
+    )
+    # everything after the inference prompt of the first turn is what the model learns to generate
+    first_prompt = prompt("how many stars ?", "vicuna_v1", has_image=True)
+    assert enc.text.startswith(first_prompt) and enc.text[len(first_prompt) :].startswith(" 3<|im_end|>")

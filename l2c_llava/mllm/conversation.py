@@ -2,8 +2,9 @@
 
 ``plain`` (pretrain): ``<image>`` + caption + ``\\n``; loss on the caption and the newline only.
 ``vicuna_v1`` (finetune): ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
-{a2}</s>...``; loss on each answer and its ``</s>``; -100 on the system prompt, the user turns, the
-role words, the image tokens and padding. ``</s>`` is the LLM's own end-of-sequence token (Vicuna's
+{a2}</s>...``; loss on each answer (with the space before it, which the model generates after the
+prompt's "ASSISTANT:") and its ``</s>``; -100 on the system prompt, the user turns, the role words,
+the image tokens and padding. ``</s>`` is the LLM's own end-of-sequence token (Vicuna's
 is ``</s>``; the demo's SmolLM2 uses ``<|im_end|>``).
 
 The whole text is tokenized at once (the same tokens a prompt gets at inference) and a token is
@@ -73,8 +74,11 @@ def render(turns: list[tuple[str, str]], template: str, eos: str) -> tuple[str, 
         raise ValueError(f"unknown template {template!r} (one of: {', '.join(TEMPLATES)})")
     text = VICUNA_SYSTEM + " "
     for i in range(0, len(turns), 2):
-        text += f"USER: {turns[i][1]} ASSISTANT: "
-        answer = turns[i + 1][1] + eos
+        text += f"USER: {turns[i][1]} ASSISTANT:"
+        answer = " " + turns[i + 1][1] + eos
+        # the space after "ASSISTANT:" belongs to the answer: the inference prompt ends at the colon, so
+        # the model generates it. Tokenizers that split digits (SmolLM2, Llama) give " 3" as a lone
+        # space token then "3"; left unsupervised, a numeric answer could never be produced.
         spans.append((len(text), len(text) + len(answer)))
         text += answer
     return text, spans
