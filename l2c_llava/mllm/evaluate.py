@@ -112,8 +112,7 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
             / max(1, len(records)), 4)  # fmt: skip
     if train_json:
         prior = prior_answers(train_json, questions)
-        hits = [normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
-                for q in questions]  # fmt: skip
+        hits = [_correct(prior.get(question_type(q["question"]), ""), q) for q in questions]
         metrics["prior"] = summarize([{"type": q["type"], "correct": h} for q, h in zip(questions, hits)])
     out = Path(out_dir)
     atomic_write_jsonl(out / "vqa_answers.jsonl", records)
