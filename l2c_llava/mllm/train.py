@@ -314,9 +314,10 @@ class MllmRecipe:
 
         from l2c_llava.io import publish_folder
 
-        full = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        state = {k: v for k, v in full.items() if k.startswith(PROJECTOR)}
         tower_trained = not self.cfg.train.freeze_vision_tower
+        keep = (PROJECTOR, TOWER) if tower_trained else (PROJECTOR,)
+        kept = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
+        state = {k: v for k, v in kept.items() if k.startswith(PROJECTOR)}
         m = self.cfg.model
         meta = {"stage": self.cfg.train.stage, "projector_only": True, "vision_tower": m.vision_tower,
                 "vision_tower_trained": tower_trained, "llm": m.llm.name_or_path,
@@ -325,7 +326,7 @@ class MllmRecipe:
         def build(tmp: Path) -> None:
             save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
             if tower_trained:
-                tower = {k: v for k, v in full.items() if k.startswith(TOWER)}
+                tower = {k: v for k, v in kept.items() if k.startswith(TOWER)}
                 save_file(tower, str(tmp / "vision_tower.safetensors"), metadata={"format": "pt"})
             model.config.save_pretrained(tmp)
             atomic_write_json(tmp / "l2c_mllm.json", meta)
