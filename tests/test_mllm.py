@@ -396,6 +396,32 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
     )
     changed = sum(normalize(a["prediction"]) != normalize(a["prediction_shuffled_image"]) for a in answers)
     assert shuffled["answers_changed"] == round(changed / 6, 4)
+    paired = metrics["vs_shuffled_images"]
+    assert paired["wins"] == sum(a["correct"] and not a["correct_shuffled_image"] for a in answers)
+    assert paired["losses"] == sum(a["correct_shuffled_image"] and not a["correct"] for a in answers)
+    assert paired["gain"] == round(metrics["accuracy"] - shuffled["accuracy"], 4)
+    assert metrics["vs_prior"]["gain"] == round(metrics["accuracy"] - metrics["prior"]["accuracy"], 4)
+    lo, hi = metrics["accuracy_ci95"]
+    assert 0 <= lo <= metrics["accuracy"] <= hi <= 1
+
+
+def test_paired_comparison_and_intervals_match_hand_computed_values():
+    from l2c_llava.mllm.evaluate import paired_comparison, sign_test_p, wilson_interval
+
+    assert sign_test_p(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test_p(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert sign_test_p(5, 5) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert 0 < sign_test_p(1300, 1000) < 1e-8  # thousands of pairs: no overflow
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    a = [True, True, True, False, True, False]
+    b = [False, True, False, False, False, True]
+    assert paired_comparison(a, b) == {"gain": round(2 / 6, 4), "wins": 3, "losses": 1,
+                                       "p_value": round(sign_test_p(3, 1), 6)}  # fmt: skip
+    with pytest.raises(ValueError, match="same questions"):
+        paired_comparison(a, b[:3])
 
 
 def test_shuffled_images_never_keep_their_own_image():

@@ -12,6 +12,7 @@ evaluation issue).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -110,10 +111,14 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
         metrics["shuffled_images"]["answers_changed"] = round(
             sum(normalize(r["prediction"]) != normalize(r["prediction_shuffled_image"]) for r in records)
             / max(1, len(records)), 4)  # fmt: skip
+        metrics["vs_shuffled_images"] = paired_comparison(
+            [r["correct"] for r in records], [r["correct_shuffled_image"] for r in records]
+        )
     if train_json:
         prior = prior_answers(train_json, questions)
         hits = [_correct(prior.get(question_type(q["question"]), ""), q) for q in questions]
         metrics["prior"] = summarize([{"type": q["type"], "correct": h} for q, h in zip(questions, hits)])
+        metrics["vs_prior"] = paired_comparison([r["correct"] for r in records], hits)
     out = Path(out_dir)
     atomic_write_jsonl(out / "vqa_answers.jsonl", records)
     atomic_write_json(out / "vqa_metrics.json", metrics)
@@ -175,5 +180,43 @@ def summarize(records: list[dict]) -> dict:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         by_type[r["type"]].append(bool(r["correct"]))
-    return {"accuracy": sum(r["correct"] for r in records) / max(1, len(records)), "n": len(records),
+    hits = sum(bool(r["correct"]) for r in records)
+    return {"accuracy": hits / max(1, len(records)), "n": len(records),
+            "accuracy_ci95": [round(x, 4) for x in wilson_interval(hits, len(records))],
             "by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())}}  # fmt: skip
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_comparison(a: list[bool], b: list[bool]) -> dict:
+    """Two answer sets on the same questions: the accuracy gain of ``a`` over ``b`` and McNemar's
+    exact test on the questions only one of them gets right (``wins``: ``a`` only, ``losses``:
+    ``b`` only). ``p_value`` is two-sided: how likely a split at least this uneven is when neither
+    is better. A model that uses the image beats its shuffled-image run with a small p_value."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison of {len(a)} and {len(b)} answers: they must be the same questions")
+    wins = sum(x and not y for x, y in zip(a, b))
+    losses = sum(y and not x for x, y in zip(a, b))
+    return {"gain": round((sum(map(bool, a)) - sum(map(bool, b))) / max(1, len(a)), 4), "wins": wins,
+            "losses": losses, "p_value": round(sign_test_p(wins, losses), 6)}  # fmt: skip
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial (sign) test of ``wins`` against ``losses`` at p = 1/2, in log space
+    so that thousands of discordant pairs do not overflow."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    log_half_n = n * math.log(0.5)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half_n for i in range(k + 1)]
+    top = max(terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in terms)
+    return min(1.0, 2 * tail)
