@@ -202,7 +202,9 @@ def paired_comparison(a: list[bool], b: list[bool]) -> dict:
     ``b`` only). ``p_value`` is two-sided: how likely a split at least this uneven is when neither
     is better. A model that uses the image beats its shuffled-image run with a small p_value."""
     if len(a) != len(b):
-        raise ValueError(f"paired comparison of {len(a)} and {len(b)} answers: they must be the same questions")
+        raise ValueError(
+            f"paired comparison of {len(a)} and {len(b)} answers: they must be the same questions"
+        )
     wins = sum(x and not y for x, y in zip(a, b))
     losses = sum(y and not x for x, y in zip(a, b))
     return {"gain": round((sum(map(bool, a)) - sum(map(bool, b))) / max(1, len(a)), 4), "wins": wins,
@@ -216,7 +218,9 @@ def sign_test_p(wins: int, losses: int) -> float:
     if n == 0:
         return 1.0
     log_half_n = n * math.log(0.5)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half_n for i in range(k + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half_n for i in range(k + 1)
+    ]
     top = max(terms)
     tail = math.exp(top) * sum(math.exp(t - top) for t in terms)
     return min(1.0, 2 * tail)
