@@ -498,3 +498,49 @@ def test_a_numeric_answer_supervises_the_lone_space_before_it():
     # everything after the inference prompt of the first turn is what the model learns to generate
     first_prompt = prompt("how many stars ?", "vicuna_v1", has_image=True)
     assert enc.text.startswith(first_prompt) and enc.text[len(first_prompt) :].startswith(" 3<|im_end|>")
+
+
+def test_the_finetune_learns_an_answer_only_the_image_gives(tmp_path, parts):
+    """End to end on held-out images: the answer ("what colour is the picture?") is in the pixels
+    only, so a model that reaches it has its image features wired through the projector, the
+    labels, the training and the saved model. The same questions asked with another image, and the
+    answer prior, stay at a quarter (four balanced colours)."""
+    import numpy as np
+    from PIL import Image
+
+    from l2c_llava.mllm.evaluate import evaluate_vqa
+    from l2c_llava.mllm.train import MllmRecipe
+
+    colours = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+    names = list(colours)
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    question = "What color is the picture?"
+    rows, tests = [], []
+    for i in range(80):  # consecutive files differ in colour: the shuffled-image run never keeps it
+        name = names[i % 4]
+        pixels = np.clip(np.array(colours[name]) + rng.integers(-25, 26, (32, 32, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "img" / f"{i:03d}.png")
+        if i < 64:
+            rows.append({"id": str(i), "image": f"{i:03d}.png", "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": name}]})  # fmt: skip
+        else:
+            tests.append({"question_id": str(i), "image": f"{i:03d}.png", "question": question,
+                          "answers": [name], "type": "color"})  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
+    (tmp_path / "ft.yaml").write_text(f"""recipe: mllm
+run: {{output_dir: {tmp_path / "ft"}, seed: 0}}
+model: {{vision_tower: {parts / "vision"}, llm: {{name_or_path: {parts / "llm"}, torch_dtype: float32}}}}
+data: {{path: {tmp_path / "train.json"}, image_root: {tmp_path / "img"}, template: vicuna_v1, max_length: 120,
+        num_workers: 0}}
+train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_device_batch_size: 16,
+         max_steps: 60, mixed_precision: "no", gradient_checkpointing: false, save_every: 60, log_every: 10}}
+""")
+    MllmRecipe(load_config(tmp_path / "ft.yaml")).run()
+    m = evaluate_vqa(tmp_path / "ft", tmp_path / "test.jsonl", tmp_path / "img", tmp_path / "eval",
+                     train_json=str(tmp_path / "train.json"), shuffled_images=True)  # fmt: skip
+    assert m["n"] == 16 and m["prior"]["accuracy"] == 0.25
+    assert m["accuracy"] >= 0.75, m
+    assert m["shuffled_images"]["accuracy"] <= 0.5, m
+    assert m["vs_shuffled_images"]["p_value"] < 0.05 and m["vs_prior"]["gain"] >= 0.5, m
