@@ -372,6 +372,8 @@ def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
 
 
 def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsys):
+    from PIL import Image
+
     from l2c_llava.mllm.evaluate import normalize
 
     assert (
@@ -403,6 +405,8 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
     assert metrics["vs_prior"]["gain"] == round(metrics["accuracy"] - metrics["prior"]["accuracy"], 4)
     lo, hi = metrics["accuracy_ci95"]
     assert 0 <= lo <= metrics["accuracy"] <= hi <= 1
+    with Image.open(tmp_path / "m" / "vqa_by_type.png") as plot:  # the per-type bars, a real PNG
+        assert plot.format == "PNG" and plot.size[0] > 300
 
 
 def test_paired_comparison_and_intervals_match_hand_computed_values():

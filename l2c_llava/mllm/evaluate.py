@@ -122,7 +122,49 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
     out = Path(out_dir)
     atomic_write_jsonl(out / "vqa_answers.jsonl", records)
     atomic_write_json(out / "vqa_metrics.json", metrics)
+    plot_by_type(metrics, out / "vqa_by_type.png", records)
     return metrics
+
+
+def plot_by_type(metrics: dict, path: Path, records: list[dict]) -> Path:
+    """Accuracy per question type, the model (95% Wilson interval) beside its shuffled-image run and
+    the answer prior when they were measured: where the image helps is where the bars part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = sorted(metrics["by_type"]) + ["all"]
+    series = [("model", metrics)] + [
+        (label, metrics[key]) for key, label in (("shuffled_images", "another image"), ("prior", "answer prior"))
+        if key in metrics
+    ]  # fmt: skip
+    counts = Counter(r["type"] for r in records)
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(1.3 + 1.1 * len(types), 3.6))
+    for k, (label, m) in enumerate(series):
+        values = [m["by_type"].get(t, 0.0) for t in types[:-1]] + [m["accuracy"]]
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(types))]
+        err = None
+        if label == "model":
+            bounds = [wilson_interval(round(v * counts[t]), counts[t]) for v, t in zip(values, types[:-1])]
+            bounds.append(tuple(m["accuracy_ci95"]))
+            err = [
+                [v - lo for v, (lo, _) in zip(values, bounds)],
+                [hi - v for v, (_, hi) in zip(values, bounds)],
+            ]
+        ax.bar(xs, values, width, label=label, yerr=err, capsize=2)
+    ax.set_xticks(range(len(types)), [f"{t}\n({counts[t] if t != 'all' else metrics['n']})" for t in types])
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=len(series))
+    ax.set_title("held-out short-answer VQA by question type (n), 95% interval on the model", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def shifted_images(paths: list[Path]) -> list[Path]:
