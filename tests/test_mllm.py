@@ -548,3 +548,34 @@ train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_dev
     assert m["accuracy"] >= 0.75, m
     assert m["shuffled_images"]["accuracy"] <= 0.5, m
     assert m["vs_shuffled_images"]["p_value"] < 0.05 and m["vs_prior"]["gain"] >= 0.5, m
+
+
+def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, synth_dir):
+    """The LM head on the supervised positions only gives transformers' causal-LM loss and the same
+    gradients, for captions (plain) and multi-turn answers with text-only rows (vicuna_v1)."""
+    from l2c_llava.mllm.data import Collate
+    from l2c_llava.mllm.train import MllmRecipe, _mask_slicing, supervised_loss
+
+    assert _mask_slicing()  # the transformers this project pins does it; older ones fall back
+    for stage in ("pretrain", "finetune"):
+        _, cfg = mllm_config(tmp_path, parts, synth_dir, stage, tmp_path / stage)
+        recipe = MllmRecipe(cfg)
+        model, proc = recipe.build()
+        ds = recipe.build_data(proc, model)
+        images = [i for i in range(len(ds)) if ds.rows[i].has_image][:3]
+        text_only = [i for i in range(len(ds)) if not ds.rows[i].has_image][:2]
+        assert len(images) == 3 and (stage == "pretrain" or len(text_only) == 2)
+        for rows in (images, text_only) if text_only else (images,):
+            batch = Collate(proc.tokenizer.pad_token_id)([ds[i] for i in rows])
+            grads = []
+            for only in (False, True):
+                model.zero_grad(set_to_none=True)
+                loss = supervised_loss(model, batch, only_supervised=only)
+                loss.backward()
+                grads.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+            (full, g_full), (kept, g_kept) = grads
+            assert torch.isfinite(full) and torch.allclose(full, kept, atol=1e-6), (stage, full, kept)
+            assert any(a is not None for a in g_full)
+            assert all(a is b is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))
+        nothing = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
+        assert torch.isnan(supervised_loss(model, nothing)) and torch.isnan(model(**nothing).loss)

@@ -10,6 +10,7 @@ template), LoRA merged into the weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.io import atomic_write_json
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
+from l2c_llava.mllm.conversation import IGNORE
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.training import (
@@ -35,6 +37,38 @@ logger = logging.getLogger("l2c_llava.mllm")
 
 PROJECTOR = "model.multi_modal_projector."
 TOWER = "model.vision_tower."
+
+
+@functools.cache
+def _mask_slicing() -> bool:
+    """Whether this transformers slices hidden states with a boolean ``logits_to_keep`` mask (the
+    LM head then runs on the kept positions only); older 5.x releases keep all of them."""
+    try:
+        from transformers.models.llava.modeling_llava import slice_logits_to_keep
+    except ImportError:
+        return False
+    keep = torch.tensor([[True, False, False], [False, True, True]])
+    try:
+        return tuple(slice_logits_to_keep(torch.zeros(2, 3, 1), keep).shape) == (3, 1)
+    except Exception:  # noqa: BLE001 - any failure means: not supported, use the full logits
+        return False
+
+
+def supervised_loss(model, batch: dict, only_supervised: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy, the mean over the supervised tokens: transformers' causal-LM loss.
+
+    With ``only_supervised`` the LM head (and the float32 logits of the loss) runs only on the
+    positions whose next token carries a label: a LLaVA row supervises its caption or answers, not
+    its 576 image tokens, prompt and padding, so most of the vocabulary projection is skipped
+    (``bench/llava_step.py`` measures it). NaN when no token is supervised, as transformers gives."""
+    labels = batch["labels"]
+    if not (only_supervised and _mask_slicing()):
+        return model(**batch).loss
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits  # (kept positions, vocab)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], ignore_index=IGNORE)
 
 
 def rank_order(order: list[int], batch: int, world: int, rank: int) -> list[int]:
@@ -230,7 +264,7 @@ class MllmRecipe:
                 for _ in range(accum):
                     batch = {k: v.to(acc.device) for k, v in next(batches).items()}
                     with acc.autocast():
-                        loss = wrapped(**batch).loss
+                        loss = supervised_loss(wrapped, batch)
                     if not torch.isfinite(loss):  # a micro-batch with no supervised token
                         continue
                     acc.backward(loss / accum)
