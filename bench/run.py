@@ -22,10 +22,12 @@ BENCHES = {
     "stage2_step": ("stage 2 step: cached features vs plain CLIP vs online LLM features", "stage2_step"),
     "text_encode": ("text encoding: TextEncoder.encode vs llm2vec", "text_encode"),
     "llava_data": ("LLaVA data pipeline: collation vs model step; padding waste", "llava_data"),
+    "llava_step": ("LLaVA step: LM head on every position vs on the supervised ones", "llava_step"),
     "retrieval": ("retrieval eval, 5K images x 25K captions, vs one matmul", "retrieval"),
 }
 QUICK = {"stage2_step": {"steps": 2, "online": False}, "text_encode": {"n": 16, "rounds": 1},
-         "llava_data": {"batches": 2, "model_steps": 1}, "retrieval": {"images": 500, "repeats": 1}}  # fmt: skip
+         "llava_data": {"batches": 2, "model_steps": 1}, "retrieval": {"images": 500, "repeats": 1},
+         "llava_step": {"batch": 2, "steps": 1}}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -48,18 +50,25 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         r = importlib.import_module(module).run(**(QUICK[name] if a.quick else {}))
         r["wall_s"] = round(time.perf_counter() - t0, 1)
+        r["date"] = results["date"]
         results["benches"][name] = r
         print(json.dumps(r, indent=2), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{'quick-' if a.quick else ''}{results['host']}"
+    previous = out / f"{stem}.json"
+    if a.only and previous.is_file():  # a partial run updates its benchmarks, keeps the others' figures
+        old = json.loads(previous.read_text())
+        kept = {k: {**v, "date": v.get("date", old.get("date"))} for k, v in old.get("benches", {}).items()}
+        results["benches"] = {**kept, **results["benches"]}
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         f"# CPU benchmarks ({results['host']}, {results['threads']} threads, torch {results['torch']}, {results['date']})",
         "",
     ]
     for name, r in results["benches"].items():
-        lines += [f"## {name}: {BENCHES[name][0]}", "", "```json", json.dumps(r, indent=2), "```", ""]
+        title = BENCHES[name][0] if name in BENCHES else name
+        lines += [f"## {name}: {title}", "", "```json", json.dumps(r, indent=2), "```", ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
     print(f"written {out / stem}.json / .md")
     return 0

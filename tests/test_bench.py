@@ -45,6 +45,13 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
 
     t = text_encode.run(n=8, batch=4, rounds=1)
     assert t["ours"]["texts_per_s"] > 0 and t["llm2vec"]["texts_per_s"] > 0
+    import llava_step
+
+    s = llava_step.run(str(synth_dir), batch=2, steps=1)
+    for stage in ("pretrain", "finetune"):
+        r = s[stage]
+        assert 0 < r["positions_kept_share"] < 1 and r["ratio_kept_over_all"] > 0
+        assert r["float32_logits_mb_per_batch"]["kept"] < r["float32_logits_mb_per_batch"]["all"]
 
 
 def test_caption_corruptions_mark_exactly_the_changed_rows():
