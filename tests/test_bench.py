@@ -66,3 +66,29 @@ def test_caption_corruptions_mark_exactly_the_changed_rows():
         assert changed == bad and len(bad) == 10 and [r["image"] for r in noisy] == [r["image"] for r in rows]
     noisy, bad = corrupt(rows, "colour", 0.25, seed=1)
     assert all("red" not in r["short"] for r in noisy if r["image"] in bad)
+
+
+def test_patch_probe_questions_are_true_and_the_probe_runs(tmp_path, synth_dir):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import patch_probe
+
+    from l2c_llava.data.scenes import COLOURS, SHAPES
+
+    from .test_stage2_model import tiny_vision
+
+    rows = [json.loads(x) for x in (synth_dir / "scenes.jsonl").read_text().splitlines()]
+    q = patch_probe.questions(rows, "train")
+    colours = list(COLOURS)
+    for scene, colour, shape, present, cell in q.tolist():
+        groups = {(g["colour"], g["shape"]): g["row"] * 3 + g["col"] for g in rows[scene]["groups"]}
+        assert rows[scene]["split"] == "train"
+        key = (colours[colour], SHAPES[shape])
+        assert (key in groups) == bool(present) and (cell == groups[key] if present else cell == -1)
+    assert int(q[:, 3].sum()) * 2 == len(q)  # one absent pair per present group
+    tiny_vision().save_pretrained(tmp_path / "tower")
+    res = patch_probe.run(str(synth_dir), [str(tmp_path / "tower"), "random"], steps=5)
+    for tower in (str(tmp_path / "tower"), "random"):
+        for split in ("train", "test"):
+            assert set(res["towers"][tower][split]) == {"existence", "position"}
+            assert all(0 <= v <= 1 for v in res["towers"][tower][split].values())
+    assert res["test_scenes"] > 0 and 0 < res["chance"]["position_majority_cell"] <= 1
