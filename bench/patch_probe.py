@@ -36,8 +36,15 @@ def tower_features(
     if tower == "random":
         torch.manual_seed(0)
         model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(reference))
-    else:
-        model = CLIPVisionModel.from_pretrained(tower)
+    else:  # a CLIPModel folder loads its vision half (the text keys are reported unused: quiet them)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = CLIPVisionModel.from_pretrained(tower)
+        finally:
+            hf_logging.set_verbosity(level)
     size = model.config.image_size  # the image processor `l2c mllm build` gives the LLaVA
     proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
