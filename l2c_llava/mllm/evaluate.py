@@ -140,6 +140,7 @@ def plot_by_type(metrics: dict, path: Path, records: list[dict]) -> Path:
         if key in metrics
     ]  # fmt: skip
     counts = Counter(r["type"] for r in records)
+    hits = Counter(r["type"] for r in records if r["correct"])
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(1.3 + 1.1 * len(types), 3.6))
     for k, (label, m) in enumerate(series):
@@ -147,8 +148,7 @@ def plot_by_type(metrics: dict, path: Path, records: list[dict]) -> Path:
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(types))]
         err = None
         if label == "model":
-            bounds = [wilson_interval(round(v * counts[t]), counts[t]) for v, t in zip(values, types[:-1])]
-            bounds.append(tuple(m["accuracy_ci95"]))
+            bounds = [wilson_interval(hits[t], counts[t]) for t in types[:-1]] + [tuple(m["accuracy_ci95"])]
             err = [
                 [v - lo for v, (lo, _) in zip(values, bounds)],
                 [hi - v for v, (_, hi) in zip(values, bounds)],
