@@ -29,9 +29,10 @@ import torch
 def tower_features(
     tower: str, data: Path, rows: list[dict], reference: str, batch: int = 100
 ) -> torch.Tensor:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_rgb
+    from l2c_llava.data.images import load_rgb
+    from l2c_llava.mllm.build import clip_image_processor
 
     if tower == "random":
         torch.manual_seed(0)
@@ -45,9 +46,7 @@ def tower_features(
             model = CLIPVisionModel.from_pretrained(tower)
         finally:
             hf_logging.set_verbosity(level)
-    size = model.config.image_size  # the image processor `l2c mllm build` gives the LLaVA
-    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    proc = clip_image_processor(model.config.image_size)  # the one `l2c mllm build` gives the LLaVA
     model.eval()
     out = []
     with torch.no_grad():

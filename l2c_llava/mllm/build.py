@@ -104,17 +104,24 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
+def clip_image_processor(size: int):
+    """The LLaVA's image processor: CLIP's resize and crop to ``size`` with OpenAI CLIP's mean / std."""
+    from transformers import CLIPImageProcessor
+
+    from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+
+
 def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None):
     """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
     with the "full" strategy), or `num_queries` for a connector (one image-sized "patch" + `num_queries`
     additional tokens - the CLS the default strategy drops)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers import LlavaProcessor
 
     size = vision_config.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    image_processor = clip_image_processor(size)
     if num_queries:
         patch, extra, strategy = size, num_queries, "default"
     else:
