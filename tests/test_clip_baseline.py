@@ -91,3 +91,30 @@ def test_bad_config_and_data(tmp_path, synth_dir, capsys):
     # the stage-2 command refuses a clip config and says which command runs it
     assert main(["stage2", "train", "--config", str(path)]) == 2
     assert "recipe: stage2" in capsys.readouterr().err
+
+
+def test_karpathy_captions_with_dense_captions_from_a_pair_file(tmp_path, synth_dir):
+    """data.dense joins each image's dense caption (by image path) to its short alternatives; the
+    dense caption is drawn with probability dense_share (what teaches position: it places objects)."""
+    from l2c_llava.stage2.clip_baseline import ClipPretrainRecipe
+
+    pairs = synth_dir / "captions" / "train.jsonl"
+    path, cfg = clip_config(
+        tmp_path, synth_dir, tmp_path / "dense", [f"data.dense={pairs}", "data.dense_share=0.5"]
+    )
+    recipe = ClipPretrainRecipe(cfg)
+    ds, n = recipe.build_data(None)
+    longs = {json.loads(x)["long"] for x in pairs.read_text().splitlines()}
+    assert n == len(ds) and all(dense in longs for _, _, dense in ds.items)
+    assert all(len(short) == 5 for _, short, _ in ds.items)
+    drawn = [ds[i][1] for i in range(len(ds))] + [ds[i][1] for i in range(len(ds))]
+    assert any(c in longs for c in drawn) and any(c not in longs for c in drawn)
+    # a dense_share needs the dense captions, and they go with the karpathy format only
+    import pytest
+
+    from l2c_llava.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.dense_share.*needs data.dense"):
+        load_config(path, ["data.dense_share=0.5"])
+    with pytest.raises(ConfigError, match="data.dense.*only with data.format=karpathy"):
+        load_config(path, [f"data.dense={pairs}", "data.format=jsonl", f"data.train={pairs}"])

@@ -515,6 +515,12 @@ class ClipData(DataChecks):
     train: str = Field(description="Karpathy-style JSON or caption-pair JSONL")
     image_root: str = Field(description="the folder image paths are relative to")
     split: str = Field("train", description="Karpathy split to train on")
+    dense: str | None = Field(
+        None,
+        description="with format karpathy: a caption-pair JSONL whose long (dense) caption of each image is "
+        "drawn with probability dense_share instead of a short one (truncated at the context length); "
+        "images without one keep their short captions",
+    )
     short_key: str = "short"
     long_key: str = "long"
     dense_share: Probability = 0.0
@@ -561,6 +567,22 @@ class ClipConfig(RecipeConfig):
         lo, hi = self.data.rrc_scale
         if not 0 < lo <= hi:
             out.append(("data.rrc_scale", [lo, hi], "needs 0 < min <= max <= 1"))
+        if self.data.dense is not None and self.data.format != "karpathy":
+            out.append(
+                (
+                    "data.dense",
+                    self.data.dense,
+                    "only with data.format=karpathy (jsonl pairs carry their own long captions)",
+                )
+            )
+        if self.data.format == "karpathy" and self.data.dense_share > 0 and self.data.dense is None:
+            out.append(
+                (
+                    "data.dense_share",
+                    self.data.dense_share,
+                    "needs data.dense (the file of dense captions) with format karpathy",
+                )
+            )
         return out
 
 

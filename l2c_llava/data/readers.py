@@ -292,7 +292,14 @@ class RetrievalSet:
             raise ValueError("captions and caption_image differ in length")
 
     def captions_of(self, i: int) -> list[str]:
-        return [c for c, k in zip(self.captions, self.caption_image) if k == i]
+        """The captions of image i (an index built once: a per-call scan made a 38k-image set quadratic)."""
+        key = (id(self.captions), len(self.captions), id(self.caption_image), len(self.caption_image))
+        if getattr(self, "_by_image", (None,))[0] != key:
+            by_image: dict[int, list[str]] = {}
+            for c, k in zip(self.captions, self.caption_image):
+                by_image.setdefault(k, []).append(c)
+            self._by_image = (key, by_image)
+        return list(self._by_image[1].get(i, []))
 
 
 def _build_retrieval(entries: list[tuple[str, str, list[str]]], image_root, path: str, total: int,

@@ -147,7 +147,17 @@ class ClipPretrainRecipe(ContrastiveRecipe):
             rs = read_karpathy(
                 d.train, d.image_root, split=d.split, on_bad_row=d.on_bad_row, image_check=d.image_check
             )
-            items = [(p, rs.captions_of(i), None) for i, p in enumerate(rs.images)]
+            dense: dict[Path, str] = {}
+            if d.dense is not None:
+                pairs = read_caption_pairs(d.dense, d.image_root, short_key=d.short_key, long_key=d.long_key,
+                                           on_bad_row=d.on_bad_row, image_check="none")  # fmt: skip
+                dense = {p.image_path: p.long for p in pairs}
+                covered = sum(p in dense for p in rs.images)
+                logger.info("dense captions for %d of %d images from %s", covered, len(rs.images), d.dense)
+                if not covered:
+                    raise ValueError(f"{d.dense}: none of its images is in the {d.split} split of {d.train} "
+                                     "(data.dense must name the same images, relative to data.image_root)")  # fmt: skip
+            items = [(p, rs.captions_of(i), dense.get(p)) for i, p in enumerate(rs.images)]
         else:
             pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
                                        on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
