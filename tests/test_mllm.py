@@ -410,7 +410,7 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
 
 
 def test_paired_comparison_and_intervals_match_hand_computed_values():
-    from l2c_llava.mllm.evaluate import paired_comparison, sign_test_p, wilson_interval
+    from l2c_llava.stats import paired_comparison, sign_test_p, wilson_interval
 
     assert sign_test_p(10, 0) == pytest.approx(2 / 1024)
     assert sign_test_p(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)

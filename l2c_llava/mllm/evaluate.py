@@ -12,7 +12,6 @@ evaluation issue).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -22,6 +21,7 @@ import torch
 
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl
+from l2c_llava.stats import paired_comparison, sign_test_p, wilson_interval  # noqa: F401 (re-exported)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -226,43 +226,3 @@ def summarize(records: list[dict]) -> dict:
     return {"accuracy": hits / max(1, len(records)), "n": len(records),
             "accuracy_ci95": [round(x, 4) for x in wilson_interval(hits, len(records))],
             "by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())}}  # fmt: skip
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def paired_comparison(a: list[bool], b: list[bool]) -> dict:
-    """Two answer sets on the same questions: the accuracy gain of ``a`` over ``b`` and McNemar's
-    exact test on the questions only one of them gets right (``wins``: ``a`` only, ``losses``:
-    ``b`` only). ``p_value`` is two-sided: how likely a split at least this uneven is when neither
-    is better. A model that uses the image beats its shuffled-image run with a small p_value."""
-    if len(a) != len(b):
-        raise ValueError(
-            f"paired comparison of {len(a)} and {len(b)} answers: they must be the same questions"
-        )
-    wins = sum(x and not y for x, y in zip(a, b))
-    losses = sum(y and not x for x, y in zip(a, b))
-    return {"gain": round((sum(map(bool, a)) - sum(map(bool, b))) / max(1, len(a)), 4), "wins": wins,
-            "losses": losses, "p_value": round(sign_test_p(wins, losses), 6)}  # fmt: skip
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """Two-sided exact binomial (sign) test of ``wins`` against ``losses`` at p = 1/2, in log space
-    so that thousands of discordant pairs do not overflow."""
-    n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    log_half_n = n * math.log(0.5)
-    terms = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half_n for i in range(k + 1)
-    ]
-    top = max(terms)
-    tail = math.exp(top) * sum(math.exp(t - top) for t in terms)
-    return min(1.0, 2 * tail)
