@@ -257,6 +257,56 @@ def _cmd_clip_pretrain(args: argparse.Namespace) -> int:
     return _run_training(args, "clip", "clip pretrain", run_clip_pretrain)
 
 
+def _cmd_clip_eval(args: argparse.Namespace) -> int:
+    from l2c_llava.data.readers import DataError
+    from l2c_llava.io import atomic_write_json
+    from l2c_llava.stage2.evaluate import evaluate_clip_folder
+    from l2c_llava.stage2.health import encoder_health
+
+    try:
+        res = evaluate_clip_folder(args.model, args.data, split=args.split, max_images=args.max_images)
+        if not args.no_health:
+            res["health"] = encoder_health(args.model, args.data, train_scenes=args.probe_train,
+                                           test_scenes=args.max_images or 500)  # fmt: skip
+    except (DataError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"l2c clip eval: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name, r in res["sets"].items():
+        figs = ", ".join(f"{m} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                         for m, v in r.items() if isinstance(v, dict) and m.endswith("@1"))  # fmt: skip
+        print(f"{name} ({r['images']} images, {r['captions']} captions): {figs}")
+    if "health" in res:
+        h = res["health"]
+        print(f"health: median cosine {h['pooled']['median_cosine']}, top direction {h['pooled']['top_direction_share']}; "
+              f"probe {h['probe']['test']} vs chance {h['probe']['chance']}")  # fmt: skip
+    if args.out:
+        atomic_write_json(args.out, res)
+        print(f"written: {args.out}")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from l2c_llava.io import atomic_write_json
+    from l2c_llava.stage2.health import encoder_health
+
+    res = {}
+    for spec in args.tower:
+        name, _, path = spec.rpartition("=")
+        try:
+            res[name or path] = encoder_health(path, args.data, train_scenes=args.probe_train,
+                                               test_scenes=args.test, probe_steps=args.steps)  # fmt: skip
+        except (FileNotFoundError, ValueError, OSError) as e:
+            print(f"l2c health: {path}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        h = res[name or path]
+        print(f"{name or path}: median cosine {h['pooled']['median_cosine']} (patch mean {h['patch_mean']['median_cosine']}), "
+              f"top direction {h['pooled']['top_direction_share']}; probe {h['probe']['test']} vs chance {h['probe']['chance']}")  # fmt: skip
+    if args.out:
+        atomic_write_json(args.out, res)
+        print(f"written: {args.out}")
+    return 0
+
+
 def _cmd_stage2_eval(args: argparse.Namespace) -> int:
     from l2c_llava.data.readers import DataError
     from l2c_llava.stage2.cache import CacheError
@@ -607,6 +657,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_clip_pretrain)
+    p = clsub.add_parser(
+        "eval",
+        help="held-out retrieval (R@K with 95%% intervals) and encoder health of a CLIP folder on a synthetic dataset",
+    )
+    p.add_argument("--model", required=True, help="a transformers CLIPModel folder (with its tokenizer)")
+    p.add_argument("--data", required=True, help="a dataset in the embedded layout (l2c data synth)")
+    p.add_argument(
+        "--split", default="test", help="the Karpathy split of the short-caption set (default: test)"
+    )
+    p.add_argument("--max-images", type=int, default=None, help="the first N images of each set only")
+    p.add_argument("--probe-train", type=int, default=2000, help="train scenes for the patch probe")
+    p.add_argument("--no-health", action="store_true", help="retrieval only")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.set_defaults(func=_cmd_clip_eval)
+
+    p = sub.add_parser(
+        "health",
+        help="encoder health of vision towers: image-embedding collapse and a patch probe (existence, position, colour)",
+    )
+    p.add_argument("--tower", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a CLIPVisionModel / CLIPModel folder; repeat for several")  # fmt: skip
+    p.add_argument("--data", required=True, help="a synthetic dataset (its scenes.jsonl is the ground truth)")
+    p.add_argument("--probe-train", type=int, default=2000, help="train scenes for the patch probe")
+    p.add_argument("--test", type=int, default=500, help="test scenes")
+    p.add_argument("--steps", type=int, default=2000, help="patch-probe training steps")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.set_defaults(func=_cmd_health)
 
     ex = sub.add_parser("export", help="export trained models (vision encoder, whole LLM2CLIP model)")
     exsub = ex.add_subparsers(dest="export_command", metavar="WHAT", required=True)

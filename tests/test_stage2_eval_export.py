@@ -78,6 +78,18 @@ def test_eval_compares_both_models_on_short_and_long_captions(trained, capsys):
             assert m["i2t_R@1"] <= m["i2t_R@5"] <= m["i2t_R@10"]
     assert metrics["baseline"]["long"]["captions_truncated"] > 0.9  # dense captions exceed 24 tokens
     assert (root / "s2" / "retrieval.md").read_text().count("| LLM2CLIP |") == 4
+    # every R@K carries its 95% interval, and LLM2CLIP against the baseline its paired test
+    for model in ("llm2clip", "baseline"):
+        for name in ("short", "long"):
+            for metric, (lo, hi) in metrics["intervals"][model][name].items():
+                assert lo <= metrics[model][name][metric] <= hi, (model, name, metric)
+    for name in ("short", "long"):
+        for metric, t in metrics["paired"][name].items():
+            assert t["diff"] == pytest.approx(
+                metrics["llm2clip"][name][metric] - metrics["baseline"][name][metric], abs=1e-4
+            )
+            assert t["ci95"][0] <= t["diff"] <= t["ci95"][1] and 0 < t["p_value"] <= 1
+    assert "paired bootstrap p" in (root / "s2" / "retrieval.md").read_text()
     # the LLM2CLIP numbers are those of the trained model on the cached test-caption features
     long = read_long_captions(cfg.data.eval_long, cfg.data.eval_image_root)
     model = LLM2CLIP.from_pretrained(root / "s2")

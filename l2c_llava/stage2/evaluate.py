@@ -24,6 +24,7 @@ from l2c_llava.data.readers import RetrievalSet, read_karpathy, read_long_captio
 from l2c_llava.io import atomic_write_json, atomic_write_text
 from l2c_llava.stage2.cache import CacheError, TextFeatureCache
 from l2c_llava.stage2.retrieval import recall_at_k
+from l2c_llava.stats import paired_recall_test, recall_with_ci, retrieval_ranks
 
 logger = logging.getLogger("l2c_llava.stage2.eval")
 
@@ -49,7 +50,9 @@ class BaselineCLIP:
     def __init__(self, folder: str | os.PathLike):
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
-        folder = Path(folder)
+        from l2c_llava.embedded import resolve_vision_path
+
+        folder = Path(resolve_vision_path(str(folder)))
         if not (folder / "config.json").is_file():
             raise ValueError(
                 f"baseline CLIP {folder}: no config.json (a transformers CLIPModel folder is expected)"
@@ -115,6 +118,7 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
     sets = load_sets(cfg)
     model = LLM2CLIP.from_pretrained(model_dir or run_dir)
     results: dict = {"sets": {}, "llm2clip": {}, "baseline": {}, "models": {"llm2clip": model.source}}
+    ranks: dict[str, dict] = {"llm2clip": {}, "baseline": {}}
     for name, rs in sets.items():
         cache = TextFeatureCache(Path(cfg.cache.dir) / f"eval_{name}")
         want = model.text_encoder_ref.get("digest")
@@ -129,6 +133,7 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
         img = embed_images(
             rs.images, model.preprocess, model.get_image_features, bs, f"LLM2CLIP images ({name})"
         )
+        ranks["llm2clip"][name] = retrieval_ranks(img, txt, rs.caption_image)
         results["llm2clip"][name] = recall_at_k(img, txt, rs.caption_image, ks)
         results["sets"][name] = {"source": rs.source, "images": len(rs.images), "captions": len(rs.captions)}
     if not skip_baseline:
@@ -138,9 +143,22 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
         for name, rs in sets.items():
             txt, cut = clip.embed_texts(rs.captions, bs)
             img = embed_images(rs.images, clip.preprocess, clip.embed_images, bs, f"baseline images ({name})")
+            ranks["baseline"][name] = retrieval_ranks(img, txt, rs.caption_image)
             results["baseline"][name] = recall_at_k(img, txt, rs.caption_image, ks) | {
                 "captions_truncated": cut
             }
+    # uncertainty: a 95% bootstrap interval over images for every R@K, and LLM2CLIP against the
+    # baseline on the same images by paired bootstrap
+    results["intervals"] = {
+        enc: {name: {m: v["ci95"] for m, v in recall_with_ci(*r, sets[name].caption_image, ks).items()}
+              for name, r in by_set.items()}
+        for enc, by_set in ranks.items() if by_set
+    }  # fmt: skip
+    if not skip_baseline:
+        results["paired"] = {
+            name: paired_recall_test(ranks["llm2clip"][name], ranks["baseline"][name], rs.caption_image, ks)
+            for name, rs in sets.items()
+        }
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "metrics.json", results)
     atomic_write_text(run_dir / "retrieval.md", table(results, ks))
@@ -148,24 +166,64 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
 
 
 def table(results: dict, ks=(1, 5, 10)) -> str:
-    """Markdown: one row per set and direction, R@K of the baseline, LLM2CLIP and the difference."""
+    """Markdown: one row per set and direction, R@K of the baseline and LLM2CLIP with their 95%
+    intervals, and the difference with its paired-bootstrap p-value."""
     cols = [f"R@{k}" for k in ks]
     has_base = bool(results.get("baseline"))
     head = ["set", "direction", "model", *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, info in results["sets"].items():
         for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
-            rows = [("LLM2CLIP", results["llm2clip"][name])]
+            rows = [("LLM2CLIP", "llm2clip", results["llm2clip"][name])]
             if has_base:
-                rows.insert(0, ("baseline CLIP", results["baseline"][name]))
-            for model, m in rows:
-                vals = [f"{100 * m[f'{direction}_R@{k}']:.1f}" for k in ks]
+                rows.insert(0, ("baseline CLIP", "baseline", results["baseline"][name]))
+            for model, enc, m in rows:
+                ci = results.get("intervals", {}).get(enc, {}).get(name, {})
+                vals = [f"{100 * m[f'{direction}_R@{k}']:.1f}"
+                        + (f" [{100 * ci[f'{direction}_R@{k}'][0]:.1f}-{100 * ci[f'{direction}_R@{k}'][1]:.1f}]"
+                           if f"{direction}_R@{k}" in ci else "") for k in ks]  # fmt: skip
                 lines.append(f"| {name} ({info['images']} img, {info['captions']} capt) | {label} | {model} | "
                              + " | ".join(vals) + " |")  # fmt: skip
             if has_base:
                 b, l2 = results["baseline"][name], results["llm2clip"][name]
-                vals = [f"{100 * (l2[f'{direction}_R@{k}'] - b[f'{direction}_R@{k}']):+.1f}" for k in ks]
-                lines.append("| | | difference | " + " | ".join(vals) + " |")
+                paired = results.get("paired", {}).get(name, {})
+                vals = [f"{100 * (l2[f'{direction}_R@{k}'] - b[f'{direction}_R@{k}']):+.1f}"
+                        + (f" (p {paired[f'{direction}_R@{k}']['p_value']:.2g})" if f"{direction}_R@{k}" in paired else "")
+                        for k in ks]  # fmt: skip
+                lines.append("| | | difference (paired bootstrap p) | " + " | ".join(vals) + " |")
     notes = [f"- baseline captions cut at its text context: {name} {100 * m['captions_truncated']:.0f}%"
              for name, m in results.get("baseline", {}).items()]  # fmt: skip
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def evaluate_clip_folder(
+    folder: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "test",
+    max_images: int | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    batch_size: int = 64,
+) -> dict:
+    """Held-out retrieval of a CLIP folder (its own text tower) on a dataset in the embedded layout:
+    the Karpathy short captions of `split` and the long-caption test set, each R@K with its 95%
+    bootstrap interval over images. `max_images` keeps the first images of each set (a fixed subset)."""
+    root = Path(data)
+    clip = BaselineCLIP(folder)
+    sets = {
+        "short": read_karpathy(
+            root / "retrieval" / "karpathy.json", root / "images", split=split, image_check="exists"
+        ),
+        "long": read_long_captions(
+            root / "retrieval" / "long_test.json", root / "images", image_check="exists"
+        ),
+    }
+    out: dict = {"model": str(folder), "data": str(root), "sets": {}}
+    for name, rs in sets.items():
+        n = min(len(rs.images), max_images or len(rs.images))
+        keep = [j for j, i in enumerate(rs.caption_image) if i < n]
+        captions, owner = [rs.captions[j] for j in keep], [rs.caption_image[j] for j in keep]
+        txt, cut = clip.embed_texts(captions, batch_size)
+        img = embed_images(rs.images[:n], clip.preprocess, clip.embed_images, batch_size, f"images ({name})")
+        out["sets"][name] = {"images": n, "captions": len(captions), "captions_truncated": round(cut, 4),
+                             **recall_with_ci(*retrieval_ranks(img, txt, owner), owner, ks)}  # fmt: skip
+    return out

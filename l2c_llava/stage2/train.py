@@ -128,6 +128,9 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa"):
     """A transformers CLIP vision tower from a CLIPVisionModel or CLIPModel folder, refusing others."""
     from transformers import AutoConfig, CLIPModel, CLIPVisionModel
 
+    from l2c_llava.embedded import resolve_vision_path
+
+    path = resolve_vision_path(str(path))
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ValueError(
