@@ -108,7 +108,9 @@ def card(cfg: dict, summary: dict, heldout: dict, manifest: dict, data_manifest:
             f"- variance share of the top principal direction: {h['pooled']['top_direction_share']} (pooled)",
             f"- patch probe on the penultimate-layer patch tokens ({probe.get('train_scenes')} train / "
             f"{probe.get('test_scenes')} test scenes): "
-            + ", ".join(f"{k} {probe['test'][k]} (chance {probe['chance'][k]})" for k in probe.get("test", {})),
+            + ", ".join(
+                f"{k} {probe['test'][k]} (chance {probe['chance'][k]})" for k in probe.get("test", {})
+            ),
             "",
         ]
     lines += ["## Files", "| file | sha256 |", "|---|---|"]

@@ -69,7 +69,9 @@ def test_encoder_health_of_a_tower_folder(tmp_path):
     from l2c_llava.data.synthetic import SynthOptions, generate
 
     synth_dir = tmp_path / "data"
-    generate(synth_dir, SynthOptions(images=60, seed=5, size=64, test_fraction=0.3), workers=1, progress=False)
+    generate(
+        synth_dir, SynthOptions(images=60, seed=5, size=64, test_fraction=0.3), workers=1, progress=False
+    )
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
