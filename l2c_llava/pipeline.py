@@ -142,7 +142,9 @@ class Pipeline:
         data_up: list[str] = []
         if c.data.synth_images is not None:
             argv = l2c + ["data", "synth", "--out", str(D), "--images", str(c.data.synth_images),
-                          "--seed", str(c.data.synth_seed), "--size", str(c.data.synth_size)]  # fmt: skip
+                          "--seed", str(c.data.synth_seed), "--size", str(c.data.synth_size),
+                          "--val-fraction", str(c.data.synth_val_fraction),
+                          "--test-fraction", str(c.data.synth_test_fraction)]  # fmt: skip
             add(
                 Step("data", "embedded dataset", argv, [D], D / "manifest.json"),
                 {"synth": c.data.model_dump()},
@@ -188,6 +190,15 @@ class Pipeline:
             fp(s2.config, ov2, keep=("eval",)), ["stage2"])  # fmt: skip
         add(Step("export", "export the upgraded encoder", None, [out / "export"], out / "export" / "llm2clip" / "config.json",
                  func=self._export), {}, ["stage2"])  # fmt: skip
+
+        # encoder health: collapse figures and the patch probe of both towers, read before any LLaVA number
+        if D is not None:
+            h = c.health
+            argv = l2c + ["health", "--tower", f"baseline={base_vision}", "--tower", f"llm2clip={out / 'export' / 'vision'}",
+                          "--data", str(D), "--probe-train", str(h.probe_train), "--test", str(h.test_scenes),
+                          "--steps", str(h.probe_steps), "--out", str(out / "health" / "health.json")]  # fmt: skip
+            add(Step("health", "encoder health: collapse and patch probe, both towers", argv, [out / "health"],
+                     out / "health" / "health.json"), {"health": h.model_dump()}, ["export", *base_up, *data_up])  # fmt: skip
 
         # LLaVA on each encoder, then lmms-eval
         towers = {

@@ -44,6 +44,54 @@ def _log(path: Path) -> list[dict]:
     return rows
 
 
+def _ci(bounds) -> str:
+    return f" [{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}]" if bounds else ""
+
+
+def _health_section(health: dict | None, plots: Path) -> list[str]:
+    """Encoder health of both towers: collapse figures and the patch probe, against chance."""
+    import matplotlib.pyplot as plt
+
+    md = ["## Encoder health: do the towers keep the image? (read this before any number built on them)", ""]
+    if not health:
+        return md + ["(missing: health/health.json)", ""]
+    tasks = ("existence", "position", "colour")
+    md += ["| encoder | median cosine, two different images (pooled / mean patch) | top direction's variance share | "
+           "probe: existence | position | colour |", "|---|---|---|---|---|---|"]  # fmt: skip
+    chance = {}
+    for enc, h in health.items():
+        p = h["probe"]
+        chance = p["chance"]
+        md.append(f"| {enc} | {h['pooled']['median_cosine']:.3f} / {h['patch_mean']['median_cosine']:.3f} | "
+                  f"{h['pooled']['top_direction_share']:.3f} | "
+                  + " | ".join(f"{p['test'][t]:.3f} (chance {p['chance'][t]:.3f})" for t in tasks) + " |")  # fmt: skip
+    first = next(iter(health.values()))["probe"]
+    md += ["", f"A collapsed tower maps every image near one point (median cosine near 1, one direction holding "
+           "nearly all variance). The probe is a small reader trained on a tower's frozen penultimate-layer patch "
+           f"tokens (what the LLaVA reads; {first['tokens']} per image), on {first['train_scenes']} train scenes, "
+           f"scored on {first['test_scenes']} test scenes: is there a <colour> <shape>, in which of the 3x3 cells, "
+           "and what colour is the <shape> in <cell>. Near chance, no LLaVA on those features can answer better."]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for i, (enc, h) in enumerate(health.items()):
+        ax.bar([j + 0.4 * (i - 0.5) for j in range(3)], [h["probe"]["test"][t] for t in tasks], width=0.4,
+               label="LLM2CLIP" if enc == "llm2clip" else enc)  # fmt: skip
+    for j, t in enumerate(tasks):
+        ax.hlines(
+            chance[t],
+            j - 0.45,
+            j + 0.45,
+            colors="black",
+            linestyles="dashed",
+            label="chance" if not j else None,
+        )
+    ax.set_xticks(range(3), list(tasks))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Patch probe on each tower's LLaVA features")
+    ax.legend(fontsize=7)
+    return md + _figure(fig, plots, "encoder_health.png", "encoder health")
+
+
 def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
     """Save `fig` as plots/name atomically, close it, and return the Markdown lines that show it."""
     import matplotlib.pyplot as plt
@@ -59,7 +107,8 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
 def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
-                  "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json")}  # fmt: skip
+                  "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json"),
+                  "health": _read(out / "health" / "health.json")}  # fmt: skip
     for enc in ENCODERS:
         res = _read(out / "eval" / enc / "results.json")
         data["lmms"][enc] = res["rows"] if res else None
@@ -174,24 +223,37 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     else:
         md += ["(missing: stage1/metrics.json)", ""]
 
+    # encoder health
+    md += _health_section(data.get("health"), plots)
+
     # retrieval
     md += ["## Stage 2: image-text retrieval, baseline CLIP vs LLM2CLIP (R@K, %)", ""]
     ret = data["retrieval"]
     if ret:
         md += [
-            "| captions | direction | baseline R@1/5/10 | LLM2CLIP R@1/5/10 | R@1 difference |",
-            "|---|---|---|---|---|",
-        ]
+            "| captions | direction | baseline R@1 [95% CI] | LLM2CLIP R@1 [95% CI] | R@1 difference [95% CI], paired p "
+            "| baseline R@5/10 | LLM2CLIP R@5/10 |",
+            "|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        ci = ret.get("intervals", {})
         for cap in ("short", "long"):
             for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
                 b = ret.get("baseline", {}).get(cap, {})
                 l_ = ret.get("llm2clip", {}).get(cap, {})
                 if not b or not l_:
                     continue
-                bs = " / ".join(_pct(b.get(f"{d}_R@{k}")) for k in (1, 5, 10))
-                ls = " / ".join(_pct(l_.get(f"{d}_R@{k}")) for k in (1, 5, 10))
-                diff = 100 * (l_[f"{d}_R@1"] - b[f"{d}_R@1"])
-                md.append(f"| {cap} | {name} | {bs} | {ls} | {diff:+.1f} |")
+                m = f"{d}_R@1"
+                cells = [f"{_pct(r.get(m))}{_ci(ci.get(enc, {}).get(cap, {}).get(m))}"
+                         for enc, r in (("baseline", b), ("llm2clip", l_))]  # fmt: skip
+                paired = ret.get("paired", {}).get(cap, {}).get(m)
+                diff = f"{100 * (l_[m] - b[m]):+.1f}" + (
+                    f"{_ci(paired['ci95'])}, p {paired['p_value']:.2g}" if paired else ""
+                )
+                rest = [" / ".join(_pct(r.get(f"{d}_R@{k}")) for k in (5, 10)) for r in (b, l_)]
+                md.append(f"| {cap} | {name} | {cells[0]} | {cells[1]} | {diff} | {rest[0]} | {rest[1]} |")
+        if ret.get("paired"):
+            md += ["", "Intervals: 95% percentile bootstrap over the test images (an image and its captions drawn "
+                   "together); p: paired bootstrap of LLM2CLIP minus the baseline on the same resamples, two-sided."]  # fmt: skip
         sets = ret.get("sets", {})
         md += ["", "Sets: " + "; ".join(f"{k}: {v.get('images')} images, {v.get('captions')} captions"
                                        for k, v in sets.items()) + "."]  # fmt: skip

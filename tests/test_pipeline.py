@@ -23,6 +23,7 @@ AFTER_STAGE2 = [
     "stage2",
     "retrieval",
     "export",
+    "health",
     "pretrain_llm2clip",
     "finetune_llm2clip",
     "eval_llm2clip",
@@ -153,9 +154,21 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
         "| l2c_vqa | exact_match |",
         "| l2c_pope | pope_f1 |",
         "## Training curves",
+        "## Encoder health",
+        "paired bootstrap",
     ):
         assert part in report
-    for png in ("stage1_cra.png", "retrieval.png", "lmms_eval.png", "training_curves.png"):
+    health = json.loads((out / "health" / "health.json").read_text())
+    assert set(health) == {"baseline", "llm2clip"} and all(
+        h["probe"]["test_scenes"] == 12 for h in health.values()
+    )
+    for png in (
+        "stage1_cra.png",
+        "retrieval.png",
+        "lmms_eval.png",
+        "training_curves.png",
+        "encoder_health.png",
+    ):
         assert (out / "plots" / png).stat().st_size > 1000
     numbers = json.loads((out / "report.json").read_text())["numbers"]
     assert numbers["lmms"]["baseline"] and numbers["lmms"]["llm2clip"] and numbers["retrieval"]["llm2clip"]

@@ -597,7 +597,21 @@ class PipelineData(Section):
     )
     synth_seed: int = 0
     synth_size: PositiveInt = 336
+    synth_val_fraction: Probability = 0.1
+    synth_test_fraction: Probability = Field(
+        0.1, description="share of test images (retrieval, held-out questions, the patch probe's scoring)"
+    )
     dir: str | None = Field(None, description="an existing data folder in the embedded dataset's layout")
+
+
+class PipelineHealth(Section):
+    """Encoder health (l2c health): image-embedding collapse and a patch probe on both towers."""
+
+    probe_train: PositiveInt = Field(2000, description="train-split scenes the patch probe learns from")
+    test_scenes: PositiveInt = Field(
+        500, description="test-split scenes it is scored on (and the collapse figures)"
+    )
+    probe_steps: PositiveInt = 2000
 
 
 class PipelineStep(Section):
@@ -645,6 +659,7 @@ class PipelineConfig(RecipeConfig):
     stage2: PipelineStep
     mllm: PipelineMllm
     eval: PipelineEval
+    health: PipelineHealth = Field(default_factory=PipelineHealth)
     estimates: dict[str, NonNegFloat] = Field(
         default_factory=dict, description="seconds per step for the first run's time estimate"
     )
