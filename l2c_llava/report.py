@@ -44,8 +44,54 @@ def _log(path: Path) -> list[dict]:
     return rows
 
 
+# per-question 0/1 metrics of the local tasks: what the paired test between encoders compares
+PER_QUESTION = {"l2c_vqa": "exact_match", "l2c_pope": "pope_accuracy"}
+
+
+def _sample_hits(folder: Path, task: str, metric: str) -> dict[int, bool]:
+    """doc_id -> correct, from lmms-eval's logged samples (``--log_samples``) of one task."""
+    files = sorted(folder.rglob(f"*_samples_{task}.jsonl")) if folder.is_dir() else []
+    hits: dict[int, bool] = {}
+    for line in files[-1].read_text().splitlines() if files else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if metric in row and "doc_id" in row:
+            hits[int(row["doc_id"])] = bool(row[metric])
+    return hits
+
+
+def paired_llava(out: Path) -> dict:
+    """For each local task with one right/wrong answer per question: both encoders' accuracy with its
+    95% Wilson interval, and LLM2CLIP against the baseline on the questions both answered (McNemar's
+    exact test on the questions only one gets right)."""
+    from l2c_llava.stats import paired_comparison, wilson_interval
+
+    res = {}
+    for task, metric in PER_QUESTION.items():
+        by_enc = {enc: _sample_hits(out / "eval" / enc / "lmms_eval", task, metric) for enc in ENCODERS}
+        common = sorted(set.intersection(*(set(h) for h in by_enc.values())))
+        if not common:
+            continue
+        row: dict = {"metric": metric, "n": len(common)}
+        for enc, h in by_enc.items():
+            k = sum(h[i] for i in common)
+            row[enc] = {"accuracy": round(k / len(common), 4),
+                        "ci95": [round(x, 4) for x in wilson_interval(k, len(common))]}  # fmt: skip
+        row["llm2clip_vs_baseline"] = paired_comparison(
+            [by_enc["llm2clip"][i] for i in common], [by_enc["baseline"][i] for i in common]
+        )
+        res[task] = row
+    return res
+
+
 def _ci(bounds) -> str:
     return f" [{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}]" if bounds else ""
+
+
+def _ci3(bounds) -> str:
+    return f" [{bounds[0]:.3f}-{bounds[1]:.3f}]" if bounds else ""
 
 
 def _health_section(health: dict | None, plots: Path) -> list[str]:
@@ -108,7 +154,7 @@ def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
                   "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json"),
-                  "health": _read(out / "health" / "health.json")}  # fmt: skip
+                  "health": _read(out / "health" / "health.json"), "llava_paired": paired_llava(out)}  # fmt: skip
     for enc in ENCODERS:
         res = _read(out / "eval" / enc / "results.json")
         data["lmms"][enc] = res["rows"] if res else None
@@ -317,6 +363,18 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += _figure(fig, plots, "lmms_eval.png", "lmms-eval")
     else:
         md += ["(missing: eval/*/results.json)", ""]
+    paired = data.get("llava_paired") or {}
+    if paired:
+        md += ["", "Per question, the same questions for both encoders (95% Wilson intervals; McNemar's exact "
+               "test on the questions only one of them gets right):", "",
+               "| task | n | baseline [95% CI] | LLM2CLIP [95% CI] | LLM2CLIP - baseline | only LLM2CLIP right / "
+               "only baseline right | McNemar p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for task, r in paired.items():
+            t = r["llm2clip_vs_baseline"]
+            md.append(f"| {task} ({r['metric']}) | {r['n']} | {r['baseline']['accuracy']:.3f}{_ci3(r['baseline']['ci95'])} | "
+                      f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
+                      f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |")  # fmt: skip
+    md.append("")
 
     # curves
     md += ["## Training curves", ""]

@@ -87,7 +87,7 @@ def card(cfg: dict, summary: dict, heldout: dict, manifest: dict, data_manifest:
         "## Training (reproduce: `bash scripts/pretrain_demo_clip.sh`, resumable)",
         f"- data: `l2c data synth --images {data_manifest['options']['images']} --seed {data_manifest['options']['seed']} "
         f"--val-fraction {data_manifest['options']['val_fraction']} --test-fraction {data_manifest['options']['test_fraction']}` "
-        f"({data_manifest['splits']['train']} training images; the demo uses seed 0, so none of its images)",
+        f"({data_manifest['stats']['splits']['train']} training images; the demo uses seed 0, so none of its images)",
         "- captions: the 5 COCO-like alternatives per image (several say where objects are) and, with probability "
         f"{cfg['data']['dense_share']}, the dense caption cut at {m['context_length']} tokens (its first sentences place 2-3 objects)",
         f"- `l2c clip pretrain --config stage2/configs/clip_demo_pretrain.yaml`: batch {cfg['train']['batch_size']}, "

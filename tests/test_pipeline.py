@@ -156,6 +156,7 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
         "## Training curves",
         "## Encoder health",
         "paired bootstrap",
+        "McNemar p",
     ):
         assert part in report
     health = json.loads((out / "health" / "health.json").read_text())
@@ -207,3 +208,29 @@ def test_report_shows_the_bench_sections_when_present(tmp_path):
     assert "## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, 16 queries" in text
     assert "| qformer | 16 |" in text and "## Caption filtering" in text and "| CLIP | 0.7 |" in text
     assert json.loads((out / "report.json").read_text())["numbers"]["connectors"]["queries"] == 16
+
+
+def test_report_pairs_the_two_llavas_question_by_question(tmp_path):
+    """McNemar between the encoders' LLaVAs, from lmms-eval's logged samples (doc_id, metric)."""
+    from l2c_llava.report import paired_llava, write_report
+    from l2c_llava.stats import sign_test_p
+
+    out = tmp_path / "run"
+    base = [1, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+    l2c = [1, 1, 1, 1, 1, 1, 0, 0, 1, 0]
+    for enc, hits in (("baseline", base), ("llm2clip", l2c)):
+        folder = out / "eval" / enc / "lmms_eval" / "model"
+        folder.mkdir(parents=True)
+        rows = [{"doc_id": i, "exact_match": float(h), "target": "x"} for i, h in enumerate(hits)]
+        rows.append({"doc_id": 99, "exact_match": 1.0})  # answered by one encoder only: not paired
+        if enc == "baseline":
+            rows = rows[:-1]
+        (folder / "20261202_samples_l2c_vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = paired_llava(out)["l2c_vqa"]
+    assert res["n"] == 10 and res["baseline"]["accuracy"] == 0.3 and res["llm2clip"]["accuracy"] == 0.7
+    t = res["llm2clip_vs_baseline"]
+    assert (t["wins"], t["losses"]) == (5, 1) and t["p_value"] == round(sign_test_p(5, 1), 6)
+    lo, hi = res["baseline"]["ci95"]
+    assert lo < 0.3 < hi
+    text = write_report(out).read_text()
+    assert "| l2c_vqa (exact_match) | 10 |" in text and "5 / 1" in text
