@@ -32,6 +32,7 @@ from pathlib import Path
 from l2c_llava.config import load_config
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
+from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.training import RESUME_FREE
 
@@ -173,7 +174,8 @@ class Pipeline:
                 fp(b.config, ov), data_up)  # fmt: skip
             base_vision, base_up = str(out / "clip" / "model"), ["baseline"]
         else:
-            base_vision, base_up = str(c.baseline.vision), []
+            # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
+            base_vision, base_up = resolve_vision_path(str(c.baseline.vision)), []
 
         # stage 2
         s2 = c.stage2

@@ -68,27 +68,37 @@ def test_caption_corruptions_mark_exactly_the_changed_rows():
     assert all("red" not in r["short"] for r in noisy if r["image"] in bad)
 
 
-def test_patch_probe_questions_are_true_and_the_probe_runs(tmp_path, synth_dir):
+def test_patch_probe_questions_are_true_and_the_probe_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import patch_probe
 
     from l2c_llava.data.scenes import COLOURS, SHAPES
+    from l2c_llava.data.synthetic import SynthOptions, generate
+    from l2c_llava.stage2.health import _CELL0, _SHAPE0, probe_questions
 
     from .test_stage2_model import tiny_vision
 
-    rows = [json.loads(x) for x in (synth_dir / "scenes.jsonl").read_text().splitlines()]
-    q = patch_probe.questions(rows, "train")
+    data = tmp_path / "data"
+    generate(data, SynthOptions(images=60, seed=5, size=64, test_fraction=0.3), workers=1, progress=False)
+    rows = [json.loads(x) for x in (data / "scenes.jsonl").read_text().splitlines()]
+    q = probe_questions(rows)
     colours = list(COLOURS)
-    for scene, colour, shape, present, cell in q.tolist():
+    for scene, a, b, task, target, _ in q.tolist():
         groups = {(g["colour"], g["shape"]): g["row"] * 3 + g["col"] for g in rows[scene]["groups"]}
-        assert rows[scene]["split"] == "train"
-        key = (colours[colour], SHAPES[shape])
-        assert (key in groups) == bool(present) and (cell == groups[key] if present else cell == -1)
-    assert int(q[:, 3].sum()) * 2 == len(q)  # one absent pair per present group
+        if task == 2:  # the colour of the shape in a cell
+            shape, cell = SHAPES[a - _SHAPE0], b - _CELL0
+            assert (colours[target], shape) in groups and groups[(colours[target], shape)] == cell
+            continue
+        key = (colours[a], SHAPES[b - _SHAPE0])
+        if task == 0:
+            assert (key in groups) == bool(target)
+        else:
+            assert groups[key] == target
+    assert int((q[:, 3] == 0).sum()) == 2 * int((q[:, 3] == 1).sum())  # one absent pair per present group
     tiny_vision().save_pretrained(tmp_path / "tower")
-    res = patch_probe.run(str(synth_dir), [str(tmp_path / "tower"), "random"], steps=5)
+    res = patch_probe.run(str(data), [str(tmp_path / "tower"), "random"], steps=5)
     for tower in (str(tmp_path / "tower"), "random"):
         for split in ("train", "test"):
-            assert set(res["towers"][tower][split]) == {"existence", "position"}
-            assert all(0 <= v <= 1 for v in res["towers"][tower][split].values())
-    assert res["test_scenes"] > 0 and 0 < res["chance"]["position_majority_cell"] <= 1
+            assert set(res["towers"][tower]["probe"][split]) == {"existence", "position", "colour"}
+            assert all(0 <= v <= 1 for v in res["towers"][tower]["probe"][split].values())
+    assert 0 < res["towers"]["random"]["probe"]["chance"]["position"] <= 1
