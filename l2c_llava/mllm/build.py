@@ -236,9 +236,17 @@ def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None =
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back."""
 
+    from l2c_llava.models.portable import LLM_TOKENIZER_DIR, copy_tokenizer_files, portable_config, tokenizer_source
+
+    source = tokenizer_source(processor.tokenizer)
+
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(tmp)
+        if source is not None:  # the LLM's own tokenizer files, for the exports to other stacks
+            copy_tokenizer_files(source, tmp / LLM_TOKENIZER_DIR)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
         try:
             load_llava(tmp)
