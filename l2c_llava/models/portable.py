@@ -85,6 +85,34 @@ def save_vision_folder(tower, out: str | Path) -> Path:
     return out
 
 
+def llava_vision_keys_for_4x(folder: str | Path) -> int:
+    """Rename, in a transformers LLaVA folder saved by transformers 5, the tower's ``vision_tower.*``
+    keys to ``vision_tower.vision_model.*``: the layout of 4.x (which otherwise loads the LLaVA with a
+    random tower, warning only) and of the llava-hf checkpoints, which 5.x reads as well. Handles
+    sharded folders; returns the number of keys renamed."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+
+    def rename(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower." + VISION_PREFIX + key.removeprefix("vision_tower.")
+        return key
+
+    renamed = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        state = load_file(str(shard))
+        if any(rename(k) != k for k in state):
+            renamed += sum(rename(k) != k for k in state)
+            save_file({rename(k): v for k, v in state.items()}, str(shard), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    return renamed
+
+
 # -- tokenizers ----------------------------------------------------------------------------------
 
 
