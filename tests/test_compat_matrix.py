@@ -54,6 +54,7 @@ EDGE_TEXTS = [" a leading space", "<image>\nDescribe the image.", "two  spaces",
 VISION_KEYS_NOT_IN_TOWER = ("visual_projection.", "text_adapter.", "logit_scale")
 QUESTION = "what shapes are there ?"
 NEW_TOKENS = 4
+HF_IDS = [1, 355, 400, 13, 90, 367, 359, 358]  # BOS, "▁", <image> (one: 4.x expands it), text
 
 
 def _env_python(version: str) -> str:
@@ -121,6 +122,7 @@ def _job(a, version: str, out: Path) -> Path:
         "texts": TEXTS + EDGE_TEXTS,
         "llava": {"folder": str(a.original), "image": str(a.root / "image.png"), "question": QUESTION,
                   "max_new_tokens": NEW_TOKENS} if version == "4.37.2" else None,  # fmt: skip
+        "hf_llava": {"folder": str(a.hf), "ids": HF_IDS} if version != "5.x" else None,
         "llm2clip_release": {"out": str(out / "release"), "seed": 4, "text_dim": 12, "projection_dim": 16,
                              "num_blocks": 3, "vision_config": {"hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}}
@@ -180,7 +182,10 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
         result = json.loads((out / "result.json").read_text())
         tensors = load_file(str(out / "tensors.safetensors"))
         check(not result["errors"], f"{version}: runner errors {result['errors']}")
-        rep = report[version] = {"transformers": result["transformers"], "tokenizers": result.get("tokenizers_version")}
+        rep = report[version] = {
+            "transformers": result["transformers"],
+            "tokenizers": result.get("tokenizers_version"),
+        }
         # vision folders: clean load, same features
         for name, (pooler, penult) in a.want.items():
             entry = result["vision"][name]
@@ -202,7 +207,11 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
             if not check(entry.get("loaded"), f"{version} {kind} tokenizer: {entry.get('error')}"):
                 continue
             bad = [TEXTS[i] for i in range(len(TEXTS)) if entry["ids"][i] != training[i]]
-            edge = [t for j, t in enumerate(EDGE_TEXTS) if entry["ids"][len(TEXTS) + j] != training[len(TEXTS) + j]]
+            edge = [
+                t
+                for j, t in enumerate(EDGE_TEXTS)
+                if entry["ids"][len(TEXTS) + j] != training[len(TEXTS) + j]
+            ]
             check(not bad, f"{version} {kind} tokenizer ({entry['class']}) differs on {bad}")
             rep[f"tokenizer {kind}"] = {"class": entry["class"], "len": entry["len"], "differs_on": bad,
                                         "edge_texts_differ": edge}  # fmt: skip
@@ -212,7 +221,9 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
             if check(llava.get("loaded"), f"{version}: LLaVA's loader failed"):
                 check(llava["len_tokenizer"] == llava["embed_rows"] == a.model.config.text_config.vocab_size,
                       f"tokenizer length {llava['len_tokenizer']} / embeddings {llava['embed_rows']}")  # fmt: skip
-                check(abs(llava["absolute_tower_path_max_diff"]) == 0.0, "absolute mm_vision_tower path differs")
+                check(
+                    abs(llava["absolute_tower_path_max_diff"]) == 0.0, "absolute mm_vision_tower path differs"
+                )
                 pixels = tensors["llava|pixels"]
                 for key in ("exact", "tokenizer_image_token"):
                     want, greedy = _hf_logits_and_greedy(a, llava[f"ids_{key}"], pixels)
@@ -225,11 +236,29 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
                     rep[f"llava logits max diff ({key} ids)"] = diff
                     rep[f"llava greedy equal ({key} ids)"] = same
                 # the token after the image: exact ids are the training ids; tokenizer_image_token adds one
-                rep["ids_exact_equal_training"] = _with_image_id(a, llava["ids_exact"]) == _training_ids(a, [llava["prompt"]])[0]
+                rep["ids_exact_equal_training"] = (
+                    _with_image_id(a, llava["ids_exact"]) == _training_ids(a, [llava["prompt"]])[0]
+                )
                 check(rep["ids_exact_equal_training"], "README's exact ids differ from the training ids")
-                rep["tokenizer_image_token_extra"] = len(llava["ids_tokenizer_image_token"]) - len(llava["ids_exact"])
+                rep["tokenizer_image_token_extra"] = len(llava["ids_tokenizer_image_token"]) - len(
+                    llava["ids_exact"]
+                )
                 rep["pixels_vs_ours"] = float((pixels - _our_pixels(a)).abs().max())
-                check(rep["pixels_vs_ours"] <= 1e-5, f"process_images differs from ours by {rep['pixels_vs_ours']}")
+                check(
+                    rep["pixels_vs_ours"] <= 1e-5,
+                    f"process_images differs from ours by {rep['pixels_vs_ours']}",
+                )
+        # the transformers-format export through this transformers' own LLaVA class
+        if version != "5.x":
+            entry = result.get("hf_llava", {})
+            if check(entry.get("loaded"), f"{version}: hf export not loaded"):
+                info = entry["info"]
+                check(not any(info.values()), f"{version} hf export: loading info {info}")
+                want = _hf_logits_and_greedy(a, [-200 if i == 400 else i for i in HF_IDS], a.pixels[:1])[0]
+                got = tensors["hf_llava|logits"]
+                diff = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
+                check(diff <= 1e-3, f"{version} hf export logits differ by {diff:.2e}")
+                rep["hf export logits max diff"] = diff
         # a release-layout LLM2CLIP folder written by this transformers, imported here (5.x)
         if version != "5.x":
             imported = out / "imported"
@@ -237,7 +266,10 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
             whole = LLM2CLIP.from_pretrained(imported / "llm2clip")
             img = float((whole.get_image_features(a.pixels) - tensors["llm2clip|image"]).abs().max())
             txt = float((whole.get_text_features_from_llm(a.text) - tensors["llm2clip|text"]).abs().max())
-            check(max(img, txt) <= 1e-5, f"{version}: imported LLM2CLIP features differ by {img:.2e} / {txt:.2e}")
+            check(
+                max(img, txt) <= 1e-5,
+                f"{version}: imported LLM2CLIP features differ by {img:.2e} / {txt:.2e}",
+            )
             rep["llm2clip import max diff (image, text)"] = (img, txt)
     (tmp_path / "matrix.json").write_text(json.dumps(report, indent=2))
     print("compatibility matrix:\n" + json.dumps(report, indent=2))
@@ -254,5 +286,7 @@ def _our_pixels(a):
 
     from l2c_llava.mllm.data import expand2square, mean_colour
 
-    img = expand2square(Image.open(a.root / "image.png").convert("RGB"), mean_colour(a.processor.image_processor))
+    img = expand2square(
+        Image.open(a.root / "image.png").convert("RGB"), mean_colour(a.processor.image_processor)
+    )
     return a.processor.image_processor(images=img, return_tensors="pt")["pixel_values"]

@@ -7,7 +7,7 @@ nothing from l2c_llava (it must run where the project itself does not).
 
 JOB: {"pixels": safetensors file with "pixels" [B,3,S,S], "vision": {name: folder},
 "tokenizers": {name: folder}, "texts": [...], "llava": {"folder", "image", "question",
-"max_new_tokens"} or null, "llm2clip_release": {"out", "vision_config", "text_dim", "projection_dim",
+"max_new_tokens"} or null, "hf_llava": {"folder", "ids"} or null, "llm2clip_release": {"out", "vision_config", "text_dim", "projection_dim",
 "num_blocks", "seed"} or null}
 """
 
@@ -67,12 +67,11 @@ def run_tokenizers(job, result):
 def run_llava(job, tensors, result):
     """The original LLaVA code's own loader and inference path (llava.model.builder,
     llava.mm_utils, llava.conversation), on CPU."""
-    from PIL import Image
-
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.conversation import conv_templates
     from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
     from llava.model.builder import load_pretrained_model
+    from PIL import Image
 
     spec = job["llava"]
     folder = spec["folder"]
@@ -117,7 +116,25 @@ def run_llava(job, tensors, result):
                                  use_cache=True)  # fmt: skip
             entry[f"greedy|{key}"] = gen[0].tolist()
         other = model2(input_ids=ids_exact, images=pixels, image_sizes=[image.size]).logits
-        entry["absolute_tower_path_max_diff"] = float((other - tensors["llava|logits|exact"][None]).abs().max())
+        entry["absolute_tower_path_max_diff"] = float(
+            (other - tensors["llava|logits|exact"][None]).abs().max()
+        )
+
+
+def run_hf_llava(job, tensors, result):
+    """The transformers-format export through this transformers' own LlavaForConditionalGeneration:
+    one `<image>` token, which 4.x expands inside the model (its legacy processing)."""
+    from transformers import LlavaForConditionalGeneration
+
+    spec = job["hf_llava"]
+    model, info = LlavaForConditionalGeneration.from_pretrained(spec["folder"], output_loading_info=True)
+    entry = result["hf_llava"] = {"info": loading_info(info), "loaded": True}
+    ids = torch.tensor([spec["ids"]])
+    pixels = load_file(job["pixels"])["pixels"][:1]
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    tensors["hf_llava|logits"] = logits[0].float().contiguous()
+    entry["shape"] = list(logits.shape)
 
 
 def run_llm2clip_release(job, tensors, result):
@@ -155,7 +172,9 @@ def run_llm2clip_release(job, tensors, result):
     pixels = load_file(job["pixels"])["pixels"]
     text = load_file(job["pixels"])["text"]
     with torch.no_grad():
-        tensors["llm2clip|image"] = (tower(pixel_values=pixels).pooler_output @ state["visual_projection.weight"].T).contiguous()
+        tensors["llm2clip|image"] = (
+            tower(pixel_values=pixels).pooler_output @ state["visual_projection.weight"].T
+        ).contiguous()
         x = torch.nn.functional.normalize(text, dim=-1)
         for i in range(n):
             pre = f"text_adapter.adaptor.{i}."
@@ -186,6 +205,8 @@ def main(job_path: str, out_dir: str) -> int:
     steps = [("vision", run_vision, (job, tensors, result)), ("tokenizers", run_tokenizers, (job, result))]
     if job.get("llava"):
         steps.append(("llava", run_llava, (job, tensors, result)))
+    if job.get("hf_llava"):
+        steps.append(("hf_llava", run_hf_llava, (job, tensors, result)))
     if job.get("llm2clip_release"):
         steps.append(("llm2clip_release", run_llm2clip_release, (job, tensors, result)))
     for name, fn, args in steps:
