@@ -96,6 +96,21 @@ def artefacts(tmp_path_factory):
     torch.manual_seed(1)
     l2c = LLM2CLIP(LLM2CLIPModel.from_vision_tower(tiny_vision(), 12, projection_dim=16, num_blocks=2))
     l2c.save_pretrained(root / "llm2clip")
+    # the demo's LLM (the embedded SmolLM2: byte-level BPE, tokenizer.json written by transformers 5
+    # from the GGUF file): its tokenizer as the exports write it
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from l2c_llava.embedded import smollm2_gguf_path
+    from l2c_llava.mllm.build import prepare_tokenizer
+    from l2c_llava.models.portable import write_portable_tokenizer
+    from l2c_llava.stage1.encoder import local_llm_folder
+
+    smol_folder = local_llm_folder(str(smollm2_gguf_path()))
+    smol = AutoTokenizer.from_pretrained(smol_folder)
+    prepare_tokenizer(smol)
+    write_portable_tokenizer(smol, root / "smollm2-tokenizer", smol_folder, "llama")
+    tokenizers = {"original_export": (root / "moved" / "llava-v1.5-tiny", AutoProcessor.from_pretrained(root / "hf").tokenizer),
+                  "smollm2_export": (root / "smollm2-tokenizer", smol)}  # fmt: skip
     Image.new("RGB", (40, 24), (200, 30, 60)).save(root / "image.png")  # not square: "pad" matters
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     text = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
@@ -109,7 +124,7 @@ def artefacts(tmp_path_factory):
         "llm2clip_release": (l2c_out.pooler_output, l2c_out.hidden_states[-2]),
     }
     return SimpleNamespace(root=root, hf=root / "hf", original=root / "moved" / "llava-v1.5-tiny", want=want,
-                           model=model.eval(), processor=proc, pixels=pixels, text=text)  # fmt: skip
+                           model=model.eval(), processor=proc, pixels=pixels, text=text, tokenizers=tokenizers)  # fmt: skip
 
 
 def _job(a, version: str, out: Path) -> Path:
@@ -118,7 +133,7 @@ def _job(a, version: str, out: Path) -> Path:
         "vision": {"export_vision": str(a.root / "vision-export"),
                    "llava_vision_tower": str(a.original / "vision_tower"),
                    "llm2clip_release": str(a.root / "llm2clip")},  # fmt: skip
-        "tokenizers": {"original_export": str(a.original)},
+        "tokenizers": {name: str(folder) for name, (folder, _) in a.tokenizers.items()},
         "texts": TEXTS + EDGE_TEXTS,
         "llava": {"folder": str(a.original), "image": str(a.root / "image.png"), "question": QUESTION,
                   "max_new_tokens": NEW_TOKENS} if version == "4.37.2" else None,  # fmt: skip
@@ -151,10 +166,8 @@ def _hf_logits_and_greedy(a, ids: list[int], pixels: torch.Tensor):
     return logits, gen[0, input_ids.shape[1] :].tolist()
 
 
-def _training_ids(a, texts):
-    from transformers import AutoProcessor
-
-    tok = AutoProcessor.from_pretrained(a.hf).tokenizer
+def _training_ids(a, texts, name="original_export"):
+    tok = a.tokenizers[name][1]
     return [tok(t).input_ids for t in texts]
 
 
@@ -164,8 +177,7 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
     from l2c_llava.stage2.llm2clip import LLM2CLIP
 
     a = artefacts
-    training = _training_ids(a, TEXTS + EDGE_TEXTS)
-    rows, failures, report = [], [], {}
+    failures, report = [], {}
 
     def check(cond, what):
         if not cond:
@@ -190,7 +202,6 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
         for name, (pooler, penult) in a.want.items():
             entry = result["vision"][name]
             if not check(entry.get("loaded"), f"{version} {name}: not loaded: {entry.get('error')}"):
-                rows.append((version, name, "no", "-"))
                 continue
             info = entry["info"]
             unexpected = [k for k in info["unexpected_keys"] if not k.startswith(VISION_KEYS_NOT_IN_TOWER)]
@@ -200,21 +211,20 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
                        float((tensors[f"vision|{name}|penultimate"] - penult).abs().max()))  # fmt: skip
             check(diff <= 1e-5, f"{version} {name}: features differ by {diff:.2e}")
             rep[f"vision {name} max diff"] = diff
-            rows.append((version, name, "yes" if clean else "keys!", f"{diff:.1e}"))
-        # tokenizer: the training tokenization
-        for kind in ("fast", "slow"):
-            entry = result["tokenizers"][f"original_export|{kind}"]
-            if not check(entry.get("loaded"), f"{version} {kind} tokenizer: {entry.get('error')}"):
-                continue
-            bad = [TEXTS[i] for i in range(len(TEXTS)) if entry["ids"][i] != training[i]]
-            edge = [
-                t
-                for j, t in enumerate(EDGE_TEXTS)
-                if entry["ids"][len(TEXTS) + j] != training[len(TEXTS) + j]
-            ]
-            check(not bad, f"{version} {kind} tokenizer ({entry['class']}) differs on {bad}")
-            rep[f"tokenizer {kind}"] = {"class": entry["class"], "len": entry["len"], "differs_on": bad,
-                                        "edge_texts_differ": edge}  # fmt: skip
+        # tokenizers: the training tokenization
+        for tok_name in a.tokenizers:
+            training = _training_ids(a, TEXTS + EDGE_TEXTS, tok_name)
+            for kind in ("fast", "slow"):
+                entry = result["tokenizers"][f"{tok_name}|{kind}"]
+                if not check(entry.get("loaded"), f"{version} {tok_name} {kind}: {entry.get('error')}"):
+                    continue
+                bad = [TEXTS[i] for i in range(len(TEXTS)) if entry["ids"][i] != training[i]]
+                n = len(TEXTS)
+                edge = [t for j, t in enumerate(EDGE_TEXTS) if entry["ids"][n + j] != training[n + j]]
+                check(not bad, f"{version} {tok_name} {kind} tokenizer ({entry['class']}) differs on {bad}")
+                check(entry["len"] == len(a.tokenizers[tok_name][1]), f"{version} {tok_name} {kind}: length")
+                rep[f"tokenizer {tok_name} {kind}"] = {"class": entry["class"], "len": entry["len"],
+                                                       "differs_on": bad, "edge_texts_differ": edge}  # fmt: skip
         # the original LLaVA code
         if version == "4.37.2":
             llava = result.get("llava", {})
