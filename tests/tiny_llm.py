@@ -64,3 +64,61 @@ def save_tiny_llm(folder: Path, family: str = "llama", seed: int = 0, causal_lm:
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+SP_TEXTS_SEED = 0
+
+
+def train_sentencepiece(vocab_size: int = 400) -> bytes:
+    """A tiny Llama-style SentencePiece model (BPE, byte fallback, digits split, dummy prefix,
+    whitespace kept) trained in memory on sentences of the synthetic vocabulary: no downloads."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(SP_TEXTS_SEED)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)  # fmt: skip
+    return buf.getvalue()
+
+
+def _added(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}  # fmt: skip
+
+
+def save_tiny_sp_llama(folder: Path, seed: int = 0, rope_theta: float = 100000.0,
+                       rope_scaling: dict | None = None) -> Path:  # fmt: skip
+    """A random tiny Llama in the layout of lmsys/vicuna-7b-v1.5: config.json + safetensors weights and
+    the tokenizer as `tokenizer.model` only (SentencePiece; no tokenizer.json), `tokenizer_config.json`
+    and `special_tokens_map.json` as Vicuna ships them. A RoPE base other than 10000 (and optionally a
+    scaling) so that a consumer that misses it gives other logits."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_proto = train_sentencepiece()
+    (folder / "tokenizer.model").write_bytes(model_proto)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"), "clean_up_tokenization_spaces": False,
+        "eos_token": _added("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
+        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": _added("<unk>"),
+    }, indent=2))  # fmt: skip
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": _added("<s>"), "eos_token": _added("</s>"), "unk_token": _added("<unk>")}, indent=2))  # fmt: skip
+    cfg = tiny_config("llama", 400)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
+    if rope_scaling:
+        cfg.rope_parameters["rope_type"] = rope_scaling.get("rope_type", "linear")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -166,6 +166,12 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     lm = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=getattr(llm, "trust_remote_code", False)
     )
+    if (Path(folder) / "tokenizer.model").is_file() and not (Path(folder) / "tokenizer.json").is_file():
+        import importlib.util
+
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise BuildError(f"{folder} has its tokenizer as tokenizer.model only (SentencePiece, like Vicuna): "
+                             "install sentencepiece (a dependency of l2c-llava: re-run scripts/setup_env.sh)")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_id, added = prepare_tokenizer(tokenizer)
     if added:
@@ -234,11 +240,28 @@ def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
 
 def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
-    ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back."""
+    ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back. The tower's
+    weights are stored under ``vision_tower.vision_model.*`` (the llava-hf layout, which transformers
+    4.x needs and 5.x reads), the text config carries ``rope_theta`` / ``rope_scaling`` too, and the
+    LLM's own tokenizer files are kept in ``llm_tokenizer/`` for the exports to other stacks."""
+    from l2c_llava.models.portable import (
+        LLM_TOKENIZER_DIR,
+        copy_tokenizer_files,
+        llava_vision_keys_for_4x,
+        portable_config,
+        tokenizer_source,
+    )
+
+    source = tokenizer_source(processor.tokenizer)
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        llava_vision_keys_for_4x(tmp)  # else transformers 4.x loads it with a random tower
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(tmp)
+        if source is not None:  # the LLM's own tokenizer files, for the exports to other stacks
+            copy_tokenizer_files(source, tmp / LLM_TOKENIZER_DIR)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
         try:
             load_llava(tmp)

@@ -8,8 +8,10 @@ processor with the chat template); ``export_hf`` copies it to a folder of the us
 ``mm_vision_select_layer``, ``mm_vision_select_feature``, ``mm_hidden_size``, ``image_aspect_ratio``,
 ``mm_use_im_start_end``, ...), LLM weights under ``model.*`` / ``lm_head``, projector weights under
 ``model.mm_projector.0`` / ``.2``, the tokenizer, and the vision encoder folder beside it
-(``vision_tower/``, which ``mm_vision_tower`` points at by absolute path: the original code rebuilds the
-tower from that path at load time). The folder name must contain "llava" (its loader checks).
+(``vision_tower/``, which ``mm_vision_tower`` points at: the original code rebuilds the
+tower from that path at load time: a path relative to the model folder, see ``original_readme``).
+The folder name must contain "llava" (its loader checks). Every file is written in the form
+transformers 4.37 (LLaVA's pin) reads as well as 5.x (``l2c_llava.models.portable``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ import torch
 
 from l2c_llava.io import publish_folder
 from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
+from l2c_llava.models.portable import (
+    portable_config,
+    save_vision_folder,
+    tokenizer_source,
+    write_portable_tokenizer,
+)
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
@@ -38,6 +46,9 @@ ORIGINAL_TO_HF_KEYS = {
     "multi_modal_projector.0": "multi_modal_projector.linear_1",
     "multi_modal_projector.2": "multi_modal_projector.linear_2",
 }
+
+
+VISION_DIR = "vision_tower"  # inside the exported folder; mm_vision_tower names it relatively
 
 
 class LlavaExportError(ValueError):
@@ -120,6 +131,60 @@ def original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def original_readme(name: str, meta: dict) -> str:
+    """The note written into an original-format export: how to load it and the two conventions."""
+    return f"""# {name}: LLaVA-1.5 in the original LLaVA layout (haotian-liu/LLaVA)
+
+Written by `l2c export llava --format original` (l2c-llava). Files: `config.json`
+(`LlavaLlamaForCausalLM`: the LLM's config with `rope_theta` / `rope_scaling` at the top level, as
+transformers 4.x reads them, plus the `mm_*` fields), `model.safetensors` (LLM under `model.*` /
+`lm_head`, projector under `model.mm_projector.*`), the LLM's own tokenizer files (`tokenizer.model`
+where the LLM has one) with `<image>` listed as an added token, and `vision_tower/` (a
+`CLIPVisionModel` folder, keys under `vision_model.*`, which transformers 4.37+ and 5.x load alike;
+image processor included).
+
+## Loading it
+
+`mm_vision_tower` is `vision_tower`, a path relative to this folder. The original code resolves it
+from the working directory (`build_vision_tower` checks `os.path.exists(mm_vision_tower)`), so either
+pass the absolute path (the loader hands extra keyword arguments to the config):
+
+```python
+import os
+from llava.model.builder import load_pretrained_model
+from llava.mm_utils import get_model_name_from_path
+path = "/path/to/{name}"
+tokenizer, model, image_processor, _ = load_pretrained_model(
+    path, None, get_model_name_from_path(path), mm_vision_tower=os.path.join(path, "vision_tower"))
+```
+
+or run the original scripts from inside this folder:
+
+```bash
+cd /path/to/{name}
+python -m llava.eval.run_llava --model-path "$PWD" --conv-mode vicuna_v1 --image-file IMG --query "..."
+```
+
+The folder name must keep "llava" in it (the loader builds a LLaVA model only then).
+
+## Conventions
+
+- **Template: `--conv-mode vicuna_v1`** (template `{meta.get("template", "vicuna_v1")}` in training).
+  `run_llava.py` guesses the template from the folder name when `--conv-mode` is not given, and a name
+  containing "v1" gives `llava_v1`, whose system prompt differs from vicuna_v1's.
+- **The token after the image.** This model was trained with the whole prompt tokenized as one text,
+  `<image>` a special token (as transformers' `LlavaProcessor` does). LLaVA's `tokenizer_image_token`
+  tokenizes the text after `<image>` as a fresh sequence, so a SentencePiece tokenizer (Llama /
+  Vicuna) puts an extra `▁` right after the image tokens (LLaVA-1.5 itself was trained that way).
+  The model still answers, but its inputs then differ from the ones it was trained on by that one
+  token. For the exact training inputs, tokenize the prompt with the tokenizer (`<image>` is in its
+  vocabulary) and replace the `<image>` id by `IMAGE_TOKEN_INDEX` (-200):
+  `ids = tokenizer(prompt).input_ids; ids = [-200 if i == tokenizer.convert_tokens_to_ids("<image>") else i for i in ids]`.
+- Images: `image_aspect_ratio` `{meta.get("image_aspect_ratio", "pad")}` (padded to a square with the mean
+  colour, as `process_images` does), CLIP resize / crop and OpenAI CLIP mean / std.
+"""
+
+
 def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
@@ -139,16 +204,16 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     def build(tmp: Path) -> None:
         tower = CLIPVisionModel(vc)
         tower.load_state_dict(model.model.vision_tower.state_dict())
-        tower.save_pretrained(tmp / "vision_tower", safe_serialization=True)
-        processor.image_processor.save_pretrained(tmp / "vision_tower")
+        save_vision_folder(tower, tmp / VISION_DIR)
+        processor.image_processor.save_pretrained(tmp / VISION_DIR)
         state = {k: v.contiguous() for k, v in original_state_dict(model).items()}
         if getattr(tc, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = tc.to_dict()
+        config = portable_config(tc.to_dict())
         config.update({
             "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-            "mm_vision_tower": str((out / "vision_tower").resolve()), "mm_projector_type": projector_type_of(model.config),
+            "mm_vision_tower": VISION_DIR, "mm_projector_type": projector_type_of(model.config),
             "mm_vision_select_layer": model.config.vision_feature_layer,
             "mm_vision_select_feature": "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch",
             "mm_hidden_size": vc.hidden_size, "image_aspect_ratio": meta.get("image_aspect_ratio", "pad"),
@@ -157,7 +222,9 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
             "image_token_index": model.config.image_token_id, "tokenizer_model_max_length": 2048,
         })  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        processor.tokenizer.save_pretrained(tmp)
+        write_portable_tokenizer(processor.tokenizer, tmp, tokenizer_source(processor.tokenizer),
+                                 getattr(tc, "model_type", None))  # fmt: skip
+        (tmp / "README.md").write_text(original_readme(out.name, meta))
 
     return publish_folder(out, build)
 

@@ -151,6 +151,8 @@ class MllmRecipe:
             with safe_open(str(f), framework="pt") as handle:  # read what was trained only, not the LLM
                 for k in handle.keys():
                     name = "model." + k.removeprefix("model.")
+                    # a saved model's tower is under vision_tower.vision_model.* (the layout 4.x reads too)
+                    name = name.replace("model.vision_tower.vision_model.", "model.vision_tower.", 1)
                     if name.startswith(prefixes):
                         state[name] = handle.get_tensor(k)
         for prefix, what in zip(prefixes, ("projector", "trained vision tower")):

@@ -1,5 +1,7 @@
 """Export the upgraded vision encoder: a transformers ``CLIPVisionModel`` folder (safetensors,
-config, ``preprocessor_config.json`` at the tower's resolution) that LLaVA and any VLM builder load.
+config, ``preprocessor_config.json`` at the tower's resolution) that LLaVA and any VLM builder load,
+with its keys under ``vision_model.*`` (the layout transformers 4.x and 5.x both load; 5.x's own
+``save_pretrained`` drops the prefix, which 4.x does not read).
 The folder is built in a temporary place, loaded back and checked (no missing or unexpected keys,
 same features as the trained tower) before it is moved into place."""
 
@@ -12,6 +14,7 @@ import torch
 
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.io import publish_folder
+from l2c_llava.models.portable import save_vision_folder
 
 
 class ExportError(ValueError):
@@ -45,7 +48,7 @@ def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
         )
 
     def build(tmp: Path) -> None:
-        tower.save_pretrained(tmp, safe_serialization=True)
+        save_vision_folder(tower, tmp)  # keys under vision_model.*: transformers 4.x and 5.x load them
         write_preprocessor_config(tmp, config.image_size)
         again, info = CLIPVisionModel.from_pretrained(tmp, output_loading_info=True)
         bad = {

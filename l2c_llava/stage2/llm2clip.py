@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from l2c_llava.data.images import clip_image_processor, write_preprocessor_config
 from l2c_llava.io import publish_folder
+from l2c_llava.models.portable import portable_config
 from l2c_llava.stage2.model import LLM2CLIPModel
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,8 @@ class LLM2CLIP:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = {
                 "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": shape["projection_dim"],
-                "logit_scale_init_value": float(m.logit_scale.item()), "vision_config": m.vision_model.config.to_dict(),
+                "logit_scale_init_value": float(m.logit_scale.item()),
+                "vision_config": portable_config(m.vision_model.config.to_dict()),
                 "llm2clip": {"format": FORMAT, **shape, "normalize_text_input": True,
                              "text_encoder": self.text_encoder_ref},
             }  # fmt: skip

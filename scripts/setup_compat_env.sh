@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The consumers' environments of the compatibility matrix (tests/test_compat_matrix.py): torch pinned
+# to the same 2.13.0 (CPU) next to an older transformers, as the users of the exports run them.
+#   4.37.2  LLaVA's own pin (haotian-liu/LLaVA main): tokenizers 0.15.1, sentencepiece, and the
+#           original LLaVA code itself (llava-torch 1.2.2.post1, installed --no-deps: its metadata pins
+#           torch 2.0.1 / torchvision / bitsandbytes / gradio, none of which its loader imports)
+#   4.44.2  the llm2vec / LLM2CLIP era
+# Usage: setup_compat_env.sh 4.37.2|4.44.2. Builds .venv-compat-tf437 / .venv-compat-tf444 once
+# (idempotent: stamp of this file); prints the venv's python on its last line.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VERSION="${1:?usage: setup_compat_env.sh 4.37.2|4.44.2}"
+case "$VERSION" in
+  4.37.2) TAG=tf437; PKGS=("transformers==4.37.2" "tokenizers==0.15.1" "accelerate==0.27.2" "numpy<2");;
+  4.44.2) TAG=tf444; PKGS=("transformers==4.44.2" "tokenizers>=0.19,<0.20" "accelerate==0.33.0" "numpy<2.3");;
+  *) echo "setup_compat_env.sh: unsupported transformers version $VERSION (4.37.2 or 4.44.2)" >&2; exit 2;;
+esac
+VENV="$ROOT/.venv-compat-$TAG"
+PY="${PYTHON:-python3}"
+STAMP="$(sha256sum "$ROOT/scripts/setup_compat_env.sh" | cut -d' ' -f1)"
+VPY="$VENV/bin/python"
+if [[ -x "$VPY" && -f "$VENV/.stamp" && "$(cat "$VENV/.stamp")" == "$STAMP" ]]; then
+  echo "$VPY"; exit 0
+fi
+echo "[setup-compat] building $VENV (torch 2.13.0, transformers $VERSION)" >&2
+[[ -x "$VPY" ]] || "$PY" -m venv "$VENV"
+echo "torch==2.13.0" > "$VENV/constraints.txt"
+pip_install() {
+  PIP_CONSTRAINT="$VENV/constraints.txt" "$VPY" -m pip --disable-pip-version-check -q install "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install "torch==2.13.0" "${PKGS[@]}" safetensors sentencepiece protobuf pillow
+if [[ "$TAG" == tf437 ]]; then
+  # the original LLaVA code; its loader path imports only transformers, torch, PIL (and accelerate)
+  pip_install --no-deps "llava-torch==1.2.2.post1"
+  "$VPY" -c "from llava.model.builder import load_pretrained_model; import transformers; print('[setup-compat] llava ok, transformers', transformers.__version__)" >&2
+else
+  "$VPY" -c "import transformers; print('[setup-compat] transformers', transformers.__version__)" >&2
+fi
+echo "$STAMP" > "$VENV/.stamp"
+echo "$VPY"
