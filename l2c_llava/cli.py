@@ -261,7 +261,7 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
     from l2c_llava.data.readers import DataError
     from l2c_llava.io import atomic_write_json
     from l2c_llava.stage2.evaluate import evaluate_clip_folder
-    from l2c_llava.stage2.health import encoder_health
+    from l2c_llava.stage2.health import encoder_health, health_summary
 
     try:
         res = evaluate_clip_folder(args.model, args.data, split=args.split, max_images=args.max_images)
@@ -276,9 +276,7 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
                          for m, v in r.items() if isinstance(v, dict) and m.endswith("@1"))  # fmt: skip
         print(f"{name} ({r['images']} images, {r['captions']} captions): {figs}")
     if "health" in res:
-        h = res["health"]
-        print(f"health: median cosine {h['pooled']['median_cosine']}, top direction {h['pooled']['top_direction_share']}; "
-              f"probe {h['probe']['test']} vs chance {h['probe']['chance']}")  # fmt: skip
+        print(f"health: {health_summary(res['health'])}")
     if args.out:
         atomic_write_json(args.out, res)
         print(f"written: {args.out}")
@@ -287,7 +285,7 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     from l2c_llava.io import atomic_write_json
-    from l2c_llava.stage2.health import encoder_health
+    from l2c_llava.stage2.health import encoder_health, health_summary
 
     res = {}
     for spec in args.tower:
@@ -298,9 +296,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError, OSError) as e:
             print(f"l2c health: {path}: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        h = res[name or path]
-        print(f"{name or path}: median cosine {h['pooled']['median_cosine']} (patch mean {h['patch_mean']['median_cosine']}), "
-              f"top direction {h['pooled']['top_direction_share']}; probe {h['probe']['test']} vs chance {h['probe']['chance']}")  # fmt: skip
+        print(f"{name or path}: {health_summary(res[name or path])}")
     if args.out:
         atomic_write_json(args.out, res)
         print(f"written: {args.out}")

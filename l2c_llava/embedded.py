@@ -73,14 +73,11 @@ def demo_clip_path(verify: bool = True) -> Path:
 
 @cache
 def _check_digest(path: Path, expected: str) -> None:
-    import hashlib
+    from l2c_llava.io import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != expected:
-        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the shipped demo CLIP's ({expected}); the file "
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ValueError(f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
                          "was changed or damaged: restore it from the repository")  # fmt: skip
 
 

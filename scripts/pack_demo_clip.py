@@ -15,18 +15,15 @@ loader computes in float32. Prints the weights' sha256 for ``l2c_llava.embedded.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from l2c_llava.io import sha256_file
+
+    return sha256_file(path)
 
 
 def training_summary(run: Path) -> dict:

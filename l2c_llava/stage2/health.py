@@ -187,6 +187,14 @@ def patch_probe(
 # ---------------------------------------------------------------------------------------------
 
 
+def health_summary(h: dict) -> str:
+    """One line: the collapse figures and the probe against chance (what `l2c health` prints)."""
+    p = h["probe"]
+    probe = ", ".join(f"{t} {p['test'][t]:.3f} (chance {p['chance'][t]:.3f})" for t in p["test"])
+    return (f"median cosine {h['pooled']['median_cosine']} (mean patch token {h['patch_mean']['median_cosine']}), "
+            f"top direction {h['pooled']['top_direction_share']}; probe: {probe}")  # fmt: skip
+
+
 def read_scenes(data: str | os.PathLike) -> list[dict]:
     path = Path(data) / "scenes.jsonl"
     if not path.is_file():
