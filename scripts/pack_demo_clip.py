@@ -20,12 +20,6 @@ import shutil
 from pathlib import Path
 
 
-def sha256(path: Path) -> str:
-    from l2c_llava.io import sha256_file
-
-    return sha256_file(path)
-
-
 def training_summary(run: Path) -> dict:
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
     stats = json.loads((run / "train_stats.json").read_text())
@@ -120,7 +114,7 @@ def main(argv=None) -> int:
     import yaml
     from transformers import CLIPModel
 
-    from l2c_llava.io import atomic_write_json, atomic_write_text, publish_folder
+    from l2c_llava.io import atomic_write_json, atomic_write_text, publish_folder, sha256_file
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the l2c clip pretrain run folder")
@@ -149,12 +143,12 @@ def main(argv=None) -> int:
                 shutil.copy2(f, tmp / f.name)
         atomic_write_json(tmp / "heldout_metrics.json", heldout)
         atomic_write_json(tmp / "training_summary.json", summary)
-        manifest = {f.name: sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         atomic_write_text(tmp / "SHA256SUMS", "".join(f"{d}  {n}\n" for n, d in manifest.items()))
         atomic_write_text(tmp / "README.md", card(cfg, summary, heldout, manifest, data_manifest))
 
     publish_folder(out, build)
-    print(f"packed {out}; model.safetensors sha256 {sha256(out / 'model.safetensors')}")
+    print(f"packed {out}; model.safetensors sha256 {sha256_file(out / 'model.safetensors')}")
     return 0
 
 
