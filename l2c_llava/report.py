@@ -45,7 +45,7 @@ def _log(path: Path) -> list[dict]:
 
 
 # per-question 0/1 metrics of the local tasks: what the paired test between encoders compares
-PER_QUESTION = {"l2c_vqa": "exact_match", "l2c_pope": "pope_accuracy"}
+PER_QUESTION = {"l2c_vqa": "exact_match", "l2c_vqa_shuffled": "exact_match", "l2c_pope": "pope_accuracy"}
 
 
 def _sample_hits(folder: Path, task: str, metric: str) -> dict[int, bool]:
@@ -84,6 +84,125 @@ def paired_llava(out: Path) -> dict:
         )
         res[task] = row
     return res
+
+
+def _task_rows(out: Path, name: str) -> list[dict]:
+    """The rows a local task was given (``eval/<encoder>/tasks/<task>.jsonl``, the same for both)."""
+    tasks = next((p for p in sorted((out / "eval").glob("*/tasks")) if p.is_dir()), None)
+    f = tasks / f"{name}.jsonl" if tasks else None
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f and f.is_file() else []
+
+
+def _prior_hits(out: Path, vqa: list[dict]) -> list[bool]:
+    """Per l2c_vqa row: whether the blind answer prior (the most frequent training answer of the
+    question's type, from the LLaVA training JSON) is right."""
+    from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
+
+    train = out / "data" / "llava" / "instruct.json"
+    if not vqa or not train.is_file():
+        return []
+    prior = prior_answers(train, vqa)
+    return [normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
+            for q in vqa]  # fmt: skip
+
+
+# what the demo must show of each LLaVA (issue "the demo proves the method")
+READS_IMAGE = {"min_gain_over_shuffled": 0.10, "max_p_shuffled": 0.01, "max_p_prior": 0.05,
+               "min_pope_accuracy": 0.65, "pope_yes_ratio": (0.3, 0.7)}  # fmt: skip
+
+
+def image_use(out: Path) -> dict:
+    """Does each LLaVA read the image? Per encoder, on the same questions: VQA with the right image
+    against the same questions asked about another image (McNemar) and against the blind answer
+    prior (McNemar), and POPE's accuracy and yes ratio; ``reads_image`` when every threshold of
+    ``READS_IMAGE`` is met."""
+    from l2c_llava.stats import paired_comparison, wilson_interval
+
+    vqa_rows = _task_rows(out, "l2c_vqa")
+    prior = _prior_hits(out, vqa_rows)
+    res: dict = {}
+    for enc in ENCODERS:
+        folder = out / "eval" / enc / "lmms_eval"
+        right = _sample_hits(folder, "l2c_vqa", "exact_match")
+        if not right:
+            continue
+        r: dict = {}
+        ids = sorted(right)
+        k = sum(right[i] for i in ids)
+        r["vqa"] = {"accuracy": round(k / len(ids), 4), "n": len(ids),
+                    "ci95": [round(x, 4) for x in wilson_interval(k, len(ids))]}  # fmt: skip
+        other = _sample_hits(folder, "l2c_vqa_shuffled", "exact_match")
+        common = [i for i in ids if i in other]
+        if common:
+            k2 = sum(other[i] for i in common)
+            r["vqa_another_image"] = {"accuracy": round(k2 / len(common), 4), "n": len(common),
+                                      "ci95": [round(x, 4) for x in wilson_interval(k2, len(common))]}  # fmt: skip
+            r["vs_another_image"] = paired_comparison([right[i] for i in common], [other[i] for i in common])
+        if len(prior) > max(ids):
+            kp = sum(prior[i] for i in ids)
+            r["vqa_prior"] = {"accuracy": round(kp / len(ids), 4), "n": len(ids),
+                              "ci95": [round(x, 4) for x in wilson_interval(kp, len(ids))]}  # fmt: skip
+            r["vs_prior"] = paired_comparison([right[i] for i in ids], [prior[i] for i in ids])
+        pope = _sample_hits(folder, "l2c_pope", "pope_accuracy")
+        yes = _sample_hits(folder, "l2c_pope", "pope_yes_ratio")
+        if pope:
+            kp = sum(pope.values())
+            r["pope"] = {"accuracy": round(kp / len(pope), 4), "n": len(pope),
+                         "ci95": [round(x, 4) for x in wilson_interval(kp, len(pope))],
+                         "yes_ratio": round(sum(yes.values()) / len(yes), 4) if yes else None}  # fmt: skip
+        t = READS_IMAGE
+        checks = {}
+        if "vs_another_image" in r:
+            v = r["vs_another_image"]
+            checks["above_another_image"] = (
+                v["gain"] >= t["min_gain_over_shuffled"] and v["p_value"] < t["max_p_shuffled"]
+            )
+        if "vs_prior" in r:
+            v = r["vs_prior"]
+            checks["above_prior"] = v["gain"] > 0 and v["p_value"] < t["max_p_prior"]
+        if "pope" in r:
+            lo, hi = t["pope_yes_ratio"]
+            yr = r["pope"]["yes_ratio"]
+            checks["pope"] = (
+                r["pope"]["accuracy"] >= t["min_pope_accuracy"] and yr is not None and lo <= yr <= hi
+            )
+        r["checks"] = checks
+        r["reads_image"] = bool(checks) and all(checks.values())
+        res[enc] = r
+    return res
+
+
+def _image_use_section(use: dict) -> list[str]:
+    """Does each LLaVA read the image: the right image against another image and the answer prior."""
+    if not use:
+        return []
+    t = READS_IMAGE
+    md = ["### Does each LLaVA read the image?", "",
+          "The same held-out questions asked about their own image, about another test image, and answered by "
+          "the blind prior (the most frequent training answer of the question's type); POPE's yes ratio says "
+          "whether a score comes from always answering one way. 95% Wilson intervals; p: McNemar's exact test "
+          "on the questions only one side gets right.", "",
+          "| encoder | VQA, right image | VQA, another image | gain, p | blind prior | gain, p | POPE accuracy | "
+          "POPE yes ratio | reads the image |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def acc(x):
+        return f"{x['accuracy']:.3f}{_ci3(x['ci95'])} (n {x['n']})" if x else "-"
+
+    def gain(x):
+        return f"{x['gain']:+.3f}, p {x['p_value']:.2g}" if x else "-"
+
+    for enc, r in use.items():
+        pope = r.get("pope") or {}
+        yr = pope.get("yes_ratio")
+        failed = [k for k, ok in r.get("checks", {}).items() if not ok]
+        verdict = "yes" if r.get("reads_image") else ("no: " + ", ".join(failed) if failed else "-")
+        md.append(f"| {'LLM2CLIP' if enc == 'llm2clip' else enc} | {acc(r.get('vqa'))} | {acc(r.get('vqa_another_image'))} | "
+                  f"{gain(r.get('vs_another_image'))} | {acc(r.get('vqa_prior'))} | {gain(r.get('vs_prior'))} | "
+                  f"{acc(pope) if pope else '-'} | {_num(yr, 3)} | {verdict} |")  # fmt: skip
+    md += ["", f"\"Reads the image\" means: at least {100 * t['min_gain_over_shuffled']:.0f} points above another image "
+           f"with p < {t['max_p_shuffled']}, above the prior with p < {t['max_p_prior']}, POPE accuracy at least "
+           f"{t['min_pope_accuracy']} with a yes ratio within {t['pope_yes_ratio'][0]}-{t['pope_yes_ratio'][1]}.", ""]  # fmt: skip
+    return md
 
 
 def _ci(bounds) -> str:
@@ -154,7 +273,8 @@ def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
                   "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json"),
-                  "health": _read(out / "health" / "health.json"), "llava_paired": paired_llava(out)}  # fmt: skip
+                  "health": _read(out / "health" / "health.json"), "llava_paired": paired_llava(out),
+                  "llava_image_use": image_use(out)}  # fmt: skip
     for enc in ENCODERS:
         res = _read(out / "eval" / enc / "results.json")
         data["lmms"][enc] = res["rows"] if res else None
@@ -375,6 +495,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                       f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
                       f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |")  # fmt: skip
     md.append("")
+    md += _image_use_section(data.get("llava_image_use") or {})
 
     # curves
     md += ["## Training curves", ""]

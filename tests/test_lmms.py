@@ -49,7 +49,13 @@ def test_task_aliases_expand_to_lmms_eval_names():
     paper = expand_tasks(["paper"])
     assert {"vqav2_val", "gqa", "textvqa_val", "pope_adv", "mme"} <= set(paper) and "mmvet" not in paper
     assert "mmvet" in expand_tasks(["paper_all"])
-    assert expand_tasks(["local", "l2c_vqa", "gqa"]) == ["l2c_vqa", "l2c_pope", "l2c_caption", "gqa"]
+    assert expand_tasks(["local", "l2c_vqa", "gqa"]) == [
+        "l2c_vqa",
+        "l2c_vqa_shuffled",
+        "l2c_pope",
+        "l2c_caption",
+        "gqa",
+    ]
 
 
 def test_normalize_results_keeps_values_stderr_and_n():
@@ -78,12 +84,12 @@ def tiny_llava(tmp_path_factory):
 
 def test_lmms_eval_runs_for_real_on_the_local_tasks(tmp_path, tiny_llava, synth_dir, capsys):
     out = tmp_path / "eval"
-    args = ["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa,l2c_pope,l2c_caption",
+    args = ["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa,l2c_vqa_shuffled,l2c_pope,l2c_caption",
             "--out", str(out), "--data", str(synth_dir), "--limit", "3", "--task-limit", "l2c_caption=2"]  # fmt: skip
     assert main(args) == 0
     table = json.loads((out / "results.json").read_text())["rows"]
     got = {(r["task"], r["metric"]) for r in table}
-    assert got == {("l2c_vqa", "exact_match"), ("l2c_pope", "pope_accuracy"), ("l2c_pope", "pope_f1"),
+    assert got == {("l2c_vqa", "exact_match"), ("l2c_vqa_shuffled", "exact_match"), ("l2c_pope", "pope_accuracy"), ("l2c_pope", "pope_f1"),
                    ("l2c_pope", "pope_yes_ratio"), ("l2c_caption", "bleu4"), ("l2c_caption", "rougeL")}  # fmt: skip
     assert all(r["n"] == (2 if r["task"] == "l2c_caption" else 3) and 0.0 <= r["value"] <= 1.0 for r in table)
     # lmms-eval's own files are kept as written; its per-sample log agrees with the table
@@ -98,6 +104,26 @@ def test_lmms_eval_runs_for_real_on_the_local_tasks(tmp_path, tiny_llava, synth_
     rows = [json.loads(x) for x in (out / "tasks" / "l2c_vqa.jsonl").read_text().splitlines()]
     assert rows and all(r["image_path"].startswith(str(synth_dir.resolve())) for r in rows)
     assert "| l2c_vqa | exact_match |" in (out / "results.md").read_text()
+    # the shuffled task: the same questions in the same order (they pair up), each on another image
+    other = [json.loads(x) for x in (out / "tasks" / "l2c_vqa_shuffled.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in other] == [r["question_id"] for r in rows]
+    assert all(o["image_path"] != r["image_path"] == o["own_image_path"] for o, r in zip(other, rows))
+
+
+def test_a_task_limit_draws_questions_across_the_file(tmp_path, synth_dir):
+    """A cap draws rows across the file (not the first images' questions), the same draw for l2c_vqa and
+    l2c_vqa_shuffled, in file order."""
+    from l2c_llava.mllm.lmms import local_task_rows, prepare_local_tasks
+
+    every = local_task_rows("l2c_vqa", synth_dir)
+    dest = prepare_local_tasks(["l2c_vqa", "l2c_vqa_shuffled"], synth_dir, tmp_path, limit=5)
+    got = {t: [json.loads(x) for x in (dest / f"{t}.jsonl").read_text().splitlines()]
+           for t in ("l2c_vqa", "l2c_vqa_shuffled")}  # fmt: skip
+    ids = [r["question_id"] for r in got["l2c_vqa"]]
+    assert len(ids) == 5 and ids == [r["question_id"] for r in got["l2c_vqa_shuffled"]]
+    order = [r["question_id"] for r in every]
+    assert [order.index(i) for i in ids] == sorted(order.index(i) for i in ids)
+    assert ids != order[:5] and len({r["image_path"] for r in got["l2c_vqa"]}) > 1
 
 
 def test_lmms_eval_bad_inputs_are_named(tmp_path, tiny_llava, synth_dir, capsys):

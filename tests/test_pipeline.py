@@ -234,3 +234,49 @@ def test_report_pairs_the_two_llavas_question_by_question(tmp_path):
     assert lo < 0.3 < hi
     text = write_report(out).read_text()
     assert "| l2c_vqa (exact_match) | 10 |" in text and "5 / 1" in text
+
+
+def test_report_says_whether_each_llava_reads_the_image(tmp_path):
+    """Right image vs another image (McNemar), vs the blind prior, POPE accuracy and yes ratio, and the
+    verdict against the thresholds: one encoder that reads the image, one that answers blind."""
+    from l2c_llava.report import image_use, write_report
+
+    out = tmp_path / "run"
+    n = 60
+    vqa = [{"question": "What color is the circle?", "answers": ["red" if i % 2 else "blue"], "image_path": "x"}
+           for i in range(n)]  # fmt: skip
+    (out / "data" / "llava").mkdir(parents=True)  # the prior: "red" for colour questions
+    conv = [{"from": "human", "value": "What color is the square?"}, {"from": "gpt", "value": "red"}]
+    (out / "data" / "llava" / "instruct.json").write_text(json.dumps([{"conversations": conv}]))
+    tasks = out / "eval" / "baseline" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "l2c_vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
+    answers = {  # (right image, another image, pope correct, pope said yes)
+        "baseline": (lambda i: i % 10 != 0, lambda i: i % 2 == 1, lambda i: i % 5 != 0, lambda i: i % 2 == 0),
+        "llm2clip": (lambda i: i % 2 == 1, lambda i: i % 2 == 1, lambda i: i % 2 == 0, lambda i: True),
+    }
+    for enc, (right, other, pope_ok, said_yes) in answers.items():
+        folder = out / "eval" / enc / "lmms_eval" / "model"
+        folder.mkdir(parents=True)
+        for task, fn in (("l2c_vqa", right), ("l2c_vqa_shuffled", other)):
+            rows = [{"doc_id": i, "exact_match": float(fn(i))} for i in range(n)]
+            (folder / f"x_samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [{"doc_id": i, "pope_accuracy": float(pope_ok(i)), "pope_yes_ratio": float(said_yes(i))}
+                for i in range(40)]  # fmt: skip
+        (folder / "x_samples_l2c_pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    use = image_use(out)
+    b, l_ = use["baseline"], use["llm2clip"]
+    assert b["vqa"]["accuracy"] == 0.9 and b["vqa_another_image"]["accuracy"] == 0.5
+    assert b["vqa_prior"]["accuracy"] == 0.5  # "red" is right on the odd questions
+    assert (b["vs_another_image"]["wins"], b["vs_another_image"]["losses"]) == (24, 0)
+    assert b["pope"] == {"accuracy": 0.8, "n": 40, "ci95": b["pope"]["ci95"], "yes_ratio": 0.5}
+    assert b["reads_image"] and all(b["checks"].values())
+    assert not l_["reads_image"]  # no better than another image or the prior, and always "yes"
+    assert l_["checks"] == {"above_another_image": False, "above_prior": False, "pope": False}
+    text = write_report(out).read_text()
+    assert "### Does each LLaVA read the image?" in text
+    assert "| baseline | 0.900" in text and "| yes |" in text
+    assert "no: above_another_image, above_prior, pope" in text
+    assert json.loads((out / "report.json").read_text())["numbers"]["llava_image_use"]["baseline"][
+        "reads_image"
+    ]

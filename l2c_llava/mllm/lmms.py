@@ -5,7 +5,8 @@ a child process, so what is measured is what lmms-eval measures. Two kinds of ta
 
 - the paper's benchmarks by their lmms-eval names (``vqav2_val``, ``gqa``, ``pope``, ``mme``, ...),
   which lmms-eval downloads from the Hub (a GPU cluster with internet);
-- the local tasks shipped in ``mllm/tasks`` (``l2c_vqa``, ``l2c_pope``, ``l2c_caption``), which run
+- the local tasks shipped in ``mllm/tasks`` (``l2c_vqa``, ``l2c_vqa_shuffled``, ``l2c_pope``,
+  ``l2c_caption``), which run
   offline on the embedded dataset's eval splits (or any data in the same formats): their rows are
   written as JSONL with each image resolved under the image root, and the task YAMLs are pointed at
   those files in a copy of the task folder inside the output folder.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -30,7 +32,7 @@ from l2c_llava.mllm.evaluate import normalize
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = ROOT / "mllm" / "tasks"
-LOCAL_TASKS = ("l2c_vqa", "l2c_pope", "l2c_caption")
+LOCAL_TASKS = ("l2c_vqa", "l2c_vqa_shuffled", "l2c_pope", "l2c_caption")
 # The paper table's columns by their lmms-eval names (RECIPE.md "Evaluation with lmms-eval"); the
 # last four need a GPT judge (OPENAI_API_KEY). `--tasks paper` / `paper_all` expand to them.
 PAPER_TASKS = ("vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "pope_random", "pope_pop",
@@ -140,6 +142,12 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
         return _rows(data_dir / "eval" / "vqa_test.jsonl", root, lambda r: {
             "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
             "answers": [str(a) for a in (r.get("answers") or [r["answer"]])], "type": str(r.get("type", "all"))})  # fmt: skip
+    if task == "l2c_vqa_shuffled":  # the same questions, each shown another test image
+        from l2c_llava.mllm.evaluate import shifted_images
+
+        rows = local_task_rows("l2c_vqa", data_dir, image_root)
+        other = shifted_images([Path(r["image_path"]) for r in rows])
+        return [r | {"image_path": str(o), "own_image_path": r["image_path"]} for r, o in zip(rows, other)]
     if task == "l2c_pope":
         return _rows(data_dir / "eval" / "pope_test.jsonl", root, lambda r: {
             "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
@@ -170,6 +178,17 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
     raise EvalError(f"unknown local task {task!r}; local tasks are {', '.join(LOCAL_TASKS)}")
 
 
+def spread_sample(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
+    """`cap` rows drawn at random (seeded, in file order) rather than the first `cap`: the first rows
+    are the questions of a few images, which would make the sample one of images, not of questions.
+    The same draw for every task of the same length, so ``l2c_vqa`` and ``l2c_vqa_shuffled`` keep the
+    same questions in the same order (their per-question answers pair up for McNemar's test)."""
+    if cap >= len(rows):
+        return rows
+    keep = sorted(random.Random(f"{seed}-{len(rows)}").sample(range(len(rows)), cap))
+    return [rows[i] for i in keep]
+
+
 def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root: Path | None = None,
                         limit: int | None = None, task_limits: dict[str, int] | None = None) -> Path:  # fmt: skip
     """A copy of ``mllm/tasks`` under ``out/tasks`` whose YAMLs read JSONL files written there."""
@@ -182,7 +201,7 @@ def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root:
         rows = local_task_rows(task, data_dir, image_root)
         cap = (task_limits or {}).get(task, limit)
         if cap:
-            rows = rows[:cap]
+            rows = spread_sample(rows, cap)
         if not rows:
             raise EvalError(f"task {task}: no rows in {data_dir}")
         data = dest / f"{task}.jsonl"
