@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_text
 
 MISSING = object()
@@ -60,7 +61,7 @@ class Problem:
         return f"{self.source}: {where}{val}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(L2CError, ValueError):
     """Raised with every problem found in a config, one per line."""
 
     def __init__(self, problems: Sequence[Problem], path: str | os.PathLike | None = None):

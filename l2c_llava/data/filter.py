@@ -40,12 +40,13 @@ import torch
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, atomic_write_text, sha256_file
 
 logger = logging.getLogger("l2c_llava.filter")
 
 
-class FilterError(ValueError):
+class FilterError(L2CError, ValueError):
     pass
 
 

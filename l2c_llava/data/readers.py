@@ -29,6 +29,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from PIL import Image
 
+from l2c_llava.errors import L2CError
+
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["error", "skip"]
@@ -47,7 +49,7 @@ class RowProblem:
         return f"{self.file}, {self.row}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(L2CError, ValueError):
     """Bad rows in a data file, all of them, each with file and row."""
 
     def __init__(self, problems: Sequence[RowProblem], file: str, total: int | None = None):

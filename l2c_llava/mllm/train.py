@@ -339,7 +339,7 @@ class MllmRecipe:
                 "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        return save_llava(model, processor, self.run_dir / "model", meta)
+        return save_llava(model, processor, self.run_dir / "model", meta, overwrite=True)  # the run's own
 
     def save_projector(self, model) -> Path:
         """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,
@@ -367,7 +367,7 @@ class MllmRecipe:
             model.config.save_pretrained(tmp)
             atomic_write_json(tmp / "l2c_mllm.json", meta)
 
-        return publish_folder(self.run_dir / "projector", build)
+        return publish_folder(self.run_dir / "projector", build, "llava projector", overwrite=True)
 
 
 def _strip_lora(model):
@@ -382,4 +382,7 @@ def _strip_lora(model):
 
 
 def run_mllm(cfg: MllmConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    return MllmRecipe(cfg, source, overrides).run()
+    from l2c_llava.locks import run_lock
+
+    with run_lock(cfg.run.output_dir, f"mllm {cfg.train.stage} run"):  # one writer per run folder
+        return MllmRecipe(cfg, source, overrides).run()

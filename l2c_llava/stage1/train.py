@@ -430,13 +430,14 @@ class Stage1Recipe:
         from safetensors.torch import load_file
 
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        ck = checkpoints.latest()
-        if ck is None:
+        found = checkpoints.latest_intact()  # a damaged latest one: the previous, with a warning
+        if found is None:
             return 0
+        ck, state = found
         set_peft_model_state_dict(
             acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
         )
-        state = checkpoints.restore(ck, opt, sched)
+        state = checkpoints.restore(ck, opt, sched, state)
         if state.get("config_digest") != config_digest(self.cfg):
             logger.warning("resumed %s with a config that differs from the one it was made with", ck)
         return int(state["step"])
@@ -453,4 +454,7 @@ class _nullcontext:
 def run_stage1(cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Entry point of ``l2c stage1``."""
     logger.debug("resolved config:\n%s", dump_config(cfg))
-    return Stage1Recipe(cfg, source, overrides).run()
+    from l2c_llava.locks import run_lock
+
+    with run_lock(cfg.run.output_dir, "stage-1 run"):  # one writer per run folder
+        return Stage1Recipe(cfg, source, overrides).run()
