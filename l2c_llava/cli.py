@@ -334,7 +334,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
             )
         else:
-            out = export.export_llm2clip(args.run, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite)
+            out = export.export_llm2clip(
+                args.run, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
+            )
             print(
                 f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.stage2.llm2clip.LLM2CLIP.from_pretrained)"
             )
@@ -348,7 +350,9 @@ def _cmd_import_llm2clip(args: argparse.Namespace) -> int:
     from l2c_llava.stage2.export import ExportError, import_llm2clip
 
     try:
-        outs = import_llm2clip(args.source, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite)
+        outs = import_llm2clip(
+            args.source, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
+        )
     except (ExportError, FileNotFoundError) as e:
         print(f"l2c import llm2clip: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -489,7 +493,9 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
     from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
 
     try:
-        out = (export_hf if args.format == "hf" else export_original)(args.model, args.out, overwrite=args.overwrite)
+        out = (export_hf if args.format == "hf" else export_original)(
+            args.model, args.out, overwrite=args.overwrite
+        )
     except (LlavaExportError, FileNotFoundError) as e:
         print(f"l2c export llava: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -691,7 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", required=True, help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)"
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export)
     p = exsub.add_parser(
         "llm2clip",
@@ -700,7 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = exsub.add_parser(
@@ -711,7 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder (original format: its name must contain 'llava')"
     )
     p.add_argument("--format", choices=["hf", "original"], default="hf")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export_llava)
 
     mm = sub.add_parser(
@@ -725,7 +743,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a tower saved as pytorch_model.bin (a pickle; loaded with weights_only=True); "
                    "only for files from a source you trust")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_mllm_build)
     for stage, what in (("pretrain", "train the projector on caption pairs (plain template)"),
                         ("finetune", "train projector + LLM (full or LoRA) on instruction data (vicuna_v1)")):  # fmt: skip
@@ -808,7 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
     p.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_search_index)
     p = sesub.add_parser(
         "query", help="top-k images for texts or images; --compare for encoders side by side"
@@ -840,7 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-encoder", default=None, help="the caption-contrastive LLM it pairs with (for text features)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a previous output of this command")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_import_llm2clip)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
@@ -922,7 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except L2CError as e:  # the user can fix it: the message says where and what to do; anything else is a bug
+    except (
+        L2CError
+    ) as e:  # the user can fix it: the message says where and what to do; anything else is a bug
         print(f"l2c {args.command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

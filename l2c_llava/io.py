@@ -118,7 +118,9 @@ def ensure_folder(folder: str | os.PathLike, what: str = "output") -> Path:
         raise OutputError(f"{what} folder {folder}: {folder} (or a folder above it) is an existing file; choose "
                           "another folder") from None  # fmt: skip
     except NotADirectoryError:
-        raise OutputError(f"{what} folder {folder}: a folder above it is an existing file; choose another folder") from None
+        raise OutputError(
+            f"{what} folder {folder}: a folder above it is an existing file; choose another folder"
+        ) from None
     except PermissionError as e:
         raise OutputError(f"{what} folder {folder}: no permission to create it ({e.strerror}: {e.filename}); "
                           "choose a folder you can write to") from None  # fmt: skip
@@ -140,7 +142,9 @@ def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = Fal
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir():
         raise OutputError(f"{out}: {parent} is a file, not a folder; choose another output folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)):
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)
+    ):
         raise OutputError(f"{out}: no permission to write in {parent if parent != out else out.parent}; "
                           "choose a folder you can write to")  # fmt: skip
     if not out.is_dir() or overwrite or not any(out.iterdir()):

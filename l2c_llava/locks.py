@@ -63,7 +63,7 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         who = f"PID {h.get('pid', '?')}" + (f" on {h['host']}" if h.get("host") else "")
         cmd = f" (`{h['command']}`, started {h.get('started', '?')})" if h.get("command") else ""
         raise RunLockedError(f"{folder} is in use by another {what}: {who}{cmd}. Wait for it to finish, stop it, "
-                             "or use another output folder")  # fmt: skip
+                             "or use another output folder") from None  # fmt: skip
     except PermissionError:
         raise RunLockedError(f"{folder}: no permission to create its lock file {LOCK_NAME}; choose a folder "
                              "you can write to") from None  # fmt: skip

@@ -297,7 +297,9 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
     out = Path(out)
     check_output_folder(out, INDEX_KIND, overwrite, legacy_marker="index.json")
     if out.resolve() == root.resolve() or root.resolve().is_relative_to(out.resolve()):
-        raise SearchError(f"--out {out} is the image folder (or holds it); the index needs a folder of its own")
+        raise SearchError(
+            f"--out {out} is the image folder (or holds it); the index needs a folder of its own"
+        )
     old_items: dict[str, tuple[dict, torch.Tensor]] = {}
     if (out / "index.json").is_file():
         old = SearchIndex(out)

@@ -240,7 +240,9 @@ def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
     return model
 
 
-def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False) -> Path:
+def save_llava(
+    model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False
+) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back. The tower's
     weights are stored under ``vision_tower.vision_model.*`` (the llava-hf layout, which transformers

@@ -190,7 +190,9 @@ The folder name must keep "llava" in it (the loader builds a LLaVA model only th
 """
 
 
-def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_original(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False
+) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
 

@@ -70,7 +70,9 @@ def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = F
 
 
 def export_llm2clip(
-    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    text_encoder: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """The whole model (vision + projection + adapter + text encoder reference), release layout."""
@@ -78,13 +80,17 @@ def export_llm2clip(
 
     check_output_folder(out_dir, "llm2clip model", overwrite)  # before any model loads
     try:
-        return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(out_dir, overwrite=overwrite)
+        return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(
+            out_dir, overwrite=overwrite
+        )
     except LLM2CLIPLoadError as e:
         raise ExportError(str(e)) from None
 
 
 def import_llm2clip(
-    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    text_encoder: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """A released LLM2CLIP checkpoint folder (read as data: its remote code is never run) -> OUT/vision

@@ -165,9 +165,13 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
                 raise VisionTowerError(f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
                                  "is damaged or not safetensors: export or download it again") from None  # fmt: skip
     elif pickles:
-        logger.warning("vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0])
+        logger.warning(
+            "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
+        )
     cls = CLIPModel if cfg.model_type == "clip" else CLIPVisionModel
-    model = cls.from_pretrained(path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors))
+    model = cls.from_pretrained(
+        path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors)
+    )
     return model.vision_model if cfg.model_type == "clip" else model
 
 
