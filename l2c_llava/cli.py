@@ -511,10 +511,12 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
 def _cmd_data_filter(args: argparse.Namespace) -> int:
     from l2c_llava.data.filter import FilterError, filter_captions
     from l2c_llava.data.readers import DataError
+    from l2c_llava.io import check_output_file
     from l2c_llava.search import Encoder, SearchError
     from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
     threshold = None if args.threshold == "auto" else float(args.threshold)
+    check_output_file(args.out)  # before the model loads and the rows are scored
     try:
         encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
         r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
@@ -894,7 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["pairs", "karpathy", "long", "llava"])
     p.add_argument("--image-root", type=Path, default=None)
     p.add_argument("--split", default="test", help="Karpathy split to check")
-    p.add_argument("--image-check", default="header", choices=["none", "exists", "header", "decode"])
+    p.add_argument("--image-check", default="decode", choices=["none", "exists", "header", "decode"],
+                   help="decode (default): every image fully decoded, finds truncated files; header: faster")  # fmt: skip
     p.set_defaults(func=_cmd_check)
 
     p = dsub.add_parser(

@@ -129,6 +129,21 @@ def ensure_folder(folder: str | os.PathLike, what: str = "output") -> Path:
     return folder
 
 
+def check_output_file(out: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work, an output file whose folder does not exist or cannot be written, or
+    that names a folder."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OutputError(f"{what} {out} is a folder; give the path of a file to write")
+    if not parent.is_dir():
+        raise OutputError(f"{what} {out}: the folder {parent} does not exist{' (it is a file)' if parent.exists() else ''}; "
+                          f"create it first (mkdir -p {parent}) or choose another path")  # fmt: skip
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OutputError(f"{what} {out}: no permission to write there; choose a path you can write to")
+    return out
+
+
 def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = False,
                         legacy_marker: str | None = None) -> Path:  # fmt: skip
     """Refuse, before any work, an output folder `publish_folder` could not fill without losing

@@ -195,9 +195,14 @@ class MllmRecipe:
 
     # -- data --------------------------------------------------------------------------------------
 
-    def build_data(self, processor, model):
+    def read_rows(self):
+        """Every row checked (and every image, at data.image_check) before any model loads."""
         d = self.cfg.data
-        rows = read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
+        return read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
+
+    def build_data(self, processor, model, rows=None):
+        d = self.cfg.data
+        rows = rows if rows is not None else self.read_rows()
         n_img = image_tokens_of(model.config)
         if d.max_length <= n_img:
             raise ValueError(
@@ -230,8 +235,9 @@ class MllmRecipe:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
                              f"x processes ({t.per_device_batch_size} x {world})")  # fmt: skip
         accum = t.global_batch_size // (t.per_device_batch_size * world)
+        rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
         model, processor = self.build()
-        ds = self.build_data(processor, model)
+        ds = self.build_data(processor, model, rows)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
