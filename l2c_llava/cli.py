@@ -103,6 +103,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     for p in skipped:
         print(f"BAD  {p}")
+    for w in getattr(res, "warnings", []) if args.format in ("pairs", "llava") else []:
+        print(f"WARNING  {w}", file=sys.stderr)
     print(f"{args.file}: {n} good, {len(skipped)} bad of {total}", file=sys.stderr)
     return EXIT_BAD_INPUT if skipped else 0
 
@@ -533,9 +535,17 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_index(args: argparse.Namespace) -> int:
-    from l2c_llava.search import Encoder, SearchError, build_index
+    from l2c_llava.io import check_output_folder
+    from l2c_llava.search import INDEX_KIND, Encoder, SearchError, build_index
     from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
+    if Path(args.images).resolve().is_relative_to(Path(args.out).resolve()):
+        raise SearchError(
+            f"--out {args.out} is the image folder (or holds it); the index needs a folder of its own"
+        )
+    check_output_folder(
+        args.out, INDEX_KIND, args.overwrite, legacy_marker="index.json"
+    )  # before the encoder loads
     try:
         encoder = Encoder(args.encoder, text_encoder=args.text_encoder, batch_size=args.batch_size)
         summary = build_index(args.images, encoder, args.out, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,

@@ -73,7 +73,14 @@ class ConfigError(L2CError, ValueError):
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A repr cut to `limit` characters, built with bounded depth and width: a YAML alias bomb (a few
+    lines that expand to billions of items) must not take minutes to print."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 4, 8, 8, 8, 8
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
