@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.config import Stage1Config, dump_config
-from l2c_llava.data.readers import read_caption_pairs, read_karpathy
+from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
 from l2c_llava.io import atomic_write_json
 from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.runs import prepare_run_dir
@@ -223,7 +223,7 @@ class Stage1Recipe:
             return out
         if cfg.mntp.text:
             texts = texts + [
-                t for t in Path(cfg.mntp.text).read_text(encoding="utf-8").splitlines() if t.strip()
+                t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
             ]
         src = self.base_source()
         lm, tok, _, _ = _load_base(src, bidirectional=True, torch_dtype=_resolve_dtype(m.torch_dtype, str(acc.device)),
