@@ -439,6 +439,11 @@ def test_second_run_in_a_folder_stops_at_once_with_the_holders_pid(tmp_path, cap
         )
         err = capsys.readouterr().err
         assert code == 2 and f"PID {p.pid}" in err
+        code = main(
+            ["pipeline", "--config", str(ROOT / "pipeline/configs/quick.yaml"), f"run.output_dir={run}"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and f"{run} is in use by another stage-2 run: PID {p.pid}" in err
         with run_lock(run / "stage1"):  # a sub-folder has its own lock: the pipeline's children run
             pass
     finally:
