@@ -968,7 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         L2CError
     ) as e:  # the user can fix it: the message says where and what to do; anything else is a bug
-        print(f"l2c {args.command}: {e}", file=sys.stderr)
+        sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
+        print(f"l2c {' '.join([args.command, *sub])}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
