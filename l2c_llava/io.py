@@ -189,6 +189,15 @@ def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = Fal
                       "pass --overwrite to replace it")  # fmt: skip
 
 
+def _tmp_prefix(out: Path, pid: int | None = None) -> str:
+    """``.NAME.l2c-tmp-PID-HOST-``: HOST (a short hash of the host name) keeps a run on one machine from
+    taking another machine's live temporary folder on a shared disk for a dead one."""
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{out.name}.l2c-tmp-{os.getpid() if pid is None else pid}-{host}-"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -200,8 +209,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_interrupted(out: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders that killed publishes of `out` left behind (``.NAME.l2c-tmp-PID-*``
-    siblings whose process is gone); returns them."""
+    """Remove the temporary folders that killed publishes of `out` on this machine left behind
+    (``.NAME.l2c-tmp-PID-HOST-*`` siblings whose process is gone); returns them. A previous output set
+    aside by a publish killed between its two renames is put back instead."""
     import shutil
 
     out = Path(out)
@@ -210,7 +220,9 @@ def clean_interrupted(out: str | os.PathLike) -> list[Path]:
         return removed
     for p in out.parent.glob(f".{out.name}.l2c-tmp-*"):
         pid = p.name[len(f".{out.name}.l2c-tmp-") :].split("-", 1)[0]
-        if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if not (pid.isdigit() and p.name.startswith(_tmp_prefix(out, int(pid)))):
+            continue  # not ours, or another machine's
+        if p.is_dir() and not _pid_alive(int(pid)):
             if p.name.endswith("-old") and not out.exists():  # killed between the two renames
                 p.rename(out)
                 continue
@@ -234,14 +246,14 @@ def publish_folder(out: str | os.PathLike, build, kind: str = "output", overwrit
     for p in clean_interrupted(out):
         logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.l2c-tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         follow_umask(tmp, folder=True)
         build(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
         if out.exists():
-            old = out.parent / f".{out.name}.l2c-tmp-{os.getpid()}-old"
+            old = out.parent / (_tmp_prefix(out) + "old")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)  # rename, then remove: a kill between the two loses nothing
             tmp.rename(out)

@@ -352,17 +352,21 @@ def _dead_pid() -> int:
 
 def test_killed_publish_temp_folder_is_cleaned_next_run(tmp_path, caplog):
     out = tmp_path / "llava"
-    left = tmp_path / f".llava.l2c-tmp-{_dead_pid()}-abc123"
+    left = tmp_path / (l2c_io._tmp_prefix(tmp_path / "llava", _dead_pid()) + "abc123")
     (left / "sub").mkdir(parents=True)
     (left / "sub" / "model.safetensors").write_bytes(b"0" * 1000)
+    live = tmp_path / (l2c_io._tmp_prefix(out) + "live")  # a publish still running (this process)
+    live.mkdir()
     mine = tmp_path / ".llava.notes"  # a hidden sibling the toolkit did not write
     mine.write_text("keep")
     with caplog.at_level(logging.WARNING):
         l2c_io.publish_folder(out, lambda tmp: (tmp / "config.json").write_text("{}"), "llava model")
-    assert not left.exists() and mine.read_text() == "keep" and (out / "config.json").is_file()
+    assert (
+        not left.exists() and live.is_dir() and mine.read_text() == "keep" and (out / "config.json").is_file()
+    )
     assert "left by an interrupted earlier run" in caplog.text
     # killed between the two renames of a replace: the previous output is put back, not removed
-    old = tmp_path / f".llava.l2c-tmp-{_dead_pid()}-old"
+    old = tmp_path / (l2c_io._tmp_prefix(out, _dead_pid()) + "old")
     out.rename(old)
     assert l2c_io.clean_interrupted(out) == [] and (out / "config.json").is_file()
 
