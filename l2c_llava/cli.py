@@ -103,6 +103,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     for p in skipped:
         print(f"BAD  {p}")
+    for w in getattr(res, "warnings", []) if args.format in ("pairs", "llava") else []:
+        print(f"WARNING  {w}", file=sys.stderr)
     print(f"{args.file}: {n} good, {len(skipped)} bad of {total}", file=sys.stderr)
     return EXIT_BAD_INPUT if skipped else 0
 
@@ -329,12 +331,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         if args.export_command == "vision":
-            out = export.export_vision(args.run, args.out)
+            out = export.export_vision(args.run, args.out, overwrite=args.overwrite)
             print(
                 f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
             )
         else:
-            out = export.export_llm2clip(args.run, args.out, text_encoder=args.text_encoder)
+            out = export.export_llm2clip(
+                args.run, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
+            )
             print(
                 f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.stage2.llm2clip.LLM2CLIP.from_pretrained)"
             )
@@ -348,7 +352,9 @@ def _cmd_import_llm2clip(args: argparse.Namespace) -> int:
     from l2c_llava.stage2.export import ExportError, import_llm2clip
 
     try:
-        outs = import_llm2clip(args.source, args.out, text_encoder=args.text_encoder)
+        outs = import_llm2clip(
+            args.source, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
+        )
     except (ExportError, FileNotFoundError) as e:
         print(f"l2c import llm2clip: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -394,12 +400,15 @@ def _cmd_mllm_train(args: argparse.Namespace) -> int:
 def _cmd_mllm_build(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
-    from l2c_llava.mllm.build import BuildError, build_llava, save_llava
+    from l2c_llava.io import check_output_folder
+    from l2c_llava.mllm.build import LLAVA_KIND, META, BuildError, build_llava, save_llava
     from l2c_llava.stage1.encoder import EncoderLoadError
 
+    check_output_folder(args.out, LLAVA_KIND, args.overwrite, legacy_marker=META)  # before the models load
     try:
-        model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None))
-        out = save_llava(model, processor, args.out, {"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
+        model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None),
+                                       allow_pickle=args.allow_pickle)  # fmt: skip
+        out = save_llava(model, processor, args.out, overwrite=args.overwrite, meta={"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
                                                       "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
     except (BuildError, EncoderLoadError, FileNotFoundError) as e:
         print(f"l2c mllm build: {e}", file=sys.stderr)
@@ -486,7 +495,9 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
     from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
 
     try:
-        out = (export_hf if args.format == "hf" else export_original)(args.model, args.out)
+        out = (export_hf if args.format == "hf" else export_original)(
+            args.model, args.out, overwrite=args.overwrite
+        )
     except (LlavaExportError, FileNotFoundError) as e:
         print(f"l2c export llava: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -502,10 +513,12 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
 def _cmd_data_filter(args: argparse.Namespace) -> int:
     from l2c_llava.data.filter import FilterError, filter_captions
     from l2c_llava.data.readers import DataError
+    from l2c_llava.io import check_output_file
     from l2c_llava.search import Encoder, SearchError
     from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
     threshold = None if args.threshold == "auto" else float(args.threshold)
+    check_output_file(args.out)  # before the model loads and the rows are scored
     try:
         encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
         r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
@@ -522,13 +535,21 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_index(args: argparse.Namespace) -> int:
-    from l2c_llava.search import Encoder, SearchError, build_index
+    from l2c_llava.io import check_output_folder
+    from l2c_llava.search import INDEX_KIND, Encoder, SearchError, build_index
     from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
+    if Path(args.images).resolve().is_relative_to(Path(args.out).resolve()):
+        raise SearchError(
+            f"--out {args.out} is the image folder (or holds it); the index needs a folder of its own"
+        )
+    check_output_folder(
+        args.out, INDEX_KIND, args.overwrite, legacy_marker="index.json"
+    )  # before the encoder loads
     try:
         encoder = Encoder(args.encoder, text_encoder=args.text_encoder, batch_size=args.batch_size)
         summary = build_index(args.images, encoder, args.out, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
-                              hnsw_m=args.hnsw_m, ef_search=args.ef_search)  # fmt: skip
+                              hnsw_m=args.hnsw_m, ef_search=args.ef_search, overwrite=args.overwrite)  # fmt: skip
     except (SearchError, LLM2CLIPLoadError, FileNotFoundError) as e:
         print(f"l2c search index: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -688,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", required=True, help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)"
     )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export)
     p = exsub.add_parser(
         "llm2clip",
@@ -696,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = exsub.add_parser(
@@ -706,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder (original format: its name must contain 'llava')"
     )
     p.add_argument("--format", choices=["hf", "original"], default="hf")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_export_llava)
 
     mm = sub.add_parser(
@@ -716,6 +752,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder")
     p.add_argument("--llm", required=True, help="LLM folder, .gguf file or embedded:smollm2-135m-instruct")
     p.add_argument("--out", required=True)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a tower saved as pytorch_model.bin (a pickle; loaded with weights_only=True); "
+                   "only for files from a source you trust")  # fmt: skip
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_mllm_build)
     for stage, what in (("pretrain", "train the projector on caption pairs (plain template)"),
                         ("finetune", "train projector + LLM (full or LoRA) on instruction data (vicuna_v1)")):  # fmt: skip
@@ -798,6 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
     p.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_search_index)
     p = sesub.add_parser(
         "query", help="top-k images for texts or images; --compare for encoders side by side"
@@ -829,6 +878,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-encoder", default=None, help="the caption-contrastive LLM it pairs with (for text features)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not a previous output of this command",
+    )
     p.set_defaults(func=_cmd_import_llm2clip)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
@@ -852,7 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["pairs", "karpathy", "long", "llava"])
     p.add_argument("--image-root", type=Path, default=None)
     p.add_argument("--split", default="test", help="Karpathy split to check")
-    p.add_argument("--image-check", default="header", choices=["none", "exists", "header", "decode"])
+    p.add_argument("--image-check", default="decode", choices=["none", "exists", "header", "decode"],
+                   help="decode (default): every image fully decoded, finds truncated files; header: faster")  # fmt: skip
     p.set_defaults(func=_cmd_check)
 
     p = dsub.add_parser(
@@ -906,12 +961,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from l2c_llava.memory import MemorySaverError
+    from l2c_llava.errors import L2CError
 
     try:
         return args.func(args)
-    except MemorySaverError as e:  # a memory-saving switch that cannot run on this machine
-        print(f"l2c {args.command}: {e}", file=sys.stderr)
+    except (
+        L2CError
+    ) as e:  # the user can fix it: the message says where and what to do; anything else is a bug
+        sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
+        print(f"l2c {' '.join([args.command, *sub])}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

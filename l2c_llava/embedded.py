@@ -181,6 +181,9 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     plain.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    from l2c_llava.io import follow_umask
+
+    follow_umask(tmp, folder=True)  # mkdtemp's 0700 would hide the converted model from other users
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(src) + "\n")

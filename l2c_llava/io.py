@@ -15,6 +15,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from l2c_llava.errors import OutputError
+
+OUTPUT_MARKER = ".l2c_output.json"  # written by publish_folder: what kind of output, which files
+_UMASK: int | None = None
+
+
+def umask() -> int:
+    """The process umask (read once: os.umask can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a file made by mkstemp (0600) or a folder made by mkdtemp (0700) the mode an ordinary
+    open()/mkdir() would have given it, so teammates can read what the user's umask lets them."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
@@ -22,6 +42,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -87,20 +108,158 @@ def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
     return h.hexdigest()
 
 
-def publish_folder(out: str | os.PathLike, build) -> Path:
-    """Build a folder in a temporary sibling (``build(tmp)`` writes and checks it), then move it into
-    place, replacing `out`: a failed or killed build leaves the previous folder untouched."""
+def ensure_folder(folder: str | os.PathLike, what: str = "output") -> Path:
+    """Create `folder` (and its parents), or say plainly why it cannot be: an existing file in the
+    way, or no permission."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{what} folder {folder}: {folder} (or a folder above it) is an existing file; choose "
+                          "another folder") from None  # fmt: skip
+    except NotADirectoryError:
+        raise OutputError(
+            f"{what} folder {folder}: a folder above it is an existing file; choose another folder"
+        ) from None
+    except PermissionError as e:
+        raise OutputError(f"{what} folder {folder}: no permission to create it ({e.strerror}: {e.filename}); "
+                          "choose a folder you can write to") from None  # fmt: skip
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} folder {folder} is not writable; choose a folder you can write to")
+    return folder
+
+
+def check_output_file(out: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse, before any work, an output file whose folder does not exist or cannot be written, or
+    that names a folder."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OutputError(f"{what} {out} is a folder; give the path of a file to write")
+    if not parent.is_dir():
+        raise OutputError(f"{what} {out}: the folder {parent} does not exist{' (it is a file)' if parent.exists() else ''}; "
+                          f"create it first (mkdir -p {parent}) or choose another path")  # fmt: skip
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OutputError(f"{what} {out}: no permission to write there; choose a path you can write to")
+    return out
+
+
+def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = False,
+                        legacy_marker: str | None = None) -> Path:  # fmt: skip
+    """Refuse, before any work, an output folder `publish_folder` could not fill without losing
+    something: an existing file, a folder that cannot be written, or a non-empty folder that is not a
+    previous output of this `kind` (recognised by the marker publish_folder writes, or by
+    `legacy_marker`, the kind's own metadata file in outputs made before the marker existed) unless
+    `overwrite`. A previous output holding files it did not write is refused too: they would be lost."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is an existing file, not a folder; choose another output folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise OutputError(f"{out}: {parent} is a file, not a folder; choose another output folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)
+    ):
+        raise OutputError(f"{out}: no permission to write in {parent if parent != out else out.parent}; "
+                          "choose a folder you can write to")  # fmt: skip
+    if not out.is_dir() or overwrite or not any(out.iterdir()):
+        return out
+    marker = out / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("kind") != kind:
+            raise OutputError(f"{out} holds a {meta.get('kind', 'unknown')!r} output, not a {kind!r} one; choose "
+                              "another output folder, or pass --overwrite to replace it")  # fmt: skip
+        known = set(meta.get("files", [])) | {OUTPUT_MARKER}
+        extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                       and str(p.relative_to(out)) not in known)  # fmt: skip
+        if extra:
+            raise OutputError(f"{out} is a previous {kind} output, but holds files it did not write "
+                              f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}): they would be lost. "
+                              "Move them away, or pass --overwrite to replace the folder anyway")  # fmt: skip
+        return out
+    if legacy_marker and (out / legacy_marker).is_file():
+        return out
+    shown = sorted(p.name for p in out.iterdir())
+    raise OutputError(f"{out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}) and is not a "
+                      f"previous {kind} output: refusing to replace it. Choose a new or empty output folder, or "
+                      "pass --overwrite to replace it")  # fmt: skip
+
+
+def _tmp_prefix(out: Path, pid: int | None = None) -> str:
+    """``.NAME.l2c-tmp-PID-HOST-``: HOST (a short hash of the host name) keeps a run on one machine from
+    taking another machine's live temporary folder on a shared disk for a dead one."""
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{out.name}.l2c-tmp-{os.getpid() if pid is None else pid}-{host}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_interrupted(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that killed publishes of `out` on this machine left behind
+    (``.NAME.l2c-tmp-PID-HOST-*`` siblings whose process is gone); returns them. A previous output set
+    aside by a publish killed between its two renames is put back instead."""
     import shutil
-    import tempfile
 
     out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{out.name}.l2c-tmp-*"):
+        pid = p.name[len(f".{out.name}.l2c-tmp-") :].split("-", 1)[0]
+        if not (pid.isdigit() and p.name.startswith(_tmp_prefix(out, int(pid)))):
+            continue  # not ours, or another machine's
+        if p.is_dir() and not _pid_alive(int(pid)):
+            if p.name.endswith("-old") and not out.exists():  # killed between the two renames
+                p.rename(out)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def publish_folder(out: str | os.PathLike, build, kind: str = "output", overwrite: bool = False,
+                   legacy_marker: str | None = None) -> Path:  # fmt: skip
+    """Build a folder in a temporary sibling (``build(tmp)`` writes and checks it), then move it into
+    place: a failed or killed build leaves the previous folder untouched, and the next publish removes
+    the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output
+    of this `kind`, which is replaced, or a new or empty folder; anything else only with `overwrite`).
+    The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask."""
+    import logging
+    import shutil
+
+    out = Path(out)
+    check_output_folder(out, kind, overwrite, legacy_marker)
+    for p in clean_interrupted(out):
+        logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
+        follow_umask(tmp, folder=True)
         build(tmp)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            old = out.parent / (_tmp_prefix(out) + "old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)  # rename, then remove: a kill between the two loses nothing
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from l2c_llava.errors import L2CError
 
-class MemorySaverError(RuntimeError):
+
+class MemorySaverError(L2CError, RuntimeError):
     """A memory-saving switch that cannot work here; names the config key and what to do."""
 
 

@@ -33,13 +33,14 @@ from l2c_llava.config import load_config
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.embedded import resolve_vision_path
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.training import RESUME_FREE
 
 ENCODERS = ("baseline", "llm2clip")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(L2CError, RuntimeError):
     pass
 
 
@@ -287,8 +288,6 @@ class Pipeline:
             raise PipelineError(f"step command failed (exit {rc}): {' '.join(argv)}")
 
     def run(self, dry_run: bool = False, echo=print) -> dict:
-        from l2c_llava.runs import versions
-
         state = self.load_state()
         state.setdefault("steps", {})
         state.update(config=self.source, overrides=self.overrides, scale=self.cfg.scale)
@@ -298,7 +297,16 @@ class Pipeline:
             for i, (s, d) in enumerate(plan, 1):
                 echo(f"[{i}/{n}] {s.name:18s} {d:6s} {s.title}")
             return {s.name: d for s, d in plan}
-        self.out.mkdir(parents=True, exist_ok=True)
+        from l2c_llava.locks import run_lock
+
+        # one pipeline per folder; the steps it runs lock their own sub-folders, not this one
+        with run_lock(self.out, "pipeline"):
+            return self._run_plan(plan, state, echo)
+
+    def _run_plan(self, plan: list, state: dict, echo) -> dict:
+        from l2c_llava.runs import versions
+
+        n = len(plan)
         state["versions"] = versions()
         t0 = time.time()
         ran: dict[str, str] = {}

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava.data.images import ImageError, load_rgb
-from l2c_llava.io import atomic_write_json, publish_folder
+from l2c_llava.errors import L2CError
+from l2c_llava.io import atomic_write_json, check_output_folder, publish_folder
 
 logger = logging.getLogger("l2c_llava.search")
 
@@ -44,8 +45,10 @@ FORMAT = "l2c-llava search v1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KINDS = ("flat", "ivf", "hnsw")
 
+INDEX_KIND = "search index"
 
-class SearchError(ValueError):
+
+class SearchError(L2CError, ValueError):
     """A bad index, encoder or query; the message names it and says what to do."""
 
 
@@ -280,8 +283,9 @@ class SearchIndex:
 
 def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.PathLike, kind: str = "flat",
                 nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 64,
-                progress: bool = True) -> dict:  # fmt: skip
-    """Index (or update the index of) every image under `image_root`. Returns a summary."""
+                progress: bool = True, overwrite: bool = False) -> dict:  # fmt: skip
+    """Index (or update the index of) every image under `image_root`. Returns a summary. `out` is a new
+    or empty folder or a previous index (anything else only with `overwrite`), checked before any work."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -291,6 +295,11 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
     if not root.is_dir():
         raise SearchError(f"image folder {root} does not exist")
     out = Path(out)
+    check_output_folder(out, INDEX_KIND, overwrite, legacy_marker="index.json")
+    if out.resolve() == root.resolve() or root.resolve().is_relative_to(out.resolve()):
+        raise SearchError(
+            f"--out {out} is the image folder (or holds it); the index needs a folder of its own"
+        )
     old_items: dict[str, tuple[dict, torch.Tensor]] = {}
     if (out / "index.json").is_file():
         old = SearchIndex(out)
@@ -347,7 +356,7 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
             _faiss().write_index(index, str(tmp / "index.faiss"))
         atomic_write_json(tmp / "index.json", meta)
 
-    publish_folder(out, write)
+    publish_folder(out, write, INDEX_KIND, overwrite, legacy_marker="index.json")
     return {"count": len(items), "embedded": len(new_items), "reused": len(keep), "removed": removed,
             "skipped": len(skipped), "kind": kind, "params": params, "recall_vs_exact": recall["recall"],
             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip

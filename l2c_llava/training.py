@@ -142,6 +142,46 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
+    def latest_intact(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint whose files all read back, with its trainer state; None when there is
+        none. A damaged one (a disk filled up, a copy cut short) is set aside as ``damaged-step-N`` (kept,
+        not deleted, and out of the rotation) and the previous one is used, with a warning that says so."""
+        from safetensors import safe_open
+
+        found = self.all()
+        damaged = []
+        for ck in reversed(found):
+            try:
+                for f in sorted(ck.rglob("*.safetensors")):
+                    with safe_open(str(f), framework="pt") as st:
+                        for k in st.keys():
+                            st.get_slice(k)
+                state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("trainer_state.pt holds no step")
+            except Exception as e:  # noqa: BLE001 - any read failure means: do not resume from it
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                aside = ck.with_name(f"damaged-{ck.name}")
+                try:  # another process of the same launch may have moved it already
+                    shutil.rmtree(aside, ignore_errors=True)
+                    ck.rename(aside)
+                except OSError:
+                    pass
+                damaged.append(ck.name)
+                logger.warning("checkpoint %s cannot be read (%s); moved to %s and trying the previous one",
+                               ck, reason, aside.name)  # fmt: skip
+                continue
+            if damaged:
+                logger.warning("resuming from %s: the later checkpoint(s) %s are damaged (kept as damaged-*)",
+                               ck, ", ".join(damaged))  # fmt: skip
+            return ck, state
+        if damaged:
+            from l2c_llava.errors import L2CError
+
+            raise L2CError(f"{self.root}: every checkpoint is damaged ({', '.join(damaged)}, now damaged-*); set "
+                           "run.resume=false to start over, or use a new run.output_dir")  # fmt: skip
+        return None
+
     def save(
         self, step: int, write_weights: Callable[[Path], None], opt, sched, extra: dict | None = None
     ) -> Path:
@@ -176,9 +216,10 @@ class Checkpoints:
         optimizer state; 0 when there is none. Other tensor names or shapes are refused with the reason."""
         from safetensors.torch import load_file
 
-        ck = self.latest()
-        if ck is None:
+        found = self.latest_intact()
+        if found is None:
             return 0
+        ck, trainer_state = found
         state = load_file(str(ck / name))
         if set(state) != set(own):
             extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
@@ -190,11 +231,13 @@ class Checkpoints:
             raise ValueError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
                              "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
         model.load_state_dict(state, strict=False)
-        return int(self.restore(ck, opt, sched)["step"])
+        return int(self.restore(ck, opt, sched, trainer_state)["step"])
 
-    def restore(self, ck: Path, opt, sched) -> dict:
-        """Load optimizer, scheduler and RNG states from `ck`; returns the whole trainer state."""
-        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+    def restore(self, ck: Path, opt, sched, state: dict | None = None) -> dict:
+        """Load optimizer, scheduler and RNG states from `ck` (or the `state` already read from it);
+        returns the whole trainer state."""
+        if state is None:
+            state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

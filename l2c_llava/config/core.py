@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_text
 
 MISSING = object()
@@ -60,7 +61,7 @@ class Problem:
         return f"{self.source}: {where}{val}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(L2CError, ValueError):
     """Raised with every problem found in a config, one per line."""
 
     def __init__(self, problems: Sequence[Problem], path: str | os.PathLike | None = None):
@@ -72,7 +73,14 @@ class ConfigError(ValueError):
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A repr cut to `limit` characters, built with bounded depth and width: a YAML alias bomb (a few
+    lines that expand to billions of items) must not take minutes to print."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 4, 8, 8, 8, 8
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from l2c_llava.errors import L2CError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageError(ValueError):
+class ImageError(L2CError, ValueError):
     """An image that cannot be decoded; the message names it."""
 
 

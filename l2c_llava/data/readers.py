@@ -29,12 +29,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 from PIL import Image
 
+from l2c_llava.errors import L2CError
+
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["error", "skip"]
 ImageCheck = Literal["none", "exists", "header", "decode"]
 T = TypeVar("T")
 SHOW = 20  # problems printed in an error message; the full list is on the exception
+LONG_CAPTION = 20_000  # characters: a caption this long is almost surely a data error (warned, kept)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,11 @@ class RowProblem:
         return f"{self.file}, {self.row}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(L2CError, ValueError):
     """Bad rows in a data file, all of them, each with file and row."""
 
-    def __init__(self, problems: Sequence[RowProblem], file: str, total: int | None = None):
+    def __init__(self, problems: Sequence[RowProblem], file: str, total: int | None = None,
+                 hint: str | None = None):  # fmt: skip
         self.problems = list(problems)
         self.file = file
         n = len(self.problems)
@@ -62,7 +66,7 @@ class DataError(ValueError):
         lines = [f"  - {p.row}: {p.message}" for p in self.problems[:SHOW]]
         if n > SHOW:
             lines.append(f"  ... and {n - SHOW} more (DataError.problems has them all)")
-        hint = "Fix the rows, or set on_bad_row: skip (config key data.on_bad_row) to drop them."
+        hint = hint or "Fix the rows, or set on_bad_row: skip (config key data.on_bad_row) to drop them."
         super().__init__(f"{head}:\n" + "\n".join(lines) + f"\n{hint}")
 
 
@@ -74,6 +78,9 @@ class Loaded(Generic[T]):
     source: str
     total: int
     skipped: list[RowProblem] = field(default_factory=list)
+    warnings: list[str] = field(
+        default_factory=list
+    )  # kept rows that look wrong (long captions, duplicate ids)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,9 +160,41 @@ def _row_order(p: RowProblem) -> tuple[int, str]:
     return (int(digits[-1]) if digits else -1, p.row)
 
 
+def _no_rows(file: str) -> DataError:
+    return DataError([RowProblem(file, "file", "it holds no rows (the file is empty)")], file, None,
+                     hint="Point the config (or the command) at the data file that holds the rows.")  # fmt: skip
+
+
+def data_warnings(file: str, captions: Iterable[tuple[str, str]] = (), ids: Iterable[tuple[str, str]] = (),
+                  id_name: str = "id") -> list[str]:  # fmt: skip
+    """Warnings (not errors) for rows that load but look wrong: captions over LONG_CAPTION characters
+    and repeated ids, each with a count and the first rows. Logged, and returned for ``l2c data check``."""
+    out = []
+    long = [(row, n) for row, text in captions if (n := len(text)) > LONG_CAPTION]
+    if long:
+        first = ", ".join(f"{row} ({n:,} chars)" for row, n in long[:3])
+        out.append(f"{file}: {len(long)} caption(s) longer than {LONG_CAPTION:,} characters (first: {first}); "
+                   "they are truncated to the model's max length - check the file")  # fmt: skip
+    seen: dict[str, str] = {}
+    dups = []
+    for row, key in ids:
+        if key in seen:
+            dups.append(f"{row} repeats {seen[key]} ({key!r})")
+        else:
+            seen[key] = row
+    if dups:
+        out.append(f"{file}: {len(dups)} row(s) with a duplicate {id_name} (first: {'; '.join(dups[:3])}); "
+                   "a repeated row counts twice in training and evaluation")  # fmt: skip
+    for w in out:
+        logger.warning("%s", w)
+    return out
+
+
 def _finish(items: list, problems: list[RowProblem], file: str, total: int, on_bad_row: OnBadRow) -> Loaded:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if total == 0:
+        raise _no_rows(file)
     problems = sorted(problems, key=_row_order)
     if problems and on_bad_row == "error":
         raise DataError(problems, file, total)
@@ -169,9 +208,11 @@ def _finish(items: list, problems: list[RowProblem], file: str, total: int, on_b
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _no_rows(str(path))
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(_decode(raw, str(path)))
     except json.JSONDecodeError as e:
         raise DataError(
             [RowProblem(str(path), f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")],
@@ -204,20 +245,43 @@ class CaptionPair:
     image_path: Path | None = None  # resolved under the root; None when no root was given
 
 
+def _decode(raw: bytes, file: str) -> str:
+    """UTF-8 text of a whole file, or a DataError naming the line and byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError([RowProblem(file, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})")],
+                        file, hint="Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`).") from None  # fmt: skip
+
+
 def iter_rows(path: Path) -> Iterable[tuple[str, dict | None, str | None]]:
-    """(row label, row dict or None, problem) for JSONL or CSV files."""
+    """(row label, row dict or None, problem) for JSONL or CSV files. A JSONL line that is not UTF-8
+    is a bad row like any other; a CSV file that is not UTF-8 is refused with the line."""
     if path.suffix.lower() == ".csv" or path.suffix.lower() == ".tsv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            for i, row in enumerate(reader, start=2):
-                if None in row:
-                    yield f"line {i}", None, "more fields than the header has columns"
-                else:
-                    yield f"line {i}", row, None
+        text = _decode(path.read_bytes(), str(path))
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ","
+        )
+        for i, row in enumerate(reader, start=2):
+            if None in row:
+                yield f"line {i}", None, "more fields than the header has columns"
+            else:
+                yield f"line {i}", row, None
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield (
+                    f"line {i}",
+                    None,
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8",
+                )
                 continue
             try:
                 row = json.loads(line)
@@ -268,7 +332,10 @@ def read_caption_pairs(
     pending = _drop_bad_images(
         pending, lambda p: p.image_path, lambda p: p.row, str(path), image_check, problems
     )
-    return _finish(pending, problems, str(path), total, on_bad_row)
+    loaded = _finish(pending, problems, str(path), total, on_bad_row)
+    loaded.warnings = data_warnings(str(path), [(p.row, t) for p in pending for t in (p.short, p.long)],
+                                    [(p.row, p.image) for p in pending], id_name="image")  # fmt: skip
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +519,7 @@ def _read_caption_folder(root: Path, on_bad_row: OnBadRow, image_check: ImageChe
         if not txt.is_file():
             problems.append(RowProblem(str(root), label, f"no caption file {txt.name} in caption/"))
             continue
-        caption = txt.read_text(encoding="utf-8").strip()
+        caption = _decode(txt.read_bytes(), str(txt)).strip()
         if not caption:
             problems.append(RowProblem(str(root), label, f"caption file {txt.name} is empty"))
             continue
@@ -545,4 +612,8 @@ def read_llava_json(
     kept = _drop_bad_images(
         pending, lambda r: r.image_path, lambda r: r.row, str(path), image_check, problems
     )
-    return _finish(kept, problems, str(path), len(data), on_bad_row)
+    loaded = _finish(kept, problems, str(path), len(data), on_bad_row)
+    loaded.warnings = data_warnings(str(path), [(r.row, t["value"]) for r in kept for t in r.conversations],
+                                    [(r.row, r.id) for r in kept if isinstance(data[int(r.row.split()[-1])], dict)
+                                     and "id" in data[int(r.row.split()[-1])]])  # fmt: skip
+    return loaded

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
@@ -34,6 +35,7 @@ from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
 logger = logging.getLogger("l2c_llava.mllm")
 
 META = "l2c_mllm.json"
+LLAVA_KIND = "llava model"
 
 VICUNA_CHAT_TEMPLATE = (
     "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
@@ -81,7 +83,7 @@ def not_transformers_llava(config, what: str, where: str = "") -> None:
                          "l2c_llava.mllm.build.load_llava and evaluate it with `l2c mllm eval-vqa`")  # fmt: skip
 
 
-class BuildError(ValueError):
+class BuildError(L2CError, ValueError):
     """A vision or LLM folder that cannot make a LLaVA model; the message names it."""
 
 
@@ -143,7 +145,7 @@ def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
 
 def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
                 vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
-                torch_dtype: str = "float32", connector: dict | None = None):  # fmt: skip
+                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False):  # fmt: skip
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
     object (name_or_path, gguf_file, attn_implementation, trust_remote_code). With projector_type
     qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
@@ -158,7 +160,7 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
             f"projector_type {projector_type!r}: expected one of {', '.join([*PROJECTORS, *CONNECTORS])}"
         )
     try:
-        tower = load_vision_tower(str(vision_tower))
+        tower = load_vision_tower(str(vision_tower), allow_pickle=allow_pickle)
     except ValueError as e:
         raise BuildError(str(e)) from None
     folder = local_llm_folder(llm.name_or_path, getattr(llm, "gguf_file", None))
@@ -238,7 +240,9 @@ def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
     return model
 
 
-def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+def save_llava(
+    model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False
+) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back. The tower's
     weights are stored under ``vision_tower.vision_model.*`` (the llava-hf layout, which transformers
@@ -268,4 +272,4 @@ def save_llava(model, processor, out_dir: str | os.PathLike, meta: dict | None =
         except BuildError as e:
             raise BuildError(f"the saved LLaVA folder does not load back cleanly: {e}") from None
 
-    return publish_folder(out_dir, build)
+    return publish_folder(out_dir, build, LLAVA_KIND, overwrite, legacy_marker=META)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from l2c_llava.errors import L2CError
+
 IMAGE_TOKEN = "<image>"
 IGNORE = -100
 VICUNA_SYSTEM = (
@@ -26,7 +28,7 @@ VICUNA_SYSTEM = (
 TEMPLATES = ("plain", "vicuna_v1")
 
 
-class ConversationError(ValueError):
+class ConversationError(L2CError, ValueError):
     """A row whose turns do not fit the template (the message says which turn)."""
 
 

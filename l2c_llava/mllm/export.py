@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
 from l2c_llava.models.portable import (
@@ -51,7 +52,7 @@ ORIGINAL_TO_HF_KEYS = {
 VISION_DIR = "vision_tower"  # inside the exported folder; mm_vision_tower names it relatively
 
 
-class LlavaExportError(ValueError):
+class LlavaExportError(L2CError, ValueError):
     pass
 
 
@@ -89,9 +90,13 @@ def _loaded(folder: Path):
         raise LlavaExportError(str(e)) from None
 
 
-def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    from l2c_llava.io import check_output_folder
+
+    check_output_folder(out_dir, "llava hf export", overwrite, legacy_marker="l2c_mllm.json")
     folder, _, _ = _load_hf(model_dir)
-    return publish_folder(out_dir, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
+    return publish_folder(out_dir, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True), "llava hf export",
+                          overwrite, legacy_marker="l2c_mllm.json")  # fmt: skip
 
 
 def original_state_dict(model) -> dict[str, torch.Tensor]:
@@ -185,7 +190,9 @@ The folder name must keep "llava" in it (the loader builds a LLaVA model only th
 """
 
 
-def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_original(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False
+) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
 
@@ -193,6 +200,9 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     if "llava" not in out.name.lower():
         raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
                                "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip")  # fmt: skip
+    from l2c_llava.io import check_output_folder
+
+    check_output_folder(out, "llava original export", overwrite)  # before any model loads
     folder, model, processor = _load_hf(model_dir)
     try:
         not_transformers_llava(model.config, "the original LLaVA format", str(folder))
@@ -226,7 +236,7 @@ def export_original(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
                                  getattr(tc, "model_type", None))  # fmt: skip
         (tmp / "README.md").write_text(original_readme(out.name, meta))
 
-    return publish_folder(out, build)
+    return publish_folder(out, build, "llava original export", overwrite)
 
 
 def chat(

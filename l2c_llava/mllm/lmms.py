@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from l2c_llava.mllm.evaluate import normalize
 
@@ -50,7 +51,7 @@ def expand_tasks(tasks: list[str]) -> list[str]:
     return out
 
 
-class EvalError(RuntimeError):
+class EvalError(L2CError, RuntimeError):
     pass
 
 

@@ -195,9 +195,14 @@ class MllmRecipe:
 
     # -- data --------------------------------------------------------------------------------------
 
-    def build_data(self, processor, model):
+    def read_rows(self):
+        """Every row checked (and every image, at data.image_check) before any model loads."""
         d = self.cfg.data
-        rows = read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
+        return read_llava_json(d.path, d.image_root, on_bad_row=d.on_bad_row, image_check=d.image_check)
+
+    def build_data(self, processor, model, rows=None):
+        d = self.cfg.data
+        rows = rows if rows is not None else self.read_rows()
         n_img = image_tokens_of(model.config)
         if d.max_length <= n_img:
             raise ValueError(
@@ -230,8 +235,9 @@ class MllmRecipe:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
                              f"x processes ({t.per_device_batch_size} x {world})")  # fmt: skip
         accum = t.global_batch_size // (t.per_device_batch_size * world)
+        rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
         model, processor = self.build()
-        ds = self.build_data(processor, model)
+        ds = self.build_data(processor, model, rows)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
@@ -339,7 +345,7 @@ class MllmRecipe:
                 "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        return save_llava(model, processor, self.run_dir / "model", meta)
+        return save_llava(model, processor, self.run_dir / "model", meta, overwrite=True)  # the run's own
 
     def save_projector(self, model) -> Path:
         """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,
@@ -367,7 +373,7 @@ class MllmRecipe:
             model.config.save_pretrained(tmp)
             atomic_write_json(tmp / "l2c_mllm.json", meta)
 
-        return publish_folder(self.run_dir / "projector", build)
+        return publish_folder(self.run_dir / "projector", build, "llava projector", overwrite=True)
 
 
 def _strip_lora(model):
@@ -382,4 +388,7 @@ def _strip_lora(model):
 
 
 def run_mllm(cfg: MllmConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    return MllmRecipe(cfg, source, overrides).run()
+    from l2c_llava.locks import run_lock
+
+    with run_lock(cfg.run.output_dir, f"mllm {cfg.train.stage} run"):  # one writer per run folder
+        return MllmRecipe(cfg, source, overrides).run()

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf, resolve_llm_path
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _CHAT_WRAP = {
 }
 
 
-class EncoderLoadError(ValueError):
+class EncoderLoadError(L2CError, ValueError):
     """A checkpoint that cannot be made into a text encoder; the message says what and how to fix it."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.config import Stage1Config, dump_config
-from l2c_llava.data.readers import read_caption_pairs, read_karpathy
+from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
 from l2c_llava.io import atomic_write_json
 from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.runs import prepare_run_dir
@@ -223,7 +223,7 @@ class Stage1Recipe:
             return out
         if cfg.mntp.text:
             texts = texts + [
-                t for t in Path(cfg.mntp.text).read_text(encoding="utf-8").splitlines() if t.strip()
+                t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
             ]
         src = self.base_source()
         lm, tok, _, _ = _load_base(src, bidirectional=True, torch_dtype=_resolve_dtype(m.torch_dtype, str(acc.device)),
@@ -430,13 +430,14 @@ class Stage1Recipe:
         from safetensors.torch import load_file
 
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        ck = checkpoints.latest()
-        if ck is None:
+        found = checkpoints.latest_intact()  # a damaged latest one: the previous, with a warning
+        if found is None:
             return 0
+        ck, state = found
         set_peft_model_state_dict(
             acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
         )
-        state = checkpoints.restore(ck, opt, sched)
+        state = checkpoints.restore(ck, opt, sched, state)
         if state.get("config_digest") != config_digest(self.cfg):
             logger.warning("resumed %s with a config that differs from the one it was made with", ck)
         return int(state["step"])
@@ -453,4 +454,7 @@ class _nullcontext:
 def run_stage1(cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Entry point of ``l2c stage1``."""
     logger.debug("resolved config:\n%s", dump_config(cfg))
-    return Stage1Recipe(cfg, source, overrides).run()
+    from l2c_llava.locks import run_lock
+
+    with run_lock(cfg.run.output_dir, "stage-1 run"):  # one writer per run folder
+        return Stage1Recipe(cfg, source, overrides).run()

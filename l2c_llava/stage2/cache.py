@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from l2c_llava.embedded import resolve_llm_path
+from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _WHOLE_FILE_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole; larger ones
 _EDGE = 1 << 20
 
 
-class CacheError(ValueError):
+class CacheError(L2CError, ValueError):
     """A cache that cannot be used for this run; the message says why and how to rebuild it."""
 
 

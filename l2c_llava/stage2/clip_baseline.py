@@ -189,7 +189,7 @@ class ClipPretrainRecipe(ContrastiveRecipe):
             self.tokenizer.save_pretrained(tmp)
             write_preprocessor_config(tmp, self.cfg.model.image_size)
 
-        out = publish_folder(self.run_dir / "model", build)
+        out = publish_folder(self.run_dir / "model", build, "clip model", overwrite=True)  # the run's own
         atomic_write_json(self.run_dir / "model_info.json", {
             "model": str(out), "parameters": sum(p.numel() for p in model.parameters()),
             "context_length": self.cfg.model.context_length, "image_size": self.cfg.model.image_size,
@@ -198,4 +198,7 @@ class ClipPretrainRecipe(ContrastiveRecipe):
 
 
 def run_clip_pretrain(cfg: ClipConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    return ClipPretrainRecipe(cfg, source, overrides).run()
+    from l2c_llava.locks import run_lock
+
+    with run_lock(cfg.run.output_dir, "clip pretrain run"):  # one writer per run folder
+        return ClipPretrainRecipe(cfg, source, overrides).run()

@@ -13,29 +13,31 @@ from pathlib import Path
 import torch
 
 from l2c_llava.data.images import write_preprocessor_config
-from l2c_llava.io import publish_folder
+from l2c_llava.errors import L2CError
+from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.models.portable import save_vision_folder
 
 
-class ExportError(ValueError):
+class ExportError(L2CError, ValueError):
     """A folder that is not a stage-2 model, or an export that does not load back cleanly."""
 
 
-def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the tower of a stage-2 run (or its model/ folder, an LLM2CLIP export or release) as a
     CLIPVisionModel folder."""
     from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
 
+    check_output_folder(out_dir, "vision encoder", overwrite)  # before any model loads
     try:
         model = LLM2CLIP.from_pretrained(source).model
     except LLM2CLIPLoadError as e:
         raise ExportError(
             f"{e}; train one with `l2c stage2 train` or import a release with `l2c import llm2clip`"
         ) from None
-    return export_vision_tower(model.vision_model, out_dir)
+    return export_vision_tower(model.vision_model, out_dir, overwrite)
 
 
-def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
+def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save a CLIP vision transformer as a CLIPVisionModel folder, verified on load-back."""
     from transformers import CLIPVisionModel
 
@@ -64,27 +66,40 @@ def export_vision_tower(trained, out_dir: str | os.PathLike) -> Path:
                                   again.eval()(pixel_values=probe).pooler_output, atol=1e-5):  # fmt: skip
                 raise ExportError("the exported tower's features differ from the trained tower's")
 
-    return publish_folder(out_dir, build)
+    return publish_folder(out_dir, build, "vision encoder", overwrite)
 
 
 def export_llm2clip(
-    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    text_encoder: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """The whole model (vision + projection + adapter + text encoder reference), release layout."""
     from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
 
+    check_output_folder(out_dir, "llm2clip model", overwrite)  # before any model loads
     try:
-        return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(out_dir)
+        return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(
+            out_dir, overwrite=overwrite
+        )
     except LLM2CLIPLoadError as e:
         raise ExportError(str(e)) from None
 
 
 def import_llm2clip(
-    source: str | os.PathLike, out_dir: str | os.PathLike, text_encoder: str | None = None
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    text_encoder: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """A released LLM2CLIP checkpoint folder (read as data: its remote code is never run) -> OUT/vision
     (CLIPVisionModel for LLaVA) and OUT/llm2clip (the whole model)."""
     out = Path(out_dir)
-    whole = export_llm2clip(source, out / "llm2clip", text_encoder)
-    vision = export_vision(whole, out / "vision")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is an existing file, not a folder; choose another output folder")
+    for part, kind in (("llm2clip", "llm2clip model"), ("vision", "vision encoder")):  # before any work
+        check_output_folder(out / part, kind, overwrite)
+    whole = export_llm2clip(source, out / "llm2clip", text_encoder, overwrite)
+    vision = export_vision(whole, out / "vision", overwrite)
     return {"vision": str(vision), "llm2clip": str(whole)}

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from l2c_llava.data.images import clip_image_processor, write_preprocessor_config
+from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.models.portable import portable_config
 from l2c_llava.stage2.model import LLM2CLIPModel
@@ -39,7 +40,7 @@ FORMAT = "l2c-llava llm2clip v1"
 ADAPTER = re.compile(r"^text_adapter\.adaptor\.(\d+)\.")
 
 
-class LLM2CLIPLoadError(ValueError):
+class LLM2CLIPLoadError(L2CError, ValueError):
     """A folder that is not an LLM2CLIP model, or one whose weights do not fit; names the file."""
 
 
@@ -222,7 +223,7 @@ class LLM2CLIP:
 
     # -- saving ------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """The whole model in the release layout (+ our llm2clip block and preprocessor config),
         written to a temporary folder, loaded back and compared, then moved into place."""
         m = self.model
@@ -253,4 +254,4 @@ class LLM2CLIP:
             if not (same_img and same_txt):
                 raise LLM2CLIPLoadError("the exported model's features differ from the model's own")
 
-        return publish_folder(out_dir, build)
+        return publish_folder(out_dir, build, "llm2clip model", overwrite)

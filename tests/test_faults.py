@@ -1,0 +1,459 @@
+"""Fault injection: each fault a new user can hit gives a message that names the file, row or key and
+what to do (exit code 2 from the CLI), and nothing the user had is gone. Tiny data, tiny models built
+in code; the whole module runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from l2c_llava import io as l2c_io
+from l2c_llava.cli import main
+from l2c_llava.data.readers import DataError, read_caption_pairs
+from l2c_llava.errors import L2CError, OutputError
+from l2c_llava.locks import HOLDER_NAME, RunLockedError, run_lock
+
+from .conftest import ROOT
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _photos(folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(folder / f"p{i}.jpg", quality=90)
+    return folder
+
+
+def _tiny_tower(folder: Path, safe: bool = True) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPVisionModel(cfg)
+    if safe:
+        model.save_pretrained(folder)
+    else:  # what older exports hold (transformers 5 writes safetensors only)
+        cfg.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+# -- one error type, caught once -------------------------------------------------------------------
+
+
+def test_module_errors_share_the_base_and_keep_their_builtin_type():
+    from l2c_llava.config import ConfigError
+    from l2c_llava.mllm.build import BuildError
+    from l2c_llava.mllm.lmms import EvalError
+
+    assert issubclass(DataError, L2CError) and issubclass(DataError, ValueError)
+    assert issubclass(ConfigError, L2CError) and issubclass(BuildError, L2CError)
+    assert issubclass(EvalError, L2CError) and issubclass(EvalError, RuntimeError)
+
+
+def test_cli_prints_an_l2c_error_with_exit_2_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
+    import l2c_llava.cli as cli
+
+    monkeypatch.setattr(cli, "_cmd_ls", lambda args: (_ for _ in ()).throw(OutputError("X: do Y")))
+    assert main(["ls"]) == 2
+    assert capsys.readouterr().err.strip() == "l2c ls: X: do Y"
+    monkeypatch.setattr(cli, "_cmd_ls", lambda args: (_ for _ in ()).throw(KeyError("bug")))
+    with pytest.raises(KeyError):
+        main(["ls"])
+
+
+# -- data faults -----------------------------------------------------------------------------------
+
+
+def test_non_utf8_caption_file_names_the_line(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    good = json.dumps({"image": "a.jpg", "short": "a cat", "long": "a cat on a mat"})
+    f.write_bytes(good.encode() + b"\n" + b'{"image": "b.jpg", "short": "caf\xe9", "long": "x"}\n')
+    before = f.read_bytes()
+    assert main(["data", "check", str(f), "--format", "pairs"]) == 2
+    out = capsys.readouterr()
+    assert "line 2" in out.out and "not UTF-8 text (byte 0xe9" in out.out
+    with pytest.raises(DataError, match=r"line 2: not UTF-8"):
+        read_caption_pairs(f)  # what stage 1 reads
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes(b"image,short,long\na.jpg,ok,fine\nb.jpg,caf\xe9,x\n")
+    with pytest.raises(DataError, match=r"line 3: not UTF-8 text.*\nSave the file as UTF-8"):
+        read_caption_pairs(csv)
+    assert f.read_bytes() == before
+
+
+def test_empty_jsonl_says_it_is_empty_not_skip(tmp_path, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n")
+    with pytest.raises(DataError) as e:
+        read_caption_pairs(f)
+    assert "holds no rows (the file is empty)" in str(e.value) and "on_bad_row" not in str(e.value)
+    (tmp_path / "empty.json").write_text("")
+    assert main(["data", "check", str(tmp_path / "empty.json"), "--format", "llava"]) == 2
+    assert "holds no rows" in capsys.readouterr().err
+
+
+def test_truncated_jpeg_is_found_by_the_default_check(tmp_path, capsys):
+    from l2c_llava.config.schemas import DataChecks
+
+    root = _photos(tmp_path / "img", 2)
+    noise = torch.randint(
+        0, 256, (128, 128, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    Image.fromarray(noise.numpy()).save(root / "p1.jpg", quality=90)
+    data = (root / "p1.jpg").read_bytes()
+    (root / "p1.jpg").write_bytes(data[: len(data) * 2 // 3])  # a copy cut short: the header is intact
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(
+        "".join(json.dumps({"image": f"p{i}.jpg", "short": "s", "long": "l"}) + "\n" for i in range(2))
+    )
+    assert DataChecks().image_check == "decode"  # every training config's default
+    assert (
+        read_caption_pairs(f, root, image_check="header", on_bad_row="skip").skipped == []
+    )  # the old default
+    assert main(["data", "check", str(f), "--format", "pairs", "--image-root", str(root)]) == 2
+    out = capsys.readouterr()
+    assert "line 2" in out.out and "truncated" in out.out and "1 good, 1 bad of 2" in out.err
+
+
+def test_long_captions_and_duplicate_ids_are_warned_with_counts(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    rows = [{"image": "a.jpg", "short": "s", "long": "x" * 100_000}, {"image": "b.jpg", "short": "s", "long": "l"},
+            {"image": "a.jpg", "short": "t", "long": "m"}]  # fmt: skip
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = read_caption_pairs(f)
+    assert len(loaded) == 3  # warnings, not errors
+    assert any(
+        "1 caption(s) longer than 20,000" in w and "line 1 (100,000 chars)" in w for w in loaded.warnings
+    )
+    assert any(
+        "1 row(s) with a duplicate image" in w and "line 3 repeats line 1" in w for w in loaded.warnings
+    )
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    lj = tmp_path / "llava.json"
+    lj.write_text(json.dumps([{"id": "7", "conversations": conv}, {"id": "7", "conversations": conv}]
+                             ).replace("<image>\\n", ""))  # fmt: skip
+    assert main(["data", "check", str(lj), "--format", "llava"]) == 0
+    assert "1 row(s) with a duplicate id (first: item 1 repeats item 0 ('7'))" in capsys.readouterr().err
+
+
+def test_bad_llava_rows_are_reported_before_any_model_loads(tmp_path, monkeypatch):
+    from l2c_llava.config import load_config
+    from l2c_llava.mllm import train as mllm_train
+
+    bad = tmp_path / "pretrain.json"
+    bad.write_text(
+        json.dumps([{"id": "0", "image": "p0.jpg", "conversations": [{"from": "human", "value": "hi"}]}])
+    )
+    _photos(tmp_path / "img", 1)
+    cfg = load_config(str(ROOT / "mllm/configs/quick_pretrain.yaml"),
+                      [f"run.output_dir={tmp_path / 'run'}", f"data.path={bad}", f"data.image_root={tmp_path / 'img'}"])  # fmt: skip
+
+    def build(self, quantize=True):
+        raise AssertionError("a model was built before the rows were checked")
+
+    monkeypatch.setattr(mllm_train.MllmRecipe, "build", build)
+    with pytest.raises(DataError, match=r"item 0: .*<image>|item 0: the last turn"):
+        mllm_train.run_mllm(cfg)
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+
+def test_corrupt_safetensors_tower_names_the_file(tmp_path, capsys):
+    tower = _tiny_tower(tmp_path / "tower")
+    (tower / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    out = tmp_path / "llava"
+    assert (
+        main(
+            [
+                "mllm",
+                "build",
+                "--vision",
+                str(tower),
+                "--llm",
+                "embedded:smollm2-135m-instruct",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"vision tower {tower}: model.safetensors cannot be read" in err and "damaged" in err
+    assert not out.exists()
+
+
+def test_pickle_tower_needs_allow_pickle(tmp_path, monkeypatch):
+    from l2c_llava.stage2.train import VisionTowerError, load_vision_tower
+
+    tower = _tiny_tower(tmp_path / "tower", safe=False)
+    assert (tower / "pytorch_model.bin").is_file() and not list(tower.glob("*.safetensors"))
+    with pytest.raises(VisionTowerError, match=r"pytorch_model.bin \(a pickle.*--allow-pickle"):
+        load_vision_tower(str(tower))
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k)
+    )
+    loaded = load_vision_tower(str(tower), allow_pickle=True)
+    assert loaded.config.hidden_size == 16 and calls and all(w is True for w in calls)  # weights_only=True
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    from l2c_llava.training import Checkpoints, make_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = make_scheduler(opt, "constant", 10, 0, None)
+    ck = Checkpoints(tmp_path, keep=3)
+    own = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        ck.save_state(Acc(), step, own, opt, sched)
+    latest = tmp_path / "checkpoints" / "step-0000002"
+    (latest / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad")
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.training"):
+        step = ck.load_state(model, own(), opt, sched)
+    assert step == 1 and float(model.weight.detach()[0, 0]) == 1.0
+    assert "step-0000002 cannot be read" in caplog.text and "resuming from" in caplog.text
+    assert (tmp_path / "checkpoints" / "damaged-step-0000002" / "model.safetensors").is_file()  # kept
+    assert [p.name for p in ck.all()] == ["step-0000001"]
+
+
+# -- output folders --------------------------------------------------------------------------------
+
+
+def test_search_index_into_the_photo_folder_leaves_the_photos(tmp_path, capsys):
+    photos = _photos(tmp_path / "photos", 4)
+    before = _tree(photos)
+    code = main(
+        [
+            "search",
+            "index",
+            "--images",
+            str(photos),
+            "--encoder",
+            str(tmp_path / "no-encoder"),
+            "--out",
+            str(photos),
+        ]
+    )
+    assert code == 2 and "is the image folder" in capsys.readouterr().err
+    other = _photos(tmp_path / "other", 1)
+    code = main(
+        [
+            "search",
+            "index",
+            "--images",
+            str(photos),
+            "--encoder",
+            str(tmp_path / "no-encoder"),
+            "--out",
+            str(other),
+        ]
+    )
+    assert (
+        code == 2
+        and "is not empty (p0.jpg) and is not a previous search index output" in capsys.readouterr().err
+    )
+    assert _tree(photos) == before and (other / "p0.jpg").is_file()
+
+
+def test_mllm_build_refuses_a_folder_with_the_users_files_before_loading(tmp_path, capsys):
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "data.jsonl").write_text("{}\n")
+    code = main(["mllm", "build", "--vision", str(tmp_path / "none"), "--llm", "none", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not empty (data.jsonl, notes.txt)" in err and "--overwrite" in err
+    assert _tree(out) == {"data.jsonl": b"{}\n", "notes.txt": b"mine"}
+
+
+def test_publish_replaces_its_own_output_only(tmp_path):
+    out = tmp_path / "out"
+
+    def build(text):
+        return lambda tmp: (tmp / "a.txt").write_text(text)
+
+    l2c_io.publish_folder(out, build("1"), "demo")
+    l2c_io.publish_folder(out, build("2"), "demo")  # a previous output of the same kind: replaced
+    assert (out / "a.txt").read_text() == "2"
+    with pytest.raises(OutputError, match="holds a 'demo' output, not a 'other' one"):
+        l2c_io.publish_folder(out, build("3"), "other")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"holds files it did not write \(notes.txt\)"):
+        l2c_io.publish_folder(out, build("3"), "demo")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "a.txt").read_text() == "2"
+    l2c_io.publish_folder(out, build("4"), "demo", overwrite=True)  # the user said so
+    assert (out / "a.txt").read_text() == "4" and not (out / "notes.txt").exists()
+
+
+def test_output_folder_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    with pytest.raises(OutputError, match="is an existing file"):
+        l2c_io.check_output_folder(f, "demo")
+    with pytest.raises(OutputError, match="is an existing file"):
+        with run_lock(f / "run"):
+            pass
+    assert f.read_text() == "mine"
+    monkeypatch.setattr(
+        l2c_io.os, "access", lambda *a: False
+    )  # root ignores modes: simulate a read-only place
+    with pytest.raises(OutputError, match="no permission to write"):
+        l2c_io.check_output_folder(tmp_path / "new", "demo")
+    monkeypatch.undo()
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(OutputError, match="no permission to create it"):
+        l2c_io.ensure_folder(tmp_path / "x" / "y", "run")
+
+
+def test_data_filter_missing_out_folder_is_refused_before_scoring(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"image": "a.jpg", "short": "s", "long": "l"}) + "\n")
+    out = tmp_path / "missing" / "kept.jsonl"
+    code = main(["data", "filter", str(f), "--format", "pairs", "--image-root", str(tmp_path),
+                 "--model", str(tmp_path / "no-model"), "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"the folder {out.parent} does not exist" in err and "mkdir -p" in err
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_killed_publish_temp_folder_is_cleaned_next_run(tmp_path, caplog):
+    out = tmp_path / "llava"
+    left = tmp_path / (l2c_io._tmp_prefix(tmp_path / "llava", _dead_pid()) + "abc123")
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "model.safetensors").write_bytes(b"0" * 1000)
+    live = tmp_path / (l2c_io._tmp_prefix(out) + "live")  # a publish still running (this process)
+    live.mkdir()
+    mine = tmp_path / ".llava.notes"  # a hidden sibling the toolkit did not write
+    mine.write_text("keep")
+    with caplog.at_level(logging.WARNING):
+        l2c_io.publish_folder(out, lambda tmp: (tmp / "config.json").write_text("{}"), "llava model")
+    assert (
+        not left.exists() and live.is_dir() and mine.read_text() == "keep" and (out / "config.json").is_file()
+    )
+    assert "left by an interrupted earlier run" in caplog.text
+    # killed between the two renames of a replace: the previous output is put back, not removed
+    old = tmp_path / (l2c_io._tmp_prefix(out, _dead_pid()) + "old")
+    out.rename(old)
+    assert l2c_io.clean_interrupted(out) == [] and (out / "config.json").is_file()
+
+
+def test_files_and_folders_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        l2c_io._UMASK = None
+        f = l2c_io.atomic_write_text(tmp_path / "a.json", "{}")
+        out = l2c_io.publish_folder(tmp_path / "out", lambda tmp: (tmp / "x.txt").write_text("x"), "demo")
+        assert f.stat().st_mode & 0o777 == 0o644
+        assert (
+            out.stat().st_mode & 0o777 == 0o755
+            and (out / l2c_io.OUTPUT_MARKER).stat().st_mode & 0o777 == 0o644
+        )
+        os.umask(0o027)
+        l2c_io._UMASK = None
+        g = l2c_io.atomic_write_text(tmp_path / "b.json", "{}")
+        assert g.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+        l2c_io._UMASK = None
+
+
+# -- YAML ------------------------------------------------------------------------------------------
+
+
+def test_yaml_alias_bomb_in_validate_finishes(tmp_path, capsys):
+    lines = ["recipe: stage1", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    lines.append("run:\n  output_dir: *a9")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    assert main(["validate", str(bomb)]) == 2
+    assert time.perf_counter() - t0 < 10  # it was past 60 s at 9 levels
+    err = capsys.readouterr().err
+    assert "run.output_dir = [[[[" in err and "Input should be a valid string" in err
+    assert max(len(line) for line in err.splitlines()) < 400
+
+
+# -- one writer per run folder ---------------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from l2c_llava.locks import run_lock
+with run_lock(sys.argv[1], "stage-2 run"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_run_in_a_folder_stops_at_once_with_the_holders_pid(tmp_path, capsys):
+    run = tmp_path / "run"
+    p = _holder(run)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RunLockedError) as e:
+            with run_lock(run, "stage-2 run"):
+                pass
+        assert time.perf_counter() - t0 < 5
+        assert f"{run} is in use by another stage-2 run: PID {p.pid}" in str(e.value) and "-c" in str(e.value)
+        code = main(
+            ["stage2", "train", "--config", str(ROOT / "stage2/configs/quick.yaml"), f"run.output_dir={run}"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and f"PID {p.pid}" in err
+        code = main(
+            ["pipeline", "--config", str(ROOT / "pipeline/configs/quick.yaml"), f"run.output_dir={run}"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and f"{run} is in use by another stage-2 run: PID {p.pid}" in err
+        with run_lock(run / "stage1"):  # a sub-folder has its own lock: the pipeline's children run
+            pass
+    finally:
+        p.kill()
+        p.wait()
+    assert json.loads((run / HOLDER_NAME).read_text())["pid"] == p.pid  # left by the killed holder
+    with run_lock(run, "stage-2 run"):  # a dead holder's lock is taken over
+        assert json.loads((run / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert not (run / HOLDER_NAME).exists()
