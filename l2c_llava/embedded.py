@@ -44,17 +44,21 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
     """Map a config's LLM reference to (folder, gguf file name or None) for ``from_pretrained``.
 
     ``embedded:smollm2-135m-instruct`` -> the shipped GGUF; ``x/y.gguf`` -> (x, y.gguf); a folder
-    stays a folder.
+    stays a folder; a Hub id (``org/name``) -> its snapshot in the Hugging Face cache (downloaded when
+    allowed; see ``l2c_llava.models.hub``).
     """
     if name_or_path == EMBEDDED_LLM:
         p = smollm2_gguf_path()
         return str(p.parent), p.name
     if name_or_path.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
+    from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
+
     p = Path(name_or_path)
     if p.suffix == ".gguf":
         return str(p.parent), p.name
-    return name_or_path, gguf_file
+    patterns = ("*.json", "*.model", "*.txt", gguf_file) if gguf_file else WEIGHTS_SAFE
+    return resolve_model_path(name_or_path, "LLM", patterns), gguf_file
 
 
 def demo_clip_path(verify: bool = True) -> Path:
@@ -82,13 +86,15 @@ def _check_digest(path: Path, expected: str) -> None:
 
 
 def resolve_vision_path(name_or_path: str) -> str:
-    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; anything
-    else stays as it is."""
+    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; a Hub id
+    (``openai/clip-vit-large-patch14-336``) its snapshot in the Hugging Face cache; a folder stays."""
+    from l2c_llava.models.hub import resolve_model_path
+
     if name_or_path == EMBEDDED_CLIP:
         return str(demo_clip_path())
     if name_or_path.startswith("embedded:"):
         raise ValueError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
-    return name_or_path
+    return resolve_model_path(name_or_path, "vision model")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

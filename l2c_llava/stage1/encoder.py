@@ -200,7 +200,8 @@ def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
     if not any(p.glob("*.safetensors")):
         found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
         raise EncoderLoadError(
-            f"{folder} has no *.safetensors weights (found: {found}); save the model with safetensors"
+            f"{name_or_path} has no *.safetensors weights (found: {found}); pickled .bin weights (Vicuna-7B-v1.5 "
+            f"ships them) are not loaded: `l2c convert weights {name_or_path} OUT` writes a safetensors copy"
         )
     return folder
 
@@ -315,6 +316,10 @@ class TextEncoder(nn.Module):
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
         merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
         override the saved ones."""
+        from l2c_llava.models.hub import resolve_model_path
+
+        if not str(path).startswith("embedded:") and Path(str(path)).suffix != ".gguf":
+            path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
         path = str(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         meta_path = Path(path) / ENCODER_META
@@ -336,6 +341,7 @@ class TextEncoder(nn.Module):
             source.adapters += [str(a) for a in adapters]
         else:
             source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
+        source.adapters = [resolve_model_path(a, "LoRA adapter") for a in source.adapters]
         model, tokenizer, model_type, name = _load_base(
             source, bidirectional=bidirectional, torch_dtype=_resolve_dtype(torch_dtype, device),
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,

@@ -32,6 +32,7 @@ import torch
 from l2c_llava.embedded import resolve_llm_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.models.hub import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def encoder_fingerprint(encoder_path: str | os.PathLike, instruction: str | None
             else:
                 add_folder("base", Path(folder))
         for i, adapter in enumerate(src.get("adapters", [])):
-            add_folder(f"adapter{i}", Path(adapter))
+            add_folder(f"adapter{i}", Path(resolve_model_path(adapter, "LoRA adapter")))
     else:
         folder, gguf = resolve_llm_path(str(path))
         if gguf:

@@ -152,7 +152,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if not safetensors and pickles and not allow_pickle:
         raise VisionTowerError(f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
-                         "when loaded) and no .safetensors file. Convert it to model.safetensors, or pass "
+                         "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
                          "--allow-pickle if you trust where the file comes from")  # fmt: skip
     if safetensors:
         from safetensors import safe_open
