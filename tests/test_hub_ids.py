@@ -114,3 +114,12 @@ def test_a_cached_config_without_weights_is_not_taken_for_the_model(tmp_path, hu
     put_in_hub_cache(hub, "org/half", tmp_path / "cfg")
     with pytest.raises(HubError, match="only partly in"):
         resolve_model_path("org/half")
+
+
+def test_a_cached_pickle_only_model_points_at_the_conversion(tmp_path, hub):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"x")
+    put_in_hub_cache(hub, "lmsys/vicuna-bin", tmp_path / "bin")
+    with pytest.raises(HubError, match="l2c convert weights lmsys/vicuna-bin"):
+        resolve_model_path("lmsys/vicuna-bin", "LLM")

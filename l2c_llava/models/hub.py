@@ -80,10 +80,14 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
     cache = hub_cache_dir()
     try:
         cached = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-        if _complete(cached, patterns):
-            return str(cached)
     except (LocalEntryNotFoundError, OSError, ValueError):
         cached = None
+    if cached is not None:
+        if _complete(cached, patterns):
+            return str(cached)
+        if "*.safetensors" in patterns and any(cached.glob("*.bin")) and not any(cached.glob("*.safetensors")):
+            raise HubError(f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
+                           f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead")  # fmt: skip
     if hub_offline():
         state = "only partly in" if cached is not None else "not in"
         raise HubError(f"{what} {hub_id}: HF_HUB_OFFLINE=1 and the model is {state} the Hugging Face cache "
