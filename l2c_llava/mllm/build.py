@@ -106,24 +106,43 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
-def clip_image_processor(size: int):
-    """The LLaVA's image processor: CLIP's resize and crop to ``size`` with OpenAI CLIP's mean / std."""
-    from transformers import CLIPImageProcessor
+def clip_image_processor(size: int, pad: bool = True):
+    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
+    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
+    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
+    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
+    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
+    (processor on the raw image) gets training's pixels."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+                                  do_pad=pad)  # fmt: skip
 
 
-def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None):
+def pil_image_processor(image_processor):
+    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if isinstance(image_processor, LlavaImageProcessorPil):
+        return image_processor
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_pad", "do_resize", "do_center_crop",
+            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")  # fmt: skip
+    d = image_processor.to_dict()
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})
+
+
+def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None,
+                   pad: bool = True):  # fmt: skip
     """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
     with the "full" strategy), or `num_queries` for a connector (one image-sized "patch" + `num_queries`
     additional tokens - the CLS the default strategy drops)."""
     from transformers import LlavaProcessor
 
     size = vision_config.image_size
-    image_processor = clip_image_processor(size)
+    image_processor = clip_image_processor(size, pad)
     if num_queries:
         patch, extra, strategy = size, num_queries, "default"
     else:
@@ -145,7 +164,8 @@ def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
 
 def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
                 vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
-                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False):  # fmt: skip
+                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False,
+                image_aspect_ratio: str = "pad"):  # fmt: skip
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
     object (name_or_path, gguf_file, attn_implementation, trust_remote_code). With projector_type
     qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
@@ -211,7 +231,8 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
             model.model.multi_modal_projector.linear_2.bias.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
-    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy, num_queries)
+    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy, num_queries,
+                               pad=image_aspect_ratio == "pad")
     return model, processor
 
 
@@ -240,6 +261,17 @@ def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
     return model
 
 
+def _plain_image_processor_type(folder: Path) -> None:
+    """``LlavaImageProcessorPil`` -> ``LlavaImageProcessor`` in the saved processor files: the name
+    AutoProcessor resolves on any machine (the backend is the loader's choice; ours pins PIL)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            text = path.read_text()
+            if "LlavaImageProcessorPil" in text:
+                path.write_text(text.replace("LlavaImageProcessorPil", "LlavaImageProcessor"))
+
+
 def save_llava(
     model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False
 ) -> Path:
@@ -264,6 +296,7 @@ def save_llava(
         config = json.loads((tmp / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(tmp)
+        _plain_image_processor_type(tmp)
         if source is not None:  # the LLM's own tokenizer files, for the exports to other stacks
             copy_tokenizer_files(source, tmp / LLM_TOKENIZER_DIR)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")

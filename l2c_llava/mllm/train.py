@@ -96,6 +96,7 @@ class MllmRecipe:
         gives the same model in full precision, to merge the trained LoRA into for saving)."""
         m, t = self.cfg.model, self.cfg.train
         model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
+                                       image_aspect_ratio=m.image_aspect_ratio,
                                        vision_feature_layer=m.vision_feature_layer,
                                        vision_feature_select_strategy=m.vision_feature_select_strategy,
                                        torch_dtype=m.llm.torch_dtype, connector=m.connector.model_dump())  # fmt: skip
