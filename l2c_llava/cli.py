@@ -407,7 +407,7 @@ def _cmd_mllm_build(args: argparse.Namespace) -> int:
     check_output_folder(args.out, LLAVA_KIND, args.overwrite, legacy_marker=META)  # before the models load
     try:
         model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None),
-                                       allow_pickle=args.allow_pickle)  # fmt: skip
+                                       allow_pickle=args.allow_pickle, torch_dtype=args.dtype)  # fmt: skip
         out = save_llava(model, processor, args.out, overwrite=args.overwrite, meta={"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
                                                       "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
     except (BuildError, EncoderLoadError, FileNotFoundError) as e:
@@ -749,9 +749,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mmsub = mm.add_subparsers(dest="mllm_command", metavar="ACTION", required=True)
     p = mmsub.add_parser("build", help="assemble a LLaVA model from a vision encoder folder and an LLM")
-    p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder")
-    p.add_argument("--llm", required=True, help="LLM folder, .gguf file or embedded:smollm2-135m-instruct")
+    p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder or Hub id")
+    p.add_argument("--llm", required=True,
+                   help="LLM folder, Hub id (lmsys/vicuna-7b-v1.5), .gguf file or embedded:smollm2-135m-instruct")  # fmt: skip
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["llm", "float32", "bfloat16", "float16"], default="llm",
+                   help="dtype of the built model, made directly in it (no float32 copy); default: the dtype the "
+                   "LLM's config.json names (Vicuna-7B-v1.5: float16)")  # fmt: skip
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a tower saved as pytorch_model.bin (a pickle; loaded with weights_only=True); "
                    "only for files from a source you trust")  # fmt: skip

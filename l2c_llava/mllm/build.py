@@ -152,14 +152,41 @@ def make_processor(tokenizer, vision_config, strategy: str = "default", num_quer
                           chat_template=VICUNA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)  # fmt: skip
 
 
-def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
+def _check_fit(dst: torch.nn.Module, src_state: dict, what: str) -> None:
     own = dst.state_dict()
     missing, unexpected = sorted(set(own) - set(src_state)), sorted(set(src_state) - set(own))
     wrong = [k for k in own if k in src_state and own[k].shape != src_state[k].shape]
     if missing or unexpected or wrong:
         raise BuildError(f"{what}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"wrong shapes {wrong[:5]}")  # fmt: skip
-    dst.load_state_dict(src_state)
+
+
+def _assign(dst: torch.nn.Module, src: torch.nn.Module, what: str, dtype: torch.dtype) -> None:
+    """Put `src`'s weights into the meta-device module `dst` (strict: every key, every shape), in
+    `dtype`, without a copy where `src` already is in it; non-persistent buffers (rotary inv_freq,
+    position ids) are taken from `src` by name."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in src.state_dict().items()}
+    _check_fit(dst, state, what)
+    dst.load_state_dict(state, assign=True)
+    theirs = dict(src.named_buffers())
+    for name, buf in list(dst.named_buffers()):
+        if not buf.is_meta:
+            continue
+        match = theirs.get(name)
+        if match is None:
+            match = next((b for n, b in theirs.items() if n.endswith("." + name) or name.endswith("." + n)), None)
+        if match is None:
+            raise BuildError(f"{what}: no value for buffer {name}")
+        owner, _, leaf = name.rpartition(".")
+        dst.get_submodule(owner)._buffers[leaf] = match.clone()
+
+
+def llm_config_dtype(folder: str | os.PathLike) -> str:
+    """The dtype an LLM folder's config.json names (``dtype`` / ``torch_dtype``; Vicuna: float16),
+    else float32."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
 
 
 def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
@@ -184,6 +211,8 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     except ValueError as e:
         raise BuildError(str(e)) from None
     folder = local_llm_folder(llm.name_or_path, getattr(llm, "gguf_file", None))
+    if torch_dtype == "llm":  # `l2c mllm build`'s default: the dtype the LLM was saved in
+        torch_dtype = llm_config_dtype(folder)
     dtype = torch.float32 if torch_dtype in ("auto", "float32") else getattr(torch, torch_dtype)
     lm = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=getattr(llm, "trust_remote_code", False)
@@ -215,16 +244,31 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False), **extra,
     )  # fmt: skip
     config._attn_implementation = getattr(llm, "attn_implementation", "sdpa")
-    torch.manual_seed(0)
+    # the LLaVA is made on the meta device (no memory) and takes the loaded tower's and LLM's tensors
+    # as they are (in `dtype`): no float32 model beside the LLM, no second copy of its weights
     try:
-        model = cls(config).to(dtype)
+        with torch.device("meta"):
+            model = cls(config)
     except ValueError as e:  # a connector shape that does not fit
         raise BuildError(f"projector_type {projector_type}: {e}") from None
-    _strict_copy(model.model.vision_tower, tower.state_dict(), f"vision tower {vision_tower}")
-    lm_state = lm.state_dict()
-    body = {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
-    _strict_copy(model.model.language_model, body, f"LLM {llm.name_or_path}")
-    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    model.to(dtype)
+    torch.manual_seed(0)
+    if projector_type in CONNECTORS:
+        from l2c_llava.mllm.connectors import make_connector
+
+        layers = len(vision_feature_layer) if isinstance(vision_feature_layer, (list, tuple)) else 1
+        vision_dim = tower.config.hidden_size * layers
+        projector = make_connector(config.l2c_connector, vision_dim, text_config.hidden_size)
+    else:
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        projector = LlavaMultiModalProjector(config)
+        for module in projector.modules():  # transformers' own initialisation of the projector
+            model._init_weights(module)
+    model.model.multi_modal_projector = projector.to(dtype)
+    _assign(model.model.vision_tower, tower, f"vision tower {vision_tower}", dtype)
+    _assign(model.model.language_model, lm.get_decoder(), f"LLM {llm.name_or_path}", dtype)
+    model.lm_head.weight = lm.get_output_embeddings().weight
     if projector_type == "linear":  # LLaVA's single Linear: linear_1, then an identity linear_2 (kept frozen)
         with torch.no_grad():
             model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(text_config.hidden_size))
