@@ -397,6 +397,15 @@ def _cmd_mllm_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from l2c_llava.models.convert import convert_folder
+
+    stats = convert_folder(args.source, args.out, overwrite=args.overwrite)
+    print(f"{stats['tensors']} tensors from {len(stats['files'])} pickled file(s) of {args.source} written as "
+          f"safetensors to {args.out}")  # fmt: skip
+    return 0
+
+
 def _cmd_mllm_build(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
@@ -701,6 +710,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000, help="patch-probe training steps")
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     p.set_defaults(func=_cmd_health)
+
+    cv = sub.add_parser("convert", help="convert model files (pickled .bin weights -> safetensors)")
+    cvsub = cv.add_subparsers(dest="convert_command", metavar="WHAT", required=True)
+    p = cvsub.add_parser("weights", help="a folder or Hub id with pytorch_model*.bin (Vicuna-7B-v1.5) -> the same "
+                         "folder with safetensors, read with torch.load(weights_only=True)")  # fmt: skip
+    p.add_argument("source", help="model folder or Hub id (lmsys/vicuna-7b-v1.5)")
+    p.add_argument("out", help="output folder; point the configs' LLM (or vision) path at it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that is not a previous output of this command")  # fmt: skip
+    p.set_defaults(func=_cmd_convert_weights)
 
     ex = sub.add_parser("export", help="export trained models (vision encoder, whole LLM2CLIP model)")
     exsub = ex.add_subparsers(dest="export_command", metavar="WHAT", required=True)
