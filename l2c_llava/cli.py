@@ -330,6 +330,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from l2c_llava.stage2 import export
 
     try:
+        if args.out is None:  # the run's own layout: export.dir (default <run>/export) / vision|llm2clip
+            args.out = str(export.export_dir(args.run) / args.export_command)
         if args.export_command == "vision":
             out = export.export_vision(args.run, args.out, overwrite=args.overwrite)
             print(
@@ -727,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run", required=True, help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)"
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: the run's export.dir, else "
+                   "<run>/export, + /vision: where the mllm configs read a stage-2 run's tower)")  # fmt: skip
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -739,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole model (vision + projection + adapter + text encoder reference), release layout",
     )
     p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: the run's export.dir, else <run>/export, "
+                   "+ /llm2clip)")  # fmt: skip
     p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
     p.add_argument(
         "--overwrite",
