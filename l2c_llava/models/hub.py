@@ -104,6 +104,9 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
     if not any((folder / m).is_file() for m in _MARKERS):
         raise HubError(f"{what} {hub_id}: the Hub repository has no config.json (nor adapter_config.json): "
                        "not a transformers model")  # fmt: skip
+    if not _complete(folder, patterns):  # e.g. pickled .bin weights only (lmsys/vicuna-7b-v1.5)
+        raise HubError(f"{what} {hub_id}: the Hub repository has no safetensors weights (pickled .bin only?): "
+                       f"`l2c convert weights {hub_id} OUT` downloads and converts them; then give OUT")  # fmt: skip
     return str(folder)
 
 
