@@ -44,21 +44,27 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
     """Map a config's LLM reference to (folder, gguf file name or None) for ``from_pretrained``.
 
     ``embedded:smollm2-135m-instruct`` -> the shipped GGUF; ``x/y.gguf`` -> (x, y.gguf); a folder
-    stays a folder; a Hub id (``org/name``) -> its snapshot in the Hugging Face cache (downloaded when
-    allowed; see ``l2c_llava.models.hub``).
+    stays a folder (as does a Hub id: :func:`llm_folder` resolves it).
     """
     if name_or_path == EMBEDDED_LLM:
         p = smollm2_gguf_path()
         return str(p.parent), p.name
     if name_or_path.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
-    from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
-
     p = Path(name_or_path)
     if p.suffix == ".gguf":
         return str(p.parent), p.name
-    patterns = ("*.json", "*.model", "*.txt", gguf_file) if gguf_file else WEIGHTS_SAFE
-    return resolve_model_path(name_or_path, "LLM", patterns), gguf_file
+    return name_or_path, gguf_file
+
+
+def llm_folder(name_or_path: str, gguf_file: str | None = None, what: str = "LLM") -> tuple[str, str | None]:
+    """:func:`resolve_llm_path`, then a Hub id (``org/name``) -> its snapshot in the Hugging Face cache
+    (downloaded where allowed; ``l2c_llava.models.hub``): a local folder to read files from."""
+    from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
+
+    folder, gguf = resolve_llm_path(name_or_path, gguf_file)
+    patterns = ("*.json", "*.model", "*.txt", gguf) if gguf else WEIGHTS_SAFE
+    return resolve_model_path(folder, what, patterns), gguf
 
 
 def demo_clip_path(verify: bool = True) -> Path:

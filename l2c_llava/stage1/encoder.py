@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf, resolve_llm_path
+from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
 
@@ -186,7 +186,7 @@ def _resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
 def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
     """A transformers folder for an LLM reference: a folder (checked: config.json and safetensors
     weights), a .gguf file or the embedded model (converted once into a cached folder)."""
-    folder, gguf_file = resolve_llm_path(name_or_path, gguf_file)
+    folder, gguf_file = llm_folder(name_or_path, gguf_file)
     if gguf_file:
         _check_gguf(Path(folder) / gguf_file)
         return str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
@@ -347,7 +347,7 @@ class TextEncoder(nn.Module):
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
         )  # fmt: skip
         model = _merge_adapters(model, source.adapters)
-        folder, _ = resolve_llm_path(source.base, source.gguf_file)
+        folder, _ = llm_folder(source.base, source.gguf_file)
         l2v = _read_llm2vec_config([folder, *source.adapters, path] if saved else [folder, *source.adapters])
         settings = EncoderSettings(**saved.get("settings", {})) if saved else EncoderSettings()
         if not saved:
