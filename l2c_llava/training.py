@@ -459,8 +459,16 @@ class ContrastiveRecipe:
         if total is None:
             raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
         run = open_run(
-            self, acc, model, self.param_groups(model), total, micro_batch=t.batch_size, accum=t.grad_accum,
-            lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+            self,
+            acc,
+            model,
+            self.param_groups(model),
+            total,
+            micro_batch=t.batch_size,
+            accum=t.grad_accum,
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.eps,
         )
         if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
             return run.finished

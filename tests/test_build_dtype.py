@@ -53,16 +53,14 @@ def test_build_in_bfloat16_shares_the_llm_tensors(parts, monkeypatch, projector)
 
 
 def test_cli_build_dtype_defaults_to_the_llms(tmp_path, parts):
+    import shutil
     import subprocess
     import sys
 
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     from tests.conftest import ROOT
-
-    import shutil
-
-    from transformers import AutoModelForCausalLM
 
     llm16 = tmp_path / "llm16"  # saved in float16, as Vicuna-7B-v1.5 is
     shutil.copytree(parts / "llm", llm16)

@@ -37,7 +37,9 @@ def bin_folder(tmp_path, shards: int = 1):
             name = f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
             torch.save({k: state[k] for k in part}, out / name)
             weight_map.update({k: name for k in part})
-        (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (out / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     return src, out
 
 

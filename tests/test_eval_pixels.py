@@ -73,7 +73,9 @@ def test_the_pil_backend_is_pinned_where_torchvision_is_installed(monkeypatch, e
     monkeypatch.setattr(auto, "_resolve_backend", auto._resolve_backend)  # undone after the test
     folder, processor = exported
     assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"  # training, build
-    assert type(_load_hf(folder)[2].image_processor).__name__ == "LlavaImageProcessorPil"  # chat, export, eval-vqa
+    assert (
+        type(_load_hf(folder)[2].image_processor).__name__ == "LlavaImageProcessorPil"
+    )  # chat, export, eval-vqa
     assert auto._resolve_backend(None, None, "LlavaImageProcessor") == "torchvision"  # unpinned
     pin_pil_backend()  # lmms-eval's process
     assert auto._resolve_backend(None, None, "LlavaImageProcessor") == "pil"

@@ -18,7 +18,7 @@ import torch
 from .conftest import ROOT
 from .test_distributed_training import _port
 
-WORKER = r'''
+WORKER = r"""
 import sys
 from types import SimpleNamespace
 import torch, torch.distributed as dist
@@ -59,7 +59,7 @@ else:
 if rank == 0:
     torch.save({k: v.clone() for k, v in state.items()}, out)
 dist.destroy_process_group()
-'''
+"""
 
 
 def run(tmp_path, processes: int, mode: str) -> dict:
@@ -79,6 +79,8 @@ def test_fsdp_clipping_on_two_processes_equals_one(tmp_path):
     one = run(tmp_path, 1, "ours")
     two = run(tmp_path, 2, "ours")
     assert one.keys() == two.keys()
-    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one), "FSDP clipping is not the global norm's"
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one), (
+        "FSDP clipping is not the global norm's"
+    )
     local = run(tmp_path, 2, "local")
     assert not all(torch.allclose(one[k], local[k], atol=1e-6) for k in one)  # the shard-local norm differs

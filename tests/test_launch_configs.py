@@ -27,7 +27,9 @@ def launch_env(yaml_path: Path) -> tuple[dict[str, str], int]:
     args, defaults, mp_from_config = _validate_launch_command(args)
     if args.use_deepspeed:  # what accelerate's launch_command adds before deepspeed_launcher
         fields = list(defaults.deepspeed_config.keys()) if defaults else []
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config else []))
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            fields + (["mixed_precision"] if mp_from_config else [])
+        )
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
@@ -68,7 +70,9 @@ def test_launch_config_resolves_to_the_training_configs_values(yaml_path, monkey
         # today's accelerate, left alone: micro batch "auto" with no DataLoader prepared -> ValueError at
         # start; clipping "auto" -> 1.0 (stage 2's 5.0 silently lost)
         assert plugin.is_auto("train_micro_batch_size_per_gpu") and plugin.is_auto("gradient_clipping")
-        deepspeed_values(ds, micro_batch=want["micro"], accum=want["accum"], grad_clip=want["clip"], world=world)
+        deepspeed_values(
+            ds, micro_batch=want["micro"], accum=want["accum"], grad_clip=want["clip"], world=world
+        )
         # what accelerate's _prepare_deepspeed then fills without a DataLoader: nothing may change
         plugin.deepspeed_config_process(must_match=False, gradient_clipping=1.0)
         assert ds["train_micro_batch_size_per_gpu"] == want["micro"]
@@ -94,7 +98,11 @@ def test_launch_config_resolves_to_the_training_configs_values(yaml_path, monkey
 def test_stage2_keeps_its_clip_of_5_under_deepspeed():
     from l2c_llava.training import deepspeed_values
 
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "gradient_clipping": "auto"}
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": "auto",
+    }
     deepspeed_values(ds, micro_batch=512, accum=2, grad_clip=5.0, world=8)
     assert ds == {"train_micro_batch_size_per_gpu": 512, "gradient_accumulation_steps": 2, "gradient_clipping": 5.0,
                   "train_batch_size": 8192}  # fmt: skip

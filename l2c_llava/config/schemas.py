@@ -221,7 +221,9 @@ class Stage1Config(RecipeConfig):
 
 
 class TextEncoderRef(Section):
-    path: str = Field(description="stage-1 output folder, or any folder or Hub id TextEncoder.from_pretrained loads")
+    path: str = Field(
+        description="stage-1 output folder, or any folder or Hub id TextEncoder.from_pretrained loads"
+    )
     instruction: str | None = None
     batch_size: PositiveInt = 64
     max_length: PositiveInt | None = Field(None, description="default: the encoder's own")

@@ -174,7 +174,9 @@ def _assign(dst: torch.nn.Module, src: torch.nn.Module, what: str, dtype: torch.
             continue
         match = theirs.get(name)
         if match is None:
-            match = next((b for n, b in theirs.items() if n.endswith("." + name) or name.endswith("." + n)), None)
+            match = next(
+                (b for n, b in theirs.items() if n.endswith("." + name) or name.endswith("." + n)), None
+            )
         if match is None:
             raise BuildError(f"{what}: no value for buffer {name}")
         owner, _, leaf = name.rpartition(".")
@@ -275,8 +277,9 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
             model.model.multi_modal_projector.linear_2.bias.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
-    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy, num_queries,
-                               pad=image_aspect_ratio == "pad")
+    processor = make_processor(
+        tokenizer, tower.config, vision_feature_select_strategy, num_queries, pad=image_aspect_ratio == "pad"
+    )
     return model, processor
 
 

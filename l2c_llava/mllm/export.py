@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
-from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
 from l2c_llava.models.portable import (
     portable_config,

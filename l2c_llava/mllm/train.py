@@ -27,12 +27,12 @@ from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.training import (
     Checkpoints,
-    clip_gradients,
-    is_deepspeed,
-    micro_backward,
     append_log,
     check_resume_config,
+    clip_gradients,
+    is_deepspeed,
     make_accelerator,
+    micro_backward,
     open_run,
 )
 

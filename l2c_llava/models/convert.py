@@ -42,7 +42,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - UnpicklingError (not plain tensors), a damaged file
         raise ConvertError(f"{path}: not loadable with weights_only=True ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor checkpoints are "
-                           "converted")  # fmt: skip
+                           "converted") from None  # fmt: skip
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -85,7 +85,11 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
     if cached is not None:
         if _complete(cached, patterns):
             return str(cached)
-        if "*.safetensors" in patterns and any(cached.glob("*.bin")) and not any(cached.glob("*.safetensors")):
+        if (
+            "*.safetensors" in patterns
+            and any(cached.glob("*.bin"))
+            and not any(cached.glob("*.safetensors"))
+        ):
             raise HubError(f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
                            f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead")  # fmt: skip
     if hub_offline():
@@ -94,11 +98,15 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
                        f"({cache}). Download it on a machine with network (`hf download {repo_id}`, same "
                        "HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder") from None  # fmt: skip
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=list(patterns)))
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=list(patterns))
+        )
     except Exception as e:  # noqa: BLE001 - network, gated, not found: all told the same way, with the cause
-        hint = ("log in (`hf auth login` or HF_TOKEN) and accept the model's licence on its page"
-                if "gated" in type(e).__name__.lower() or "401" in str(e) or "403" in str(e)
-                else "check the id and the network, or set HF_HUB_OFFLINE=1 to use the cache only")
+        hint = (
+            "log in (`hf auth login` or HF_TOKEN) and accept the model's licence on its page"
+            if "gated" in type(e).__name__.lower() or "401" in str(e) or "403" in str(e)
+            else "check the id and the network, or set HF_HUB_OFFLINE=1 to use the cache only"
+        )
         raise HubError(f"{what} {hub_id}: cannot download it from the Hugging Face Hub "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None  # fmt: skip
     if not any((folder / m).is_file() for m in _MARKERS):

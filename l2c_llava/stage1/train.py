@@ -45,13 +45,13 @@ from l2c_llava.stage1.encoder import (
 from l2c_llava.stage1.loss import hard_negative_nll_loss
 from l2c_llava.training import (
     Checkpoints,
+    append_log,
     clip_gradients,
     configure_launch,
-    micro_backward,
-    append_log,
     contrastive_accumulate,
     make_accelerator,
     make_scheduler,
+    micro_backward,
     truncate_log,
 )
 
