@@ -330,6 +330,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from l2c_llava.stage2 import export
 
     try:
+        if args.out is None:  # the run's own layout: export.dir (default <run>/export) / vision|llm2clip
+            args.out = str(export.export_dir(args.run) / args.export_command)
         if args.export_command == "vision":
             out = export.export_vision(args.run, args.out, overwrite=args.overwrite)
             print(
@@ -397,6 +399,15 @@ def _cmd_mllm_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from l2c_llava.models.convert import convert_folder
+
+    stats = convert_folder(args.source, args.out, overwrite=args.overwrite)
+    print(f"{stats['tensors']} tensors from {len(stats['files'])} pickled file(s) of {args.source} written as "
+          f"safetensors to {args.out}")  # fmt: skip
+    return 0
+
+
 def _cmd_mllm_build(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
@@ -407,7 +418,7 @@ def _cmd_mllm_build(args: argparse.Namespace) -> int:
     check_output_folder(args.out, LLAVA_KIND, args.overwrite, legacy_marker=META)  # before the models load
     try:
         model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None),
-                                       allow_pickle=args.allow_pickle)  # fmt: skip
+                                       allow_pickle=args.allow_pickle, torch_dtype=args.dtype)  # fmt: skip
         out = save_llava(model, processor, args.out, overwrite=args.overwrite, meta={"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
                                                       "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
     except (BuildError, EncoderLoadError, FileNotFoundError) as e:
@@ -702,13 +713,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     p.set_defaults(func=_cmd_health)
 
+    cv = sub.add_parser("convert", help="convert model files (pickled .bin weights -> safetensors)")
+    cvsub = cv.add_subparsers(dest="convert_command", metavar="WHAT", required=True)
+    p = cvsub.add_parser("weights", help="a folder or Hub id with pytorch_model*.bin (Vicuna-7B-v1.5) -> the same "
+                         "folder with safetensors, read with torch.load(weights_only=True)")  # fmt: skip
+    p.add_argument("source", help="model folder or Hub id (lmsys/vicuna-7b-v1.5)")
+    p.add_argument("out", help="output folder; point the configs' LLM (or vision) path at it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that is not a previous output of this command")  # fmt: skip
+    p.set_defaults(func=_cmd_convert_weights)
+
     ex = sub.add_parser("export", help="export trained models (vision encoder, whole LLM2CLIP model)")
     exsub = ex.add_subparsers(dest="export_command", metavar="WHAT", required=True)
     p = exsub.add_parser("vision", help="the stage-2 vision tower as a transformers CLIPVisionModel folder")
     p.add_argument(
         "--run", required=True, help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)"
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: the run's export.dir, else "
+                   "<run>/export, + /vision: where the mllm configs read a stage-2 run's tower)")  # fmt: skip
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -720,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole model (vision + projection + adapter + text encoder reference), release layout",
     )
     p.add_argument("--run", required=True, help="a stage-2 run folder (or its model/ folder)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: the run's export.dir, else <run>/export, "
+                   "+ /llm2clip)")  # fmt: skip
     p.add_argument("--text-encoder", default=None, help="record this text encoder instead of the run's")
     p.add_argument(
         "--overwrite",
@@ -749,9 +772,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mmsub = mm.add_subparsers(dest="mllm_command", metavar="ACTION", required=True)
     p = mmsub.add_parser("build", help="assemble a LLaVA model from a vision encoder folder and an LLM")
-    p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder")
-    p.add_argument("--llm", required=True, help="LLM folder, .gguf file or embedded:smollm2-135m-instruct")
+    p.add_argument("--vision", required=True, help="CLIPVisionModel / CLIPModel folder or Hub id")
+    p.add_argument("--llm", required=True,
+                   help="LLM folder, Hub id (lmsys/vicuna-7b-v1.5), .gguf file or embedded:smollm2-135m-instruct")  # fmt: skip
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["llm", "float32", "bfloat16", "float16"], default="llm",
+                   help="dtype of the built model, made directly in it (no float32 copy); default: the dtype the "
+                   "LLM's config.json names (Vicuna-7B-v1.5: float16)")  # fmt: skip
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a tower saved as pytorch_model.bin (a pickle; loaded with weights_only=True); "
                    "only for files from a source you trust")  # fmt: skip

@@ -44,7 +44,7 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
     """Map a config's LLM reference to (folder, gguf file name or None) for ``from_pretrained``.
 
     ``embedded:smollm2-135m-instruct`` -> the shipped GGUF; ``x/y.gguf`` -> (x, y.gguf); a folder
-    stays a folder.
+    stays a folder (as does a Hub id: :func:`llm_folder` resolves it).
     """
     if name_or_path == EMBEDDED_LLM:
         p = smollm2_gguf_path()
@@ -55,6 +55,16 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
     if p.suffix == ".gguf":
         return str(p.parent), p.name
     return name_or_path, gguf_file
+
+
+def llm_folder(name_or_path: str, gguf_file: str | None = None, what: str = "LLM") -> tuple[str, str | None]:
+    """:func:`resolve_llm_path`, then a Hub id (``org/name``) -> its snapshot in the Hugging Face cache
+    (downloaded where allowed; ``l2c_llava.models.hub``): a local folder to read files from."""
+    from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
+
+    folder, gguf = resolve_llm_path(name_or_path, gguf_file)
+    patterns = ("*.json", "*.model", "*.txt", gguf) if gguf else WEIGHTS_SAFE
+    return resolve_model_path(folder, what, patterns), gguf
 
 
 def demo_clip_path(verify: bool = True) -> Path:
@@ -82,13 +92,20 @@ def _check_digest(path: Path, expected: str) -> None:
 
 
 def resolve_vision_path(name_or_path: str) -> str:
-    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; anything
-    else stays as it is."""
+    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; a Hub id
+    (``openai/clip-vit-large-patch14-336``) its snapshot in the Hugging Face cache; a stage-2 run
+    folder its exported tower (``l2c_llava.stage2.export.exported_tower``); a folder stays."""
+    from l2c_llava.models.hub import resolve_model_path
+
     if name_or_path == EMBEDDED_CLIP:
         return str(demo_clip_path())
     if name_or_path.startswith("embedded:"):
         raise ValueError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
-    return name_or_path
+    from l2c_llava.stage2.export import exported_tower, is_stage2_run
+
+    if is_stage2_run(name_or_path):  # a stage-2 run folder: its exported tower, by the one layout
+        return str(exported_tower(name_or_path))
+    return resolve_model_path(name_or_path, "vision model")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

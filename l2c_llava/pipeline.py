@@ -176,7 +176,12 @@ class Pipeline:
             base_vision, base_up = str(out / "clip" / "model"), ["baseline"]
         else:
             # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
-            base_vision, base_up = resolve_vision_path(str(c.baseline.vision)), []
+            # a Hub id stays an id: each step resolves it through the Hugging Face cache when it runs
+            # (planning, --dry-run and validation never download)
+            from l2c_llava.models.hub import is_hub_id
+
+            vision = str(c.baseline.vision)
+            base_vision, base_up = (vision if is_hub_id(vision) else resolve_vision_path(vision)), []
 
         # stage 2
         s2 = c.stage2

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from l2c_llava.errors import L2CError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +43,88 @@ def make_accelerator(mixed_precision: str, seed: int):
     )
     set_seed(seed)
     return acc
+
+
+class LaunchError(L2CError, ValueError):
+    """A launch (accelerate / DeepSpeed / FSDP) that cannot run the recipe as configured."""
+
+
+# what the training config decides under DeepSpeed (the accelerate yaml decides ZeRO stage, offload,
+# topology); accelerate fills these from a prepared DataLoader, else raises, and fills
+# gradient_clipping with 1.0 whatever the recipe asked
+DEEPSPEED_FROM_TRAINING = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                           "train_batch_size")  # fmt: skip
+
+
+def deepspeed_values(ds_config: dict, *, micro_batch: int, accum: int, grad_clip: float | None,
+                     world: int) -> dict:  # fmt: skip
+    """Write the training config's micro batch, accumulation and clipping into a DeepSpeed config
+    (in place; returned). The recipes draw their own per-rank batches, so no DataLoader goes through
+    ``accelerator.prepare``: these values are set here instead. A value the launcher put there that
+    differs (``gradient_accumulation_steps: 1`` is what ``accelerate launch`` writes when the yaml says
+    nothing) is replaced, with a log line; clipping 0 means none, as DeepSpeed reads it."""
+    want = {"train_micro_batch_size_per_gpu": int(micro_batch), "gradient_accumulation_steps": int(accum),
+            "gradient_clipping": float(grad_clip or 0.0), "train_batch_size": int(micro_batch * accum * world)}  # fmt: skip
+    for key in DEEPSPEED_FROM_TRAINING:
+        have = ds_config.get(key)
+        if have not in (None, "auto") and have != want[key]:
+            logger.warning("DeepSpeed %s: %s from the launch config replaced by %s from the training config",
+                           key, have, want[key])  # fmt: skip
+        ds_config[key] = want[key]
+    return ds_config
+
+
+def configure_launch(acc, *, micro_batch: int, accum: int, grad_clip: float | None,
+                     contrastive_accum: bool = False) -> dict | None:  # fmt: skip
+    """Before ``acc.prepare``: under DeepSpeed, set the engine's batch sizes, accumulation and clipping
+    from the training config (:func:`deepspeed_values`); returns the DeepSpeed config, or None."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    if contrastive_accum and accum > 1:
+        raise LaunchError("train.contrastive_accum (GradCache) backpropagates each micro-batch twice, which "
+                          "DeepSpeed's accumulation does not allow: launch with the DDP or FSDP config, or set "
+                          "train.contrastive_accum=false")  # fmt: skip
+    deepspeed_values(plugin.deepspeed_config, micro_batch=micro_batch, accum=accum, grad_clip=grad_clip,
+                     world=acc.num_processes)  # fmt: skip
+    plugin.gradient_accumulation_steps, plugin.gradient_clipping = accum, float(grad_clip or 0.0)
+    acc.gradient_accumulation_steps = accum  # else accelerate warns of a mismatch and takes DeepSpeed's
+    return plugin.deepspeed_config
+
+
+def is_deepspeed(acc) -> bool:
+    return getattr(acc.state, "deepspeed_plugin", None) is not None
+
+
+def micro_backward(acc, loss: torch.Tensor, accum: int, last: bool) -> None:
+    """The backward of one of `accum` micro-batches of a step. DDP / FSDP / one process: ``loss /
+    accum``. DeepSpeed: the engine divides by its ``gradient_accumulation_steps`` (= accum, set by
+    :func:`configure_launch`) itself and steps (clipping with the config's value) at the last
+    micro-batch only; ``opt.step()`` after it is accelerate's no-op."""
+    if not is_deepspeed(acc):
+        acc.backward(loss / accum)
+        return
+    acc.gradient_state._set_sync_gradients(last)  # accelerate's own switch for the engine's boundary
+    try:
+        acc.backward(loss)
+    finally:
+        acc.gradient_state._set_sync_gradients(True)
+
+
+def clip_gradients(acc, wrapped, params, max_norm: float | None):
+    """Clip to the config's `max_norm` under every launch: DeepSpeed clips inside its step
+    (``gradient_clipping``, set from the config), FSDP (v1) through the wrapped model's own
+    ``clip_grad_norm_`` (the global norm over every rank's shard: accelerate's call falls back to each
+    rank's local shard when `params` is not the wrapped model's full list, e.g. only the trainable
+    ones), anything else through ``acc.clip_grad_norm_``."""
+    if not max_norm or is_deepspeed(acc):
+        return None
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", False):
+        acc.unscale_gradients()
+        return wrapped.clip_grad_norm_(max_norm)
+    return acc.clip_grad_norm_(params, max_norm)
 
 
 def make_scheduler(opt, schedule: str, total: int, warmup_steps: int | None, warmup_ratio: float | None):
@@ -108,7 +192,8 @@ class OpenRun:
     finished: dict | None
 
 
-def open_run(recipe, acc, model, groups: list[dict], total: int, **adamw) -> OpenRun:
+def open_run(recipe, acc, model, groups: list[dict], total: int, *, micro_batch: int, accum: int,
+             **adamw) -> OpenRun:  # fmt: skip
     """What every training loop does before its first step: AdamW on the recipe's groups, the schedule,
     accelerate's wrapping, the resume from the last checkpoint (``run.resume``), and the training log
     cut back to that step. ``finished`` holds the saved stats when the run is already complete."""
@@ -117,6 +202,8 @@ def open_run(recipe, acc, model, groups: list[dict], total: int, **adamw) -> Ope
 
     opt = make_adamw(groups, t.optimizer, **adamw)
     sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
+    configure_launch(acc, micro_batch=micro_batch, accum=accum, grad_clip=t.grad_clip,
+                     contrastive_accum=getattr(t, "contrastive_accum", False))  # fmt: skip
     wrapped, opt = acc.prepare(model, opt)
     start = recipe.load_checkpoint(model, opt, sched) if recipe.cfg.run.resume else 0
     log_path = recipe.run_dir / "train_log.jsonl"
@@ -372,7 +459,16 @@ class ContrastiveRecipe:
         if total is None:
             raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
         run = open_run(
-            self, acc, model, self.param_groups(model), total, lr=t.lr, betas=tuple(t.betas), eps=t.eps
+            self,
+            acc,
+            model,
+            self.param_groups(model),
+            total,
+            micro_batch=t.batch_size,
+            accum=t.grad_accum,
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.eps,
         )
         if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
             return run.finished
@@ -406,17 +502,16 @@ class ContrastiveRecipe:
                     seen += rows
                 else:
                     loss_sum = 0.0
-                    for batch in micro_batches:
+                    for i, batch in enumerate(micro_batches):
                         with acc.autocast():
                             img, txt, scale = self.embed(wrapped, batch, acc)
                             loss = loss_fn(img, txt, scale)
-                        acc.backward(loss / t.grad_accum)
+                        micro_backward(acc, loss, t.grad_accum, last=i == len(micro_batches) - 1)
                         loss_sum += loss.item() / t.grad_accum
                         seen += img.shape[0]
                 if acc.num_processes > 1:  # log the global batch's loss, not this process's share
                     loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean").item()
-                if t.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                clip_gradients(acc, wrapped, model.parameters(), t.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

@@ -252,3 +252,23 @@ def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, 
     # ignores a constant added to every key) the update is float noise, left out of the comparison
     far = [k for k in a if not k.endswith("k_proj.bias") and not torch.allclose(a[k], b[k], atol=1e-5)]
     assert not far, far
+
+
+def test_export_defaults_to_the_runs_export_dir_and_the_run_reads_as_its_tower(
+    tmp_path, setup, synth_dir, capsys
+):
+    """Stage paths from one layout: `l2c export vision --run RUN` writes to export.dir/vision and an mllm
+    config naming RUN as its vision tower reads that folder."""
+    from l2c_llava.stage2.train import load_vision_tower
+
+    root, vision_dir, encoder, _ = setup
+    run, shared = tmp_path / "run", tmp_path / "exports"
+    Stage2Recipe(
+        config(root, vision_dir, encoder, synth_dir, run, ["train.max_steps=1", f"export.dir={shared}"])
+    ).run()
+    assert main(["export", "vision", "--run", str(run)]) == 0
+    assert main(["export", "llm2clip", "--run", str(run)]) == 0
+    capsys.readouterr()
+    assert (shared / "vision" / "config.json").is_file() and (shared / "llm2clip" / "config.json").is_file()
+    a, b = load_vision_tower(str(run)).state_dict(), load_vision_tower(str(shared / "vision")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

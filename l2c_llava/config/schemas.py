@@ -42,7 +42,8 @@ class RunSection(Section):
 
 class LLMSection(Section):
     name_or_path: str = Field(
-        description="a transformers model folder, a .gguf file, or 'embedded:smollm2-135m-instruct'"
+        description="a transformers model folder, a Hub id (lmsys/vicuna-7b-v1.5), a .gguf file, or "
+        "'embedded:smollm2-135m-instruct'"
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, if it is a folder")
     torch_dtype: TorchDtype = "auto"
@@ -220,7 +221,9 @@ class Stage1Config(RecipeConfig):
 
 
 class TextEncoderRef(Section):
-    path: str = Field(description="stage-1 output folder (or any folder TextEncoder.from_pretrained loads)")
+    path: str = Field(
+        description="stage-1 output folder, or any folder or Hub id TextEncoder.from_pretrained loads"
+    )
     instruction: str | None = None
     batch_size: PositiveInt = 64
     max_length: PositiveInt | None = Field(None, description="default: the encoder's own")
@@ -234,7 +237,7 @@ class CacheSection(Section):
 
 class VisionSection(Section):
     name_or_path: str = Field(
-        description="a transformers CLIP / CLIPVision folder (OpenAI ViT-L/14-336 at real scale)"
+        description="a transformers CLIP / CLIPVision folder or Hub id (openai/clip-vit-large-patch14-336 at real scale)"
     )
     image_size: PositiveInt = 336
     trainable: Literal["all", "none", "last_n"] = "all"
@@ -317,7 +320,9 @@ class Stage2Eval(Section):
 
 
 class Stage2Export(Section):
-    dir: str | None = Field(None, description="default: <run.output_dir>/export")
+    dir: str | None = Field(None, description="where `l2c export vision|llm2clip --run RUN` write (vision/, "
+                            "llm2clip/) and where a stage-2 run given as a vision tower is read; default: "
+                            "<run.output_dir>/export")  # fmt: skip
 
 
 class Stage2Config(RecipeConfig):
@@ -379,7 +384,8 @@ class ConnectorSection(Section):
 
 class MllmModel(Section):
     vision_tower: str = Field(
-        description="a transformers CLIPVisionModel/CLIPModel folder (stage-2 export or OpenAI CLIP)"
+        description="a transformers CLIPVisionModel/CLIPModel folder, a Hub id (openai/clip-vit-large-patch14-336), "
+        "embedded:demo-clip, or a stage-2 run folder (its tower exported by `l2c export vision --run RUN`)"
     )
     llm: LLMSection
     projector_type: Literal["mlp2x_gelu", "linear", "qformer", "perceiver"] = Field(

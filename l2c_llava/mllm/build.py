@@ -106,24 +106,43 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
-def clip_image_processor(size: int):
-    """The LLaVA's image processor: CLIP's resize and crop to ``size`` with OpenAI CLIP's mean / std."""
-    from transformers import CLIPImageProcessor
+def clip_image_processor(size: int, pad: bool = True):
+    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
+    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
+    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
+    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
+    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
+    (processor on the raw image) gets training's pixels."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+                                  do_pad=pad)  # fmt: skip
 
 
-def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None):
+def pil_image_processor(image_processor):
+    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if isinstance(image_processor, LlavaImageProcessorPil):
+        return image_processor
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_pad", "do_resize", "do_center_crop",
+            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")  # fmt: skip
+    d = image_processor.to_dict()
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})
+
+
+def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None,
+                   pad: bool = True):  # fmt: skip
     """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
     with the "full" strategy), or `num_queries` for a connector (one image-sized "patch" + `num_queries`
     additional tokens - the CLS the default strategy drops)."""
     from transformers import LlavaProcessor
 
     size = vision_config.image_size
-    image_processor = clip_image_processor(size)
+    image_processor = clip_image_processor(size, pad)
     if num_queries:
         patch, extra, strategy = size, num_queries, "default"
     else:
@@ -133,19 +152,49 @@ def make_processor(tokenizer, vision_config, strategy: str = "default", num_quer
                           chat_template=VICUNA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)  # fmt: skip
 
 
-def _strict_copy(dst: torch.nn.Module, src_state: dict, what: str) -> None:
+def _check_fit(dst: torch.nn.Module, src_state: dict, what: str) -> None:
     own = dst.state_dict()
     missing, unexpected = sorted(set(own) - set(src_state)), sorted(set(src_state) - set(own))
     wrong = [k for k in own if k in src_state and own[k].shape != src_state[k].shape]
     if missing or unexpected or wrong:
         raise BuildError(f"{what}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"wrong shapes {wrong[:5]}")  # fmt: skip
-    dst.load_state_dict(src_state)
+
+
+def _assign(dst: torch.nn.Module, src: torch.nn.Module, what: str, dtype: torch.dtype) -> None:
+    """Put `src`'s weights into the meta-device module `dst` (strict: every key, every shape), in
+    `dtype`, without a copy where `src` already is in it; non-persistent buffers (rotary inv_freq,
+    position ids) are taken from `src` by name."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in src.state_dict().items()}
+    _check_fit(dst, state, what)
+    dst.load_state_dict(state, assign=True)
+    theirs = dict(src.named_buffers())
+    for name, buf in list(dst.named_buffers()):
+        if not buf.is_meta:
+            continue
+        match = theirs.get(name)
+        if match is None:
+            match = next(
+                (b for n, b in theirs.items() if n.endswith("." + name) or name.endswith("." + n)), None
+            )
+        if match is None:
+            raise BuildError(f"{what}: no value for buffer {name}")
+        owner, _, leaf = name.rpartition(".")
+        dst.get_submodule(owner)._buffers[leaf] = match.clone()
+
+
+def llm_config_dtype(folder: str | os.PathLike) -> str:
+    """The dtype an LLM folder's config.json names (``dtype`` / ``torch_dtype``; Vicuna: float16),
+    else float32."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
 
 
 def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
                 vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
-                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False):  # fmt: skip
+                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False,
+                image_aspect_ratio: str = "pad"):  # fmt: skip
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
     object (name_or_path, gguf_file, attn_implementation, trust_remote_code). With projector_type
     qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
@@ -164,6 +213,8 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     except ValueError as e:
         raise BuildError(str(e)) from None
     folder = local_llm_folder(llm.name_or_path, getattr(llm, "gguf_file", None))
+    if torch_dtype == "llm":  # `l2c mllm build`'s default: the dtype the LLM was saved in
+        torch_dtype = llm_config_dtype(folder)
     dtype = torch.float32 if torch_dtype in ("auto", "float32") else getattr(torch, torch_dtype)
     lm = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=getattr(llm, "trust_remote_code", False)
@@ -195,23 +246,40 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False), **extra,
     )  # fmt: skip
     config._attn_implementation = getattr(llm, "attn_implementation", "sdpa")
-    torch.manual_seed(0)
+    # the LLaVA is made on the meta device (no memory) and takes the loaded tower's and LLM's tensors
+    # as they are (in `dtype`): no float32 model beside the LLM, no second copy of its weights
     try:
-        model = cls(config).to(dtype)
+        with torch.device("meta"):
+            model = cls(config)
     except ValueError as e:  # a connector shape that does not fit
         raise BuildError(f"projector_type {projector_type}: {e}") from None
-    _strict_copy(model.model.vision_tower, tower.state_dict(), f"vision tower {vision_tower}")
-    lm_state = lm.state_dict()
-    body = {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
-    _strict_copy(model.model.language_model, body, f"LLM {llm.name_or_path}")
-    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    model.to(dtype)
+    torch.manual_seed(0)
+    if projector_type in CONNECTORS:
+        from l2c_llava.mllm.connectors import make_connector
+
+        layers = len(vision_feature_layer) if isinstance(vision_feature_layer, (list, tuple)) else 1
+        vision_dim = tower.config.hidden_size * layers
+        projector = make_connector(config.l2c_connector, vision_dim, text_config.hidden_size)
+    else:
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        projector = LlavaMultiModalProjector(config)
+        for module in projector.modules():  # transformers' own initialisation of the projector
+            model._init_weights(module)
+    model.model.multi_modal_projector = projector.to(dtype)
+    _assign(model.model.vision_tower, tower, f"vision tower {vision_tower}", dtype)
+    _assign(model.model.language_model, lm.get_decoder(), f"LLM {llm.name_or_path}", dtype)
+    model.lm_head.weight = lm.get_output_embeddings().weight
     if projector_type == "linear":  # LLaVA's single Linear: linear_1, then an identity linear_2 (kept frozen)
         with torch.no_grad():
             model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(text_config.hidden_size))
             model.model.multi_modal_projector.linear_2.bias.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
-    processor = make_processor(tokenizer, tower.config, vision_feature_select_strategy, num_queries)
+    processor = make_processor(
+        tokenizer, tower.config, vision_feature_select_strategy, num_queries, pad=image_aspect_ratio == "pad"
+    )
     return model, processor
 
 
@@ -240,6 +308,17 @@ def load_llava(folder: str | os.PathLike, *, strict: bool = True, **kwargs):
     return model
 
 
+def _plain_image_processor_type(folder: Path) -> None:
+    """``LlavaImageProcessorPil`` -> ``LlavaImageProcessor`` in the saved processor files: the name
+    AutoProcessor resolves on any machine (the backend is the loader's choice; ours pins PIL)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            text = path.read_text()
+            if "LlavaImageProcessorPil" in text:
+                path.write_text(text.replace("LlavaImageProcessorPil", "LlavaImageProcessor"))
+
+
 def save_llava(
     model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False
 ) -> Path:
@@ -264,6 +343,7 @@ def save_llava(
         config = json.loads((tmp / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(tmp)
+        _plain_image_processor_type(tmp)
         if source is not None:  # the LLM's own tokenizer files, for the exports to other stacks
             copy_tokenizer_files(source, tmp / LLM_TOKENIZER_DIR)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
@@ -74,11 +75,11 @@ def _load_hf(model_dir: str | os.PathLike):
         raise LlavaExportError(
             f"{folder}: model_type {cfg.get('model_type')!r}, not a transformers LLaVA model"
         )
-    return (
-        folder,
-        _loaded(folder),
-        AutoProcessor.from_pretrained(folder),
-    )
+    from l2c_llava.mllm.build import pil_image_processor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor = pil_image_processor(processor.image_processor)  # one backend everywhere
+    return folder, _loaded(folder), processor
 
 
 def _loaded(folder: Path):
@@ -215,7 +216,8 @@ def export_original(
         tower = CLIPVisionModel(vc)
         tower.load_state_dict(model.model.vision_tower.state_dict())
         save_vision_folder(tower, tmp / VISION_DIR)
-        processor.image_processor.save_pretrained(tmp / VISION_DIR)
+        # the original LLaVA code pads itself (image_aspect_ratio: pad) and loads a CLIPImageProcessor
+        write_preprocessor_config(tmp / VISION_DIR, int(vc.image_size))
         state = {k: v.contiguous() for k, v in original_state_dict(model).items()}
         if getattr(tc, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)

@@ -218,7 +218,7 @@ def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root:
 def lmms_command(model_dir: Path, tasks: list[str], out: Path, include_path: Path | None, device: str,
                  batch_size: int, limit: int | None) -> list[str]:  # fmt: skip
     model_args = f"pretrained={model_dir},device={device},device_map={device}"
-    cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "llava_hf", "--model_args", model_args,
+    cmd = [sys.executable, "-m", "l2c_llava.mllm.lmms_entry", "eval", "--model", "llava_hf", "--model_args", model_args,
            "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(out / "lmms_eval"),
            "--log_samples"]  # fmt: skip
     if include_path is not None:

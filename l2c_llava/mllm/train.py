@@ -29,7 +29,10 @@ from l2c_llava.training import (
     Checkpoints,
     append_log,
     check_resume_config,
+    clip_gradients,
+    is_deepspeed,
     make_accelerator,
+    micro_backward,
     open_run,
 )
 
@@ -93,6 +96,7 @@ class MllmRecipe:
         gives the same model in full precision, to merge the trained LoRA into for saving)."""
         m, t = self.cfg.model, self.cfg.train
         model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
+                                       image_aspect_ratio=m.image_aspect_ratio,
                                        vision_feature_layer=m.vision_feature_layer,
                                        vision_feature_select_strategy=m.vision_feature_select_strategy,
                                        torch_dtype=m.llm.torch_dtype, connector=m.connector.model_dump())  # fmt: skip
@@ -247,7 +251,8 @@ class MllmRecipe:
                 f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
         total = t.max_steps or t.epochs * steps_per_epoch
-        run = open_run(self, acc, model, self.param_groups(model), total, lr=t.lr)
+        run = open_run(self, acc, model, self.param_groups(model), total, micro_batch=t.per_device_batch_size,
+                       accum=accum, lr=t.lr)  # fmt: skip
         if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
             return run.finished
         wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
@@ -269,17 +274,20 @@ class MllmRecipe:
                     break
                 loss_sum, t_step = 0.0, time.perf_counter()
                 step_tokens = 0
-                for _ in range(accum):
+                for micro in range(accum):
                     batch = {k: v.to(acc.device) for k, v in next(batches).items()}
                     with acc.autocast():
                         loss = supervised_loss(wrapped, batch)
                     if not torch.isfinite(loss):  # a micro-batch with no supervised token
-                        continue
-                    acc.backward(loss / accum)
+                        if world == 1 and not is_deepspeed(acc):
+                            continue
+                        # every rank must run each backward (DDP's all-reduce, DeepSpeed's boundary):
+                        # a zero loss gives zero gradients (the empty selection has no NaN gradient)
+                        loss = loss.nan_to_num(0.0) * 0.0
+                    micro_backward(acc, loss, accum, last=micro == accum - 1)
                     loss_sum += loss.item() / accum
                     step_tokens += int(batch["attention_mask"].sum())
-                if t.grad_clip:
-                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+                clip_gradients(acc, wrapped, [p for p in model.parameters() if p.requires_grad], t.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

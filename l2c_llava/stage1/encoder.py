@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf, resolve_llm_path
+from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
 
@@ -186,7 +186,7 @@ def _resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
 def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
     """A transformers folder for an LLM reference: a folder (checked: config.json and safetensors
     weights), a .gguf file or the embedded model (converted once into a cached folder)."""
-    folder, gguf_file = resolve_llm_path(name_or_path, gguf_file)
+    folder, gguf_file = llm_folder(name_or_path, gguf_file)
     if gguf_file:
         _check_gguf(Path(folder) / gguf_file)
         return str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
@@ -200,7 +200,8 @@ def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
     if not any(p.glob("*.safetensors")):
         found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
         raise EncoderLoadError(
-            f"{folder} has no *.safetensors weights (found: {found}); save the model with safetensors"
+            f"{name_or_path} has no *.safetensors weights (found: {found}); pickled .bin weights (Vicuna-7B-v1.5 "
+            f"ships them) are not loaded: `l2c convert weights {name_or_path} OUT` writes a safetensors copy"
         )
     return folder
 
@@ -315,6 +316,10 @@ class TextEncoder(nn.Module):
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
         merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
         override the saved ones."""
+        from l2c_llava.models.hub import resolve_model_path
+
+        if not str(path).startswith("embedded:") and Path(str(path)).suffix != ".gguf":
+            path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
         path = str(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         meta_path = Path(path) / ENCODER_META
@@ -336,12 +341,13 @@ class TextEncoder(nn.Module):
             source.adapters += [str(a) for a in adapters]
         else:
             source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
+        source.adapters = [resolve_model_path(a, "LoRA adapter") for a in source.adapters]
         model, tokenizer, model_type, name = _load_base(
             source, bidirectional=bidirectional, torch_dtype=_resolve_dtype(torch_dtype, device),
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
         )  # fmt: skip
         model = _merge_adapters(model, source.adapters)
-        folder, _ = resolve_llm_path(source.base, source.gguf_file)
+        folder, _ = llm_folder(source.base, source.gguf_file)
         l2v = _read_llm2vec_config([folder, *source.adapters, path] if saved else [folder, *source.adapters])
         settings = EncoderSettings(**saved.get("settings", {})) if saved else EncoderSettings()
         if not saved:

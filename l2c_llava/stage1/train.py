@@ -46,9 +46,12 @@ from l2c_llava.stage1.loss import hard_negative_nll_loss
 from l2c_llava.training import (
     Checkpoints,
     append_log,
+    clip_gradients,
+    configure_launch,
     contrastive_accumulate,
     make_accelerator,
     make_scheduler,
+    micro_backward,
     truncate_log,
 )
 
@@ -248,6 +251,7 @@ class Stage1Recipe:
         params = [p for p in peft_base.parameters() if p.requires_grad]
         opt = make_adamw(params, cfg.train.optimizer, lr=cfg.mntp.lr)
         head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
+        configure_launch(acc, micro_batch=cfg.mntp.batch_size, accum=1, grad_clip=None)
         peft_base, opt = acc.prepare(peft_base, opt)
         bs = cfg.mntp.batch_size
         total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
@@ -316,6 +320,8 @@ class Stage1Recipe:
         params = [p for p in encoder.parameters() if p.requires_grad]
         opt = make_adamw(params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
         sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
+        configure_launch(acc, micro_batch=t.batch_size, accum=t.grad_accum, grad_clip=t.grad_clip,
+                         contrastive_accum=t.contrastive_accum)  # fmt: skip
         model, opt = acc.prepare(encoder, opt)
         start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0
         if start >= total:
@@ -373,10 +379,9 @@ class Stage1Recipe:
                     loss = hard_negative_nll_loss(
                         q, p, neg, scale=t.loss_scale, gather=t.gather_across_processes
                     )
-                    acc.backward(loss / t.grad_accum)
+                    micro_backward(acc, loss, t.grad_accum, last=micro == t.grad_accum - 1)
                 step_loss += loss.item() / t.grad_accum
-            if t.grad_clip:
-                acc.clip_grad_norm_(params, t.grad_clip)
+            clip_gradients(acc, model, params, t.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from l2c_llava.embedded import resolve_llm_path
+from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.models.hub import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,15 @@ def encoder_fingerprint(encoder_path: str | os.PathLike, instruction: str | None
         add_folder("encoder", path)
         src = json.loads(meta.read_text())["source"]
         if src.get("base") and src["base"] != str(path):
-            folder, gguf = resolve_llm_path(src["base"], src.get("gguf_file"))
+            folder, gguf = llm_folder(src["base"], src.get("gguf_file"), "text encoder base")
             if gguf:
                 parts["base/" + gguf] = _file_digest(Path(folder) / gguf)
             else:
                 add_folder("base", Path(folder))
         for i, adapter in enumerate(src.get("adapters", [])):
-            add_folder(f"adapter{i}", Path(adapter))
+            add_folder(f"adapter{i}", Path(resolve_model_path(adapter, "LoRA adapter")))
     else:
-        folder, gguf = resolve_llm_path(str(path))
+        folder, gguf = llm_folder(str(path), what="text encoder")
         if gguf:
             parts["base/" + gguf] = _file_digest(Path(folder) / gguf)
         elif Path(folder).is_dir():

@@ -119,8 +119,11 @@ class LLM2CLIP:
         cls, path: str | os.PathLike, text_encoder: str | os.PathLike | Any | None = None
     ) -> LLM2CLIP:
         """An exported model, a released checkpoint folder, or a stage-2 run (or its model/ folder).
-        `text_encoder` (a folder or a loaded TextEncoder) overrides the recorded reference."""
-        folder = Path(path)
+        `text_encoder` (a folder or a loaded TextEncoder) overrides the recorded reference. A Hub id
+        (microsoft/LLM2CLIP-Openai-L-14-336) is read from the Hugging Face cache (downloaded if allowed)."""
+        from l2c_llava.models.hub import resolve_model_path
+
+        folder = Path(resolve_model_path(path, "LLM2CLIP model"))
         for candidate in (folder, folder / "model"):
             meta_path = candidate / "llm2clip_config.json"
             if meta_path.is_file():  # a stage-2 run's model folder

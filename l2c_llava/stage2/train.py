@@ -152,8 +152,11 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if not safetensors and pickles and not allow_pickle:
         raise VisionTowerError(f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
-                         "when loaded) and no .safetensors file. Convert it to model.safetensors, or pass "
+                         "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
                          "--allow-pickle if you trust where the file comes from")  # fmt: skip
+    if not safetensors and not pickles:
+        raise VisionTowerError(f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
+                               "weights only is converted by `l2c convert weights SOURCE OUT`")  # fmt: skip
     if safetensors:
         from safetensors import safe_open
 
