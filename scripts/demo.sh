@@ -6,7 +6,7 @@
 # each, then runs/demo/report.md with its plots.
 # A finished step is skipped on the next run, a changed input re-runs that step and what follows, a
 # killed step resumes from its last checkpoint.
-# Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default 1000);
+# Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default: the config's 1500);
 # extra arguments are pipeline overrides, e.g. `bash scripts/demo.sh eval.limit=50`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,10 +14,11 @@ VPY="$(bash "$ROOT/scripts/setup_env.sh" | tail -n 1)"
 L2C="$(dirname "$VPY")/l2c"
 cd "$ROOT"
 OUT="${L2C_DEMO_DIR:-runs/demo}"
-IMAGES="${L2C_DEMO_IMAGES:-1000}"
+EXTRA=()
+if [ -n "${L2C_DEMO_IMAGES:-}" ]; then EXTRA+=("data.synth_images=$L2C_DEMO_IMAGES"); fi
 
 start=$SECONDS
 echo "== validating every shipped config"
 "$L2C" validate stage1/configs/*.yaml stage2/configs/*.yaml mllm/configs/*.yaml pipeline/configs/*.yaml
-"$L2C" pipeline --config pipeline/configs/demo.yaml "run.output_dir=$OUT" "data.synth_images=$IMAGES" "$@"
+"$L2C" pipeline --config pipeline/configs/demo.yaml "run.output_dir=$OUT" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 echo "== done in $((SECONDS - start)) s; the report: $OUT/report.md (plots in $OUT/plots/)"
