@@ -362,9 +362,9 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     manifest = _read(out / "data" / "manifest.json")
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
-        md += [f"At this scale (the embedded 135M LLM, a small CLIP trained from scratch, {size}) the numbers show "
-               "that every step runs end to end and how the two encoders compare here; they are not the paper's "
-               "numbers, and with test sets this small a difference of a few points is noise.", ""]  # fmt: skip
+        clip = "a small CLIP trained from scratch" if (out / "clip" / "model").is_dir() else "a small demo-world CLIP"
+        md += [f"At this scale (the embedded 135M LLM, {clip}, {size}) the numbers show how the two encoders "
+               "compare here; they are not the paper's numbers. Read each difference with its interval and test.", ""]  # fmt: skip
 
     # stage 1
     md += ["## Stage 1: caption retrieval accuracy (CRA) of the LLM as a caption encoder", ""]
