@@ -297,26 +297,13 @@ def blind_references(out: Path) -> dict[tuple[str, str], float]:
     """What a model that ignores the image scores on the local tasks' rows it was given:
     l2c_vqa, the most frequent training answer per question type (from the LLaVA training JSON);
     l2c_pope, always the majority answer (accuracy) and always "yes" (F1, yes ratio)."""
-    from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
+    from l2c_llava.mllm.evaluate import normalize
 
     refs: dict[tuple[str, str], float] = {}
-    tasks = next((p for p in sorted((out / "eval").glob("*/tasks")) if p.is_dir()), None)
-    if tasks is None:
-        return refs
-
-    def rows(name):
-        f = tasks / f"{name}.jsonl"
-        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
-
-    vqa, train = rows("l2c_vqa"), out / "data" / "llava" / "instruct.json"
-    if vqa and train.is_file():
-        prior = prior_answers(train, vqa)
-        hits = [
-            normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
-            for q in vqa
-        ]
+    hits = _prior_hits(out, _task_rows(out, "l2c_vqa"))
+    if hits:
         refs[("l2c_vqa", "exact_match")] = sum(hits) / len(hits)
-    pope = rows("l2c_pope")
+    pope = _task_rows(out, "l2c_pope")
     if pope:
         yes = sum(normalize(q["answer"]).startswith("yes") for q in pope) / len(pope)
         refs[("l2c_pope", "pope_accuracy")] = max(yes, 1 - yes)
@@ -362,7 +349,11 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     manifest = _read(out / "data" / "manifest.json")
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
-        clip = "a small CLIP trained from scratch" if (out / "clip" / "model").is_dir() else "a small demo-world CLIP"
+        clip = (
+            "a small CLIP trained from scratch"
+            if (out / "clip" / "model").is_dir()
+            else "a small demo-world CLIP"
+        )
         md += [f"At this scale (the embedded 135M LLM, {clip}, {size}) the numbers show how the two encoders "
                "compare here; they are not the paper's numbers. Read each difference with its interval and test.", ""]  # fmt: skip
 
