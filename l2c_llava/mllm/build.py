@@ -320,7 +320,8 @@ def _plain_image_processor_type(folder: Path) -> None:
 
 
 def save_llava(
-    model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False
+    model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False,
+    card: str | None = None,
 ) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back. The tower's
@@ -347,6 +348,8 @@ def save_llava(
         if source is not None:  # the LLM's own tokenizer files, for the exports to other stacks
             copy_tokenizer_files(source, tmp / LLM_TOKENIZER_DIR)
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
+        if card is not None:  # the model card (l2c_llava.cards), README.md
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         try:
             load_llava(tmp)
         except BuildError as e:

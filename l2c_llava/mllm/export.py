@@ -96,8 +96,14 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrit
 
     check_output_folder(out_dir, "llava hf export", overwrite, legacy_marker="l2c_mllm.json")
     folder, _, _ = _load_hf(model_dir)
-    return publish_folder(out_dir, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True), "llava hf export",
-                          overwrite, legacy_marker="l2c_mllm.json")  # fmt: skip
+    from l2c_llava.cards import write_card
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        (tmp / ".l2c_output.json").unlink(missing_ok=True)  # the source's own marker; publish writes ours
+        write_card(tmp, "llava", model_dir, name=Path(out_dir).name)
+
+    return publish_folder(out_dir, build, "llava hf export", overwrite, legacy_marker="l2c_mllm.json")
 
 
 def original_state_dict(model) -> dict[str, torch.Tensor]:
@@ -197,6 +203,8 @@ def export_original(
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
 
+    from l2c_llava.cards import write_card
+
     out = Path(out_dir)
     if "llava" not in out.name.lower():
         raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
@@ -236,7 +244,7 @@ def export_original(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_portable_tokenizer(processor.tokenizer, tmp, tokenizer_source(processor.tokenizer),
                                  getattr(tc, "model_type", None))  # fmt: skip
-        (tmp / "README.md").write_text(original_readme(out.name, meta))
+        write_card(tmp, "llava-original", model_dir, name=out.name, body=original_readme(out.name, meta))
 
     return publish_folder(out, build, "llava original export", overwrite)
 

@@ -307,7 +307,7 @@ class MllmRecipe:
                  "seconds_this_session": round(seconds, 1),
                  "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None}  # fmt: skip
         if acc.is_main_process:
-            self.save_model(acc.unwrap_model(wrapped), processor)
+            self.save_model(acc.unwrap_model(wrapped), processor, stats)
             atomic_write_json(self.run_dir / "train_stats.json", stats)
         acc.wait_for_everyone()
         return stats
@@ -325,7 +325,7 @@ class MllmRecipe:
             model, self.trainable_state(model), opt, sched, name="trainable.safetensors"
         )
 
-    def save_model(self, model, processor) -> Path:
+    def save_model(self, model, processor, stats: dict | None = None) -> Path:
         t = self.cfg.train
         if not (t.save_full_model if t.save_full_model is not None else t.stage == "finetune"):
             return self.save_projector(model)
@@ -353,7 +353,10 @@ class MllmRecipe:
                 "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        return save_llava(model, processor, self.run_dir / "model", meta, overwrite=True)  # the run's own
+        from l2c_llava.cards import model_card
+
+        card = model_card("llava", str(self.run_dir / "model"), self.run_dir, metrics={"train_stats.json": stats or {}})
+        return save_llava(model, processor, self.run_dir / "model", meta, overwrite=True, card=card)  # the run's own
 
     def save_projector(self, model) -> Path:
         """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,

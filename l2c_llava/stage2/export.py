@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.cards import model_card, write_card
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
@@ -71,11 +72,13 @@ def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwri
         raise ExportError(
             f"{e}; train one with `l2c stage2 train` or import a release with `l2c import llm2clip`"
         ) from None
-    return export_vision_tower(model.vision_model, out_dir, overwrite)
+    return export_vision_tower(model.vision_model, out_dir, overwrite, card_source=source)
 
 
-def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save a CLIP vision transformer as a CLIPVisionModel folder, verified on load-back."""
+def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = False,
+                        card_source: str | os.PathLike | None = None) -> Path:  # fmt: skip
+    """Save a CLIP vision transformer as a CLIPVisionModel folder, verified on load-back, with its
+    model card (made from the run `card_source`, when given)."""
     from transformers import CLIPVisionModel
 
     config = trained.config
@@ -89,6 +92,7 @@ def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = F
     def build(tmp: Path) -> None:
         save_vision_folder(tower, tmp)  # keys under vision_model.*: transformers 4.x and 5.x load them
         write_preprocessor_config(tmp, config.image_size)
+        write_card(tmp, "vision", card_source, name=Path(out_dir).name)
         again, info = CLIPVisionModel.from_pretrained(tmp, output_loading_info=True)
         bad = {
             k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
@@ -118,7 +122,7 @@ def export_llm2clip(
     check_output_folder(out_dir, "llm2clip model", overwrite)  # before any model loads
     try:
         return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(
-            out_dir, overwrite=overwrite
+            out_dir, overwrite=overwrite, card=model_card("llm2clip", Path(out_dir).name, source)
         )
     except LLM2CLIPLoadError as e:
         raise ExportError(str(e)) from None

@@ -226,9 +226,10 @@ class LLM2CLIP:
 
     # -- saving ------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """The whole model in the release layout (+ our llm2clip block and preprocessor config),
-        written to a temporary folder, loaded back and compared, then moved into place."""
+    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
+        """The whole model in the release layout (+ our llm2clip block and preprocessor config, and
+        `card` as its README.md), written to a temporary folder, loaded back and compared, then moved
+        into place."""
         m = self.model
         shape = adapter_shape(dict(m.state_dict()), "model")
 
@@ -244,6 +245,8 @@ class LLM2CLIP:
             }  # fmt: skip
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             write_preprocessor_config(tmp, self.image_size)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
             again = LLM2CLIP.from_pretrained(tmp)
             probe = torch.randn(
                 2, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)

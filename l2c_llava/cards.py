@@ -1,0 +1,272 @@
+"""Model cards: the ``README.md`` every exported folder carries (Hugging Face card metadata in a YAML
+front matter, then what the model is, what it was made from, how it was trained, the numbers this
+toolkit measured, and how to load it with stock transformers and with the original LLaVA code).
+
+Everything in a card is read from the run folder the export came from (``config.yaml``,
+``metrics.json``, ``train_stats.json``, ``vqa_metrics.json``, ``versions.json``): a card never states
+a number the run did not write. Cards are written inside the export's temporary folder, so they are
+part of the published output (listed in its marker) like every other file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CARD = "README.md"
+
+# kind -> (pipeline tag, what it is in one line)
+KINDS = {
+    "vision": ("image-feature-extraction", "the LLM2CLIP-upgraded CLIP vision encoder, as a transformers "
+               "`CLIPVisionModel` folder (image processor included)"),
+    "llm2clip": ("zero-shot-image-classification", "the whole LLM2CLIP model: CLIP vision tower and projection "
+                 "trained against a caption-contrastive LLM, with the adapter that maps the LLM's caption "
+                 "features into the shared space"),
+    "llava": ("image-text-to-text", "a LLaVA-1.5 model (transformers `LlavaForConditionalGeneration` format)"),
+    "llava-original": ("image-text-to-text", "a LLaVA-1.5 model in the original LLaVA layout "
+                       "(haotian-liu/LLaVA, `LlavaLlamaForCausalLM`)"),
+}  # fmt: skip
+
+
+@dataclass
+class RunFacts:
+    """What a card says about the run an export came from (every field may be empty)."""
+
+    run_dir: Path | None = None
+    recipe: str | None = None
+    config: dict = field(default_factory=dict)
+    base_models: list[tuple[str, str]] = field(default_factory=list)  # (role, name or path)
+    datasets: list[tuple[str, str]] = field(default_factory=list)  # (role, path or Hub id)
+    metrics: dict = field(default_factory=dict)  # file name -> its JSON
+    versions: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def find_run_dir(source: str | os.PathLike) -> Path | None:
+    """The run folder behind `source`: the folder itself when it holds ``config.yaml``, its parent
+    when `source` is the run's ``model/`` folder; None otherwise (an export of an export, a release)."""
+    p = Path(source)
+    for cand in (p, p.parent):
+        if (cand / "config.yaml").is_file() and (_read_yaml(cand / "config.yaml")).get("recipe"):
+            return cand
+    return None
+
+
+def _stage1_base(encoder_path: str) -> str | None:
+    """The LLM a stage-1 encoder was tuned from, when its run folder is beside it."""
+    run = Path(encoder_path).parent
+    cfg = _read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    return ((cfg.get("model") or {}).get("name_or_path")) if cfg.get("recipe") == "stage1" else None
+
+
+def run_facts(source: str | os.PathLike | None) -> RunFacts:
+    """Base models, datasets, config, metrics and versions of the run behind `source`."""
+    run = find_run_dir(source) if source is not None else None
+    if run is None:
+        return RunFacts()
+    cfg = _read_yaml(run / "config.yaml")
+    facts = RunFacts(run_dir=run, recipe=cfg.get("recipe"), config=cfg, versions=_read_json(run / "versions.json"))
+    if facts.recipe == "stage2":
+        te = (cfg.get("text_encoder") or {}).get("path")
+        facts.base_models.append(("CLIP (vision tower fine-tuned)", str((cfg.get("vision") or {}).get("name_or_path"))))
+        if te:
+            facts.base_models.append(("caption encoder (stage-1 LLM, frozen)", str(te)))
+            llm = _stage1_base(str(te))
+            if llm:
+                facts.base_models.append(("LLM the caption encoder was tuned from", str(llm)))
+                s1 = _read_json(Path(te).parent / "metrics.json")
+                if s1:
+                    facts.metrics["stage1 metrics.json"] = s1
+        d = cfg.get("data") or {}
+        facts.datasets += [(k, str(d[k])) for k in ("train", "eval_short", "eval_long") if d.get(k)]
+    elif facts.recipe == "mllm":
+        m = cfg.get("model") or {}
+        facts.base_models.append(("vision tower", str(m.get("vision_tower"))))
+        facts.base_models.append(("LLM", str((m.get("llm") or {}).get("name_or_path"))))
+        if m.get("init_from"):
+            facts.base_models.append(("initialised from (pretrain run)", str(m["init_from"])))
+        d = cfg.get("data") or {}
+        if d.get("path"):
+            facts.datasets.append((f"{(cfg.get('train') or {}).get('stage', 'train')} data", str(d["path"])))
+    elif facts.recipe in ("stage1", "clip"):
+        m = cfg.get("model") or {}
+        if m.get("name_or_path"):
+            facts.base_models.append(("base model", str(m["name_or_path"])))
+        d = cfg.get("data") or {}
+        facts.datasets += [(k, str(d[k])) for k in ("train", "eval") if d.get(k)]
+    for name in ("metrics.json", "train_stats.json", "vqa_metrics.json", "model/vqa_metrics.json"):
+        if (run / name).is_file():
+            facts.metrics[name] = _read_json(run / name)
+    return facts
+
+
+def _hub_ids(names: list[str]) -> list[str]:
+    """The names the Hub's card metadata accepts (``org/name``); local paths stay in the text only."""
+    from l2c_llava.embedded import EMBEDDED_LLM
+    from l2c_llava.models.hub import is_hub_id
+
+    out = []
+    for n in names:
+        if n == EMBEDDED_LLM:
+            n = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model's weights
+        n = n.split("@", 1)[0]
+        if is_hub_id(n) and n not in out:
+            out.append(n)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _metrics_section(facts: RunFacts) -> str:
+    lines: list[str] = []
+    m = facts.metrics.get("metrics.json") or {}
+    if facts.recipe == "stage2" and m.get("llm2clip"):
+        lines += ["Retrieval on the run's held-out sets (`l2c stage2 eval`; recall in [0, 1]):", "",
+                  "| set | direction | metric | baseline CLIP | LLM2CLIP |", "|---|---|---|---|---|"]  # fmt: skip
+        for name, res in m["llm2clip"].items():
+            base = (m.get("baseline") or {}).get(name, {})
+            for key, val in res.items():
+                if isinstance(val, (int, float)) and "@" in key:
+                    direction, _, metric = key.rpartition("_") if "_" in key else ("", "", key)
+                    lines.append(f"| {name} | {direction or '-'} | {metric} | {_fmt(base.get(key, '-'))} | {_fmt(val)} |")
+        lines.append("")
+    elif facts.recipe == "stage1" or facts.metrics.get("stage1 metrics.json"):
+        s1 = m if facts.recipe == "stage1" else facts.metrics["stage1 metrics.json"]
+        rows = [(k, s1[k]) for k in sorted(s1) if not isinstance(s1[k], dict) and s1[k] is not None]
+        if rows:
+            lines += ["Stage 1 (caption encoder) caption retrieval, before and after tuning:", "",
+                      "| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]  # fmt: skip
+    for name in ("vqa_metrics.json", "model/vqa_metrics.json"):
+        v = facts.metrics.get(name)
+        if v:
+            rows = [(k, x) for k, x in v.items() if isinstance(x, (int, float, str)) and not isinstance(x, bool)]
+            lines += [f"Short-answer VQA (`l2c mllm eval-vqa`, {name}):", "", "| metric | value |", "|---|---|",
+                      *[f"| {k} | {_fmt(x)} |" for k, x in rows], ""]  # fmt: skip
+    st = facts.metrics.get("train_stats.json")
+    if st:
+        rows = [(k, x) for k, x in st.items() if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        lines += ["Training (`train_stats.json`):", "", "| | |", "|---|---|", *[f"| {k} | {_fmt(x)} |" for k, x in rows], ""]
+    if not lines:
+        return "No metrics: the run folder this export came from holds none (evaluate it with the commands in its recipe README).\n"
+    return "\n".join(lines)
+
+
+def _load_section(kind: str, name: str) -> str:
+    if kind == "vision":
+        return f"""```python
+from transformers import CLIPImageProcessor, CLIPVisionModel
+model = CLIPVisionModel.from_pretrained("{name}")
+processor = CLIPImageProcessor.from_pretrained("{name}")
+features = model(**processor(images=image, return_tensors="pt")).pooler_output
+```
+
+As the vision tower of a LLaVA-1.5 build: `l2c mllm build --vision {name} --llm LLM --out OUT`; with the
+original LLaVA code: `--vision_tower {name}` in its training scripts (`CLIPVisionTower` loads a
+`CLIPVisionModel` folder)."""
+    if kind == "llm2clip":
+        return f"""```python
+from l2c_llava.stage2.llm2clip import LLM2CLIP
+model = LLM2CLIP.from_pretrained("{name}")   # text side: the caption encoder recorded in config.json
+image_features = model.get_image_features(pixel_values)
+text_features = model.get_text_features(["a red circle"])
+```
+
+The vision part alone loads with stock transformers after `l2c export vision --run {name} --out VISION`
+(`CLIPVisionModel.from_pretrained(VISION)`)."""
+    if kind == "llava":
+        return f"""```python
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+model = LlavaForConditionalGeneration.from_pretrained("{name}")
+processor = AutoProcessor.from_pretrained("{name}")
+prompt = processor.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}], add_generation_prompt=True)
+out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=64)
+```
+
+Pad the image to a square with the processor's mean colour first (`image_aspect_ratio: pad`, as in
+training), or use `l2c mllm chat --model {name} --image IMG "question"`. For the original LLaVA code,
+write its layout with `l2c export llava --model {name} --format original --out llava-...`."""
+    return """See "Loading it" below: `load_pretrained_model` of the original LLaVA code, with
+`mm_vision_tower` given as an absolute path, or `python -m llava.eval.run_llava --conv-mode vicuna_v1`
+from inside this folder. Stock transformers loads the transformers-format export
+(`l2c export llava --format hf`) with `LlavaForConditionalGeneration.from_pretrained`."""
+
+
+def model_card(kind: str, name: str, source: str | os.PathLike | None = None, body: str = "",
+               metrics: dict | None = None) -> str:  # fmt: skip
+    """The card (``README.md`` text) of an export of `kind` (vision, llm2clip, llava, llava-original)
+    named `name`, made from `source` (a run folder, its model/ folder, or another export); `metrics`
+    (file name -> JSON) adds numbers not yet written to the run folder (a recipe's own final save)."""
+    tag, what = KINDS[kind]
+    facts = run_facts(source)
+    facts.metrics.update(metrics or {})
+    front = {
+        "library_name": "transformers" if kind != "llm2clip" else "l2c-llava",
+        "pipeline_tag": tag,
+        "tags": ["l2c-llava", "llm2clip", *(["llava", "llava-1.5"] if kind.startswith("llava") else ["clip"])],
+    }
+    base = _hub_ids([n for _, n in facts.base_models])
+    if base:
+        front["base_model"] = base
+    data = _hub_ids([n for _, n in facts.datasets])
+    if data:
+        front["datasets"] = data
+    if facts.versions.get("transformers"):
+        front["l2c_llava"] = {k: facts.versions[k] for k in ("l2c-llava", "transformers", "torch", "git_commit")
+                              if k in facts.versions}  # fmt: skip
+    parts = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {name}", "", f"This folder holds {what}. Written by l2c-llava (`l2c export` / the recipe that "
+             "trained it) from the run recorded below.", ""]  # fmt: skip
+    parts += ["## Base models", ""]
+    parts += [f"- {role}: `{n}`" for role, n in facts.base_models] or ["- not recorded (not exported from a run folder)"]
+    parts += ["", "## Datasets", ""]
+    parts += [f"- {role}: `{n}`" for role, n in facts.datasets] or ["- not recorded"]
+    parts += ["", "## Training recipe", ""]
+    if facts.config:
+        parts += [f"Recipe `{facts.recipe}`, run folder `{facts.run_dir}`. The resolved config it ran under:", "",
+                  "```yaml", yaml.safe_dump({k: facts.config[k] for k in ("recipe", "model", "vision", "adapter",
+                  "text_encoder", "train", "data") if k in facts.config}, sort_keys=False).strip(), "```", ""]  # fmt: skip
+    else:
+        parts += ["Not recorded: the source was not a run folder.", ""]
+    parts += ["## Metrics (measured by l2c-llava)", "", _metrics_section(facts), "## How to load", "",
+              _load_section(kind, name), ""]  # fmt: skip
+    if body:
+        parts += [body.strip(), ""]
+    return "\n".join(parts)
+
+
+def write_card(folder: str | os.PathLike, kind: str, source: str | os.PathLike | None = None,
+               name: str | None = None, body: str = "") -> Path:  # fmt: skip
+    """Write the card into `folder` (an export being built); `name` defaults to the folder's name."""
+    out = Path(folder) / CARD
+    out.write_text(model_card(kind, name or Path(folder).name, source, body), encoding="utf-8")
+    return out
+
+
+def read_card(folder: str | os.PathLike) -> tuple[dict, str]:
+    """(metadata, text) of a folder's card: the YAML front matter and the Markdown after it."""
+    text = (Path(folder) / CARD).read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}, text
+    head, _, rest = text[4:].partition("\n---\n")
+    return yaml.safe_load(head) or {}, rest
