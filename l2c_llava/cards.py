@@ -82,10 +82,14 @@ def run_facts(source: str | os.PathLike | None) -> RunFacts:
     if run is None:
         return RunFacts()
     cfg = _read_yaml(run / "config.yaml")
-    facts = RunFacts(run_dir=run, recipe=cfg.get("recipe"), config=cfg, versions=_read_json(run / "versions.json"))
+    facts = RunFacts(
+        run_dir=run, recipe=cfg.get("recipe"), config=cfg, versions=_read_json(run / "versions.json")
+    )
     if facts.recipe == "stage2":
         te = (cfg.get("text_encoder") or {}).get("path")
-        facts.base_models.append(("CLIP (vision tower fine-tuned)", str((cfg.get("vision") or {}).get("name_or_path"))))
+        facts.base_models.append(
+            ("CLIP (vision tower fine-tuned)", str((cfg.get("vision") or {}).get("name_or_path")))
+        )
         if te:
             facts.base_models.append(("caption encoder (stage-1 LLM, frozen)", str(te)))
             llm = _stage1_base(str(te))
@@ -149,7 +153,9 @@ def _metrics_section(facts: RunFacts) -> str:
             for key, val in res.items():
                 if isinstance(val, (int, float)) and "@" in key:
                     direction, _, metric = key.rpartition("_") if "_" in key else ("", "", key)
-                    lines.append(f"| {name} | {direction or '-'} | {metric} | {_fmt(base.get(key, '-'))} | {_fmt(val)} |")
+                    lines.append(
+                        f"| {name} | {direction or '-'} | {metric} | {_fmt(base.get(key, '-'))} | {_fmt(val)} |"
+                    )
         lines.append("")
     elif facts.recipe == "stage1" or facts.metrics.get("stage1 metrics.json"):
         s1 = m if facts.recipe == "stage1" else facts.metrics["stage1 metrics.json"]
@@ -160,13 +166,22 @@ def _metrics_section(facts: RunFacts) -> str:
     for name in ("vqa_metrics.json", "model/vqa_metrics.json"):
         v = facts.metrics.get(name)
         if v:
-            rows = [(k, x) for k, x in v.items() if isinstance(x, (int, float, str)) and not isinstance(x, bool)]
+            rows = [
+                (k, x) for k, x in v.items() if isinstance(x, (int, float, str)) and not isinstance(x, bool)
+            ]
             lines += [f"Short-answer VQA (`l2c mllm eval-vqa`, {name}):", "", "| metric | value |", "|---|---|",
                       *[f"| {k} | {_fmt(x)} |" for k, x in rows], ""]  # fmt: skip
     st = facts.metrics.get("train_stats.json")
     if st:
         rows = [(k, x) for k, x in st.items() if isinstance(x, (int, float)) and not isinstance(x, bool)]
-        lines += ["Training (`train_stats.json`):", "", "| | |", "|---|---|", *[f"| {k} | {_fmt(x)} |" for k, x in rows], ""]
+        lines += [
+            "Training (`train_stats.json`):",
+            "",
+            "| | |",
+            "|---|---|",
+            *[f"| {k} | {_fmt(x)} |" for k, x in rows],
+            "",
+        ]
     if not lines:
         return "No metrics: the run folder this export came from holds none (evaluate it with the commands in its recipe README).\n"
     return "\n".join(lines)
@@ -223,7 +238,11 @@ def model_card(kind: str, name: str, source: str | os.PathLike | None = None, bo
     front = {
         "library_name": "transformers" if kind != "llm2clip" else "l2c-llava",
         "pipeline_tag": tag,
-        "tags": ["l2c-llava", "llm2clip", *(["llava", "llava-1.5"] if kind.startswith("llava") else ["clip"])],
+        "tags": [
+            "l2c-llava",
+            "llm2clip",
+            *(["llava", "llava-1.5"] if kind.startswith("llava") else ["clip"]),
+        ],
     }
     base = _hub_ids([n for _, n in facts.base_models])
     if base:
@@ -238,7 +257,9 @@ def model_card(kind: str, name: str, source: str | os.PathLike | None = None, bo
              f"# {name}", "", f"This folder holds {what}. Written by l2c-llava (`l2c export` / the recipe that "
              "trained it) from the run recorded below.", ""]  # fmt: skip
     parts += ["## Base models", ""]
-    parts += [f"- {role}: `{n}`" for role, n in facts.base_models] or ["- not recorded (not exported from a run folder)"]
+    parts += [f"- {role}: `{n}`" for role, n in facts.base_models] or [
+        "- not recorded (not exported from a run folder)"
+    ]
     parts += ["", "## Datasets", ""]
     parts += [f"- {role}: `{n}`" for role, n in facts.datasets] or ["- not recorded"]
     parts += ["", "## Training recipe", ""]

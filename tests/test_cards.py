@@ -17,7 +17,10 @@ def test_vision_and_llm2clip_exports_carry_a_card_with_the_runs_metrics(trained,
         out = tmp_path / f"tiny-{what}"
         assert main(["export", what, "--run", str(root / "s2"), "--out", str(out)]) == 0
         meta, text = read_card(out)
-        assert meta["pipeline_tag"] == {"vision": "image-feature-extraction", "llm2clip": "zero-shot-image-classification"}[what]
+        assert (
+            meta["pipeline_tag"]
+            == {"vision": "image-feature-extraction", "llm2clip": "zero-shot-image-classification"}[what]
+        )
         assert "llm2clip" in meta["tags"] and meta["l2c_llava"]["transformers"]
         assert f"# tiny-{what}" in text
         assert str(root / "clip" / "model") in text and str(encoder) in text  # base models by path
@@ -42,7 +45,10 @@ def test_llava_run_model_and_both_exports_carry_a_card(tmp_path, parts, synth_di
     meta, text = read_card(hf)
     assert "# tiny-llava-hf" in text and "global_batch_size: 4" in text
     orig = tmp_path / "llava-v1.5-tiny"
-    assert main(["export", "llava", "--model", str(tmp_path / "ft"), "--out", str(orig), "--format", "original"]) == 0
+    assert (
+        main(["export", "llava", "--model", str(tmp_path / "ft"), "--out", str(orig), "--format", "original"])
+        == 0
+    )
     meta, text = read_card(orig)
     assert meta["library_name"] == "transformers" and "llava-1.5" in meta["tags"]
     assert "load_pretrained_model" in text and "--conv-mode vicuna_v1" in text  # the original code's way
@@ -53,9 +59,11 @@ def test_hub_ids_become_card_metadata_and_local_paths_stay_in_the_text(tmp_path)
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("recipe: mllm\nmodel: {vision_tower: openai/clip-vit-large-patch14-336, "
-                                     "llm: {name_or_path: embedded:smollm2-135m-instruct}}\n"
-                                     "data: {path: /data/llava/instruct.json}\ntrain: {stage: finetune}\n")
+    (run / "config.yaml").write_text(
+        "recipe: mllm\nmodel: {vision_tower: openai/clip-vit-large-patch14-336, "
+        "llm: {name_or_path: embedded:smollm2-135m-instruct}}\n"
+        "data: {path: /data/llava/instruct.json}\ntrain: {stage: finetune}\n"
+    )
     text = model_card("llava", "x", run)
     meta, _ = read_card_text(text)
     assert meta["base_model"] == ["openai/clip-vit-large-patch14-336", "HuggingFaceTB/SmolLM2-135M-Instruct"]
