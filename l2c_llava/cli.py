@@ -539,6 +539,8 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
     except (FilterError, SearchError, LLM2CLIPLoadError, DataError, FileNotFoundError) as e:
         print(f"l2c data filter: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for w in r.get("warnings", []):
+        print(f"WARNING  {w}", file=sys.stderr)
     th = ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items())
     print(f"{args.out}: {r['rows']} rows, {r['flagged']} under the threshold ({th}; {r['threshold_from']}), "
           f"{r['kept']} written; report {args.out}.report.md, plot {args.out}.scores.png")  # fmt: skip

@@ -202,3 +202,26 @@ def test_zscore_separates_matched_pairs_where_hubs_blur_the_cosine():
         return float((a[:, None] > b[None, :]).float().mean())
 
     assert auc("zscore") > 0.99 and auc("cosine") < 0.95  # measured: 0.996 and 0.944
+
+
+def test_a_threshold_dropping_most_rows_warns_with_the_scores_spread(tmp_path, synth_dir, capsys):
+    """Issue 19: a weak (random) model with a threshold dropped 31 of 32 clean rows in silence."""
+    from .test_search import save_tiny_clip
+
+    save_tiny_clip(tmp_path / "clip")  # random weights: own pairs score like shuffled ones
+    out = tmp_path / "weak.jsonl"
+    rc = main(["data", "filter", str(synth_dir / "captions" / "train.jsonl"), "--format", "pairs", "--image-root",
+               str(synth_dir / "images"), "--model", str(tmp_path / "clip"), "--out", str(out), "--threshold", "1.0"])  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "weak.jsonl.report.json").read_text())
+    assert report["flagged"] > report["scored"] / 2
+    assert f"WARNING  the threshold drops {report['flagged']} of {report['scored']} scored rows" in err
+    assert "own pairs q00 " in err and " q50 " in err and "shuffled pairs q00" in err and "--drop-share" in err
+    q = report["score_quantiles"]["short"]
+    assert list(q) == ["q00", "q05", "q25", "q50", "q75", "q95", "q100"] and q["q00"] <= q["q50"] <= q["q100"]
+    assert "WARNING" in (tmp_path / "weak.jsonl.report.md").read_text()
+    # a model that tells the pairs apart, default threshold: no warning
+    path, _, enc, _ = corrupted_copy(synth_dir, tmp_path)
+    r = filter_captions(path, synth_dir / "images", enc, tmp_path / "good.jsonl", progress=False)
+    assert r["warnings"] == [] and r["flagged"] < r["scored"] / 2

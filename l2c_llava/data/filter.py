@@ -313,6 +313,10 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
         th = {f: float(max((per_row[i][f] for i in flagged), default=float("nan"))) for f in fields}
     else:
         flagged = {i for i, s in per_row.items() if any(s[f] < th[f] for f in fields)}
+    warnings = []
+    if drop_share is None and ok and len(flagged) > len(ok) / 2:
+        warnings.append(too_many_dropped(len(flagged), len(ok), scores, null, th, score_kind, mode))
+        logger.warning(warnings[-1])
     if mode == "drop":
         written = [r.raw for i, r in enumerate(rows) if i not in flagged]
     else:
@@ -334,7 +338,9 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
         (f"the lowest {drop_share:.0%} of rows (highest dropped score shown)" if drop_share is not None else
          f"{null_quantile:.0%} quantile of shuffled pairs"), "rows": len(rows), "scored": len(ok),
         "unscored": len(rows) - len(ok), "flagged": len(dropped), "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
-        "bad_rows_skipped": [str(p) for p in problems],
+        "bad_rows_skipped": [str(p) for p in problems], "warnings": warnings,
+        "score_quantiles": {f: score_quantiles(scores[f]) for f in fields},
+        "shuffled_quantiles": {f: score_quantiles(null[f]) for f in fields},
         "score_mean": {f: float(scores[f].mean()) for f in fields},
         "shuffled_mean": {f: float(null[f].mean()) if null[f].numel() else None for f in fields},
         "cosine_mean": {f: float(every[f]["cosine"].mean()) for f in fields},
@@ -363,6 +369,29 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     return report
 
 
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def score_quantiles(values: torch.Tensor) -> dict[str, float]:
+    """The spread of a score: min, 5%, 25%, median, 75%, 95%, max (empty for no values)."""
+    if not values.numel():
+        return {}
+    q = torch.quantile(values.double(), torch.tensor(QUANTILES, dtype=torch.float64))
+    return {f"q{round(p * 100):02d}": round(float(v), 4) for p, v in zip(QUANTILES, q)}
+
+
+def too_many_dropped(flagged: int, scored: int, scores: dict, null: dict, th: dict, kind: str, mode: str) -> str:
+    """The warning for a threshold that takes out most of the data: a weak model (or a threshold on
+    another scale) puts the own pairs' scores among the shuffled ones', and the rows are not bad."""
+    spread = "; ".join(f"{f}: threshold {th[f]:.4f}, own pairs " + " ".join(f"{k} {v:.4f}" for k, v in
+                       score_quantiles(scores[f]).items()) + ", shuffled pairs " + " ".join(
+                       f"{k} {v:.4f}" for k, v in score_quantiles(null[f]).items()) for f in scores)  # fmt: skip
+    return (f"the threshold {'drops' if mode == 'drop' else 'flags'} {flagged} of {scored} scored rows (more than "
+            f"half): the model hardly tells matched pairs from shuffled ones, or the threshold is on another "
+            f"scale. {kind} spread: {spread}. Check the model (l2c clip eval / l2c stage2 eval), or give "
+            "--drop-share for a known noise rate, or a lower --threshold / --null-quantile")  # fmt: skip
+
+
 def report_md(r: dict) -> str:
     lines = [f"# Caption filter: {r['input']}", "",
              f"- encoder: {r['encoder']['kind']} {r['encoder']['path']}",
@@ -376,6 +405,7 @@ def report_md(r: dict) -> str:
              "- mean cosine, own vs shuffled pairs: " + ", ".join(
                  f"{f} {r['cosine_mean'][f]:.4f} vs {r['shuffled_cosine_mean'][f]:.4f}" for f in r["fields"]
                  if r["shuffled_cosine_mean"][f] is not None)]  # fmt: skip
+    lines += [f"- **WARNING**: {w}" for w in r.get("warnings", [])]
     if "measured" in r:
         m = r["measured"]
         lines.append(f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
