@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from l2c_llava.cli_help import document, version
+
 EXIT_BAD_INPUT = 2
 
 
@@ -610,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="l2c-llava: LLM2CLIP (caption-contrastive LLM -> CLIP vision fine-tuning) and LLaVA-1.5 on top.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("ls", help="list the shipped configs, one line each")
@@ -965,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_cmd_data_filter)
-    return parser
+    return document(parser)  # help of the options that lack it, an example per command (cli_help.py)
 
 
 def _split_overrides(argv: list[str]) -> list[str]:
