@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from l2c_llava import trackers
 from l2c_llava.errors import L2CError
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,15 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str, seed: int):
-    """The accelerate Accelerator every recipe runs under (CPU when there is no GPU), seeded."""
+def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None):
+    """The accelerate Accelerator every recipe runs under (CPU when there is no GPU), seeded, with the
+    experiment trackers of ``train.report_to`` (l2c_llava.trackers; none by default)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available()
+        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
+        **trackers.accelerator_kwargs(report_to, run_dir),
     )
     set_seed(seed)
     return acc
@@ -148,7 +151,7 @@ def append_log(path: Path, record: dict) -> None:
 
 
 # settings that may change between a run and its resume (they do not change what is trained)
-RESUME_FREE = {"run.resume", "train.log_every", "train.save_every", "train.keep_checkpoints", "data.num_workers",
+RESUME_FREE = {"run.resume", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "data.num_workers",
                "eval", "export"}  # fmt: skip
 
 
@@ -447,11 +450,12 @@ class ContrastiveRecipe:
         from l2c_llava.stage2.model import clip_loss
 
         cfg, t = self.cfg, self.cfg.train
-        acc = make_accelerator(t.mixed_precision, cfg.run.seed)
+        acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
         dataset, n = self.build_data(acc)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        trackers.start(acc, cfg, self.run_dir)
         model = self.build_model(acc)
         per_step = t.batch_size * acc.num_processes * t.grad_accum
         steps_per_epoch = max(1, n // per_step) if n else None
@@ -471,6 +475,7 @@ class ContrastiveRecipe:
             eps=t.eps,
         )
         if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
+            trackers.finish(acc)
             return run.finished
         wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
         bar = tqdm(total=total, initial=start, desc=self.name, unit="step", disable=not acc.is_main_process)
@@ -521,8 +526,11 @@ class ContrastiveRecipe:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", scale=f"{scale_now:.1f}")
                 if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
-                                          "lr": sched.get_last_lr()[0], "logit_scale": scale_now})  # fmt: skip
+                    rec = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": sched.get_last_lr()[0],
+                           "logit_scale": scale_now}  # fmt: skip
+                    append_log(log_path, rec)
+                    rate = seen * acc.num_processes / max(1e-9, time.perf_counter() - t0)
+                    trackers.log(acc, {**rec, "images_per_second": rate}, step)
                 if step % t.save_every == 0 or step == total:
                     self.save_checkpoint(acc, model, opt, sched, step)
             if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
@@ -538,6 +546,7 @@ class ContrastiveRecipe:
             from l2c_llava.io import atomic_write_json
 
             atomic_write_json(self.run_dir / "train_stats.json", stats)
+        trackers.finish(acc)
         acc.wait_for_everyone()
         return stats
 

@@ -85,6 +85,13 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw_8bit: bitsandbytes' 8-bit AdamW (CUDA only), ~75% less optimizer memory"
     )
+    report_to: list[
+        Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
+    ] = Field(
+        default_factory=list,
+        description="experiment trackers (accelerate's): loss, lr, throughput and eval metrics, the resolved "
+        "config as hyper-parameters; TensorBoard files in <run>/logs. Empty: train_log.jsonl only",
+    )
 
     @field_validator("mixed_precision", mode="before", check_fields=False)
     @classmethod

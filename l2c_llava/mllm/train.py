@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava import trackers
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.io import atomic_write_json
@@ -233,7 +234,7 @@ class MllmRecipe:
         from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        acc = make_accelerator(t.mixed_precision, cfg.run.seed)
+        acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
         world = acc.num_processes
         if t.global_batch_size % (t.per_device_batch_size * world):
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
@@ -245,6 +246,7 @@ class MllmRecipe:
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        trackers.start(acc, cfg, self.run_dir)
         steps_per_epoch = len(ds) // t.global_batch_size
         if steps_per_epoch == 0:
             raise ValueError(
@@ -254,6 +256,7 @@ class MllmRecipe:
         run = open_run(self, acc, model, self.param_groups(model), total, micro_batch=t.per_device_batch_size,
                        accum=accum, lr=t.lr)  # fmt: skip
         if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
+            trackers.finish(acc)
             return run.finished
         wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
         collate = Collate(processor.tokenizer.pad_token_id)
@@ -297,8 +300,10 @@ class MllmRecipe:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
                 if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                    append_log(log_path, {"step": step, "epoch": epoch, "loss": round(loss_sum, 6),
-                                          "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1)})  # fmt: skip
+                    rec = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": sched.get_last_lr()[0],
+                           "tokens_per_second": round(tps, 1)}  # fmt: skip
+                    append_log(log_path, rec)
+                    trackers.log(acc, rec, step)
                 if step % t.save_every == 0 or step == total:
                     self.save_checkpoint(acc, model, opt, sched, step)
         bar.close()
@@ -309,6 +314,7 @@ class MllmRecipe:
         if acc.is_main_process:
             self.save_model(acc.unwrap_model(wrapped), processor, stats)
             atomic_write_json(self.run_dir / "train_stats.json", stats)
+        trackers.finish(acc)
         acc.wait_for_everyone()
         return stats
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
 from l2c_llava.io import atomic_write_json
@@ -65,7 +66,7 @@ def config_digest(cfg: Stage1Config) -> str:
     d["train"] = {
         k: v
         for k, v in d["train"].items()
-        if k not in ("max_steps", "log_every", "save_every", "keep_checkpoints")
+        if k not in ("max_steps", "log_every", "save_every", "keep_checkpoints", "report_to")
     }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -80,7 +81,8 @@ class Stage1Recipe:
     # -- setup --------------------------------------------------------------------------------
 
     def _accelerator(self):
-        return make_accelerator(self.cfg.train.mixed_precision, self.cfg.run.seed)
+        t = self.cfg.train
+        return make_accelerator(t.mixed_precision, self.cfg.run.seed, t.report_to, self.run_dir)
 
     def _log_to_file(self) -> logging.Handler:
         handler = logging.FileHandler(self.run_dir / "train.log")
@@ -146,9 +148,11 @@ class Stage1Recipe:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
             handler = self._log_to_file()
         acc.wait_for_everyone()
+        trackers.start(acc, cfg, self.run_dir)
         try:
             return self._run(acc, pairs, test, held_out, general)
         finally:
+            trackers.finish(acc)
             if handler is not None:
                 logging.getLogger("l2c_llava").removeHandler(handler)
                 handler.close()
@@ -177,6 +181,7 @@ class Stage1Recipe:
                 atomic_write_json(before_path, before)
                 logger.info("before training: %s", before)
             acc.wait_for_everyone()
+        trackers.log(acc, before or {}, 0, prefix="eval/before/")
 
         extra = []
         if cfg.mntp.enabled:
@@ -195,6 +200,7 @@ class Stage1Recipe:
         if acc.is_main_process:
             if test is not None or held_out:
                 metrics["after"] = self.evaluate(encoder, test, held_out)
+                trackers.log(acc, metrics["after"], int(train_stats.get("steps") or 0), prefix="eval/after/")
             out = encoder.save(self.run_dir / "encoder")
             logger.info("encoder saved to %s", out)
             if cfg.output.merge_weights:  # last: merging folds the adapter into the model in place
@@ -284,6 +290,7 @@ class Stage1Recipe:
             opt.zero_grad()
             if step % cfg.train.log_every == 0:
                 logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
+                trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
         if acc.is_main_process:
             tmp = out.with_name("mntp.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -393,6 +400,7 @@ class Stage1Recipe:
                 rec = {"step": done, "epoch": epoch, "loss": round(step_loss, 6), "lr": sched.get_last_lr()[0],
                        "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
                 append_log(log_path, rec)
+                trackers.log(acc, rec, done)
             if done % t.save_every == 0 or done == total:
                 self.save_checkpoint(acc, encoder, opt, sched, done)
         bar.close()
