@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from l2c_llava.cli_help import document, version
+from l2c_llava.hub_push import add_push_arguments, push_if_asked
 
 EXIT_BAD_INPUT = 2
 
@@ -349,6 +350,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (export.ExportError, FileNotFoundError) as e:
         print(f"l2c export {args.export_command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    push_if_asked(args, out)  # --push-to-hub (hub_push.py)
     return 0
 
 
@@ -515,6 +517,7 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
         print(f"l2c export llava: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"exported ({args.format}) to {out}")
+    push_if_asked(args, out)  # --push-to-hub (hub_push.py)
     connector = json.loads((Path(out) / "config.json").read_text()).get("l2c_connector")
     if connector:
         print(f"note: this model uses the {connector['type']} connector ({connector['num_queries']} vision tokens); load "
@@ -741,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing --out that is not a previous output of this command",
     )
+    add_push_arguments(p)
     p.set_defaults(func=_cmd_export)
     p = exsub.add_parser(
         "llm2clip",
@@ -755,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing --out that is not a previous output of this command",
     )
+    add_push_arguments(p)
     p.set_defaults(func=_cmd_export)
 
     p = exsub.add_parser(
@@ -765,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder (original format: its name must contain 'llava')"
     )
     p.add_argument("--format", choices=["hf", "original"], default="hf")
+    add_push_arguments(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
