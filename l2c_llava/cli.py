@@ -24,16 +24,17 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from l2c_llava.recipes import project_root, shipped_configs
+    from l2c_llava.recipes import config_name, project_root, shipped_configs
 
     root = project_root()
     configs = shipped_configs(root)
     if not configs:
         print(f"no shipped configs found under {root} (set L2C_ROOT to the checkout)", file=sys.stderr)
         return 1
-    width = max(len(str(c.path.relative_to(root))) for c in configs)
-    for c in configs:
-        print(f"{str(c.path.relative_to(root)):<{width}}  {c.summary}")
+    names = [config_name(c, root) for c in configs]  # usable from any folder: l2c stage1 --config quick
+    width = max(map(len, names))
+    for name, c in zip(names, configs):
+        print(f"{name:<{width}}  {c.summary}" + (f"\n{'':<{width}}  {c.path}" if args.paths else ""))
     return 0
 
 
@@ -618,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("ls", help="list the shipped configs, one line each")
+    p = sub.add_parser("ls", help="list the shipped configs by name (--config NAME, from any folder)")
+    p.add_argument("--paths", action="store_true", help="also print each config's file")
     p.set_defaults(func=_cmd_ls)
 
     p = sub.add_parser(
@@ -993,6 +995,25 @@ def _split_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def _resolve_config_names(args: argparse.Namespace) -> None:
+    """--config NAME -> the shipped config's file (l2c ls), from any folder; then, when the config sets
+    run.root, the command runs in that folder (created if missing): its relative paths are taken there."""
+    import os
+
+    from l2c_llava.recipes import resolve_config, run_root
+
+    if args.command == "validate":
+        args.configs = [resolve_config(c) for c in args.configs]
+    if not getattr(args, "config", None):
+        return
+    args.config = resolve_config(args.config, args.command)
+    root = run_root(args.config, getattr(args, "overrides", []))
+    if root:
+        args.config = str(Path(args.config).resolve())
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+        os.chdir(Path(root).expanduser())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_split_overrides(argv))
@@ -1002,6 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from l2c_llava.errors import L2CError
 
     try:
+        _resolve_config_names(args)
         return args.func(args)
     except (
         L2CError

@@ -56,20 +56,21 @@ OPTION_HELP: dict[tuple[str, str], str] = {
 EXAMPLES: dict[str, list[str]] = {
     "": [
         "l2c ls",
-        "l2c pipeline --config pipeline/configs/quick.yaml --dry-run",
-        "l2c stage1 --config stage1/configs/quick.yaml",
+        "l2c pipeline --config quick --dry-run",
+        "l2c stage1 --config quick",
+        "l2c stage1 --config quick run.root=/scratch/me  # its runs/quick/... under /scratch/me",
     ],  # fmt: skip
-    "ls": ["l2c ls"],
-    "validate": ["l2c validate stage1/configs/quick.yaml train.lr=1e-4 --print"],
-    "stage1 train": ["l2c stage1 train --config stage1/configs/quick.yaml train.max_steps=20"],
+    "ls": ["l2c ls", "l2c ls --paths"],
+    "validate": ["l2c validate stage1/quick train.lr=1e-4 --print", "l2c validate stage2/configs/demo.yaml"],
+    "stage1 train": ["l2c stage1 train --config quick train.max_steps=20"],
     "stage1 eval": [
-        "l2c stage1 eval --config stage1/configs/quick.yaml --out cra.json",
-        "l2c stage1 eval --config stage1/configs/quick.yaml --base --causal",
+        "l2c stage1 eval --config quick --out cra.json",
+        "l2c stage1 eval --config quick --base --causal",
     ],  # fmt: skip
-    "stage2 cache": ["l2c stage2 cache --config stage2/configs/quick.yaml"],
-    "stage2 train": ["l2c stage2 train --config stage2/configs/quick.yaml train.max_steps=100"],
-    "stage2 eval": ["l2c stage2 eval --config stage2/configs/quick.yaml"],
-    "clip pretrain": ["l2c clip pretrain --config stage2/configs/clip_quick.yaml"],
+    "stage2 cache": ["l2c stage2 cache --config quick"],
+    "stage2 train": ["l2c stage2 train --config quick train.max_steps=100"],
+    "stage2 eval": ["l2c stage2 eval --config quick"],
+    "clip pretrain": ["l2c clip pretrain --config clip_quick"],
     "clip eval": ["l2c clip eval --model runs/quick/clip/model --data runs/quick/data --out clip_eval.json"],
     "health": [
         "l2c health --tower baseline=runs/demo/clip/model --tower llm2clip=runs/demo/export/vision "
@@ -90,8 +91,8 @@ EXAMPLES: dict[str, list[str]] = {
         "l2c mllm build --vision runs/quick/export/vision --llm embedded:smollm2-135m-instruct "
         "--out llava-built"
     ],  # fmt: skip
-    "mllm pretrain": ["l2c mllm pretrain --config mllm/configs/quick_pretrain.yaml"],
-    "mllm finetune": ["l2c mllm finetune --config mllm/configs/quick_finetune.yaml train.lr=2e-5"],
+    "mllm pretrain": ["l2c mllm pretrain --config quick_pretrain"],
+    "mllm finetune": ["l2c mllm finetune --config quick_finetune train.lr=2e-5"],
     "mllm eval-vqa": [
         "l2c mllm eval-vqa --model runs/quick/mllm/llm2clip/finetune --questions "
         "runs/quick/data/llava/vqa_test.jsonl --image-root runs/quick/data/images"
@@ -104,8 +105,8 @@ EXAMPLES: dict[str, list[str]] = {
         'l2c mllm chat --model runs/demo/mllm/llm2clip/finetune --image cat.jpg "What is in the image?"'
     ],
     "pipeline": [
-        "l2c pipeline --config pipeline/configs/quick.yaml",
-        "l2c pipeline --config pipeline/configs/demo.yaml --dry-run",
+        "l2c pipeline --config quick",
+        "l2c pipeline --config demo --dry-run",
     ],  # fmt: skip
     "search index": [
         "l2c search index --images photos --encoder runs/demo/export/llm2clip --out index-llm2clip"

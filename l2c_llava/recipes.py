@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from l2c_llava.errors import L2CError
+
 RECIPE_FOLDERS = ("stage1", "stage2", "mllm", "pipeline")
 
 
@@ -42,3 +44,71 @@ def shipped_configs(root: Path | None = None) -> list[ShippedConfig]:
             cmd, summary = _header(path)
             out.append(ShippedConfig(path, cmd, summary))
     return out
+
+
+# the recipe folder whose configs a command's --config names first (clip configs live in stage2/)
+COMMAND_FOLDER = {
+    "stage1": "stage1",
+    "stage2": "stage2",
+    "clip": "stage2",
+    "mllm": "mllm",
+    "pipeline": "pipeline",
+}
+
+
+class ConfigNameError(L2CError, FileNotFoundError):
+    """A --config that is neither a file nor the name of a shipped config."""
+
+
+def config_name(c: ShippedConfig, root: Path | None = None) -> str:
+    """A shipped config's name: its recipe folder and file stem (``stage1/quick``); within its own
+    command the stem alone (``l2c stage1 --config quick``)."""
+    root = root or project_root()
+    return f"{c.path.relative_to(root).parts[0]}/{c.path.stem}"
+
+
+def resolve_config(name_or_path: str | os.PathLike, command: str | None = None) -> str:
+    """A config file to read, from what the user typed: an existing file (from the current folder);
+    a checkout-relative path (``stage1/configs/quick.yaml``, from any folder); a shipped config's name
+    (``stage1/quick``, or ``quick`` for ``command`` stage1). Anything else: an error listing the names."""
+    import difflib
+
+    given = str(name_or_path)
+    if Path(given).is_file():
+        return given
+    root = project_root()
+    if (root / given).is_file():
+        return str(root / given)
+    configs = shipped_configs(root)
+    names = {config_name(c, root): c for c in configs}
+    stem = given.removesuffix(".yaml")
+    if stem in names:
+        return str(names[stem].path)
+    folder = COMMAND_FOLDER.get(command or "")
+    found = [
+        c
+        for n, c in names.items()
+        if n.split("/", 1)[1] == stem and (folder is None or n.startswith(folder + "/"))
+    ]
+    if len(found) == 1:
+        return str(found[0].path)
+    if len(found) > 1:
+        raise ConfigNameError(f"config {given!r} names several shipped configs: "
+                              f"{', '.join(config_name(c, root) for c in found)}; give one of these names")  # fmt: skip
+    close = difflib.get_close_matches(stem, list(names) + [n.split("/", 1)[1] for n in names], n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigNameError(f"config {given!r}: no such file (from {Path.cwd()}) and no shipped config of that name"
+                          f"{hint}; `l2c ls` lists the names")  # fmt: skip
+
+
+def run_root(config: str, overrides: list[str] | tuple[str, ...] = ()) -> str | None:
+    """``run.root`` of a config (its override wins), read without validating: the folder the command
+    runs in, so that the config's relative paths (runs/quick/..., data) are taken from there."""
+    from l2c_llava.config.core import apply_overrides, read_yaml
+
+    try:
+        data, _, _ = apply_overrides(read_yaml(config), list(overrides))
+    except Exception:  # noqa: BLE001 - a broken config is reported by the command's own load
+        return None
+    root = ((data or {}).get("run") or {}).get("root") if isinstance(data, dict) else None
+    return str(root) if root else None

@@ -151,7 +151,7 @@ def append_log(path: Path, record: dict) -> None:
 
 
 # settings that may change between a run and its resume (they do not change what is trained)
-RESUME_FREE = {"run.resume", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "data.num_workers",
+RESUME_FREE = {"run.resume", "run.root", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "data.num_workers",
                "eval", "export"}  # fmt: skip
 
 

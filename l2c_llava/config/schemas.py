@@ -38,6 +38,8 @@ class RunSection(Section):
     output_dir: str = Field(description="run folder: checkpoints, metrics, resolved config")
     seed: int = 42
     resume: bool = Field(True, description="pick up from the last checkpoint in output_dir if there is one")
+    root: str | None = Field(None, description="folder the command runs in: the config's relative paths "
+                             "(output_dir, data, ...) are taken from there; default: the current folder")
 
 
 class LLMSection(Section):
