@@ -610,6 +610,31 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from l2c_llava.webdemo import DemoBackend, DemoError, default_setup, serve
+
+    setup = default_setup(args.run)
+
+    def named(items: list[str]) -> dict[str, str]:  # NAME=DIR, or DIR named by its folder
+        return dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in items)
+
+    if args.llava:
+        setup.llavas = named(args.llava)
+    if args.encoder:
+        setup.encoders = named(args.encoder)
+    if args.images:
+        setup.images = args.images
+    try:
+        backend = DemoBackend(setup, max_new_tokens=args.max_new_tokens)
+    except (DemoError, FileNotFoundError) as e:
+        print(f"l2c demo: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"l2c demo: {', '.join(backend.chats) or 'no LLaVA'}; search: {', '.join(setup.encoders) or 'none'} "
+          f"over {setup.images}; serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")  # fmt: skip
+    serve(backend, host=args.host, port=args.port, block=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2c",
@@ -924,6 +949,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing --out that is not a previous output of this command",
     )
     p.set_defaults(func=_cmd_import_llm2clip)
+
+    p = sub.add_parser("demo", help="web page: both LLaVAs answer the same question side by side; text search "
+                       "over an image folder with both encoders (Gradio)")  # fmt: skip
+    p.add_argument("--run", default="runs/demo", help="a pipeline run folder to read the models and images from "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--llava", action="append", metavar="[NAME=]DIR",
+                   help="a LLaVA (mllm run folder or transformers LLaVA folder) instead of the run's; repeatable")  # fmt: skip
+    p.add_argument("--encoder", action="append", metavar="[NAME=]DIR",
+                   help="a CLIP or LLM2CLIP model for the search tab instead of the run's; repeatable")  # fmt: skip
+    p.add_argument("--images", default=None, help="image folder to pick from and search (default: RUN/data/images)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="datasets: the embedded synthetic set, format checks")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -249,28 +249,44 @@ def export_original(
     return publish_folder(out, build, "llava original export", overwrite)
 
 
+class LlavaChat:
+    """A transformers-format LLaVA loaded once, answering questions about images (greedy), each image
+    padded to square like training: ``l2c mllm chat`` (--interactive keeps it loaded) and ``l2c demo``."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.folder, self.model, self.processor = _load_hf(model_dir)
+        self.model.eval()
+        path = self.folder / "l2c_mllm.json"
+        self.meta = json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def vision_tower(self) -> str:
+        """The vision encoder this LLaVA was built on, as recorded at training (else the config's name)."""
+        return str(self.meta.get("vision_tower") or self.model.config.vision_config._name_or_path or "unknown")
+
+    def answer(self, image: str | os.PathLike | None, question: str, max_new_tokens: int = 64) -> str:
+        from l2c_llava.data.images import load_rgb
+        from l2c_llava.mllm.data import expand2square, mean_colour
+
+        processor = self.processor
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        if self.meta.get("template") == "plain":
+            text = "<image>" if image else ""
+        images = None
+        if image:
+            img = load_rgb(image)
+            if self.meta.get("image_aspect_ratio", "pad") == "pad":
+                img = expand2square(img, mean_colour(processor.image_processor))
+            images = img
+        inputs = processor(images=images, text=text, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def chat(
     model_dir: str | os.PathLike, image: str | os.PathLike | None, question: str, max_new_tokens: int = 64
 ) -> str:
     """One answer of a transformers-format LLaVA (greedy), the image padded to square like training."""
-    from l2c_llava.data.images import load_rgb
-    from l2c_llava.mllm.data import expand2square, mean_colour
-
-    folder, model, processor = _load_hf(model_dir)
-    meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    if meta.get("template") == "plain":
-        text = "<image>" if image else ""
-    images = None
-    if image:
-        img = load_rgb(image)
-        if meta.get("image_aspect_ratio", "pad") == "pad":
-            img = expand2square(img, mean_colour(processor.image_processor))
-        images = img
-    inputs = processor(images=images, text=text, return_tensors="pt")
-    with torch.no_grad():
-        out = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(
-        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
+    return LlavaChat(model_dir).answer(image, question, max_new_tokens)
