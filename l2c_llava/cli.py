@@ -167,7 +167,7 @@ def _cmd_stage1_eval(args: argparse.Namespace) -> int:
             encoder = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
                                                   attn_implementation=cfg.model.attn_implementation)  # fmt: skip
         encoder.set_bidirectional(not args.causal)
-        result = recipe.evaluate(encoder, test, held_out)
+        result = recipe.evaluate(encoder, test, held_out, "eval")
     except (DataError, EncoderLoadError, FileNotFoundError, ValueError) as e:
         print(f"l2c stage1 eval: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -481,9 +481,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _cmd_mllm_chat(args: argparse.Namespace) -> int:
     from l2c_llava.data.images import ImageError
-    from l2c_llava.mllm.export import LlavaExportError, chat
+    from l2c_llava.mllm.export import LlavaExportError, chat, chat_session
 
     try:
+        if args.interactive:  # the model stays loaded: one question per line on stdin
+            return chat_session(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens)
+        if not args.question:
+            print("l2c mllm chat: give a question (or --interactive)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(chat(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens))
     except (LlavaExportError, ImageError, FileNotFoundError) as e:
         print(f"l2c mllm chat: {e}", file=sys.stderr)
@@ -869,11 +874,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N rows of each task")
     p.add_argument("--task-limit", action="append", metavar="TASK=N", help="first N rows of one local task")
     p.set_defaults(func=_cmd_mllm_eval)
-    p = mmsub.add_parser("chat", help="answer one question about one image (greedy)")
+    p = mmsub.add_parser("chat", help="answer a question about an image (greedy); --interactive for many")
     p.add_argument("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
     p.add_argument("--image", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("question")
+    p.add_argument("--interactive", "-i", action="store_true",
+                   help="keep the model loaded and answer one question per line of stdin (`/image PATH` changes "
+                   "the image, `/image` drops it; an empty line or EOF ends)")  # fmt: skip
+    p.add_argument("question", nargs="?", default=None)
     p.set_defaults(func=_cmd_mllm_chat)
 
     p = sub.add_parser(

@@ -23,7 +23,8 @@ OPTION_HELP: dict[tuple[str, str], str] = {
     ("*", "--batch-size"): "rows per forward pass (default: %(default)s)",
     ("mllm chat", "--image"): "the image the question is about (none: a text-only question)",
     ("mllm chat", "--max-new-tokens"): "longest answer, in tokens (default: %(default)s)",
-    ("mllm chat", "question"): "the question (with --interactive: the first one; more are read from stdin)",
+    ("mllm chat", "question"): "the question (with --interactive: optional, the first one; the next ones are "
+    "read from stdin)",
     ("search query", "--k"): "hits per query (default: %(default)s)",
     ("data synth", "--images"): "how many images to draw (default: %(default)s)",
     ("data synth", "--seed"): "seed of the generator: the same seed and options give the same files "

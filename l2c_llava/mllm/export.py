@@ -290,3 +290,41 @@ def chat(
 ) -> str:
     """One answer of a transformers-format LLaVA (greedy), the image padded to square like training."""
     return LlavaChat(model_dir).answer(image, question, max_new_tokens)
+
+
+def chat_session(model_dir: str | os.PathLike, image: str | os.PathLike | None, first: str | None = None,
+                 max_new_tokens: int = 64, lines=None, out=None) -> int:  # fmt: skip
+    """``l2c mllm chat --interactive``: the model loaded once, then one answer per question line of
+    `lines` (stdin); ``/image PATH`` switches the image (``/image`` alone: none), an empty line or the
+    end of the input stops. A bad image is reported and the session goes on."""
+    import sys
+
+    from l2c_llava.data.images import ImageError
+
+    lines = sys.stdin if lines is None else lines
+    out = sys.stdout if out is None else out
+    tty = hasattr(lines, "isatty") and lines.isatty()
+    session = LlavaChat(model_dir)
+    print(f"loaded {session.folder} (vision encoder: {session.vision_tower}); image: {image or 'none'}. "
+          "One question per line; /image PATH to change the image; an empty line ends.", file=sys.stderr)
+
+    def ask(question: str) -> None:
+        try:
+            print(session.answer(image, question, max_new_tokens), file=out, flush=True)
+        except (ImageError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+
+    if first:
+        ask(first)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = lines.readline()
+        if not line or not line.strip():
+            return 0
+        line = line.strip()
+        if line == "/image" or line.startswith("/image "):
+            image = line[len("/image") :].strip() or None
+            print(f"image: {image or 'none'}", file=sys.stderr)
+            continue
+        ask(line)

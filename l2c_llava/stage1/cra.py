@@ -45,32 +45,35 @@ def cra_captions(test: RetrievalSet, max_images: int | None = None) -> tuple[lis
 
 def evaluate_caption_retrieval(encoder, test: RetrievalSet | None, pairs: Sequence[CaptionPair] | None,
                                short_to_long: str | None, long_to_short: str | None, batch_size: int = 32,
-                               max_images: int | None = None) -> dict[str, float]:  # fmt: skip
+                               max_images: int | None = None, desc: str | None = None) -> dict[str, float]:  # fmt: skip
     """CRA (no instruction: both sides are captions of the same kind) and, with held-out pairs,
-    short->long / long->short top-1 (queries carry the instruction of their direction, as trained)."""
+    short->long / long->short top-1 (queries carry the instruction of their direction, as trained).
+    `desc`: one progress bar over every text encoded, under that name (none without)."""
+    from tqdm.auto import tqdm
+
+    texts, groups = cra_captions(test, max_images) if test is not None else ([], [])
+    pairs = (list(pairs)[:max_images] if max_images else list(pairs)) if pairs else []
+    total = len(texts) + len(pairs) * (2 + bool(short_to_long) + bool(long_to_short))
+    bar = tqdm(total=total, desc=desc, unit="text", disable=desc is None or not total)
+
+    def enc(t: list[str], instruction: str | None = None) -> torch.Tensor:
+        return encoder.encode(t, instruction=instruction, batch_size=batch_size, progress=bar)
+
     out: dict[str, float] = {}
-    if test is not None:
-        texts, groups = cra_captions(test, max_images)
-        emb = encoder.encode(texts, batch_size=batch_size)
-        out["cra"] = top1_accuracy(emb, emb, groups, groups, exclude_self=True)
-        out["cra_captions"] = len(texts)
-    if pairs:
-        pairs = list(pairs)[:max_images] if max_images else list(pairs)
-        shorts, longs = [p.short for p in pairs], [p.long for p in pairs]
-        ids = list(range(len(pairs)))
-        long_docs = encoder.encode(longs, batch_size=batch_size)
-        short_docs = encoder.encode(shorts, batch_size=batch_size)
-        short_q = (
-            encoder.encode(shorts, instruction=short_to_long, batch_size=batch_size)
-            if short_to_long
-            else short_docs
-        )
-        long_q = (
-            encoder.encode(longs, instruction=long_to_short, batch_size=batch_size)
-            if long_to_short
-            else long_docs
-        )
-        out["short_to_long_top1"] = top1_accuracy(short_q, long_docs, ids, ids)
-        out["long_to_short_top1"] = top1_accuracy(long_q, short_docs, ids, ids)
-        out["pairs"] = len(pairs)
+    try:
+        if test is not None:
+            emb = enc(texts)
+            out["cra"] = top1_accuracy(emb, emb, groups, groups, exclude_self=True)
+            out["cra_captions"] = len(texts)
+        if pairs:
+            shorts, longs = [p.short for p in pairs], [p.long for p in pairs]
+            ids = list(range(len(pairs)))
+            long_docs, short_docs = enc(longs), enc(shorts)
+            short_q = enc(shorts, short_to_long) if short_to_long else short_docs
+            long_q = enc(longs, long_to_short) if long_to_short else long_docs
+            out["short_to_long_top1"] = top1_accuracy(short_q, long_docs, ids, ids)
+            out["long_to_short_top1"] = top1_accuracy(long_q, short_docs, ids, ids)
+            out["pairs"] = len(pairs)
+    finally:
+        bar.close()
     return out

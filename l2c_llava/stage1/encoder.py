@@ -521,9 +521,11 @@ class TextEncoder(nn.Module):
         batch_size: int = 32,
         show_progress: bool | None = None,
         normalize: bool = False,
+        progress=None,
     ) -> torch.Tensor:
         """Embed `texts` -> float32 tensor [N, D] on the CPU, in input order. Texts are batched by
-        token length (little padding); a progress bar shows for long inputs (or `show_progress`)."""
+        token length (little padding); a progress bar shows for long inputs (or `show_progress`), or
+        `progress` (a tqdm bar of the caller's, counting texts) advances instead."""
         from tqdm.auto import tqdm
 
         if isinstance(texts, str):
@@ -541,7 +543,7 @@ class TextEncoder(nn.Module):
         self.eval()
         device = self.device
         out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
-        show = len(texts) >= 512 if show_progress is None else show_progress
+        show = (len(texts) >= 512 if show_progress is None else show_progress) and progress is None
         for start in tqdm(range(0, len(texts), batch_size), desc="encoding", unit="batch", disable=not show,
                           total=math.ceil(len(texts) / batch_size)):  # fmt: skip
             idx = order[start : start + batch_size]
@@ -550,6 +552,8 @@ class TextEncoder(nn.Module):
                 for k, v in self._pad([ids[i] for i in idx], [part_lens[i] for i in idx]).items()
             }
             out[idx] = self(**batch).float().cpu()
+            if progress is not None:
+                progress.update(len(idx))
         self.train(was_training)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 

@@ -102,10 +102,12 @@ class Stage1Recipe:
         general = general_text_examples(d.general_text) if d.general_text and d.general_text_share > 0 else []
         return pairs, test, held_out, general
 
-    def evaluate(self, encoder: TextEncoder, test, held_out) -> dict:
+    def evaluate(self, encoder: TextEncoder, test, held_out, desc: str | None = None) -> dict:
+        """CRA and short<->long top-1; `desc` names a progress bar over the texts encoded."""
         ins = self.cfg.data.instructions
         return evaluate_caption_retrieval(encoder, test, held_out, ins.short_to_long, ins.long_to_short,
-                                          batch_size=self.cfg.eval.batch_size, max_images=self.cfg.eval.max_images)  # fmt: skip
+                                          batch_size=self.cfg.eval.batch_size, max_images=self.cfg.eval.max_images,
+                                          desc=desc)  # fmt: skip
 
     def base_source(self) -> EncoderSource:
         m = self.cfg.model
@@ -175,9 +177,9 @@ class Stage1Recipe:
             if acc.is_main_process:
                 if cfg.eval.causal_baseline:
                     encoder.set_bidirectional(False)
-                    before["causal"] = self.evaluate(encoder, test, held_out)
+                    before["causal"] = self.evaluate(encoder, test, held_out, "eval before training (causal)")
                     encoder.set_bidirectional(True)
-                before["bidirectional"] = self.evaluate(encoder, test, held_out)
+                before["bidirectional"] = self.evaluate(encoder, test, held_out, "eval before training (bidirectional)")
                 atomic_write_json(before_path, before)
                 logger.info("before training: %s", before)
             acc.wait_for_everyone()
@@ -198,13 +200,18 @@ class Stage1Recipe:
         encoder = acc.unwrap_model(encoder)
         metrics: dict = {"before": before or {}, "train": train_stats}
         if acc.is_main_process:
+            from tqdm.auto import tqdm
+
             if test is not None or held_out:
-                metrics["after"] = self.evaluate(encoder, test, held_out)
+                metrics["after"] = self.evaluate(encoder, test, held_out, "eval after training")
                 trackers.log(acc, metrics["after"], int(train_stats.get("steps") or 0), prefix="eval/after/")
-            out = encoder.save(self.run_dir / "encoder")
-            logger.info("encoder saved to %s", out)
-            if cfg.output.merge_weights:  # last: merging folds the adapter into the model in place
-                encoder.save(self.run_dir / "encoder_merged", merged=True)
+            parts = ["encoder"] + (["encoder_merged"] if cfg.output.merge_weights else [])
+            with tqdm(total=len(parts), desc="saving", unit="folder") as bar:
+                for part in parts:  # merged last: merging folds the adapter into the model in place
+                    bar.set_postfix_str(part)
+                    out = encoder.save(self.run_dir / part, merged=part == "encoder_merged")
+                    logger.info("%s saved to %s", part, out)
+                    bar.update(1)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
                 if key in metrics.get("after", {}):
                     if "causal" in metrics["before"]:

@@ -1,0 +1,53 @@
+"""Long phases show progress, and ``mllm chat --interactive`` keeps the model loaded (issue 19)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from l2c_llava.cli import main
+from l2c_llava.mllm.build import build_llava, save_llava
+
+from .test_mllm import parts  # noqa: F401 - fixture
+from .test_stage1_train import tiny_base, write_config  # noqa: F401 - fixture
+
+
+def test_stage1_shows_the_evaluations_and_the_save(tmp_path, tiny_base, synth_dir, capsys):  # noqa: F811
+    cfg = write_config(
+        tmp_path, tiny_base, synth_dir, tmp_path / "run", extra="output: {merge_weights: true}\n"
+    )
+    assert main(["stage1", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    for phase in (
+        "eval before training (causal)",
+        "eval before training (bidirectional)",
+        "eval after training",
+    ):
+        assert phase in err and "text/s" in err.split(phase, 1)[1][:400], phase  # a bar counting texts
+    assert "saving" in err and "2/2" in err.split("saving", 1)[1][:400]  # encoder, encoder_merged
+    assert main(["stage1", "eval", "--config", str(cfg)]) == 0
+    assert "eval:" in capsys.readouterr().err
+
+
+def test_interactive_chat_loads_once_and_answers_every_line(tmp_path, parts, synth_dir, capsys, monkeypatch):  # noqa: F811
+    import l2c_llava.mllm.export as export
+
+    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
+    images = sorted((synth_dir / "images").rglob("*.jpg"))[:2]
+    loads = []
+    real = export._load_hf
+    monkeypatch.setattr(export, "_load_hf", lambda d: (loads.append(d), real(d))[1])
+    monkeypatch.setattr(
+        "sys.stdin",
+        io.StringIO(f"what colour ?\n/image {images[1]}\nhow many ?\n/image\ntext only\n\nnot read\n"),
+    )
+    assert main(["mllm", "chat", "--model", str(tmp_path / "a"), "--image", str(images[0]), "--max-new-tokens", "3",
+                 "--interactive", "what shapes ?"]) == 0  # fmt: skip
+    answers = capsys.readouterr().out.splitlines()
+    assert len(loads) == 1 and len(answers) == 4  # 4 questions, one load; the line after the empty one unread
+    chat = export.LlavaChat(tmp_path / "a")
+    want = [chat.answer(images[0], "what shapes ?", 3), chat.answer(images[0], "what colour ?", 3),
+            chat.answer(images[1], "how many ?", 3), chat.answer(None, "text only", 3)]  # fmt: skip
+    assert answers == want
+    assert main(["mllm", "chat", "--model", str(tmp_path / "a")]) == 2  # no question, not interactive
