@@ -235,6 +235,8 @@ def model_card(kind: str, name: str, source: str | os.PathLike | None = None, bo
     tag, what = KINDS[kind]
     facts = run_facts(source)
     facts.metrics.update(metrics or {})
+    if facts.run_dir is None and source is not None:  # an export of an export, or a release
+        facts.base_models.append(("exported from", str(source)))
     front = {
         "library_name": "transformers" if kind != "llm2clip" else "l2c-llava",
         "pipeline_tag": tag,
