@@ -138,7 +138,7 @@ def _hub_ids(names: list[str]) -> list[str]:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.4g}"
     return str(v)
 
 
@@ -146,15 +146,25 @@ def _metrics_section(facts: RunFacts) -> str:
     lines: list[str] = []
     m = facts.metrics.get("metrics.json") or {}
     if facts.recipe == "stage2" and m.get("llm2clip"):
-        lines += ["Retrieval on the run's held-out sets (`l2c stage2 eval`; recall in [0, 1]):", "",
+        sizes = "; ".join(f"{n}: {v.get('images')} images, {v.get('captions')} captions"
+                          for n, v in (m.get("sets") or {}).items())  # fmt: skip
+        lines += [f"Retrieval on the run's held-out sets (`l2c stage2 eval`; {sizes}); recall in [0, 1], "
+                  "with its 95% bootstrap interval over images:", "",
                   "| set | direction | metric | baseline CLIP | LLM2CLIP |", "|---|---|---|---|---|"]  # fmt: skip
+        ci = m.get("intervals") or {}
+
+        def cell(enc: str, name: str, key: str, value) -> str:
+            lo_hi = ((ci.get(enc) or {}).get(name) or {}).get(key)
+            return _fmt(value) + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
         for name, res in m["llm2clip"].items():
             base = (m.get("baseline") or {}).get(name, {})
             for key, val in res.items():
                 if isinstance(val, (int, float)) and "@" in key:
-                    direction, _, metric = key.rpartition("_") if "_" in key else ("", "", key)
+                    direction, _, metric = key.rpartition("_")
+                    b = cell("baseline", name, key, base[key]) if key in base else "-"
                     lines.append(
-                        f"| {name} | {direction or '-'} | {metric} | {_fmt(base.get(key, '-'))} | {_fmt(val)} |"
+                        f"| {name} | {direction or '-'} | {metric} | {b} | {cell('llm2clip', name, key, val)} |"
                     )
         lines.append("")
     elif facts.recipe == "stage1" or facts.metrics.get("stage1 metrics.json"):
@@ -177,7 +187,7 @@ def _metrics_section(facts: RunFacts) -> str:
         lines += [
             "Training (`train_stats.json`):",
             "",
-            "| | |",
+            "| stat | value |",
             "|---|---|",
             *[f"| {k} | {_fmt(x)} |" for k, x in rows],
             "",
