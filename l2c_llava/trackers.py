@@ -2,8 +2,9 @@
 
 Every training recipe creates its Accelerator with ``log_with=report_to`` (:func:`accelerator_kwargs`),
 then :func:`start` opens the trackers with the resolved config as hyper-parameters, :func:`log` sends
-what the recipe writes to ``train_log.jsonl`` (loss, lr, throughput) and its evaluation numbers, and
-:func:`finish` closes them. With the default ``report_to: []`` nothing here does anything: the JSONL
+what the recipe writes to ``train_log.jsonl`` (loss, lr, throughput) and its evaluation numbers (stage
+1's CRA before and after), and :func:`finish` closes them; ``l2c stage2 eval`` adds its retrieval
+numbers at the run's last step (:func:`report_results`). With the default ``report_to: []`` nothing here does anything: the JSONL
 log stays the record either way.
 
 Where it goes: TensorBoard event files under ``<run>/logs/l2c-llava/``; Weights & Biases in project
@@ -114,3 +115,23 @@ def log(acc, values: Mapping, step: int, prefix: str = "train/") -> None:
 def finish(acc) -> None:
     if active(acc) and getattr(acc, "trackers", None):
         acc.end_training()
+
+
+def report_results(cfg, run_dir: str | os.PathLike, values: Mapping, prefix: str = "eval/") -> None:
+    """Evaluation numbers computed after training, by their own command (``l2c stage2 eval``), sent to
+    the run's trackers at its last training step (TensorBoard: beside the training curves, in the
+    same logs folder; W&B: a run of its own). Nothing without ``train.report_to``."""
+    report_to = getattr(getattr(cfg, "train", None), "report_to", None)
+    if not report_to:
+        return
+    import json
+
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    stats = run_dir / "train_stats.json"
+    step = int(json.loads(stats.read_text()).get("steps") or 0) if stats.is_file() else 0
+    acc = Accelerator(cpu=True, **accelerator_kwargs(report_to, run_dir))
+    start(acc, cfg, run_dir)
+    log(acc, values, step, prefix=prefix)
+    finish(acc)

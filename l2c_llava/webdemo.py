@@ -46,7 +46,10 @@ def _baseline_clip(run: Path) -> str | None:
         if tower:
             from l2c_llava.embedded import resolve_vision_path
 
-            return resolve_vision_path(str(tower))
+            try:
+                return resolve_vision_path(str(tower))
+            except (L2CError, ValueError, OSError):  # a Hub id not in the cache, ...: no baseline search
+                return None
     return None
 
 

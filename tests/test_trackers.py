@@ -16,6 +16,7 @@ from l2c_llava.config import ConfigError, load_config
 from .test_clip_baseline import clip_config
 from .test_mllm import mllm_config, parts  # noqa: F401 - fixture
 from .test_stage1_train import tiny_base, write_config  # noqa: F401 - fixture
+from .test_stage2_eval_export import trained  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed"
@@ -87,7 +88,11 @@ def test_wandb_offline(tmp_path, synth_dir, monkeypatch):
     assert [s["_step"] for s in steps] == [1, 2, 3] and all(s["train/loss"] > 0 for s in steps)
     assert all("train/images_per_second" in s and "train/lr" in s for s in steps)
     config = next(r.config for r in records if r.WhichOneof("record_type") == "config")
-    assert {u.key or "/".join(u.nested_key) for u in config.update} >= {"train.batch_size", "train.lr", "recipe"}
+    assert {u.key or "/".join(u.nested_key) for u in config.update} >= {
+        "train.batch_size",
+        "train.lr",
+        "recipe",
+    }
 
 
 def wandb_records(path: Path) -> list:
@@ -114,3 +119,14 @@ def wandb_records(path: Path) -> list:
             out.append(rec)
             chunks = b""
     return out
+
+
+def test_stage2_eval_numbers_join_the_training_curves(trained, capsys):  # noqa: F811
+    root, cfg_path, _, _ = trained
+    run = root / "s2"
+    assert main(["stage2", "eval", "--config", str(cfg_path), "train.report_to=[tensorboard]"]) == 0
+    scalars, _ = events(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for enc in ("llm2clip", "baseline"):
+        for s in ("short", "long"):
+            assert scalars[f"eval/{enc}/{s}/i2t_R@1"] == [(3, pytest.approx(metrics[enc][s]["i2t_R@1"]))]

@@ -162,6 +162,9 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "metrics.json", results)
     atomic_write_text(run_dir / "retrieval.md", table(results, ks))
+    from l2c_llava.trackers import report_results
+
+    report_results(cfg, run_dir, {enc: results[enc] for enc in ("llm2clip", "baseline")})  # train.report_to
     return results
 
 
