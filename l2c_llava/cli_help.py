@@ -118,9 +118,12 @@ EXAMPLES: dict[str, list[str]] = {
     "import llm2clip": [
         "l2c import llm2clip LLM2CLIP-Openai-L-14-336 --out imported --text-encoder llm2clip-llama3-8b-cc"
     ],
-    "demo": ["l2c demo", "l2c demo --run runs/demo --port 7861",
-             "l2c demo --llava base=runs/demo/mllm/baseline/finetune --llava ours=runs/demo/mllm/llm2clip/finetune "
-             "--images photos"],  # fmt: skip
+    "demo": [
+        "l2c demo",
+        "l2c demo --run runs/demo --port 7861",
+        "l2c demo --llava base=runs/demo/mllm/baseline/finetune --llava ours=runs/demo/mllm/llm2clip/finetune "
+        "--images photos",
+    ],  # fmt: skip
     "data synth": ["l2c data synth --out runs/quick/data --images 40 --size 64"],
     "data check": ["l2c data check data/pairs.jsonl --format pairs --image-root data/images"],
     "data filter": [

@@ -26,7 +26,9 @@ def test_vision_and_llm2clip_exports_carry_a_card_with_the_runs_metrics(trained,
         assert str(root / "clip" / "model") in text and str(encoder) in text  # base models by path
         assert "captions/train.jsonl" in text  # the dataset
         assert "lr: 0.001" in text and "max_steps: 3" in text  # the recipe as it ran
-        assert "| short | i2t | R@1 | " in text and "| long | t2i | R@10 | " in text and "95% bootstrap" in text  # measured numbers
+        assert (
+            "| short | i2t | R@1 | " in text and "| long | t2i | R@10 | " in text and "95% bootstrap" in text
+        )  # measured numbers
         assert ("CLIPVisionModel.from_pretrained" if what == "vision" else "LLM2CLIP.from_pretrained") in text
     # a re-export into the same folder is still a previous output of the command (the card is listed)
     assert main(["export", "vision", "--run", str(root / "s2"), "--out", str(tmp_path / "tiny-vision")]) == 0
