@@ -616,28 +616,9 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from l2c_llava.webdemo import DemoBackend, DemoError, default_setup, serve
+    from l2c_llava.webdemo import command
 
-    setup = default_setup(args.run)
-
-    def named(items: list[str]) -> dict[str, str]:  # NAME=DIR, or DIR named by its folder
-        return dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in items)
-
-    if args.llava:
-        setup.llavas = named(args.llava)
-    if args.encoder:
-        setup.encoders = named(args.encoder)
-    if args.images:
-        setup.images = args.images
-    try:
-        backend = DemoBackend(setup, max_new_tokens=args.max_new_tokens)
-    except (DemoError, FileNotFoundError) as e:
-        print(f"l2c demo: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"l2c demo: {', '.join(backend.chats) or 'no LLaVA'}; search: {', '.join(setup.encoders) or 'none'} "
-          f"over {setup.images}; serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")  # fmt: skip
-    serve(backend, host=args.host, port=args.port, block=True)
-    return 0
+    return command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

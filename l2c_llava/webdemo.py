@@ -201,3 +201,29 @@ def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = None
     page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
                 allowed_paths=allowed, quiet=True)  # fmt: skip
     return page, page.local_url
+
+
+def command(args) -> int:
+    """``l2c demo``: the run's models (or --llava / --encoder / --images), served until Ctrl-C."""
+    import sys
+
+    setup = default_setup(args.run)
+
+    def named(items: list[str]) -> dict[str, str]:  # NAME=DIR, or DIR named by its folder
+        return dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in items)
+
+    if args.llava:
+        setup.llavas = named(args.llava)
+    if args.encoder:
+        setup.encoders = named(args.encoder)
+    if args.images:
+        setup.images = args.images
+    try:
+        backend = DemoBackend(setup, max_new_tokens=args.max_new_tokens)
+    except (DemoError, FileNotFoundError) as e:
+        print(f"l2c demo: {e}", file=sys.stderr)
+        return 2
+    print(f"l2c demo: {', '.join(backend.chats) or 'no LLaVA'}; search: {', '.join(setup.encoders) or 'none'} "
+          f"over {setup.images}; serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")  # fmt: skip
+    serve(backend, host=args.host, port=args.port, block=True)
+    return 0
