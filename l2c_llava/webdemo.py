@@ -199,7 +199,7 @@ def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = None
     page = build_demo(backend)
     allowed = [p for p in (backend.setup.images,) if p]
     page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                allowed_paths=allowed, quiet=True)  # fmt: skip
+                allowed_paths=allowed, quiet=not block)  # fmt: skip
     return page, page.local_url
 
 
