@@ -63,8 +63,8 @@ def test_stage1_quick_from_an_empty_folder_outside_the_checkout(tmp_path):
 @pytest.mark.slow
 def test_stage1_quick_runs_from_an_empty_folder(tmp_path):
     """The real thing (a few minutes on 2 cores): the quick data, then `l2c stage1 --config quick`."""
-    r = l2c(tmp_path, "data", "synth", "--out", "runs/quick/data", "--images", "40", "--size", "64", "--quiet",
-            timeout=900)  # fmt: skip
+    r = l2c(tmp_path, "data", "synth", "--out", "runs/quick/data", "--images", "40", "--seed", "1", "--size", "96",
+            "--test-fraction", "0.3", "--quiet", timeout=900)  # fmt: skip  (pipeline/configs/quick.yaml's data)
     assert r.returncode == 0, r.stderr
     r = l2c(tmp_path, "stage1", "--config", "quick", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
