@@ -79,8 +79,14 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 else
   log "keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
-log "installing l2c-llava (editable) with the dev, eval and search extras"
-pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval,search]"
+log "installing l2c-llava (editable) with the dev, eval, search and demo-test extras"
+pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval,search,demo-test]"
+# the web demo's browser test drives Debian's Chromium (skipped where there is none); best effort
+if ! command -v chromium >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  log "installing Chromium (apt) for the web demo's browser test"
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+    || log "Chromium could not be installed: tests/test_webdemo.py's browser test will be skipped"
+fi
 log "installing ${NO_DEPS_PKGS[*]} (--no-deps)"
 pip_install --no-deps "${NO_DEPS_PKGS[@]}"
 
