@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from l2c_llava.cli_help import document, version
+from l2c_llava.config import ConfigError, dump_config, load_config
+from l2c_llava.errors import EXIT_BAD_INPUT, InputError, L2CError
 from l2c_llava.hub_push import add_push_arguments, push_if_asked
-
-EXIT_BAD_INPUT = 2
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -39,8 +39,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from l2c_llava.config import ConfigError, dump_config, load_config
-
     status = 0
     for path in args.configs:
         try:
@@ -62,13 +60,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         images=args.images, seed=args.seed, size=args.size, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, max_objects=args.max_objects, jpeg_quality=args.jpeg_quality,
     )  # fmt: skip
-    try:
-        manifest = generate(
-            args.out, opts, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet
-        )
-    except (ValueError, FileExistsError) as e:
-        print(f"l2c data synth: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    manifest = generate(
+        args.out, opts, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet
+    )
     if manifest.get("skipped"):
         print(f"{args.out}: already holds this dataset (same options and generator version); nothing to do")
     else:
@@ -82,29 +76,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from l2c_llava.data import readers
 
-    try:
-        if args.format == "pairs":
-            res = readers.read_caption_pairs(
-                args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
-            )
-            n, skipped, total = len(res), res.skipped, res.total
-        elif args.format == "llava":
-            res = readers.read_llava_json(
-                args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
-            )
-            n, skipped, total = len(res), res.skipped, res.total
+    if args.format == "pairs":
+        res = readers.read_caption_pairs(
+            args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+        )
+        n, skipped, total = len(res), res.skipped, res.total
+    elif args.format == "llava":
+        res = readers.read_llava_json(
+            args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+        )
+        n, skipped, total = len(res), res.skipped, res.total
+    else:
+        if args.format == "karpathy":
+            rs = readers.read_karpathy(args.file, args.image_root, split=args.split, on_bad_row="skip",
+                                       image_check=args.image_check)  # fmt: skip
         else:
-            if args.format == "karpathy":
-                rs = readers.read_karpathy(args.file, args.image_root, split=args.split, on_bad_row="skip",
-                                           image_check=args.image_check)  # fmt: skip
-            else:
-                rs = readers.read_long_captions(
-                    args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
-                )
-            n, skipped, total = len(rs.images), rs.skipped, len(rs.images) + len(rs.skipped)
-    except (readers.DataError, FileNotFoundError) as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_BAD_INPUT
+            rs = readers.read_long_captions(
+                args.file, args.image_root, on_bad_row="skip", image_check=args.image_check
+            )
+        n, skipped, total = len(rs.images), rs.skipped, len(rs.images) + len(rs.skipped)
     for p in skipped:
         print(f"BAD  {p}")
     for w in getattr(res, "warnings", []) if args.format in ("pairs", "llava") else []:
@@ -113,64 +103,42 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if skipped else 0
 
 
-def _load_or_report(path: str, overrides: list[str], recipe: str):
-    from l2c_llava.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(path, overrides)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return None
+def _load(path: str, overrides: list[str], recipe: str):
+    """The config at `path` with `overrides`, validated (ConfigError lists every problem), of `recipe`."""
+    cfg = load_config(path, overrides)
     if cfg.recipe != recipe:
-        print(
-            f"{path}: this is a {cfg.recipe!r} config; `l2c {recipe.replace('_', ' ')}` needs recipe: {recipe}",
-            file=sys.stderr,
+        raise InputError(
+            f"{path}: this is a {cfg.recipe!r} config; `l2c {recipe.replace('_', ' ')}` needs recipe: {recipe}"
         )
-        return None
     return cfg
 
 
 def _cmd_stage1_train(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError
-    from l2c_llava.stage1.encoder import EncoderLoadError
     from l2c_llava.stage1.train import run_stage1
 
-    cfg = _load_or_report(args.config, args.overrides, "stage1")
-    if cfg is None:
-        return EXIT_BAD_INPUT
-    try:
-        metrics = run_stage1(cfg, source=args.config, overrides=tuple(args.overrides))
-    except (DataError, EncoderLoadError, FileNotFoundError) as e:
-        print(f"l2c stage1: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, "stage1")
+    metrics = run_stage1(cfg, source=args.config, overrides=tuple(args.overrides))
     summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_stage1_eval(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError
     from l2c_llava.io import atomic_write_json
-    from l2c_llava.stage1.encoder import EncoderLoadError, TextEncoder
+    from l2c_llava.stage1.encoder import TextEncoder
     from l2c_llava.stage1.train import Stage1Recipe
 
-    cfg = _load_or_report(args.config, args.overrides, "stage1")
-    if cfg is None:
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, "stage1")
     recipe = Stage1Recipe(cfg)
-    try:
-        _, test, held_out, _ = recipe.load_data()
-        if args.base:
-            encoder = recipe.load_encoder()
-        else:
-            path = args.encoder or str(Path(cfg.run.output_dir) / "encoder")
-            encoder = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
-                                                  attn_implementation=cfg.model.attn_implementation)  # fmt: skip
-        encoder.set_bidirectional(not args.causal)
-        result = recipe.evaluate(encoder, test, held_out, "eval")
-    except (DataError, EncoderLoadError, FileNotFoundError, ValueError) as e:
-        print(f"l2c stage1 eval: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    _, test, held_out, _ = recipe.load_data()
+    if args.base:
+        encoder = recipe.load_encoder()
+    else:
+        path = args.encoder or str(Path(cfg.run.output_dir) / "encoder")
+        encoder = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
+                                              attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+    encoder.set_bidirectional(not args.causal)
+    result = recipe.evaluate(encoder, test, held_out, "eval")
     print(json.dumps(result, indent=2))
     if args.out:
         atomic_write_json(args.out, result)
@@ -178,75 +146,59 @@ def _cmd_stage1_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage2_cache(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError, read_caption_pairs, read_karpathy, read_long_captions
+    from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
     from l2c_llava.io import atomic_write_json
-    from l2c_llava.stage1.encoder import EncoderLoadError
-    from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
+    from l2c_llava.stage2.cache import build_cache, pair_captions
 
-    cfg = _load_or_report(args.config, args.overrides, "stage2")
-    if cfg is None:
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, "stage2")
     d, te, c = cfg.data, cfg.text_encoder, cfg.cache
-    try:
-        if d.format == "webdataset":
-            from l2c_llava.data.webdataset import expand_shards, scan_shards
+    if d.format == "webdataset":
+        from l2c_llava.data.webdataset import expand_shards, scan_shards
 
-            scan = scan_shards(expand_shards(d.train), short_key=d.short_key, long_key=d.long_key,
-                               image_check=d.image_check, on_bad_row=d.on_bad_row)  # fmt: skip
-            if scan.bad:  # on_bad_row=skip: training leaves these samples out
-                print(f"l2c stage2 cache: {len(scan.bad)} bad sample(s) of {scan.samples} skipped "
-                      f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})", file=sys.stderr)  # fmt: skip
-            train_captions = scan.captions
-        else:
-            pairs = read_caption_pairs(
-                d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
-            )
-            train_captions = pair_captions(pairs)
-        sets = {"train": train_captions}
-        root = d.eval_image_root or "."
-        if d.eval_short:
-            sets["eval_short"] = read_karpathy(
-                d.eval_short, root, split=d.eval_split, image_check="none"
-            ).captions
-        if d.eval_long:
-            sets["eval_long"] = read_long_captions(d.eval_long, root, image_check="none").captions
-        encoder = None
+        scan = scan_shards(expand_shards(d.train), short_key=d.short_key, long_key=d.long_key,
+                           image_check=d.image_check, on_bad_row=d.on_bad_row)  # fmt: skip
+        if scan.bad:  # on_bad_row=skip: training leaves these samples out
+            print(f"l2c stage2 cache: {len(scan.bad)} bad sample(s) of {scan.samples} skipped "
+                  f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})", file=sys.stderr)  # fmt: skip
+        train_captions = scan.captions
+    else:
+        pairs = read_caption_pairs(
+            d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+        )
+        train_captions = pair_captions(pairs)
+    sets = {"train": train_captions}
+    root = d.eval_image_root or "."
+    if d.eval_short:
+        sets["eval_short"] = read_karpathy(
+            d.eval_short, root, split=d.eval_split, image_check="none"
+        ).captions
+    if d.eval_long:
+        sets["eval_long"] = read_long_captions(d.eval_long, root, image_check="none").captions
+    encoder = None
 
-        def load():
-            nonlocal encoder
-            if encoder is None:
-                from l2c_llava.stage1.encoder import TextEncoder
+    def load():
+        nonlocal encoder
+        if encoder is None:
+            from l2c_llava.stage1.encoder import TextEncoder
 
-                encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length)
-            return encoder
+            encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length)
+        return encoder
 
-        summary = {}
-        for name, captions in sets.items():
-            cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
-                                dtype=c.dtype, batch_size=te.batch_size, overwrite=args.overwrite, load_encoder=load)  # fmt: skip
-            summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
-            if name == "train" and d.format == "webdataset":
-                atomic_write_json(cache.folder / "bad_samples.json", scan.bad)
-    except (DataError, EncoderLoadError, CacheError, FileNotFoundError) as e:
-        print(f"l2c stage2 cache: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    summary = {}
+    for name, captions in sets.items():
+        cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
+                            dtype=c.dtype, batch_size=te.batch_size, overwrite=args.overwrite, load_encoder=load)  # fmt: skip
+        summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
+        if name == "train" and d.format == "webdataset":
+            atomic_write_json(cache.folder / "bad_samples.json", scan.bad)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _run_training(args: argparse.Namespace, recipe: str, label: str, run) -> int:
-    from l2c_llava.data.images import ImageError
-    from l2c_llava.data.readers import DataError
-    from l2c_llava.stage2.cache import CacheError
 
-    cfg = _load_or_report(args.config, args.overrides, recipe)
-    if cfg is None:
-        return EXIT_BAD_INPUT
-    try:
-        stats = run(cfg, source=args.config, overrides=tuple(args.overrides))
-    except (DataError, CacheError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"l2c {label}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, recipe)
+    stats = run(cfg, source=args.config, overrides=tuple(args.overrides))
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -264,19 +216,14 @@ def _cmd_clip_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip_eval(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError
     from l2c_llava.io import atomic_write_json
     from l2c_llava.stage2.evaluate import evaluate_clip_folder
     from l2c_llava.stage2.health import encoder_health, health_summary
 
-    try:
-        res = evaluate_clip_folder(args.model, args.data, split=args.split, max_images=args.max_images)
-        if not args.no_health:
-            res["health"] = encoder_health(args.model, args.data, train_scenes=args.probe_train,
-                                           test_scenes=args.max_images or 500)  # fmt: skip
-    except (DataError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"l2c clip eval: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    res = evaluate_clip_folder(args.model, args.data, split=args.split, max_images=args.max_images)
+    if not args.no_health:
+        res["health"] = encoder_health(args.model, args.data, train_scenes=args.probe_train,
+                                       test_scenes=args.max_images or 500)  # fmt: skip
     for name, r in res["sets"].items():
         figs = ", ".join(f"{m} {v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
                          for m, v in r.items() if isinstance(v, dict) and m.endswith("@1"))  # fmt: skip
@@ -296,12 +243,8 @@ def _cmd_health(args: argparse.Namespace) -> int:
     res = {}
     for spec in args.tower:
         name, _, path = spec.rpartition("=")
-        try:
-            res[name or path] = encoder_health(path, args.data, train_scenes=args.probe_train,
-                                               test_scenes=args.test, probe_steps=args.steps)  # fmt: skip
-        except (FileNotFoundError, ValueError, OSError) as e:
-            print(f"l2c health: {path}: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        res[name or path] = encoder_health(path, args.data, train_scenes=args.probe_train,
+                                           test_scenes=args.test, probe_steps=args.steps)  # fmt: skip
         print(f"{name or path}: {health_summary(res[name or path])}")
     if args.out:
         atomic_write_json(args.out, res)
@@ -310,19 +253,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage2_eval(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError
-    from l2c_llava.stage2.cache import CacheError
     from l2c_llava.stage2.evaluate import evaluate, table
-    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
-    cfg = _load_or_report(args.config, args.overrides, "stage2")
-    if cfg is None:
-        return EXIT_BAD_INPUT
-    try:
-        results = evaluate(cfg, model_dir=args.model, baseline=args.baseline, skip_baseline=args.no_baseline)
-    except (DataError, CacheError, LLM2CLIPLoadError, FileNotFoundError, ValueError) as e:
-        print(f"l2c stage2 eval: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, "stage2")
+    results = evaluate(cfg, model_dir=args.model, baseline=args.baseline, skip_baseline=args.no_baseline)
     print(table(results, tuple(cfg.eval.recall_at)))
     print(
         f"written: {Path(cfg.run.output_dir) / 'metrics.json'}, {Path(cfg.run.output_dir) / 'retrieval.md'}"
@@ -333,73 +267,42 @@ def _cmd_stage2_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from l2c_llava.stage2 import export
 
-    try:
-        if args.out is None:  # the run's own layout: export.dir (default <run>/export) / vision|llm2clip
-            args.out = str(export.export_dir(args.run) / args.export_command)
-        if args.export_command == "vision":
-            out = export.export_vision(args.run, args.out, overwrite=args.overwrite)
-            print(
-                f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
-            )
-        else:
-            out = export.export_llm2clip(
-                args.run, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
-            )
-            print(
-                f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.stage2.llm2clip.LLM2CLIP.from_pretrained)"
-            )
-    except (export.ExportError, FileNotFoundError) as e:
-        print(f"l2c export {args.export_command}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if args.out is None:  # the run's own layout: export.dir (default <run>/export) / vision|llm2clip
+        args.out = str(export.export_dir(args.run) / args.export_command)
+    if args.export_command == "vision":
+        out = export.export_vision(args.run, args.out, overwrite=args.overwrite)
+        print(
+            f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
+        )
+    else:
+        out = export.export_llm2clip(
+            args.run, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
+        )
+        print(
+            f"exported the whole LLM2CLIP model to {out} (load it with l2c_llava.stage2.llm2clip.LLM2CLIP.from_pretrained)"
+        )
     push_if_asked(args, out)  # --push-to-hub (hub_push.py)
     return 0
 
 
 def _cmd_import_llm2clip(args: argparse.Namespace) -> int:
-    from l2c_llava.stage2.export import ExportError, import_llm2clip
+    from l2c_llava.stage2.export import import_llm2clip
 
-    try:
-        outs = import_llm2clip(
-            args.source, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite
-        )
-    except (ExportError, FileNotFoundError) as e:
-        print(f"l2c import llm2clip: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    outs = import_llm2clip(args.source, args.out, text_encoder=args.text_encoder, overwrite=args.overwrite)
     print(json.dumps(outs, indent=2))
     return 0
 
 
 def _cmd_mllm_train(args: argparse.Namespace) -> int:
-    from l2c_llava.mllm.build import BuildError
-    from l2c_llava.mllm.conversation import ConversationError
     from l2c_llava.mllm.train import run_mllm
-    from l2c_llava.stage1.encoder import EncoderLoadError
 
-    cfg = _load_or_report(args.config, args.overrides, "mllm")
-    if cfg is None:
-        return EXIT_BAD_INPUT
+    cfg = _load(args.config, args.overrides, "mllm")
     if cfg.train.stage != args.mllm_command:
-        print(
-            f"{args.config}: train.stage is {cfg.train.stage!r}; run it with `l2c mllm {cfg.train.stage}`",
-            file=sys.stderr,
+        raise InputError(
+            f"{args.config}: train.stage is {cfg.train.stage!r}; run it with `l2c mllm {cfg.train.stage}`"
         )
-        return EXIT_BAD_INPUT
-    try:
-        from l2c_llava.data.images import ImageError
-        from l2c_llava.data.readers import DataError
 
-        stats = run_mllm(cfg, source=args.config, overrides=tuple(args.overrides))
-    except (
-        DataError,
-        ImageError,
-        BuildError,
-        ConversationError,
-        EncoderLoadError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        print(f"l2c mllm {args.mllm_command}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    stats = run_mllm(cfg, source=args.config, overrides=tuple(args.overrides))
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -417,18 +320,13 @@ def _cmd_mllm_build(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from l2c_llava.io import check_output_folder
-    from l2c_llava.mllm.build import LLAVA_KIND, META, BuildError, build_llava, save_llava
-    from l2c_llava.stage1.encoder import EncoderLoadError
+    from l2c_llava.mllm.build import LLAVA_KIND, META, build_llava, save_llava
 
     check_output_folder(args.out, LLAVA_KIND, args.overwrite, legacy_marker=META)  # before the models load
-    try:
-        model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None),
-                                       allow_pickle=args.allow_pickle, torch_dtype=args.dtype)  # fmt: skip
-        out = save_llava(model, processor, args.out, overwrite=args.overwrite, meta={"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
-                                                      "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
-    except (BuildError, EncoderLoadError, FileNotFoundError) as e:
-        print(f"l2c mllm build: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    model, processor = build_llava(args.vision, SimpleNamespace(name_or_path=args.llm, gguf_file=None),
+                                   allow_pickle=args.allow_pickle, torch_dtype=args.dtype)  # fmt: skip
+    out = save_llava(model, processor, args.out, overwrite=args.overwrite, meta={"stage": "built", "template": "vicuna_v1", "image_aspect_ratio": "pad",
+                                                  "vision_tower": args.vision, "llm": args.llm})  # fmt: skip
     n = sum(p.numel() for p in model.parameters())
     print(
         f"LLaVA model ({n / 1e6:.1f}M parameters, {model.config.image_seq_length} image tokens) written to {out}"
@@ -437,91 +335,60 @@ def _cmd_mllm_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_mllm_eval(args: argparse.Namespace) -> int:
-    from l2c_llava.data.readers import DataError
-    from l2c_llava.mllm.lmms import EvalError, run_lmms_eval
+    from l2c_llava.mllm.lmms import run_lmms_eval
 
     tasks = [t for t in args.tasks.split(",") if t]
     task_limits = {}
     for item in args.task_limit or []:
         name, _, n = item.partition("=")
         if not n.isdigit() or int(n) < 1:
-            print(f"l2c mllm eval: --task-limit {item!r}: use TASK=N with N >= 1", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            raise InputError(f"--task-limit {item!r}: use TASK=N with N >= 1")
         task_limits[name] = int(n)
-    try:
-        run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
-                      device=args.device, batch_size=args.batch_size, limit=args.limit, task_limits=task_limits)  # fmt: skip
-    except (DataError, EvalError) as e:
-        print(f"l2c mllm eval: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    run_lmms_eval(args.model, tasks, args.out, data_dir=args.data, image_root=args.image_root,
+                  device=args.device, batch_size=args.batch_size, limit=args.limit, task_limits=task_limits)  # fmt: skip
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from l2c_llava.config import ConfigError
-    from l2c_llava.pipeline import PipelineError, load_pipeline
+    from l2c_llava.pipeline import load_pipeline
 
-    try:
-        pipe = load_pipeline(args.config, args.overrides)
-        if args.report_only:
-            from l2c_llava.report import write_report
+    pipe = load_pipeline(args.config, args.overrides)
+    if args.report_only:
+        from l2c_llava.report import write_report
 
-            print(write_report(pipe.out, pipe.cfg, pipe.load_state()))
-            return 0
-        pipe.run(dry_run=args.dry_run)
-    except ConfigError as e:
-        print(f"l2c pipeline: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except PipelineError as e:
-        print(f"l2c pipeline: {e}", file=sys.stderr)
-        return 1
+        print(write_report(pipe.out, pipe.cfg, pipe.load_state()))
+        return 0
+    pipe.run(dry_run=args.dry_run)  # a PipelineError (a step failed) exits 1: its exit_code
     return 0
 
 
 def _cmd_mllm_chat(args: argparse.Namespace) -> int:
-    from l2c_llava.data.images import ImageError
-    from l2c_llava.mllm.export import LlavaExportError, chat, chat_session
+    from l2c_llava.mllm.export import chat, chat_session
 
-    try:
-        if args.interactive:  # the model stays loaded: one question per line on stdin
-            return chat_session(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens)
-        if not args.question:
-            print("l2c mllm chat: give a question (or --interactive)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(chat(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens))
-    except (LlavaExportError, ImageError, FileNotFoundError) as e:
-        print(f"l2c mllm chat: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if args.interactive:  # the model stays loaded: one question per line on stdin
+        return chat_session(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens)
+    if not args.question:
+        raise InputError("give a question (or --interactive)")
+    print(chat(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens))
     return 0
 
 
 def _cmd_mllm_eval_vqa(args: argparse.Namespace) -> int:
-    from l2c_llava.data.images import ImageError
-    from l2c_llava.data.readers import DataError
     from l2c_llava.mllm.evaluate import evaluate_vqa
-    from l2c_llava.mllm.export import LlavaExportError
 
-    try:
-        m = evaluate_vqa(args.model, args.questions, args.image_root, args.out or args.model, train_json=args.train_json,
-                         batch_size=args.batch_size, limit=args.limit, shuffled_images=args.shuffled_images)  # fmt: skip
-    except (DataError, ImageError, LlavaExportError, FileNotFoundError) as e:
-        print(f"l2c mllm eval-vqa: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    m = evaluate_vqa(args.model, args.questions, args.image_root, args.out or args.model, train_json=args.train_json,
+                     batch_size=args.batch_size, limit=args.limit, shuffled_images=args.shuffled_images)  # fmt: skip
     print(json.dumps(m, indent=2))
     return 0
 
 
 def _cmd_export_llava(args: argparse.Namespace) -> int:
-    from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
+    from l2c_llava.mllm.export import export_hf, export_original
 
-    try:
-        out = (export_hf if args.format == "hf" else export_original)(
-            args.model, args.out, overwrite=args.overwrite
-        )
-    except (LlavaExportError, FileNotFoundError) as e:
-        print(f"l2c export llava: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    out = (export_hf if args.format == "hf" else export_original)(
+        args.model, args.out, overwrite=args.overwrite
+    )
     print(f"exported ({args.format}) to {out}")
     push_if_asked(args, out)  # --push-to-hub (hub_push.py)
     connector = json.loads((Path(out) / "config.json").read_text()).get("l2c_connector")
@@ -533,23 +400,17 @@ def _cmd_export_llava(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_filter(args: argparse.Namespace) -> int:
-    from l2c_llava.data.filter import FilterError, filter_captions
-    from l2c_llava.data.readers import DataError
+    from l2c_llava.data.filter import filter_captions
     from l2c_llava.io import check_output_file
-    from l2c_llava.search import Encoder, SearchError
-    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+    from l2c_llava.search import Encoder
 
     threshold = None if args.threshold == "auto" else float(args.threshold)
     check_output_file(args.out)  # before the model loads and the rows are scored
-    try:
-        encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
-        r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
-                            fields=tuple(args.fields.split(",")), threshold=threshold,
-                            null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row,
-                            score_kind=args.score, drop_share=args.drop_share)  # fmt: skip
-    except (FilterError, SearchError, LLM2CLIPLoadError, DataError, FileNotFoundError) as e:
-        print(f"l2c data filter: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    encoder = Encoder(args.model, text_encoder=args.text_encoder, batch_size=args.batch_size)
+    r = filter_captions(args.file, args.image_root, encoder, args.out, fmt=args.format,
+                        fields=tuple(args.fields.split(",")), threshold=threshold,
+                        null_quantile=args.null_quantile, mode=args.mode, on_bad_row=args.on_bad_row,
+                        score_kind=args.score, drop_share=args.drop_share)  # fmt: skip
     for w in r.get("warnings", []):
         print(f"WARNING  {w}", file=sys.stderr)
     th = ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items())
@@ -561,7 +422,6 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 def _cmd_search_index(args: argparse.Namespace) -> int:
     from l2c_llava.io import check_output_folder
     from l2c_llava.search import INDEX_KIND, Encoder, SearchError, build_index
-    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
 
     if Path(args.images).resolve().is_relative_to(Path(args.out).resolve()):
         raise SearchError(
@@ -570,13 +430,9 @@ def _cmd_search_index(args: argparse.Namespace) -> int:
     check_output_folder(
         args.out, INDEX_KIND, args.overwrite, legacy_marker="index.json"
     )  # before the encoder loads
-    try:
-        encoder = Encoder(args.encoder, text_encoder=args.text_encoder, batch_size=args.batch_size)
-        summary = build_index(args.images, encoder, args.out, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
-                              hnsw_m=args.hnsw_m, ef_search=args.ef_search, overwrite=args.overwrite)  # fmt: skip
-    except (SearchError, LLM2CLIPLoadError, FileNotFoundError) as e:
-        print(f"l2c search index: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    encoder = Encoder(args.encoder, text_encoder=args.text_encoder, batch_size=args.batch_size)
+    summary = build_index(args.images, encoder, args.out, kind=args.kind, nlist=args.nlist, nprobe=args.nprobe,
+                          hnsw_m=args.hnsw_m, ef_search=args.ef_search, overwrite=args.overwrite)  # fmt: skip
     recall = summary["recall_vs_exact"]
     print(f"{args.out}: {summary['count']} images ({summary['embedded']} embedded now, {summary['reused']} kept, "
           f"{summary['removed']} removed, {summary['skipped']} unreadable), {summary['kind']} index"
@@ -586,23 +442,17 @@ def _cmd_search_index(args: argparse.Namespace) -> int:
 
 def _cmd_search_query(args: argparse.Namespace) -> int:
     from l2c_llava.io import atomic_write_json, atomic_write_text
-    from l2c_llava.search import Encoder, SearchError, SearchIndex, contact_sheet, hits_table, run_queries
-    from l2c_llava.stage2.llm2clip import LLM2CLIPLoadError
+    from l2c_llava.search import Encoder, SearchIndex, contact_sheet, hits_table, run_queries
 
     if not args.text and not args.image:
-        print("l2c search query: give at least one --text or --image", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        panels = []
-        for i, folder in enumerate([args.index, *(args.compare or [])]):
-            index = SearchIndex(folder)
-            path = (args.encoder if i == 0 else None) or index.encoder["path"]
-            encoder = Encoder(path, text_encoder=args.text_encoder if i == 0 else None)
-            results = run_queries(index, encoder, args.text or [], args.image or [], k=args.k)
-            panels.append((f"{encoder.kind}: {Path(folder).name}", index, results))
-    except (SearchError, LLM2CLIPLoadError, FileNotFoundError) as e:
-        print(f"l2c search query: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise InputError("give at least one --text or --image")
+    panels = []
+    for i, folder in enumerate([args.index, *(args.compare or [])]):
+        index = SearchIndex(folder)
+        path = (args.encoder if i == 0 else None) or index.encoder["path"]
+        encoder = Encoder(path, text_encoder=args.text_encoder if i == 0 else None)
+        results = run_queries(index, encoder, args.text or [], args.image or [], k=args.k)
+        panels.append((f"{encoder.kind}: {Path(folder).name}", index, results))
     table = hits_table(panels)
     print(table)
     if args.sheet:
@@ -619,6 +469,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from l2c_llava.webdemo import command
 
     return command(args)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    """The one override syntax of every command that reads a config: bare KEY=VALUE words or --set KEY=VALUE."""
+    p.add_argument("overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.lr=1e-4 run.output_dir=runs/try")  # fmt: skip
+    _add_set(p)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotted override, repeatable (the same as a bare KEY=VALUE word)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -638,8 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="validate configs (before anything is loaded) and print them resolved"
     )
     p.add_argument("configs", nargs="+", metavar="CONFIG", type=str)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable (e.g. --set train.lr=1e-4)")  # fmt: skip
+    _add_set(p)
     p.add_argument("--print", action="store_true", help="print the resolved config as YAML")
     p.set_defaults(func=_cmd_validate)
 
@@ -649,11 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="MNTP (optional) + supervised contrastive LoRA; CRA before and after (default action)"
     )
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_stage1_train)
     p = s1sub.add_parser("eval", help="caption retrieval accuracy (CRA) and short<->long top-1 of an encoder")
     p.add_argument("--config", required=True, help="the stage-1 config (its data.eval / data.eval_pairs)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.add_argument("--encoder", default=None, help="encoder folder (default: <run.output_dir>/encoder)")
     p.add_argument("--base", action="store_true", help="evaluate the untuned LLM of the config instead")
     p.add_argument(
@@ -670,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache", help="embed every caption once with the frozen stage-1 encoder (resumable, fingerprinted)"
     )
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -681,14 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune the CLIP vision tower against the cached LLM features (CLIP loss)"
     )
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_stage2_train)
     p = s2sub.add_parser(
         "eval",
         help="retrieval R@1/5/10, short and long captions: baseline CLIP vs LLM2CLIP (metrics.json, table)",
     )
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.add_argument("--model", default=None, help="LLM2CLIP model (default: the run's model/)")
     p.add_argument(
         "--baseline",
@@ -704,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="train a small transformers CLIPModel (own 77-token text tower) from scratch"
     )
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_clip_pretrain)
     p = clsub.add_parser(
         "eval",
@@ -816,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("finetune", "train projector + LLM (full or LoRA) on instruction data (vicuna_v1)")):  # fmt: skip
         p = mmsub.add_parser(stage, help=what)
         p.add_argument("--config", required=True)
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        _add_overrides(p)
         p.set_defaults(func=_cmd_mllm_train)
     p = mmsub.add_parser(
         "eval-vqa", help="short-answer accuracy on held-out questions, beside the answer prior"
@@ -873,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a pipeline config (pipeline/configs/demo.yaml, quick.yaml, paper.yaml)",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop")
     p.add_argument("--report-only", action="store_true", help="write the report from what is there and stop")
     p.set_defaults(func=_cmd_pipeline)
@@ -947,9 +808,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LLaVA (mllm run folder or transformers LLaVA folder) instead of the run's; repeatable")  # fmt: skip
     p.add_argument("--encoder", action="append", metavar="[NAME=]DIR",
                    help="a CLIP or LLM2CLIP model for the search tab instead of the run's; repeatable")  # fmt: skip
-    p.add_argument("--images", default=None, help="image folder to pick from and search (default: RUN/data/images)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument(
+        "--images", default=None, help="image folder to pick from and search (default: RUN/data/images)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)"
+    )
+    p.add_argument(
+        "--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
 
@@ -1007,20 +874,32 @@ def build_parser() -> argparse.ArgumentParser:
     return document(parser)  # help of the options that lack it, an example per command (cli_help.py)
 
 
-def _split_overrides(argv: list[str]) -> list[str]:
-    """`l2c validate x.yaml train.lr=1e-4` -> move bare key=value words after the config to --set;
-    `l2c stage1 --config x` -> `l2c stage1 train --config x` (train is the default action)."""
+def _default_action(argv: list[str]) -> list[str]:
+    """`l2c stage1 --config x` -> `l2c stage1 train --config x` (train is stage 1's default action)."""
     if argv[:1] == ["stage1"] and (len(argv) < 2 or argv[1] not in ("train", "eval", "-h", "--help")):
         return ["stage1", "train", *argv[1:]]
-    if not argv or argv[0] != "validate":
-        return argv
-    out = []
-    for word in argv:
-        if "=" in word and not word.startswith("-"):
-            out += ["--set", word]
-        else:
-            out.append(word)
-    return out
+    return argv
+
+
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-") and not Path(word).exists()
+
+
+def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, with one override syntax everywhere: bare `KEY=VALUE` words and `--set KEY=VALUE`
+    both land in `args.overrides` (in the order given) for every command that reads a config."""
+    parser = parser or build_parser()
+    args, extra = parser.parse_known_args(_default_action(list(argv)))
+    if hasattr(args, "configs"):  # l2c validate A.yaml B.yaml k=v: the positional list takes both
+        args.overrides = [c for c in args.configs if _is_override(c)] + args.overrides
+        args.configs = [c for c in args.configs if not _is_override(c)]
+        if not args.configs:
+            parser.error("l2c validate: give at least one config")
+    if extra and hasattr(args, "overrides") and all(_is_override(w) for w in extra):
+        args.overrides = [*args.overrides, *extra]  # bare words after a --set or another option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _resolve_config_names(args: argparse.Namespace) -> None:
@@ -1043,13 +922,10 @@ def _resolve_config_names(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_split_overrides(argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from l2c_llava.errors import L2CError
-
     try:
         _resolve_config_names(args)
         return args.func(args)
@@ -1058,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as e:  # the user can fix it: the message says where and what to do; anything else is a bug
         sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
         print(f"l2c {' '.join([args.command, *sub])}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

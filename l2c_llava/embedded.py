@@ -13,6 +13,8 @@ from functools import cache, lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from l2c_llava.errors import InputError, MissingFileError
+
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_CLIP = "embedded:demo-clip"
 # sha256 of l2c_llava/assets/demo_clip/model.safetensors (scripts/pack_demo_clip.py prints it)
@@ -26,13 +28,13 @@ def _package_file(package: str, filename: str) -> Path:
     try:
         files = metadata.files(package) or []
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"package {package!r} is not installed; {_FIX.format(pkg=package)}") from None
+        raise MissingFileError(f"package {package!r} is not installed; {_FIX.format(pkg=package)}") from None
     for f in files:
         if f.name == filename:
             path = Path(f.locate())
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"{filename} not found in package {package!r}; {_FIX.format(pkg=package)}")
+    raise MissingFileError(f"{filename} not found in package {package!r}; {_FIX.format(pkg=package)}")
 
 
 def smollm2_gguf_path() -> Path:
@@ -50,7 +52,7 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
         p = smollm2_gguf_path()
         return str(p.parent), p.name
     if name_or_path.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
+        raise InputError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
     p = Path(name_or_path)
     if p.suffix == ".gguf":
         return str(p.parent), p.name
@@ -74,7 +76,7 @@ def demo_clip_path(verify: bool = True) -> Path:
     folder = Path(__file__).resolve().parent / "assets" / "demo_clip"
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: the demo CLIP asset is missing; reinstall l2c-llava, or rebuild it with "
+        raise MissingFileError(f"{weights}: the demo CLIP asset is missing; reinstall l2c-llava, or rebuild it with "
                                 "`bash scripts/pretrain_demo_clip.sh` (hours on 2 CPU cores)")  # fmt: skip
     if verify:
         _check_digest(weights, DEMO_CLIP_SHA256)
@@ -87,7 +89,7 @@ def _check_digest(path: Path, expected: str) -> None:
 
     digest = sha256_file(path)
     if digest != expected:
-        raise ValueError(f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
+        raise InputError(f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
                          "was changed or damaged: restore it from the repository")  # fmt: skip
 
 
@@ -100,7 +102,7 @@ def resolve_vision_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED_CLIP:
         return str(demo_clip_path())
     if name_or_path.startswith("embedded:"):
-        raise ValueError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
+        raise InputError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
     from l2c_llava.stage2.export import exported_tower, is_stage2_run
 
     if is_stage2_run(name_or_path):  # a stage-2 run folder: its exported tower, by the one layout

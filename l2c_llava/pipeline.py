@@ -41,7 +41,9 @@ ENCODERS = ("baseline", "llm2clip")
 
 
 class PipelineError(L2CError, RuntimeError):
-    pass
+    """A step failed (its own message and log say why): `l2c pipeline` exits 1, not 2 (bad input)."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from l2c_llava import trackers
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError, L2CError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None
     from accelerate.utils import set_seed
 
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_mixed_precision(mixed_precision),
+        cpu=not torch.cuda.is_available(),
         **trackers.accelerator_kwargs(report_to, run_dir),
     )
     set_seed(seed)
@@ -172,7 +173,7 @@ def check_resume_config(run_dir: Path, cfg) -> None:
     differ = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
     if differ:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:4])
-        raise ValueError(f"{run_dir} holds checkpoints of a run with another config ({shown}). Use a new "
+        raise InputError(f"{run_dir} holds checkpoints of a run with another config ({shown}). Use a new "
                          "run.output_dir, or run.resume=false to start over there")  # fmt: skip
 
 
@@ -313,12 +314,12 @@ class Checkpoints:
         state = load_file(str(ck / name))
         if set(state) != set(own):
             extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
-            raise ValueError(f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
+            raise InputError(f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
                              "train.tune or the model changed; use a new run.output_dir")  # fmt: skip
         wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
                  if v.shape != own[k].shape]  # fmt: skip
         if wrong:
-            raise ValueError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
+            raise InputError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
                              "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
         model.load_state_dict(state, strict=False)
         return int(self.restore(ck, opt, sched, trainer_state)["step"])
@@ -461,7 +462,7 @@ class ContrastiveRecipe:
         steps_per_epoch = max(1, n // per_step) if n else None
         total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
         if total is None:
-            raise ValueError("data.format=webdataset streams without a known length: set train.max_steps")
+            raise InputError("data.format=webdataset streams without a known length: set train.max_steps")
         run = open_run(
             self,
             acc,
@@ -534,7 +535,7 @@ class ContrastiveRecipe:
                 if step % t.save_every == 0 or step == total:
                     self.save_checkpoint(acc, model, opt, sched, step)
             if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
-                raise ValueError(f"{cfg.data.train}: not enough samples for one batch of {t.batch_size} per process "
+                raise InputError(f"{cfg.data.train}: not enough samples for one batch of {t.batch_size} per process "
                                  f"({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
             epoch += 1
         bar.close()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from l2c_llava.cli import _split_overrides, build_parser, main
+from l2c_llava.cli import build_parser, main, parse_args
 from l2c_llava.cli_help import EXAMPLES, subcommands, walk
 
 
@@ -39,9 +39,7 @@ def test_every_leaf_command_has_its_own_examples_and_they_parse():
         for line in lines:
             words = shlex.split(line.split("  #")[0])
             assert words[0] == "l2c"
-            args = parser.parse_args(
-                _split_overrides(words[1:])
-            )  # SystemExit (a failure) if it does not parse
+            args = parse_args(words[1:], parser)  # SystemExit (a failure) if it does not parse
             chosen = " ".join(
                 str(v) for k, v in sorted(vars(args).items()) if k == "command" or k.endswith("_command")
             )

@@ -40,7 +40,7 @@ import torch
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import L2CError, MissingFileError
 from l2c_llava.io import atomic_write_json, atomic_write_text, sha256_file
 
 logger = logging.getLogger("l2c_llava.filter")
@@ -71,7 +71,7 @@ def read_rows(path: Path, fmt: str, image_root: Path, fields: tuple[str, ...], i
               on_bad_row: str = "error") -> tuple[list[Row], list[RowProblem], str]:  # fmt: skip
     """The rows (raw, to be written back) with their captions; bad rows reported by file and row."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     problems: list[RowProblem] = []
     rows: list[Row] = []
     if fmt == "pairs":
@@ -380,7 +380,9 @@ def score_quantiles(values: torch.Tensor) -> dict[str, float]:
     return {f"q{round(p * 100):02d}": round(float(v), 4) for p, v in zip(QUANTILES, q)}
 
 
-def too_many_dropped(flagged: int, scored: int, scores: dict, null: dict, th: dict, kind: str, mode: str) -> str:
+def too_many_dropped(
+    flagged: int, scored: int, scores: dict, null: dict, th: dict, kind: str, mode: str
+) -> str:
     """The warning for a threshold that takes out most of the data: a weak model (or a threshold on
     another scale) puts the own pairs' scores among the shuffled ones', and the rows are not bad."""
     spread = "; ".join(f"{f}: threshold {th[f]:.4f}, own pairs " + " ".join(f"{k} {v:.4f}" for k, v in

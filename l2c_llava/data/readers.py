@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from PIL import Image
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import L2CError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _finish(items: list, problems: list[RowProblem], file: str, total: int, on_b
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     raw = path.read_bytes()
     if not raw.strip():
         raise _no_rows(str(path))
@@ -309,7 +309,7 @@ def read_caption_pairs(
     checked (stage 1 needs only the text)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"caption-pair file not found: {path}")
+        raise MissingFileError(f"caption-pair file not found: {path}")
     problems: list[RowProblem] = []
     pending: list[CaptionPair] = []
     total = 0

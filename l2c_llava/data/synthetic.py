@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from l2c_llava.data import captions as C
 from l2c_llava.data.scenes import COLOURS, SHAPES, Scene, render_scene, sample_scene
+from l2c_llava.errors import InputError, OutputExistsError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, tree_digest
 
 GENERATOR = "l2c-llava synthetic scenes"
@@ -87,7 +88,7 @@ class SynthOptions:
         if not 1 <= self.jpeg_quality <= 100:
             problems.append(f"--jpeg-quality must be within 1..100, got {self.jpeg_quality}")
         if problems:
-            raise ValueError("invalid synthetic data options:\n  - " + "\n  - ".join(problems))
+            raise InputError("invalid synthetic data options:\n  - " + "\n  - ".join(problems))
 
 
 def image_relpath(index: int) -> str:
@@ -145,12 +146,12 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         if {k: old.get(k) for k in wanted} == wanted:
             return old | {"skipped": True}
         if not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out} holds a dataset made with other options ({old.get('options')}); "
                 f"pass --overwrite to replace it, or choose another --out"
             )
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} exists, is not empty and is not a synthetic dataset; choose another --out"
         )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l2c_llava.data.readers import DataError, RowProblem
+from l2c_llava.errors import MissingFileError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -72,7 +73,7 @@ def iter_samples(shards: Sequence[str | os.PathLike], *, short_key: str = "short
     for shard in shards:
         shard = str(shard)
         if not Path(shard).is_file():
-            raise FileNotFoundError(f"webdataset shard not found: {shard}")
+            raise MissingFileError(f"webdataset shard not found: {shard}")
         group_key, members = None, {}
         try:
             with tarfile.open(shard, mode="r|*") as tar:

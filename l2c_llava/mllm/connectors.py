@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from l2c_llava.errors import InputError
+
 CONNECTORS = ("qformer", "perceiver")
 
 
@@ -115,11 +117,11 @@ def make_connector(spec: dict, vision_dim: int, llm_dim: int) -> nn.Module:
     kind = spec.get("type")
     cls = {"qformer": QFormerConnector, "perceiver": PerceiverResampler}.get(kind)
     if cls is None:
-        raise ValueError(f"connector type {kind!r}: expected one of {', '.join(CONNECTORS)}")
+        raise InputError(f"connector type {kind!r}: expected one of {', '.join(CONNECTORS)}")
     dim = spec.get("hidden_size") or vision_dim
     heads = int(spec.get("heads", 8))
     if dim % heads:
-        raise ValueError(f"connector width {dim} is not divisible by its {heads} heads (set connector.heads)")
+        raise InputError(f"connector width {dim} is not divisible by its {heads} heads (set connector.heads)")
     return cls(vision_dim, llm_dim, num_queries=int(spec.get("num_queries", 64)), hidden_size=spec.get("hidden_size"),
                depth=int(spec.get("depth", 2)), heads=heads, mlp_ratio=int(spec.get("mlp_ratio", 4)))  # fmt: skip
 

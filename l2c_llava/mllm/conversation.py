@@ -73,7 +73,7 @@ def render(turns: list[tuple[str, str]], template: str, eos: str) -> tuple[str, 
         spans.append((len(text), len(text) + len(answer)))
         return text + answer, spans
     if template != "vicuna_v1":
-        raise ValueError(f"unknown template {template!r} (one of: {', '.join(TEMPLATES)})")
+        raise ConversationError(f"unknown template {template!r} (one of: {', '.join(TEMPLATES)})")
     text = VICUNA_SYSTEM + " "
     for i in range(0, len(turns), 2):
         text += f"USER: {turns[i][1]} ASSISTANT:"

@@ -21,6 +21,7 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
+from l2c_llava.errors import InputError, MissingFileError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.conversation import IGNORE
@@ -143,7 +144,7 @@ class MllmRecipe:
         folder = next((f for f in (init_from / "projector", init_from / "model") if f.is_dir()), init_from)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model.init_from={init_from}: no pretrained model (run `l2c mllm pretrain` first)"
             )
         meta_file = folder / "l2c_mllm.json"
@@ -164,7 +165,7 @@ class MllmRecipe:
             found = {k: v for k, v in state.items() if k.startswith(prefix)}
             own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
             if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
-                raise ValueError(f"model.init_from={init_from}: its {what} does not fit this model "
+                raise InputError(f"model.init_from={init_from}: its {what} does not fit this model "
                                  f"(found {sorted(found)[:4]}, need {sorted(own)[:4]} with the same shapes)")  # fmt: skip
         if tower_trained:
             logger.info("model.init_from=%s: its vision tower was trained, loading it over %s", init_from,
@@ -210,7 +211,7 @@ class MllmRecipe:
         rows = rows if rows is not None else self.read_rows()
         n_img = image_tokens_of(model.config)
         if d.max_length <= n_img:
-            raise ValueError(
+            raise InputError(
                 f"data.max_length={d.max_length} leaves no room for text after {n_img} image tokens"
             )
         return LlavaDataset(rows.items, processor, d.template, d.max_length, n_img, model.config.image_token_id,
@@ -237,7 +238,7 @@ class MllmRecipe:
         acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
         world = acc.num_processes
         if t.global_batch_size % (t.per_device_batch_size * world):
-            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
+            raise InputError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
                              f"x processes ({t.per_device_batch_size} x {world})")  # fmt: skip
         accum = t.global_batch_size // (t.per_device_batch_size * world)
         rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
@@ -249,7 +250,7 @@ class MllmRecipe:
         trackers.start(acc, cfg, self.run_dir)
         steps_per_epoch = len(ds) // t.global_batch_size
         if steps_per_epoch == 0:
-            raise ValueError(
+            raise InputError(
                 f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
         total = t.max_steps or t.epochs * steps_per_epoch
@@ -361,8 +362,12 @@ class MllmRecipe:
             model.gradient_checkpointing_disable()
         from l2c_llava.cards import model_card
 
-        card = model_card("llava", str(self.run_dir / "model"), self.run_dir, metrics={"train_stats.json": stats or {}})
-        return save_llava(model, processor, self.run_dir / "model", meta, overwrite=True, card=card)  # the run's own
+        card = model_card(
+            "llava", str(self.run_dir / "model"), self.run_dir, metrics={"train_stats.json": stats or {}}
+        )
+        return save_llava(
+            model, processor, self.run_dir / "model", meta, overwrite=True, card=card
+        )  # the run's own
 
     def save_projector(self, model) -> Path:
         """The pretrain's output as LLaVA keeps it (``mm_projector.bin``): the projector's weights only,

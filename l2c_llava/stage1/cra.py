@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava.data.readers import CaptionPair, RetrievalSet
+from l2c_llava.errors import InputError
 
 
 def top1_accuracy(queries: torch.Tensor, docs: torch.Tensor, query_group: Sequence[int], doc_group: Sequence[int],
@@ -39,7 +40,7 @@ def cra_captions(test: RetrievalSet, max_images: int | None = None) -> tuple[lis
             texts += caps[:2]
             groups += [i, i]
     if len(groups) < 4:
-        raise ValueError(f"{test.source}: CRA needs at least two images with two captions each")
+        raise InputError(f"{test.source}: CRA needs at least two images with two captions each")
     return texts, groups
 
 

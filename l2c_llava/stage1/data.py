@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l2c_llava.data.readers import CaptionPair, DataError, RowProblem, iter_rows, nonempty_str
+from l2c_llava.errors import InputError, MissingFileError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def caption_examples(
 ) -> list[Example]:
     """One example per pair, direction and negative drawn with `seed` (fixed for the run)."""
     if hard_negatives and len(pairs) < 2:
-        raise ValueError("hard negatives need at least two caption pairs")
+        raise InputError("hard negatives need at least two caption pairs")
     rng = random.Random(seed)
     out = []
     for i, p in enumerate(pairs):
@@ -52,7 +53,7 @@ def general_text_examples(path: str | Path, limit: int | None = None) -> list[Ex
     Every bad row is reported at once, by line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"general-text file not found: {path}")
+        raise MissingFileError(f"general-text file not found: {path}")
     problems, out = [], []
     for label, row, problem in iter_rows(path):
         if problem is None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError, L2CError
 from l2c_llava.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def lora_targets(model: nn.Module, wanted: Sequence[str]) -> list[str]:
         if name in present and name not in out:
             out.append(name)
     if not out:
-        raise ValueError(
+        raise InputError(
             f"none of the LoRA target modules {list(wanted)} exist in this model; its linear layers: {', '.join(sorted(present))}"
         )
     return out
@@ -282,7 +282,7 @@ class TextEncoder(nn.Module):
                  model_type: str = "llama"):  # fmt: skip
         super().__init__()
         if settings.pooling not in POOLINGS:
-            raise ValueError(f"pooling {settings.pooling!r} is not one of {', '.join(POOLINGS)}")
+            raise InputError(f"pooling {settings.pooling!r} is not one of {', '.join(POOLINGS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -466,7 +466,7 @@ class TextEncoder(nn.Module):
                 else torch.zeros_like(batch["input_ids"], dtype=torch.bool)
             )
             if not bool(hit.any(dim=1).all()):
-                raise ValueError(
+                raise InputError(
                     "bos_token pooling needs a BOS token in every input; this tokenizer adds none"
                 )
             first = hit.int().argmax(dim=1)
@@ -474,7 +474,7 @@ class TextEncoder(nn.Module):
         mask = batch["embed_mask"] if self.settings.skip_instruction else batch["attention_mask"]
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
-            raise ValueError("a text has no tokens to pool (empty text after the instruction)")
+            raise InputError("a text has no tokens to pool (empty text after the instruction)")
         width = hidden.shape[1]
         pos = torch.arange(width, device=hidden.device).unsqueeze(0)
         start = (width - lengths).unsqueeze(1)
@@ -535,7 +535,7 @@ class TextEncoder(nn.Module):
             return torch.zeros((0, self.hidden_size), dtype=torch.float32)
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text {i} is empty: every text needs at least one token")
+                raise InputError(f"text {i} is empty: every text needs at least one token")
         formatted = [self.format_text(t, instruction) for t in texts]
         ids, part_lens = self._token_ids(formatted)  # tokenized once: sorted by length, then padded per batch
         order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))

@@ -30,6 +30,7 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.runs import prepare_run_dir
@@ -179,7 +180,9 @@ class Stage1Recipe:
                     encoder.set_bidirectional(False)
                     before["causal"] = self.evaluate(encoder, test, held_out, "eval before training (causal)")
                     encoder.set_bidirectional(True)
-                before["bidirectional"] = self.evaluate(encoder, test, held_out, "eval before training (bidirectional)")
+                before["bidirectional"] = self.evaluate(
+                    encoder, test, held_out, "eval before training (bidirectional)"
+                )
                 atomic_write_json(before_path, before)
                 logger.info("before training: %s", before)
             acc.wait_for_everyone()
@@ -257,7 +260,7 @@ class Stage1Recipe:
         tok.pad_token = tok.pad_token or tok.eos_token
         mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
         if len(mask_ids) != 1:
-            raise ValueError(
+            raise InputError(
                 f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer"
             )
         mask_id = mask_ids[0]

@@ -267,12 +267,12 @@ def build_cache(
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise CacheError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not captions:
-        raise ValueError("no captions to cache")
+        raise CacheError("no captions to cache")
     for i, c in enumerate(captions):
         if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"caption {i} is empty")
+            raise CacheError(f"caption {i} is empty")
     folder = Path(folder)
     keys = caption_keys(captions)
     fp = encoder_fingerprint(encoder_path, instruction)

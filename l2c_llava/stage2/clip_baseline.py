@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from l2c_llava.config import ClipConfig
 from l2c_llava.data.images import TrainTransform, load_rgb, write_preprocessor_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, publish_folder
 from l2c_llava.training import ContrastiveRecipe
 
@@ -155,7 +156,7 @@ class ClipPretrainRecipe(ContrastiveRecipe):
                 covered = sum(p in dense for p in rs.images)
                 logger.info("dense captions for %d of %d images from %s", covered, len(rs.images), d.dense)
                 if not covered:
-                    raise ValueError(f"{d.dense}: none of its images is in the {d.split} split of {d.train} "
+                    raise InputError(f"{d.dense}: none of its images is in the {d.split} split of {d.train} "
                                      "(data.dense must name the same images, relative to data.image_root)")  # fmt: skip
             items = [(p, rs.captions_of(i), dense.get(p)) for i, p in enumerate(rs.images)]
         else:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from l2c_llava.data.images import load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_karpathy, read_long_captions
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, atomic_write_text
 from l2c_llava.stage2.cache import CacheError, TextFeatureCache
 from l2c_llava.stage2.retrieval import recall_at_k
@@ -54,12 +55,12 @@ class BaselineCLIP:
 
         folder = Path(resolve_vision_path(str(folder)))
         if not (folder / "config.json").is_file():
-            raise ValueError(
+            raise InputError(
                 f"baseline CLIP {folder}: no config.json (a transformers CLIPModel folder is expected)"
             )
         cfg = AutoConfig.from_pretrained(folder)
         if cfg.model_type != "clip":
-            raise ValueError(f"baseline CLIP {folder} is a {cfg.model_type!r} model; the baseline needs a CLIPModel "
+            raise InputError(f"baseline CLIP {folder} is a {cfg.model_type!r} model; the baseline needs a CLIPModel "
                              "folder with its text tower and tokenizer (e.g. openai/clip-vit-large-patch14-336)")  # fmt: skip
         self.model = CLIPModel.from_pretrained(folder).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -103,7 +104,7 @@ def load_sets(cfg) -> dict[str, RetrievalSet]:
     if d.eval_long:
         sets["long"] = read_long_captions(d.eval_long, d.eval_image_root, image_check="exists")
     if not sets:
-        raise ValueError("no retrieval test set: set data.eval_short and/or data.eval_long")
+        raise InputError("no retrieval test set: set data.eval_short and/or data.eval_long")
     return sets
 
 

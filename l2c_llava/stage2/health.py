@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava.data.scenes import COLOURS, SHAPES
+from l2c_llava.errors import InputError, MissingFileError
 
 CELLS = 9
 
@@ -34,7 +35,7 @@ def embedding_health(emb: torch.Tensor) -> dict:
     """emb [N, D] -> median cosine between different rows, and the variance share of the top
     principal direction (of the L2-normalised rows, centred)."""
     if emb.shape[0] < 3:
-        raise ValueError(f"embedding health needs at least 3 images, got {emb.shape[0]}")
+        raise InputError(f"embedding health needs at least 3 images, got {emb.shape[0]}")
     e = F.normalize(emb.float(), dim=-1)
     sims = e @ e.T
     off = sims[~torch.eye(len(e), dtype=torch.bool)]
@@ -198,7 +199,7 @@ def health_summary(h: dict) -> str:
 def read_scenes(data: str | os.PathLike) -> list[dict]:
     path = Path(data) / "scenes.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path}: not found; encoder health needs a synthetic dataset's ground truth (l2c data synth)"
         )
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -222,7 +223,7 @@ def encoder_health(
     train = [r for r in rows if r["split"] == "train"][:train_scenes]
     test = [r for r in rows if r["split"] == "test"][:test_scenes]
     if len(train) < 10 or len(test) < 10:
-        raise ValueError(f"{data}: encoder health needs at least 10 train and 10 test scenes "
+        raise InputError(f"{data}: encoder health needs at least 10 train and 10 test scenes "
                          f"(has {len(train)} and {len(test)})")  # fmt: skip
     tower = load_vision_tower(str(tower_path))
     images = [Path(data) / "images" / r["image"] for r in train + test]

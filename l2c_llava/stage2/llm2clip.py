@@ -193,7 +193,7 @@ class LLM2CLIP:
     def get_text_features_from_llm(self, llm_features: torch.Tensor) -> torch.Tensor:
         """Adapter on LLM caption features (e.g. from a text feature cache) -> [B, projection_dim]."""
         if llm_features.shape[-1] != self.text_dim:
-            raise ValueError(f"text features of dimension {llm_features.shape[-1]}; the adapter of {self.source} "
+            raise LLM2CLIPLoadError(f"text features of dimension {llm_features.shape[-1]}; the adapter of {self.source} "
                              f"takes {self.text_dim} (features of the text encoder it was trained with: "
                              f"{self.text_encoder_ref.get('path')})")  # fmt: skip
         return self.model.get_text_features(llm_features.to(self.device, torch.float32))
@@ -226,7 +226,9 @@ class LLM2CLIP:
 
     # -- saving ------------------------------------------------------------------------------------
 
-    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
+    def save_pretrained(
+        self, out_dir: str | os.PathLike, overwrite: bool = False, card: str | None = None
+    ) -> Path:
         """The whole model in the release layout (+ our llm2clip block and preprocessor config, and
         `card` as its README.md), written to a temporary folder, loaded back and compared, then moved
         into place."""
