@@ -89,7 +89,8 @@ def _autocast(device):
 def bench_stage2(device, tiny: bool, batch: int) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
+    from l2c_llava.losses import clip_loss
+    from l2c_llava.stage2.model import LLM2CLIPModel
 
     if tiny:
         vc = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -25,9 +25,9 @@ def image_use(
     from l2c_llava.data.readers import read_llava_json
     from l2c_llava.mllm.build import num_image_tokens
     from l2c_llava.mllm.data import Collate, LlavaDataset
-    from l2c_llava.mllm.export import _load_hf
+    from l2c_llava.mllm.export import load_trained_llava
 
-    folder, model, processor = _load_hf(model_dir)
+    folder, model, processor = load_trained_llava(model_dir)
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     template = meta.get("template", "vicuna_v1")
     parsed = read_llava_json(data, image_root, on_bad_row="skip", image_check="exists")

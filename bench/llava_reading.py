@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from l2c_llava.config import load_config
+from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.evaluate import _answers, _correct, read_questions, shifted_images
-from l2c_llava.mllm.train import MllmRecipe, supervised_loss
+from l2c_llava.mllm.train import MllmRecipe
 from l2c_llava.stats import paired_comparison, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,11 @@ def loss_gap(model, ds, collate, idx: list[int], batch: int = 8) -> dict:
         other.append(supervised_loss(model, b).item())
     model.train()
     m = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-    return {"loss_own": round(m(own), 4), "loss_other": round(m(other), 4), "loss_gap": round(m(other) - m(own), 4)}
+    return {
+        "loss_own": round(m(own), 4),
+        "loss_other": round(m(other), 4),
+        "loss_gap": round(m(other) - m(own), 4),
+    }
 
 
 @torch.no_grad()
@@ -121,7 +126,10 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
             opt.zero_grad(set_to_none=True)
             step += 1
             if step % 5 == 0 or step <= 3:
-                print(f"[{name}] step {step}/{steps} loss {total:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+                print(
+                    f"[{name}] step {step}/{steps} loss {total:.4f} {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
             if step % eval_every == 0 or step == steps:
                 measure(step)
         epoch += 1

@@ -2,7 +2,7 @@
 
 transformers' LLaVA computes the vocabulary logits (and their float32 copy in the loss) at every
 position, though a row supervises only its caption or its answers: the image tokens, the prompt and
-the padding carry no label. ``l2c_llava.mllm.train.supervised_loss`` passes a boolean
+the padding carry no label. ``l2c_llava.losses.supervised_loss`` passes a boolean
 ``logits_to_keep`` mask so the LM head runs on the supervised positions only, with the same loss and
 gradients (tests/test_mllm.py checks them).
 
@@ -30,10 +30,10 @@ def run(data: str = "runs/demo/data", batch: int = 8, steps: int = 4, warmup: in
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from l2c_llava.data.readers import read_llava_json
+    from l2c_llava.losses import _mask_slicing, supervised_loss
     from l2c_llava.mllm.build import build_llava, num_image_tokens
     from l2c_llava.mllm.conversation import IGNORE
     from l2c_llava.mllm.data import Collate, LlavaDataset
-    from l2c_llava.mllm.train import _mask_slicing, supervised_loss
 
     root = Path(data)
     with tempfile.TemporaryDirectory() as tmp:

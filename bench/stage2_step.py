@@ -41,8 +41,9 @@ def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -
     from types import SimpleNamespace
 
     from l2c_llava.embedded import clip_tokenizer
+    from l2c_llava.losses import clip_loss
     from l2c_llava.stage2.clip_baseline import ClipDual, build_clip
-    from l2c_llava.stage2.model import LLM2CLIPModel, clip_loss
+    from l2c_llava.stage2.model import LLM2CLIPModel
 
     torch.set_num_threads(torch.get_num_threads())
     pixels = torch.randn(batch, 3, 224, 224)

@@ -364,7 +364,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_mllm_chat(args: argparse.Namespace) -> int:
-    from l2c_llava.mllm.export import chat, chat_session
+    from l2c_llava.mllm.chat import chat, chat_session
 
     if args.interactive:  # the model stays loaded: one question per line on stdin
         return chat_session(args.model, args.image, args.question, max_new_tokens=args.max_new_tokens)

@@ -447,8 +447,8 @@ class ContrastiveRecipe:
 
         from tqdm.auto import tqdm
 
+        from l2c_llava.losses import clip_loss
         from l2c_llava.runs import prepare_run_dir
-        from l2c_llava.stage2.model import clip_loss
 
         cfg, t = self.cfg, self.cfg.train
         acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)

@@ -83,7 +83,7 @@ class DemoBackend:
     """The models behind the page, loaded once: answers and search hits, without any Gradio."""
 
     def __init__(self, setup: DemoSetup, max_new_tokens: int = 64):
-        from l2c_llava.mllm.export import LlavaChat
+        from l2c_llava.mllm.chat import LlavaChat
 
         if not setup.llavas and not setup.encoders:
             raise DemoError("nothing to show: no LLaVA and no encoder (run `l2c pipeline --config demo`, or give "

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2c_llava.stage2.model import clip_loss
+from l2c_llava.losses import clip_loss
 from l2c_llava.training import contrastive_accumulate
 
 
@@ -73,7 +73,7 @@ def test_dropout_masks_are_replayed_in_the_second_pass():
 def test_stage1_style_features_queries_positives_and_hard_negatives():
     """Stage 1's loss (queries against every positive and hard negative of the whole batch): the same
     equality with three per-row tensors and nothing shared."""
-    from l2c_llava.stage1.loss import hard_negative_nll_loss
+    from l2c_llava.losses import hard_negative_nll_loss
 
     g = torch.Generator().manual_seed(3)
     q, p, n = (torch.randn(12, 10, generator=g) for _ in range(3))

@@ -102,8 +102,8 @@ def artefacts(tmp_path_factory):
 
     from l2c_llava.embedded import smollm2_gguf_path
     from l2c_llava.mllm.build import prepare_tokenizer
+    from l2c_llava.models.llm import local_llm_folder
     from l2c_llava.models.portable import write_portable_tokenizer
-    from l2c_llava.stage1.encoder import local_llm_folder
 
     smol_folder = local_llm_folder(str(smollm2_gguf_path()))
     smol = AutoTokenizer.from_pretrained(smol_folder)

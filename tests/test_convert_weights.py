@@ -53,7 +53,7 @@ def test_names():
 def test_converted_folder_loads_where_the_pickled_one_is_refused(tmp_path, shards):
     from transformers import AutoModelForCausalLM
 
-    from l2c_llava.stage1.encoder import EncoderLoadError, local_llm_folder
+    from l2c_llava.models.llm import EncoderLoadError, local_llm_folder
 
     src, binary = bin_folder(tmp_path, shards)
     assert not list(binary.glob("*.safetensors")) and list(binary.glob("*.bin"))

@@ -92,8 +92,8 @@ def test_stock_transformers_loads_it_and_it_retrieves_held_out_images(heldout):
 
 
 def test_configs_reach_it_by_name():
+    from l2c_llava.models.vision import load_vision_tower
     from l2c_llava.stage2.evaluate import BaselineCLIP
-    from l2c_llava.stage2.train import load_vision_tower
 
     tower = load_vision_tower("embedded:demo-clip")
     assert tower.config.image_size == 224 and tower.config.patch_size == 32

@@ -66,7 +66,7 @@ def test_the_saved_processor_pads_and_names_a_class_every_loader_knows(exported)
 def test_the_pil_backend_is_pinned_where_torchvision_is_installed(monkeypatch, exported):
     from transformers.models.auto import image_processing_auto as auto
 
-    from l2c_llava.mllm.export import _load_hf
+    from l2c_llava.mllm.export import load_trained_llava
     from l2c_llava.mllm.lmms_entry import pin_pil_backend
 
     monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)  # as on a GPU node
@@ -74,7 +74,7 @@ def test_the_pil_backend_is_pinned_where_torchvision_is_installed(monkeypatch, e
     folder, processor = exported
     assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"  # training, build
     assert (
-        type(_load_hf(folder)[2].image_processor).__name__ == "LlavaImageProcessorPil"
+        type(load_trained_llava(folder)[2].image_processor).__name__ == "LlavaImageProcessorPil"
     )  # chat, export, eval-vqa
     assert auto._resolve_backend(None, None, "LlavaImageProcessor") == "torchvision"  # unpinned
     pin_pil_backend()  # lmms-eval's process

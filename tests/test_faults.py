@@ -198,7 +198,7 @@ def test_corrupt_safetensors_tower_names_the_file(tmp_path, capsys):
 
 
 def test_pickle_tower_needs_allow_pickle(tmp_path, monkeypatch):
-    from l2c_llava.stage2.train import VisionTowerError, load_vision_tower
+    from l2c_llava.models.vision import VisionTowerError, load_vision_tower
 
     tower = _tiny_tower(tmp_path / "tower", safe=False)
     assert (tower / "pytorch_model.bin").is_file() and not list(tower.glob("*.safetensors"))

@@ -71,9 +71,9 @@ def test_is_hub_id_tells_ids_from_paths(tmp_path, monkeypatch):
 
 def test_vision_tower_llm_and_baseline_load_from_the_hub_cache(tmp_path, hub):
     from l2c_llava.mllm.build import build_llava
-    from l2c_llava.stage1.encoder import local_llm_folder
+    from l2c_llava.models.llm import local_llm_folder
+    from l2c_llava.models.vision import load_vision_tower
     from l2c_llava.stage2.evaluate import BaselineCLIP
-    from l2c_llava.stage2.train import load_vision_tower
 
     snap_clip = put_in_hub_cache(hub, "openai/clip-tiny", tiny_clip(tmp_path / "clip"))
     snap_llm = put_in_hub_cache(hub, "lmsys/vicuna-tiny", save_tiny_llm(tmp_path / "llm"))
@@ -99,7 +99,7 @@ def test_text_encoder_from_a_hub_id(tmp_path, hub):
 
 
 def test_offline_and_not_cached_is_one_clear_error(hub):
-    from l2c_llava.stage2.train import load_vision_tower
+    from l2c_llava.models.vision import load_vision_tower
 
     with pytest.raises(HubError, match=r"openai/clip-vit-large-patch14-336: HF_HUB_OFFLINE=1.*not in"):
         load_vision_tower("openai/clip-vit-large-patch14-336")

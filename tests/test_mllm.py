@@ -553,8 +553,9 @@ train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_dev
 def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, synth_dir):
     """The LM head on the supervised positions only gives transformers' causal-LM loss and the same
     gradients, for captions (plain) and multi-turn answers with text-only rows (vicuna_v1)."""
+    from l2c_llava.losses import _mask_slicing, supervised_loss
     from l2c_llava.mllm.data import Collate
-    from l2c_llava.mllm.train import MllmRecipe, _mask_slicing, supervised_loss
+    from l2c_llava.mllm.train import MllmRecipe
 
     assert _mask_slicing()  # the transformers this project pins does it; older ones fall back
     for stage in ("pretrain", "finetune"):

@@ -120,10 +120,10 @@ def _keys(folder):
 def test_vision_towers_are_written_under_vision_model_and_both_layouts_load(exported, tmp_path):
     from transformers import CLIPVisionModel
 
+    from l2c_llava.models.vision import load_vision_tower
     from l2c_llava.stage2.export import export_vision_tower
     from l2c_llava.stage2.llm2clip import LLM2CLIP
     from l2c_llava.stage2.model import LLM2CLIPModel
-    from l2c_llava.stage2.train import load_vision_tower
 
     tower = tiny_vision().eval()
     new = export_vision_tower(tower, tmp_path / "vision-export")

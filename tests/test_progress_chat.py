@@ -30,14 +30,14 @@ def test_stage1_shows_the_evaluations_and_the_save(tmp_path, tiny_base, synth_di
 
 
 def test_interactive_chat_loads_once_and_answers_every_line(tmp_path, parts, synth_dir, capsys, monkeypatch):  # noqa: F811
-    import l2c_llava.mllm.export as export
+    import l2c_llava.mllm.chat as chat_module
 
     model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
     save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     images = sorted((synth_dir / "images").rglob("*.jpg"))[:2]
     loads = []
-    real = export._load_hf
-    monkeypatch.setattr(export, "_load_hf", lambda d: (loads.append(d), real(d))[1])
+    real = chat_module.load_trained_llava
+    monkeypatch.setattr(chat_module, "load_trained_llava", lambda d: (loads.append(d), real(d))[1])
     monkeypatch.setattr(
         "sys.stdin",
         io.StringIO(f"what colour ?\n/image {images[1]}\nhow many ?\n/image\ntext only\n\nnot read\n"),
@@ -46,7 +46,7 @@ def test_interactive_chat_loads_once_and_answers_every_line(tmp_path, parts, syn
                  "--interactive", "what shapes ?"]) == 0  # fmt: skip
     answers = capsys.readouterr().out.splitlines()
     assert len(loads) == 1 and len(answers) == 4  # 4 questions, one load; the line after the empty one unread
-    chat = export.LlavaChat(tmp_path / "a")
+    chat = chat_module.LlavaChat(tmp_path / "a")
     want = [chat.answer(images[0], "what shapes ?", 3), chat.answer(images[0], "what colour ?", 3),
             chat.answer(images[1], "how many ?", 3), chat.answer(None, "text only", 3)]  # fmt: skip
     assert answers == want

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.stage1.cra import cra_captions, top1_accuracy
-from l2c_llava.stage1.loss import hard_negative_nll_loss
 
 
 def reference_loss(q, p, n, scale):

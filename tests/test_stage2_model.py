@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from l2c_llava.stage2.model import LinearBlock, LLM2CLIPModel, TextAdapter, clip_loss
+from l2c_llava.losses import clip_loss
+from l2c_llava.stage2.model import LinearBlock, LLM2CLIPModel, TextAdapter
 from l2c_llava.stage2.retrieval import recall_at_k
 
 

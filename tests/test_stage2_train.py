@@ -10,8 +10,9 @@ from l2c_llava.cli import main
 from l2c_llava.config import load_config
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import write_shards
+from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
-from l2c_llava.stage2.train import LLM2CLIPModel, Stage2Recipe, load_vision_tower, param_groups
+from l2c_llava.stage2.train import LLM2CLIPModel, Stage2Recipe, param_groups
 
 from .test_stage2_cache import FakeEncoder
 from .test_stage2_model import tiny_vision
@@ -259,7 +260,7 @@ def test_export_defaults_to_the_runs_export_dir_and_the_run_reads_as_its_tower(
 ):
     """Stage paths from one layout: `l2c export vision --run RUN` writes to export.dir/vision and an mllm
     config naming RUN as its vision tower reads that folder."""
-    from l2c_llava.stage2.train import load_vision_tower
+    from l2c_llava.models.vision import load_vision_tower
 
     root, vision_dir, encoder, _ = setup
     run, shared = tmp_path / "run", tmp_path / "exports"

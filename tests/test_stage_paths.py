@@ -27,7 +27,7 @@ def fake_run(root: Path, export: str | None = None) -> Path:
 
 @pytest.mark.parametrize("elsewhere", [False, True])
 def test_a_stage2_run_is_read_as_its_exported_tower(tmp_path, elsewhere):
-    from l2c_llava.stage2.train import load_vision_tower
+    from l2c_llava.models.vision import load_vision_tower
 
     run = fake_run(tmp_path, str(tmp_path / "shared" / "exports") if elsewhere else None)
     want = (tmp_path / "shared" / "exports") if elsewhere else run / "export"
@@ -36,7 +36,7 @@ def test_a_stage2_run_is_read_as_its_exported_tower(tmp_path, elsewhere):
 
 
 def test_a_stage2_run_not_exported_says_the_command(tmp_path):
-    from l2c_llava.stage2.train import load_vision_tower
+    from l2c_llava.models.vision import load_vision_tower
 
     run = tmp_path / "s2"
     run.mkdir()

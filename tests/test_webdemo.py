@@ -75,7 +75,7 @@ def test_both_llavas_answer_in_the_browser_and_search_shows_both_encoders(demo_r
     from playwright.sync_api import sync_playwright
 
     from l2c_llava.data.images import load_rgb
-    from l2c_llava.mllm.export import LlavaChat
+    from l2c_llava.mllm.chat import LlavaChat
     from l2c_llava.webdemo import DemoBackend, default_setup, serve
 
     setup = default_setup(demo_run)

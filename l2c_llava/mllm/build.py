@@ -31,6 +31,8 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
+from l2c_llava.models.llm import local_llm_folder
+from l2c_llava.models.vision import llava_image_processor, load_vision_tower
 
 logger = logging.getLogger("l2c_llava.mllm")
 
@@ -106,34 +108,6 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
-def clip_image_processor(size: int, pad: bool = True):
-    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
-    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
-    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
-    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
-    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
-    (processor on the raw image) gets training's pixels."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-                                  do_pad=pad)  # fmt: skip
-
-
-def pil_image_processor(image_processor):
-    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    if isinstance(image_processor, LlavaImageProcessorPil):
-        return image_processor
-    keys = ("size", "crop_size", "image_mean", "image_std", "do_pad", "do_resize", "do_center_crop",
-            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")  # fmt: skip
-    d = image_processor.to_dict()
-    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})
-
-
 def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None,
                    pad: bool = True):  # fmt: skip
     """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
@@ -142,7 +116,7 @@ def make_processor(tokenizer, vision_config, strategy: str = "default", num_quer
     from transformers import LlavaProcessor
 
     size = vision_config.image_size
-    image_processor = clip_image_processor(size, pad)
+    image_processor = llava_image_processor(size, pad)
     if num_queries:
         patch, extra, strategy = size, num_queries, "default"
     else:
@@ -200,9 +174,6 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
     qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
     and the model is a ``LlavaWithConnector``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
-
-    from l2c_llava.stage1.encoder import local_llm_folder
-    from l2c_llava.stage2.train import load_vision_tower
 
     if projector_type not in PROJECTORS and projector_type not in CONNECTORS:
         raise BuildError(
@@ -320,7 +291,11 @@ def _plain_image_processor_type(folder: Path) -> None:
 
 
 def save_llava(
-    model, processor, out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False,
+    model,
+    processor,
+    out_dir: str | os.PathLike,
+    meta: dict | None = None,
+    overwrite: bool = False,
     card: str | None = None,
 ) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from l2c_llava.errors import L2CError
+from l2c_llava.losses import IGNORE_INDEX
 
 IMAGE_TOKEN = "<image>"
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # a label the loss skips (l2c_llava.losses)
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -87,9 +87,9 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
     different file, the same for every question on one image): what the model scores when the image
     carries nothing about the question, and how many answers the real image changed. Accuracy above
     the prior and above the shuffled-image run is what shows the image is used."""
-    from l2c_llava.mllm.export import _load_hf
+    from l2c_llava.mllm.export import load_trained_llava
 
-    folder, model, processor = _load_hf(model_dir)
+    folder, model, processor = load_trained_llava(model_dir)
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     questions = read_questions(questions_path, image_root)[:limit]
     model.eval()

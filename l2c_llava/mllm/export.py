@@ -26,13 +26,14 @@ import torch
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
-from l2c_llava.mllm.build import not_transformers_llava, projector_type_of
+from l2c_llava.mllm.build import BuildError, load_llava, not_transformers_llava, projector_type_of
 from l2c_llava.models.portable import (
     portable_config,
     save_vision_folder,
     tokenizer_source,
     write_portable_tokenizer,
 )
+from l2c_llava.models.vision import pil_image_processor
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
@@ -57,7 +58,9 @@ class LlavaExportError(L2CError, ValueError):
     pass
 
 
-def _load_hf(model_dir: str | os.PathLike):
+def load_trained_llava(model_dir: str | os.PathLike):
+    """(folder, model, processor) of a trained LLaVA: an mllm run folder (its model/) or a transformers
+    LLaVA folder; a pretrain run that saved the projector only, or anything else, is refused with why."""
     from transformers import AutoProcessor
 
     folder = Path(model_dir)
@@ -75,16 +78,12 @@ def _load_hf(model_dir: str | os.PathLike):
         raise LlavaExportError(
             f"{folder}: model_type {cfg.get('model_type')!r}, not a transformers LLaVA model"
         )
-    from l2c_llava.mllm.build import pil_image_processor
-
     processor = AutoProcessor.from_pretrained(folder)
     processor.image_processor = pil_image_processor(processor.image_processor)  # one backend everywhere
     return folder, _loaded(folder), processor
 
 
 def _loaded(folder: Path):
-    from l2c_llava.mllm.build import BuildError, load_llava
-
     try:
         return load_llava(folder)
     except BuildError as e:
@@ -95,7 +94,7 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrit
     from l2c_llava.io import check_output_folder
 
     check_output_folder(out_dir, "llava hf export", overwrite, legacy_marker="l2c_mllm.json")
-    folder, _, _ = _load_hf(model_dir)
+    folder, _, _ = load_trained_llava(model_dir)
     from l2c_llava.cards import write_card
 
     def build(tmp: Path) -> None:
@@ -212,7 +211,7 @@ def export_original(
     from l2c_llava.io import check_output_folder
 
     check_output_folder(out, "llava original export", overwrite)  # before any model loads
-    folder, model, processor = _load_hf(model_dir)
+    folder, model, processor = load_trained_llava(model_dir)
     try:
         not_transformers_llava(model.config, "the original LLaVA format", str(folder))
     except ValueError as e:
@@ -247,84 +246,3 @@ def export_original(
         write_card(tmp, "llava-original", model_dir, name=out.name, body=original_readme(out.name, meta))
 
     return publish_folder(out, build, "llava original export", overwrite)
-
-
-class LlavaChat:
-    """A transformers-format LLaVA loaded once, answering questions about images (greedy), each image
-    padded to square like training: ``l2c mllm chat`` (--interactive keeps it loaded) and ``l2c demo``."""
-
-    def __init__(self, model_dir: str | os.PathLike):
-        self.folder, self.model, self.processor = _load_hf(model_dir)
-        self.model.eval()
-        path = self.folder / "l2c_mllm.json"
-        self.meta = json.loads(path.read_text()) if path.is_file() else {}
-
-    @property
-    def vision_tower(self) -> str:
-        """The vision encoder this LLaVA was built on, as recorded at training (else the config's name)."""
-        return str(self.meta.get("vision_tower") or self.model.config.vision_config._name_or_path or "unknown")
-
-    def answer(self, image: str | os.PathLike | None, question: str, max_new_tokens: int = 64) -> str:
-        from l2c_llava.data.images import load_rgb
-        from l2c_llava.mllm.data import expand2square, mean_colour
-
-        processor = self.processor
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        if self.meta.get("template") == "plain":
-            text = "<image>" if image else ""
-        images = None
-        if image:
-            img = load_rgb(image)
-            if self.meta.get("image_aspect_ratio", "pad") == "pad":
-                img = expand2square(img, mean_colour(processor.image_processor))
-            images = img
-        inputs = processor(images=images, text=text, return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def chat(
-    model_dir: str | os.PathLike, image: str | os.PathLike | None, question: str, max_new_tokens: int = 64
-) -> str:
-    """One answer of a transformers-format LLaVA (greedy), the image padded to square like training."""
-    return LlavaChat(model_dir).answer(image, question, max_new_tokens)
-
-
-def chat_session(model_dir: str | os.PathLike, image: str | os.PathLike | None, first: str | None = None,
-                 max_new_tokens: int = 64, lines=None, out=None) -> int:  # fmt: skip
-    """``l2c mllm chat --interactive``: the model loaded once, then one answer per question line of
-    `lines` (stdin); ``/image PATH`` switches the image (``/image`` alone: none), an empty line or the
-    end of the input stops. A bad image is reported and the session goes on."""
-    import sys
-
-    from l2c_llava.data.images import ImageError
-
-    lines = sys.stdin if lines is None else lines
-    out = sys.stdout if out is None else out
-    tty = hasattr(lines, "isatty") and lines.isatty()
-    session = LlavaChat(model_dir)
-    print(f"loaded {session.folder} (vision encoder: {session.vision_tower}); image: {image or 'none'}. "
-          "One question per line; /image PATH to change the image; an empty line ends.", file=sys.stderr)
-
-    def ask(question: str) -> None:
-        try:
-            print(session.answer(image, question, max_new_tokens), file=out, flush=True)
-        except (ImageError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-
-    if first:
-        ask(first)
-    while True:
-        if tty:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = lines.readline()
-        if not line or not line.strip():
-            return 0
-        line = line.strip()
-        if line == "/image" or line.startswith("/image "):
-            image = line[len("/image") :].strip() or None
-            print(f"image: {image or 'none'}", file=sys.stderr)
-            continue
-        ask(line)

@@ -10,7 +10,6 @@ template), LoRA merged into the weights.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -23,8 +22,8 @@ from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.errors import InputError, MissingFileError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
-from l2c_llava.mllm.conversation import IGNORE
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.training import (
@@ -42,38 +41,6 @@ logger = logging.getLogger("l2c_llava.mllm")
 
 PROJECTOR = "model.multi_modal_projector."
 TOWER = "model.vision_tower."
-
-
-@functools.cache
-def _mask_slicing() -> bool:
-    """Whether this transformers slices hidden states with a boolean ``logits_to_keep`` mask (the
-    LM head then runs on the kept positions only); older 5.x releases keep all of them."""
-    try:
-        from transformers.models.llava.modeling_llava import slice_logits_to_keep
-    except ImportError:
-        return False
-    keep = torch.tensor([[True, False, False], [False, True, True]])
-    try:
-        return tuple(slice_logits_to_keep(torch.zeros(2, 3, 1), keep).shape) == (3, 1)
-    except Exception:  # noqa: BLE001 - any failure means: not supported, use the full logits
-        return False
-
-
-def supervised_loss(model, batch: dict, only_supervised: bool = True) -> torch.Tensor:
-    """Next-token cross-entropy, the mean over the supervised tokens: transformers' causal-LM loss.
-
-    With ``only_supervised`` the LM head (and the float32 logits of the loss) runs only on the
-    positions whose next token carries a label: a LLaVA row supervises its caption or answers, not
-    its 576 image tokens, prompt and padding, so most of the vocabulary projection is skipped
-    (``bench/llava_step.py`` measures it). NaN when no token is supervised, as transformers gives."""
-    labels = batch["labels"]
-    if not (only_supervised and _mask_slicing()):
-        return model(**batch).loss
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits  # (kept positions, vocab)
-    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], ignore_index=IGNORE)
 
 
 def rank_order(order: list[int], batch: int, world: int, rank: int) -> list[int]:

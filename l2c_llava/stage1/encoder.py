@@ -23,31 +23,27 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
-from l2c_llava.errors import InputError, L2CError
+from l2c_llava.embedded import llm_folder
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.models.llm import (
+    EncoderLoadError,
+    EncoderSource,
+    load_llm,
+    merge_adapters,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 SEPARATOR = "!@#$%^&*()"
 POOLINGS = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
-# model_type -> GGUF general.architecture
-SUPPORTED_FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma": "gemma",
-    "phi3": "phi3",
-}
-GGUF_DECODERS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
 ENCODER_META = "l2c_encoder.json"
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ADAPTER_DIR = "adapter"
@@ -61,10 +57,6 @@ _CHAT_WRAP = {
     "Qwen/Qwen2-1.5B-Instruct": "<|im_start|>user\n{text}<|im_end|>",
     "Qwen/Qwen2-7B-Instruct": "<|im_start|>user\n{text}<|im_end|>",
 }
-
-
-class EncoderLoadError(L2CError, ValueError):
-    """A checkpoint that cannot be made into a text encoder; the message says what and how to fix it."""
 
 
 @dataclass
@@ -86,15 +78,6 @@ class EncoderSettings:
             "doc_max_length": self.doc_max_length,
             "skip_instruction": self.skip_instruction,
         }
-
-
-@dataclass
-class EncoderSource:
-    """Where the weights come from: a base (folder / GGUF) and LoRA adapters merged in turn."""
-
-    base: str
-    gguf_file: str | None = None
-    adapters: list[str] = field(default_factory=list)
 
 
 def _eos_suffix(model_type: str, name_or_path: str, tokenizer) -> str | None:
@@ -139,127 +122,6 @@ def lora_targets(model: nn.Module, wanted: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_gguf(path: Path) -> str:
-    """The GGUF file's architecture, or an EncoderLoadError saying why it is not a decoder LLM."""
-    if not path.is_file():
-        raise EncoderLoadError(f"GGUF file not found: {path}")
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is a core dependency
-        raise EncoderLoadError("loading GGUF files needs the `gguf` package (pip install gguf)") from e
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field_ = reader.fields["general.architecture"]
-        arch = bytes(field_.parts[field_.data[0]]).decode()
-    except KeyError:
-        raise EncoderLoadError(
-            f"{path}: GGUF file without general.architecture; cannot tell what model it holds"
-        ) from None
-    except Exception as e:  # not a GGUF file at all
-        raise EncoderLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    if arch not in GGUF_DECODERS:
-        raise EncoderLoadError(
-            f"{path} holds a {arch!r} model, not a supported decoder LLM; "
-            f"supported GGUF architectures: {', '.join(sorted(GGUF_DECODERS))}"
-        )
-    return arch
-
-
-def _check_family(model_type: str, where: str) -> None:
-    if model_type not in SUPPORTED_FAMILIES:
-        raise EncoderLoadError(
-            f"{where}: model family {model_type!r} is not supported as a bidirectional text encoder; "
-            f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
-        )
-
-
-def _resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
-    if isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    if torch_dtype == "auto":
-        return "auto" if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPU
-    return getattr(torch, torch_dtype)
-
-
-def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
-    """A transformers folder for an LLM reference: a folder (checked: config.json and safetensors
-    weights), a .gguf file or the embedded model (converted once into a cached folder)."""
-    folder, gguf_file = llm_folder(name_or_path, gguf_file)
-    if gguf_file:
-        _check_gguf(Path(folder) / gguf_file)
-        return str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
-    p = Path(folder)
-    if not p.is_dir():
-        raise EncoderLoadError(
-            f"model folder not found: {folder} (a transformers folder, a .gguf file or {EMBEDDED_LLM!r})"
-        )
-    if not (p / "config.json").is_file():
-        raise EncoderLoadError(f"{folder} has no config.json: not a transformers model folder")
-    if not any(p.glob("*.safetensors")):
-        found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
-        raise EncoderLoadError(
-            f"{name_or_path} has no *.safetensors weights (found: {found}); pickled .bin weights (Vicuna-7B-v1.5 "
-            f"ships them) are not loaded: `l2c convert weights {name_or_path} OUT` writes a safetensors copy"
-        )
-    return folder
-
-
-def _load_base(source: EncoderSource, *, bidirectional: bool, torch_dtype, attn_implementation: str,
-               trust_remote_code: bool, causal_lm: bool = False, load_in_4bit: bool = False):  # fmt: skip
-    """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file; `load_in_4bit`: NF4
-    base weights on the GPU through bitsandbytes (QLoRA), or a clear error where that cannot run."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    quant: dict[str, Any] = {}
-    if load_in_4bit:
-        from l2c_llava.memory import bnb_4bit_config, require_bitsandbytes
-
-        require_bitsandbytes("QLoRA (4-bit base weights)", "model.load_in_4bit")
-        compute = (
-            torch_dtype
-            if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32
-            else torch.bfloat16
-        )
-        quant = {
-            "quantization_config": bnb_4bit_config(compute),
-            "device_map": {"": torch.cuda.current_device()},
-        }
-    folder = local_llm_folder(source.base, source.gguf_file)
-    config = AutoConfig.from_pretrained(folder, **kwargs)
-    _check_family(config.model_type, source.base)
-    config.is_causal = not bidirectional
-    cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(
-        folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs, **quant
-    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as e:
-        raise EncoderLoadError(f"{folder}: no usable tokenizer ({e})") from None
-    name = getattr(config, "_name_or_path", "") or ""
-    return model, tokenizer, config.model_type, name
-
-
-def _merge_adapters(model, adapters: Sequence[str]):
-    from peft import PeftModel
-
-    for adapter in adapters:
-        p = Path(adapter)
-        if not (p / "adapter_config.json").is_file():
-            raise EncoderLoadError(
-                f"adapter folder {adapter} has no adapter_config.json (a peft LoRA folder is expected)"
-            )
-        if not (p / "adapter_model.safetensors").is_file():
-            other = [x.name for x in p.glob("adapter_model.*")]
-            raise EncoderLoadError(
-                f"adapter folder {adapter} has no adapter_model.safetensors"
-                + (f" (found {', '.join(other)}: convert it to safetensors)" if other else "")
-            )
-        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
-    return model
 
 
 def _read_llm2vec_config(folders: Sequence[str]) -> dict:
@@ -342,11 +204,11 @@ class TextEncoder(nn.Module):
         else:
             source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
         source.adapters = [resolve_model_path(a, "LoRA adapter") for a in source.adapters]
-        model, tokenizer, model_type, name = _load_base(
-            source, bidirectional=bidirectional, torch_dtype=_resolve_dtype(torch_dtype, device),
+        model, tokenizer, model_type, name = load_llm(
+            source, bidirectional=bidirectional, torch_dtype=resolve_dtype(torch_dtype, device),
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
         )  # fmt: skip
-        model = _merge_adapters(model, source.adapters)
+        model = merge_adapters(model, source.adapters)
         folder, _ = llm_folder(source.base, source.gguf_file)
         l2v = _read_llm2vec_config([folder, *source.adapters, path] if saved else [folder, *source.adapters])
         settings = EncoderSettings(**saved.get("settings", {})) if saved else EncoderSettings()

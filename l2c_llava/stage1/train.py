@@ -32,19 +32,13 @@ from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.memory import make_adamw, prepare_for_qlora
+from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
-from l2c_llava.stage1.encoder import (
-    EncoderSource,
-    TextEncoder,
-    _load_base,
-    _merge_adapters,
-    _resolve_dtype,
-    lora_targets,
-)
-from l2c_llava.stage1.loss import hard_negative_nll_loss
+from l2c_llava.stage1.encoder import TextEncoder, lora_targets
 from l2c_llava.training import (
     Checkpoints,
     append_log,
@@ -245,10 +239,10 @@ class Stage1Recipe:
                 t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
             ]
         src = self.base_source()
-        lm, tok, _, _ = _load_base(src, bidirectional=True, torch_dtype=_resolve_dtype(m.torch_dtype, str(acc.device)),
+        lm, tok, _, _ = load_llm(src, bidirectional=True, torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
                                    attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
                                    causal_lm=True, load_in_4bit=m.load_in_4bit)  # fmt: skip
-        lm = _merge_adapters(lm, src.adapters)
+        lm = merge_adapters(lm, src.adapters)
         base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
         head = lm.get_output_embeddings()
         lora = cfg.lora

@@ -52,9 +52,9 @@ def tower_features(
     from tqdm.auto import tqdm
 
     from l2c_llava.data.images import load_rgb
-    from l2c_llava.mllm.build import clip_image_processor
+    from l2c_llava.models.vision import llava_image_processor
 
-    proc = clip_image_processor(tower.config.image_size)
+    proc = llava_image_processor(tower.config.image_size)
     tower.eval()
     pooled, patches = [], []
     with torch.no_grad():
@@ -217,7 +217,7 @@ def encoder_health(
     """Collapse figures on the test split's images and the patch probe (trained on up to
     `train_scenes` of the train split, scored on up to `test_scenes` of the test split) of the CLIP
     vision tower at `tower_path` (a CLIPVisionModel or CLIPModel folder)."""
-    from l2c_llava.stage2.train import load_vision_tower
+    from l2c_llava.models.vision import load_vision_tower
 
     rows = read_scenes(data)
     train = [r for r in rows if r["split"] == "train"][:train_scenes]

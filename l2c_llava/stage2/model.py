@@ -13,13 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2c_llava.distributed import (
-    all_gather_keep_local_grad,
-    all_gather_with_grad,
-    is_distributed,
-    rank_offset,
-)
-
 
 class LinearBlock(nn.Module):
     """Pre-LN residual MLP: x + W2 GELU(W1 LN(x)), hidden width `expansion` x dim. Parameter names as
@@ -122,28 +115,3 @@ class LLM2CLIPModel(nn.Module):
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """Keep exp(s) in [1, max_scale] (the paper clamps s to [0, ln 100] after each step)."""
         self.logit_scale.clamp_(0, math.log(max_scale))
-
-
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = True,
-              gather_with_grad: bool = True) -> torch.Tensor:  # fmt: skip
-    """Symmetric InfoNCE over image/text pairs (row i of each is a pair), open_clip's ClipLoss: with
-    several processes the features of all ranks are the negatives; ``local_loss`` scores only this
-    rank's rows against everything (memory O(local x global)); ``gather_with_grad`` lets gradients
-    flow into the other ranks' rows too."""
-    if is_distributed():
-        gather = all_gather_with_grad if gather_with_grad else all_gather_keep_local_grad
-        all_image, all_text = gather(image), gather(text)
-        if local_loss:
-            lo, _ = rank_offset(image.shape[0], image.device)
-            logits_image = logit_scale * image @ all_text.T
-            logits_text = logit_scale * text @ all_image.T
-            labels = torch.arange(image.shape[0], device=image.device) + lo
-        else:
-            logits_image = logit_scale * all_image @ all_text.T
-            logits_text = logits_image.T
-            labels = torch.arange(all_image.shape[0], device=image.device)
-    else:
-        logits_image = logit_scale * image @ text.T
-        logits_text = logits_image.T
-        labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels)) / 2

@@ -26,8 +26,8 @@ from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
-from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.model import LLM2CLIPModel
 from l2c_llava.training import ContrastiveRecipe
@@ -123,59 +123,6 @@ def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_dec
         {"params": ps, "lr": lr * scale, "lr_scale": scale, "weight_decay": wd}
         for (scale, wd), ps in groups.items()
     ]
-
-
-class VisionTowerError(L2CError, ValueError):
-    """A vision tower folder that cannot be loaded (wrong kind, damaged or pickled weights)."""
-
-
-def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle: bool = False):
-    """A transformers CLIP vision tower from a CLIPVisionModel or CLIPModel folder, refusing others.
-    Weights are read from safetensors only; a folder holding only ``pytorch_model.bin`` (a pickle,
-    which can run code when loaded) needs `allow_pickle`, and is then loaded with ``weights_only=True``.
-    A damaged weight file is reported with its name."""
-    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
-
-    from l2c_llava.embedded import resolve_vision_path
-
-    path = resolve_vision_path(str(path))
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise VisionTowerError(
-            f"vision tower {path}: no config.json (a transformers CLIPVisionModel / CLIPModel folder is expected)"
-        )
-    cfg = AutoConfig.from_pretrained(path)
-    if cfg.model_type not in ("clip", "clip_vision_model"):
-        raise VisionTowerError(f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
-                         "(clip / clip_vision_model)")  # fmt: skip
-    safetensors = sorted(folder.glob("*.safetensors"))
-    pickles = sorted(p.name for p in folder.glob("*.bin"))
-    if not safetensors and pickles and not allow_pickle:
-        raise VisionTowerError(f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
-                         "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
-                         "--allow-pickle if you trust where the file comes from")  # fmt: skip
-    if not safetensors and not pickles:
-        raise VisionTowerError(f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
-                               "weights only is converted by `l2c convert weights SOURCE OUT`")  # fmt: skip
-    if safetensors:
-        from safetensors import safe_open
-
-        for f in safetensors:  # a clear message instead of the loader's SafetensorError
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    st.keys()
-            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
-                raise VisionTowerError(f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
-                                 "is damaged or not safetensors: export or download it again") from None  # fmt: skip
-    elif pickles:
-        logger.warning(
-            "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
-        )
-    cls = CLIPModel if cfg.model_type == "clip" else CLIPVisionModel
-    model = cls.from_pretrained(
-        path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors)
-    )
-    return model.vision_model if cfg.model_type == "clip" else model
 
 
 class Stage2Recipe(ContrastiveRecipe):

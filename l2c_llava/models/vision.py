@@ -1,0 +1,92 @@
+"""CLIP vision towers as every stage uses them: stage 2 fine-tunes one, the LLaVA builder plugs one in,
+the health checks and search read one. :func:`load_vision_tower` takes a CLIPVisionModel or CLIPModel
+folder, a Hub id or the embedded demo CLIP, and refuses anything else with a message saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from safetensors import safe_open
+
+from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from l2c_llava.embedded import resolve_vision_path
+from l2c_llava.errors import L2CError
+
+logger = logging.getLogger(__name__)
+
+
+class VisionTowerError(L2CError, ValueError):
+    """A vision tower folder that cannot be loaded (wrong kind, damaged or pickled weights)."""
+
+
+def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle: bool = False):
+    """A transformers CLIP vision tower from a CLIPVisionModel or CLIPModel folder, refusing others.
+    Weights are read from safetensors only; a folder holding only ``pytorch_model.bin`` (a pickle,
+    which can run code when loaded) needs `allow_pickle`, and is then loaded with ``weights_only=True``.
+    A damaged weight file is reported with its name."""
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+
+    path = resolve_vision_path(str(path))
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise VisionTowerError(
+            f"vision tower {path}: no config.json (a transformers CLIPVisionModel / CLIPModel folder is expected)"
+        )
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type not in ("clip", "clip_vision_model"):
+        raise VisionTowerError(f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
+                         "(clip / clip_vision_model)")  # fmt: skip
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if not safetensors and pickles and not allow_pickle:
+        raise VisionTowerError(f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
+                         "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
+                         "--allow-pickle if you trust where the file comes from")  # fmt: skip
+    if not safetensors and not pickles:
+        raise VisionTowerError(f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
+                               "weights only is converted by `l2c convert weights SOURCE OUT`")  # fmt: skip
+    if safetensors:
+        for f in safetensors:  # a clear message instead of the loader's SafetensorError
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
+                raise VisionTowerError(f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
+                                 "is damaged or not safetensors: export or download it again") from None  # fmt: skip
+    elif pickles:
+        logger.warning(
+            "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
+        )
+    cls = CLIPModel if cfg.model_type == "clip" else CLIPVisionModel
+    model = cls.from_pretrained(
+        path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors)
+    )
+    return model.vision_model if cfg.model_type == "clip" else model
+
+
+def llava_image_processor(size: int, pad: bool = True):
+    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
+    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
+    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
+    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
+    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
+    (processor on the raw image) gets training's pixels."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+                                  do_pad=pad)  # fmt: skip
+
+
+def pil_image_processor(image_processor):
+    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if isinstance(image_processor, LlavaImageProcessorPil):
+        return image_processor
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_pad", "do_resize", "do_center_crop",
+            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")  # fmt: skip
+    d = image_processor.to_dict()
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})
