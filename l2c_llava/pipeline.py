@@ -35,7 +35,7 @@ from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
-from l2c_llava.training import RESUME_FREE
+from l2c_llava.resume import fingerprint_keys, resumable_keys
 
 ENCODERS = ("baseline", "llm2clip")
 
@@ -54,6 +54,7 @@ class Step:
     outputs: list[Path]  # what the step writes; removed when its inputs changed
     done_marker: Path  # exists once the step's work is complete
     fingerprint: str = ""
+    resume_key: str = ""  # the fingerprint without what may change on resume (resume.py)
     upstream: list[str] = field(default_factory=list)
     func: Callable[[], None] | None = None
     launch: list[str] | None = None  # launcher words (accelerate launch ...); None: this Python
@@ -61,10 +62,6 @@ class Step:
 
 def _digest(obj) -> str:
     return hashlib.sha256(dumps_json(obj, indent=None).encode()).hexdigest()
-
-
-def _free(key: str) -> bool:
-    return key in RESUME_FREE or key.split(".")[0] in RESUME_FREE
 
 
 def _file_stats(values, produced: Path | None = None) -> dict:
@@ -83,13 +80,16 @@ def _file_stats(values, produced: Path | None = None) -> dict:
 
 def config_fingerprint(path: str, overrides: list[str], sections: tuple[str, ...] | None = None,
                        keep: tuple[str, ...] = (), produced: Path | None = None) -> dict:  # fmt: skip
-    """The resolved config a step runs under, minus logging-only keys (but the sections in `keep`),
-    plus its input files' stats. `sections` limits it to those top-level sections."""
-    cfg = load_config(path, overrides)
-    flat = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not _free(k) or k.split(".")[0] in keep}
+    """The resolved config a step runs under, minus bookkeeping and the sections read after training
+    (but those in `keep`), plus its input files' stats; `sections` limits it to those top-level
+    sections. Under "resumable": the same without what may change on resume (resume.py), not part of
+    the fingerprint but of the step's resume key."""
+    every = flatten(config_to_dict(load_config(path, overrides)))
     if sections is not None:
-        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
-    return {"config": flat, "files": _file_stats(flat.values(), produced)}
+        every = {k: v for k, v in every.items() if k.split(".")[0] in sections}
+    flat = fingerprint_keys(every, keep)
+    return {"config": flat, "files": _file_stats(flat.values(), produced),
+            "resumable": resumable_keys(every, keep)}  # fmt: skip
 
 
 class Pipeline:
@@ -133,8 +133,11 @@ class Pipeline:
 
         def add(step: Step, fp_obj, upstream: list[str]) -> None:
             step.upstream = upstream
-            step.fingerprint = _digest({"step": step.name, "inputs": fp_obj,
-                                        "upstream": {u: fps[u] for u in upstream}})  # fmt: skip
+            resumable = fp_obj.pop("resumable", None)
+            ups = {u: fps[u] for u in upstream}
+            step.fingerprint = _digest({"step": step.name, "inputs": fp_obj, "upstream": ups})
+            inputs = {**fp_obj, "config": resumable} if resumable is not None else fp_obj
+            step.resume_key = _digest({"step": step.name, "inputs": inputs, "upstream": ups})
             fps[step.name] = step.fingerprint
             steps.append(step)
 
@@ -279,10 +282,13 @@ class Pipeline:
         atomic_write_json(self.state_path, state)
 
     def decide(self, step: Step, state: dict) -> str:
-        """skip (finished, same inputs), resume (started, same inputs), fresh (new or changed inputs)."""
+        """skip (finished, same inputs), resume (started with the same inputs, or with inputs that
+        differ only in what may change on resume, e.g. a raised train.max_steps), fresh (new or changed)."""
         rec = state["steps"].get(step.name)
-        if rec is None or rec.get("fingerprint") != step.fingerprint:
+        if rec is None:
             return "fresh"
+        if rec.get("fingerprint") != step.fingerprint:
+            return "resume" if rec.get("resume_key") == step.resume_key else "fresh"
         if rec.get("status") == "done" and step.done_marker.exists():
             return "skip"
         return "resume"
@@ -331,7 +337,7 @@ class Pipeline:
                     _remove(p)
             echo(f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
                  f"about {_hms(left)} left")  # fmt: skip
-            state["steps"][step.name] = {"fingerprint": step.fingerprint, "status": "running",
+            state["steps"][step.name] = {"fingerprint": step.fingerprint, "resume_key": step.resume_key, "status": "running",
                                          "upstream": step.upstream, "started": time.time(),
                                          "argv": step.argv, "seconds": rec.get("seconds", 0) if decision == "resume" else 0}  # fmt: skip
             self._save_state(state)

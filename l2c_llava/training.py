@@ -23,6 +23,7 @@ import torch
 
 from l2c_llava import trackers
 from l2c_llava.errors import InputError, L2CError
+from l2c_llava.resume import check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -151,30 +152,9 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-# settings that may change between a run and its resume (they do not change what is trained)
-RESUME_FREE = {"run.resume", "run.root", "train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "data.num_workers",
-               "eval", "export"}  # fmt: skip
-
-
 def check_resume_config(run_dir: Path, cfg) -> None:
-    """Refuse to resume checkpoints written under another config (a changed schedule, model or data
-    would silently continue a different run): name the keys that differ."""
-    import yaml
-
-    from l2c_llava.config.core import config_to_dict, flatten
-
-    old_path = Path(run_dir) / "config.yaml"
-    if not Checkpoints(run_dir, 1).all() or not old_path.is_file() or not getattr(cfg.run, "resume", True):
-        return
-    old = yaml.safe_load(old_path.read_text()) or {}
-    new = config_to_dict(cfg)
-    a, b = flatten(old), flatten(new)
-    free = lambda k: k in RESUME_FREE or k.split(".")[0] in RESUME_FREE or k == "run.output_dir"  # noqa: E731
-    differ = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
-    if differ:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:4])
-        raise InputError(f"{run_dir} holds checkpoints of a run with another config ({shown}). Use a new "
-                         "run.output_dir, or run.resume=false to start over there")  # fmt: skip
+    """Refuse to resume checkpoints written under another config, by the one rule (resume.py)."""
+    check_resume(run_dir, cfg, has_checkpoints=bool(Checkpoints(run_dir, 1).all()))
 
 
 def finished_stats(run_dir: Path, start: int, total: int) -> dict | None:

@@ -17,7 +17,6 @@ steps; a re-run with ``run.resume: true`` continues from the last one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
+from l2c_llava.resume import check_resume, flat_config, resume_key, same_run
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
@@ -55,15 +55,8 @@ logger = logging.getLogger("l2c_llava.stage1")
 
 
 def config_digest(cfg: Stage1Config) -> str:
-    """What must not change between a checkpoint and its resume (run bookkeeping excluded)."""
-    d = cfg.model_dump(mode="json")
-    d.pop("run", None)
-    d["train"] = {
-        k: v
-        for k, v in d["train"].items()
-        if k not in ("max_steps", "log_every", "save_every", "keep_checkpoints", "report_to")
-    }
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    """What must not change between a checkpoint and its resume, by the one rule (resume.py)."""
+    return resume_key(flat_config(cfg))
 
 
 class Stage1Recipe:
@@ -121,17 +114,12 @@ class Stage1Recipe:
     # -- the method ------------------------------------------------------------------------------
 
     def finished(self) -> dict | None:
-        """The saved metrics if this exact config already ran to the end in run_dir, else None."""
-        from l2c_llava.config import ConfigError, load_config
-
-        done, saved = self.run_dir / "metrics.json", self.run_dir / "config.yaml"
-        if not (done.is_file() and saved.is_file() and (self.run_dir / "encoder").is_dir()):
+        """The saved metrics if this config (but for bookkeeping: resume.py) already ran to the end in
+        run_dir, else None."""
+        done = self.run_dir / "metrics.json"
+        if not (done.is_file() and (self.run_dir / "encoder").is_dir() and same_run(self.run_dir, self.cfg)):
             return None
-        try:
-            same = load_config(saved) == self.cfg
-        except ConfigError:
-            return None
-        return json.loads(done.read_text()) if same else None
+        return json.loads(done.read_text())
 
     def run(self) -> dict:
         if (previous := self.finished()) is not None:
@@ -141,6 +129,8 @@ class Stage1Recipe:
         cfg = self.cfg
         pairs, test, held_out, general = self.load_data()  # bad rows stop us before any model loads
         handler = None
+        if cfg.run.resume:  # before config.yaml is replaced: its checkpoints were made under the old one
+            check_resume(self.run_dir, cfg, has_checkpoints=bool(Checkpoints(self.run_dir, 1).all()))
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
             handler = self._log_to_file()
@@ -438,7 +428,7 @@ class Stage1Recipe:
             adapter = acc.unwrap_model(encoder).model
             Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
                 step, lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True), opt, sched,
-                extra={"config_digest": config_digest(self.cfg)},
+                extra={"resume_key": config_digest(self.cfg)},
             )  # fmt: skip
         acc.wait_for_everyone()
 
@@ -455,8 +445,11 @@ class Stage1Recipe:
             acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
         )
         state = checkpoints.restore(ck, opt, sched, state)
-        if state.get("config_digest") != config_digest(self.cfg):
-            logger.warning("resumed %s with a config that differs from the one it was made with", ck)
+        if state.get("resume_key", config_digest(self.cfg)) != config_digest(
+            self.cfg
+        ):  # older ones: config.yaml
+            raise InputError(f"{ck} was written under a config that differs from this one in a key that may not "
+                             "change on resume; use a new run.output_dir, or run.resume=false to start over")  # fmt: skip
         return int(state["step"])
 
 

@@ -1,0 +1,113 @@
+"""One rule decides whether a run can resume (resume.py, issue 20), the same in every recipe and in the
+pipeline: raising train.max_steps resumes, a changed training setting is refused with the key named,
+bookkeeping may change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from l2c_llava.config import load_config
+from l2c_llava.errors import InputError
+from l2c_llava.io import atomic_write_json
+from l2c_llava.mllm.train import MllmRecipe
+from l2c_llava.pipeline import load_pipeline
+from l2c_llava.resume import may_change_on_resume, resume_key
+from l2c_llava.stage1.train import Stage1Recipe
+from l2c_llava.stage2.clip_baseline import ClipPretrainRecipe
+from l2c_llava.stage2.train import Stage2Recipe
+
+from .test_clip_baseline import clip_config
+from .test_mllm import mllm_config, parts  # noqa: F401 (a fixture)
+from .test_pipeline import QUICK
+from .test_stage1_train import tiny_base, write_config  # noqa: F401 (a fixture)
+from .test_stage2_train import config as stage2_config
+from .test_stage2_train import setup  # noqa: F401 (a fixture)
+
+
+def test_the_rule():
+    for key in ("run.resume", "run.root", "run.output_dir", "train.log_every", "train.save_every",
+                "train.keep_checkpoints", "train.report_to", "data.num_workers", "train.max_steps", "train.epochs",
+                "eval.batch_size", "export.dir"):  # fmt: skip
+        assert may_change_on_resume(key), key
+    for key in ("train.lr", "train.batch_size", "train.schedule", "model.name_or_path", "data.train", "run.seed",
+                "lora.r", "vision.name_or_path"):  # fmt: skip
+        assert not may_change_on_resume(key), key
+    assert resume_key({"train.max_steps": 2, "train.lr": 1.0}) == resume_key(
+        {"train.max_steps": 9, "train.lr": 1.0}
+    )
+    assert resume_key({"train.lr": 1.0}) != resume_key({"train.lr": 2.0})
+
+
+def _longer_then_changed(make, steps_of, longer=3, changed="train.lr=0.0007", key="train.lr"):
+    """`make(extra)` -> a recipe on one run folder: 2 steps, then `longer` (resumes), then a changed key."""
+    assert steps_of(make(["train.max_steps=2"]).run()) == 2
+    assert steps_of(make([f"train.max_steps={longer}", "train.log_every=2"]).run()) == longer
+    with pytest.raises(InputError, match=rf"another config.*{key}|{key}.*another config|may not change"):
+        make([f"train.max_steps={longer}", changed]).run()
+    assert steps_of(make([f"train.max_steps={longer}", changed, "run.resume=false"]).run()) == longer
+
+
+def test_stage1(tmp_path, tiny_base, synth_dir):  # noqa: F811
+    path = write_config(tmp_path, tiny_base, synth_dir, tmp_path / "run")
+    common = ["eval.cra=false", "data.eval=null", "data.eval_pairs=null", "eval.causal_baseline=false"]
+
+    def make(extra):
+        return Stage1Recipe(load_config(path, [*common, *extra]))
+
+    _longer_then_changed(make, lambda m: m["train"]["steps"])
+    log = [json.loads(x)["step"] for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+    # a finished run of the same config (but for bookkeeping) is reused as it is
+    assert make(["train.max_steps=3", "train.lr=0.0007", "train.log_every=5"]).finished() is not None
+    assert make(["train.max_steps=4", "train.lr=0.0007"]).finished() is None
+
+
+def test_stage2(tmp_path, setup, synth_dir):  # noqa: F811
+    root, vision_dir, encoder, _ = setup
+    _longer_then_changed(
+        lambda extra: Stage2Recipe(
+            stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "r", extra)
+        ),
+        lambda stats: stats["steps"],
+    )
+
+
+def test_clip_baseline(tmp_path, synth_dir):
+    _longer_then_changed(
+        lambda extra: ClipPretrainRecipe(clip_config(tmp_path, synth_dir, tmp_path / "c", extra)[1]),
+        lambda stats: stats["steps"],
+    )
+
+
+def test_llava(tmp_path, parts, synth_dir):  # noqa: F811
+    _longer_then_changed(
+        lambda extra: MllmRecipe(
+            mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "m", extra)[1]
+        ),
+        lambda stats: stats["steps"],
+    )
+
+
+def test_pipeline_resumes_a_step_whose_run_got_longer(tmp_path):
+    out = tmp_path / "p"
+    pipe = load_pipeline(QUICK, [f"run.output_dir={out}"])
+    steps = {}
+    for s in pipe.steps:
+        s.done_marker.parent.mkdir(parents=True, exist_ok=True)
+        s.done_marker.touch()
+        steps[s.name] = {"fingerprint": s.fingerprint, "resume_key": s.resume_key, "status": "done"}
+    atomic_write_json(out / "pipeline" / "state.json", {"steps": steps})
+
+    def plan(*overrides):
+        return load_pipeline(QUICK, [f"run.output_dir={out}", *overrides]).run(
+            dry_run=True, echo=lambda *_: None
+        )
+
+    assert set(plan().values()) == {"skip"}
+    longer = plan("stage2.overrides=[train.max_steps=9]")
+    assert longer["stage2"] == "resume" and longer["text_cache"] == "skip" and longer["retrieval"] == "fresh"
+    assert plan("stage2.overrides=[train.lr=0.0003]")["stage2"] == "fresh"
+    assert plan("stage1.overrides=[train.max_steps=9]")["stage1"] == "resume"
+    assert plan("mllm.pretrain.overrides=[train.max_steps=9]")["pretrain_baseline"] == "resume"
