@@ -449,3 +449,18 @@ def hits_table(panels: list[tuple[str, SearchIndex, list[dict]]]) -> str:
             lines.append(f"| {r + 1} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def query_indexes(index: str | os.PathLike, texts: Sequence[str] = (), images: Sequence[str] = (), k: int = 5,
+                  compare: Sequence[str] = (), encoder: str | None = None,
+                  text_encoder: str | None = None) -> list[tuple[str, SearchIndex, list[dict]]]:  # fmt: skip
+    """``l2c search query``: the same queries on `index` and on each `compare` index, each through the
+    encoder it records (`encoder` / `text_encoder` override the first one's). One panel per index:
+    (title, index, results)."""
+    panels = []
+    for i, folder in enumerate([index, *compare]):
+        idx = SearchIndex(folder)
+        path = (encoder if i == 0 else None) or idx.encoder["path"]
+        enc = Encoder(path, text_encoder=text_encoder if i == 0 else None)
+        panels.append((f"{enc.kind}: {Path(folder).name}", idx, run_queries(idx, enc, texts, images, k=k)))
+    return panels

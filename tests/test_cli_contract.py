@@ -4,6 +4,8 @@ exits 2 with its message, and a plain bug is not reported as bad input."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import l2c_llava.cli as cli
@@ -66,12 +68,20 @@ def test_an_override_reaches_the_config_before_anything_loads(path, tmp_path, mo
 
 
 def test_an_l2c_error_exits_2_with_its_message_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_cmd_ls", lambda args: (_ for _ in ()).throw(InputError("file X: do Y")))
+    monkeypatch.setitem(
+        cli.COMMANDS,
+        "ls",
+        replace(cli.COMMANDS["ls"], run=lambda args: (_ for _ in ()).throw(InputError("file X: do Y"))),
+    )
     assert main(["ls"]) == 2
     assert capsys.readouterr().err.strip() == "l2c ls: file X: do Y"
     for bug in (ValueError("a bug"), RuntimeError("a bug"), FileExistsError("a bug"), TypeError("a bug")):
         assert not isinstance(bug, L2CError)
-        monkeypatch.setattr(cli, "_cmd_ls", lambda args, bug=bug: (_ for _ in ()).throw(bug))
+        monkeypatch.setitem(
+            cli.COMMANDS,
+            "ls",
+            replace(cli.COMMANDS["ls"], run=lambda args, bug=bug: (_ for _ in ()).throw(bug)),
+        )
         with pytest.raises(type(bug)):
             main(["ls"])
 
@@ -94,3 +104,9 @@ def test_every_error_class_of_the_package_derives_from_l2c_error():
                 found.append(obj)
                 assert issubclass(obj, L2CError), f"{m.name}.{name} does not derive from L2CError"
     assert len(found) >= 20
+
+
+def test_the_command_table_is_the_parser():
+    leaves = {path for path, p in walk(build_parser()) if path and not subcommands(p)}
+    assert leaves == set(cli.COMMANDS)
+    assert {path for path, c in cli.COMMANDS.items() if c.config} == set(CONFIG_COMMANDS)

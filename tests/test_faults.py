@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,18 @@ def test_module_errors_share_the_base_and_keep_their_builtin_type():
 def test_cli_prints_an_l2c_error_with_exit_2_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
     import l2c_llava.cli as cli
 
-    monkeypatch.setattr(cli, "_cmd_ls", lambda args: (_ for _ in ()).throw(OutputError("X: do Y")))
+    monkeypatch.setitem(
+        cli.COMMANDS,
+        "ls",
+        replace(cli.COMMANDS["ls"], run=lambda args: (_ for _ in ()).throw(OutputError("X: do Y"))),
+    )
     assert main(["ls"]) == 2
     assert capsys.readouterr().err.strip() == "l2c ls: X: do Y"
-    monkeypatch.setattr(cli, "_cmd_ls", lambda args: (_ for _ in ()).throw(KeyError("bug")))
+    monkeypatch.setitem(
+        cli.COMMANDS,
+        "ls",
+        replace(cli.COMMANDS["ls"], run=lambda args: (_ for _ in ()).throw(KeyError("bug"))),
+    )
     with pytest.raises(KeyError):
         main(["ls"])
 

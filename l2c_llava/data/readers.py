@@ -617,3 +617,18 @@ def read_llava_json(
                                     [(r.row, r.id) for r in kept if isinstance(data[int(r.row.split()[-1])], dict)
                                      and "id" in data[int(r.row.split()[-1])]])  # fmt: skip
     return loaded
+
+
+def check_file(path: str | os.PathLike, fmt: str, image_root: str | os.PathLike | None = None, split: str = "test",
+               image_check: str = "decode") -> tuple[int, list, int, list[str]]:  # fmt: skip
+    """``l2c data check``: read a data file of format pairs / karpathy / long / llava skipping bad rows.
+    Returns (good rows, the bad rows' problems, rows in all, warnings)."""
+    if fmt in ("pairs", "llava"):
+        read = read_caption_pairs if fmt == "pairs" else read_llava_json
+        res = read(path, image_root, on_bad_row="skip", image_check=image_check)
+        return len(res), res.skipped, res.total, list(getattr(res, "warnings", []))
+    if fmt == "karpathy":
+        rs = read_karpathy(path, image_root, split=split, on_bad_row="skip", image_check=image_check)
+    else:
+        rs = read_long_captions(path, image_root, on_bad_row="skip", image_check=image_check)
+    return len(rs.images), rs.skipped, len(rs.images) + len(rs.skipped), []

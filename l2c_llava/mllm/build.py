@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import L2CError
-from l2c_llava.io import publish_folder
+from l2c_llava.config.schemas import LLMSection
+from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
 from l2c_llava.models.llm import local_llm_folder
@@ -331,3 +332,22 @@ def save_llava(
             raise BuildError(f"the saved LLaVA folder does not load back cleanly: {e}") from None
 
     return publish_folder(out_dir, build, LLAVA_KIND, overwrite, legacy_marker=META)
+
+
+def build_and_save(vision: str, llm: str, out: str | os.PathLike, *, dtype: str = "llm", allow_pickle: bool = False,
+                   overwrite: bool = False):  # fmt: skip
+    """``l2c mllm build``: a LLaVA-1.5 (vicuna_v1 template, padded images) from a vision tower and an LLM
+    reference, saved to `out` (refused before any model loads if `out` holds something else).
+    Returns (model, folder)."""
+    check_output_folder(out, LLAVA_KIND, overwrite, legacy_marker=META)
+    model, processor = build_llava(
+        vision, LLMSection(name_or_path=llm), allow_pickle=allow_pickle, torch_dtype=dtype
+    )
+    meta = {
+        "stage": "built",
+        "template": "vicuna_v1",
+        "image_aspect_ratio": "pad",
+        "vision_tower": vision,
+        "llm": llm,
+    }
+    return model, save_llava(model, processor, out, overwrite=overwrite, meta=meta)

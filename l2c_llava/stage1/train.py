@@ -461,6 +461,23 @@ class _nullcontext:
         return False
 
 
+def evaluate_encoder(
+    cfg: Stage1Config, encoder: str | None = None, base: bool = False, causal: bool = False
+) -> dict:
+    """``l2c stage1 eval``: CRA and short<->long top-1 on the config's eval sets, of the run's encoder
+    (or the folder `encoder`, or with `base` the untuned LLM), bidirectional unless `causal`."""
+    recipe = Stage1Recipe(cfg)
+    _, test, held_out, _ = recipe.load_data()
+    if base:
+        model = recipe.load_encoder()
+    else:
+        path = encoder or str(Path(cfg.run.output_dir) / "encoder")
+        model = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
+                                            attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+    model.set_bidirectional(not causal)
+    return recipe.evaluate(model, test, held_out, "eval")
+
+
 def run_stage1(cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Entry point of ``l2c stage1``."""
     logger.debug("resolved config:\n%s", dump_config(cfg))

@@ -32,7 +32,10 @@ import torch
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
+from l2c_llava.data.webdataset import expand_shards, scan_shards
 from l2c_llava.models.hub import resolve_model_path
+from l2c_llava.stage1.encoder import TextEncoder  # the frozen stage-1 encoder: a model, not its training
 
 logger = logging.getLogger(__name__)
 
@@ -329,8 +332,6 @@ def build_cache(
 
 
 def _default_loader(encoder_path):
-    from l2c_llava.stage1.encoder import TextEncoder
-
     return TextEncoder.from_pretrained(encoder_path)
 
 
@@ -340,3 +341,47 @@ def pair_captions(pairs) -> list[str]:
     for p in pairs:
         out += [p.short, p.long]
     return out
+
+
+def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> dict:
+    """``l2c stage2 cache``: every caption set of a stage-2 config (train; eval_short / eval_long when
+    set) embedded once by the frozen encoder (loaded only if a set needs it). A webdataset's bad
+    samples are listed in the train cache's bad_samples.json (training leaves them out).
+    Returns {set: {rows, dim, shards}}."""
+    d, te, c = cfg.data, cfg.text_encoder, cfg.cache
+    scan = None
+    if d.format == "webdataset":
+        scan = scan_shards(expand_shards(d.train), short_key=d.short_key, long_key=d.long_key,
+                           image_check=d.image_check, on_bad_row=d.on_bad_row)  # fmt: skip
+        if scan.bad:  # on_bad_row=skip: training leaves these samples out
+            warn(f"{len(scan.bad)} bad sample(s) of {scan.samples} skipped "
+                 f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})")  # fmt: skip
+        sets = {"train": scan.captions}
+    else:
+        pairs = read_caption_pairs(
+            d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+        )
+        sets = {"train": pair_captions(pairs)}
+    root = d.eval_image_root or "."
+    if d.eval_short:
+        sets["eval_short"] = read_karpathy(
+            d.eval_short, root, split=d.eval_split, image_check="none"
+        ).captions
+    if d.eval_long:
+        sets["eval_long"] = read_long_captions(d.eval_long, root, image_check="none").captions
+    encoder = None
+
+    def load():
+        nonlocal encoder
+        if encoder is None:
+            encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length)
+        return encoder
+
+    summary = {}
+    for name, captions in sets.items():
+        cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
+                            dtype=c.dtype, batch_size=te.batch_size, overwrite=overwrite, load_encoder=load)  # fmt: skip
+        summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
+        if name == "train" and scan is not None:
+            atomic_write_json(cache.folder / "bad_samples.json", scan.bad)
+    return summary
