@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from l2c_llava.errors import L2CError
 from l2c_llava.config.schemas import LLMSection
+from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
