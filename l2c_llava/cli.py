@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l2c_llava import layout
 from l2c_llava.cli_help import document, version
 from l2c_llava.config import ConfigError, dump_config, load_config
 from l2c_llava.errors import EXIT_BAD_INPUT, InputError, L2CError
@@ -216,7 +217,7 @@ def _cmd_export(args) -> int:
     from l2c_llava.stage2 import export
 
     out = args.out or str(
-        export.export_dir(args.run) / args.export_command
+        layout.export_dir(args.run) / args.export_command
     )  # the run's export.dir/vision|llm2clip
     if args.export_command == "vision":
         out = export.export_vision(args.run, out, overwrite=args.overwrite)

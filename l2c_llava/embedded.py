@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from l2c_llava.errors import InputError, MissingFileError
+from l2c_llava.layout import exported_tower, is_stage2_run
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_CLIP = "embedded:demo-clip"
@@ -96,15 +97,13 @@ def _check_digest(path: Path, expected: str) -> None:
 def resolve_vision_path(name_or_path: str) -> str:
     """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; a Hub id
     (``openai/clip-vit-large-patch14-336``) its snapshot in the Hugging Face cache; a stage-2 run
-    folder its exported tower (``l2c_llava.stage2.export.exported_tower``); a folder stays."""
+    folder its exported tower (``l2c_llava.layout.exported_tower``); a folder stays."""
     from l2c_llava.models.hub import resolve_model_path
 
     if name_or_path == EMBEDDED_CLIP:
         return str(demo_clip_path())
     if name_or_path.startswith("embedded:"):
         raise InputError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
-    from l2c_llava.stage2.export import exported_tower, is_stage2_run
-
     if is_stage2_run(name_or_path):  # a stage-2 run folder: its exported tower, by the one layout
         return str(exported_tower(name_or_path))
     return resolve_model_path(name_or_path, "vision model")

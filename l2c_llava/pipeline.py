@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l2c_llava import layout as L
 from l2c_llava.config import load_config
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
@@ -153,20 +154,20 @@ class Pipeline:
                           "--val-fraction", str(c.data.synth_val_fraction),
                           "--test-fraction", str(c.data.synth_test_fraction)]  # fmt: skip
             add(
-                Step("data", "embedded dataset", argv, [D], D / "manifest.json"),
+                Step("data", "embedded dataset", argv, [D], D / L.MANIFEST),
                 {"synth": c.data.model_dump()},
                 [],
             )
             data_up = ["data"]
         elif D is not None:
-            manifest = D / "manifest.json"
+            manifest = D / L.MANIFEST
             if not manifest.is_file():
                 raise PipelineError(f"data.dir {D}: no manifest.json (the embedded dataset's layout; "
                                     "`l2c data synth` writes one)")  # fmt: skip
 
         # stage 1
         s1 = c.stage1
-        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data({"data.train": "captions/train.jsonl", "data.eval": "retrieval/karpathy.json", "data.eval_pairs": "captions/test.jsonl"})  # fmt: skip
+        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data({"data.train": L.CAPTION_PAIRS["train"], "data.eval": L.RETRIEVAL_SHORT, "data.eval_pairs": L.CAPTION_PAIRS["test"]})  # fmt: skip
         add(Step("stage1", "stage 1: LLM -> caption encoder", l2c + ["stage1", "--config", s1.config, *ov],
                  [out / "stage1"], out / "stage1" / "metrics.json", launch=s1.launch),
             fp(s1.config, ov, keep=("eval",)), data_up)  # fmt: skip
@@ -174,7 +175,7 @@ class Pipeline:
         # baseline
         if c.baseline.clip is not None:
             b = c.baseline.clip
-            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data({"data.train": "retrieval/karpathy.json", "data.image_root": "images"})  # fmt: skip
+            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data({"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES})  # fmt: skip
             add(Step("baseline", "baseline CLIP trained from scratch", l2c + ["clip", "pretrain", "--config", b.config, *ov],
                      [out / "clip"], out / "clip" / "model" / "config.json", launch=b.launch),
                 fp(b.config, ov), data_up)  # fmt: skip
@@ -191,7 +192,7 @@ class Pipeline:
         # stage 2
         s2 = c.stage2
         ov2 = [*s2.overrides, f"run.output_dir={out / 'stage2'}", f"text_encoder.path={out / 'stage1' / 'encoder'}",
-               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data({"data.train": "captions/train.jsonl", "data.image_root": "images", "data.eval_short": "retrieval/karpathy.json", "data.eval_long": "retrieval/long_test.json", "data.eval_image_root": "images"})  # fmt: skip
+               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data({"data.train": L.CAPTION_PAIRS["train"], "data.image_root": L.IMAGES, "data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG, "data.eval_image_root": L.IMAGES})  # fmt: skip
         add(Step("text_cache", "stage 2: text feature cache", l2c + ["stage2", "cache", "--config", s2.config, *ov2],
                  [out / "text_features"], out / "text_features" / "train" / "manifest.json"),
             fp(s2.config, ov2, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
@@ -222,12 +223,12 @@ class Pipeline:
             vt, vt_up = towers[enc]
             m = out / "mllm" / enc
             pre, fin = c.mllm.pretrain, c.mllm.finetune
-            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data({"data.path": "llava/pretrain.json", "data.image_root": "images"})  # fmt: skip
+            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data({"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES})  # fmt: skip
             add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector",
                      l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json", launch=pre.launch),
                 fp(pre.config, ovp), [*vt_up, *data_up])  # fmt: skip
             ovf = [*fin.overrides, f"run.output_dir={m / 'finetune'}", f"model.vision_tower={vt}",
-                   f"model.init_from={m / 'pretrain'}"] + with_data({"data.path": "llava/instruct.json", "data.image_root": "images"})  # fmt: skip
+                   f"model.init_from={m / 'pretrain'}"] + with_data({"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES})  # fmt: skip
             add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune",
                      l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json", launch=fin.launch),
                 fp(fin.config, ovf), [f"pretrain_{enc}"])  # fmt: skip
@@ -242,7 +243,7 @@ class Pipeline:
                 argv += ["--task-limit", f"{task}={n}"]
             add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], ev / "results.json"),
                 {"eval": {**e.model_dump(), "data": eval_data},
-                 "files": _file_stats([eval_data and str(Path(eval_data) / "manifest.json")], out)}, [f"finetune_{enc}"])  # fmt: skip
+                 "files": _file_stats([eval_data and str(Path(eval_data) / L.MANIFEST)], out)}, [f"finetune_{enc}"])  # fmt: skip
 
         add(Step("report", "report", None, [out / "report.md", out / "plots"], out / "report.md", func=self._report),
             {"scale": c.scale}, [s.name for s in steps])  # fmt: skip

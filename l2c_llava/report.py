@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from l2c_llava import layout as L
 from l2c_llava.io import atomic_write_json, atomic_write_text
 
 ENCODERS = ("baseline", "llm2clip")
@@ -98,7 +99,7 @@ def _prior_hits(out: Path, vqa: list[dict]) -> list[bool]:
     question's type, from the LLaVA training JSON) is right."""
     from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
 
-    train = out / "data" / "llava" / "instruct.json"
+    train = out / "data" / L.LLAVA_INSTRUCT
     if not vqa or not train.is_file():
         return []
     prior = prior_answers(train, vqa)
@@ -346,7 +347,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     md += [f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
            f"Config `{state.get('config', '?')}`" + (f" with `{' '.join(state['overrides'])}`" if state.get("overrides") else "")
            + ". Every number below is read from the files the steps wrote.", ""]  # fmt: skip
-    manifest = _read(out / "data" / "manifest.json")
+    manifest = _read(out / "data" / L.MANIFEST)
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
         clip = (

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from l2c_llava.stage2.export import ExportError, export_dir
+from l2c_llava.layout import NotExportedError, export_dir
 from tests.conftest import ROOT
 
 
@@ -41,7 +41,7 @@ def test_a_stage2_run_not_exported_says_the_command(tmp_path):
     run = tmp_path / "s2"
     run.mkdir()
     (run / "config.yaml").write_text("recipe: stage2\n")
-    with pytest.raises(ExportError, match=f"l2c export vision --run {run}"):
+    with pytest.raises(NotExportedError, match=f"l2c export vision --run {run}"):
         load_vision_tower(str(run))
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from l2c_llava import layout as L
 from l2c_llava.data import captions as C
 from l2c_llava.data.scenes import COLOURS, SHAPES, Scene, render_scene, sample_scene
 from l2c_llava.errors import InputError, OutputExistsError
@@ -137,7 +138,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     options.validate()
     out = Path(out_dir)
     wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
-    manifest_path = out / "manifest.json"
+    manifest_path = out / L.MANIFEST
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
@@ -159,7 +160,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    (partial / "images").mkdir(parents=True)
+    (partial / L.IMAGES).mkdir(parents=True)
 
     n = options.images
     scenes = [
@@ -172,7 +173,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     payload = [{"index": s.index, "background": asdict(s.background), "groups": [asdict(g) for g in s.groups]}
                for s in scenes]  # fmt: skip
     chunk = max(1, min(64, n // (workers * 4) or 1))
-    jobs = [(payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / "images"))
+    jobs = [(payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / L.IMAGES))
             for i in range(0, n, chunk)]  # fmt: skip
     bar = tqdm(total=n, desc="drawing images", unit="img", disable=not progress)
     boxes: dict[int, list] = {}
@@ -219,7 +220,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
 
     # caption pairs (stages 1 and 2)
     for name in ("train", "val", "test"):
-        atomic_write_jsonl(partial / "captions" / f"{name}.jsonl",
+        atomic_write_jsonl(partial / L.CAPTION_PAIRS[name],
                            ({"image": r["image"], "short": r["short"], "long": r["long"]} for r in split_rows(name)))  # fmt: skip
 
     # Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json)
@@ -233,12 +234,12 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": r["split"],
                        "sentids": [x["sentid"] for x in sents], "sentences": sents, "cocoid": r["index"]})  # fmt: skip
     atomic_write_json(
-        partial / "retrieval" / "karpathy.json", {"images": images, "dataset": "l2c-synth"}, indent=None
+        partial / L.RETRIEVAL_SHORT, {"images": images, "dataset": "l2c-synth"}, indent=None
     )
 
     # long-caption test set, ShareGPT4V-1K style
     atomic_write_json(
-        partial / "retrieval" / "long_test.json",
+        partial / L.RETRIEVAL_LONG,
         [
             {
                 "id": f"{r['index']:09d}",
@@ -260,7 +261,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
         pretrain.append({"id": f"{r['index']:09d}", "image": r["image"],
                          "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": r["short"]}]})  # fmt: skip
-    atomic_write_json(partial / "llava" / "pretrain.json", pretrain)
+    atomic_write_json(partial / L.LLAVA_PRETRAIN, pretrain)
 
     # LLaVA instruction rows, llava_v1_5_mix665k.json style
     instruct = []
@@ -293,7 +294,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         instruct.append({"id": f"textonly_{k:06d}", "conversations": conv})
     random.Random(f"{options.seed}-instruct-order").shuffle(instruct)
-    atomic_write_json(partial / "llava" / "instruct.json", instruct)
+    atomic_write_json(partial / L.LLAVA_INSTRUCT, instruct)
 
     # VQA evaluation splits and POPE
     for name in ("val", "test"):
@@ -302,14 +303,14 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
             for k, q in enumerate(r["questions"]):
                 qrows.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], "question": q["question"],
                               "answer": q["answer"], "answers": q["answers"], "type": q["type"]})  # fmt: skip
-        atomic_write_jsonl(partial / "eval" / f"vqa_{name}.jsonl", qrows)
+        atomic_write_jsonl(partial / L.VQA[name], qrows)
     pope = []
     for r in split_rows("test"):
         for k, q in enumerate(r["pope"]):
             pope.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], **q})
-    atomic_write_jsonl(partial / "eval" / "pope_test.jsonl", pope)
+    atomic_write_jsonl(partial / L.POPE, pope)
 
-    atomic_write_jsonl(partial / "scenes.jsonl",
+    atomic_write_jsonl(partial / L.SCENES,
                        ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes))  # fmt: skip
 
     # --- statistics ---
@@ -345,21 +346,12 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         stats["dense_clip_tokens"] = f"not measured: {e}"
 
     manifest = wanted | {
-        "image_root": "images",
-        "files": {
-            "caption_pairs": {s: f"captions/{s}.jsonl" for s in ("train", "val", "test")},
-            "retrieval_short": "retrieval/karpathy.json",
-            "retrieval_long": "retrieval/long_test.json",
-            "llava_pretrain": "llava/pretrain.json",
-            "llava_instruct": "llava/instruct.json",
-            "vqa": {s: f"eval/vqa_{s}.jsonl" for s in ("val", "test")},
-            "pope": "eval/pope_test.jsonl",
-            "scenes": "scenes.jsonl",
-        },
+        "image_root": L.IMAGES,
+        "files": L.DATASET_FILES,
         "stats": stats,
         "content_sha256": tree_digest(partial),
     }
-    atomic_write_json(partial / "manifest.json", manifest)
+    atomic_write_json(partial / L.MANIFEST, manifest)
 
     # swap into place: the old folder (if any) is only removed once the new one is complete
     if out.exists():

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from l2c_llava import layout as L
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -138,9 +139,9 @@ def _rows(path: Path, image_root: Path, build) -> list[dict]:
 def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -> list[dict]:
     """The rows of a local task from a data folder in the embedded dataset's layout
     (``eval/vqa_test.jsonl``, ``eval/pope_test.jsonl``, ``retrieval/karpathy.json``)."""
-    root = image_root or data_dir / "images"
+    root = image_root or data_dir / L.IMAGES
     if task == "l2c_vqa":
-        return _rows(data_dir / "eval" / "vqa_test.jsonl", root, lambda r: {
+        return _rows(data_dir / L.VQA["test"], root, lambda r: {
             "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
             "answers": [str(a) for a in (r.get("answers") or [r["answer"]])], "type": str(r.get("type", "all"))})  # fmt: skip
     if task == "l2c_vqa_shuffled":  # the same questions, each shown another test image
@@ -150,11 +151,11 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
         other = shifted_images([Path(r["image_path"]) for r in rows])
         return [r | {"image_path": str(o), "own_image_path": r["image_path"]} for r, o in zip(rows, other)]
     if task == "l2c_pope":
-        return _rows(data_dir / "eval" / "pope_test.jsonl", root, lambda r: {
+        return _rows(data_dir / L.POPE, root, lambda r: {
             "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
             "category": str(r.get("category", "random"))})  # fmt: skip
     if task == "l2c_caption":
-        path = data_dir / "retrieval" / "karpathy.json"
+        path = data_dir / L.RETRIEVAL_SHORT
         if not path.is_file():
             raise EvalError(f"{path}: not found (the caption task reads the Karpathy-style test split)")
         images = json.loads(path.read_text()).get("images", [])

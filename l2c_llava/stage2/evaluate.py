@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from l2c_llava import layout as L
 from l2c_llava.data.images import load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_karpathy, read_long_captions
 from l2c_llava.errors import InputError
@@ -215,10 +216,10 @@ def evaluate_clip_folder(
     clip = BaselineCLIP(folder)
     sets = {
         "short": read_karpathy(
-            root / "retrieval" / "karpathy.json", root / "images", split=split, image_check="exists"
+            root / L.RETRIEVAL_SHORT, root / L.IMAGES, split=split, image_check="exists"
         ),
         "long": read_long_captions(
-            root / "retrieval" / "long_test.json", root / "images", image_check="exists"
+            root / L.RETRIEVAL_LONG, root / L.IMAGES, image_check="exists"
         ),
     }
     out: dict = {"model": str(folder), "data": str(root), "sets": {}}

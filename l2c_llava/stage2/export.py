@@ -16,48 +16,12 @@ from l2c_llava.cards import model_card, write_card
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
+from l2c_llava.layout import export_dir, exported_tower, is_stage2_run  # noqa: F401 (re-exported)
 from l2c_llava.models.portable import save_vision_folder
 
 
 class ExportError(L2CError, ValueError):
     """A folder that is not a stage-2 model, or an export that does not load back cleanly."""
-
-
-def export_dir(run_dir: str | os.PathLike) -> Path:
-    """Where a stage-2 run's exports go: its config's ``export.dir``, else ``<run>/export``. The one
-    place the layout is written: ``l2c export vision|llm2clip --run RUN`` write ``vision`` /
-    ``llm2clip`` under it, and a stage-2 run folder given as a vision tower (the mllm configs) is read
-    from ``vision`` under it."""
-    import yaml
-
-    run = Path(run_dir)
-    if run.name == "model" and (run.parent / "config.yaml").is_file():
-        run = run.parent
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    chosen = ((cfg or {}).get("export") or {}).get("dir")
-    return Path(chosen) if chosen else run / "export"
-
-
-def is_stage2_run(folder: str | os.PathLike) -> bool:
-    p = Path(folder)
-    if not (p / "config.yaml").is_file() or (p / "config.json").is_file():
-        return False
-    import yaml
-
-    try:
-        return (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("recipe") == "stage2"
-    except yaml.YAMLError:
-        return False
-
-
-def exported_tower(run_dir: str | os.PathLike) -> Path:
-    """The vision tower exported from a stage-2 run (``export_dir(run)/vision``), or an error saying
-    the command that writes it."""
-    folder = export_dir(run_dir) / "vision"
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"{run_dir} is a stage-2 run whose vision tower is not exported yet ({folder}): "
-                          f"run `l2c export vision --run {run_dir}`")  # fmt: skip
-    return folder
 
 
 def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

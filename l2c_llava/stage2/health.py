@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from l2c_llava import layout as L
 from l2c_llava.data.scenes import COLOURS, SHAPES
 from l2c_llava.errors import InputError, MissingFileError
 
@@ -197,7 +198,7 @@ def health_summary(h: dict) -> str:
 
 
 def read_scenes(data: str | os.PathLike) -> list[dict]:
-    path = Path(data) / "scenes.jsonl"
+    path = Path(data) / L.SCENES
     if not path.is_file():
         raise MissingFileError(
             f"{path}: not found; encoder health needs a synthetic dataset's ground truth (l2c data synth)"
