@@ -1,0 +1,78 @@
+"""The package's import rules (issue 20), read from the source with ``ast`` (every import, at the top or
+inside a function): recipes never import each other's training code, nothing imports the CLI, and the
+library never imports a recipe or an application."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import l2c_llava
+
+PACKAGE = Path(l2c_llava.__file__).parent
+RECIPES = {"stage1", "stage2", "mllm"}  # each a recipe over the library
+# applications over the recipes: the command, the pipeline and its report, search, the web demo
+APPS = {"cli", "cli_help", "__main__", "pipeline", "report", "search", "webdemo"}
+TRAINING_ENTRIES = {"stage1.train", "stage2.train", "stage2.clip_baseline", "mllm.train"}
+# what one stage hands the next: the trained caption encoder of stage 1 is read by stage 2
+HANDED_ON = {"stage1.encoder"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__") or "__init__"
+        out[name] = path
+    return out
+
+
+def imports(path: Path) -> set[str]:
+    """The package modules a file imports (relative to l2c_llava), wherever the import stands."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n.removeprefix("l2c_llava.") for n in names if n.startswith("l2c_llava.")}
+    return found
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_nothing_imports_the_cli():
+    bad = [f"{m} imports {i}" for m, p in modules().items() if m not in ("__main__", "cli")
+           for i in imports(p) if top(i) == "cli"]  # fmt: skip
+    assert not bad, bad
+
+
+def test_the_library_imports_no_recipe_and_no_application():
+    library = {m: p for m, p in modules().items() if top(m) not in RECIPES | APPS}
+    assert {"losses", "resume", "layout", "models.llm", "models.vision", "io", "training"} <= set(library)
+    bad = [f"{m} imports {i}" for m, p in library.items() for i in imports(p) if top(i) in RECIPES | APPS]
+    assert not bad, bad
+
+
+def test_recipes_do_not_import_each_other():
+    bad = []
+    for m, p in modules().items():
+        if top(m) not in RECIPES:
+            continue
+        for i in imports(p):
+            if top(i) in RECIPES and top(i) != top(m):
+                if m in TRAINING_ENTRIES or not any(i == h or i.startswith(h + ".") for h in HANDED_ON):
+                    bad.append(f"{m} imports {i}")
+            if top(i) in APPS:
+                bad.append(f"{m} imports the application {i}")
+    assert not bad, bad
+
+
+def test_the_rules_see_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from l2c_llava.stage2.train import x\n    import l2c_llava.cli\n")
+    assert imports(f) == {"stage2.train", "stage2.train.x", "cli"}
