@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from l2c_llava.embedded import EMBEDDED_LLM
+from l2c_llava.models.hub import is_hub_id
+
 CARD = "README.md"
 
 # kind -> (pipeline tag, what it is in one line)
@@ -123,9 +126,6 @@ def run_facts(source: str | os.PathLike | None) -> RunFacts:
 
 def _hub_ids(names: list[str]) -> list[str]:
     """The names the Hub's card metadata accepts (``org/name``); local paths stay in the text only."""
-    from l2c_llava.embedded import EMBEDDED_LLM
-    from l2c_llava.models.hub import is_hub_id
-
     out = []
     for n in names:
         if n == EMBEDDED_LLM:

@@ -14,7 +14,9 @@ from importlib import metadata
 from pathlib import Path
 
 from l2c_llava.errors import InputError, MissingFileError
+from l2c_llava.io import atomic_write_text, follow_umask, sha256_file
 from l2c_llava.layout import exported_tower, is_stage2_run
+from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_CLIP = "embedded:demo-clip"
@@ -63,8 +65,6 @@ def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[s
 def llm_folder(name_or_path: str, gguf_file: str | None = None, what: str = "LLM") -> tuple[str, str | None]:
     """:func:`resolve_llm_path`, then a Hub id (``org/name``) -> its snapshot in the Hugging Face cache
     (downloaded where allowed; ``l2c_llava.models.hub``): a local folder to read files from."""
-    from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
-
     folder, gguf = resolve_llm_path(name_or_path, gguf_file)
     patterns = ("*.json", "*.model", "*.txt", gguf) if gguf else WEIGHTS_SAFE
     return resolve_model_path(folder, what, patterns), gguf
@@ -86,8 +86,6 @@ def demo_clip_path(verify: bool = True) -> Path:
 
 @cache
 def _check_digest(path: Path, expected: str) -> None:
-    from l2c_llava.io import sha256_file
-
     digest = sha256_file(path)
     if digest != expected:
         raise InputError(f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
@@ -98,8 +96,6 @@ def resolve_vision_path(name_or_path: str) -> str:
     """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; a Hub id
     (``openai/clip-vit-large-patch14-336``) its snapshot in the Hugging Face cache; a stage-2 run
     folder its exported tower (``l2c_llava.layout.exported_tower``); a folder stays."""
-    from l2c_llava.models.hub import resolve_model_path
-
     if name_or_path == EMBEDDED_CLIP:
         return str(demo_clip_path())
     if name_or_path.startswith("embedded:"):
@@ -129,8 +125,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
     """Write OpenAI CLIP's tokenizer as ``vocab.json`` + ``merges.txt`` (the files of
     openai/clip-vit-large-patch14-336), built from the BPE list shipped by open-clip-torch."""
-    from l2c_llava.io import atomic_write_text
-
     out = Path(out_dir)
     with gzip.open(_package_file(_OPENCLIP_PKG, _CLIP_BPE_FILE), "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -199,8 +193,6 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     plain.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    from l2c_llava.io import follow_umask
-
     follow_umask(tmp, folder=True)  # mkdtemp's 0700 would hide the converted model from other users
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from l2c_llava.errors import L2CError
+from l2c_llava.models.hub import hub_offline
 
 LOCAL_ONLY = [".l2c_output.json", ".l2c.lock", "**/.l2c.lock"]
 
@@ -28,8 +29,6 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     URL. Errors a user can fix (no token, no permission, offline mode) say what to do."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-
-    from l2c_llava.models.hub import hub_offline
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from l2c_llava.errors import L2CError
+from l2c_llava.io import ensure_folder
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold the lock of `folder` (created, with a clear error when it cannot be) while the block runs.
     A second holder fails at once with :class:`RunLockedError` naming the first one's PID and command."""
     from filelock import FileLock, Timeout
-
-    from l2c_llava.io import ensure_folder
 
     folder = ensure_folder(folder, what)
     if not _main_process():

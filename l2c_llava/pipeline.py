@@ -36,7 +36,11 @@ from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
+from l2c_llava.locks import run_lock
+from l2c_llava.recipes import project_root
+from l2c_llava.report import write_report
 from l2c_llava.resume import fingerprint_keys, resumable_keys
+from l2c_llava.runs import versions
 
 ENCODERS = ("baseline", "llm2clip")
 
@@ -104,8 +108,6 @@ class Pipeline:
 
     def _resolve_configs(self) -> None:
         """Step configs are paths from the working folder; the shipped ones also resolve from the checkout."""
-        from l2c_llava.recipes import project_root
-
         c = self.cfg
         for step in (c.stage1, c.stage2, c.mllm.pretrain, c.mllm.finetune, c.baseline.clip):
             if step is None or Path(step.config).is_file():
@@ -264,8 +266,6 @@ class Pipeline:
             )
 
     def _report(self) -> None:
-        from l2c_llava.report import write_report
-
         write_report(self.out, self.cfg, self.load_state())
 
     # ------------------------------------------------------------------ state
@@ -311,15 +311,11 @@ class Pipeline:
             for i, (s, d) in enumerate(plan, 1):
                 echo(f"[{i}/{n}] {s.name:18s} {d:6s} {s.title}")
             return {s.name: d for s, d in plan}
-        from l2c_llava.locks import run_lock
-
         # one pipeline per folder; the steps it runs lock their own sub-folders, not this one
         with run_lock(self.out, "pipeline"):
             return self._run_plan(plan, state, echo)
 
     def _run_plan(self, plan: list, state: dict, echo) -> dict:
-        from l2c_llava.runs import versions
-
         n = len(plan)
         state["versions"] = versions()
         t0 = time.time()

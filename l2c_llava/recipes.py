@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from l2c_llava.config.core import apply_overrides, read_yaml
 from l2c_llava.errors import L2CError
 
 RECIPE_FOLDERS = ("stage1", "stage2", "mllm", "pipeline")
@@ -104,8 +105,6 @@ def resolve_config(name_or_path: str | os.PathLike, command: str | None = None) 
 def run_root(config: str, overrides: list[str] | tuple[str, ...] = ()) -> str | None:
     """``run.root`` of a config (its override wins), read without validating: the folder the command
     runs in, so that the config's relative paths (runs/quick/..., data) are taken from there."""
-    from l2c_llava.config.core import apply_overrides, read_yaml
-
     try:
         data, _, _ = apply_overrides(read_yaml(config), list(overrides))
     except Exception:  # noqa: BLE001 - a broken config is reported by the command's own load

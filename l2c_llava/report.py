@@ -14,6 +14,8 @@ from pathlib import Path
 
 from l2c_llava import layout as L
 from l2c_llava.io import atomic_write_json, atomic_write_text
+from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
+from l2c_llava.stats import paired_comparison, wilson_interval
 
 ENCODERS = ("baseline", "llm2clip")
 CURVES = (("stage1", "stage 1 (caption contrastive, LoRA)"), ("clip", "baseline CLIP from scratch"),
@@ -67,8 +69,6 @@ def paired_llava(out: Path) -> dict:
     """For each local task with one right/wrong answer per question: both encoders' accuracy with its
     95% Wilson interval, and LLM2CLIP against the baseline on the questions both answered (McNemar's
     exact test on the questions only one gets right)."""
-    from l2c_llava.stats import paired_comparison, wilson_interval
-
     res = {}
     for task, metric in PER_QUESTION.items():
         by_enc = {enc: _sample_hits(out / "eval" / enc / "lmms_eval", task, metric) for enc in ENCODERS}
@@ -97,8 +97,6 @@ def _task_rows(out: Path, name: str) -> list[dict]:
 def _prior_hits(out: Path, vqa: list[dict]) -> list[bool]:
     """Per l2c_vqa row: whether the blind answer prior (the most frequent training answer of the
     question's type, from the LLaVA training JSON) is right."""
-    from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
-
     train = out / "data" / L.LLAVA_INSTRUCT
     if not vqa or not train.is_file():
         return []
@@ -117,8 +115,6 @@ def image_use(out: Path) -> dict:
     against the same questions asked about another image (McNemar) and against the blind answer
     prior (McNemar), and POPE's accuracy and yes ratio; ``reads_image`` when every threshold of
     ``READS_IMAGE`` is met."""
-    from l2c_llava.stats import paired_comparison, wilson_interval
-
     vqa_rows = _task_rows(out, "l2c_vqa")
     prior = _prior_hits(out, vqa_rows)
     res: dict = {}
@@ -298,8 +294,6 @@ def blind_references(out: Path) -> dict[tuple[str, str], float]:
     """What a model that ignores the image scores on the local tasks' rows it was given:
     l2c_vqa, the most frequent training answer per question type (from the LLaVA training JSON);
     l2c_pope, always the majority answer (accuracy) and always "yes" (F1, yes ratio)."""
-    from l2c_llava.mllm.evaluate import normalize
-
     refs: dict[tuple[str, str], float] = {}
     hits = _prior_hits(out, _task_rows(out, "l2c_vqa"))
     if hits:

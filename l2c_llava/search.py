@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json, check_output_folder, publish_folder
+from l2c_llava.io import atomic_write_json, check_output_folder, publish_folder, sha256_file
 
 logger = logging.getLogger("l2c_llava.search")
 
@@ -66,8 +66,6 @@ def _faiss():
 
 def _weights_digest(folder: Path) -> str:
     """sha256 over the folder's config.json and weight files (names and contents)."""
-    from l2c_llava.io import sha256_file
-
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "llm2clip_config.json"))  # fmt: skip
     if not any(p.suffix == ".safetensors" for p in files):
         raise SearchError(f"{folder}: no *.safetensors weights")

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.errors import L2CError
 
 PROJECT = "l2c-llava"
@@ -68,8 +69,6 @@ def accelerator_kwargs(report_to: Sequence[str], run_dir: str | os.PathLike | No
 def hparams(cfg) -> dict[str, int | float | str | bool]:
     """The resolved config as flat hyper-parameters (TensorBoard's hparams take only scalars and
     strings: lists and None become their text)."""
-    from l2c_llava.config.core import config_to_dict, flatten
-
     out: dict[str, int | float | str | bool] = {}
     for k, v in flatten(config_to_dict(cfg)).items():
         out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)

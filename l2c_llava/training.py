@@ -23,7 +23,10 @@ import torch
 
 from l2c_llava import trackers
 from l2c_llava.errors import InputError, L2CError
+from l2c_llava.losses import clip_loss
+from l2c_llava.memory import make_adamw
 from l2c_llava.resume import check_resume
+from l2c_llava.runs import prepare_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +185,6 @@ def open_run(recipe, acc, model, groups: list[dict], total: int, *, micro_batch:
     accelerate's wrapping, the resume from the last checkpoint (``run.resume``), and the training log
     cut back to that step. ``finished`` holds the saved stats when the run is already complete."""
     t = recipe.cfg.train
-    from l2c_llava.memory import make_adamw
-
     opt = make_adamw(groups, t.optimizer, **adamw)
     sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
     configure_launch(acc, micro_batch=micro_batch, accum=accum, grad_clip=t.grad_clip,
@@ -426,9 +427,6 @@ class ContrastiveRecipe:
         import time
 
         from tqdm.auto import tqdm
-
-        from l2c_llava.losses import clip_loss
-        from l2c_llava.runs import prepare_run_dir
 
         cfg, t = self.cfg, self.cfg.train
         acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c_llava.errors import L2CError
+from l2c_llava.mllm.chat import LlavaChat
+from l2c_llava.search import list_images, run_queries
 
 
 class DemoError(L2CError, ValueError):
@@ -83,8 +85,6 @@ class DemoBackend:
     """The models behind the page, loaded once: answers and search hits, without any Gradio."""
 
     def __init__(self, setup: DemoSetup, max_new_tokens: int = 64):
-        from l2c_llava.mllm.chat import LlavaChat
-
         if not setup.llavas and not setup.encoders:
             raise DemoError("nothing to show: no LLaVA and no encoder (run `l2c pipeline --config demo`, or give "
                             "--llava NAME=DIR / --encoder NAME=DIR)")  # fmt: skip
@@ -97,8 +97,6 @@ class DemoBackend:
         """A few images of the folder to pick from."""
         if not self.setup.images:
             return []
-        from l2c_llava.search import list_images
-
         root = Path(self.setup.images)
         return [str(root / p) for p in list_images(root)[:n]]
 
@@ -133,8 +131,6 @@ class DemoBackend:
 
     def search(self, text: str, k: int = 6) -> list[list[tuple[str, str]]]:
         """Per encoder: [(image path, caption "rank. file (score)")] of the top `k` for `text`."""
-        from l2c_llava.search import run_queries
-
         out = []
         for name in self.setup.encoders:
             if not (text or "").strip():

@@ -41,7 +41,7 @@ import torch
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.errors import L2CError, MissingFileError
-from l2c_llava.io import atomic_write_json, atomic_write_text, sha256_file
+from l2c_llava.io import atomic_write_json, atomic_write_text, check_output_file, sha256_file
 
 logger = logging.getLogger("l2c_llava.filter")
 
@@ -269,8 +269,6 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():
         raise FilterError(f"--out {out} is the input file; write the filtered copy elsewhere")
-    from l2c_llava.io import check_output_file
-
     check_output_file(out)  # before any scoring
     fields = ("caption",) if fmt == "llava" else tuple(fields)
     rows, problems, kind = read_rows(path, fmt, Path(image_root), fields, on_bad_row=on_bad_row)

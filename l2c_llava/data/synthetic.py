@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from l2c_llava import layout as L
 from l2c_llava.data import captions as C
-from l2c_llava.data.scenes import COLOURS, SHAPES, Scene, render_scene, sample_scene
+from l2c_llava.data.scenes import COLOURS, SHAPES, Background, Group, Scene, render_scene, sample_scene
 from l2c_llava.errors import InputError, OutputExistsError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, tree_digest
 
@@ -112,8 +112,6 @@ def assign_splits(n: int, seed: int, val_fraction: float, test_fraction: float) 
 
 def _render_chunk(args: tuple[list[dict], int, int, int, str]) -> list[tuple[int, list[list[list[int]]]]]:
     """Worker: draw and save a chunk of scenes; returns each scene's instance boxes."""
-    from l2c_llava.data.scenes import Background, Group
-
     scenes, size, seed, quality, image_dir = args
     out = []
     for s in scenes:
@@ -233,9 +231,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         folder, filename = r["image"].split("/")
         images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": r["split"],
                        "sentids": [x["sentid"] for x in sents], "sentences": sents, "cocoid": r["index"]})  # fmt: skip
-    atomic_write_json(
-        partial / L.RETRIEVAL_SHORT, {"images": images, "dataset": "l2c-synth"}, indent=None
-    )
+    atomic_write_json(partial / L.RETRIEVAL_SHORT, {"images": images, "dataset": "l2c-synth"}, indent=None)
 
     # long-caption test set, ShareGPT4V-1K style
     atomic_write_json(

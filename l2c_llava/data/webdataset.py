@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2c_llava.data.readers import DataError, RowProblem
+from l2c_llava.data.readers import DataError, RowProblem, check_image
 from l2c_llava.errors import MissingFileError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -143,8 +143,6 @@ def scan_shards(shards: Sequence[str | os.PathLike], *, short_key: str = "short"
     ``on_bad_row="error"`` every bad sample is listed in one DataError; with ``"skip"`` they are
     returned so training leaves them out."""
     from tqdm.auto import tqdm
-
-    from l2c_llava.data.readers import check_image
 
     skipped: list[RowProblem] = []  # samples iter_samples could not form (no image, bad json, ...)
     captions: list[str] = []

@@ -33,6 +33,13 @@ from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
 from l2c_llava.models.llm import local_llm_folder
+from l2c_llava.models.portable import (
+    LLM_TOKENIZER_DIR,
+    copy_tokenizer_files,
+    llava_vision_keys_for_4x,
+    portable_config,
+    tokenizer_source,
+)
 from l2c_llava.models.vision import llava_image_processor, load_vision_tower
 
 logger = logging.getLogger("l2c_llava.mllm")
@@ -304,14 +311,6 @@ def save_llava(
     weights are stored under ``vision_tower.vision_model.*`` (the llava-hf layout, which transformers
     4.x needs and 5.x reads), the text config carries ``rope_theta`` / ``rope_scaling`` too, and the
     LLM's own tokenizer files are kept in ``llm_tokenizer/`` for the exports to other stacks."""
-    from l2c_llava.models.portable import (
-        LLM_TOKENIZER_DIR,
-        copy_tokenizer_files,
-        llava_vision_keys_for_4x,
-        portable_config,
-        tokenizer_source,
-    )
-
     source = tokenizer_source(processor.tokenizer)
 
     def build(tmp: Path) -> None:

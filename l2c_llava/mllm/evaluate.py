@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.data.images import load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl
+from l2c_llava.mllm.data import expand2square, mean_colour
+from l2c_llava.mllm.export import load_trained_llava
 from l2c_llava.stats import paired_comparison, sign_test_p, wilson_interval  # noqa: F401 (re-exported)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -87,8 +90,6 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
     different file, the same for every question on one image): what the model scores when the image
     carries nothing about the question, and how many answers the real image changed. Accuracy above
     the prior and above the shuffled-image run is what shows the image is used."""
-    from l2c_llava.mllm.export import load_trained_llava
-
     folder, model, processor = load_trained_llava(model_dir)
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     questions = read_questions(questions_path, image_root)[:limit]
@@ -182,9 +183,6 @@ def _correct(prediction: str, q: dict) -> bool:
 def _answers(model, processor, meta: dict, questions: list[dict], image_paths: list, batch_size: int,
              max_new_tokens: int, desc: str) -> list[str]:  # fmt: skip
     from tqdm.auto import tqdm
-
-    from l2c_llava.data.images import load_rgb
-    from l2c_llava.mllm.data import expand2square, mean_colour
 
     tok = processor.tokenizer
     tok.padding_side = "left"  # batched generation continues every row at the same position

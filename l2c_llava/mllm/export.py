@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.cards import write_card
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
-from l2c_llava.io import publish_folder
+from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.build import BuildError, load_llava, not_transformers_llava, projector_type_of
 from l2c_llava.models.portable import (
     portable_config,
@@ -91,11 +92,8 @@ def _loaded(folder: Path):
 
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    from l2c_llava.io import check_output_folder
-
     check_output_folder(out_dir, "llava hf export", overwrite, legacy_marker="l2c_mllm.json")
     folder, _, _ = load_trained_llava(model_dir)
-    from l2c_llava.cards import write_card
 
     def build(tmp: Path) -> None:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
@@ -202,14 +200,10 @@ def export_original(
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
 
-    from l2c_llava.cards import write_card
-
     out = Path(out_dir)
     if "llava" not in out.name.lower():
         raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
                                "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip")  # fmt: skip
-    from l2c_llava.io import check_output_folder
-
     check_output_folder(out, "llava original export", overwrite)  # before any model loads
     folder, model, processor = load_trained_llava(model_dir)
     try:

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from l2c_llava import trackers
+from l2c_llava.cards import model_card
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_write_json, publish_folder
+from l2c_llava.locks import run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
@@ -327,8 +329,6 @@ class MllmRecipe:
                 "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        from l2c_llava.cards import model_card
-
         card = model_card(
             "llava", str(self.run_dir / "model"), self.run_dir, metrics={"train_stats.json": stats or {}}
         )
@@ -342,8 +342,6 @@ class MllmRecipe:
         meta beside them; the LLM is unchanged, so not copied. A tower trained too
         (``train.freeze_vision_tower: false``) is kept beside it, in ``vision_tower.safetensors``."""
         from safetensors.torch import save_file
-
-        from l2c_llava.io import publish_folder
 
         tower_trained = not self.cfg.train.freeze_vision_tower
         keep = (PROJECTOR, TOWER) if tower_trained else (PROJECTOR,)
@@ -377,7 +375,5 @@ def _strip_lora(model):
 
 
 def run_mllm(cfg: MllmConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    from l2c_llava.locks import run_lock
-
     with run_lock(cfg.run.output_dir, f"mllm {cfg.train.stage} run"):  # one writer per run folder
         return MllmRecipe(cfg, source, overrides).run()

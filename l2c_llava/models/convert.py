@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import L2CError
+from l2c_llava.io import publish_folder
+from l2c_llava.models.hub import WEIGHTS_PICKLE, resolve_model_path
 
 CONVERTED_KIND = "converted model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -74,9 +76,6 @@ def convert_file(src: Path, dst: Path) -> int:
 
 def convert_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
     """A model folder (or Hub id) with pickled weights -> `out`, the same folder with safetensors."""
-    from l2c_llava.io import publish_folder
-    from l2c_llava.models.hub import WEIGHTS_PICKLE, resolve_model_path
-
     folder = Path(resolve_model_path(src, "model to convert", WEIGHTS_PICKLE))
     if not folder.is_dir():
         raise ConvertError(f"{src}: not a folder (nor a Hub id)")

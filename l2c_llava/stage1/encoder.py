@@ -32,6 +32,7 @@ from torch import nn
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.llm import (
     EncoderLoadError,
     EncoderSource,
@@ -178,8 +179,6 @@ class TextEncoder(nn.Module):
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
         merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
         override the saved ones."""
-        from l2c_llava.models.hub import resolve_model_path
-
         if not str(path).startswith("embedded:") and Path(str(path)).suffix != ".gguf":
             path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
         path = str(path)

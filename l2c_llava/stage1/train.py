@@ -31,6 +31,7 @@ from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
@@ -481,7 +482,5 @@ def evaluate_encoder(
 def run_stage1(cfg: Stage1Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Entry point of ``l2c stage1``."""
     logger.debug("resolved config:\n%s", dump_config(cfg))
-    from l2c_llava.locks import run_lock
-
     with run_lock(cfg.run.output_dir, "stage-1 run"):  # one writer per run folder
         return Stage1Recipe(cfg, source, overrides).run()

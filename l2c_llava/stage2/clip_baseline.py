@@ -26,8 +26,10 @@ from torch.utils.data import Dataset
 from l2c_llava.config import ClipConfig
 from l2c_llava.data.images import TrainTransform, load_rgb, write_preprocessor_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
+from l2c_llava.embedded import clip_tokenizer
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, publish_folder
+from l2c_llava.locks import run_lock
 from l2c_llava.training import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.clip")
@@ -137,8 +139,6 @@ class ClipPretrainRecipe(ContrastiveRecipe):
 
     def __init__(self, cfg: ClipConfig, source: str | None = None, overrides: tuple[str, ...] = ()):
         super().__init__(cfg, source, overrides)
-        from l2c_llava.embedded import clip_tokenizer
-
         self.tokenizer = clip_tokenizer()
         self.collate = Collate(self.tokenizer, cfg.model.context_length)
 
@@ -199,7 +199,5 @@ class ClipPretrainRecipe(ContrastiveRecipe):
 
 
 def run_clip_pretrain(cfg: ClipConfig, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    from l2c_llava.locks import run_lock
-
     with run_lock(cfg.run.output_dir, "clip pretrain run"):  # one writer per run folder
         return ClipPretrainRecipe(cfg, source, overrides).run()

@@ -20,13 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava import layout as L
-from l2c_llava.data.images import load_rgb
+from l2c_llava.data.images import clip_image_processor, load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_karpathy, read_long_captions
+from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, atomic_write_text
 from l2c_llava.stage2.cache import CacheError, TextFeatureCache
+from l2c_llava.stage2.clip_baseline import pooled
+from l2c_llava.stage2.llm2clip import LLM2CLIP
 from l2c_llava.stage2.retrieval import recall_at_k
 from l2c_llava.stats import paired_recall_test, recall_with_ci, retrieval_ranks
+from l2c_llava.trackers import report_results
 
 logger = logging.getLogger("l2c_llava.stage2.eval")
 
@@ -52,8 +56,6 @@ class BaselineCLIP:
     def __init__(self, folder: str | os.PathLike):
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
-        from l2c_llava.embedded import resolve_vision_path
-
         folder = Path(resolve_vision_path(str(folder)))
         if not (folder / "config.json").is_file():
             raise InputError(
@@ -70,19 +72,13 @@ class BaselineCLIP:
         self.folder = folder
 
     def preprocess(self, images) -> torch.Tensor:
-        from l2c_llava.data.images import clip_image_processor
-
         return clip_image_processor(self.image_size)(images=images, return_tensors="pt")["pixel_values"]
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        from l2c_llava.stage2.clip_baseline import pooled
-
         return pooled(self.model.get_image_features(pixel_values=pixels))
 
     def embed_texts(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, float]:
         """Normalised text embeddings and the share of captions longer than the context."""
-        from l2c_llava.stage2.clip_baseline import pooled
-
         out, cut = [], 0
         for lo in range(0, len(texts), batch_size):
             chunk = texts[lo : lo + batch_size]
@@ -112,8 +108,6 @@ def load_sets(cfg) -> dict[str, RetrievalSet]:
 def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
              skip_baseline: bool = False) -> dict:  # fmt: skip
     """Both models on every configured set; writes metrics.json and retrieval.md in the run folder."""
-    from l2c_llava.stage2.llm2clip import LLM2CLIP
-
     run_dir = Path(cfg.run.output_dir)
     ks = tuple(cfg.eval.recall_at)
     bs = cfg.eval.batch_size
@@ -164,8 +158,6 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "metrics.json", results)
     atomic_write_text(run_dir / "retrieval.md", table(results, ks))
-    from l2c_llava.trackers import report_results
-
     report_results(cfg, run_dir, {enc: results[enc] for enc in ("llm2clip", "baseline")})  # train.report_to
     return results
 
@@ -215,12 +207,8 @@ def evaluate_clip_folder(
     root = Path(data)
     clip = BaselineCLIP(folder)
     sets = {
-        "short": read_karpathy(
-            root / L.RETRIEVAL_SHORT, root / L.IMAGES, split=split, image_check="exists"
-        ),
-        "long": read_long_captions(
-            root / L.RETRIEVAL_LONG, root / L.IMAGES, image_check="exists"
-        ),
+        "short": read_karpathy(root / L.RETRIEVAL_SHORT, root / L.IMAGES, split=split, image_check="exists"),
+        "long": read_long_captions(root / L.RETRIEVAL_LONG, root / L.IMAGES, image_check="exists"),
     }
     out: dict = {"model": str(folder), "data": str(root), "sets": {}}
     for name, rs in sets.items():

@@ -18,6 +18,7 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.layout import export_dir, exported_tower, is_stage2_run  # noqa: F401 (re-exported)
 from l2c_llava.models.portable import save_vision_folder
+from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
 
 
 class ExportError(L2CError, ValueError):
@@ -27,8 +28,6 @@ class ExportError(L2CError, ValueError):
 def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the tower of a stage-2 run (or its model/ folder, an LLM2CLIP export or release) as a
     CLIPVisionModel folder."""
-    from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
-
     check_output_folder(out_dir, "vision encoder", overwrite)  # before any model loads
     try:
         model = LLM2CLIP.from_pretrained(source).model
@@ -81,8 +80,6 @@ def export_llm2clip(
     overwrite: bool = False,
 ) -> Path:
     """The whole model (vision + projection + adapter + text encoder reference), release layout."""
-    from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
-
     check_output_folder(out_dir, "llm2clip model", overwrite)  # before any model loads
     try:
         return LLM2CLIP.from_pretrained(source, text_encoder=text_encoder).save_pretrained(

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava import layout as L
+from l2c_llava.data.images import load_rgb
 from l2c_llava.data.scenes import COLOURS, SHAPES
 from l2c_llava.errors import InputError, MissingFileError
+from l2c_llava.models.vision import llava_image_processor, load_vision_tower
 
 CELLS = 9
 
@@ -51,9 +53,6 @@ def tower_features(
     """(pooled [N, D], patches [N, T, D]) of a CLIP vision tower: its pooled output and its
     penultimate-layer patch tokens (CLS dropped), on the pixels a LLaVA on it gets."""
     from tqdm.auto import tqdm
-
-    from l2c_llava.data.images import load_rgb
-    from l2c_llava.models.vision import llava_image_processor
 
     proc = llava_image_processor(tower.config.image_size)
     tower.eval()
@@ -218,8 +217,6 @@ def encoder_health(
     """Collapse figures on the test split's images and the patch probe (trained on up to
     `train_scenes` of the train split, scored on up to `test_scenes` of the test split) of the CLIP
     vision tower at `tower_path` (a CLIPVisionModel or CLIPModel folder)."""
-    from l2c_llava.models.vision import load_vision_tower
-
     rows = read_scenes(data)
     train = [r for r in rows if r["split"] == "train"][:train_scenes]
     test = [r for r in rows if r["split"] == "test"][:test_scenes]

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from l2c_llava.data.images import clip_image_processor, write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
+from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.portable import portable_config
 from l2c_llava.stage2.model import LLM2CLIPModel
 
@@ -121,8 +122,6 @@ class LLM2CLIP:
         """An exported model, a released checkpoint folder, or a stage-2 run (or its model/ folder).
         `text_encoder` (a folder or a loaded TextEncoder) overrides the recorded reference. A Hub id
         (microsoft/LLM2CLIP-Openai-L-14-336) is read from the Hugging Face cache (downloaded if allowed)."""
-        from l2c_llava.models.hub import resolve_model_path
-
         folder = Path(resolve_model_path(path, "LLM2CLIP model"))
         for candidate in (folder, folder / "model"):
             meta_path = candidate / "llm2clip_config.json"

@@ -27,6 +27,7 @@ from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
 from l2c_llava.io import atomic_write_json
+from l2c_llava.locks import run_lock
 from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.model import LLM2CLIPModel
@@ -201,7 +202,5 @@ class Stage2Recipe(ContrastiveRecipe):
 
 
 def run_stage2(cfg: Stage2Config, source: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    from l2c_llava.locks import run_lock
-
     with run_lock(cfg.run.output_dir, "stage-2 run"):  # one writer per run folder
         return Stage2Recipe(cfg, source, overrides).run()
