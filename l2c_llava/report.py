@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from l2c_llava import layout as L
-from l2c_llava.io import atomic_write_json, atomic_write_text
+from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_text
 from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
 from l2c_llava.stats import paired_comparison, wilson_interval
 
@@ -259,9 +259,7 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     path = plots / name
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return ["", f"![{alt}](plots/{name})", ""]
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json, check_output_folder, publish_folder, sha256_file
+from l2c_llava.io import atomic_save, atomic_write_json, check_output_folder, publish_folder, sha256_file
 
 logger = logging.getLogger("l2c_llava.search")
 
@@ -423,12 +423,7 @@ def contact_sheet(
             y += cell_h
         y += pad
         draw.line([(0, y - pad // 2), (width, y - pad // 2)], fill=(200, 200, 200))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_save(out, sheet.save)
 
 
 def hits_table(panels: list[tuple[str, SearchIndex, list[dict]]]) -> str:

@@ -288,18 +288,6 @@ def _problems_from_validation(
     return problems
 
 
-def _get_dotted(data: Any, key: str) -> Any:
-    node = data
-    for part in key.split("."):
-        if isinstance(node, BaseModel):
-            node = getattr(node, part, MISSING)
-        elif isinstance(node, dict):
-            node = node.get(part, MISSING)
-        else:
-            return MISSING
-    return node
-
-
 def validate_config(
     data: Mapping[str, Any],
     source: str = "<config>",

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.errors import L2CError, MissingFileError
-from l2c_llava.io import atomic_write_json, atomic_write_text, check_output_file, sha256_file
+from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_text, check_output_file, sha256_file
 
 logger = logging.getLogger("l2c_llava.filter")
 
@@ -57,14 +57,6 @@ class Row:
     image: str | None
     captions: dict[str, str]
     image_path: Path | None = None
-
-
-@dataclass
-class Scored:
-    rows: list[Row]
-    scores: dict[str, torch.Tensor]  # field -> [rows with an image]
-    null: dict[str, torch.Tensor]  # field -> scores of shuffled pairs
-    problems: list[RowProblem] = field(default_factory=list)
 
 
 def read_rows(path: Path, fmt: str, image_root: Path, fields: tuple[str, ...], image_key: str = "image",
@@ -293,9 +285,7 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
             for k in ("cosine", "zscore"):
                 tensors[f"score.{k}.{f}"] = every[f][k].contiguous()
                 tensors[f"null.{k}.{f}"] = null_all[f][k].contiguous()
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"fingerprint": fp})
-        os.replace(tmp, cache)
+        atomic_save(cache, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fp}))
     scores = {f: every[f][score_kind] for f in fields}
     null = {f: null_all[f][score_kind] for f in fields}
     th = thresholds(null, threshold, null_quantile)
@@ -435,7 +425,5 @@ def plot_scores(scores: dict, null: dict, th: dict, out: Path, kind: str = "zsco
         ax.set_xlabel("cosine(image, caption)" if kind == "cosine" else "z-score of cosine(image, caption)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_save(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from l2c_llava.data.readers import DataError, RowProblem, check_image
 from l2c_llava.errors import MissingFileError
+from l2c_llava.io import atomic_save
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -48,12 +49,14 @@ def write_shards(
     paths = []
     for s, lo in enumerate(range(0, len(samples), per_shard)):
         final = out / f"{s:05d}.tar"
-        tmp = out / f".{final.name}.tmp"
-        with tarfile.open(tmp, "w") as tar:
-            for key, image, short, long in samples[lo : lo + per_shard]:
-                _add(tar, f"{key}{Path(image).suffix.lower()}", Path(image).read_bytes())
-                _add(tar, f"{key}.json", json.dumps({"key": key, "short": short, "long": long}).encode())
-        os.replace(tmp, final)
+
+        def write(tmp: Path, rows=samples[lo : lo + per_shard]) -> None:
+            with tarfile.open(tmp, "w") as tar:
+                for key, image, short, long in rows:
+                    _add(tar, f"{key}{Path(image).suffix.lower()}", Path(image).read_bytes())
+                    _add(tar, f"{key}.json", json.dumps({"key": key, "short": short, "long": long}).encode())
+
+        atomic_save(final, write)
         paths.append(final)
     return paths
 

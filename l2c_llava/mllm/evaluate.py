@@ -21,7 +21,7 @@ import torch
 
 from l2c_llava.data.images import load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
-from l2c_llava.io import atomic_write_json, atomic_write_jsonl
+from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_jsonl
 from l2c_llava.mllm.data import expand2square, mean_colour
 from l2c_llava.mllm.export import load_trained_llava
 from l2c_llava.stats import paired_comparison, sign_test_p, wilson_interval  # noqa: F401 (re-exported)
@@ -160,11 +160,8 @@ def plot_by_type(metrics: dict, path: Path, records: list[dict]) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, ncol=len(series))
     ax.set_title("held-out short-answer VQA by question type (n), 95% interval on the model", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

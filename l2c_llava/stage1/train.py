@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -372,7 +373,7 @@ class Stage1Recipe:
                     step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), "mean").item()
             for micro, (mine, batch) in enumerate(micro_batches):
                 tokens += int(batch["attention_mask"].sum())
-                ctx = acc.no_sync(model) if (micro < t.grad_accum - 1 and world > 1) else _nullcontext()
+                ctx = acc.no_sync(model) if (micro < t.grad_accum - 1 and world > 1) else nullcontext()
                 with ctx, acc.autocast():
                     feats = model(**batch, length_buckets=t.length_buckets)
                     n = len(mine)
@@ -448,18 +449,10 @@ class Stage1Recipe:
         state = checkpoints.restore(ck, opt, sched, state)
         if state.get("resume_key", config_digest(self.cfg)) != config_digest(
             self.cfg
-        ):  # older ones: config.yaml
+        ):  # older ones: by config.yaml
             raise InputError(f"{ck} was written under a config that differs from this one in a key that may not "
                              "change on resume; use a new run.output_dir, or run.resume=false to start over")  # fmt: skip
         return int(state["step"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def evaluate_encoder(

@@ -33,7 +33,7 @@ from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_
 from l2c_llava.data.webdataset import expand_shards, scan_shards
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_save, atomic_write_json
 from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.stage1.encoder import TextEncoder  # the frozen stage-1 encoder: a model, not its training
 
@@ -318,11 +318,8 @@ def build_cache(
                     f"shard {s}: feature dimension {feats.shape[1]} differs from the cache's {manifest['dim']}"
                 )
             name = f"shard-{s:05d}.safetensors"
-            tmp = folder / f".{name}.tmp"
-            save_file(
-                {"features": feats.to(DTYPES[dtype]).contiguous(), "keys": keys[lo:hi].contiguous()}, str(tmp)
-            )
-            os.replace(tmp, folder / name)
+            shard = {"features": feats.to(DTYPES[dtype]).contiguous(), "keys": keys[lo:hi].contiguous()}
+            atomic_save(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp)))
             manifest["shards"].append({"file": name, "rows": hi - lo})
             atomic_write_json(manifest_path, manifest)  # the shard counts once the manifest says so
     if not manifest["complete"]:
