@@ -23,10 +23,10 @@ from pathlib import Path
 from l2c_llava import layout
 from l2c_llava.cli_help import document, version
 from l2c_llava.config import ConfigError, dump_config, load_config
+from l2c_llava.config_names import config_name, project_root, resolve_config, run_root, shipped_configs
 from l2c_llava.errors import EXIT_BAD_INPUT, InputError, L2CError
 from l2c_llava.hub_push import add_push_arguments, push_if_asked
 from l2c_llava.io import atomic_write_json, atomic_write_text
-from l2c_llava.recipes import config_name, project_root, resolve_config, run_root, shipped_configs
 
 # -- entries: each reads args (and args.cfg, the loaded config), calls the library, prints --------------
 

@@ -33,11 +33,11 @@ from l2c_llava import layout as L
 from l2c_llava.config import load_config
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
+from l2c_llava.config_names import project_root
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.locks import run_lock
-from l2c_llava.recipes import project_root
 from l2c_llava.report import write_report
 from l2c_llava.resume import fingerprint_keys, resumable_keys
 from l2c_llava.runs import versions

@@ -24,7 +24,7 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.errors import InputError, L2CError
 from l2c_llava.losses import clip_loss
-from l2c_llava.memory import make_adamw
+from l2c_llava.quantization import make_adamw
 from l2c_llava.resume import check_resume
 from l2c_llava.runs import prepare_run_dir
 

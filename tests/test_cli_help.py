@@ -29,7 +29,7 @@ def test_every_option_of_every_command_has_help_and_every_command_an_example():
 
 
 def test_every_leaf_command_has_its_own_examples_and_they_parse():
-    from l2c_llava.recipes import resolve_config
+    from l2c_llava.config_names import resolve_config
 
     parser = build_parser()
     leaves = {path for path, p in walk(parser) if path and not subcommands(p)}

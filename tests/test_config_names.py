@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from l2c_llava.cli import main
-from l2c_llava.recipes import project_root, resolve_config
+from l2c_llava.config_names import project_root, resolve_config
 
 from .conftest import ROOT
 

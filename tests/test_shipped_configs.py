@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from l2c_llava.config import load_config
-from l2c_llava.recipes import shipped_configs
+from l2c_llava.config_names import shipped_configs
 
 from .conftest import ROOT
 

@@ -75,7 +75,7 @@ class MllmRecipe:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
         if m.llm.load_in_4bit and quantize:
-            from l2c_llava.memory import quantize_linears_4bit_
+            from l2c_llava.quantization import quantize_linears_4bit_
 
             dtype = torch.float16 if t.mixed_precision == "fp16" else torch.bfloat16
             n = quantize_linears_4bit_(model.model.language_model, dtype, "model.llm.load_in_4bit")

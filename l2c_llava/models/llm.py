@@ -16,7 +16,7 @@ import torch
 
 from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
 from l2c_llava.errors import L2CError
-from l2c_llava.memory import bnb_4bit_config, require_bitsandbytes
+from l2c_llava.quantization import bnb_4bit_config, require_bitsandbytes
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
-from l2c_llava.memory import make_adamw, prepare_for_qlora
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
+from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.resume import check_resume, flat_config, resume_key, same_run
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
