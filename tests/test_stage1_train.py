@@ -213,3 +213,26 @@ def test_caption_examples_and_general_text(tmp_path):
     )
     mixed = mix(ex[:6], general * 10, share=0.25, seed=0)
     assert len(mixed) == 8 and sum(e in general for e in mixed) == 2  # 2 of 8 = 25%
+
+
+def test_mntp_masking_is_a_pure_function_of_its_inputs_and_rng():
+    from l2c_llava.stage1.mntp import IGNORE, mask_tokens
+
+    ids = torch.randint(5, 100, (64, 48), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1  # a special token (BOS) in every row
+    att = torch.ones_like(ids)
+    att[:, 40:] = 0  # padding
+
+    def masked(seed):
+        return mask_tokens(ids, att, {1}, 2, 100, 0.2, torch.Generator().manual_seed(seed))
+
+    inputs, labels = masked(3)
+    again = masked(3)
+    assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])  # same inputs and seed, same batch
+    chosen = labels != IGNORE
+    assert not chosen[:, 0].any() and not chosen[:, 40:].any()  # never a special token or padding
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    share = chosen.float().sum() / (att[:, 1:].sum())
+    assert 0.15 < share < 0.25
+    as_mask = (inputs[chosen] == 2).float().mean()
+    assert 0.7 < as_mask < 0.9  # 80% become the mask token

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,18 +27,19 @@ import torch
 
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
-from l2c_llava.data.readers import _decode, read_caption_pairs, read_karpathy
+from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
-from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
+from l2c_llava.models.llm import EncoderSource
 from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.resume import check_resume, flat_config, resume_key, same_run
 from l2c_llava.runs import prepare_run_dir
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
 from l2c_llava.stage1.encoder import TextEncoder, lora_targets
+from l2c_llava.stage1.mntp import run_mntp
 from l2c_llava.training import (
     Checkpoints,
     append_log,
@@ -217,86 +216,8 @@ class Stage1Recipe:
     # -- MNTP ------------------------------------------------------------------------------------
 
     def run_mntp(self, acc, texts: list[str]) -> Path:
-        """Masked next-token prediction with LoRA on the bidirectional LLM; returns the adapter folder
-        (merged into the base before the contrastive step). Restarts from scratch if interrupted."""
-        from peft import LoraConfig, get_peft_model
-
-        cfg, m = self.cfg, self.cfg.model
-        out = self.run_dir / "mntp"
-        if (out / ".complete").is_file():
-            logger.info("MNTP already done: %s", out)
-            return out
-        if cfg.mntp.text:
-            texts = texts + [
-                t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
-            ]
-        src = self.base_source()
-        lm, tok, _, _ = load_llm(src, bidirectional=True, torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
-                                   attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-                                   causal_lm=True, load_in_4bit=m.load_in_4bit)  # fmt: skip
-        lm = merge_adapters(lm, src.adapters)
-        base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        head = lm.get_output_embeddings()
-        lora = cfg.lora
-        if m.load_in_4bit:
-            base = prepare_for_qlora(base, m.gradient_checkpointing)
-        peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                    target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
-        head.requires_grad_(False)
-        tok.pad_token = tok.pad_token or tok.eos_token
-        mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
-        if len(mask_ids) != 1:
-            raise InputError(
-                f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer"
-            )
-        mask_id = mask_ids[0]
-        params = [p for p in peft_base.parameters() if p.requires_grad]
-        opt = make_adamw(params, cfg.train.optimizer, lr=cfg.mntp.lr)
-        head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
-        configure_launch(acc, micro_batch=cfg.mntp.batch_size, accum=1, grad_clip=None)
-        peft_base, opt = acc.prepare(peft_base, opt)
-        bs = cfg.mntp.batch_size
-        total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
-        gen = torch.Generator().manual_seed(cfg.run.seed)
-        special = set(tok.all_special_ids)
-        for step in range(total):
-            epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
-            order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
-            batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]
-            enc = tok(
-                batch_texts, padding=True, truncation=True, max_length=m.max_length, return_tensors="pt"
-            )
-            ids, att = enc["input_ids"], enc["attention_mask"]
-            can = att.bool() & ~torch.isin(ids, torch.tensor(sorted(special)))
-            chosen = (torch.rand(ids.shape, generator=gen) < cfg.mntp.mask_probability) & can
-            labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-            roll = torch.rand(ids.shape, generator=gen)
-            inputs = ids.clone()
-            inputs[chosen & (roll < 0.8)] = mask_id  # 80% mask token, 10% random, 10% unchanged
-            rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
-            inputs[rand_pos] = torch.randint(len(tok), ids.shape, generator=gen)[rand_pos]
-            hidden = peft_base(
-                input_ids=inputs.to(acc.device), attention_mask=att.to(acc.device)
-            ).last_hidden_state
-            logits = head(hidden[:, :-1])  # token i is predicted from position i-1
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                     labels[:, 1:].reshape(-1).to(acc.device), ignore_index=-100)  # fmt: skip
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            if step % cfg.train.log_every == 0:
-                logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
-                trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
-        if acc.is_main_process:
-            tmp = out.with_name("mntp.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
-            (tmp / ".complete").write_text(f"{total} steps\n")
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        acc.wait_for_everyone()
-        del lm, base, peft_base, head
-        return out
+        """Masked next-token prediction with LoRA (stage1/mntp.py); returns the adapter folder."""
+        return run_mntp(self.cfg, self.base_source(), self.run_dir, acc, texts)
 
     # -- contrastive training -------------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""Masked next-token prediction (MNTP), LLM2Vec's optional first step of stage 1: LoRA on the
+bidirectional LLM, each masked token predicted from the position before it (the LM head reads
+position i-1 for token i), BERT's 80 / 10 / 10 masking; the adapter is merged into the base before
+the contrastive step. :func:`mask_tokens` is the masking, a pure function of its inputs and RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from l2c_llava import trackers
+from l2c_llava.config import Stage1Config
+from l2c_llava.data.readers import _decode
+from l2c_llava.errors import InputError
+from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
+from l2c_llava.quantization import make_adamw, prepare_for_qlora
+from l2c_llava.stage1.data import epoch_order
+from l2c_llava.stage1.encoder import lora_targets
+from l2c_llava.training import configure_launch
+
+logger = logging.getLogger("l2c_llava.stage1")
+
+IGNORE = -100  # a position without a label
+
+
+def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: set[int], mask_id: int,
+                vocab_size: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(inputs, labels) of one MNTP batch. ids, attention_mask: [B, T]. Each real, non-special token
+    is chosen with `probability`; a chosen one is replaced by `mask_id` (80%), a random token (10%) or
+    kept (10%); labels hold the chosen tokens' ids and IGNORE elsewhere. Three draws from `generator`,
+    in this order: choice, roll, random tokens."""
+    can = attention_mask.bool() & ~torch.isin(ids, torch.tensor(sorted(special_ids)))
+    chosen = (torch.rand(ids.shape, generator=generator) < probability) & can
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    roll = torch.rand(ids.shape, generator=generator)
+    inputs = ids.clone()
+    inputs[chosen & (roll < 0.8)] = mask_id  # 80% mask token, 10% random, 10% unchanged
+    rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[rand_pos] = torch.randint(vocab_size, ids.shape, generator=generator)[rand_pos]
+    return inputs, labels
+
+
+def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of token i predicted from position i-1. logits: [B, T-1, V] (positions 0..T-2),
+    labels: [B, T] (IGNORE where nothing was masked)."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE)  # fmt: skip
+
+
+def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: list[str]) -> Path:
+    """Masked next-token prediction with LoRA on the bidirectional LLM; returns the adapter folder
+    (merged into the base before the contrastive step). Restarts from scratch if interrupted."""
+    from peft import LoraConfig, get_peft_model
+
+    m = cfg.model
+    out = run_dir / "mntp"
+    if (out / ".complete").is_file():
+        logger.info("MNTP already done: %s", out)
+        return out
+    if cfg.mntp.text:
+        texts = texts + [
+            t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
+        ]
+    lm, tok, _, _ = load_llm(src, bidirectional=True, torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
+                               attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+                               causal_lm=True, load_in_4bit=m.load_in_4bit)  # fmt: skip
+    lm = merge_adapters(lm, src.adapters)
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    head = lm.get_output_embeddings()
+    lora = cfg.lora
+    if m.load_in_4bit:
+        base = prepare_for_qlora(base, m.gradient_checkpointing)
+    peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
+    head.requires_grad_(False)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
+    if len(mask_ids) != 1:
+        raise InputError(f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer")
+    mask_id = mask_ids[0]
+    params = [p for p in peft_base.parameters() if p.requires_grad]
+    opt = make_adamw(params, cfg.train.optimizer, lr=cfg.mntp.lr)
+    head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
+    configure_launch(acc, micro_batch=cfg.mntp.batch_size, accum=1, grad_clip=None)
+    peft_base, opt = acc.prepare(peft_base, opt)
+    bs = cfg.mntp.batch_size
+    total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    special = set(tok.all_special_ids)
+    for step in range(total):
+        epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
+        order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
+        batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]
+        enc = tok(batch_texts, padding=True, truncation=True, max_length=m.max_length, return_tensors="pt")
+        ids, att = enc["input_ids"], enc["attention_mask"]
+        inputs, labels = mask_tokens(ids, att, special, mask_id, len(tok), cfg.mntp.mask_probability, gen)
+        hidden = peft_base(
+            input_ids=inputs.to(acc.device), attention_mask=att.to(acc.device)
+        ).last_hidden_state
+        loss = mntp_loss(head(hidden[:, :-1]), labels.to(acc.device))
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        if step % cfg.train.log_every == 0:
+            logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
+            trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
+    if acc.is_main_process:
+        tmp = out.with_name("mntp.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
+        (tmp / ".complete").write_text(f"{total} steps\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    acc.wait_for_everyone()
+    del lm, base, peft_base, head
+    return out
