@@ -29,6 +29,7 @@ from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
+from l2c_llava.grad_cache import contrastive_accumulate
 from l2c_llava.io import atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
@@ -45,7 +46,6 @@ from l2c_llava.training import (
     append_log,
     clip_gradients,
     configure_launch,
-    contrastive_accumulate,
     make_accelerator,
     make_scheduler,
     micro_backward,
