@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from l2c_llava.config import load_config
+from l2c_llava.io import atomic_write_bytes
 from l2c_llava.mllm.evaluate import _answers, _correct, read_questions, shifted_images
 from l2c_llava.mllm.train import MllmRecipe, supervised_loss
 from l2c_llava.stats import paired_comparison, wilson_interval
@@ -139,6 +141,8 @@ def main() -> None:
     p.add_argument("--finetune-set", nargs="*", default=[], help="overrides of the finetune config")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--questions", type=int, default=120, help="held-out VQA questions (test split, spread)")
+    p.add_argument("--projector", type=Path, default=None,
+                   help="safetensors file: written after the pretrain phase, read instead of it when it exists")
     p.add_argument("--label", default="run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llava_reading.jsonl")
     a = p.parse_args()
@@ -154,13 +158,19 @@ def main() -> None:
         with a.out.open("a") as f:
             f.write(json.dumps(r) + "\n")
 
-    log({"config": vars(a) | {"data": str(a.data), "out": str(a.out)}})
-    pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
-    model, processor = pre.build()
-    if a.pretrain_steps:
-        train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log)
-    projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
-    del model
+    log({"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}})
+    if a.projector is not None and a.projector.exists():
+        projector = load_file(a.projector)
+        log({"phase": "pretrain", "projector_from": str(a.projector)})
+    else:
+        pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
+        model, processor = pre.build()
+        if a.pretrain_steps:
+            train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log)
+        projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
+        del model
+        if a.projector is not None:
+            atomic_write_bytes(a.projector, save(projector))
     ft = recipe(a.finetune_config, a.data, a.vision, a.finetune_set)
     model, processor = ft.build()
     model.load_state_dict(projector, strict=False)
