@@ -129,9 +129,30 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
         epoch += 1
 
 
+def summarize(path: Path) -> str:
+    """A markdown table of a results file: one row per measurement, runs in the order they ran."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = ["| run | phase | step | rows seen | held-out loss own / other image (gap) | VQA own image [95%] "
+           "| VQA other image | wins / losses, McNemar p | per type own / other | existence yes share |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "step" not in r:
+            continue
+        vqa = ["", "", "", "", ""]
+        if "vqa_own" in r:
+            m, ci = r["mcnemar"], r["vqa_own_ci95"]
+            types = ", ".join(f"{t} {a:.2f}/{b:.2f}" for t, (a, b, _) in r["by_type"].items())
+            vqa = [f"{r['vqa_own']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]", f"{r['vqa_other']:.3f}",
+                   f"{m['wins']} / {m['losses']}, {m['p_value']:.3g}", types, f"{r['existence_yes_ratio']:.2f}"]  # fmt: skip
+        out.append(f"| {r['label']} | {r['phase']} | {r['step']} | {r['rows_seen']} | "
+                   f"{r['loss_own']:.3f} / {r['loss_other']:.3f} ({r['loss_gap']:+.3f}) | " + " | ".join(vqa) + " |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="an `l2c data synth` folder (the demo's)")
+    p.add_argument("--data", type=Path, help="an `l2c data synth` folder (the demo's)")
+    p.add_argument("--summarize", type=Path, help="print a results file as a markdown table and stop")
     p.add_argument("--vision", default="embedded:demo-clip", help="the vision tower")
     p.add_argument("--pretrain-config", default="mllm/configs/demo_pretrain.yaml")
     p.add_argument("--finetune-config", default="mllm/configs/demo_finetune.yaml")
@@ -146,6 +167,11 @@ def main() -> None:
     p.add_argument("--label", default="run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llava_reading.jsonl")
     a = p.parse_args()
+    if a.summarize:
+        print(summarize(a.summarize))
+        return
+    if a.data is None:
+        p.error("--data is required")
     torch.manual_seed(0)
     qs = read_questions(a.data / "eval" / "vqa_test.jsonl", a.data / "images")
     stride = max(1, len(qs) // a.questions)
