@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from l2c_llava.config import load_config
+from l2c_llava.io import atomic_write_bytes
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.evaluate import _answers, _correct, read_questions, shifted_images
 from l2c_llava.mllm.train import MllmRecipe
@@ -135,9 +137,30 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
         epoch += 1
 
 
+def summarize(path: Path) -> str:
+    """A markdown table of a results file: one row per measurement, runs in the order they ran."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = ["| run | phase | step | rows seen | held-out loss own / other image (gap) | VQA own image [95%] "
+           "| VQA other image | wins / losses, McNemar p | per type own / other | existence yes share |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "step" not in r:
+            continue
+        vqa = ["", "", "", "", ""]
+        if "vqa_own" in r:
+            m, ci = r["mcnemar"], r["vqa_own_ci95"]
+            types = ", ".join(f"{t} {a:.2f}/{b:.2f}" for t, (a, b, _) in r["by_type"].items())
+            vqa = [f"{r['vqa_own']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]", f"{r['vqa_other']:.3f}",
+                   f"{m['wins']} / {m['losses']}, {m['p_value']:.3g}", types, f"{r['existence_yes_ratio']:.2f}"]  # fmt: skip
+        out.append(f"| {r['label']} | {r['phase']} | {r['step']} | {r['rows_seen']} | "
+                   f"{r['loss_own']:.3f} / {r['loss_other']:.3f} ({r['loss_gap']:+.3f}) | " + " | ".join(vqa) + " |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="an `l2c data synth` folder (the demo's)")
+    p.add_argument("--data", type=Path, help="an `l2c data synth` folder (the demo's)")
+    p.add_argument("--summarize", type=Path, help="print a results file as a markdown table and stop")
     p.add_argument("--vision", default="embedded:demo-clip", help="the vision tower")
     p.add_argument("--pretrain-config", default="mllm/configs/demo_pretrain.yaml")
     p.add_argument("--finetune-config", default="mllm/configs/demo_finetune.yaml")
@@ -147,9 +170,16 @@ def main() -> None:
     p.add_argument("--finetune-set", nargs="*", default=[], help="overrides of the finetune config")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--questions", type=int, default=120, help="held-out VQA questions (test split, spread)")
+    p.add_argument("--projector", type=Path, default=None,
+                   help="safetensors file: written after the pretrain phase, read instead of it when it exists")
     p.add_argument("--label", default="run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llava_reading.jsonl")
     a = p.parse_args()
+    if a.summarize:
+        print(summarize(a.summarize))
+        return
+    if a.data is None:
+        p.error("--data is required")
     torch.manual_seed(0)
     qs = read_questions(a.data / "eval" / "vqa_test.jsonl", a.data / "images")
     stride = max(1, len(qs) // a.questions)
@@ -162,13 +192,19 @@ def main() -> None:
         with a.out.open("a") as f:
             f.write(json.dumps(r) + "\n")
 
-    log({"config": vars(a) | {"data": str(a.data), "out": str(a.out)}})
-    pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
-    model, processor = pre.build()
-    if a.pretrain_steps:
-        train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log)
-    projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
-    del model
+    log({"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}})
+    if a.projector is not None and a.projector.exists():
+        projector = load_file(a.projector)
+        log({"phase": "pretrain", "projector_from": str(a.projector)})
+    else:
+        pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
+        model, processor = pre.build()
+        if a.pretrain_steps:
+            train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log)
+        projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
+        del model
+        if a.projector is not None:
+            atomic_write_bytes(a.projector, save(projector))
     ft = recipe(a.finetune_config, a.data, a.vision, a.finetune_set)
     model, processor = ft.build()
     model.load_state_dict(projector, strict=False)
