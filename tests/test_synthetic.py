@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +40,20 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, synth_dir):
     other = tmp_path / "other"
     generate(other, replace(SMALL, seed=SMALL.seed + 1), workers=1, progress=False)
     assert tree_digest(other) != tree_digest(synth_dir)
+
+
+def test_same_bytes_whatever_the_hash_seed(tmp_path):
+    """Two processes with other PYTHONHASHSEEDs write the same dataset (POPE's popular objects were
+    ranked in set order once)."""
+    code = (
+        "import sys; from l2c_llava.data.synthetic import SynthOptions, generate; "
+        "generate(sys.argv[1], SynthOptions(images=40, seed=3, size=64, test_fraction=0.5), "
+        "workers=1, progress=False)"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], check=True, env=env)
+    assert tree_digest(tmp_path / "1") == tree_digest(tmp_path / "2")
 
 
 def test_manifest_records_options_and_content_digest(synth_dir):

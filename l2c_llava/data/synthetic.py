@@ -193,7 +193,8 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     # --- language ---
     text_rng = {i: random.Random(f"{options.seed}-text-{i}") for i in range(n)}
     freq = Counter(p for s in scenes for p in s.present())
-    popular = [o for o, _ in freq.most_common()] + sorted(
+    # ties broken by name: most_common() keeps first-seen order, which follows the sets' hash order
+    popular = [o for o, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))] + sorted(
         {(c, s) for c in COLOURS for s in SHAPES} - set(freq), key=str
     )
     all_objects = [(c, s) for c in COLOURS for s in SHAPES]
