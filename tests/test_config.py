@@ -14,6 +14,7 @@ from l2c_llava.config import (
     load_config,
     parse_override,
     save_resolved_config,
+    write_config,
 )
 
 STAGE1 = """
@@ -252,3 +253,22 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(out)
     assert again == cfg
     assert "weight_decay: 0.05" in dump_config(cfg)  # defaults are spelled out
+
+
+def test_values_are_set_as_given_after_the_overrides_and_named_in_problems(tmp_path):
+    """What a program sets (the pipeline's wiring) is not read as YAML, wins over the user's overrides, and a
+    bad one is named like an override."""
+    path = write(tmp_path, STAGE2)
+    cfg = load_config(path, ["run.output_dir=runs/user", "train.lr=3e-5"],
+                      values={"run.output_dir": "runs/1e3 #x", "cache.dir": "null"})  # fmt: skip
+    assert cfg.run.output_dir == "runs/1e3 #x" and cfg.cache.dir == "null" and cfg.train.lr == 3e-5
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, values={"train.lrr": 1})
+    assert "override 'train.lrr=1': train.lrr = 1: unknown key" in str(ei.value)
+
+
+def test_write_config_opens_with_its_comments_and_loads_back(tmp_path):
+    cfg = load_config(write(tmp_path, STAGE1), ["train.lr=1e-4"])
+    out = write_config(cfg, tmp_path / "a" / "b.yaml", ["l2c stage1 --config a/b.yaml", "made by a test"])
+    assert out.read_text().startswith("# l2c stage1 --config a/b.yaml\n# made by a test\nrecipe: stage1\n")
+    assert load_config(out) == cfg and not list(out.parent.glob(".*"))  # atomic: no temp file left

@@ -11,6 +11,7 @@ from l2c_llava.config.core import (
     read_yaml,
     save_resolved_config,
     validate_config,
+    write_config,
 )
 from l2c_llava.config.schemas import RECIPES, ClipConfig, MllmConfig, Stage1Config, Stage2Config
 
@@ -30,4 +31,5 @@ __all__ = [
     "read_yaml",
     "save_resolved_config",
     "validate_config",
+    "write_config",
 ]

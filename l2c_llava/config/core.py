@@ -162,19 +162,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, dict[str, str], list[Problem]]:
-    """Apply dotted overrides to a nested dict (copied). Returns (data, {key: override text}, problems)."""
+def apply_overrides(
+    data: dict, overrides: Sequence[str], values: Mapping[str, Any] | None = None
+) -> tuple[dict, dict[str, str], list[Problem]]:
+    """Apply dotted overrides to a nested dict (copied), then ``values`` ({dotted key: value}, set as given
+    rather than read as YAML: what a program sets, e.g. the pipeline's output folders), which win.
+    Returns (data, {key: override text}, problems)."""
     import copy
 
     data = copy.deepcopy(data)
     origin: dict[str, str] = {}
     problems: list[Problem] = []
+    settings: list[tuple[str, str, Any]] = []  # (override text, key, value)
     for text in overrides:
         try:
-            key, value = parse_override(text)
+            settings.append((text, *parse_override(text)))
         except ConfigError as e:
             problems.extend(e.problems)
-            continue
+    settings += [(f"{key}={value}", key, value) for key, value in (values or {}).items()]
+    for text, key, value in settings:
         parts = key.split(".")
         node = data
         ok = True
@@ -375,11 +381,15 @@ def _without(data: Mapping[str, Any], locs: Sequence[Sequence[Any]]) -> dict:
 
 
 def load_config(
-    path: str | os.PathLike, overrides: Sequence[str] = (), schema: type[RecipeConfig] | None = None
+    path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    schema: type[RecipeConfig] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> RecipeConfig:
-    """Read ``path``, apply ``overrides``, validate. Raises :class:`ConfigError` listing every problem."""
+    """Read ``path``, apply ``overrides`` then ``values`` (see :func:`apply_overrides`), validate. Raises
+    :class:`ConfigError` listing every problem."""
     data = read_yaml(path)
-    data, origin, problems = apply_overrides(data, overrides)
+    data, origin, problems = apply_overrides(data, overrides, values)
     try:
         cfg = validate_config(data, source=str(path), origin=origin, schema=schema)
     except ConfigError as e:
@@ -410,13 +420,20 @@ def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
+def write_config(cfg: BaseModel, path: str | os.PathLike, comments: Sequence[str] = ()) -> Path:
+    """Write ``cfg`` resolved (every default spelled out) as a YAML file at ``path``, atomically, under
+    ``comments`` (one ``# `` line each). ``load_config(path)`` gives ``cfg`` back."""
+    header = "".join(f"# {c}\n" for c in comments)
+    return atomic_write_text(path, header + dump_config(cfg))
+
+
 def save_resolved_config(
     cfg: BaseModel, run_dir: str | os.PathLike, source: str | None = None, overrides: Sequence[str] = ()
 ) -> Path:
     """Write ``config.yaml`` (resolved, every default spelled out) into a run folder, atomically."""
-    header = "# Resolved config written by l2c-llava"
+    comments = ["Resolved config written by l2c-llava"]
     if source:
-        header += f"\n# from: {source}"
+        comments.append(f"from: {source}")
     if overrides:
-        header += f"\n# overrides: {' '.join(overrides)}"
-    return atomic_write_text(Path(run_dir) / "config.yaml", header + "\n" + dump_config(cfg))
+        comments.append(f"overrides: {' '.join(overrides)}")
+    return write_config(cfg, Path(run_dir) / "config.yaml", comments)
