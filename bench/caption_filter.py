@@ -49,6 +49,7 @@ def corrupt(rows: list[dict], kind: str, share: float, seed: int) -> tuple[list[
 
 
 def main(argv=None) -> int:
+    from l2c_llava import layout as L
     from l2c_llava.data.filter import filter_captions
     from l2c_llava.io import write_results
     from l2c_llava.search import Encoder
@@ -62,13 +63,14 @@ def main(argv=None) -> int:
     # AUC: P(a clean row scores above a corrupted one), how well the model separates them whatever the threshold
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
-    data = run / "data"
-    models = {"baseline CLIP": run / "clip" / "model", "LLM2CLIP": run / "export" / "llm2clip"}
+    R = L.PipelineRun(run)
+    data = R.data
+    models = {"baseline CLIP": R.clip_model, "LLM2CLIP": R.export("llm2clip")}
     for m in models.values():
         if not (m / "config.json").is_file():
             sys.exit(f"{m} is missing: run the demo pipeline first (bash scripts/demo.sh)")
-    rows = [json.loads(x) for x in (data / "captions" / "train.jsonl").read_text().splitlines()][: a.rows]
-    out = run / "filter"
+    rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS["train"]).read_text().splitlines()][: a.rows]
+    out = R.caption_filter
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, folder in models.items():
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
             src.write_text("".join(json.dumps(r) + "\n" for r in noisy))
             tag = "llm2clip" if name == "LLM2CLIP" else "clip"
             t0 = time.perf_counter()
-            r = filter_captions(src, data / "images", enc, out / f"clean_{kind}_{tag}.jsonl", score_kind=score,
+            r = filter_captions(src, data / L.IMAGES, enc, out / f"clean_{kind}_{tag}.jsonl", score_kind=score,
                                 drop_share=share, null_quantile=a.null_quantile, truth=lambda row, bad=bad: row.image in bad)  # fmt: skip
             m = r["measured"]
             results.append({"model": name, "corruption": kind, "score": score, "auc": m["auc"], "rows": r["rows"],

@@ -34,32 +34,34 @@ def l2c(*args: str) -> None:
 
 
 def run(run_dir: Path, pipeline_config: Path, kinds: list[str], queries: int, vqa_limit: int) -> dict:
+    from l2c_llava import layout as L
     from l2c_llava.config import load_config
     from l2c_llava.mllm.build import image_tokens_of, load_llava
 
     pipe = load_config(str(pipeline_config), [])
-    data, vision = run_dir / "data", run_dir / "clip" / "model"
-    for need in (data / "llava" / "pretrain.json", vision / "config.json"):
+    R = L.PipelineRun(run_dir)
+    data, vision = R.data, R.clip_model
+    for need in (data / L.LLAVA_PRETRAIN, vision / "config.json"):
         if not need.is_file():
             sys.exit(f"{need} is missing: run the demo pipeline first (bash scripts/demo.sh)")
-    out = run_dir / "connectors"
+    out = R.connectors
     rows = []
     for kind in kinds:
         base = out / kind
         shape = [f"model.projector_type={kind}", f"model.connector.num_queries={queries}"]
-        common = [*shape, f"model.vision_tower={vision}", f"data.image_root={data / 'images'}"]
+        common = [*shape, f"model.vision_tower={vision}", f"data.image_root={data / L.IMAGES}"]
         stats = {}
-        for stage, section, data_file in (("pretrain", pipe.mllm.pretrain, "pretrain.json"),
-                                          ("finetune", pipe.mllm.finetune, "instruct.json")):  # fmt: skip
+        for stage, section, data_file in (("pretrain", pipe.mllm.pretrain, L.LLAVA_PRETRAIN),
+                                          ("finetune", pipe.mllm.finetune, L.LLAVA_INSTRUCT)):  # fmt: skip
             extra = [f"model.init_from={base / 'pretrain'}"] if stage == "finetune" else []
             t0 = time.perf_counter()
             l2c("mllm", stage, "--config", str(ROOT / section.config), *section.overrides, *common, *extra,
-                f"run.output_dir={base / stage}", f"data.path={data / 'llava' / data_file}")  # fmt: skip
+                f"run.output_dir={base / stage}", f"data.path={data / data_file}")  # fmt: skip
             s = json.loads((base / stage / "train_stats.json").read_text())
             s["wall_s"] = round(time.perf_counter() - t0, 1)
             stats[stage] = s
-        l2c("mllm", "eval-vqa", "--model", str(base / "finetune"), "--questions", str(data / "eval" / "vqa_test.jsonl"),
-            "--image-root", str(data / "images"), "--train-json", str(data / "llava" / "instruct.json"),
+        l2c("mllm", "eval-vqa", "--model", str(base / "finetune"), "--questions", str(data / L.VQA["test"]),
+            "--image-root", str(data / L.IMAGES), "--train-json", str(data / L.LLAVA_INSTRUCT),
             "--limit", str(vqa_limit), "--out", str(base / "vqa"))  # fmt: skip
         vqa = json.loads((base / "vqa" / "vqa_metrics.json").read_text())
         model = load_llava(base / "finetune" / "model")
@@ -111,13 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--vqa-limit", type=int, default=200)
     a = p.parse_args(argv)
     from l2c_llava.io import write_results
+    from l2c_llava.layout import PipelineRun
 
     run_dir = Path(a.run).resolve()
     res = run(run_dir, Path(a.pipeline_config), a.kinds.split(","), a.queries, a.vqa_limit)
     md = f"# Connectors at demo scale ({res['host']}, {res['date']})\n\n" + table(res)
-    write_results(
-        [(run_dir / "connectors", "connectors"), (HERE / "results", f"connectors-{res['host']}")], res, md
-    )
+    here = (HERE / "results", f"connectors-{res['host']}")
+    write_results([(PipelineRun(run_dir).connectors, "connectors"), here], res, md)
     print(md)
     return 0
 

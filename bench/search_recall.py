@@ -28,9 +28,11 @@ HERE = Path(__file__).resolve().parent
 def _baseline_tower(run: Path, given: str | None) -> str:
     """The run's baseline tower: the CLIP it trained (run/clip/model), else `given` or the shipped one."""
     from l2c_llava.embedded import resolve_vision_path
+    from l2c_llava.layout import PipelineRun
 
-    if given is None and (run / "clip" / "model" / "config.json").is_file():
-        return str(run / "clip" / "model")
+    clip = PipelineRun(run).clip_model
+    if given is None and (clip / "config.json").is_file():
+        return str(clip)
     return resolve_vision_path(given or "embedded:demo-clip")
 
 
@@ -55,20 +57,21 @@ def run(
     limit: int | None = None,
     baseline: str | None = None,
 ) -> dict:
+    from l2c_llava import layout as L
     from l2c_llava.search import Encoder, SearchIndex, build_index
     from l2c_llava.stats import paired_comparison, wilson_interval
 
     run = Path(run_dir)
-    data = run / "data"
-    rows = [json.loads(x) for x in (data / "captions" / "test.jsonl").read_text().splitlines() if x.strip()]
+    data = L.PipelineRun(run).data
+    rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS["test"]).read_text().splitlines() if x.strip()]
     rows = rows[:limit] if limit else rows
-    encoders = {"baseline": _baseline_tower(run, baseline), "llm2clip": str(run / "stage2")}
+    encoders = {"baseline": _baseline_tower(run, baseline), "llm2clip": str(L.PipelineRun(run).stage2)}
     out: dict = {"run": str(run), "images": len(rows), "queries": "each test image's dense caption", "k": k,
                  "index": kind, "host": socket.gethostname(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     hits: dict[str, dict[int, list[bool]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"
-        names = _link_images(rows, data / "images", images)
+        names = _link_images(rows, data / L.IMAGES, images)
         for name, path in encoders.items():
             t0 = time.perf_counter()
             enc = Encoder(path)
@@ -120,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.run, args.k, args.kind, args.limit, args.baseline)
     md = to_markdown(res)
     from l2c_llava.io import atomic_write_json, atomic_write_text
+    from l2c_llava.layout import PipelineRun
 
-    for folder in (Path(args.run) / "search", HERE / "results"):
-        stem = "search_recall" if folder.name == "search" else f"search_recall-{res['host']}"
+    for folder, stem in ((PipelineRun(Path(args.run)).search, "search_recall"),
+                         (HERE / "results", f"search_recall-{res['host']}")):  # fmt: skip
         atomic_write_json(folder / f"{stem}.json", res)
         atomic_write_text(folder / f"{stem}.md", md)
     sys.stdout.write(md)

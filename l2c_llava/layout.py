@@ -1,12 +1,14 @@
 """Where things are, stated once: the embedded dataset's files (written by ``data/synthetic.py``, read by
-the pipeline, the local lmms-eval tasks, the retrieval and health checks and the report) and where a
+the pipeline, the local lmms-eval tasks, the retrieval and health checks and the report), where a
 stage-2 run keeps its exports (written by ``l2c export``, read wherever a stage-2 run folder is given as
-a vision tower).
+a vision tower) and the pipeline's run folder (:class:`PipelineRun`: written by ``l2c pipeline``'s
+steps, read by the report, the web demo and the bench scripts).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -74,3 +76,146 @@ def exported_tower(run_dir: str | os.PathLike) -> Path:
         raise NotExportedError(f"{run_dir} is a stage-2 run whose vision tower is not exported yet ({folder}): "
                                f"run `l2c export vision --run {run_dir}`")  # fmt: skip
     return folder
+
+
+# -- the pipeline's run folder (`l2c pipeline`'s run.output_dir) -------------------------------------------
+
+
+ENCODERS = ("baseline", "llm2clip")  # the two vision encoders a pipeline run compares, in its folder names
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """Where each step of ``l2c pipeline`` writes under its ``run.output_dir`` (``root``): one folder per
+    step, each encoder's LLaVA and lmms-eval results, the report, and the pipeline's own bookkeeping.
+    ``PipelineRun(Path())`` gives the same paths relative to the run folder."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # the steps' folders
+    @property
+    def data(self) -> Path:
+        """The embedded dataset, when the pipeline synthesizes it (``data.synth_images``)."""
+        return self.root / "data"
+
+    @property
+    def stage1(self) -> Path:
+        return self.root / "stage1"
+
+    @property
+    def stage1_encoder(self) -> Path:
+        """The caption encoder stage 1 writes: stage 2's ``text_encoder.path``."""
+        return self.stage1 / "encoder"
+
+    @property
+    def stage1_metrics(self) -> Path:
+        return self.stage1 / "metrics.json"
+
+    @property
+    def clip(self) -> Path:
+        """The baseline CLIP trained from scratch (``baseline.clip``)."""
+        return self.root / "clip"
+
+    @property
+    def clip_model(self) -> Path:
+        return self.clip / "model"
+
+    @property
+    def text_features(self) -> Path:
+        """Stage 2's text feature cache (its ``cache.dir``)."""
+        return self.root / "text_features"
+
+    @property
+    def stage2(self) -> Path:
+        return self.root / "stage2"
+
+    @property
+    def retrieval_metrics(self) -> Path:
+        """``l2c stage2 eval``'s numbers, beside ``retrieval.md`` in the stage-2 folder."""
+        return self.stage2 / "metrics.json"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def retrieval_md(self) -> Path:
+        return self.stage2 / "retrieval.md"
+
+    def export(self, what: str) -> Path:
+        """``l2c export vision|llm2clip`` of the stage-2 run."""
+        return self.exports / what
+
+    @property
+    def health(self) -> Path:
+        return self.root / "health"
+
+    @property
+    def health_json(self) -> Path:
+        return self.health / "health.json"
+
+    def llava(self, encoder: str, stage: str) -> Path:
+        """The LLaVA run of one encoder (:data:`ENCODERS`) and stage (pretrain, finetune)."""
+        return self.root / "mllm" / encoder / stage
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    def eval(self, encoder: str) -> Path:
+        """``l2c mllm eval``'s output for one encoder's LLaVA: results.json, tasks/, lmms_eval/."""
+        return self.evals / encoder
+
+    def eval_results(self, encoder: str) -> Path:
+        return self.eval(encoder) / "results.json"
+
+    def lmms_eval(self, encoder: str) -> Path:
+        """lmms-eval's own output (its logged samples) under an encoder's eval folder."""
+        return self.eval(encoder) / "lmms_eval"
+
+    # the report
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    # the pipeline's bookkeeping
+    @property
+    def state(self) -> Path:
+        """Each step's fingerprint, resume key, status and time."""
+        return self.root / "pipeline" / "state.json"
+
+    def step_config(self, step: str) -> Path:
+        """The resolved config a step's command runs under (``l2c ... --config`` this file)."""
+        return self.root / "pipeline" / "configs" / f"{step}.yaml"
+
+    # written on a run folder by the applications and bench scripts (the report shows the bench sections)
+    @property
+    def connectors(self) -> Path:
+        """``bench/connectors.py``: MLP vs Q-Former vs perceiver resampler."""
+        return self.root / "connectors"
+
+    @property
+    def caption_filter(self) -> Path:
+        """``bench/caption_filter.py``: caption filtering on corrupted pairs."""
+        return self.root / "filter"
+
+    @property
+    def search(self) -> Path:
+        """``bench/search_recall.py``: search recall of both encoders."""
+        return self.root / "search"
+
+    @property
+    def demo_search(self) -> Path:
+        """``l2c demo``: the web demo's search index."""
+        return self.root / "demo_search"

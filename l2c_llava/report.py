@@ -17,16 +17,29 @@ from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_text
 from l2c_llava.mllm.evaluate import normalize, prior_answers, question_type
 from l2c_llava.stats import paired_comparison, wilson_interval
 
-ENCODERS = ("baseline", "llm2clip")
-CURVES = (("stage1", "stage 1 (caption contrastive, LoRA)"), ("clip", "baseline CLIP from scratch"),
-          ("stage2", "stage 2 (vision vs LLM features)"), ("mllm/baseline/pretrain", "LLaVA pretrain, baseline"),
-          ("mllm/llm2clip/pretrain", "LLaVA pretrain, LLM2CLIP"), ("mllm/baseline/finetune", "LLaVA finetune, baseline"),
-          ("mllm/llm2clip/finetune", "LLaVA finetune, LLM2CLIP"))  # fmt: skip
+ENCODERS = L.ENCODERS
+IN_RUN = L.PipelineRun(Path())  # the run folder's layout relative to it: the curves' keys, the plots' links
+
+
+def _rel(path: Path) -> str:
+    return path.as_posix()
+
+
+# the training runs whose loss curves are drawn, by their folder in the run (their key in report.json)
+STAGE1, CLIP, STAGE2 = _rel(IN_RUN.stage1), _rel(IN_RUN.clip), _rel(IN_RUN.stage2)
+LLAVA = {
+    (enc, stage): _rel(IN_RUN.llava(enc, stage)) for stage in ("pretrain", "finetune") for enc in L.ENCODERS
+}
+CURVES = ((STAGE1, "stage 1 (caption contrastive, LoRA)"), (CLIP, "baseline CLIP from scratch"),
+          (STAGE2, "stage 2 (vision vs LLM features)"), (LLAVA["baseline", "pretrain"], "LLaVA pretrain, baseline"),
+          (LLAVA["llm2clip", "pretrain"], "LLaVA pretrain, LLM2CLIP"),
+          (LLAVA["baseline", "finetune"], "LLaVA finetune, baseline"),
+          (LLAVA["llm2clip", "finetune"], "LLaVA finetune, LLM2CLIP"))  # fmt: skip
 # plot panels: the LLaVA stages show both encoders on one axis
-PANELS = (("stage 1 (caption contrastive, LoRA)", ("stage1",)), ("baseline CLIP from scratch", ("clip",)),
-          ("stage 2 (vision vs LLM features)", ("stage2",)),
-          ("LLaVA pretrain (projector)", ("mllm/baseline/pretrain", "mllm/llm2clip/pretrain")),
-          ("LLaVA finetune", ("mllm/baseline/finetune", "mllm/llm2clip/finetune")))  # fmt: skip
+PANELS = (("stage 1 (caption contrastive, LoRA)", (STAGE1,)), ("baseline CLIP from scratch", (CLIP,)),
+          ("stage 2 (vision vs LLM features)", (STAGE2,)),
+          ("LLaVA pretrain (projector)", (LLAVA["baseline", "pretrain"], LLAVA["llm2clip", "pretrain"])),
+          ("LLaVA finetune", (LLAVA["baseline", "finetune"], LLAVA["llm2clip", "finetune"])))  # fmt: skip
 
 
 def _read(path: Path) -> dict | None:
@@ -71,7 +84,7 @@ def paired_llava(out: Path) -> dict:
     exact test on the questions only one gets right)."""
     res = {}
     for task, metric in PER_QUESTION.items():
-        by_enc = {enc: _sample_hits(out / "eval" / enc / "lmms_eval", task, metric) for enc in ENCODERS}
+        by_enc = {enc: _sample_hits(L.PipelineRun(out).lmms_eval(enc), task, metric) for enc in ENCODERS}
         common = sorted(set.intersection(*(set(h) for h in by_enc.values())))
         if not common:
             continue
@@ -89,7 +102,7 @@ def paired_llava(out: Path) -> dict:
 
 def _task_rows(out: Path, name: str) -> list[dict]:
     """The rows a local task was given (``eval/<encoder>/tasks/<task>.jsonl``, the same for both)."""
-    tasks = next((p for p in sorted((out / "eval").glob("*/tasks")) if p.is_dir()), None)
+    tasks = next((p for p in sorted(L.PipelineRun(out).evals.glob("*/tasks")) if p.is_dir()), None)
     f = tasks / f"{name}.jsonl" if tasks else None
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f and f.is_file() else []
 
@@ -97,7 +110,7 @@ def _task_rows(out: Path, name: str) -> list[dict]:
 def _prior_hits(out: Path, vqa: list[dict]) -> list[bool]:
     """Per l2c_vqa row: whether the blind answer prior (the most frequent training answer of the
     question's type, from the LLaVA training JSON) is right."""
-    train = out / "data" / L.LLAVA_INSTRUCT
+    train = L.PipelineRun(out).data / L.LLAVA_INSTRUCT
     if not vqa or not train.is_file():
         return []
     prior = prior_answers(train, vqa)
@@ -119,7 +132,7 @@ def image_use(out: Path) -> dict:
     prior = _prior_hits(out, vqa_rows)
     res: dict = {}
     for enc in ENCODERS:
-        folder = out / "eval" / enc / "lmms_eval"
+        folder = L.PipelineRun(out).lmms_eval(enc)
         right = _sample_hits(folder, "l2c_vqa", "exact_match")
         if not right:
             continue
@@ -261,17 +274,18 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
     path = plots / name
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    return ["", f"![{alt}](plots/{name})", ""]
+    return ["", f"![{alt}]({_rel(IN_RUN.plots / name)})", ""]
 
 
 def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
-    data: dict = {"stage1": _read(out / "stage1" / "metrics.json"), "retrieval": _read(out / "stage2" / "metrics.json"),
-                  "lmms": {}, "curves": {}, "connectors": _read(out / "connectors" / "connectors.json"),
-                  "health": _read(out / "health" / "health.json"), "llava_paired": paired_llava(out),
+    run = L.PipelineRun(out)
+    data: dict = {"stage1": _read(run.stage1_metrics), "retrieval": _read(run.retrieval_metrics),
+                  "lmms": {}, "curves": {}, "connectors": _read(run.connectors / "connectors.json"),
+                  "health": _read(run.health_json), "llava_paired": paired_llava(out),
                   "llava_image_use": image_use(out)}  # fmt: skip
     for enc in ENCODERS:
-        res = _read(out / "eval" / enc / "results.json")
+        res = _read(run.eval_results(enc))
         data["lmms"][enc] = res["rows"] if res else None
     for folder, _ in CURVES:
         rows = [r for r in _log(out / folder / "train_log.jsonl") if "loss" in r and "step" in r]
@@ -330,7 +344,8 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    plots = out / "plots"
+    run = L.PipelineRun(out)
+    plots = run.plots
     plots.mkdir(parents=True, exist_ok=True)
     state = state or {}
     data = collect(out)
@@ -339,14 +354,10 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     md += [f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
            f"Config `{state.get('config', '?')}`" + (f" with `{' '.join(state['overrides'])}`" if state.get("overrides") else "")
            + ". Every number below is read from the files the steps wrote.", ""]  # fmt: skip
-    manifest = _read(out / "data" / L.MANIFEST)
+    manifest = _read(run.data / L.MANIFEST)
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
-        clip = (
-            "a small CLIP trained from scratch"
-            if (out / "clip" / "model").is_dir()
-            else "a small demo-world CLIP"
-        )
+        clip = "a small CLIP trained from scratch" if run.clip_model.is_dir() else "a small demo-world CLIP"
         md += [f"At this scale (the embedded 135M LLM, {clip}, {size}) the numbers show how the two encoders "
                "compare here; they are not the paper's numbers. Read each difference with its interval and test.", ""]  # fmt: skip
 
@@ -513,12 +524,12 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += ["(no train_log.jsonl found)", ""]
 
     # optional sections, written by the bench scripts on this run folder
-    conn = _read(out / "connectors" / "connectors.json")
+    conn = _read(run.connectors / "connectors.json")
     if conn:
         md += [f"## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, {conn['queries']} "
                "queries; `python bench/connectors.py`)", ""]  # fmt: skip
-        md += (out / "connectors" / "connectors.md").read_text().splitlines()[2:] + [""]
-    filt = out / "filter" / "filter.md"
+        md += (run.connectors / "connectors.md").read_text().splitlines()[2:] + [""]
+    filt = run.caption_filter / "filter.md"
     if filt.is_file():
         md += ["## Caption filtering on deliberately corrupted pairs (`python bench/caption_filter.py`)", ""]
         md += filt.read_text().splitlines()[2:] + [""]
@@ -539,6 +550,6 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += ["## Versions", "", "| package | version |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in state["versions"].items()]
         md.append("")
-    atomic_write_json(out / "report.json", {"scale": scale, "numbers": {**data, "lmms_table": table},
+    atomic_write_json(run.report_json, {"scale": scale, "numbers": {**data, "lmms_table": table},
                                             "steps": steps, "versions": state.get("versions", {})})  # fmt: skip
-    return atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return atomic_write_text(run.report_md, "\n".join(md) + "\n")

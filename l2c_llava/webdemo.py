@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l2c_llava import layout as L
 from l2c_llava.errors import L2CError
 from l2c_llava.mllm.chat import LlavaChat
 from l2c_llava.search import list_images, run_queries
@@ -36,13 +37,13 @@ class DemoSetup:
     index_dir: str | None = None  # where the search indexes are kept
 
 
-def _baseline_clip(run: Path) -> str | None:
+def _baseline_clip(run: L.PipelineRun) -> str | None:
     """The baseline CLIP of a demo run: the one it trained, else the tower its baseline LLaVA used."""
-    if (run / "clip" / "model" / "config.json").is_file():
-        return str(run / "clip" / "model")
+    if (run.clip_model / "config.json").is_file():
+        return str(run.clip_model)
     import yaml
 
-    cfg_path = run / "mllm" / "baseline" / "finetune" / "config.yaml"
+    cfg_path = run.llava("baseline", "finetune") / "config.yaml"
     if cfg_path.is_file():
         tower = ((yaml.safe_load(cfg_path.read_text()) or {}).get("model") or {}).get("vision_tower")
         if tower:
@@ -57,19 +58,19 @@ def _baseline_clip(run: Path) -> str | None:
 
 def default_setup(run_dir: str | os.PathLike = "runs/demo") -> DemoSetup:
     """What ``l2c demo`` shows of a pipeline run folder (what is missing is left out)."""
-    run = Path(run_dir)
-    setup = DemoSetup(index_dir=str(run / "demo_search"))
+    run = L.PipelineRun(Path(run_dir))
+    setup = DemoSetup(index_dir=str(run.demo_search))
     for enc, label in (("baseline", "baseline CLIP"), ("llm2clip", "LLM2CLIP")):
-        folder = run / "mllm" / enc / "finetune"
+        folder = run.llava(enc, "finetune")
         if (folder / "model" / "config.json").is_file():
             setup.llavas[f"LLaVA on {label}"] = str(folder)
     base = _baseline_clip(run)
     if base:
         setup.encoders["baseline CLIP"] = base
-    if (run / "export" / "llm2clip" / "config.json").is_file():
-        setup.encoders["LLM2CLIP"] = str(run / "export" / "llm2clip")
-    if (run / "data" / "images").is_dir():
-        setup.images = str(run / "data" / "images")
+    if (run.export("llm2clip") / "config.json").is_file():
+        setup.encoders["LLM2CLIP"] = str(run.export("llm2clip"))
+    if (run.data / L.IMAGES).is_dir():
+        setup.images = str(run.data / L.IMAGES)
     return setup
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from l2c_llava.layout import NotExportedError, export_dir
+from l2c_llava.layout import NotExportedError, PipelineRun, export_dir
 from tests.conftest import ROOT
 
 
@@ -53,3 +53,18 @@ def test_paper_mllm_configs_name_the_stage2_run_not_a_path_inside_it():
     for name in ("llava15_7b_pretrain", "llava15_7b_finetune", "llava15_7b_finetune_lora"):
         cfg = load_config(ROOT / f"mllm/configs/{name}.yaml")
         assert cfg.model.vision_tower == stage2.run.output_dir, name
+
+
+def test_the_run_folder_layout_keeps_its_paths():
+    """Run folders written before `layout.PipelineRun` stay readable: the same paths."""
+    r = PipelineRun(Path("o"))
+    got = [r.data, r.stage1_encoder, r.stage1_metrics, r.clip_model, r.text_features, r.retrieval_metrics,
+           r.retrieval_md, r.export("vision"), r.health_json, r.llava("llm2clip", "pretrain"), r.eval_results("baseline"),
+           r.lmms_eval("baseline"), r.report_md, r.report_json, r.plots, r.state, r.step_config("stage2"),
+           r.connectors, r.caption_filter, r.search, r.demo_search]  # fmt: skip
+    assert [p.as_posix() for p in got] == [
+        "o/data", "o/stage1/encoder", "o/stage1/metrics.json", "o/clip/model", "o/text_features",
+        "o/stage2/metrics.json", "o/stage2/retrieval.md", "o/export/vision", "o/health/health.json",
+        "o/mllm/llm2clip/pretrain", "o/eval/baseline/results.json", "o/eval/baseline/lmms_eval", "o/report.md",
+        "o/report.json", "o/plots", "o/pipeline/state.json", "o/pipeline/configs/stage2.yaml", "o/connectors",
+        "o/filter", "o/search", "o/demo_search"]  # fmt: skip
