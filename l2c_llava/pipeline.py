@@ -7,6 +7,12 @@ what a user would run by hand):
          -> for baseline and llm2clip: LLaVA pretrain -> finetune -> lmms-eval
          -> report
 
+A step that runs a recipe gets its config resolved here: the step's YAML, the pipeline config's
+``overrides`` for it, and the wiring the pipeline sets (output folders under ``run.output_dir``, the
+embedded dataset's files, the upstream steps' outputs), validated into the recipe's typed config and
+written to ``OUTPUT/pipeline/configs/<step>.yaml`` just before the step runs ``l2c ... --config`` that
+file (the run-folder layout: :class:`l2c_llava.layout.PipelineRun`).
+
 Each step has a fingerprint of its inputs: its resolved config (keys that only change logging left
 out), the fingerprints of the steps it reads from, and the size and time of every input file its
 config names. ``OUTPUT/pipeline/state.json`` records the fingerprint a step ran under and whether it
@@ -30,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c_llava import layout as L
-from l2c_llava.config import load_config
-from l2c_llava.config.core import config_to_dict, flatten
+from l2c_llava.config import load_config, write_config
+from l2c_llava.config.core import RecipeConfig, config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.config_names import project_root
 from l2c_llava.embedded import resolve_vision_path
@@ -42,7 +48,7 @@ from l2c_llava.report import write_report
 from l2c_llava.resume import fingerprint_keys, resumable_keys
 from l2c_llava.runs import versions
 
-ENCODERS = ("baseline", "llm2clip")
+ENCODERS = L.ENCODERS
 
 
 class PipelineError(L2CError, RuntimeError):
@@ -63,6 +69,11 @@ class Step:
     upstream: list[str] = field(default_factory=list)
     func: Callable[[], None] | None = None
     launch: list[str] | None = None  # launcher words (accelerate launch ...); None: this Python
+    # the resolved config `argv` reads, written to `config_file` before the step runs; where it comes from (the
+    # step's YAML and overrides, a comment in the file)
+    config: RecipeConfig | None = None
+    config_file: Path | None = None
+    config_origin: str = ""
 
 
 def _digest(obj) -> str:
@@ -83,13 +94,13 @@ def _file_stats(values, produced: Path | None = None) -> dict:
     return out
 
 
-def config_fingerprint(path: str, overrides: list[str], sections: tuple[str, ...] | None = None,
-                       keep: tuple[str, ...] = (), produced: Path | None = None) -> dict:  # fmt: skip
+def config_fingerprint(cfg: RecipeConfig, sections: tuple[str, ...] | None = None, keep: tuple[str, ...] = (),
+                       produced: Path | None = None) -> dict:  # fmt: skip
     """The resolved config a step runs under, minus bookkeeping and the sections read after training
     (but those in `keep`), plus its input files' stats; `sections` limits it to those top-level
     sections. Under "resumable": the same without what may change on resume (resume.py), not part of
     the fingerprint but of the step's resume key."""
-    every = flatten(config_to_dict(load_config(path, overrides)))
+    every = flatten(config_to_dict(cfg))
     if sections is not None:
         every = {k: v for k, v in every.items() if k.split(".")[0] in sections}
     flat = fingerprint_keys(every, keep)
@@ -101,7 +112,8 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: str = "", overrides: list[str] | None = None):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        self.state_path = self.out / "pipeline" / "state.json"
+        self.run_folder = L.PipelineRun(self.out)
+        self.state_path = self.run_folder.state
         self.source, self.overrides = source, overrides or []
         self._resolve_configs()
         self.steps = self._plan()
@@ -122,17 +134,31 @@ class Pipeline:
     def _data_dir(self) -> Path | None:
         d = self.cfg.data
         if d.synth_images is not None:
-            return self.out / "data"
+            return self.run_folder.data
         return Path(d.dir) if d.dir else None
 
     def _plan(self) -> list[Step]:
-        c, out, D = self.cfg, self.out, self._data_dir()
+        c, out, R, D = self.cfg, self.out, self.run_folder, self._data_dir()
         l2c = ["l2c"]
         steps: list[Step] = []
         fps: dict[str, str] = {}
 
-        def fp(path: str, overrides: list[str], sections=None, keep=()) -> dict:
-            return config_fingerprint(path, overrides, sections, keep, produced=out)
+        def resolved(step: PipelineStep, wiring: dict[str, str], data: dict[str, str] | None = None):
+            """The step's YAML with its overrides, then the pipeline's wiring, then (with a data folder) config
+            keys pointed at files of the embedded layout: validated, every problem named."""
+            if D is not None:
+                wiring = {**wiring, **{k: str(D / rel) for k, rel in (data or {}).items()}}
+            return load_config(step.config, step.overrides, values=wiring)
+
+        def recipe(name: str, step: PipelineStep, command: list[str], cfg: RecipeConfig) -> dict:
+            """The fields of a Step that runs `l2c COMMAND --config <its resolved config>`."""
+            file = R.step_config(name)
+            origin = f"{step.config}" + (f" with {' '.join(step.overrides)}" if step.overrides else "")
+            return {"argv": l2c + [*command, "--config", str(file)], "config": cfg, "config_file": file,
+                    "config_origin": origin}  # fmt: skip
+
+        def fp(cfg: RecipeConfig, sections=None, keep=()) -> dict:
+            return config_fingerprint(cfg, sections, keep, produced=out)
 
         def add(step: Step, fp_obj, upstream: list[str]) -> None:
             step.upstream = upstream
@@ -143,10 +169,6 @@ class Pipeline:
             step.resume_key = _digest({"step": step.name, "inputs": inputs, "upstream": ups})
             fps[step.name] = step.fingerprint
             steps.append(step)
-
-        def with_data(keys: dict[str, str]) -> list[str]:
-            """Overrides pointing config keys at files of the embedded layout (none without a data folder)."""
-            return [f"{k}={D / rel}" for k, rel in keys.items()] if D is not None else []
 
         # data
         data_up: list[str] = []
@@ -169,19 +191,23 @@ class Pipeline:
 
         # stage 1
         s1 = c.stage1
-        ov = [*s1.overrides, f"run.output_dir={out / 'stage1'}"] + with_data({"data.train": L.CAPTION_PAIRS["train"], "data.eval": L.RETRIEVAL_SHORT, "data.eval_pairs": L.CAPTION_PAIRS["test"]})  # fmt: skip
-        add(Step("stage1", "stage 1: LLM -> caption encoder", l2c + ["stage1", "--config", s1.config, *ov],
-                 [out / "stage1"], out / "stage1" / "metrics.json", launch=s1.launch),
-            fp(s1.config, ov, keep=("eval",)), data_up)  # fmt: skip
+        cfg = resolved(s1, {"run.output_dir": str(R.stage1)},
+                       {"data.train": L.CAPTION_PAIRS["train"], "data.eval": L.RETRIEVAL_SHORT,
+                        "data.eval_pairs": L.CAPTION_PAIRS["test"]})  # fmt: skip
+        add(Step("stage1", "stage 1: LLM -> caption encoder", outputs=[R.stage1], done_marker=R.stage1_metrics,
+                 launch=s1.launch, **recipe("stage1", s1, ["stage1"], cfg)),
+            fp(cfg, keep=("eval",)), data_up)  # fmt: skip
 
         # baseline
         if c.baseline.clip is not None:
             b = c.baseline.clip
-            ov = [*b.overrides, f"run.output_dir={out / 'clip'}"] + with_data({"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step("baseline", "baseline CLIP trained from scratch", l2c + ["clip", "pretrain", "--config", b.config, *ov],
-                     [out / "clip"], out / "clip" / "model" / "config.json", launch=b.launch),
-                fp(b.config, ov), data_up)  # fmt: skip
-            base_vision, base_up = str(out / "clip" / "model"), ["baseline"]
+            cfg = resolved(b, {"run.output_dir": str(R.clip)},
+                           {"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES})  # fmt: skip
+            add(Step("baseline", "baseline CLIP trained from scratch", outputs=[R.clip],
+                     done_marker=R.clip_model / "config.json", launch=b.launch,
+                     **recipe("baseline", b, ["clip", "pretrain"], cfg)),
+                fp(cfg), data_up)  # fmt: skip
+            base_vision, base_up = str(R.clip_model), ["baseline"]
         else:
             # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
             # a Hub id stays an id: each step resolves it through the Hugging Face cache when it runs
@@ -191,79 +217,79 @@ class Pipeline:
             vision = str(c.baseline.vision)
             base_vision, base_up = (vision if is_hub_id(vision) else resolve_vision_path(vision)), []
 
-        # stage 2
+        # stage 2: one config for the cache, the training and the retrieval eval
         s2 = c.stage2
-        ov2 = [*s2.overrides, f"run.output_dir={out / 'stage2'}", f"text_encoder.path={out / 'stage1' / 'encoder'}",
-               f"cache.dir={out / 'text_features'}", f"vision.name_or_path={base_vision}"] + with_data({"data.train": L.CAPTION_PAIRS["train"], "data.image_root": L.IMAGES, "data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG, "data.eval_image_root": L.IMAGES})  # fmt: skip
-        add(Step("text_cache", "stage 2: text feature cache", l2c + ["stage2", "cache", "--config", s2.config, *ov2],
-                 [out / "text_features"], out / "text_features" / "train" / "manifest.json"),
-            fp(s2.config, ov2, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
-        add(Step("stage2", "stage 2: vision encoder vs cached LLM features", l2c + ["stage2", "train", "--config", s2.config, *ov2],
-                 [out / "stage2"], out / "stage2" / "model" / "model.safetensors", launch=s2.launch),
-            fp(s2.config, ov2), ["text_cache", *base_up])  # fmt: skip
-        add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", l2c + ["stage2", "eval", "--config", s2.config, *ov2],
-                 [out / "stage2" / "metrics.json", out / "stage2" / "retrieval.md"], out / "stage2" / "metrics.json"),
-            fp(s2.config, ov2, keep=("eval",)), ["stage2"])  # fmt: skip
-        add(Step("export", "export the upgraded encoder", None, [out / "export"], out / "export" / "llm2clip" / "config.json",
-                 func=self._export), {}, ["stage2"])  # fmt: skip
+        cfg = resolved(s2, {"run.output_dir": str(R.stage2), "text_encoder.path": str(R.stage1_encoder),
+                            "cache.dir": str(R.text_features), "vision.name_or_path": base_vision},
+                       {"data.train": L.CAPTION_PAIRS["train"], "data.image_root": L.IMAGES,
+                        "data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG,
+                        "data.eval_image_root": L.IMAGES})  # fmt: skip
+        add(Step("text_cache", "stage 2: text feature cache", outputs=[R.text_features],
+                 done_marker=R.text_features / "train" / "manifest.json",
+                 **recipe("text_cache", s2, ["stage2", "cache"], cfg)),
+            fp(cfg, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
+        add(Step("stage2", "stage 2: vision encoder vs cached LLM features", outputs=[R.stage2],
+                 done_marker=R.stage2 / "model" / "model.safetensors", launch=s2.launch,
+                 **recipe("stage2", s2, ["stage2", "train"], cfg)),
+            fp(cfg), ["text_cache", *base_up])  # fmt: skip
+        add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", outputs=[R.retrieval_metrics, R.retrieval_md],
+                 done_marker=R.retrieval_metrics, **recipe("retrieval", s2, ["stage2", "eval"], cfg)),
+            fp(cfg, keep=("eval",)), ["stage2"])  # fmt: skip
+        add(Step("export", "export the upgraded encoder", None, [R.exports],
+                 R.export("llm2clip") / "config.json", func=self._export), {}, ["stage2"])  # fmt: skip
 
         # encoder health: collapse figures and the patch probe of both towers, read before any LLaVA number
         if D is not None:
             h = c.health
-            argv = l2c + ["health", "--tower", f"baseline={base_vision}", "--tower", f"llm2clip={out / 'export' / 'vision'}",
+            argv = l2c + ["health", "--tower", f"baseline={base_vision}", "--tower", f"llm2clip={R.export('vision')}",
                           "--data", str(D), "--probe-train", str(h.probe_train), "--test", str(h.test_scenes),
-                          "--steps", str(h.probe_steps), "--out", str(out / "health" / "health.json")]  # fmt: skip
-            add(Step("health", "encoder health: collapse and patch probe, both towers", argv, [out / "health"],
-                     out / "health" / "health.json"), {"health": h.model_dump()}, ["export", *base_up, *data_up])  # fmt: skip
+                          "--steps", str(h.probe_steps), "--out", str(R.health_json)]  # fmt: skip
+            add(Step("health", "encoder health: collapse and patch probe, both towers", argv, [R.health],
+                     R.health_json), {"health": h.model_dump()}, ["export", *base_up, *data_up])  # fmt: skip
 
         # LLaVA on each encoder, then lmms-eval
         towers = {
             "baseline": (base_vision, base_up),
-            "llm2clip": (str(out / "export" / "vision"), ["export"]),
+            "llm2clip": (str(R.export("vision")), ["export"]),
         }
         for enc in ENCODERS:
             vt, vt_up = towers[enc]
-            m = out / "mllm" / enc
             pre, fin = c.mllm.pretrain, c.mllm.finetune
-            ovp = [*pre.overrides, f"run.output_dir={m / 'pretrain'}", f"model.vision_tower={vt}"] + with_data({"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector",
-                     l2c + ["mllm", "pretrain", "--config", pre.config, *ovp], [m / "pretrain"], m / "pretrain" / "train_stats.json", launch=pre.launch),
-                fp(pre.config, ovp), [*vt_up, *data_up])  # fmt: skip
-            ovf = [*fin.overrides, f"run.output_dir={m / 'finetune'}", f"model.vision_tower={vt}",
-                   f"model.init_from={m / 'pretrain'}"] + with_data({"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune",
-                     l2c + ["mllm", "finetune", "--config", fin.config, *ovf], [m / "finetune"], m / "finetune" / "train_stats.json", launch=fin.launch),
-                fp(fin.config, ovf), [f"pretrain_{enc}"])  # fmt: skip
+            pre_dir, fin_dir = R.llava(enc, "pretrain"), R.llava(enc, "finetune")
+            cfg = resolved(pre, {"run.output_dir": str(pre_dir), "model.vision_tower": vt},
+                           {"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES})  # fmt: skip
+            add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector", outputs=[pre_dir],
+                     done_marker=pre_dir / "train_stats.json", launch=pre.launch,
+                     **recipe(f"pretrain_{enc}", pre, ["mllm", "pretrain"], cfg)),
+                fp(cfg), [*vt_up, *data_up])  # fmt: skip
+            cfg = resolved(fin, {"run.output_dir": str(fin_dir), "model.vision_tower": vt,
+                                 "model.init_from": str(pre_dir)},
+                           {"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES})  # fmt: skip
+            add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune", outputs=[fin_dir],
+                     done_marker=fin_dir / "train_stats.json", launch=fin.launch,
+                     **recipe(f"finetune_{enc}", fin, ["mllm", "finetune"], cfg)),
+                fp(cfg), [f"pretrain_{enc}"])  # fmt: skip
             e = c.eval
-            ev = out / "eval" / enc
+            ev = R.eval(enc)
             eval_data = e.data or (str(D) if D else None)
-            argv = l2c + ["mllm", "eval", "--model", str(m / "finetune"), "--tasks", ",".join(e.tasks), "--out", str(ev),
+            argv = l2c + ["mllm", "eval", "--model", str(fin_dir), "--tasks", ",".join(e.tasks), "--out", str(ev),
                           "--device", e.device, "--batch-size", str(e.batch_size)]  # fmt: skip
             argv += ["--data", eval_data] if eval_data else []
             argv += ["--limit", str(e.limit)] if e.limit else []
             for task, n in sorted(e.task_limits.items()):
                 argv += ["--task-limit", f"{task}={n}"]
-            add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], ev / "results.json"),
+            add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], R.eval_results(enc)),
                 {"eval": {**e.model_dump(), "data": eval_data},
                  "files": _file_stats([eval_data and str(Path(eval_data) / L.MANIFEST)], out)}, [f"finetune_{enc}"])  # fmt: skip
 
-        add(Step("report", "report", None, [out / "report.md", out / "plots"], out / "report.md", func=self._report),
+        add(Step("report", "report", None, [R.report_md, R.plots], R.report_md, func=self._report),
             {"scale": c.scale}, [s.name for s in steps])  # fmt: skip
         return steps
 
     def _export(self) -> None:
         for what in ("vision", "llm2clip"):
-            self._run(
-                [
-                    "l2c",
-                    "export",
-                    what,
-                    "--run",
-                    str(self.out / "stage2"),
-                    "--out",
-                    str(self.out / "export" / what),
-                ]
-            )
+            R = self.run_folder
+            self._run(["l2c", "export", what, "--run", str(R.stage2), "--out", str(R.export(what))])
 
     def _report(self) -> None:
         write_report(self.out, self.cfg, self.load_state())
@@ -296,8 +322,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
     def _run(self, argv: list[str], launch: list[str] | None = None) -> None:
-        cmd = [*(launch or [sys.executable]), "-m", "l2c_llava.cli", *argv[1:]]
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(command_line(argv, launch))
         if rc != 0:
             raise PipelineError(f"step command failed (exit {rc}): {' '.join(argv)}")
 
@@ -339,6 +364,8 @@ class Pipeline:
                                          "argv": step.argv, "seconds": rec.get("seconds", 0) if decision == "resume" else 0}  # fmt: skip
             self._save_state(state)
             started = time.time()
+            if step.config is not None:
+                write_step_config(step)
             if step.func is not None:
                 step.func()
             else:
@@ -350,7 +377,7 @@ class Pipeline:
             self._save_state(state)
             ran[step.name] = decision
         echo(f"== pipeline finished in {_hms(time.time() - t0)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
-             f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.out / 'report.md'}")  # fmt: skip
+             f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.run_folder.report_md}")  # fmt: skip
         return ran
 
     def _estimate(self, step: Step, state: dict) -> float:
@@ -358,6 +385,18 @@ class Pipeline:
         if rec and rec.get("status") == "done" and rec.get("seconds"):
             return float(rec["seconds"])
         return float(self.cfg.estimates.get(step.name, 0.0))
+
+
+def command_line(argv: list[str], launch: list[str] | None = None) -> list[str]:
+    """What runs an `l2c` command line: this Python, or the step's launcher (accelerate launch ...)."""
+    return [*(launch or [sys.executable]), "-m", "l2c_llava.cli", *argv[1:]]
+
+
+def write_step_config(step: Step) -> Path:
+    """The step's resolved config, where its command reads it; the file opens with that command."""
+    under = f" (under {' '.join(step.launch)})" if step.launch else ""
+    return write_config(step.config, step.config_file, [" ".join(step.argv) + under, "resolved by `l2c pipeline` "
+                        f"from {step.config_origin} and the pipeline's wiring (l2c_llava/pipeline.py)"])  # fmt: skip
 
 
 def _remove(path: Path) -> None:
@@ -379,4 +418,12 @@ def load_pipeline(path: str, overrides: list[str]) -> Pipeline:
     return Pipeline(cfg, source=str(path), overrides=list(overrides))
 
 
-__all__ = ["ENCODERS", "Pipeline", "PipelineError", "PipelineStep", "load_pipeline"]
+__all__ = [
+    "ENCODERS",
+    "Pipeline",
+    "PipelineError",
+    "PipelineStep",
+    "command_line",
+    "load_pipeline",
+    "write_step_config",
+]

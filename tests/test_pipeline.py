@@ -106,6 +106,136 @@ def test_bad_pipeline_configs_are_named(tmp_path, capsys):
     assert "train.lrr" in err and "stage2/configs/quick.yaml" in err
 
 
+# --- each step's resolved config file ---------------------------------------------------------
+
+SHIPPED = ("quick", "demo", "paper")
+
+
+def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
+    """Each step's (fingerprint, resume key) of a shipped pipeline config, with the run folder and the
+    checkout's path taken out (an upstream step counts by its portable fingerprint; input files by name)."""
+    import hashlib
+
+    import l2c_llava.pipeline as P
+
+    seen: list[dict] = []
+    digest = P._digest
+    P._digest = lambda obj: (seen.append(json.loads(P.dumps_json(obj, indent=None))), digest(obj))[1]
+    try:
+        pipe = load_pipeline(str(ROOT / "pipeline" / "configs" / f"{name}.yaml"), [f"run.output_dir={out}"])
+    finally:
+        P._digest = digest
+    portable: dict[str, list[str]] = {}
+    for obj in seen:  # two per step (fingerprint, resume key), in the plan's order
+        obj["upstream"] = {u: portable[u][0] for u in obj["upstream"]}
+        obj["inputs"]["files"] = sorted(obj["inputs"].get("files", {}))
+        text = json.dumps(obj, sort_keys=True).replace(str(out), "<out>").replace(str(ROOT), "<checkout>")
+        portable.setdefault(obj["step"], []).append(hashlib.sha256(text.encode()).hexdigest()[:16])
+    assert [s.name for s in pipe.steps] == list(portable)
+    return {k: tuple(v) for k, v in portable.items()}
+
+
+PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code before them gave
+    "quick": {
+        "data": ("b2ca7d907c28145c", "b2ca7d907c28145c"),
+        "stage1": ("9e37ed684a0bd568", "084f4e6ef2654e22"),
+        "baseline": ("9af242834bfd110e", "46a5d97913a1d5c3"),
+        "text_cache": ("79fc3726434cc6cd", "79fc3726434cc6cd"),
+        "stage2": ("8e7e2ac178f50bb7", "7da907136fe8ab94"),
+        "retrieval": ("05cdc107101736b0", "d1d17ac3bdc315a0"),
+        "export": ("76174a48af8940a4", "76174a48af8940a4"),
+        "health": ("9fbbf8490312a728", "9fbbf8490312a728"),
+        "pretrain_baseline": ("b61f4f0e1896ab3c", "a305a451132343a9"),
+        "finetune_baseline": ("6e17318076752538", "3530d398b52f4a65"),
+        "eval_baseline": ("dedb4445efa4fc72", "dedb4445efa4fc72"),
+        "pretrain_llm2clip": ("2f00c52108ee1298", "f7e6f8467a26829a"),
+        "finetune_llm2clip": ("fe711b1cf3acb3b4", "7c63e502499df163"),
+        "eval_llm2clip": ("9e754a8f49a211ff", "9e754a8f49a211ff"),
+        "report": ("6b8f488398abaacd", "6b8f488398abaacd"),
+    },
+    "demo": {
+        "data": ("ea58c091924bc3d0", "ea58c091924bc3d0"),
+        "stage1": ("b2e829cda6affc12", "95dd13508d175189"),
+        "text_cache": ("aa1dfb40dad809ac", "aa1dfb40dad809ac"),
+        "stage2": ("e4632961700e132f", "d543fe8daa94cb6c"),
+        "retrieval": ("e43b6c365d2119e5", "a4f3bba36e9ce196"),
+        "export": ("c3396daf3eaf0efd", "c3396daf3eaf0efd"),
+        "health": ("aa5ca8300429a0cd", "aa5ca8300429a0cd"),
+        "pretrain_baseline": ("623655860dfcf2d6", "0b664f71c4e597d5"),
+        "finetune_baseline": ("89d12f7651b54568", "e77ff7136ba02acc"),
+        "eval_baseline": ("3f5a9edc3fd16da0", "3f5a9edc3fd16da0"),
+        "pretrain_llm2clip": ("0e56f5759a85aed8", "fea19df8bbc9c4db"),
+        "finetune_llm2clip": ("ab3c5d107a72896f", "86fb9478a5444151"),
+        "eval_llm2clip": ("a371ae5416abac98", "a371ae5416abac98"),
+        "report": ("39ce688a41206b7b", "39ce688a41206b7b"),
+    },
+    "paper": {
+        "stage1": ("ba113fd77b037674", "fc685670e6827bea"),
+        "text_cache": ("e4ce12dd630826c9", "e4ce12dd630826c9"),
+        "stage2": ("9399551488428395", "61ae72c0117bcae4"),
+        "retrieval": ("3f7158f8a277cd07", "16a0078c452e516f"),
+        "export": ("c76938bc572f9c04", "c76938bc572f9c04"),
+        "pretrain_baseline": ("b489d575c22f1875", "4d1123305dc6ab1d"),
+        "finetune_baseline": ("46d0f8f84a526749", "30f82d2c0d13a333"),
+        "eval_baseline": ("43c68a8c4f5793e6", "43c68a8c4f5793e6"),
+        "pretrain_llm2clip": ("f6a5e89802aa0581", "3b6a3b6f2d0199c8"),
+        "finetune_llm2clip": ("1f6ca04193b8703a", "d7e0f060397d65fc"),
+        "eval_llm2clip": ("c50b11c8b496f29f", "c50b11c8b496f29f"),
+        "report": ("69fbce3eaefbfea4", "69fbce3eaefbfea4"),
+    },
+}
+
+
+def test_step_fingerprints_are_those_the_override_strings_gave(tmp_path):
+    """Steps read a resolved config file instead of override strings (issue 20) under the same fingerprints,
+    so no existing run folder runs a step again. A change here re-runs that step in every run folder: make
+    it on purpose, then put the new values in (`portable_fingerprints`)."""
+    for name in SHIPPED:
+        assert portable_fingerprints(name, tmp_path / name) == PORTABLE_FINGERPRINTS[name], name
+
+
+def test_each_step_runs_its_resolved_config_file_which_every_command_loads(tmp_path, capsys):
+    from l2c_llava.cli import _prepare as prepare
+    from l2c_llava.cli import main, parse_args
+    from l2c_llava.config import load_config
+    from l2c_llava.config.core import config_to_dict
+    from l2c_llava.layout import PipelineRun
+    from l2c_llava.pipeline import command_line, config_fingerprint, write_step_config
+
+    commands = set()
+    for name in SHIPPED:
+        out = tmp_path / name
+        pipe = load_pipeline(str(ROOT / "pipeline" / "configs" / f"{name}.yaml"), [f"run.output_dir={out}"])
+        for s in pipe.steps:
+            if s.config is None:
+                continue
+            file = PipelineRun(out).step_config(s.name)
+            assert s.config_file == file and s.argv[-2:] == ["--config", str(file)], s.argv
+            assert not any("=" in w for w in s.argv), s.argv  # no overrides: the file says everything
+            assert not file.exists()  # planning (--dry-run) writes nothing
+            write_step_config(s)
+            head = file.read_text().splitlines()[:2]
+            assert head[0].startswith(f"# {' '.join(s.argv)}") and s.config_origin in head[1]
+            back = load_config(file)
+            assert config_to_dict(back) == config_to_dict(s.config)
+            assert config_fingerprint(back) == config_fingerprint(s.config)
+            # the step's own command reads it (as `l2c` would, the launcher's too), and `l2c validate`
+            args = parse_args(s.argv[1:])
+            prepare(args)
+            assert config_to_dict(args.cfg) == config_to_dict(s.config)
+            assert main(["validate", str(file)]) == 0
+            cmd = command_line(s.argv, s.launch)
+            assert cmd[-len(s.argv) + 1 :] == s.argv[1:] and cmd[: len(s.launch or [])] == (s.launch or [])
+            commands.add(" ".join(s.argv[1 : s.argv.index("--config")]))
+    assert commands == {"stage1", "clip pretrain", "stage2 cache", "stage2 train", "stage2 eval", "mllm pretrain",
+                        "mllm finetune"}  # fmt: skip
+    paper = load_pipeline(
+        str(ROOT / "pipeline" / "configs" / "paper.yaml"), [f"run.output_dir={tmp_path / 'p'}"]
+    )
+    fin = next(s for s in paper.steps if s.name == "finetune_llm2clip")
+    assert command_line(fin.argv, fin.launch)[:2] == ["accelerate", "launch"]
+
+
 def _pipeline(out: Path, *overrides: str, **kw):
     cmd = [
         sys.executable,
@@ -147,6 +277,8 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
     assert "resumed from" in (out / "stage1" / "train.log").read_text()
     state = json.loads((out / "pipeline" / "state.json").read_text())["steps"]
     assert all(rec["status"] == "done" for rec in state.values()), state
+    stage2_config = out / "pipeline" / "configs" / "stage2.yaml"  # the resolved config stage 2 ran under
+    assert state["stage2"]["argv"][-2:] == ["--config", str(stage2_config)] and stage2_config.is_file()
     report = (out / "report.md").read_text()
     for part in (
         "## Stage 1",
