@@ -153,7 +153,7 @@ class Pipeline:
         def recipe(name: str, step: PipelineStep, command: list[str], cfg: RecipeConfig) -> dict:
             """The fields of a Step that runs `l2c COMMAND --config <its resolved config>`."""
             file = R.step_config(name)
-            origin = f"{step.config}" + (f" with {' '.join(step.overrides)}" if step.overrides else "")
+            origin = step.config + (f" with {' '.join(step.overrides)}" if step.overrides else "")
             return {"argv": l2c + [*command, "--config", str(file)], "config": cfg, "config_file": file,
                     "config_origin": origin}  # fmt: skip
 
@@ -393,10 +393,13 @@ def command_line(argv: list[str], launch: list[str] | None = None) -> list[str]:
 
 
 def write_step_config(step: Step) -> Path:
-    """The step's resolved config, where its command reads it; the file opens with that command."""
+    """The step's resolved config, where its command reads it; the file opens with that command. It holds the
+    keys the step's YAML, its overrides and the wiring set (validated), not the defaults: loaded, it gives the
+    very config the step was planned and fingerprinted with (the run folder's config.yaml spells out all)."""
     under = f" (under {' '.join(step.launch)})" if step.launch else ""
     return write_config(step.config, step.config_file, [" ".join(step.argv) + under, "resolved by `l2c pipeline` "
-                        f"from {step.config_origin} and the pipeline's wiring (l2c_llava/pipeline.py)"])  # fmt: skip
+                        f"from {step.config_origin} and the pipeline's wiring (l2c_llava/pipeline.py); the recipe's "
+                        "defaults apply to the keys not given"], only_given=True)  # fmt: skip
 
 
 def _remove(path: Path) -> None:

@@ -272,3 +272,9 @@ def test_write_config_opens_with_its_comments_and_loads_back(tmp_path):
     out = write_config(cfg, tmp_path / "a" / "b.yaml", ["l2c stage1 --config a/b.yaml", "made by a test"])
     assert out.read_text().startswith("# l2c stage1 --config a/b.yaml\n# made by a test\nrecipe: stage1\n")
     assert load_config(out) == cfg and not list(out.parent.glob(".*"))  # atomic: no temp file left
+    # every key written: a default comes back validated (lora.alpha's int default 32 as 32.0); only the keys
+    # given: the very same config
+    assert repr(cfg.lora.alpha) == "32" and repr(load_config(out).lora.alpha) == "32.0"
+    given = write_config(cfg, tmp_path / "given.yaml", only_given=True)
+    assert "alpha" not in given.read_text()
+    assert repr(load_config(given).model_dump()) == repr(cfg.model_dump())

@@ -415,16 +415,23 @@ def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML (every key, defaults included), in schema order."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+def dump_config(cfg: BaseModel, only_given: bool = False) -> str:
+    """The resolved config as YAML (every key, defaults included), in schema order. ``only_given``: only the
+    keys its YAML, overrides and values set, so that loading the file gives back the very same config: a
+    default is not validated, and one written out would come back validated (an int default of a float key,
+    ``lora.alpha: 32``, as 32.0, which a library may write into its own files)."""
+    data = cfg.model_dump(mode="json", exclude_unset=True) if only_given else config_to_dict(cfg)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def write_config(cfg: BaseModel, path: str | os.PathLike, comments: Sequence[str] = ()) -> Path:
-    """Write ``cfg`` resolved (every default spelled out) as a YAML file at ``path``, atomically, under
-    ``comments`` (one ``# `` line each). ``load_config(path)`` gives ``cfg`` back."""
+def write_config(
+    cfg: BaseModel, path: str | os.PathLike, comments: Sequence[str] = (), only_given: bool = False
+) -> Path:
+    """Write ``cfg`` resolved (every default spelled out; ``only_given``: see :func:`dump_config`) as a YAML
+    file at ``path``, atomically, under ``comments`` (one ``# `` line each). ``load_config(path)`` gives
+    ``cfg`` back."""
     header = "".join(f"# {c}\n" for c in comments)
-    return atomic_write_text(path, header + dump_config(cfg))
+    return atomic_write_text(path, header + dump_config(cfg, only_given))
 
 
 def save_resolved_config(
