@@ -138,12 +138,12 @@ class PipelineRun:
         return self.stage2 / "metrics.json"
 
     @property
-    def exports(self) -> Path:
-        return self.root / "export"
-
-    @property
     def retrieval_md(self) -> Path:
         return self.stage2 / "retrieval.md"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "export"
 
     def export(self, what: str) -> Path:
         """``l2c export vision|llm2clip`` of the stage-2 run."""
