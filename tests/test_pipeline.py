@@ -113,7 +113,7 @@ SHIPPED = ("quick", "demo", "paper")
 
 def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
     """Each step's (fingerprint, resume key) of a shipped pipeline config, with the run folder and the
-    checkout's path taken out (an upstream step counts by its portable fingerprint; input files by name)."""
+    checkout's path taken out (an upstream step counts by its portable fingerprint)."""
     import hashlib
 
     import l2c_llava.pipeline as P
@@ -128,7 +128,7 @@ def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
     portable: dict[str, list[str]] = {}
     for obj in seen:  # two per step (fingerprint, resume key), in the plan's order
         obj["upstream"] = {u: portable[u][0] for u in obj["upstream"]}
-        obj["inputs"]["files"] = sorted(obj["inputs"].get("files", {}))
+        obj["inputs"].pop("files", None)  # sizes and times of input files outside the run: this machine's
         text = json.dumps(obj, sort_keys=True).replace(str(out), "<out>").replace(str(ROOT), "<checkout>")
         portable.setdefault(obj["step"], []).append(hashlib.sha256(text.encode()).hexdigest()[:16])
     assert [s.name for s in pipe.steps] == list(portable)
@@ -137,51 +137,51 @@ def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
 
 PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code before them gave
     "quick": {
-        "data": ("b2ca7d907c28145c", "b2ca7d907c28145c"),
-        "stage1": ("9e37ed684a0bd568", "084f4e6ef2654e22"),
-        "baseline": ("9af242834bfd110e", "46a5d97913a1d5c3"),
-        "text_cache": ("79fc3726434cc6cd", "79fc3726434cc6cd"),
-        "stage2": ("8e7e2ac178f50bb7", "7da907136fe8ab94"),
-        "retrieval": ("05cdc107101736b0", "d1d17ac3bdc315a0"),
-        "export": ("76174a48af8940a4", "76174a48af8940a4"),
-        "health": ("9fbbf8490312a728", "9fbbf8490312a728"),
-        "pretrain_baseline": ("b61f4f0e1896ab3c", "a305a451132343a9"),
-        "finetune_baseline": ("6e17318076752538", "3530d398b52f4a65"),
-        "eval_baseline": ("dedb4445efa4fc72", "dedb4445efa4fc72"),
-        "pretrain_llm2clip": ("2f00c52108ee1298", "f7e6f8467a26829a"),
-        "finetune_llm2clip": ("fe711b1cf3acb3b4", "7c63e502499df163"),
-        "eval_llm2clip": ("9e754a8f49a211ff", "9e754a8f49a211ff"),
-        "report": ("6b8f488398abaacd", "6b8f488398abaacd"),
+        "data": ("8c6f48f642b9521e", "8c6f48f642b9521e"),
+        "stage1": ("02f8f244e9697ff5", "1d6fddaa669dc1a6"),
+        "baseline": ("94fd337d6ea97927", "eb4fb95bb8a4a7b9"),
+        "text_cache": ("b6b7f33a22a7ee56", "b6b7f33a22a7ee56"),
+        "stage2": ("646dada81020af84", "a2ffa53bbbb8a548"),
+        "retrieval": ("4bac3a958fe1fe34", "4dc1ef97ea01d9e6"),
+        "export": ("530c8ff75e63e4bd", "530c8ff75e63e4bd"),
+        "health": ("56e6d0c648a5136e", "56e6d0c648a5136e"),
+        "pretrain_baseline": ("a69924dd27ac9cfe", "dd0df95e916ecd9e"),
+        "finetune_baseline": ("ebea3f0b08b65b5e", "191e94f4bbee37d5"),
+        "eval_baseline": ("39aa74d29b5bd0bc", "39aa74d29b5bd0bc"),
+        "pretrain_llm2clip": ("063d5dd58a18dbb6", "14b2333e27918b5c"),
+        "finetune_llm2clip": ("4f786897b8fd0295", "3f498daf00e0644b"),
+        "eval_llm2clip": ("f95c022cb035542f", "f95c022cb035542f"),
+        "report": ("2874f322aca82455", "2874f322aca82455"),
     },
     "demo": {
-        "data": ("ea58c091924bc3d0", "ea58c091924bc3d0"),
-        "stage1": ("b2e829cda6affc12", "95dd13508d175189"),
-        "text_cache": ("aa1dfb40dad809ac", "aa1dfb40dad809ac"),
-        "stage2": ("e4632961700e132f", "d543fe8daa94cb6c"),
-        "retrieval": ("e43b6c365d2119e5", "a4f3bba36e9ce196"),
-        "export": ("c3396daf3eaf0efd", "c3396daf3eaf0efd"),
-        "health": ("aa5ca8300429a0cd", "aa5ca8300429a0cd"),
-        "pretrain_baseline": ("623655860dfcf2d6", "0b664f71c4e597d5"),
-        "finetune_baseline": ("89d12f7651b54568", "e77ff7136ba02acc"),
-        "eval_baseline": ("3f5a9edc3fd16da0", "3f5a9edc3fd16da0"),
-        "pretrain_llm2clip": ("0e56f5759a85aed8", "fea19df8bbc9c4db"),
-        "finetune_llm2clip": ("ab3c5d107a72896f", "86fb9478a5444151"),
-        "eval_llm2clip": ("a371ae5416abac98", "a371ae5416abac98"),
-        "report": ("39ce688a41206b7b", "39ce688a41206b7b"),
+        "data": ("f9b8c03c8143a5e8", "f9b8c03c8143a5e8"),
+        "stage1": ("0a1686e08e50feda", "aa264d1db23dbce0"),
+        "text_cache": ("d56de452f558dda6", "d56de452f558dda6"),
+        "stage2": ("b304aba36d84469b", "a51465b7a36a1bad"),
+        "retrieval": ("827f689dd1379c3c", "0b592a7909ae99d6"),
+        "export": ("22b71ef0bcad2985", "22b71ef0bcad2985"),
+        "health": ("a39738fd70736509", "a39738fd70736509"),
+        "pretrain_baseline": ("47e01c7882d88800", "49a52a2e98ab6a3e"),
+        "finetune_baseline": ("65681e5fe98f7f3f", "b778568fe2598b0a"),
+        "eval_baseline": ("814e993ba7380612", "814e993ba7380612"),
+        "pretrain_llm2clip": ("4edf839abb6ec86e", "d5a19f3ed37e26c0"),
+        "finetune_llm2clip": ("df683f51602e7b61", "fc2a2aa9d68b3884"),
+        "eval_llm2clip": ("bed7667a113b9967", "bed7667a113b9967"),
+        "report": ("4ad286ebe88f8f2b", "4ad286ebe88f8f2b"),
     },
     "paper": {
-        "stage1": ("ba113fd77b037674", "fc685670e6827bea"),
-        "text_cache": ("e4ce12dd630826c9", "e4ce12dd630826c9"),
-        "stage2": ("9399551488428395", "61ae72c0117bcae4"),
-        "retrieval": ("3f7158f8a277cd07", "16a0078c452e516f"),
-        "export": ("c76938bc572f9c04", "c76938bc572f9c04"),
-        "pretrain_baseline": ("b489d575c22f1875", "4d1123305dc6ab1d"),
-        "finetune_baseline": ("46d0f8f84a526749", "30f82d2c0d13a333"),
-        "eval_baseline": ("43c68a8c4f5793e6", "43c68a8c4f5793e6"),
-        "pretrain_llm2clip": ("f6a5e89802aa0581", "3b6a3b6f2d0199c8"),
-        "finetune_llm2clip": ("1f6ca04193b8703a", "d7e0f060397d65fc"),
-        "eval_llm2clip": ("c50b11c8b496f29f", "c50b11c8b496f29f"),
-        "report": ("69fbce3eaefbfea4", "69fbce3eaefbfea4"),
+        "stage1": ("2bcdd38cd45e6ae5", "f822cec8cdb29b8f"),
+        "text_cache": ("da1c848225c4815b", "da1c848225c4815b"),
+        "stage2": ("62f5963b2ac3ef41", "829164083e60976d"),
+        "retrieval": ("059d81d93b9d8c98", "34ee6541881ba30d"),
+        "export": ("f297a3b08d401e66", "f297a3b08d401e66"),
+        "pretrain_baseline": ("a20fdad5a2dabca5", "06b6891f15d5b41e"),
+        "finetune_baseline": ("f58030a243584b7a", "ccd211eee96614f9"),
+        "eval_baseline": ("74251cbdd00800c3", "74251cbdd00800c3"),
+        "pretrain_llm2clip": ("f46ad8ad65ad3c22", "59192ae2773c92ed"),
+        "finetune_llm2clip": ("631e177d3251682d", "4e706b99dc1ff4a0"),
+        "eval_llm2clip": ("017e277de9939161", "017e277de9939161"),
+        "report": ("e582bba9a16f0dae", "e582bba9a16f0dae"),
     },
 }
 
