@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from search_recall import _baseline_tower
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -56,7 +58,18 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/demo")
-    p.add_argument("--rows", type=int, default=300, help="first N training pairs")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="caption pairs to corrupt: test (held out from stage 2, the default) or train (seen by it)",
+    )
+    p.add_argument("--rows", type=int, default=300, help="first N pairs of the split")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="baseline CLIP folder (default: the run's clip/model if it trained one, else embedded:demo-clip)",
+    )
     p.add_argument("--share", type=float, default=0.2, help="share of rows corrupted")
     p.add_argument("--null-quantile", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
@@ -65,11 +78,11 @@ def main(argv=None) -> int:
     run = Path(a.run).resolve()
     R = L.PipelineRun(run)
     data = R.data
-    models = {"baseline CLIP": R.clip_model, "LLM2CLIP": R.export("llm2clip")}
+    models = {"baseline CLIP": Path(_baseline_tower(run, a.baseline)), "LLM2CLIP": R.export("llm2clip")}
     for m in models.values():
         if not (m / "config.json").is_file():
             sys.exit(f"{m} is missing: run the demo pipeline first (bash scripts/demo.sh)")
-    rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS["train"]).read_text().splitlines()][: a.rows]
+    rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS[a.split]).read_text().splitlines()][: a.rows]
     out = R.caption_filter
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
                             "clean_dropped_share": m["clean_dropped_share"], "threshold": r["threshold"],
                             "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             print(json.dumps(results[-1]), flush=True)
-    lines = [f"# Caption filtering on corrupted demo pairs ({len(rows)} rows, {a.share:.0%} corrupted, "
+    lines = [f"# Caption filtering on corrupted demo pairs ({len(rows)} {a.split} rows, {a.share:.0%} corrupted, "
              "the rule: under the 95% quantile of shuffled pairs, or the lowest-scoring share)", "",
              "| model | corruption | score | AUC | rule | dropped | precision | recall | clean rows dropped |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -105,7 +118,7 @@ def main(argv=None) -> int:
                      f"{r['recall']:.3f} | {r['clean_dropped_share']:.1%} |")  # fmt: skip
     md = "\n".join(lines) + "\n"
     res = {"host": socket.gethostname(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "run": str(run), "results": results}  # fmt: skip
+           "run": str(run), "split": a.split, "models": {k: str(v) for k, v in models.items()}, "results": results}  # fmt: skip
     write_results([(out, "filter"), (HERE / "results", f"caption_filter-{res['host']}")], res, md)
     print(md)
     return 0

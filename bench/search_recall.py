@@ -36,6 +36,11 @@ def _baseline_tower(run: Path, given: str | None) -> str:
     return resolve_vision_path(given or "embedded:demo-clip")
 
 
+def _p(p: float) -> str:
+    """A p-value as printed: stats rounds to 6 decimals, so 0 means below 1e-6."""
+    return "< 1e-6" if p < 1e-6 else f"{p:.2g}"
+
+
 def _link_images(rows: list[dict], image_root: Path, dest: Path) -> list[str]:
     names = []
     for r in rows:
@@ -106,7 +111,7 @@ def to_markdown(res: dict) -> str:
     lines.append("")
     for m, t in res["llm2clip_vs_baseline"].items():
         lines.append(f"LLM2CLIP - baseline, {m}: {t['gain']:+.3f} (only LLM2CLIP right {t['wins']}, only the "
-                     f"baseline {t['losses']}, McNemar p {t['p_value']:.2g}).")  # fmt: skip
+                     f"baseline {t['losses']}, McNemar p {_p(t['p_value'])}).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
