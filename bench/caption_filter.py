@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_recall import _baseline_tower
+from search_recall import baseline_tower
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     run = Path(a.run).resolve()
     R = L.PipelineRun(run)
     data = R.data
-    models = {"baseline CLIP": Path(_baseline_tower(run, a.baseline)), "LLM2CLIP": R.export("llm2clip")}
+    models = {"baseline CLIP": Path(baseline_tower(run, a.baseline)), "LLM2CLIP": R.export("llm2clip")}
     for m in models.values():
         if not (m / "config.json").is_file():
             sys.exit(f"{m} is missing: run the demo pipeline first (bash scripts/demo.sh)")

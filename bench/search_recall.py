@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _baseline_tower(run: Path, given: str | None) -> str:
+def baseline_tower(run: Path, given: str | None) -> str:
     """The run's baseline tower: the CLIP it trained (run/clip/model), else `given` or the shipped one."""
     from l2c_llava.embedded import resolve_vision_path
     from l2c_llava.layout import PipelineRun
@@ -70,7 +70,7 @@ def run(
     data = L.PipelineRun(run).data
     rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS["test"]).read_text().splitlines() if x.strip()]
     rows = rows[:limit] if limit else rows
-    encoders = {"baseline": _baseline_tower(run, baseline), "llm2clip": str(L.PipelineRun(run).stage2)}
+    encoders = {"baseline": baseline_tower(run, baseline), "llm2clip": str(L.PipelineRun(run).stage2)}
     out: dict = {"run": str(run), "images": len(rows), "queries": "each test image's dense caption", "k": k,
                  "index": kind, "host": socket.gethostname(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     hits: dict[str, dict[int, list[bool]]] = {}
