@@ -79,7 +79,7 @@ def vqa(model, processor, questions: list[dict]) -> dict:
 
 
 def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_every: int, questions, log,
-                held: int = 32) -> None:  # fmt: skip
+                held: int = 32, bf16: bool = False) -> None:  # fmt: skip
     from torch.utils.data import DataLoader, Subset
 
     from l2c_llava.mllm.data import Collate
@@ -98,7 +98,7 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
     def measure(step: int) -> None:
         rec_ = {"phase": name, "step": step, "rows_seen": step * t.global_batch_size,
                 "seconds": round(time.perf_counter() - t0, 1), **loss_gap(model, ds, collate, held_idx)}  # fmt: skip
-        if questions and name == "finetune":
+        if questions and name == "finetune" and step > 0:  # before any finetune step it answers in captions
             rec_.update(vqa(model, processor, questions))
         log(rec_)
 
@@ -119,7 +119,8 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
                 grp["lr"] = base[k] * frac
             total = 0.0
             for _ in range(accum):
-                loss = supervised_loss(model, next(it))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = supervised_loss(model, next(it))
                 if torch.isfinite(loss):
                     (loss / accum).backward()
                     total += loss.item() / accum
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--projector", type=Path, default=None,
                    help="safetensors file: written after the pretrain phase, read instead of it when it exists")
     p.add_argument("--label", default="run")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (CPU), as train.mixed_precision=bf16")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llava_reading.jsonl")
     a = p.parse_args()
     if a.summarize:
@@ -200,7 +202,7 @@ def main() -> None:
         pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
         model, processor = pre.build()
         if a.pretrain_steps:
-            train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log)
+            train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log, bf16=a.bf16)
         projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
         del model
         if a.projector is not None:
@@ -208,7 +210,7 @@ def main() -> None:
     ft = recipe(a.finetune_config, a.data, a.vision, a.finetune_set)
     model, processor = ft.build()
     model.load_state_dict(projector, strict=False)
-    train_phase("finetune", ft, model, processor, a.finetune_steps, a.eval_every, qs, log)
+    train_phase("finetune", ft, model, processor, a.finetune_steps, a.eval_every, qs, log, bf16=a.bf16)
 
 
 if __name__ == "__main__":

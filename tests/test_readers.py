@@ -93,6 +93,24 @@ def test_caption_pairs_without_root_read_text_only(tmp_path):
     assert res.image_path is None and res.short == "a red square"
 
 
+def test_caption_pairs_with_several_short_captions(tmp_path):
+    """A list under the short key (COCO's five captions of an image): the first is `short`, every one
+    is in `shorts`; an empty list or a non-string item is a row problem naming the key and index."""
+    rows = [pair("a.jpg") | {"alternatives": ["one", "two", "three"]}, pair("b.jsonl") | {"alternatives": []},
+            pair("c.jpg") | {"alternatives": ["fine", ""]}, pair("d.jpg") | {"alternatives": ["x", 3]}]  # fmt: skip
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError) as ei:
+        read_caption_pairs(path, short_key="alternatives")
+    got = {p.row: p.message for p in ei.value.problems}
+    assert got == {"line 2": "'alternatives' is an empty list; give at least one caption",
+                   "line 3": "'alternatives'[1] must be a non-empty string, got ''",
+                   "line 4": "'alternatives'[1] must be a non-empty string, got 3"}  # fmt: skip
+    (first,) = read_caption_pairs(path, short_key="alternatives", on_bad_row="skip").items
+    assert first.short == "one" and first.shorts == ("one", "two", "three")
+    (plain,) = read_caption_pairs(write_jsonl(tmp_path / "p.jsonl", [pair("a.jpg")])).items
+    assert plain.shorts == (plain.short,) and plain.more_short == ()
+
+
 def test_caption_pairs_csv_with_other_column_names(tmp_path, root):
     path = tmp_path / "pairs.csv"
     path.write_text('image,shortSV,longSV\na/1.jpg,a red square,"A red square, drawn large."\na/2.jpg,,x\n')

@@ -56,6 +56,29 @@ def test_round_trip_with_a_real_encoder(tmp_path, encoder_dir):
         cache.feature(10)
 
 
+def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
+    """text_encoder.torch_dtype=bfloat16 (the demo's, ~1.8x faster on a CPU with AVX512-BF16): the
+    features stay close to float32's, the manifest records the compute dtype, and a cache made in
+    another compute dtype is not resumed into."""
+    enc = TextEncoder.from_pretrained(encoder_dir, device="cpu", torch_dtype="bfloat16")
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False,
+                        load_encoder=lambda: enc, compute_dtype="bfloat16")  # fmt: skip
+    assert cache.manifest["compute_dtype"] == "bfloat16"
+    want = TextEncoder.from_pretrained(encoder_dir, device="cpu").encode(CAPTIONS)
+    got = cache.features(range(10))
+    assert got.dtype == torch.float32 and not torch.equal(got, want)  # really computed in bf16
+    assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99
+    with pytest.raises(CacheError, match="other compute_dtype"):
+        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False,
+                    load_encoder=FakeEncoder)  # fmt: skip
+    old = build_cache(tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False)
+    manifest = json.loads((old.folder / "manifest.json").read_text())
+    del manifest["compute_dtype"]  # a cache written before the key existed is still reused as "auto"
+    (old.folder / "manifest.json").write_text(json.dumps(manifest))
+    build_cache(tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False)
+
+
 def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
     dying = FakeEncoder(die_on_call=3)
     with pytest.raises(KeyboardInterrupt):

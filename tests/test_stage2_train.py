@@ -146,6 +146,39 @@ def test_bad_input(tmp_path, setup, synth_dir, capsys):
     assert "has no cached feature" in capsys.readouterr().err
 
 
+def test_several_short_captions_per_image_are_cached_once_and_drawn_in_turn(tmp_path, synth_dir):
+    """data.short_key=alternatives (the synthetic set's five COCO-like captions): the cache holds each
+    distinct caption once, and training draws every one of an image's short captions across epochs."""
+    from l2c_llava.stage2.train import PairImages
+
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives")
+    assert all(len(p.shorts) == 5 for p in pairs)
+    captions = pair_captions(pairs)
+    assert len(captions) == len(set(captions)) == len({c for p in pairs for c in (*p.shorts, p.long)})
+    assert captions[:2] == [pairs[0].short, pairs[0].long]
+    row = {c: i for i, c in enumerate(captions)}
+    ds = PairImages(pairs.items, [[row[c] for c in p.shorts] for p in pairs], [row[p.long] for p in pairs],
+                    lambda img: 0, seed=0, share=0.0)  # fmt: skip
+    seen = set()
+    for epoch in range(40):
+        ds.epoch = epoch
+        seen.add(ds[0][1])
+    assert seen == {row[c] for c in pairs[0].shorts}  # every short caption of image 0 comes up
+
+
+def test_train_on_several_short_captions(tmp_path, synth_dir):
+    root = tmp_path
+    tiny_vision().save_pretrained(root / "vision")
+    encoder = root / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives")
+    build_cache(root / "cache" / "train", pair_captions(pairs), encoder, shard_size=64,
+                load_encoder=lambda: FakeEncoder(dim=12), progress=False)  # fmt: skip
+    cfg = config(root, root / "vision", encoder, synth_dir, root / "run", ["data.short_key=alternatives"])
+    assert Stage2Recipe(cfg).run()["steps"] == 4
+
+
 def test_dense_share_and_reproducible_choices():
     from l2c_llava.stage2.train import pick_dense
 

@@ -220,6 +220,19 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def nonempty_strs(row: dict, key: str) -> list[str]:
+    """A string, or a non-empty JSON list of strings (e.g. COCO's five captions of an image)."""
+    if isinstance(row.get(key), list):
+        values = row[key]
+        if not values:
+            raise ValueError(f"{key!r} is an empty list; give at least one caption")
+        for k, v in enumerate(values):
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{key!r}[{k}] must be a non-empty string, got {v!r}")
+        return list(values)
+    return [nonempty_str(row, key)]
+
+
 def nonempty_str(row: dict, key: str) -> str:
     if key not in row:
         raise ValueError(f"key {key!r} is missing (row has: {', '.join(map(str, row)) or 'nothing'})")
@@ -243,6 +256,12 @@ class CaptionPair:
     long: str
     row: str
     image_path: Path | None = None  # resolved under the root; None when no root was given
+    more_short: tuple[str, ...] = ()  # the row's other short captions (a list under the short key)
+
+    @property
+    def shorts(self) -> tuple[str, ...]:
+        """Every short caption of the row: stage 2 draws one per visit; stage 1 pairs the first."""
+        return (self.short, *self.more_short)
 
 
 def _decode(raw: bytes, file: str) -> str:
@@ -322,18 +341,18 @@ def read_caption_pairs(
             continue
         try:
             image = nonempty_str(row, image_key)
-            short = nonempty_str(row, short_key)
+            short, *more_short = nonempty_strs(row, short_key)
             long = nonempty_str(row, long_key)
             image_path = resolve_under(image_root, image) if image_root is not None else None
         except ValueError as e:
             problems.append(RowProblem(str(path), label, str(e)))
             continue
-        pending.append(CaptionPair(image, short, long, label, image_path))
+        pending.append(CaptionPair(image, short, long, label, image_path, tuple(more_short)))
     pending = _drop_bad_images(
         pending, lambda p: p.image_path, lambda p: p.row, str(path), image_check, problems
     )
     loaded = _finish(pending, problems, str(path), total, on_bad_row)
-    loaded.warnings = data_warnings(str(path), [(p.row, t) for p in pending for t in (p.short, p.long)],
+    loaded.warnings = data_warnings(str(path), [(p.row, t) for p in pending for t in (*p.shorts, p.long)],
                                     [(p.row, p.image) for p in pending], id_name="image")  # fmt: skip
     return loaded
 

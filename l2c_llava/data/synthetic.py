@@ -40,7 +40,7 @@ from l2c_llava.errors import InputError, OutputExistsError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, tree_digest
 
 GENERATOR = "l2c-llava synthetic scenes"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLIP_CONTEXT = 77
 
 BRIEF_PROMPTS = [
@@ -217,10 +217,12 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     def split_rows(name: str) -> list[dict]:
         return [r for r in rows if r["split"] == name]
 
-    # caption pairs (stages 1 and 2)
+    # caption pairs (stages 1 and 2); "alternatives": the image's five COCO-like captions, a list
+    # stage 2 can train on (data.short_key=alternatives) as LLM2CLIP trains on raw web captions
     for name in ("train", "val", "test"):
         atomic_write_jsonl(partial / L.CAPTION_PAIRS[name],
-                           ({"image": r["image"], "short": r["short"], "long": r["long"]} for r in split_rows(name)))  # fmt: skip
+                           ({"image": r["image"], "short": r["short"], "long": r["long"], "alternatives": r["alternatives"]}
+                            for r in split_rows(name)))  # fmt: skip
 
     # Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json)
     images, sentid = [], 0
@@ -266,7 +268,8 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         rng = random.Random(f"{options.seed}-instruct-{r['index']}")
         kind = rng.choices(("vqa", "conversation", "detail", "brief"), weights=(0.55, 0.2, 0.15, 0.1))[0]
         if kind == "vqa":
-            qs = rng.sample(r["questions"], rng.randint(2, min(5, len(r["questions"]))))
+            # as LLaVA-1.5 merges every VQAv2 / GQA question of an image into one conversation
+            qs = rng.sample(r["questions"], len(r["questions"]))
             turns = [(f"{q['question']}\n{SHORT_ANSWER_SUFFIX}", q["answer"]) for q in qs]
         elif kind == "conversation":
             qs = rng.sample(r["questions"], rng.randint(1, 3))

@@ -79,12 +79,30 @@ def _check_family(model_type: str, where: str) -> None:
         )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 runs about
+    1.8x faster than float32 (SmolLM2-135M's forward on 2 Zen 4 cores, 1,280 against 700 tokens/s);
+    elsewhere it is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def warn_if_slow_bf16(what: str, device: str = "cpu") -> None:
+    """One warning when `what` asks for bf16 on a CPU that emulates it (the run is right, only slow)."""
+    if not device.startswith("cuda") and not cpu_has_native_bf16():
+        logger.warning("%s: bf16 on this CPU is emulated (no AVX512-BF16 / AMX) and slower than float32; "
+                       "set it to float32 / \"no\" here", what)  # fmt: skip
+
+
 def resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
-    """A config's dtype name as a torch dtype; "auto" is float32 on CPU (bf16 matmuls are slow there)."""
+    """A config's dtype name as a torch dtype; "auto" is the checkpoint's on a GPU and float32 on the
+    CPU (bf16 is fast only on CPUs with native bf16: :func:`cpu_has_native_bf16`)."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype == "auto":
-        return "auto" if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPU
+        return "auto" if device.startswith("cuda") else torch.float32
+    if torch_dtype == "bfloat16":
+        warn_if_slow_bf16("torch_dtype bfloat16", device)
     return getattr(torch, torch_dtype)
 
 

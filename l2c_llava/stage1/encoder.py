@@ -332,6 +332,7 @@ class TextEncoder(nn.Module):
                 )
             first = hit.int().argmax(dim=1)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        hidden = hidden.float()  # averaged in float32 whatever the compute dtype (a no-op in float32)
         mask = batch["embed_mask"] if self.settings.skip_instruction else batch["attention_mask"]
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):

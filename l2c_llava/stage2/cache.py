@@ -261,11 +261,13 @@ def build_cache(
     overwrite: bool = False,
     load_encoder: Callable[[], Any] | None = None,
     progress: bool = True,
+    compute_dtype: str = "auto",
 ) -> TextFeatureCache:
     """Embed `captions` with the encoder at `encoder_path` into a cache at `folder` (resuming a
     partial one made with the same encoder, instruction, captions and layout). ``load_encoder``
     overrides how the encoder is loaded (default: TextEncoder.from_pretrained); it is only called
-    when shards remain to be written."""
+    when shards remain to be written. ``compute_dtype`` is the dtype the encoder runs in (recorded in
+    the manifest: features made in another dtype are neither mixed in on resume nor reused)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -280,14 +282,15 @@ def build_cache(
     keys = caption_keys(captions)
     fp = encoder_fingerprint(encoder_path, instruction)
     wanted = {"format": FORMAT, "encoder": fp, "captions_digest": captions_digest(keys), "rows": len(captions),
-              "dtype": dtype, "shard_size": shard_size}  # fmt: skip
+              "dtype": dtype, "shard_size": shard_size, "compute_dtype": compute_dtype}  # fmt: skip
     manifest_path = folder / MANIFEST
     manifest: dict[str, Any] | None = (
         json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     )
     if manifest is not None:
-        differs = [k for k in wanted if (manifest.get(k) if k != "encoder" else manifest.get("encoder", {}).get("digest"))
-                   != (wanted[k] if k != "encoder" else fp["digest"])]  # fmt: skip
+        made = manifest | {"encoder": manifest.get("encoder", {}).get("digest"),
+                           "compute_dtype": manifest.get("compute_dtype", "auto")}  # older caches: "auto"
+        differs = [k for k in wanted if made.get(k) != (wanted[k] if k != "encoder" else fp["digest"])]
         if differs and not overwrite:
             raise CacheError(
                 f"{folder} holds a cache made with other {', '.join(differs)}; it is not reused. "
@@ -333,10 +336,15 @@ def _default_loader(encoder_path):
 
 
 def pair_captions(pairs) -> list[str]:
-    """The stage-2 caption order: short_0, long_0, short_1, long_1, ... (row 2i / 2i+1 of pair i)."""
+    """The stage-2 caption order: short_0, long_0, short_1, long_1, ..., then the rows' other short
+    captions (a list under the short key), each distinct caption once (an image's dense caption is
+    embedded once however many short ones it has)."""
     out: list[str] = []
     for p in pairs:
         out += [p.short, p.long]
+    extra = [c for p in pairs for c in getattr(p, "more_short", ())]
+    if extra:
+        out = list(dict.fromkeys(out + extra))
     return out
 
 
@@ -371,13 +379,14 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
     def load():
         nonlocal encoder
         if encoder is None:
-            encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length)
+            encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length, torch_dtype=te.torch_dtype)
         return encoder
 
     summary = {}
     for name, captions in sets.items():
         cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
-                            dtype=c.dtype, batch_size=te.batch_size, overwrite=overwrite, load_encoder=load)  # fmt: skip
+                            dtype=c.dtype, batch_size=te.batch_size, overwrite=overwrite, load_encoder=load,
+                            compute_dtype=te.torch_dtype)  # fmt: skip
         summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
         if name == "train" and scan is not None:
             atomic_write_json(cache.folder / "bad_samples.json", scan.bad)

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,11 +50,12 @@ def sample_rng(seed: int, epoch: int, sample: int | str) -> random.Random:
 
 
 class PairImages(Dataset):
-    """JSONL caption pairs: (pixel_values, cache row of the chosen caption)."""
+    """JSONL caption pairs: (pixel_values, cache row of the chosen caption). A row with several short
+    captions (a list, as COCO's five) gives one of them, drawn per visit, when the dense one is not
+    chosen."""
 
-    def __init__(
-        self, pairs, rows_short: torch.Tensor, rows_long: torch.Tensor, transform, seed: int, share: float
-    ):
+    def __init__(self, pairs, rows_short: Sequence[Sequence[int]], rows_long: torch.Tensor, transform, seed: int,
+                 share: float):  # fmt: skip
         self.pairs, self.rows_short, self.rows_long = pairs, rows_short, rows_long
         self.transform, self.seed, self.share, self.epoch = transform, seed, share, 0
 
@@ -64,7 +67,11 @@ class PairImages(Dataset):
         dense = pick_dense(self.seed, self.epoch, i, self.share)
         img = load_rgb(p.image_path, name=f"{p.image} ({p.row})")
         self.transform.rng = sample_rng(self.seed, self.epoch, i)
-        return self.transform(img), int((self.rows_long if dense else self.rows_short)[i])
+        if dense:
+            return self.transform(img), int(self.rows_long[i])
+        shorts = self.rows_short[i]
+        pick = random.Random(f"{self.seed}-{self.epoch}-{i}-short").randrange(len(shorts)) if len(shorts) > 1 else 0
+        return self.transform(img), int(shorts[pick])
 
 
 class ShardImages(IterableDataset):
@@ -141,7 +148,9 @@ class Stage2Recipe(ContrastiveRecipe):
             return ds, None
         pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
                                    on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
-        rows_short = self.cache.rows_of([p.short for p in pairs], where=d.train)
+        flat = self.cache.rows_of([c for p in pairs for c in p.shorts], where=d.train).tolist()
+        ends = list(itertools.accumulate(len(p.shorts) for p in pairs))
+        rows_short = [flat[end - len(p.shorts) : end] for p, end in zip(pairs, ends)]
         rows_long = self.cache.rows_of([p.long for p in pairs], where=d.train)
         ds = PairImages(pairs.items, rows_short, rows_long, transform, self.cfg.run.seed, d.dense_share)
         return ds, len(ds)
