@@ -4,7 +4,7 @@
 
     DIR/
       images/00000/000000000.jpg ...        image_root for every file below
-      captions/{train,val,test}.jsonl       caption pairs {"image", "short", "long"}  (stages 1, 2)
+      captions/{train,val,test}.jsonl       caption pairs {"image", "short", "long", "alternatives"}  (stages 1, 2)
       retrieval/karpathy.json               Karpathy-style, 5 captions per image, all splits (COCO/Flickr)
       retrieval/long_test.json              long-caption test set, ShareGPT4V-1K style (one dense caption)
       llava/pretrain.json                   blip_laion_cc_sbu_558k.json-style rows (train split)
