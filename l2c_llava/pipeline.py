@@ -45,8 +45,8 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.locks import run_lock
 from l2c_llava.report import write_report
-from l2c_llava.resume import fingerprint_keys, resumable_keys
-from l2c_llava.runs import versions
+from l2c_llava.train.resume import fingerprint_keys, resumable_keys
+from l2c_llava.train.run_dir import versions
 
 ENCODERS = L.ENCODERS
 
@@ -65,7 +65,7 @@ class Step:
     outputs: list[Path]  # what the step writes; removed when its inputs changed
     done_marker: Path  # exists once the step's work is complete
     fingerprint: str = ""
-    resume_key: str = ""  # the fingerprint without what may change on resume (resume.py)
+    resume_key: str = ""  # the fingerprint without what may change on resume (train/resume.py)
     upstream: list[str] = field(default_factory=list)
     func: Callable[[], None] | None = None
     launch: list[str] | None = None  # launcher words (accelerate launch ...); None: this Python
@@ -98,7 +98,7 @@ def config_fingerprint(cfg: RecipeConfig, sections: tuple[str, ...] | None = Non
                        produced: Path | None = None) -> dict:  # fmt: skip
     """The resolved config a step runs under, minus bookkeeping and the sections read after training
     (but those in `keep`), plus its input files' stats; `sections` limits it to those top-level
-    sections. Under "resumable": the same without what may change on resume (resume.py), not part of
+    sections. Under "resumable": the same without what may change on resume (train/resume.py), not part of
     the fingerprint but of the step's resume key."""
     every = flatten(config_to_dict(cfg))
     if sections is not None:

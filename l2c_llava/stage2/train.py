@@ -30,8 +30,8 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
+from l2c_llava.stage2.contrastive import ContrastiveRecipe
 from l2c_llava.stage2.model import LLM2CLIPModel
-from l2c_llava.training import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.stage2")
 
