@@ -47,6 +47,9 @@ TRAIN_STATS = "train_stats.json"  # written once training is over
 CHECKPOINTS = "checkpoints"
 TRAINED_MODEL = "model"  # the trained model (stage 2, the CLIP baseline, LLaVA)
 STAGE2_WEIGHTS = "model.safetensors"  # in a stage-2 run's TRAINED_MODEL, beside llm2clip_config.json
+RUN_METRICS = "metrics.json"  # evaluation numbers: stage 1's CRA before / after, stage 2's retrieval
+STAGE1_ENCODER = "encoder"  # the caption encoder a stage-1 run writes last (stage 2's text_encoder.path)
+RETRIEVAL_TABLE = "retrieval.md"  # beside a stage-2 run's RUN_METRICS (`l2c stage2 eval`)
 
 # -- a text feature cache (stage 2's cache.dir; written by `l2c stage2 cache`, stage2/cache.py) ------------
 CACHE_MANIFEST = "manifest.json"  # in each of its folders (train, eval_short, eval_long)
@@ -126,11 +129,11 @@ class PipelineRun:
     @property
     def stage1_encoder(self) -> Path:
         """The caption encoder stage 1 writes: stage 2's ``text_encoder.path``."""
-        return self.stage1 / "encoder"
+        return self.stage1 / STAGE1_ENCODER
 
     @property
     def stage1_metrics(self) -> Path:
-        return self.stage1 / "metrics.json"
+        return self.stage1 / RUN_METRICS
 
     @property
     def clip(self) -> Path:
@@ -163,11 +166,11 @@ class PipelineRun:
     @property
     def retrieval_metrics(self) -> Path:
         """``l2c stage2 eval``'s numbers, beside ``retrieval.md`` in the stage-2 folder."""
-        return self.stage2 / "metrics.json"
+        return self.stage2 / RUN_METRICS
 
     @property
     def retrieval_md(self) -> Path:
-        return self.stage2 / "retrieval.md"
+        return self.stage2 / RETRIEVAL_TABLE
 
     @property
     def exports(self) -> Path:

@@ -30,6 +30,7 @@ from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
+from l2c_llava.layout import RUN_METRICS, STAGE1_ENCODER
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.models.llm import EncoderSource
@@ -110,8 +111,10 @@ class Stage1Recipe:
     def finished(self) -> dict | None:
         """The saved metrics if this config (but for bookkeeping: train/resume.py) already ran to the end in
         run_dir, else None."""
-        done = self.run_dir / "metrics.json"
-        if not (done.is_file() and (self.run_dir / "encoder").is_dir() and same_run(self.run_dir, self.cfg)):
+        done = self.run_dir / RUN_METRICS
+        if not (
+            done.is_file() and (self.run_dir / STAGE1_ENCODER).is_dir() and same_run(self.run_dir, self.cfg)
+        ):
             return None
         return json.loads(done.read_text())
 
@@ -186,11 +189,11 @@ class Stage1Recipe:
             if test is not None or held_out:
                 metrics["after"] = self.evaluate(encoder, test, held_out, "eval after training")
                 trackers.log(acc, metrics["after"], int(train_stats.get("steps") or 0), prefix="eval/after/")
-            parts = ["encoder"] + (["encoder_merged"] if cfg.output.merge_weights else [])
+            parts = [STAGE1_ENCODER] + ([f"{STAGE1_ENCODER}_merged"] if cfg.output.merge_weights else [])
             with tqdm(total=len(parts), desc="saving", unit="folder") as bar:
                 for part in parts:  # merged last: merging folds the adapter into the model in place
                     bar.set_postfix_str(part)
-                    out = encoder.save(self.run_dir / part, merged=part == "encoder_merged")
+                    out = encoder.save(self.run_dir / part, merged=part == f"{STAGE1_ENCODER}_merged")
                     logger.info("%s saved to %s", part, out)
                     bar.update(1)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
@@ -199,7 +202,7 @@ class Stage1Recipe:
                         metrics[f"{key}_before_causal"] = metrics["before"]["causal"].get(key)
                     metrics[f"{key}_before"] = metrics["before"].get("bidirectional", {}).get(key)
                     metrics[f"{key}_after"] = metrics["after"][key]
-            atomic_write_json(self.run_dir / "metrics.json", metrics)
+            atomic_write_json(self.run_dir / RUN_METRICS, metrics)
             logger.info(
                 "metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             )
@@ -362,7 +365,7 @@ def evaluate_encoder(
     if base:
         model = recipe.load_encoder()
     else:
-        path = encoder or str(Path(cfg.run.output_dir) / "encoder")
+        path = encoder or str(Path(cfg.run.output_dir) / STAGE1_ENCODER)
         model = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
                                             attn_implementation=cfg.model.attn_implementation)  # fmt: skip
     model.set_bidirectional(not causal)
