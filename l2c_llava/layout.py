@@ -1,8 +1,9 @@
 """Where things are, stated once: the embedded dataset's files (written by ``data/synthetic.py``, read by
-the pipeline, the local lmms-eval tasks, the retrieval and health checks and the report), where a
-stage-2 run keeps its exports (written by ``l2c export``, read wherever a stage-2 run folder is given as
-a vision tower) and the pipeline's run folder (:class:`PipelineRun`: written by ``l2c pipeline``'s
-steps, read by the report, the web demo and the bench scripts).
+the pipeline, the local lmms-eval tasks, the retrieval and health checks and the report), the files of
+a training run's folder (written through ``l2c_llava/train``), of a text feature cache and of an
+evaluation folder, where a stage-2 run keeps its exports (written by ``l2c export``, read wherever a
+stage-2 run folder is given as a vision tower) and the pipeline's run folder (:class:`PipelineRun`:
+written by ``l2c pipeline``'s steps, read by the report, the web demo and the bench scripts).
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ DATASET_FILES = {  # as the manifest records them
     "scenes": SCENES,
 }
 
+# -- a training run folder (every recipe's run.output_dir; l2c_llava/train writes it) ---------------------
+RUN_CONFIG = "config.yaml"  # the resolved config the run (and its checkpoints) were written under
+RUN_VERSIONS = "versions.json"
+TRAIN_LOG = "train_log.jsonl"  # one record per logged step
+TRAIN_STATS = "train_stats.json"  # written once training is over
+CHECKPOINTS = "checkpoints"
+TRAINED_MODEL = "model"  # the trained model (stage 2, the CLIP baseline, LLaVA)
+STAGE2_WEIGHTS = "model.safetensors"  # in a stage-2 run's TRAINED_MODEL, beside llm2clip_config.json
+RUN_METRICS = "metrics.json"  # evaluation numbers: stage 1's CRA before / after, stage 2's retrieval
+STAGE1_ENCODER = "encoder"  # the caption encoder a stage-1 run writes last (stage 2's text_encoder.path)
+RETRIEVAL_TABLE = "retrieval.md"  # beside a stage-2 run's RUN_METRICS (`l2c stage2 eval`)
+
+# -- a text feature cache (stage 2's cache.dir; written by `l2c stage2 cache`, stage2/cache.py) ------------
+CACHE_MANIFEST = "manifest.json"  # in each of its folders (train, eval_short, eval_long)
+
+# -- an evaluation folder (`l2c mllm eval --out`; written by mllm/lmms.py) -----------------------------------
+EVAL_RESULTS = "results.json"  # the normalized table
+EVAL_TASKS = "tasks"  # the local tasks' YAMLs and the rows each was given
+LMMS_EVAL_OUTPUT = "lmms_eval"  # lmms-eval's own output (its logged samples)
+
 
 # -- a stage-2 run folder ---------------------------------------------------------------------------------
 
@@ -47,19 +68,19 @@ def export_dir(run_dir: str | os.PathLike) -> Path:
     vision|llm2clip --run RUN`` write ``vision`` / ``llm2clip`` under it, and a stage-2 run folder given
     as a vision tower (the mllm configs) is read from ``vision`` under it."""
     run = Path(run_dir)
-    if run.name == "model" and (run.parent / "config.yaml").is_file():
+    if run.name == TRAINED_MODEL and (run.parent / RUN_CONFIG).is_file():
         run = run.parent
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    cfg = yaml.safe_load((run / RUN_CONFIG).read_text()) if (run / RUN_CONFIG).is_file() else {}
     chosen = ((cfg or {}).get("export") or {}).get("dir")
     return Path(chosen) if chosen else run / "export"
 
 
 def is_stage2_run(folder: str | os.PathLike) -> bool:
     p = Path(folder)
-    if not (p / "config.yaml").is_file() or (p / "config.json").is_file():
+    if not (p / RUN_CONFIG).is_file() or (p / "config.json").is_file():
         return False
     try:
-        return (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("recipe") == "stage2"
+        return (yaml.safe_load((p / RUN_CONFIG).read_text()) or {}).get("recipe") == "stage2"
     except yaml.YAMLError:
         return False
 
@@ -108,11 +129,11 @@ class PipelineRun:
     @property
     def stage1_encoder(self) -> Path:
         """The caption encoder stage 1 writes: stage 2's ``text_encoder.path``."""
-        return self.stage1 / "encoder"
+        return self.stage1 / STAGE1_ENCODER
 
     @property
     def stage1_metrics(self) -> Path:
-        return self.stage1 / "metrics.json"
+        return self.stage1 / RUN_METRICS
 
     @property
     def clip(self) -> Path:
@@ -121,7 +142,7 @@ class PipelineRun:
 
     @property
     def clip_model(self) -> Path:
-        return self.clip / "model"
+        return self.clip / TRAINED_MODEL
 
     @property
     def text_features(self) -> Path:
@@ -129,17 +150,27 @@ class PipelineRun:
         return self.root / "text_features"
 
     @property
+    def text_features_done(self) -> Path:
+        """Written last by ``l2c stage2 cache``: the training captions' manifest."""
+        return self.text_features / "train" / CACHE_MANIFEST
+
+    @property
     def stage2(self) -> Path:
         return self.root / "stage2"
 
     @property
+    def stage2_weights(self) -> Path:
+        """The trained LLM2CLIP model's weights, saved when stage 2's training is over."""
+        return self.stage2 / TRAINED_MODEL / STAGE2_WEIGHTS
+
+    @property
     def retrieval_metrics(self) -> Path:
         """``l2c stage2 eval``'s numbers, beside ``retrieval.md`` in the stage-2 folder."""
-        return self.stage2 / "metrics.json"
+        return self.stage2 / RUN_METRICS
 
     @property
     def retrieval_md(self) -> Path:
-        return self.stage2 / "retrieval.md"
+        return self.stage2 / RETRIEVAL_TABLE
 
     @property
     def exports(self) -> Path:
@@ -161,20 +192,28 @@ class PipelineRun:
         """The LLaVA run of one encoder (:data:`ENCODERS`) and stage (pretrain, finetune)."""
         return self.root / "mllm" / encoder / stage
 
+    def llava_stats(self, encoder: str, stage: str) -> Path:
+        """Written once that LLaVA run's training is over (after its model)."""
+        return self.llava(encoder, stage) / TRAIN_STATS
+
     @property
     def evals(self) -> Path:
         return self.root / "eval"
 
     def eval(self, encoder: str) -> Path:
-        """``l2c mllm eval``'s output for one encoder's LLaVA: results.json, tasks/, lmms_eval/."""
+        """``l2c mllm eval``'s output for one encoder's LLaVA (an evaluation folder)."""
         return self.evals / encoder
 
     def eval_results(self, encoder: str) -> Path:
-        return self.eval(encoder) / "results.json"
+        return self.eval(encoder) / EVAL_RESULTS
+
+    def eval_tasks(self, encoder: str) -> Path:
+        """The local tasks an encoder's LLaVA was evaluated on, with the rows each was given."""
+        return self.eval(encoder) / EVAL_TASKS
 
     def lmms_eval(self, encoder: str) -> Path:
         """lmms-eval's own output (its logged samples) under an encoder's eval folder."""
-        return self.eval(encoder) / "lmms_eval"
+        return self.eval(encoder) / LMMS_EVAL_OUTPUT
 
     # the report
     @property

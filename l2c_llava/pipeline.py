@@ -45,8 +45,8 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.locks import run_lock
 from l2c_llava.report import write_report
-from l2c_llava.resume import fingerprint_keys, resumable_keys
-from l2c_llava.runs import versions
+from l2c_llava.train.resume import fingerprint_keys, resumable_keys
+from l2c_llava.train.run_dir import versions
 
 ENCODERS = L.ENCODERS
 
@@ -65,7 +65,7 @@ class Step:
     outputs: list[Path]  # what the step writes; removed when its inputs changed
     done_marker: Path  # exists once the step's work is complete
     fingerprint: str = ""
-    resume_key: str = ""  # the fingerprint without what may change on resume (resume.py)
+    resume_key: str = ""  # the fingerprint without what may change on resume (train/resume.py)
     upstream: list[str] = field(default_factory=list)
     func: Callable[[], None] | None = None
     launch: list[str] | None = None  # launcher words (accelerate launch ...); None: this Python
@@ -98,7 +98,7 @@ def config_fingerprint(cfg: RecipeConfig, sections: tuple[str, ...] | None = Non
                        produced: Path | None = None) -> dict:  # fmt: skip
     """The resolved config a step runs under, minus bookkeeping and the sections read after training
     (but those in `keep`), plus its input files' stats; `sections` limits it to those top-level
-    sections. Under "resumable": the same without what may change on resume (resume.py), not part of
+    sections. Under "resumable": the same without what may change on resume (train/resume.py), not part of
     the fingerprint but of the step's resume key."""
     every = flatten(config_to_dict(cfg))
     if sections is not None:
@@ -225,11 +225,11 @@ class Pipeline:
                         "data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG,
                         "data.eval_image_root": L.IMAGES})  # fmt: skip
         add(Step("text_cache", "stage 2: text feature cache", outputs=[R.text_features],
-                 done_marker=R.text_features / "train" / "manifest.json",
+                 done_marker=R.text_features_done,
                  **recipe("text_cache", s2, ["stage2", "cache"], cfg)),
             fp(cfg, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
         add(Step("stage2", "stage 2: vision encoder vs cached LLM features", outputs=[R.stage2],
-                 done_marker=R.stage2 / "model" / "model.safetensors", launch=s2.launch,
+                 done_marker=R.stage2_weights, launch=s2.launch,
                  **recipe("stage2", s2, ["stage2", "train"], cfg)),
             fp(cfg), ["text_cache", *base_up])  # fmt: skip
         add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", outputs=[R.retrieval_metrics, R.retrieval_md],
@@ -259,14 +259,14 @@ class Pipeline:
             cfg = resolved(pre, {"run.output_dir": str(pre_dir), "model.vision_tower": vt},
                            {"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES})  # fmt: skip
             add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector", outputs=[pre_dir],
-                     done_marker=pre_dir / "train_stats.json", launch=pre.launch,
+                     done_marker=R.llava_stats(enc, "pretrain"), launch=pre.launch,
                      **recipe(f"pretrain_{enc}", pre, ["mllm", "pretrain"], cfg)),
                 fp(cfg), [*vt_up, *data_up])  # fmt: skip
             cfg = resolved(fin, {"run.output_dir": str(fin_dir), "model.vision_tower": vt,
                                  "model.init_from": str(pre_dir)},
                            {"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES})  # fmt: skip
             add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune", outputs=[fin_dir],
-                     done_marker=fin_dir / "train_stats.json", launch=fin.launch,
+                     done_marker=R.llava_stats(enc, "finetune"), launch=fin.launch,
                      **recipe(f"finetune_{enc}", fin, ["mllm", "finetune"], cfg)),
                 fp(cfg), [f"pretrain_{enc}"])  # fmt: skip
             e = c.eval

@@ -102,7 +102,8 @@ def paired_llava(out: Path) -> dict:
 
 def _task_rows(out: Path, name: str) -> list[dict]:
     """The rows a local task was given (``eval/<encoder>/tasks/<task>.jsonl``, the same for both)."""
-    tasks = next((p for p in sorted(L.PipelineRun(out).evals.glob("*/tasks")) if p.is_dir()), None)
+    run = L.PipelineRun(out)
+    tasks = next((p for p in map(run.eval_tasks, ENCODERS) if p.is_dir()), None)
     f = tasks / f"{name}.jsonl" if tasks else None
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f and f.is_file() else []
 
@@ -288,7 +289,7 @@ def collect(out: Path) -> dict:
         res = _read(run.eval_results(enc))
         data["lmms"][enc] = res["rows"] if res else None
     for folder, _ in CURVES:
-        rows = [r for r in _log(out / folder / "train_log.jsonl") if "loss" in r and "step" in r]
+        rows = [r for r in _log(out / folder / L.TRAIN_LOG) if "loss" in r and "step" in r]
         if rows:
             data["curves"][folder] = [[r["step"], r["loss"]] for r in rows]
     return data

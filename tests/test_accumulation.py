@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2c_llava.grad_cache import contrastive_accumulate
 from l2c_llava.losses import clip_loss
+from l2c_llava.train.grad_cache import contrastive_accumulate
 
 
 class Dual(torch.nn.Module):

@@ -222,7 +222,8 @@ def test_pickle_tower_needs_allow_pickle(tmp_path, monkeypatch):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-    from l2c_llava.training import Checkpoints, make_scheduler
+    from l2c_llava.train.checkpoints import Checkpoints
+    from l2c_llava.train.schedule import make_scheduler
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -242,7 +243,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
         ck.save_state(Acc(), step, own, opt, sched)
     latest = tmp_path / "checkpoints" / "step-0000002"
     (latest / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad")
-    with caplog.at_level(logging.WARNING, logger="l2c_llava.training"):
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
         step = ck.load_state(model, own(), opt, sched)
     assert step == 1 and float(model.weight.detach()[0, 0]) == 1.0
     assert "step-0000002 cannot be read" in caplog.text and "resuming from" in caplog.text

@@ -23,7 +23,7 @@ import sys
 from types import SimpleNamespace
 import torch, torch.distributed as dist
 from accelerate.utils import DistributedType
-from l2c_llava.training import clip_gradients
+from l2c_llava.train.accelerator import clip_gradients
 
 mode, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

@@ -1,6 +1,7 @@
 """The package's import rules (issue 20), read from the source with ``ast`` (every import, at the top or
-inside a function): recipes never import each other's training code, nothing imports the CLI, and the
-library never imports a recipe or an application."""
+inside a function): recipes never import each other's training code, nothing imports the CLI, the
+library never imports a recipe or an application, and the run contract (``train/``) is library that
+every recipe's training drives."""
 
 from __future__ import annotations
 
@@ -53,9 +54,34 @@ def test_nothing_imports_the_cli():
 
 def test_the_library_imports_no_recipe_and_no_application():
     library = {m: p for m, p in modules().items() if top(m) not in RECIPES | APPS}
-    assert {"losses", "resume", "layout", "models.llm", "models.vision", "io", "training"} <= set(library)
+    assert {"losses", "layout", "models.llm", "models.vision", "io", "train.loop", "train.resume"} <= set(library)  # fmt: skip
     bad = [f"{m} imports {i}" for m, p in library.items() for i in imports(p) if top(i) in RECIPES | APPS]
     assert not bad, bad
+
+
+def test_the_run_contract_is_library():
+    """train/ holds what every recipe shares: recipes import it; it imports no recipe, no application
+    (the CLI, the pipeline) and nothing outside the library."""
+    train = {m: p for m, p in modules().items() if top(m) == "train"}
+    assert {"train.accelerator", "train.checkpoints", "train.grad_cache", "train.loop", "train.resume",
+            "train.run_dir", "train.schedule"} <= set(train)  # fmt: skip
+    bad = [f"{m} imports {i}" for m, p in train.items() for i in imports(p) if top(i) in RECIPES | APPS]
+    assert not bad, bad
+
+
+def test_every_training_recipe_drives_the_shared_loop():
+    """Stage 1, stage 2 and the CLIP baseline (through stage2/contrastive.py) and LLaVA train on
+    train/loop.py's loop; no recipe keeps a copy of its own."""
+    drivers = {"stage1.train", "stage2.contrastive", "mllm.train"}
+    found = modules()
+    for m in drivers:
+        assert {"train.loop.train_loop", "train.loop.prepare_training"} <= imports(found[m]), m
+    assert "stage2.contrastive.ContrastiveRecipe" in imports(found["stage2.train"])
+    assert "stage2.contrastive.ContrastiveRecipe" in imports(found["stage2.clip_baseline"])
+    # what the loop owns is done by none of them (stage 1's MNTP, stage1/mntp.py, has its own short loop)
+    owned = (".step()", "clip_gradients", "append_log", "micro_backward")
+    stray = [f"{m}: {o}" for m in drivers | TRAINING_ENTRIES for o in owned if o in found[m].read_text()]
+    assert not stray, stray
 
 
 def test_recipes_do_not_import_each_other():

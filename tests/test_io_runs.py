@@ -7,7 +7,7 @@ import yaml
 
 from l2c_llava.config import load_config
 from l2c_llava.io import atomic_write_text, tree_digest
-from l2c_llava.runs import prepare_run_dir
+from l2c_llava.train.run_dir import prepare_run_dir
 
 from .conftest import ROOT
 

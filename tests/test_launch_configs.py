@@ -55,7 +55,7 @@ def test_every_recipe_ships_launch_configs():
 def test_launch_config_resolves_to_the_training_configs_values(yaml_path, monkeypatch):
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
-    from l2c_llava.training import deepspeed_values
+    from l2c_llava.train.accelerator import deepspeed_values
 
     env, world = launch_env(ROOT / yaml_path)
     for k, v in env.items():
@@ -96,7 +96,7 @@ def test_launch_config_resolves_to_the_training_configs_values(yaml_path, monkey
 
 
 def test_stage2_keeps_its_clip_of_5_under_deepspeed():
-    from l2c_llava.training import deepspeed_values
+    from l2c_llava.train.accelerator import deepspeed_values
 
     ds = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -114,7 +114,7 @@ def test_clip_gradients_uses_the_config_value_without_deepspeed():
     import torch
     from accelerate import Accelerator
 
-    from l2c_llava.training import clip_gradients
+    from l2c_llava.train.accelerator import clip_gradients
 
     acc = Accelerator(cpu=True)
     lin = torch.nn.Linear(4, 4)
@@ -131,7 +131,7 @@ def test_deepspeed_accelerator_prepares_without_a_dataloader(monkeypatch):  # pr
     import torch
     from accelerate import Accelerator
 
-    from l2c_llava.training import configure_launch
+    from l2c_llava.train.accelerator import configure_launch
 
     env, _ = launch_env(ROOT / "stage2/accelerate/deepspeed_zero2.yaml")
     for k, v in env.items():

@@ -1,4 +1,4 @@
-"""One rule decides whether a run can resume (resume.py, issue 20), the same in every recipe and in the
+"""One rule decides whether a run can resume (train/resume.py, issue 20), the same in every recipe and in the
 pipeline: raising train.max_steps resumes, a changed training setting is refused with the key named,
 bookkeeping may change."""
 
@@ -13,10 +13,10 @@ from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.mllm.train import MllmRecipe
 from l2c_llava.pipeline import load_pipeline
-from l2c_llava.resume import may_change_on_resume, resume_key
 from l2c_llava.stage1.train import Stage1Recipe
 from l2c_llava.stage2.clip_baseline import ClipPretrainRecipe
 from l2c_llava.stage2.train import Stage2Recipe
+from l2c_llava.train.resume import may_change_on_resume, resume_key
 
 from .test_clip_baseline import clip_config
 from .test_mllm import mllm_config, parts  # noqa: F401 (a fixture)

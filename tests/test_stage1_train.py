@@ -167,7 +167,7 @@ def test_cli_train_and_eval(tmp_path, tiny_base, synth_dir, capsys):
     bad.write_text('{"image": "x.jpg", "short": "", "long": "y"}\n')
     assert main(["stage1", "--config", str(cfg), f"data.train={bad}"]) == 2
     assert "line 1: 'short' is empty" in capsys.readouterr().err
-    # another model on this run's checkpoints is refused (resume.py); started over, the folder is named
+    # another model on this run's checkpoints is refused (train/resume.py); started over, the folder is named
     assert main(["stage1", "--config", str(cfg), "model.name_or_path=/nonexistent/model"]) == 2
     assert "another config (model.name_or_path:" in capsys.readouterr().err
     assert (

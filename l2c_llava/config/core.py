@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_text
+from l2c_llava.layout import RUN_CONFIG
 
 MISSING = object()
 
@@ -443,4 +444,4 @@ def save_resolved_config(
         comments.append(f"from: {source}")
     if overrides:
         comments.append(f"overrides: {' '.join(overrides)}")
-    return write_config(cfg, Path(run_dir) / "config.yaml", comments)
+    return write_config(cfg, Path(run_dir) / RUN_CONFIG, comments)

@@ -194,7 +194,7 @@ def spread_sample(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
 def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root: Path | None = None,
                         limit: int | None = None, task_limits: dict[str, int] | None = None) -> Path:  # fmt: skip
     """A copy of ``mllm/tasks`` under ``out/tasks`` whose YAMLs read JSONL files written there."""
-    dest = out / "tasks"
+    dest = out / L.EVAL_TASKS
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -220,7 +220,7 @@ def lmms_command(model_dir: Path, tasks: list[str], out: Path, include_path: Pat
                  batch_size: int, limit: int | None) -> list[str]:  # fmt: skip
     model_args = f"pretrained={model_dir},device={device},device_map={device}"
     cmd = [sys.executable, "-m", "l2c_llava.mllm.lmms_entry", "eval", "--model", "llava_hf", "--model_args", model_args,
-           "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(out / "lmms_eval"),
+           "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(out / L.LMMS_EVAL_OUTPUT),
            "--log_samples"]  # fmt: skip
     if include_path is not None:
         cmd += ["--include_path", str(include_path)]
@@ -235,8 +235,8 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
                   task_limits: dict[str, int] | None = None, offline: bool | None = None) -> list[dict]:  # fmt: skip
     """Run lmms-eval on `model_dir` for `tasks`, then write the normalized table. Returns its rows."""
     model = Path(model_dir).resolve()
-    if (model / "model" / "config.json").is_file():  # an mllm run folder
-        model = model / "model"
+    if (model / L.TRAINED_MODEL / "config.json").is_file():  # an mllm run folder
+        model = model / L.TRAINED_MODEL
     cfg = json.loads((model / "config.json").read_text()) if (model / "config.json").is_file() else {}
     if cfg.get("model_type") != "llava" or not (model / "processor_config.json").is_file():
         raise EvalError(f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
@@ -261,7 +261,7 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
         raise EvalError(
             f"per-task limits for {sorted(unknown)}: only local tasks take one (use --limit for the others)"
         )
-    for stale in ("results.json", "results.md"):  # a result folder holds the result of one run
+    for stale in (L.EVAL_RESULTS, "results.md"):  # a result folder holds the result of one run
         (out / stale).unlink(missing_ok=True)
     include = None
     if local:
@@ -275,7 +275,7 @@ def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str |
     if offline if offline is not None else all(t in LOCAL_TASKS for t in tasks):
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raw = out / "lmms_eval"
+    raw = out / L.LMMS_EVAL_OUTPUT
     if raw.exists():
         shutil.rmtree(raw)
     # local tasks are cut when their rows are written; lmms-eval's --limit caps the others
@@ -322,7 +322,7 @@ def normalize_results(res: dict) -> list[dict]:
 
 
 def write_table(out: Path, rows: list[dict], source: Path) -> None:
-    atomic_write_json(out / "results.json", {"source": str(source.relative_to(out)), "rows": rows})
+    atomic_write_json(out / L.EVAL_RESULTS, {"source": str(source.relative_to(out)), "rows": rows})
     lines = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for r in rows:
         se = f"{r['stderr']:.4f}" if r["stderr"] is not None else "-"

@@ -27,17 +27,11 @@ from l2c_llava.locks import run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
-from l2c_llava.runs import prepare_run_dir
-from l2c_llava.training import (
-    Checkpoints,
-    append_log,
-    check_resume_config,
-    clip_gradients,
-    is_deepspeed,
-    make_accelerator,
-    micro_backward,
-    open_run,
-)
+from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
+from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.resume import check_resume_config
+from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 
 logger = logging.getLogger("l2c_llava.mllm")
 
@@ -201,7 +195,6 @@ class MllmRecipe:
 
     def run(self) -> dict:
         from torch.utils.data import DataLoader, Subset
-        from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.train
         acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
@@ -223,67 +216,67 @@ class MllmRecipe:
                 f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
         total = t.max_steps or t.epochs * steps_per_epoch
-        run = open_run(self, acc, model, self.param_groups(model), total, micro_batch=t.per_device_batch_size,
-                       accum=accum, lr=t.lr)  # fmt: skip
-        if run.finished is not None:  # a re-run of a finished run: keep its model and numbers
+        state = prepare_training(acc, model, self.param_groups(model), total, t, self.run_dir, resume=cfg.run.resume,
+                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+                                 micro_batch=t.per_device_batch_size, accum=accum, lr=t.lr)  # fmt: skip
+        if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
             trackers.finish(acc)
-            return run.finished
-        wrapped, opt, sched, start, log_path = run.wrapped, run.opt, run.sched, run.start, run.log_path
+            return state.finished
+        wrapped = state.wrapped
         collate = Collate(processor.tokenizer.pad_token_id)
-        bar = tqdm(
-            total=total, initial=start, desc=f"llava {t.stage}", unit="step", disable=not acc.is_main_process
-        )
-        t0, step, last, tokens = time.perf_counter(), start, float("nan"), 0
+        tokens, step_tokens, t_step = 0, 0, 0.0
+
+        def steps():
+            step = state.start
+            while True:
+                epoch = step // steps_per_epoch
+                order = self.epoch_order(ds, epoch, world, acc.process_index)
+                # a resumed run picks up inside its epoch
+                done_rows = (step - epoch * steps_per_epoch) * accum * t.per_device_batch_size
+                loader = DataLoader(Subset(ds, order[done_rows:]), batch_size=t.per_device_batch_size,
+                                    collate_fn=collate, num_workers=cfg.data.num_workers)  # fmt: skip
+                batches = iter(loader)
+                for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
+                    # each micro-batch is drawn from the loader when its turn comes
+                    yield epoch, [batches] * accum
+                    step += 1
+
+        def loss_of(batches) -> torch.Tensor | None:
+            nonlocal step_tokens
+            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+            loss = supervised_loss(wrapped, batch)
+            if not torch.isfinite(loss):  # a micro-batch with no supervised token
+                if world == 1 and not is_deepspeed(acc):
+                    return None
+                # every rank must run each backward (DDP's all-reduce, DeepSpeed's boundary):
+                # a zero loss gives zero gradients (the empty selection has no NaN gradient)
+                loss = loss.nan_to_num(0.0) * 0.0
+            step_tokens += int(batch["attention_mask"].sum())
+            return loss
+
+        def step_gradients(micro_batches: list) -> float:
+            nonlocal step_tokens, t_step
+            step_tokens, t_step = 0, time.perf_counter()
+            return accumulate_gradients(acc, micro_batches, loss_of, accum)
+
+        def report(loss: float) -> StepReport:
+            nonlocal tokens
+            tokens += step_tokens
+            tps = step_tokens * world / max(1e-9, time.perf_counter() - t_step)
+            return StepReport({"tok_s": f"{tps:.0f}"}, {"tokens_per_second": round(tps, 1)})
+
+        t0 = time.perf_counter()
         wrapped.train()
-        while step < total:
-            epoch = step // steps_per_epoch
-            order = self.epoch_order(ds, epoch, world, acc.process_index)
-            done_rows = (step - epoch * steps_per_epoch) * accum * t.per_device_batch_size  # resume mid-epoch
-            loader = DataLoader(Subset(ds, order[done_rows:]), batch_size=t.per_device_batch_size,
-                                collate_fn=collate, num_workers=cfg.data.num_workers)  # fmt: skip
-            batches = iter(loader)
-            for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
-                if step >= total:
-                    break
-                loss_sum, t_step = 0.0, time.perf_counter()
-                step_tokens = 0
-                for micro in range(accum):
-                    batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-                    with acc.autocast():
-                        loss = supervised_loss(wrapped, batch)
-                    if not torch.isfinite(loss):  # a micro-batch with no supervised token
-                        if world == 1 and not is_deepspeed(acc):
-                            continue
-                        # every rank must run each backward (DDP's all-reduce, DeepSpeed's boundary):
-                        # a zero loss gives zero gradients (the empty selection has no NaN gradient)
-                        loss = loss.nan_to_num(0.0) * 0.0
-                    micro_backward(acc, loss, accum, last=micro == accum - 1)
-                    loss_sum += loss.item() / accum
-                    step_tokens += int(batch["attention_mask"].sum())
-                clip_gradients(acc, wrapped, [p for p in model.parameters() if p.requires_grad], t.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                last, tokens = loss_sum, tokens + step_tokens
-                tps = step_tokens * world / max(1e-9, time.perf_counter() - t_step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
-                if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                    rec = {"step": step, "epoch": epoch, "loss": round(loss_sum, 6), "lr": sched.get_last_lr()[0],
-                           "tokens_per_second": round(tps, 1)}  # fmt: skip
-                    append_log(log_path, rec)
-                    trackers.log(acc, rec, step)
-                if step % t.save_every == 0 or step == total:
-                    self.save_checkpoint(acc, model, opt, sched, step)
-        bar.close()
+        last = train_loop(acc, state, total, steps(), step_gradients, report,
+                          params=[p for p in model.parameters() if p.requires_grad], train=t, desc=f"llava {t.stage}",
+                          save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step))  # fmt: skip
         seconds = time.perf_counter() - t0
         stats = {"steps": total, "final_loss": last, "grad_accum": accum, "rows": len(ds),
                  "seconds_this_session": round(seconds, 1),
                  "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None}  # fmt: skip
         if acc.is_main_process:
             self.save_model(acc.unwrap_model(wrapped), processor, stats)
-            atomic_write_json(self.run_dir / "train_stats.json", stats)
+            write_train_stats(self.run_dir, stats)
         trackers.finish(acc)
         acc.wait_for_everyone()
         return stats

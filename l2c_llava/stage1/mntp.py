@@ -21,7 +21,7 @@ from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolv
 from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
 from l2c_llava.stage1.encoder import lora_targets
-from l2c_llava.training import configure_launch
+from l2c_llava.train.accelerator import configure_launch
 
 logger = logging.getLogger("l2c_llava.stage1")
 

@@ -17,10 +17,10 @@ steps; a re-run with ``run.resume: true`` continues from the last one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,34 +29,28 @@ from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.errors import InputError
-from l2c_llava.grad_cache import contrastive_accumulate
 from l2c_llava.io import atomic_write_json
+from l2c_llava.layout import RUN_METRICS, STAGE1_ENCODER
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.models.llm import EncoderSource
-from l2c_llava.quantization import make_adamw, prepare_for_qlora
-from l2c_llava.resume import check_resume, flat_config, resume_key, same_run
-from l2c_llava.runs import prepare_run_dir
+from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
 from l2c_llava.stage1.encoder import TextEncoder, lora_targets
 from l2c_llava.stage1.mntp import run_mntp
-from l2c_llava.training import (
-    Checkpoints,
-    append_log,
-    clip_gradients,
-    configure_launch,
-    make_accelerator,
-    make_scheduler,
-    micro_backward,
-    truncate_log,
-)
+from l2c_llava.train.accelerator import make_accelerator
+from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.grad_cache import contrastive_accumulate
+from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.resume import check_resume_config, flat_config, resume_key, same_run
+from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 
 logger = logging.getLogger("l2c_llava.stage1")
 
 
 def config_digest(cfg: Stage1Config) -> str:
-    """What must not change between a checkpoint and its resume, by the one rule (resume.py)."""
+    """What must not change between a checkpoint and its resume, by the one rule (train/resume.py)."""
     return resume_key(flat_config(cfg))
 
 
@@ -115,10 +109,12 @@ class Stage1Recipe:
     # -- the method ------------------------------------------------------------------------------
 
     def finished(self) -> dict | None:
-        """The saved metrics if this config (but for bookkeeping: resume.py) already ran to the end in
+        """The saved metrics if this config (but for bookkeeping: train/resume.py) already ran to the end in
         run_dir, else None."""
-        done = self.run_dir / "metrics.json"
-        if not (done.is_file() and (self.run_dir / "encoder").is_dir() and same_run(self.run_dir, self.cfg)):
+        done = self.run_dir / RUN_METRICS
+        if not (
+            done.is_file() and (self.run_dir / STAGE1_ENCODER).is_dir() and same_run(self.run_dir, self.cfg)
+        ):
             return None
         return json.loads(done.read_text())
 
@@ -130,8 +126,8 @@ class Stage1Recipe:
         cfg = self.cfg
         pairs, test, held_out, general = self.load_data()  # bad rows stop us before any model loads
         handler = None
-        if cfg.run.resume:  # before config.yaml is replaced: its checkpoints were made under the old one
-            check_resume(self.run_dir, cfg, has_checkpoints=bool(Checkpoints(self.run_dir, 1).all()))
+        # before config.yaml is replaced: the checkpoints were made under the old one
+        check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
             handler = self._log_to_file()
@@ -193,11 +189,11 @@ class Stage1Recipe:
             if test is not None or held_out:
                 metrics["after"] = self.evaluate(encoder, test, held_out, "eval after training")
                 trackers.log(acc, metrics["after"], int(train_stats.get("steps") or 0), prefix="eval/after/")
-            parts = ["encoder"] + (["encoder_merged"] if cfg.output.merge_weights else [])
+            parts = [STAGE1_ENCODER] + ([f"{STAGE1_ENCODER}_merged"] if cfg.output.merge_weights else [])
             with tqdm(total=len(parts), desc="saving", unit="folder") as bar:
                 for part in parts:  # merged last: merging folds the adapter into the model in place
                     bar.set_postfix_str(part)
-                    out = encoder.save(self.run_dir / part, merged=part == "encoder_merged")
+                    out = encoder.save(self.run_dir / part, merged=part == f"{STAGE1_ENCODER}_merged")
                     logger.info("%s saved to %s", part, out)
                     bar.update(1)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
@@ -206,7 +202,7 @@ class Stage1Recipe:
                         metrics[f"{key}_before_causal"] = metrics["before"]["causal"].get(key)
                     metrics[f"{key}_before"] = metrics["before"].get("bidirectional", {}).get(key)
                     metrics[f"{key}_after"] = metrics["after"][key]
-            atomic_write_json(self.run_dir / "metrics.json", metrics)
+            atomic_write_json(self.run_dir / RUN_METRICS, metrics)
             logger.info(
                 "metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             )
@@ -222,8 +218,10 @@ class Stage1Recipe:
     # -- contrastive training -------------------------------------------------------------------------
 
     def train_contrastive(self, acc, encoder: TextEncoder, examples: list[Example]) -> dict:
+        """Supervised contrastive training with a new LoRA, on the shared loop: each step a global batch
+        of examples in the epoch's order, split into micro-batches and processes; HardNegativeNLLLoss
+        over the queries, their positives and hard negatives (gathered across processes)."""
         from peft import LoraConfig, get_peft_model
-        from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.train
         lora = cfg.lora
@@ -242,95 +240,76 @@ class Stage1Recipe:
         steps_per_epoch = max(1, len(examples) // per_step)
         total = t.max_steps or t.epochs * steps_per_epoch
         params = [p for p in encoder.parameters() if p.requires_grad]
-        opt = make_adamw(params, t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
-        sched = make_scheduler(opt, t.schedule, total, t.warmup_steps, t.warmup_ratio)
-        configure_launch(acc, micro_batch=t.batch_size, accum=t.grad_accum, grad_clip=t.grad_clip,
-                         contrastive_accum=t.contrastive_accum)  # fmt: skip
-        model, opt = acc.prepare(encoder, opt)
-        start = self.load_checkpoint(acc, encoder, opt, sched) if cfg.run.resume else 0
-        if start >= total:
-            logger.info("training already complete (%d steps)", total)
-            return self._read_train_stats()
-        log_path = self.run_dir / "train_log.jsonl"
-        if acc.is_main_process:
-            truncate_log(log_path, start)
-        bar = tqdm(
-            total=total,
-            initial=start,
-            desc="stage 1 contrastive",
-            unit="step",
-            disable=not acc.is_main_process,
-        )
-        t0, tokens, last_loss = time.perf_counter(), 0, float("nan")
-        for step in range(start, total):
-            epoch, k = divmod(step, steps_per_epoch)
-            order = epoch_order(len(examples), cfg.run.seed, epoch)
-            chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
-            step_loss = 0.0
-            micro_batches = []
-            for micro in range(t.grad_accum):
-                part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
-                mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
-                    examples[part[0]]
-                ]
-                micro_batches.append((mine, self._batch(encoder, mine, acc.device)))
-            if t.contrastive_accum and t.grad_accum > 1:  # GradCache: the loss of the whole accumulated batch
-                tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
+        state = prepare_training(acc, encoder, params, total, t, self.run_dir, resume=cfg.run.resume,
+                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(acc, encoder, opt, sched),
+                                 micro_batch=t.batch_size, accum=t.grad_accum, output=None, lr=t.lr,
+                                 weight_decay=t.weight_decay)  # fmt: skip
+        if state.start >= total:  # trained already: its saved stats (none if it stopped before writing them)
+            return state.finished or {}
+        model = state.wrapped
+        tokens = 0
 
-                def embed(item, model=model):
-                    mine, batch = item
-                    n = len(mine)
-                    with acc.autocast():
-                        feats = model(**batch, length_buckets=t.length_buckets)
-                    return feats[:n], feats[n : 2 * n], feats[2 * n :]
-
-                def loss_fn(q, p, neg):
-                    return hard_negative_nll_loss(q, p, neg if neg.shape[0] else None, scale=t.loss_scale,
-                                                  gather=t.gather_across_processes)  # fmt: skip
-
-                step_loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
+        def steps():
+            for step in itertools.count(state.start):
+                epoch, k = divmod(step, steps_per_epoch)
+                order = epoch_order(len(examples), cfg.run.seed, epoch)
+                chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
                 micro_batches = []
-                if world > 1:  # log the global batch's loss
-                    step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), "mean").item()
-            for micro, (mine, batch) in enumerate(micro_batches):
-                tokens += int(batch["attention_mask"].sum())
-                ctx = acc.no_sync(model) if (micro < t.grad_accum - 1 and world > 1) else nullcontext()
-                with ctx, acc.autocast():
-                    feats = model(**batch, length_buckets=t.length_buckets)
-                    n = len(mine)
-                    q, p = feats[:n], feats[n : 2 * n]
-                    neg = feats[2 * n :] if feats.shape[0] > 2 * n else None
-                    loss = hard_negative_nll_loss(
-                        q, p, neg, scale=t.loss_scale, gather=t.gather_across_processes
-                    )
-                    micro_backward(acc, loss, t.grad_accum, last=micro == t.grad_accum - 1)
-                step_loss += loss.item() / t.grad_accum
-            clip_gradients(acc, model, params, t.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            last_loss = step_loss
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            if acc.is_main_process and (done % t.log_every == 0 or done == total):
-                rec = {"step": done, "epoch": epoch, "loss": round(step_loss, 6), "lr": sched.get_last_lr()[0],
-                       "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
-                append_log(log_path, rec)
-                trackers.log(acc, rec, done)
-            if done % t.save_every == 0 or done == total:
-                self.save_checkpoint(acc, encoder, opt, sched, done)
-        bar.close()
+                for micro in range(t.grad_accum):
+                    part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
+                    mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
+                        examples[part[0]]
+                    ]
+                    micro_batches.append((mine, self._batch(encoder, mine, acc.device)))
+                yield epoch, micro_batches
+
+        def features(item):
+            """queries, positives, hard negatives (none: an empty tensor) of one micro-batch."""
+            mine, batch = item
+            feats = model(**batch, length_buckets=t.length_buckets)
+            n = len(mine)
+            return feats[:n], feats[n : 2 * n], feats[2 * n :]
+
+        def loss_fn(q, p, neg):
+            return hard_negative_nll_loss(q, p, neg if neg.shape[0] else None, scale=t.loss_scale,
+                                          gather=t.gather_across_processes)  # fmt: skip
+
+        def loss_of(item) -> torch.Tensor:
+            nonlocal tokens
+            tokens += int(item[1]["attention_mask"].sum())
+            return loss_fn(*features(item))
+
+        def embed(item):  # the gradient cache's forward, under autocast as the plain one
+            with acc.autocast():
+                return features(item)
+
+        def step_gradients(micro_batches: list) -> float:
+            nonlocal tokens
+            if not (t.contrastive_accum and t.grad_accum > 1):
+                return accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum, no_sync=model,
+                                            backward_in_autocast=True)  # fmt: skip
+            # the gradient cache: the loss of the whole accumulated batch
+            tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
+            loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
+            if world > 1:  # log the global batch's loss
+                loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
+            return loss
+
+        def report(loss: float) -> StepReport:
+            tps = round(tokens / max(1e-9, time.perf_counter() - t0), 1)
+            return StepReport({"lr": f"{state.sched.get_last_lr()[0]:.2e}"}, {"tokens_per_second": tps})
+
+        t0 = time.perf_counter()
+        last_loss = train_loop(acc, state, total, steps(), step_gradients, report, params=params, train=t,
+                               desc="stage 1 contrastive",
+                               save_checkpoint=lambda step: self.save_checkpoint(acc, encoder, state.opt, state.sched,
+                                                                                 step))  # fmt: skip
         stats = {"steps": total, "examples": len(examples), "global_batch": per_step, "final_loss": last_loss,
                  "seconds_this_session": round(time.perf_counter() - t0, 1),
                  "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
         if acc.is_main_process:
-            atomic_write_json(self.run_dir / "train_stats.json", stats)
+            write_train_stats(self.run_dir, stats)
         return stats
-
-    def _read_train_stats(self) -> dict:
-        p = self.run_dir / "train_stats.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
 
     @staticmethod
     def _batch(encoder: TextEncoder, examples: list[Example], device) -> dict[str, torch.Tensor]:
@@ -386,7 +365,7 @@ def evaluate_encoder(
     if base:
         model = recipe.load_encoder()
     else:
-        path = encoder or str(Path(cfg.run.output_dir) / "encoder")
+        path = encoder or str(Path(cfg.run.output_dir) / STAGE1_ENCODER)
         model = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
                                             attn_implementation=cfg.model.attn_implementation)  # fmt: skip
     model.set_bidirectional(not causal)

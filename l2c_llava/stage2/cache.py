@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from l2c_llava import layout as L
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
 from l2c_llava.data.webdataset import expand_shards, scan_shards
 from l2c_llava.embedded import llm_folder
@@ -40,7 +41,7 @@ from l2c_llava.stage1.encoder import TextEncoder  # the frozen stage-1 encoder: 
 logger = logging.getLogger(__name__)
 
 FORMAT = "l2c-llava text feature cache v1"
-MANIFEST = "manifest.json"
+MANIFEST = L.CACHE_MANIFEST
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _WHOLE_FILE_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole; larger ones by size + head + tail
 _EDGE = 1 << 20

@@ -30,7 +30,7 @@ from l2c_llava.embedded import clip_tokenizer
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, publish_folder
 from l2c_llava.locks import run_lock
-from l2c_llava.training import ContrastiveRecipe
+from l2c_llava.stage2.contrastive import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.clip")
 

@@ -156,8 +156,8 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
             for name, rs in sets.items()
         }
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "metrics.json", results)
-    atomic_write_text(run_dir / "retrieval.md", table(results, ks))
+    atomic_write_json(run_dir / L.RUN_METRICS, results)
+    atomic_write_text(run_dir / L.RETRIEVAL_TABLE, table(results, ks))
     report_results(cfg, run_dir, {enc: results[enc] for enc in ("llm2clip", "baseline")})  # train.report_to
     return results
 

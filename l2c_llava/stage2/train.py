@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from l2c_llava import layout as L
 from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
@@ -32,8 +33,8 @@ from l2c_llava.io import atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
+from l2c_llava.stage2.contrastive import ContrastiveRecipe
 from l2c_llava.stage2.model import LLM2CLIPModel
-from l2c_llava.training import ContrastiveRecipe
 
 logger = logging.getLogger("l2c_llava.stage2")
 
@@ -198,9 +199,9 @@ class Stage2Recipe(ContrastiveRecipe):
     def save_model(self, model: LLM2CLIPModel) -> Path:
         from safetensors.torch import save_file
 
-        out = self.run_dir / "model"
+        out = self.run_dir / L.TRAINED_MODEL
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self._state(model), str(out / "model.safetensors"))
+        save_file(self._state(model), str(out / L.STAGE2_WEIGHTS))
         atomic_write_json(out / "llm2clip_config.json", {
             "vision_config": model.vision_model.config.to_dict(), "text_dim": self.cache.dim,
             "projection_dim": self.cfg.adapter.projection_dim, "num_blocks": self.cfg.adapter.num_blocks,

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.errors import InputError
+from l2c_llava.layout import RUN_CONFIG
 
 BOOKKEEPING = frozenset({"run.resume", "run.root", "train.log_every", "train.report_to", "train.save_every",
                          "train.keep_checkpoints", "data.num_workers"})  # fmt: skip
@@ -73,7 +74,7 @@ def _describe(old: Mapping, new: Mapping, keys: list[str]) -> str:
 
 def saved_config(run_dir: str | Path) -> dict | None:
     """The config.yaml a run folder was written under, as a plain dict (None when there is none)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         return None
     return yaml.safe_load(path.read_text()) or {}
@@ -89,6 +90,14 @@ def check_resume(run_dir: str | Path, cfg: BaseModel, has_checkpoints: bool) -> 
     if differ:
         raise InputError(f"{run_dir} holds checkpoints of a run with another config ({_describe(old, cfg, differ)}). "
                          "Use a new run.output_dir, or run.resume=false to start over there")  # fmt: skip
+
+
+def check_resume_config(run_dir: str | Path, cfg: BaseModel) -> None:
+    """:func:`check_resume` on a training run folder: refuse to resume its checkpoints (if any) when they
+    were written under a config that differs from `cfg` in a key that may not change on resume."""
+    from l2c_llava.train.checkpoints import Checkpoints
+
+    check_resume(run_dir, cfg, has_checkpoints=bool(Checkpoints(Path(run_dir), 1).all()))
 
 
 def same_run(run_dir: str | Path, cfg: BaseModel) -> bool:

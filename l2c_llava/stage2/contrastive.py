@@ -1,0 +1,178 @@
+"""The training recipe both image-text contrastive models share: stage 2 (``stage2/train.py``) and the
+demo CLIP baseline (``stage2/clip_baseline.py``), on the shared loop (:mod:`l2c_llava.train.loop`)."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from l2c_llava import trackers
+from l2c_llava.errors import InputError
+from l2c_llava.losses import clip_loss
+from l2c_llava.train.accelerator import make_accelerator
+from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.grad_cache import contrastive_accumulate
+from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.resume import check_resume_config
+from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
+
+
+class ContrastiveRecipe:
+    """What both image-text contrastive recipes share (stage 2 and the demo CLIP baseline), on the
+    shared training loop: one pass over the images per epoch (resumed mid-epoch), the CLIP loss with
+    features gathered across processes, gradient accumulation (plain, or the gradient cache with
+    ``train.contrastive_accum``), the logit-scale clamp after each step, the whole model's state in
+    each checkpoint.
+
+    A recipe provides ``build_data(acc) -> (dataset, length or None)``, ``build_model(acc)``,
+    ``param_groups(model)``, ``embed(wrapped, batch, acc) -> (image, text, scale)`` (normalised
+    embeddings), ``after_step(model) -> logit scale`` and ``save_model(model)``; optionally
+    ``collate``. Its config has ``run``, ``train`` (lr, betas, eps, batch_size, grad_accum, epochs or
+    max_steps, schedule, local_loss, gather_with_grad, ...) and ``data.num_workers``.
+    """
+
+    name = "train"
+    collate = None
+
+    def __init__(self, cfg, source: str | None = None, overrides: tuple[str, ...] = ()):
+        self.cfg, self.source, self.overrides = cfg, source, tuple(overrides)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    def build_data(self, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build_model(self, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, wrapped, batch, acc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, model) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save_model(self, model) -> Path:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
+        dataset, n = self.build_data(acc)
+        check_resume_config(self.run_dir, cfg)
+        if acc.is_main_process:
+            prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
+        trackers.start(acc, cfg, self.run_dir)
+        model = self.build_model(acc)
+        per_step = t.batch_size * acc.num_processes * t.grad_accum
+        steps_per_epoch = max(1, n // per_step) if n else None
+        total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
+        if total is None:
+            raise InputError("data.format=webdataset streams without a known length: set train.max_steps")
+        state = prepare_training(acc, model, self.param_groups(model), total, t, self.run_dir, resume=cfg.run.resume,
+                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+                                 micro_batch=t.batch_size, accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
+                                 eps=t.eps)  # fmt: skip
+        if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
+            trackers.finish(acc)
+            return state.finished
+        loss_fn = partial(clip_loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad)
+        seen = 0  # images this process trained on in this session
+
+        def loss_of(batch) -> torch.Tensor:
+            nonlocal seen
+            img, txt, scale = self.embed(state.wrapped, batch, acc)
+            seen += img.shape[0]
+            return loss_fn(img, txt, scale)
+
+        def embed(batch):  # the gradient cache's forward, under autocast as the plain one
+            with acc.autocast():
+                return self.embed(state.wrapped, batch, acc)
+
+        def step_gradients(micro_batches: list) -> float:
+            nonlocal seen
+            if getattr(t, "contrastive_accum", False) and len(micro_batches) > 1:
+                loss, rows = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward)
+                seen += rows
+            else:
+                loss = accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum)
+            if acc.num_processes > 1:  # log the global batch's loss, not this process's share
+                loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
+            return loss
+
+        def report(loss: float) -> StepReport:
+            scale = self.after_step(model)
+            rate = seen * acc.num_processes / max(1e-9, time.perf_counter() - t0)
+            return StepReport({"scale": f"{scale:.1f}"}, {"logit_scale": scale}, {"images_per_second": rate})
+
+        t0 = time.perf_counter()
+        last = train_loop(acc, state, total, self._steps(dataset, acc, state.start, steps_per_epoch), step_gradients,
+                          report, params=list(model.parameters()), train=t, desc=self.name,
+                          save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step))  # fmt: skip
+        seconds = time.perf_counter() - t0
+        stats = {"steps": total, "final_loss": last, "seconds_this_session": round(seconds, 1),
+                 "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None}  # fmt: skip
+        if acc.is_main_process:
+            self.save_model(model)
+            write_train_stats(self.run_dir, stats)
+        trackers.finish(acc)
+        acc.wait_for_everyone()
+        return stats
+
+    def _steps(self, dataset, acc, start: int, steps_per_epoch: int | None):
+        """(epoch, the step's micro-batches) for each step from `start` on: one pass over the data per
+        epoch, a resumed run picking up inside its epoch; a pass that ends inside a step gives that step
+        the micro-batches left (a stream of unknown length ends its epochs so)."""
+        t = self.cfg.train
+        step = start
+        epoch = start // steps_per_epoch if steps_per_epoch else 0
+        while True:
+            dataset.epoch = epoch
+            done_micro = (step - epoch * steps_per_epoch) * t.grad_accum if steps_per_epoch else 0
+            batches = iter(self._loader(dataset, epoch, acc, skip_batches=done_micro))  # resume mid-epoch
+            steps_before = step
+            while micro_batches := list(islice(batches, t.grad_accum)):
+                yield epoch, micro_batches
+                step += 1
+                if len(micro_batches) < t.grad_accum:  # the pass is over
+                    break
+            if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
+                raise InputError(f"{self.cfg.data.train}: not enough samples for one batch of {t.batch_size} per "
+                                 f"process ({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
+            epoch += 1
+
+    def _loader(self, dataset, epoch: int, acc, skip_batches: int = 0):
+        """This process's batches of the epoch; `skip_batches` already trained ones are left out of the
+        order (not loaded and thrown away)."""
+        from torch.utils.data import DataLoader, IterableDataset, Subset
+
+        t, d = self.cfg.train, self.cfg.data
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(
+                dataset, batch_size=t.batch_size, num_workers=d.num_workers, collate_fn=self.collate
+            )
+        g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
+        order = torch.randperm(len(dataset), generator=g)
+        mine = order[acc.process_index :: acc.num_processes].tolist()[skip_batches * t.batch_size :]
+        return DataLoader(Subset(dataset, mine), batch_size=t.batch_size, shuffle=False, num_workers=d.num_workers,
+                          drop_last=True, collate_fn=self.collate)  # fmt: skip
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state(model) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+        Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
+            acc, step, lambda: self._state(model), opt, sched
+        )
+
+    def load_checkpoint(self, model, opt, sched) -> int:
+        checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return checkpoints.load_state(model, self._state(model), opt, sched)

@@ -1,0 +1,142 @@
+"""Checkpoints of a training run, with an exact resume.
+
+A checkpoint is a folder ``run_dir/checkpoints/step-NNNNNNN/`` with the recipe's weights (written by
+the recipe: an adapter, or the trainable state as safetensors) and ``trainer_state.pt`` (optimizer,
+scheduler, RNG states, step; tensors and plain types only, loaded with ``weights_only=True``). It is
+built as ``.step-NNNNNNN.tmp`` and renamed, so a kill leaves the previous checkpoint intact; only the
+last ``keep`` are kept. A damaged latest one is set aside as ``damaged-step-NNNNNNN`` and the run
+resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from l2c_llava.errors import InputError, L2CError
+from l2c_llava.layout import CHECKPOINTS
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, keep: int):
+        self.root = Path(run_dir) / CHECKPOINTS
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p for p in self.root.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file()
+        )
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def latest_intact(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint whose files all read back, with its trainer state; None when there is
+        none. A damaged one (a disk filled up, a copy cut short) is set aside as ``damaged-step-N`` (kept,
+        not deleted, and out of the rotation) and the previous one is used, with a warning that says so."""
+        from safetensors import safe_open
+
+        found = self.all()
+        damaged = []
+        for ck in reversed(found):
+            try:
+                for f in sorted(ck.rglob("*.safetensors")):
+                    with safe_open(str(f), framework="pt") as st:
+                        for k in st.keys():
+                            st.get_slice(k)
+                state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("trainer_state.pt holds no step")
+            except Exception as e:  # noqa: BLE001 - any read failure means: do not resume from it
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                aside = ck.with_name(f"damaged-{ck.name}")
+                try:  # another process of the same launch may have moved it already
+                    shutil.rmtree(aside, ignore_errors=True)
+                    ck.rename(aside)
+                except OSError:
+                    pass
+                damaged.append(ck.name)
+                logger.warning("checkpoint %s cannot be read (%s); moved to %s and trying the previous one",
+                               ck, reason, aside.name)  # fmt: skip
+                continue
+            if damaged:
+                logger.warning("resuming from %s: the later checkpoint(s) %s are damaged (kept as damaged-*)",
+                               ck, ", ".join(damaged))  # fmt: skip
+            return ck, state
+        if damaged:
+            raise L2CError(f"{self.root}: every checkpoint is damaged ({', '.join(damaged)}, now damaged-*); set "
+                           "run.resume=false to start over, or use a new run.output_dir")  # fmt: skip
+        return None
+
+    def save(
+        self, step: int, write_weights: Callable[[Path], None], opt, sched, extra: dict | None = None
+    ) -> Path:
+        final, tmp = self.root / f"step-{step:07d}", self.root / f".step-{step:07d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})}  # fmt: skip
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s", final)
+        return final
+
+    def save_state(
+        self, acc, step: int, state_fn: Callable[[], dict], opt, sched, name: str = "model.safetensors"
+    ) -> None:
+        """Every process meets here; the main one writes `state_fn()` (tensors) as safetensors."""
+        from safetensors.torch import save_file
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = state_fn()
+            self.save(step, lambda d: save_file(state, str(d / name)), opt, sched)
+        acc.wait_for_everyone()
+
+    def load_state(self, model, own: dict, opt, sched, name: str = "model.safetensors") -> int:
+        """Restore the latest checkpoint into `model` (whose checkpointed tensors are `own`) and the
+        optimizer state; 0 when there is none. Other tensor names or shapes are refused with the reason."""
+        from safetensors.torch import load_file
+
+        found = self.latest_intact()
+        if found is None:
+            return 0
+        ck, trainer_state = found
+        state = load_file(str(ck / name))
+        if set(state) != set(own):
+            extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+            raise InputError(f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
+                             "train.tune or the model changed; use a new run.output_dir")  # fmt: skip
+        wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
+                 if v.shape != own[k].shape]  # fmt: skip
+        if wrong:
+            raise InputError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
+                             "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
+        model.load_state_dict(state, strict=False)
+        return int(self.restore(ck, opt, sched, trainer_state)["step"])
+
+    def restore(self, ck: Path, opt, sched, state: dict | None = None) -> dict:
+        """Load optimizer, scheduler and RNG states from `ck` (or the `state` already read from it);
+        returns the whole trainer state."""
+        if state is None:
+            state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        logger.info("resumed from %s (step %d)", ck, state["step"])
+        return state
