@@ -266,6 +266,55 @@ def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
+    """train.mixed_precision=bf16 on the CPU (the demo's; 1.46x faster steps on a CPU with native bf16):
+    the matmuls run in bf16, the weights, the loss log and the saved model stay float32."""
+    import json
+
+    from safetensors import safe_open
+
+    from l2c_llava.mllm.train import MllmRecipe
+
+    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "bf16",
+                         ["train.tune=lora", "train.lora.r=4", "train.lora.alpha=8", "train.max_steps=2",
+                          "train.mixed_precision=bf16"])  # fmt: skip
+    seen = []
+    orig = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        out = orig(x, w, b)
+        seen.append(out.dtype)
+        return out
+
+    torch.nn.functional.linear = spy
+    try:
+        MllmRecipe(cfg).run()
+    finally:
+        torch.nn.functional.linear = orig
+    assert torch.bfloat16 in seen  # autocast was on during training
+    log = [json.loads(x) for x in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    with safe_open(str(next((tmp_path / "bf16" / "model").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    from l2c_llava.models import llm
+    from l2c_llava.train.accelerator import resolve_mixed_precision
+
+    monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert resolve_mixed_precision("bf16") == "bf16"
+        assert llm.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["train.mixed_precision bf16", "torch_dtype bfloat16"]
+    caplog.clear()
+    monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING"):
+        resolve_mixed_precision("bf16")
+        llm.resolve_dtype("bfloat16", "cpu")
+    assert not caplog.records
+
+
 def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_dir):
     """LLaVA's mm_projector_lr is not tied to LoRA: a full finetune gets the projector its own lr."""
     from l2c_llava.mllm.train import MllmRecipe
