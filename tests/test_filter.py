@@ -107,7 +107,7 @@ def test_flag_mode_on_csv_and_the_llava_format(tmp_path, synth_dir):
     path, bad, enc, rows = corrupted_copy(synth_dir, tmp_path)
     csv_path = tmp_path / "noisy.csv"
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "short", "long"])
+        w = csv.DictWriter(f, fieldnames=["image", "short", "long"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     r = filter_captions(
