@@ -286,11 +286,15 @@ def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
         seen.append(out.dtype)
         return out
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process; the suite's is "no"
     torch.nn.functional.linear = spy
     try:
         MllmRecipe(cfg).run()
     finally:
         torch.nn.functional.linear = orig
+        AcceleratorState._reset_state(True)
     assert torch.bfloat16 in seen  # autocast was on during training
     log = [json.loads(x) for x in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)

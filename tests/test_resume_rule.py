@@ -26,6 +26,20 @@ from .test_stage2_train import config as stage2_config
 from .test_stage2_train import setup  # noqa: F401 (a fixture)
 
 
+def test_a_key_added_later_at_its_original_value_changes_nothing():
+    """text_encoder.torch_dtype came after stage-2 runs existed: a saved config without it is the same run
+    as one with "auto" (same_run, differences, fingerprints); "bfloat16" is a change."""
+    from l2c_llava.train.resume import differences, fingerprint_keys, flat_config
+
+    old = {"text_encoder": {"path": "enc"}, "train": {"lr": 1.0}}
+    auto = {"text_encoder": {"path": "enc", "torch_dtype": "auto"}, "train": {"lr": 1.0}}
+    bf16 = {"text_encoder": {"path": "enc", "torch_dtype": "bfloat16"}, "train": {"lr": 1.0}}
+    assert flat_config(old) == flat_config(auto) and not differences(old, auto)
+    assert differences(old, bf16) == ["text_encoder.torch_dtype"]
+    assert fingerprint_keys(flat_config(auto)) == fingerprint_keys({"text_encoder.path": "enc", "train.lr": 1.0})
+    assert resume_key(flat_config(old)) == resume_key(flat_config(auto)) != resume_key(flat_config(bf16))
+
+
 def test_the_rule():
     for key in ("run.resume", "run.root", "run.output_dir", "train.log_every", "train.save_every",
                 "train.keep_checkpoints", "train.report_to", "data.num_workers", "train.max_steps", "train.epochs",

@@ -38,6 +38,14 @@ BOOKKEEPING = frozenset({"run.resume", "run.root", "train.log_every", "train.rep
 OUTPUT_LOCATIONS = frozenset({"run.output_dir"})  # (export.dir is in an AFTER_TRAINING section)
 RUN_LENGTH = frozenset({"train.max_steps", "train.epochs"})
 AFTER_TRAINING = frozenset({"eval", "export"})  # top-level sections
+# Keys added after run folders existed, each with the value that does what those runs did: at that
+# value the key is left out of every comparison and fingerprint, so adding it re-runs and refuses nothing.
+ADDED_KEYS = {"text_encoder.torch_dtype": "auto"}
+
+
+def without_added_defaults(flat: Mapping[str, object]) -> dict:
+    """`flat` without the :data:`ADDED_KEYS` that hold their original value."""
+    return {k: v for k, v in flat.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -57,7 +65,7 @@ def may_change_on_resume(key: str) -> bool:
 
 def flat_config(cfg: BaseModel | Mapping) -> dict:
     """A config (typed or as loaded from config.yaml) as {dotted key: value}."""
-    return flatten(dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg))
+    return without_added_defaults(flatten(dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)))
 
 
 def differences(old: BaseModel | Mapping, new: BaseModel | Mapping,
@@ -109,7 +117,7 @@ def same_run(run_dir: str | Path, cfg: BaseModel) -> bool:
 def fingerprint_keys(flat: Mapping[str, object], keep: tuple[str, ...] = ()) -> dict:
     """What a pipeline step's outputs depend on: all but the bookkeeping, and of the sections read after
     training only those in `keep` (the step evaluates, say)."""
-    return {k: v for k, v in flat.items()
+    return {k: v for k, v in without_added_defaults(flat).items()
             if not is_bookkeeping(k) and (k.split(".")[0] not in AFTER_TRAINING or k.split(".")[0] in keep)}  # fmt: skip
 
 
