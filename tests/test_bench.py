@@ -102,3 +102,21 @@ def test_patch_probe_questions_are_true_and_the_probe_runs(tmp_path):
             assert set(res["towers"][tower]["probe"][split]) == {"existence", "position", "colour"}
             assert all(0 <= v <= 1 for v in res["towers"][tower]["probe"][split].values())
     assert 0 < res["towers"]["random"]["probe"]["chance"]["position"] <= 1
+
+
+def test_stage2_data_benchmark_runs_each_variant_and_shares_the_test_features(tmp_path, synth_dir):
+    from .tiny_llm import save_tiny_llm
+
+    encoder = save_tiny_llm(tmp_path / "enc", "llama")
+    out = tmp_path / "s2"
+    args = [sys.executable, "bench/stage2_data.py", "--data", str(synth_dir), "--encoder", str(encoder), "--steps", "2",
+            "--variant", "short=captions/train.jsonl:short", "--variant", "coco=captions/train.jsonl:alternatives",
+            "--set", "train.batch_size=4", "eval.batch_size=8", "--out", str(out)]  # fmt: skip
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [r for r in res.stdout.splitlines() if r.startswith("| coco |") or r.startswith("| short |")]
+    assert len(rows) == 8  # 2 variants x 2 sets x 2 directions, each with baseline, LLM2CLIP and paired p
+    shorts = json.loads((out / "short" / "cache" / "train" / "manifest.json").read_text())["rows"]
+    coco = json.loads((out / "coco" / "cache" / "train" / "manifest.json").read_text())["rows"]
+    assert coco > shorts  # five captions per image instead of one
+    assert (out / "coco" / "cache" / "eval_long").resolve() == (out / "eval_cache" / "eval_long").resolve()
