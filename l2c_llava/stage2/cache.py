@@ -343,7 +343,7 @@ def pair_captions(pairs) -> list[str]:
     out: list[str] = []
     for p in pairs:
         out += [p.short, p.long]
-    extra = [c for p in pairs for c in getattr(p, "more_short", ())]
+    extra = [c for p in pairs for c in p.more_short]
     if extra:
         out = list(dict.fromkeys(out + extra))
     return out
