@@ -88,7 +88,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def warn_if_slow_bf16(what: str, device: str = "cpu") -> None:
-    """One warning when `what` asks for bf16 on a CPU that emulates it (the run is right, only slow)."""
+    """A warning when `what` asks for bf16 on a CPU that emulates it (the run is right, only slow)."""
     if not device.startswith("cuda") and not cpu_has_native_bf16():
         logger.warning("%s: bf16 on this CPU is emulated (no AVX512-BF16 / AMX) and slower than float32; "
                        "set it to float32 / \"no\" here", what)  # fmt: skip

@@ -19,8 +19,8 @@ def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> bf16 on a GPU that supports it, else no mixed precision. bf16 on the CPU is autocast
     (1.4-1.5x faster LLaVA steps on a CPU with native bf16: bench/RESULTS.md); a warning where the CPU
     emulates it."""
-    if choice == "bf16" and not torch.cuda.is_available():
-        warn_if_slow_bf16("train.mixed_precision bf16")
+    if choice == "bf16":
+        warn_if_slow_bf16("train.mixed_precision bf16", "cuda" if torch.cuda.is_available() else "cpu")
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
