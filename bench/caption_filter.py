@@ -89,36 +89,72 @@ def main(argv=None) -> int:
     for name, folder in models.items():
         enc = Encoder(folder, batch_size=16)
         # cosine first: the z-score run reuses its cached scores and leaves its own files (the default)
-        runs = [("swap", "cosine", None), ("colour", "cosine", None), ("swap", "zscore", a.share),
-                ("colour", "zscore", a.share), ("swap", "zscore", None), ("colour", "zscore", None)]  # fmt: skip
+        runs = [
+            ("swap", "cosine", None),
+            ("colour", "cosine", None),
+            ("swap", "zscore", a.share),
+            ("colour", "zscore", a.share),
+            ("swap", "zscore", None),
+            ("colour", "zscore", None),
+        ]
         for kind, score, share in runs:
             noisy, bad = corrupt(rows, kind, a.share, a.seed)
             src = out / f"noisy_{kind}.jsonl"
             src.write_text("".join(json.dumps(r) + "\n" for r in noisy))
             tag = "llm2clip" if name == "LLM2CLIP" else "clip"
             t0 = time.perf_counter()
-            r = filter_captions(src, data / L.IMAGES, enc, out / f"clean_{kind}_{tag}.jsonl", score_kind=score,
-                                drop_share=share, null_quantile=a.null_quantile, truth=lambda row, bad=bad: row.image in bad)  # fmt: skip
+            r = filter_captions(
+                src,
+                data / L.IMAGES,
+                enc,
+                out / f"clean_{kind}_{tag}.jsonl",
+                score_kind=score,
+                drop_share=share,
+                null_quantile=a.null_quantile,
+                truth=lambda row, bad=bad: row.image in bad,
+            )
             m = r["measured"]
-            results.append({"model": name, "corruption": kind, "score": score, "auc": m["auc"], "rows": r["rows"],
-                            "rule": f"drop lowest {share:.0%}" if share else f"{a.null_quantile:.0%} of shuffled",
-                            "corrupted": m["corrupted"],
-                            "dropped": r["flagged"], "precision": m["precision"], "recall": m["recall"],
-                            "clean_dropped_share": m["clean_dropped_share"], "threshold": r["threshold"],
-                            "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            results.append(
+                {
+                    "model": name,
+                    "corruption": kind,
+                    "score": score,
+                    "auc": m["auc"],
+                    "rows": r["rows"],
+                    "rule": f"drop lowest {share:.0%}" if share else f"{a.null_quantile:.0%} of shuffled",
+                    "corrupted": m["corrupted"],
+                    "dropped": r["flagged"],
+                    "precision": m["precision"],
+                    "recall": m["recall"],
+                    "clean_dropped_share": m["clean_dropped_share"],
+                    "threshold": r["threshold"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
-    lines = [f"# Caption filtering on corrupted demo pairs ({len(rows)} {a.split} rows, {a.share:.0%} corrupted, "
-             "the rule: under the 95% quantile of shuffled pairs, or the lowest-scoring share)", "",
-             "| model | corruption | score | AUC | rule | dropped | precision | recall | clean rows dropped |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Caption filtering on corrupted demo pairs ({len(rows)} {a.split} rows, {a.share:.0%} corrupted, "
+        "the rule: under the 95% quantile of shuffled pairs, or the lowest-scoring share)",
+        "",
+        "| model | corruption | score | AUC | rule | dropped | precision | recall | clean rows dropped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         prec = "n/a" if r["precision"] is None else f"{r['precision']:.3f}"
-        lines.append(f"| {r['model']} | {r['corruption']} | {r['score']} | {r['auc']:.3f} | {r['rule']} | "
-                     f"{r['dropped']} of {r['rows']} | {prec} | "
-                     f"{r['recall']:.3f} | {r['clean_dropped_share']:.1%} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['corruption']} | {r['score']} | {r['auc']:.3f} | {r['rule']} | "
+            f"{r['dropped']} of {r['rows']} | {prec} | "
+            f"{r['recall']:.3f} | {r['clean_dropped_share']:.1%} |"
+        )
     md = "\n".join(lines) + "\n"
-    res = {"host": socket.gethostname(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "run": str(run), "split": a.split, "models": {k: str(v) for k, v in models.items()}, "results": results}  # fmt: skip
+    res = {
+        "host": socket.gethostname(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "run": str(run),
+        "split": a.split,
+        "models": {k: str(v) for k, v in models.items()},
+        "results": results,
+    }
     write_results([(out, "filter"), (HERE / "results", f"caption_filter-{res['host']}")], res, md)
     print(md)
     return 0

@@ -31,10 +31,19 @@ CANDIDATES = {
 
 def model_section(image_size: int, patch: int, width: int, layers: int, heads: int) -> SimpleNamespace:
     return SimpleNamespace(
-        image_size=image_size, patch_size=patch, vision_width=width, vision_layers=layers, vision_heads=heads,
-        text_width=256, text_layers=4, text_heads=4, context_length=77, mlp_ratio=4, projection_dim=256,
+        image_size=image_size,
+        patch_size=patch,
+        vision_width=width,
+        vision_layers=layers,
+        vision_heads=heads,
+        text_width=256,
+        text_layers=4,
+        text_heads=4,
+        context_length=77,
+        mlp_ratio=4,
+        projection_dim=256,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
 
 
 def run(batch: int = 64, steps: int = 3, text_tokens: int = 60) -> dict:
@@ -68,9 +77,11 @@ def run(batch: int = 64, steps: int = 3, text_tokens: int = 60) -> dict:
         base = base or ips
         vision_params = sum(p.numel() for p in model.clip.vision_model.parameters())
         out[name] = {
-            "images_per_s": round(ips, 1), "ratio_to_first": round(ips / base, 3),
-            "llava_tokens_per_image": (spec[0] // spec[1]) ** 2, "vision_params_M": round(vision_params / 1e6, 2),
-        }  # fmt: skip
+            "images_per_s": round(ips, 1),
+            "ratio_to_first": round(ips / base, 3),
+            "llava_tokens_per_image": (spec[0] // spec[1]) ** 2,
+            "vision_params_M": round(vision_params / 1e6, 2),
+        }
         print(name, out[name], flush=True)
     return {"batch": batch, "steps": steps, "threads": torch.get_num_threads(), "candidates": out}
 

@@ -51,55 +51,105 @@ def run(run_dir: Path, pipeline_config: Path, kinds: list[str], queries: int, vq
         shape = [f"model.projector_type={kind}", f"model.connector.num_queries={queries}"]
         common = [*shape, f"model.vision_tower={vision}", f"data.image_root={data / L.IMAGES}"]
         stats = {}
-        for stage, section, data_file in (("pretrain", pipe.mllm.pretrain, L.LLAVA_PRETRAIN),
-                                          ("finetune", pipe.mllm.finetune, L.LLAVA_INSTRUCT)):  # fmt: skip
+        for stage, section, data_file in (
+            ("pretrain", pipe.mllm.pretrain, L.LLAVA_PRETRAIN),
+            ("finetune", pipe.mllm.finetune, L.LLAVA_INSTRUCT),
+        ):
             extra = [f"model.init_from={base / 'pretrain'}"] if stage == "finetune" else []
             t0 = time.perf_counter()
-            l2c("mllm", stage, "--config", str(ROOT / section.config), *section.overrides, *common, *extra,
-                f"run.output_dir={base / stage}", f"data.path={data / data_file}")  # fmt: skip
+            l2c(
+                "mllm",
+                stage,
+                "--config",
+                str(ROOT / section.config),
+                *section.overrides,
+                *common,
+                *extra,
+                f"run.output_dir={base / stage}",
+                f"data.path={data / data_file}",
+            )
             s = json.loads((base / stage / "train_stats.json").read_text())
             s["wall_s"] = round(time.perf_counter() - t0, 1)
             stats[stage] = s
-        l2c("mllm", "eval-vqa", "--model", str(base / "finetune"), "--questions", str(data / L.VQA["test"]),
-            "--image-root", str(data / L.IMAGES), "--train-json", str(data / L.LLAVA_INSTRUCT),
-            "--limit", str(vqa_limit), "--out", str(base / "vqa"))  # fmt: skip
+        l2c(
+            "mllm",
+            "eval-vqa",
+            "--model",
+            str(base / "finetune"),
+            "--questions",
+            str(data / L.VQA["test"]),
+            "--image-root",
+            str(data / L.IMAGES),
+            "--train-json",
+            str(data / L.LLAVA_INSTRUCT),
+            "--limit",
+            str(vqa_limit),
+            "--out",
+            str(base / "vqa"),
+        )
         vqa = json.loads((base / "vqa" / "vqa_metrics.json").read_text())
         model = load_llava(base / "finetune" / "model")
         proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-        rows.append({
-            "connector": kind, "image_tokens": image_tokens_of(model.config), "connector_params": proj,
-            "pretrain_s_per_step": round(stats["pretrain"]["seconds_this_session"] / stats["pretrain"]["steps"], 2),
-            "finetune_s_per_step": round(stats["finetune"]["seconds_this_session"] / stats["finetune"]["steps"], 2),
-            "pretrain_tokens_per_s": stats["pretrain"]["tokens_per_second"],
-            "finetune_tokens_per_s": stats["finetune"]["tokens_per_second"],
-            "pretrain_final_loss": round(stats["pretrain"]["final_loss"], 4),
-            "finetune_final_loss": round(stats["finetune"]["final_loss"], 4),
-            "vqa_accuracy": vqa.get("accuracy"), "vqa_n": vqa.get("n"),
-            "vqa_prior": (vqa.get("prior") or {}).get("accuracy"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "connector": kind,
+                "image_tokens": image_tokens_of(model.config),
+                "connector_params": proj,
+                "pretrain_s_per_step": round(
+                    stats["pretrain"]["seconds_this_session"] / stats["pretrain"]["steps"], 2
+                ),
+                "finetune_s_per_step": round(
+                    stats["finetune"]["seconds_this_session"] / stats["finetune"]["steps"], 2
+                ),
+                "pretrain_tokens_per_s": stats["pretrain"]["tokens_per_second"],
+                "finetune_tokens_per_s": stats["finetune"]["tokens_per_second"],
+                "pretrain_final_loss": round(stats["pretrain"]["final_loss"], 4),
+                "finetune_final_loss": round(stats["finetune"]["final_loss"], 4),
+                "vqa_accuracy": vqa.get("accuracy"),
+                "vqa_n": vqa.get("n"),
+                "vqa_prior": (vqa.get("prior") or {}).get("accuracy"),
+            }
+        )
         del model
     ref = next((r for r in rows if r["connector"] == "mlp2x_gelu"), rows[0])
     for r in rows:
         r["tokens_vs_mlp"] = round(r["image_tokens"] / ref["image_tokens"], 3)
         r["pretrain_speed_vs_mlp"] = round(ref["pretrain_s_per_step"] / r["pretrain_s_per_step"], 2)
         r["finetune_speed_vs_mlp"] = round(ref["finetune_s_per_step"] / r["finetune_s_per_step"], 2)
-    return {"host": socket.gethostname(), "platform": platform.platform(), "queries": queries, "run": str(run_dir),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "queries": queries,
+        "run": str(run_dir),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+    }
 
 
 def table(res: dict) -> str:
-    cols = [("connector", "connector"), ("image_tokens", "tokens / image"), ("connector_params", "connector params"),
-            ("pretrain_s_per_step", "pretrain s/step"), ("pretrain_speed_vs_mlp", "pretrain speed vs MLP"),
-            ("finetune_s_per_step", "finetune s/step"), ("finetune_speed_vs_mlp", "finetune speed vs MLP"),
-            ("pretrain_final_loss", "pretrain loss"), ("finetune_final_loss", "finetune loss"),
-            ("vqa_accuracy", "VQA acc"), ("vqa_prior", "answer prior")]  # fmt: skip
+    cols = [
+        ("connector", "connector"),
+        ("image_tokens", "tokens / image"),
+        ("connector_params", "connector params"),
+        ("pretrain_s_per_step", "pretrain s/step"),
+        ("pretrain_speed_vs_mlp", "pretrain speed vs MLP"),
+        ("finetune_s_per_step", "finetune s/step"),
+        ("finetune_speed_vs_mlp", "finetune speed vs MLP"),
+        ("pretrain_final_loss", "pretrain loss"),
+        ("finetune_final_loss", "finetune loss"),
+        ("vqa_accuracy", "VQA acc"),
+        ("vqa_prior", "answer prior"),
+    ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in res["rows"]:
         cells = []
         for k, _ in cols:
             v = r.get(k)
-            cells.append(f"{v:,}" if isinstance(v, int) and k == "connector_params" else
-                         (f"{v:.3f}" if isinstance(v, float) and k.startswith("vqa") else str(v)))  # fmt: skip
+            cells.append(
+                f"{v:,}"
+                if isinstance(v, int) and k == "connector_params"
+                else (f"{v:.3f}" if isinstance(v, float) and k.startswith("vqa") else str(v))
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

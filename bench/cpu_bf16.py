@@ -68,10 +68,18 @@ def llava_steps(data: Path, vision: str, steps: int, warmup: int) -> dict:
     from l2c_llava.mllm.data import Collate
 
     out = {}
-    lora = ["train.tune=lora", "train.lora.r=16", "train.lora.alpha=32", "train.lora.dropout=0.0",
-            "train.lr=1.0e-3", "train.projector_lr=1.0e-4"]  # fmt: skip
-    for stage, config, extra in (("pretrain", "mllm/configs/demo_pretrain.yaml", []),
-                                 ("finetune", "mllm/configs/demo_finetune.yaml", lora)):  # fmt: skip
+    lora = [
+        "train.tune=lora",
+        "train.lora.r=16",
+        "train.lora.alpha=32",
+        "train.lora.dropout=0.0",
+        "train.lr=1.0e-3",
+        "train.projector_lr=1.0e-4",
+    ]
+    for stage, config, extra in (
+        ("pretrain", "mllm/configs/demo_pretrain.yaml", []),
+        ("finetune", "mllm/configs/demo_finetune.yaml", lora),
+    ):
         rec = recipe(config, data, vision, extra)
         t = rec.cfg.train
         models, opts = {}, {}
@@ -82,8 +90,12 @@ def llava_steps(data: Path, vision: str, steps: int, warmup: int) -> dict:
             models[name] = model
             opts[name] = torch.optim.AdamW(rec.param_groups(model), lr=t.lr, weight_decay=0.0)
         ds = rec.build_data(processor, models["float32"])
-        loader = DataLoader(ds, batch_size=t.per_device_batch_size, shuffle=False,
-                            collate_fn=Collate(processor.tokenizer.pad_token_id))  # fmt: skip
+        loader = DataLoader(
+            ds,
+            batch_size=t.per_device_batch_size,
+            shuffle=False,
+            collate_fn=Collate(processor.tokenizer.pad_token_id),
+        )
         batches = [b for _, b in zip(range(warmup + steps), loader)]
         times: dict[str, list[float]] = {k: [] for k in models}
         losses: dict[str, list[float]] = {k: [] for k in models}
@@ -114,8 +126,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("runs/demo/data"))
-    p.add_argument("--encoder", default="runs/demo/stage1/encoder",
-                   help="a stage-1 encoder folder (default: the demo's; embedded:smollm2-135m-instruct works too)")  # fmt: skip
+    p.add_argument(
+        "--encoder",
+        default="runs/demo/stage1/encoder",
+        help="a stage-1 encoder folder (default: the demo's; embedded:smollm2-135m-instruct works too)",
+    )
     p.add_argument("--vision", default="embedded:demo-clip")
     p.add_argument("--texts", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
@@ -124,9 +139,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results" / "cpu_bf16.json")
     a = p.parse_args()
-    res = {"threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
-           "text_encoding": text_encoding(a.encoder, a.data, a.texts, a.batch, a.rounds),
-           "llava": llava_steps(a.data, a.vision, a.steps, a.warmup)}  # fmt: skip
+    res = {
+        "threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+        "text_encoding": text_encoding(a.encoder, a.data, a.texts, a.batch, a.rounds),
+        "llava": llava_steps(a.data, a.vision, a.steps, a.warmup),
+    }
     print(json.dumps(res, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -93,12 +93,24 @@ def bench_stage2(device, tiny: bool, batch: int) -> dict:
     from l2c_llava.stage2.model import LLM2CLIPModel
 
     if tiny:
-        vc = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2)  # fmt: skip
+        vc = CLIPVisionConfig(
+            image_size=28,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
         text_dim, proj = 64, 32
     else:  # ViT-L/14-336
-        vc = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                              num_hidden_layers=24, num_attention_heads=16)  # fmt: skip
+        vc = CLIPVisionConfig(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+        )
         text_dim, proj = 4096, 1280
     model = LLM2CLIPModel.from_vision_tower(CLIPVisionModel(vc), text_dim, projection_dim=proj).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -118,8 +130,16 @@ def bench_stage2(device, tiny: bool, batch: int) -> dict:
 
         return step
 
-    return _measure(device, make, batch, "images", lambda b: b, lambda b: 6 * params * patches * b,
-                    start=max(1, batch // 4), limit=batch * SEARCH_FACTOR)  # fmt: skip
+    return _measure(
+        device,
+        make,
+        batch,
+        "images",
+        lambda b: b,
+        lambda b: 6 * params * patches * b,
+        start=max(1, batch // 4),
+        limit=batch * SEARCH_FACTOR,
+    )
 
 
 # ----------------------------------------------------------------------------- LLMs
@@ -127,11 +147,25 @@ def _llama(tiny: bool, vocab: int, layers: int, hidden: int, inter: int, heads: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
     else:
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+        )
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -144,9 +178,14 @@ def bench_stage1(device, tiny: bool, batch: int, seq: int = 128) -> dict:
     model, cfg = _llama(tiny, 128256, 32, 4096, 14336, 32, 8, device)
     model.config.is_causal = False  # bidirectional (transformers >= 5.2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                   "o_proj", "gate_proj", "up_proj",
-                                                                                   "down_proj"]))  # fmt: skip
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     params = sum(p.numel() for n, p in model.named_parameters() if "lm_head" not in n)
 
@@ -165,8 +204,16 @@ def bench_stage1(device, tiny: bool, batch: int, seq: int = 128) -> dict:
         return step
 
     # LoRA: the frozen weights still cost forward + activation-gradient (4x), the LoRA weights little
-    return _measure(device, make, batch, "tokens", lambda b: 2 * b * seq, lambda b: 4 * params * 2 * b * seq,
-                    start=max(1, batch // 4), limit=batch * SEARCH_FACTOR)  # fmt: skip
+    return _measure(
+        device,
+        make,
+        batch,
+        "tokens",
+        lambda b: 2 * b * seq,
+        lambda b: 4 * params * 2 * b * seq,
+        start=max(1, batch // 4),
+        limit=batch * SEARCH_FACTOR,
+    )
 
 
 def bench_llava(device, tiny: bool, batch: int, tune: str, seq: int = 1024) -> dict:
@@ -174,15 +221,33 @@ def bench_llava(device, tiny: bool, batch: int, tune: str, seq: int = 1024) -> d
 
     _, lcfg = _llama(tiny, 32064, 32, 4096, 11008, 32, 32, "meta")
     if tiny:
-        vc = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2)  # fmt: skip
+        vc = CLIPVisionConfig(
+            image_size=28,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
         seq = 64
     else:
-        vc = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                              num_hidden_layers=24, num_attention_heads=16)  # fmt: skip
+        vc = CLIPVisionConfig(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+        )
     n_img = (vc.image_size // vc.patch_size) ** 2
-    cfg = LlavaConfig(vision_config=vc, text_config=lcfg, image_token_id=lcfg.vocab_size - 1,
-                      projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=lcfg,
+        image_token_id=lcfg.vocab_size - 1,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
         model = LlavaForConditionalGeneration(cfg).to(dtype)
@@ -192,8 +257,15 @@ def bench_llava(device, tiny: bool, batch: int, tune: str, seq: int = 1024) -> d
     if tune == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=128, lora_alpha=256, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-                                                 modules_to_save=["multi_modal_projector"]))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=128,
+                lora_alpha=256,
+                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                modules_to_save=["multi_modal_projector"],
+            ),
+        )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     llm_params = sum(
         p.numel() for n, p in model.named_parameters() if "language_model" in n and "lora" not in n
@@ -214,8 +286,16 @@ def bench_llava(device, tiny: bool, batch: int, tune: str, seq: int = 1024) -> d
         return step
 
     mult = 6 if tune == "full" else 4
-    return _measure(device, make, batch, "tokens", lambda b: b * seq, lambda b: mult * llm_params * b * seq,
-                    start=1, limit=batch * SEARCH_FACTOR)  # fmt: skip
+    return _measure(
+        device,
+        make,
+        batch,
+        "tokens",
+        lambda b: b * seq,
+        lambda b: mult * llm_params * b * seq,
+        start=1,
+        limit=batch * SEARCH_FACTOR,
+    )
 
 
 def _measure(device, make, batch, unit, items, flops, start, limit) -> dict:

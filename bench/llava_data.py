@@ -33,11 +33,18 @@ def run(data: str = "runs/demo/data", batch: int = 8, batches: int = 6, model_st
         root / "llava" / "instruct.json", root / "images", on_bad_row="skip", image_check="exists"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=192, intermediate_size=768,
-                               num_hidden_layers=4, num_attention_heads=3)  # fmt: skip
+        cfg = CLIPVisionConfig(
+            image_size=224,
+            patch_size=32,
+            hidden_size=192,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+        )
         CLIPVisionModel(cfg).save_pretrained(tmp)
-        model, processor = build_llava(tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct",
-                                                            torch_dtype="float32"))  # fmt: skip
+        model, processor = build_llava(
+            tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct", torch_dtype="float32")
+        )
     n_img = num_image_tokens(model.config.vision_config)
     ds = LlavaDataset(rows.items, processor, "vicuna_v1", 384, n_img, model.config.image_token_id)
     collate = Collate(processor.tokenizer.pad_token_id)
@@ -66,11 +73,16 @@ def run(data: str = "runs/demo/data", batch: int = 8, batches: int = 6, model_st
     # LLaVA sorts by length within mega-batches of batch x world: on 8 GPUs each device's batch is a
     # run of 8 similar lengths out of 64; on one process the mega-batch is the batch itself
     grouped8 = list(ModalityLengthSampler(lengths, batch, 8, 0))
-    return {"rows": len(ds), "batch": batch, "collate_rows_per_s": round(batch / d, 1),
-            "model_step_rows_per_s": round(batch / s, 2), "data_time_share_of_step": round(d / s, 4),
-            "padding_waste_random": round(padding_waste(order, lengths, batch), 4),
-            "padding_waste_grouped": round(padding_waste(grouped, lengths, batch), 4),
-            "padding_waste_grouped_8_processes": round(padding_waste(grouped8, lengths, batch), 4)}  # fmt: skip
+    return {
+        "rows": len(ds),
+        "batch": batch,
+        "collate_rows_per_s": round(batch / d, 1),
+        "model_step_rows_per_s": round(batch / s, 2),
+        "data_time_share_of_step": round(d / s, 4),
+        "padding_waste_random": round(padding_waste(order, lengths, batch), 4),
+        "padding_waste_grouped": round(padding_waste(grouped, lengths, batch), 4),
+        "padding_waste_grouped_8_processes": round(padding_waste(grouped8, lengths, batch), 4),
+    }
 
 
 if __name__ == "__main__":

@@ -37,8 +37,15 @@ def image_use(
     n_img = num_image_tokens(
         model.config.vision_config, meta.get("vision_feature_select_strategy", "default")
     )
-    ds = LlavaDataset(items, processor, template, 2048, n_img, model.config.image_token_id,
-                      meta.get("image_aspect_ratio", "pad"))  # fmt: skip
+    ds = LlavaDataset(
+        items,
+        processor,
+        template,
+        2048,
+        n_img,
+        model.config.image_token_id,
+        meta.get("image_aspect_ratio", "pad"),
+    )
     collate = Collate(processor.tokenizer.pad_token_id)
     model.eval()
     own, other, norms = [], [], []
@@ -53,9 +60,15 @@ def image_use(
         norms.append(feats.float().norm(dim=-1).mean().item())
     text_norm = model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
     mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-    return {"model": str(folder), "rows": len(own) * batch_size, "loss_own_image": round(mean(own), 4),
-            "loss_other_image": round(mean(other), 4), "gap": round(mean(other) - mean(own), 4),
-            "image_token_norm": round(mean(norms), 3), "text_embedding_norm": round(text_norm, 3)}  # fmt: skip
+    return {
+        "model": str(folder),
+        "rows": len(own) * batch_size,
+        "loss_own_image": round(mean(own), 4),
+        "loss_other_image": round(mean(other), 4),
+        "gap": round(mean(other) - mean(own), 4),
+        "image_token_norm": round(mean(norms), 3),
+        "text_embedding_norm": round(text_norm, 3),
+    }
 
 
 def main() -> None:

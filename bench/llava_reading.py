@@ -33,9 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def recipe(config: str, data: Path, vision: str, extra: list[str]) -> MllmRecipe:
     stage = "pretrain" if "pretrain" in config else "finetune"
-    ov = [f"model.vision_tower={vision}", f"data.image_root={data / 'images'}",
-          f"data.path={data / 'llava' / ('pretrain.json' if stage == 'pretrain' else 'instruct.json')}",
-          "model.init_from=null", "run.output_dir=/tmp/l2c_llava_reading"] + extra  # fmt: skip
+    ov = [
+        f"model.vision_tower={vision}",
+        f"data.image_root={data / 'images'}",
+        f"data.path={data / 'llava' / ('pretrain.json' if stage == 'pretrain' else 'instruct.json')}",
+        "model.init_from=null",
+        "run.output_dir=/tmp/l2c_llava_reading",
+    ] + extra
     return MllmRecipe(load_config(ROOT / config, ov))
 
 
@@ -61,8 +65,16 @@ def loss_gap(model, ds, collate, idx: list[int], batch: int = 8) -> dict:
 def vqa(model, processor, questions: list[dict]) -> dict:
     model.eval()
     own = _answers(model, processor, {}, questions, [q["image_path"] for q in questions], 8, 5, "vqa own")
-    other = _answers(model, processor, {}, questions, shifted_images([q["image_path"] for q in questions]), 8, 5,
-                     "vqa other")  # fmt: skip
+    other = _answers(
+        model,
+        processor,
+        {},
+        questions,
+        shifted_images([q["image_path"] for q in questions]),
+        8,
+        5,
+        "vqa other",
+    )
     model.train()
     a = [_correct(p, q) for p, q in zip(own, questions)]
     b = [_correct(p, q) for p, q in zip(other, questions)]
@@ -71,15 +83,32 @@ def vqa(model, processor, questions: list[dict]) -> dict:
         by_type.setdefault(q["type"], []).append((x, y))
     yes = sum(p.strip().lower().startswith("yes") for p, q in zip(own, questions) if q["type"] == "existence")
     n_ex = sum(q["type"] == "existence" for q in questions)
-    return {"vqa_own": round(sum(a) / len(a), 4), "vqa_own_ci95": [round(x, 3) for x in wilson_interval(sum(a), len(a))],
-            "vqa_other": round(sum(b) / len(b), 4), "mcnemar": paired_comparison(a, b),
-            "by_type": {t: [round(sum(x for x, _ in v) / len(v), 3), round(sum(y for _, y in v) / len(v), 3), len(v)]
-                        for t, v in sorted(by_type.items())},
-            "existence_yes_ratio": round(yes / max(1, n_ex), 3), "answers_sample": own[:8]}  # fmt: skip
+    return {
+        "vqa_own": round(sum(a) / len(a), 4),
+        "vqa_own_ci95": [round(x, 3) for x in wilson_interval(sum(a), len(a))],
+        "vqa_other": round(sum(b) / len(b), 4),
+        "mcnemar": paired_comparison(a, b),
+        "by_type": {
+            t: [round(sum(x for x, _ in v) / len(v), 3), round(sum(y for _, y in v) / len(v), 3), len(v)]
+            for t, v in sorted(by_type.items())
+        },
+        "existence_yes_ratio": round(yes / max(1, n_ex), 3),
+        "answers_sample": own[:8],
+    }
 
 
-def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_every: int, questions, log,
-                held: int = 32, bf16: bool = False) -> None:  # fmt: skip
+def train_phase(
+    name: str,
+    rec: MllmRecipe,
+    model,
+    processor,
+    steps: int,
+    eval_every: int,
+    questions,
+    log,
+    held: int = 32,
+    bf16: bool = False,
+) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from l2c_llava.mllm.data import Collate
@@ -96,8 +125,13 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
     step, epoch, t0 = 0, 0, time.perf_counter()
 
     def measure(step: int) -> None:
-        rec_ = {"phase": name, "step": step, "rows_seen": step * t.global_batch_size,
-                "seconds": round(time.perf_counter() - t0, 1), **loss_gap(model, ds, collate, held_idx)}  # fmt: skip
+        rec_ = {
+            "phase": name,
+            "step": step,
+            "rows_seen": step * t.global_batch_size,
+            "seconds": round(time.perf_counter() - t0, 1),
+            **loss_gap(model, ds, collate, held_idx),
+        }
         if questions and name == "finetune" and step > 0:  # before any finetune step it answers in captions
             rec_.update(vqa(model, processor, questions))
         log(rec_)
@@ -114,8 +148,12 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
             if step >= steps:
                 break
             for k, grp in enumerate(opt.param_groups):  # linear warmup, then cosine to 0
-                frac = (step + 1) / warm if step < warm else 0.5 * (1 + torch.cos(torch.tensor(
-                    3.14159265 * (step - warm) / max(1, steps - warm))).item())  # fmt: skip
+                frac = (
+                    (step + 1) / warm
+                    if step < warm
+                    else 0.5
+                    * (1 + torch.cos(torch.tensor(3.14159265 * (step - warm) / max(1, steps - warm))).item())
+                )
                 grp["lr"] = base[k] * frac
             total = 0.0
             for _ in range(accum):
@@ -141,9 +179,11 @@ def train_phase(name: str, rec: MllmRecipe, model, processor, steps: int, eval_e
 def summarize(path: Path) -> str:
     """A markdown table of a results file: one row per measurement, runs in the order they ran."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    out = ["| run | phase | step | rows seen | held-out loss own / other image (gap) | VQA own image [95%] "
-           "| VQA other image | wins / losses, McNemar p | per type own / other | existence yes share |",
-           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "| run | phase | step | rows seen | held-out loss own / other image (gap) | VQA own image [95%] "
+        "| VQA other image | wins / losses, McNemar p | per type own / other | existence yes share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "step" not in r:
             continue
@@ -151,10 +191,17 @@ def summarize(path: Path) -> str:
         if "vqa_own" in r:
             m, ci = r["mcnemar"], r["vqa_own_ci95"]
             types = ", ".join(f"{t} {a:.2f}/{b:.2f}" for t, (a, b, _) in r["by_type"].items())
-            vqa = [f"{r['vqa_own']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]", f"{r['vqa_other']:.3f}",
-                   f"{m['wins']} / {m['losses']}, {m['p_value']:.3g}", types, f"{r['existence_yes_ratio']:.2f}"]  # fmt: skip
-        out.append(f"| {r['label']} | {r['phase']} | {r['step']} | {r['rows_seen']} | "
-                   f"{r['loss_own']:.3f} / {r['loss_other']:.3f} ({r['loss_gap']:+.3f}) | " + " | ".join(vqa) + " |")  # fmt: skip
+            vqa = [
+                f"{r['vqa_own']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                f"{r['vqa_other']:.3f}",
+                f"{m['wins']} / {m['losses']}, {m['p_value']:.3g}",
+                types,
+                f"{r['existence_yes_ratio']:.2f}",
+            ]
+        out.append(
+            f"| {r['label']} | {r['phase']} | {r['step']} | {r['rows_seen']} | "
+            f"{r['loss_own']:.3f} / {r['loss_other']:.3f} ({r['loss_gap']:+.3f}) | " + " | ".join(vqa) + " |"
+        )
     return "\n".join(out)
 
 
@@ -171,10 +218,16 @@ def main() -> None:
     p.add_argument("--finetune-set", nargs="*", default=[], help="overrides of the finetune config")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--questions", type=int, default=120, help="held-out VQA questions (test split, spread)")
-    p.add_argument("--projector", type=Path, default=None,
-                   help="safetensors file: written after the pretrain phase, read instead of it when it exists")
+    p.add_argument(
+        "--projector",
+        type=Path,
+        default=None,
+        help="safetensors file: written after the pretrain phase, read instead of it when it exists",
+    )
     p.add_argument("--label", default="run")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (CPU), as train.mixed_precision=bf16")
+    p.add_argument(
+        "--bf16", action="store_true", help="train under bf16 autocast (CPU), as train.mixed_precision=bf16"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llava_reading.jsonl")
     a = p.parse_args()
     if a.summarize:
@@ -202,8 +255,12 @@ def main() -> None:
         pre = recipe(a.pretrain_config, a.data, a.vision, a.pretrain_set)
         model, processor = pre.build()
         if a.pretrain_steps:
-            train_phase("pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log, bf16=a.bf16)
-        projector = {k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k}
+            train_phase(
+                "pretrain", pre, model, processor, a.pretrain_steps, a.eval_every, qs, log, bf16=a.bf16
+            )
+        projector = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if "multi_modal_projector" in k
+        }
         del model
         if a.projector is not None:
             atomic_write_bytes(a.projector, save(projector))

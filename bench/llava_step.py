@@ -37,12 +37,19 @@ def run(data: str = "runs/demo/data", batch: int = 8, steps: int = 4, warmup: in
 
     root = Path(data)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=192, intermediate_size=768,
-                               num_hidden_layers=4, num_attention_heads=3)  # fmt: skip
+        cfg = CLIPVisionConfig(
+            image_size=224,
+            patch_size=32,
+            hidden_size=192,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+        )
         torch.manual_seed(0)
         CLIPVisionModel(cfg).save_pretrained(tmp)
-        model, processor = build_llava(tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct",
-                                                            torch_dtype="float32"))  # fmt: skip
+        model, processor = build_llava(
+            tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct", torch_dtype="float32")
+        )
     n_img = num_image_tokens(model.config.vision_config)
     vocab = model.config.text_config.vocab_size
     collate = Collate(processor.tokenizer.pad_token_id)
@@ -52,8 +59,10 @@ def run(data: str = "runs/demo/data", batch: int = 8, steps: int = 4, warmup: in
         "threads": torch.get_num_threads(),
         "mask_slicing": _mask_slicing(),
     }
-    for stage, file, template, max_len in (("pretrain", "pretrain.json", "plain", 512),
-                                           ("finetune", "instruct.json", "vicuna_v1", 384)):  # fmt: skip
+    for stage, file, template, max_len in (
+        ("pretrain", "pretrain.json", "plain", 512),
+        ("finetune", "instruct.json", "vicuna_v1", 384),
+    ):
         rows = read_llava_json(
             root / "llava" / file, root / "images", on_bad_row="skip", image_check="exists"
         )
@@ -89,7 +98,7 @@ def run(data: str = "runs/demo/data", batch: int = 8, steps: int = 4, warmup: in
             "float32_logits_mb_per_batch": {
                 "all": round(positions / per_batch * vocab * 4 / 2**20, 1),
                 "kept": round(kept / per_batch * vocab * 4 / 2**20, 1),
-            },  # fmt: skip
+            },
         }
     return out
 

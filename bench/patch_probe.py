@@ -23,8 +23,13 @@ from pathlib import Path
 import torch
 
 
-def run(data: str, towers: list[str], train_scenes: int | None = None, test_scenes: int | None = 500,
-        steps: int = 2000) -> dict:  # fmt: skip
+def run(
+    data: str,
+    towers: list[str],
+    train_scenes: int | None = None,
+    test_scenes: int | None = 500,
+    steps: int = 2000,
+) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from l2c_llava.embedded import resolve_vision_path
@@ -46,16 +51,29 @@ def run(data: str, towers: list[str], train_scenes: int | None = None, test_scen
             path, data, train_scenes=train_scenes, test_scenes=test_scenes, probe_steps=steps
         )
         out["towers"][tower] = res
-        print(tower, json.dumps({"probe": res["probe"]["test"], "chance": res["probe"]["chance"],
-                                 "median_cosine": res["pooled"]["median_cosine"]}), flush=True)  # fmt: skip
+        print(
+            tower,
+            json.dumps(
+                {
+                    "probe": res["probe"]["test"],
+                    "chance": res["probe"]["chance"],
+                    "median_cosine": res["pooled"]["median_cosine"],
+                }
+            ),
+            flush=True,
+        )
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="runs/demo/data", help="a synthetic dataset (l2c data synth)")
-    p.add_argument("--towers", nargs="+", required=True,
-                   help="CLIPVisionModel / CLIPModel folders, embedded:demo-clip, or random")  # fmt: skip
+    p.add_argument(
+        "--towers",
+        nargs="+",
+        required=True,
+        help="CLIPVisionModel / CLIPModel folders, embedded:demo-clip, or random",
+    )
     p.add_argument("--train", type=int, default=None, help="at most this many training scenes")
     p.add_argument("--test", type=int, default=500, help="at most this many test scenes")
     p.add_argument("--steps", type=int, default=2000)

@@ -30,8 +30,15 @@ def run(images: int = 5000, per_image: int = 5, dim: int = 256, repeats: int = 3
         t_mm.append(time.perf_counter() - t0)
         del sim
     e, m = statistics.median(t_eval), statistics.median(t_mm)
-    return {"images": images, "captions": len(owner), "dim": dim, "recall_at_k_s": round(e, 3),
-            "one_matmul_s": round(m, 3), "ratio": round(e / m, 2), "recalls": {k: round(v, 4) for k, v in r.items()}}  # fmt: skip
+    return {
+        "images": images,
+        "captions": len(owner),
+        "dim": dim,
+        "recall_at_k_s": round(e, 3),
+        "one_matmul_s": round(m, 3),
+        "ratio": round(e / m, 2),
+        "recalls": {k: round(v, 4) for k, v in r.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -25,9 +25,13 @@ BENCHES = {
     "llava_step": ("LLaVA step: LM head on every position vs on the supervised ones", "llava_step"),
     "retrieval": ("retrieval eval, 5K images x 25K captions, vs one matmul", "retrieval"),
 }
-QUICK = {"stage2_step": {"steps": 2, "online": False}, "text_encode": {"n": 16, "rounds": 1},
-         "llava_data": {"batches": 2, "model_steps": 1}, "retrieval": {"images": 500, "repeats": 1},
-         "llava_step": {"batch": 2, "steps": 1}}  # fmt: skip
+QUICK = {
+    "stage2_step": {"steps": 2, "online": False},
+    "text_encode": {"n": 16, "rounds": 1},
+    "llava_data": {"batches": 2, "model_steps": 1},
+    "retrieval": {"images": 500, "repeats": 1},
+    "llava_step": {"batch": 2, "steps": 1},
+}
 
 
 def main(argv=None) -> int:
@@ -41,9 +45,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
     names = a.only or list(BENCHES)
-    results = {"host": socket.gethostname(), "platform": platform.platform(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "quick": a.quick, "benches": {}}  # fmt: skip
+    results = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": a.quick,
+        "benches": {},
+    }
     for name in names:
         title, module = BENCHES[name]
         print(f"== {name}: {title}", flush=True)

@@ -71,8 +71,15 @@ def run(
     rows = [json.loads(x) for x in (data / L.CAPTION_PAIRS["test"]).read_text().splitlines() if x.strip()]
     rows = rows[:limit] if limit else rows
     encoders = {"baseline": baseline_tower(run, baseline), "llm2clip": str(L.PipelineRun(run).stage2)}
-    out: dict = {"run": str(run), "images": len(rows), "queries": "each test image's dense caption", "k": k,
-                 "index": kind, "host": socket.gethostname(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    out: dict = {
+        "run": str(run),
+        "images": len(rows),
+        "queries": "each test image's dense caption",
+        "k": k,
+        "index": kind,
+        "host": socket.gethostname(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     hits: dict[str, dict[int, list[bool]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"
@@ -93,15 +100,20 @@ def run(
                 row[f"R@{kk}"] = round(sum(h) / len(h), 4)
                 row[f"R@{kk}_ci95"] = [round(x, 4) for x in wilson_interval(sum(h), len(h))]
             out[name] = row
-    out["llm2clip_vs_baseline"] = {f"R@{kk}": paired_comparison(hits["llm2clip"][kk], hits["baseline"][kk])
-                                   for kk in (1, k)}  # fmt: skip
+    out["llm2clip_vs_baseline"] = {
+        f"R@{kk}": paired_comparison(hits["llm2clip"][kk], hits["baseline"][kk]) for kk in (1, k)
+    }
     return out
 
 
 def to_markdown(res: dict) -> str:
     k = res["k"]
-    lines = [f"# Text-to-image search, {res['images']} held-out images, {res['queries']} ({res['index']} index)", "",
-             f"| encoder | R@1 [95% CI] | R@{k} [95% CI] | index s | query s |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Text-to-image search, {res['images']} held-out images, {res['queries']} ({res['index']} index)",
+        "",
+        f"| encoder | R@1 [95% CI] | R@{k} [95% CI] | index s | query s |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("baseline", "llm2clip"):
         r = res[name]
         cells = [
@@ -110,8 +122,10 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {r['index_seconds']} | {r['query_seconds']} |")
     lines.append("")
     for m, t in res["llm2clip_vs_baseline"].items():
-        lines.append(f"LLM2CLIP - baseline, {m}: {t['gain']:+.3f} (only LLM2CLIP right {t['wins']}, only the "
-                     f"baseline {t['losses']}, McNemar p {_p(t['p_value'])}).")  # fmt: skip
+        lines.append(
+            f"LLM2CLIP - baseline, {m}: {t['gain']:+.3f} (only LLM2CLIP right {t['wins']}, only the "
+            f"baseline {t['losses']}, McNemar p {_p(t['p_value'])})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -130,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     from l2c_llava.io import atomic_write_json, atomic_write_text
     from l2c_llava.layout import PipelineRun
 
-    for folder, stem in ((PipelineRun(Path(args.run)).search, "search_recall"),
-                         (HERE / "results", f"search_recall-{res['host']}")):  # fmt: skip
+    for folder, stem in (
+        (PipelineRun(Path(args.run)).search, "search_recall"),
+        (HERE / "results", f"search_recall-{res['host']}"),
+    ):
         atomic_write_json(folder / f"{stem}.json", res)
         atomic_write_text(folder / f"{stem}.md", md)
     sys.stdout.write(md)

@@ -39,10 +39,19 @@ def run_variant(name: str, train: Path, short_key: str, a) -> None:
         if not link.exists():
             os.symlink(a.out / "eval_cache" / split, link)
     d = a.data
-    ov = [f"run.output_dir={out / 'run'}", f"text_encoder.path={a.encoder}", f"text_encoder.torch_dtype={a.dtype}",
-          f"cache.dir={cache}", f"data.train={train}", f"data.short_key={short_key}", f"data.image_root={d / 'images'}",
-          f"data.eval_short={d / 'retrieval' / 'karpathy.json'}", f"data.eval_long={d / 'retrieval' / 'long_test.json'}",
-          f"data.eval_image_root={d / 'images'}", *a.set]  # fmt: skip
+    ov = [
+        f"run.output_dir={out / 'run'}",
+        f"text_encoder.path={a.encoder}",
+        f"text_encoder.torch_dtype={a.dtype}",
+        f"cache.dir={cache}",
+        f"data.train={train}",
+        f"data.short_key={short_key}",
+        f"data.image_root={d / 'images'}",
+        f"data.eval_short={d / 'retrieval' / 'karpathy.json'}",
+        f"data.eval_long={d / 'retrieval' / 'long_test.json'}",
+        f"data.eval_image_root={d / 'images'}",
+        *a.set,
+    ]
     l2c = [sys.executable, "-m", "l2c_llava", "stage2"]
     times = {"train_images": sum(1 for line in train.open() if line.strip())}
     for cmd, extra in (
@@ -57,8 +66,11 @@ def run_variant(name: str, train: Path, short_key: str, a) -> None:
 
 
 def summarize(out: Path) -> str:
-    rows = ["| variant | training images | set | direction | baseline R@1 | LLM2CLIP R@1 | difference (paired p) "
-            "| cache / train s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| variant | training images | set | direction | baseline R@1 | LLM2CLIP R@1 | difference (paired p) "
+        "| cache / train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for v in sorted(p for p in out.iterdir() if (p / "run" / "metrics.json").is_file()):
         m = json.loads((v / "run" / "metrics.json").read_text())
         t = json.loads((v / "times.json").read_text()) if (v / "times.json").is_file() else {}
@@ -68,9 +80,11 @@ def summarize(out: Path) -> str:
                 b, l_ = m["baseline"][s][k], m["llm2clip"][s][k]
                 bi, li = m["intervals"]["baseline"][s][k], m["intervals"]["llm2clip"][s][k]
                 p = m["paired"][s][k]
-                rows.append(f"| {v.name} | {images} | {s} ({m['sets'][s]['images']} img) | {k[:3]} | "
-                            f"{100 * b:.1f} [{100 * bi[0]:.1f}-{100 * bi[1]:.1f}] | {100 * l_:.1f} [{100 * li[0]:.1f}-{100 * li[1]:.1f}] "
-                            f"| {100 * p['diff']:+.1f} (p {p['p_value']:.4g}) | {t.get('cache', '')} / {t.get('train', '')} |")  # fmt: skip
+                rows.append(
+                    f"| {v.name} | {images} | {s} ({m['sets'][s]['images']} img) | {k[:3]} | "
+                    f"{100 * b:.1f} [{100 * bi[0]:.1f}-{100 * bi[1]:.1f}] | {100 * l_:.1f} [{100 * li[0]:.1f}-{100 * li[1]:.1f}] "
+                    f"| {100 * p['diff']:+.1f} (p {p['p_value']:.4g}) | {t.get('cache', '')} / {t.get('train', '')} |"
+                )
     return "\n".join(rows)
 
 
@@ -78,8 +92,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="an `l2c data synth` folder")
     p.add_argument("--encoder", type=Path, help="the frozen stage-1 encoder (a stage-1 run's encoder/)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=PAIRS:SHORT_KEY",
-                   help="a training set: caption-pair file (relative to --data) and the short-caption key")  # fmt: skip
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=PAIRS:SHORT_KEY",
+        help="a training set: caption-pair file (relative to --data) and the short-caption key",
+    )
     p.add_argument("--config", type=Path, default=ROOT / "stage2" / "configs" / "demo.yaml")
     p.add_argument(
         "--steps", type=int, default=258, help="optimizer steps for every variant (demo: 10 epochs of 825)"

@@ -21,18 +21,26 @@ import time
 import torch
 
 SHORT = "three purple pentagons and an orange star on a mint background"
-LONG = ("This picture presents a simple composition of four geometric objects placed on a mint background with a "
-        "subtle checkerboard pattern. A medium outlined orange star can be seen at the top. In the top left corner "
-        "sits a small solid purple pentagon, next to two more purple pentagons of the same size. On the right side "
-        "there is a large red circle, slightly tilted, and below it a small green square with a thin outline. The "
-        "objects are evenly spaced and nothing overlaps; the background fills the rest of the frame.")  # fmt: skip
+LONG = (
+    "This picture presents a simple composition of four geometric objects placed on a mint background with a "
+    "subtle checkerboard pattern. A medium outlined orange star can be seen at the top. In the top left corner "
+    "sits a small solid purple pentagon, next to two more purple pentagons of the same size. On the right side "
+    "there is a large red circle, slightly tilted, and below it a small green square with a thin outline. The "
+    "objects are evenly spaced and nothing overlaps; the background fills the rest of the frame."
+)
 
 
 def _vision_tower(image_size=224, patch=32, width=192, layers=4, heads=3):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
-                           num_hidden_layers=layers, num_attention_heads=heads)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
     torch.manual_seed(0)
     return CLIPVisionModel(cfg)
 
@@ -61,9 +69,20 @@ def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -
 
     llm2clip = LLM2CLIPModel.from_vision_tower(_vision_tower(), text_dim, projection_dim=256, num_blocks=4)
     tok = clip_tokenizer()
-    m = SimpleNamespace(text_width=256, text_layers=4, text_heads=4, context_length=77, projection_dim=256,
-                        image_size=224, patch_size=32, vision_width=192, vision_layers=4, vision_heads=3, mlp_ratio=4,
-                        attn_implementation="sdpa")  # fmt: skip
+    m = SimpleNamespace(
+        text_width=256,
+        text_layers=4,
+        text_heads=4,
+        context_length=77,
+        projection_dim=256,
+        image_size=224,
+        patch_size=32,
+        vision_width=192,
+        vision_layers=4,
+        vision_heads=3,
+        mlp_ratio=4,
+        attn_implementation="sdpa",
+    )
     clip = ClipDual(build_clip(m, tok))
     enc = tok(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
     opt_a = torch.optim.AdamW(llm2clip.parameters(), lr=1e-5)
@@ -99,9 +118,13 @@ def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"batch": batch, "steps": steps, "threads": torch.get_num_threads(),
-           "median_step_s": {k: round(v, 4) for k, v in med.items()},
-           "ratio_cached_over_clip": round(med["cached"] / med["clip"], 3)}  # fmt: skip
+    out = {
+        "batch": batch,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "median_step_s": {k: round(v, 4) for k, v in med.items()},
+        "ratio_cached_over_clip": round(med["cached"] / med["clip"], 3),
+    }
     if online:
         out["ratio_online_over_cached"] = round(med["online"] / med["cached"], 3)
     return out

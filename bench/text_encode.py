@@ -36,11 +36,23 @@ def run(n: int = 128, batch: int = 32, rounds: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, tfile = Path(tmp) / "model", Path(tmp) / "texts.json"
         tfile.write_text(json.dumps(texts))
-        helper = [ref_python, str(ROOT / "bench" / "_llm2vec_encode.py"), str(model), str(smollm2_gguf_path()),
-                  str(tfile), str(batch)]  # fmt: skip
+        helper = [
+            ref_python,
+            str(ROOT / "bench" / "_llm2vec_encode.py"),
+            str(model),
+            str(smollm2_gguf_path()),
+            str(tfile),
+            str(batch),
+        ]
         subprocess.run(helper + ["--build"], check=True, capture_output=True, text=True)
-        enc = TextEncoder.from_pretrained(model, pooling="mean", max_length=512, torch_dtype="float32",
-                                          attn_implementation="sdpa", device="cpu")  # fmt: skip
+        enc = TextEncoder.from_pretrained(
+            model,
+            pooling="mean",
+            max_length=512,
+            torch_dtype="float32",
+            attn_implementation="sdpa",
+            device="cpu",
+        )
         tokens = sum(len(enc.tokenizer(t)["input_ids"]) for t in texts)
         enc.encode(texts[:1], batch_size=1)  # warm-up
         ours, theirs = [], []
@@ -51,10 +63,14 @@ def run(n: int = 128, batch: int = 32, rounds: int = 2) -> dict:
             out = subprocess.run(helper, check=True, capture_output=True, text=True)
             theirs.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
     a, b = min(ours), min(theirs)
-    return {"texts": n, "tokens": tokens, "batch": batch,
-            "ours": {"texts_per_s": round(n / a, 1), "tokens_per_s": round(tokens / a, 1)},
-            "llm2vec": {"texts_per_s": round(n / b, 1), "tokens_per_s": round(tokens / b, 1)},
-            "speedup_ours_over_llm2vec": round(b / a, 3)}  # fmt: skip
+    return {
+        "texts": n,
+        "tokens": tokens,
+        "batch": batch,
+        "ours": {"texts_per_s": round(n / a, 1), "tokens_per_s": round(tokens / a, 1)},
+        "llm2vec": {"texts_per_s": round(n / b, 1), "tokens_per_s": round(tokens / b, 1)},
+        "speedup_ours_over_llm2vec": round(b / a, 3),
+    }
 
 
 if __name__ == "__main__":

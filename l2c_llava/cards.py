@@ -24,15 +24,26 @@ CARD = "README.md"
 
 # kind -> (pipeline tag, what it is in one line)
 KINDS = {
-    "vision": ("image-feature-extraction", "the LLM2CLIP-upgraded CLIP vision encoder, as a transformers "
-               "`CLIPVisionModel` folder (image processor included)"),
-    "llm2clip": ("zero-shot-image-classification", "the whole LLM2CLIP model: CLIP vision tower and projection "
-                 "trained against a caption-contrastive LLM, with the adapter that maps the LLM's caption "
-                 "features into the shared space"),
-    "llava": ("image-text-to-text", "a LLaVA-1.5 model (transformers `LlavaForConditionalGeneration` format)"),
-    "llava-original": ("image-text-to-text", "a LLaVA-1.5 model in the original LLaVA layout "
-                       "(haotian-liu/LLaVA, `LlavaLlamaForCausalLM`)"),
-}  # fmt: skip
+    "vision": (
+        "image-feature-extraction",
+        "the LLM2CLIP-upgraded CLIP vision encoder, as a transformers "
+        "`CLIPVisionModel` folder (image processor included)",
+    ),
+    "llm2clip": (
+        "zero-shot-image-classification",
+        "the whole LLM2CLIP model: CLIP vision tower and projection "
+        "trained against a caption-contrastive LLM, with the adapter that maps the LLM's caption "
+        "features into the shared space",
+    ),
+    "llava": (
+        "image-text-to-text",
+        "a LLaVA-1.5 model (transformers `LlavaForConditionalGeneration` format)",
+    ),
+    "llava-original": (
+        "image-text-to-text",
+        "a LLaVA-1.5 model in the original LLaVA layout (haotian-liu/LLaVA, `LlavaLlamaForCausalLM`)",
+    ),
+}
 
 
 @dataclass
@@ -146,11 +157,17 @@ def _metrics_section(facts: RunFacts) -> str:
     lines: list[str] = []
     m = facts.metrics.get("metrics.json") or {}
     if facts.recipe == "stage2" and m.get("llm2clip"):
-        sizes = "; ".join(f"{n}: {v.get('images')} images, {v.get('captions')} captions"
-                          for n, v in (m.get("sets") or {}).items())  # fmt: skip
-        lines += [f"Retrieval on the run's held-out sets (`l2c stage2 eval`; {sizes}); recall in [0, 1], "
-                  "with its 95% bootstrap interval over images:", "",
-                  "| set | direction | metric | baseline CLIP | LLM2CLIP |", "|---|---|---|---|---|"]  # fmt: skip
+        sizes = "; ".join(
+            f"{n}: {v.get('images')} images, {v.get('captions')} captions"
+            for n, v in (m.get("sets") or {}).items()
+        )
+        lines += [
+            f"Retrieval on the run's held-out sets (`l2c stage2 eval`; {sizes}); recall in [0, 1], "
+            "with its 95% bootstrap interval over images:",
+            "",
+            "| set | direction | metric | baseline CLIP | LLM2CLIP |",
+            "|---|---|---|---|---|",
+        ]
         ci = m.get("intervals") or {}
 
         def cell(enc: str, name: str, key: str, value) -> str:
@@ -171,16 +188,28 @@ def _metrics_section(facts: RunFacts) -> str:
         s1 = m if facts.recipe == "stage1" else facts.metrics["stage1 metrics.json"]
         rows = [(k, s1[k]) for k in sorted(s1) if not isinstance(s1[k], dict) and s1[k] is not None]
         if rows:
-            lines += ["Stage 1 (caption encoder) caption retrieval, before and after tuning:", "",
-                      "| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]  # fmt: skip
+            lines += [
+                "Stage 1 (caption encoder) caption retrieval, before and after tuning:",
+                "",
+                "| metric | value |",
+                "|---|---|",
+                *[f"| {k} | {_fmt(v)} |" for k, v in rows],
+                "",
+            ]
     for name in ("vqa_metrics.json", "model/vqa_metrics.json"):
         v = facts.metrics.get(name)
         if v:
             rows = [
                 (k, x) for k, x in v.items() if isinstance(x, (int, float, str)) and not isinstance(x, bool)
             ]
-            lines += [f"Short-answer VQA (`l2c mllm eval-vqa`, {name}):", "", "| metric | value |", "|---|---|",
-                      *[f"| {k} | {_fmt(x)} |" for k, x in rows], ""]  # fmt: skip
+            lines += [
+                f"Short-answer VQA (`l2c mllm eval-vqa`, {name}):",
+                "",
+                "| metric | value |",
+                "|---|---|",
+                *[f"| {k} | {_fmt(x)} |" for k, x in rows],
+                "",
+            ]
     st = facts.metrics.get("train_stats.json")
     if st:
         rows = [(k, x) for k, x in st.items() if isinstance(x, (int, float)) and not isinstance(x, bool)]
@@ -237,8 +266,9 @@ from inside this folder. Stock transformers loads the transformers-format export
 (`l2c export llava --format hf`) with `LlavaForConditionalGeneration.from_pretrained`."""
 
 
-def model_card(kind: str, name: str, source: str | os.PathLike | None = None, body: str = "",
-               metrics: dict | None = None) -> str:  # fmt: skip
+def model_card(
+    kind: str, name: str, source: str | os.PathLike | None = None, body: str = "", metrics: dict | None = None
+) -> str:
     """The card (``README.md`` text) of an export of `kind` (vision, llm2clip, llava, llava-original)
     named `name`, made from `source` (a run folder, its model/ folder, or another export); `metrics`
     (file name -> JSON) adds numbers not yet written to the run folder (a recipe's own final save)."""
@@ -263,11 +293,22 @@ def model_card(kind: str, name: str, source: str | os.PathLike | None = None, bo
     if data:
         front["datasets"] = data
     if facts.versions.get("transformers"):
-        front["l2c_llava"] = {k: facts.versions[k] for k in ("l2c-llava", "transformers", "torch", "git_commit")
-                              if k in facts.versions}  # fmt: skip
-    parts = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {name}", "", f"This folder holds {what}. Written by l2c-llava (`l2c export` / the recipe that "
-             "trained it) from the run recorded below.", ""]  # fmt: skip
+        front["l2c_llava"] = {
+            k: facts.versions[k]
+            for k in ("l2c-llava", "transformers", "torch", "git_commit")
+            if k in facts.versions
+        }
+    parts = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"This folder holds {what}. Written by l2c-llava (`l2c export` / the recipe that "
+        "trained it) from the run recorded below.",
+        "",
+    ]
     parts += ["## Base models", ""]
     parts += [f"- {role}: `{n}`" for role, n in facts.base_models] or [
         "- not recorded (not exported from a run folder)"
@@ -276,20 +317,44 @@ def model_card(kind: str, name: str, source: str | os.PathLike | None = None, bo
     parts += [f"- {role}: `{n}`" for role, n in facts.datasets] or ["- not recorded"]
     parts += ["", "## Training recipe", ""]
     if facts.config:
-        parts += [f"Recipe `{facts.recipe}`, run folder `{facts.run_dir}`. The resolved config it ran under:", "",
-                  "```yaml", yaml.safe_dump({k: facts.config[k] for k in ("recipe", "model", "vision", "adapter",
-                  "text_encoder", "train", "data") if k in facts.config}, sort_keys=False).strip(), "```", ""]  # fmt: skip
+        parts += [
+            f"Recipe `{facts.recipe}`, run folder `{facts.run_dir}`. The resolved config it ran under:",
+            "",
+            "```yaml",
+            yaml.safe_dump(
+                {
+                    k: facts.config[k]
+                    for k in ("recipe", "model", "vision", "adapter", "text_encoder", "train", "data")
+                    if k in facts.config
+                },
+                sort_keys=False,
+            ).strip(),
+            "```",
+            "",
+        ]
     else:
         parts += ["Not recorded: the source was not a run folder.", ""]
-    parts += ["## Metrics (measured by l2c-llava)", "", _metrics_section(facts), "## How to load", "",
-              _load_section(kind, name), ""]  # fmt: skip
+    parts += [
+        "## Metrics (measured by l2c-llava)",
+        "",
+        _metrics_section(facts),
+        "## How to load",
+        "",
+        _load_section(kind, name),
+        "",
+    ]
     if body:
         parts += [body.strip(), ""]
     return "\n".join(parts)
 
 
-def write_card(folder: str | os.PathLike, kind: str, source: str | os.PathLike | None = None,
-               name: str | None = None, body: str = "") -> Path:  # fmt: skip
+def write_card(
+    folder: str | os.PathLike,
+    kind: str,
+    source: str | os.PathLike | None = None,
+    name: str | None = None,
+    body: str = "",
+) -> Path:
     """Write the card into `folder` (an export being built); `name` defaults to the folder's name."""
     out = Path(folder) / CARD
     out.write_text(model_card(kind, name or Path(folder).name, source, body), encoding="utf-8")

@@ -60,14 +60,14 @@ EXAMPLES: dict[str, list[str]] = {
         "l2c pipeline --config quick --dry-run",
         "l2c stage1 --config quick",
         "l2c stage1 --config quick run.root=/scratch/me  # its runs/quick/... under /scratch/me",
-    ],  # fmt: skip
+    ],
     "ls": ["l2c ls", "l2c ls --paths"],
     "validate": ["l2c validate stage1/quick train.lr=1e-4 --print", "l2c validate stage2/configs/demo.yaml"],
     "stage1 train": ["l2c stage1 train --config quick train.max_steps=20"],
     "stage1 eval": [
         "l2c stage1 eval --config quick --out cra.json",
         "l2c stage1 eval --config quick --base --causal",
-    ],  # fmt: skip
+    ],
     "stage2 cache": ["l2c stage2 cache --config quick"],
     "stage2 train": ["l2c stage2 train --config quick train.max_steps=100"],
     "stage2 eval": ["l2c stage2 eval --config quick"],
@@ -76,39 +76,39 @@ EXAMPLES: dict[str, list[str]] = {
     "health": [
         "l2c health --tower baseline=runs/demo/clip/model --tower llm2clip=runs/demo/export/vision "
         "--data runs/demo/data --out health.json"
-    ],  # fmt: skip
+    ],
     "convert weights": ["l2c convert weights lmsys/vicuna-7b-v1.5 models/vicuna-7b-v1.5"],
     "export vision": [
         "l2c export vision --run runs/quick/stage2",
         "l2c export vision --run runs/quick/stage2 --out my-llm2clip-vision",
-    ],  # fmt: skip
+    ],
     "export llm2clip": ["l2c export llm2clip --run runs/quick/stage2 --out my-llm2clip"],
     "export llava": [
         "l2c export llava --model runs/quick/mllm/llm2clip/finetune --out llava-hf",
         "l2c export llava --model runs/quick/mllm/llm2clip/finetune --format original "
         "--out llava-v1.5-llm2clip",
-    ],  # fmt: skip
+    ],
     "mllm build": [
         "l2c mllm build --vision runs/quick/export/vision --llm embedded:smollm2-135m-instruct "
         "--out llava-built"
-    ],  # fmt: skip
+    ],
     "mllm pretrain": ["l2c mllm pretrain --config quick_pretrain"],
     "mllm finetune": ["l2c mllm finetune --config quick_finetune train.lr=2e-5"],
     "mllm eval-vqa": [
         "l2c mllm eval-vqa --model runs/quick/mllm/llm2clip/finetune --questions "
         "runs/quick/data/llava/vqa_test.jsonl --image-root runs/quick/data/images"
-    ],  # fmt: skip
+    ],
     "mllm eval": [
         "l2c mllm eval --model runs/quick/mllm/llm2clip/finetune --tasks local --data runs/quick/data "
         "--out eval/llm2clip"
-    ],  # fmt: skip
+    ],
     "mllm chat": [
         'l2c mllm chat --model runs/demo/mllm/llm2clip/finetune --image cat.jpg "What is in the image?"'
     ],
     "pipeline": [
         "l2c pipeline --config quick",
         "l2c pipeline --config demo --dry-run",
-    ],  # fmt: skip
+    ],
     "search index": [
         "l2c search index --images photos --encoder runs/demo/export/llm2clip --out index-llm2clip"
     ],
@@ -123,13 +123,13 @@ EXAMPLES: dict[str, list[str]] = {
         "l2c demo --run runs/demo --port 7861",
         "l2c demo --llava base=runs/demo/mllm/baseline/finetune --llava ours=runs/demo/mllm/llm2clip/finetune "
         "--images photos",
-    ],  # fmt: skip
+    ],
     "data synth": ["l2c data synth --out runs/quick/data --images 40 --size 64"],
     "data check": ["l2c data check data/pairs.jsonl --format pairs --image-root data/images"],
     "data filter": [
         "l2c data filter data/pairs.jsonl --format pairs --image-root data/images "
         "--model runs/demo/export/llm2clip --out data/pairs.clean.jsonl"
-    ],  # fmt: skip
+    ],
 }
 
 

@@ -94,12 +94,16 @@ def resolve_config(name_or_path: str | os.PathLike, command: str | None = None) 
     if len(found) == 1:
         return str(found[0].path)
     if len(found) > 1:
-        raise ConfigNameError(f"config {given!r} names several shipped configs: "
-                              f"{', '.join(config_name(c, root) for c in found)}; give one of these names")  # fmt: skip
+        raise ConfigNameError(
+            f"config {given!r} names several shipped configs: "
+            f"{', '.join(config_name(c, root) for c in found)}; give one of these names"
+        )
     close = difflib.get_close_matches(stem, list(names) + [n.split("/", 1)[1] for n in names], n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ConfigNameError(f"config {given!r}: no such file (from {Path.cwd()}) and no shipped config of that name"
-                          f"{hint}; `l2c ls` lists the names")  # fmt: skip
+    raise ConfigNameError(
+        f"config {given!r}: no such file (from {Path.cwd()}) and no shipped config of that name"
+        f"{hint}; `l2c ls` lists the names"
+    )
 
 
 def run_root(config: str, overrides: list[str] | tuple[str, ...] = ()) -> str | None:

@@ -77,8 +77,10 @@ def demo_clip_path(verify: bool = True) -> Path:
     folder = Path(__file__).resolve().parent / "assets" / "demo_clip"
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise MissingFileError(f"{weights}: the demo CLIP asset is missing; reinstall l2c-llava, or rebuild it with "
-                                "`bash scripts/pretrain_demo_clip.sh` (hours on 2 CPU cores)")  # fmt: skip
+        raise MissingFileError(
+            f"{weights}: the demo CLIP asset is missing; reinstall l2c-llava, or rebuild it with "
+            "`bash scripts/pretrain_demo_clip.sh` (hours on 2 CPU cores)"
+        )
     if verify:
         _check_digest(weights, DEMO_CLIP_SHA256)
     return folder
@@ -88,8 +90,10 @@ def demo_clip_path(verify: bool = True) -> Path:
 def _check_digest(path: Path, expected: str) -> None:
     digest = sha256_file(path)
     if digest != expected:
-        raise InputError(f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
-                         "was changed or damaged: restore it from the repository")  # fmt: skip
+        raise InputError(
+            f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
+            "was changed or damaged: restore it from the repository"
+        )
 
 
 def resolve_vision_path(name_or_path: str) -> str:

@@ -23,8 +23,15 @@ class PushError(L2CError, RuntimeError):
     pass
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:  # fmt: skip
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload `folder` to the model repository `repo_id` (created when missing); returns the commit's
     URL. Errors a user can fix (no token, no permission, offline mode) say what to do."""
     from huggingface_hub import HfApi
@@ -41,17 +48,25 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     message = commit_message or f"Upload {folder.name} (l2c-llava export)"
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-                                 commit_message=message, ignore_patterns=LOCAL_ONLY)  # fmt: skip
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+            ignore_patterns=LOCAL_ONLY,
+        )
     except LocalTokenNotFoundError:
         raise PushError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login` (the export is kept)"
         ) from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = {401: "the token is not valid: set HF_TOKEN or run `hf auth login`",
-                403: f"the token may not write to {repo_id}: use a token with write access, or a repo of yours",
-                404: f"{repo_id} not found and not created: check the name (owner/name)"}.get(status, str(e))  # fmt: skip
+        hint = {
+            401: "the token is not valid: set HF_TOKEN or run `hf auth login`",
+            403: f"the token may not write to {repo_id}: use a token with write access, or a repo of yours",
+            404: f"{repo_id} not found and not created: check the name (owner/name)",
+        }.get(status, str(e))
         raise PushError(
             f"pushing {folder} to {repo_id} failed ({status}): {hint} (the export is kept)"
         ) from None
@@ -60,9 +75,13 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
 def add_push_arguments(p: argparse.ArgumentParser) -> None:
     """The options of every export command that can publish its folder."""
-    p.add_argument("--push-to-hub", metavar="ID", default=None,
-                   help="also upload the exported folder (with its model card) to this Hub model repo, "
-                   "e.g. me/llm2clip-vision; token from HF_TOKEN or `hf auth login`")  # fmt: skip
+    p.add_argument(
+        "--push-to-hub",
+        metavar="ID",
+        default=None,
+        help="also upload the exported folder (with its model card) to this Hub model repo, "
+        "e.g. me/llm2clip-vision; token from HF_TOKEN or `hf auth login`",
+    )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
 
 

@@ -133,15 +133,19 @@ def ensure_folder(folder: str | os.PathLike, what: str = "output") -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise OutputError(f"{what} folder {folder}: {folder} (or a folder above it) is an existing file; choose "
-                          "another folder") from None  # fmt: skip
+        raise OutputError(
+            f"{what} folder {folder}: {folder} (or a folder above it) is an existing file; choose "
+            "another folder"
+        ) from None
     except NotADirectoryError:
         raise OutputError(
             f"{what} folder {folder}: a folder above it is an existing file; choose another folder"
         ) from None
     except PermissionError as e:
-        raise OutputError(f"{what} folder {folder}: no permission to create it ({e.strerror}: {e.filename}); "
-                          "choose a folder you can write to") from None  # fmt: skip
+        raise OutputError(
+            f"{what} folder {folder}: no permission to create it ({e.strerror}: {e.filename}); "
+            "choose a folder you can write to"
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{what} folder {folder} is not writable; choose a folder you can write to")
     return folder
@@ -155,15 +159,18 @@ def check_output_file(out: str | os.PathLike, what: str = "--out") -> Path:
     if out.is_dir():
         raise OutputError(f"{what} {out} is a folder; give the path of a file to write")
     if not parent.is_dir():
-        raise OutputError(f"{what} {out}: the folder {parent} does not exist{' (it is a file)' if parent.exists() else ''}; "
-                          f"create it first (mkdir -p {parent}) or choose another path")  # fmt: skip
+        raise OutputError(
+            f"{what} {out}: the folder {parent} does not exist{' (it is a file)' if parent.exists() else ''}; "
+            f"create it first (mkdir -p {parent}) or choose another path"
+        )
     if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise OutputError(f"{what} {out}: no permission to write there; choose a path you can write to")
     return out
 
 
-def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = False,
-                        legacy_marker: str | None = None) -> Path:  # fmt: skip
+def check_output_folder(
+    out: str | os.PathLike, kind: str, overwrite: bool = False, legacy_marker: str | None = None
+) -> Path:
     """Refuse, before any work, an output folder `publish_folder` could not fill without losing
     something: an existing file, a folder that cannot be written, or a non-empty folder that is not a
     previous output of this `kind` (recognised by the marker publish_folder writes, or by
@@ -178,8 +185,10 @@ def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = Fal
     if not os.access(parent, os.W_OK | os.X_OK) or (
         out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)
     ):
-        raise OutputError(f"{out}: no permission to write in {parent if parent != out else out.parent}; "
-                          "choose a folder you can write to")  # fmt: skip
+        raise OutputError(
+            f"{out}: no permission to write in {parent if parent != out else out.parent}; "
+            "choose a folder you can write to"
+        )
     if not out.is_dir() or overwrite or not any(out.iterdir()):
         return out
     marker = out / OUTPUT_MARKER
@@ -189,22 +198,31 @@ def check_output_folder(out: str | os.PathLike, kind: str, overwrite: bool = Fal
         except (OSError, ValueError):
             meta = {}
         if meta.get("kind") != kind:
-            raise OutputError(f"{out} holds a {meta.get('kind', 'unknown')!r} output, not a {kind!r} one; choose "
-                              "another output folder, or pass --overwrite to replace it")  # fmt: skip
+            raise OutputError(
+                f"{out} holds a {meta.get('kind', 'unknown')!r} output, not a {kind!r} one; choose "
+                "another output folder, or pass --overwrite to replace it"
+            )
         known = set(meta.get("files", [])) | {OUTPUT_MARKER}
-        extra = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
-                       and str(p.relative_to(out)) not in known)  # fmt: skip
+        extra = sorted(
+            str(p.relative_to(out))
+            for p in out.rglob("*")
+            if p.is_file() and str(p.relative_to(out)) not in known
+        )
         if extra:
-            raise OutputError(f"{out} is a previous {kind} output, but holds files it did not write "
-                              f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}): they would be lost. "
-                              "Move them away, or pass --overwrite to replace the folder anyway")  # fmt: skip
+            raise OutputError(
+                f"{out} is a previous {kind} output, but holds files it did not write "
+                f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}): they would be lost. "
+                "Move them away, or pass --overwrite to replace the folder anyway"
+            )
         return out
     if legacy_marker and (out / legacy_marker).is_file():
         return out
     shown = sorted(p.name for p in out.iterdir())
-    raise OutputError(f"{out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}) and is not a "
-                      f"previous {kind} output: refusing to replace it. Choose a new or empty output folder, or "
-                      "pass --overwrite to replace it")  # fmt: skip
+    raise OutputError(
+        f"{out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}) and is not a "
+        f"previous {kind} output: refusing to replace it. Choose a new or empty output folder, or "
+        "pass --overwrite to replace it"
+    )
 
 
 def _tmp_prefix(out: Path, pid: int | None = None) -> str:
@@ -249,8 +267,13 @@ def clean_interrupted(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def publish_folder(out: str | os.PathLike, build, kind: str = "output", overwrite: bool = False,
-                   legacy_marker: str | None = None) -> Path:  # fmt: skip
+def publish_folder(
+    out: str | os.PathLike,
+    build,
+    kind: str = "output",
+    overwrite: bool = False,
+    legacy_marker: str | None = None,
+) -> Path:
     """Build a folder in a temporary sibling (``build(tmp)`` writes and checks it), then move it into
     place: a failed or killed build leaves the previous folder untouched, and the next publish removes
     the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output

@@ -94,8 +94,10 @@ def exported_tower(run_dir: str | os.PathLike) -> Path:
     the command that writes it."""
     folder = export_dir(run_dir) / "vision"
     if not (folder / "config.json").is_file():
-        raise NotExportedError(f"{run_dir} is a stage-2 run whose vision tower is not exported yet ({folder}): "
-                               f"run `l2c export vision --run {run_dir}`")  # fmt: skip
+        raise NotExportedError(
+            f"{run_dir} is a stage-2 run whose vision tower is not exported yet ({folder}): "
+            f"run `l2c export vision --run {run_dir}`"
+        )
     return folder
 
 

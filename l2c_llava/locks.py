@@ -61,20 +61,30 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         h = _holder(folder)
         who = f"PID {h.get('pid', '?')}" + (f" on {h['host']}" if h.get("host") else "")
         cmd = f" (`{h['command']}`, started {h.get('started', '?')})" if h.get("command") else ""
-        raise RunLockedError(f"{folder} is in use by another {h.get('what', 'run')}: {who}{cmd}. Wait for it to finish, stop it, "
-                             "or use another output folder") from None  # fmt: skip
+        raise RunLockedError(
+            f"{folder} is in use by another {h.get('what', 'run')}: {who}{cmd}. Wait for it to finish, stop it, "
+            "or use another output folder"
+        ) from None
     except PermissionError:
-        raise RunLockedError(f"{folder}: no permission to create its lock file {LOCK_NAME}; choose a folder "
-                             "you can write to") from None  # fmt: skip
+        raise RunLockedError(
+            f"{folder}: no permission to create its lock file {LOCK_NAME}; choose a folder you can write to"
+        ) from None
     try:
         old = _holder(folder)
         if old.get("pid") and old.get("pid") != os.getpid():
             logger.info("%s: taking over the lock left by PID %s, which is gone", folder, old["pid"])
         from l2c_llava.io import atomic_write_json
 
-        atomic_write_json(folder / HOLDER_NAME, {"pid": os.getpid(), "what": what, "host": socket.gethostname(),
-                                                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else what,
-                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        atomic_write_json(
+            folder / HOLDER_NAME,
+            {
+                "pid": os.getpid(),
+                "what": what,
+                "host": socket.gethostname(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else what,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
         yield folder
     finally:
         try:

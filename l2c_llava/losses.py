@@ -49,8 +49,14 @@ def hard_negative_nll_loss(
     return F.cross_entropy(scores.float(), labels)
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = True,
-              gather_with_grad: bool = True) -> torch.Tensor:  # fmt: skip
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    local_loss: bool = True,
+    gather_with_grad: bool = True,
+) -> torch.Tensor:
     """Symmetric InfoNCE over image/text pairs (row i of each is a pair), open_clip's ClipLoss: with
     several processes the features of all ranks are the negatives; ``local_loss`` scores only this
     rank's rows against everything (memory O(local x global)); ``gather_with_grad`` lets gradients

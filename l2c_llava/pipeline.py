@@ -94,8 +94,12 @@ def _file_stats(values, produced: Path | None = None) -> dict:
     return out
 
 
-def config_fingerprint(cfg: RecipeConfig, sections: tuple[str, ...] | None = None, keep: tuple[str, ...] = (),
-                       produced: Path | None = None) -> dict:  # fmt: skip
+def config_fingerprint(
+    cfg: RecipeConfig,
+    sections: tuple[str, ...] | None = None,
+    keep: tuple[str, ...] = (),
+    produced: Path | None = None,
+) -> dict:
     """The resolved config a step runs under, minus bookkeeping and the sections read after training
     (but those in `keep`), plus its input files' stats; `sections` limits it to those top-level
     sections. Under "resumable": the same without what may change on resume (train/resume.py), not part of
@@ -104,8 +108,11 @@ def config_fingerprint(cfg: RecipeConfig, sections: tuple[str, ...] | None = Non
     if sections is not None:
         every = {k: v for k, v in every.items() if k.split(".")[0] in sections}
     flat = fingerprint_keys(every, keep)
-    return {"config": flat, "files": _file_stats(flat.values(), produced),
-            "resumable": resumable_keys(every, keep)}  # fmt: skip
+    return {
+        "config": flat,
+        "files": _file_stats(flat.values(), produced),
+        "resumable": resumable_keys(every, keep),
+    }
 
 
 class Pipeline:
@@ -126,8 +133,10 @@ class Pipeline:
                 continue
             shipped = project_root() / step.config
             if not shipped.is_file():
-                raise PipelineError(f"{self.source}: step config {step.config} not found (from {Path.cwd()} "
-                                    f"or {project_root()})")  # fmt: skip
+                raise PipelineError(
+                    f"{self.source}: step config {step.config} not found (from {Path.cwd()} "
+                    f"or {project_root()})"
+                )
             step.config = str(shipped)
 
     # ------------------------------------------------------------------ the plan
@@ -154,8 +163,12 @@ class Pipeline:
             """The fields of a Step that runs `l2c COMMAND --config <its resolved config>`."""
             file = R.step_config(name)
             origin = step.config + (f" with {' '.join(step.overrides)}" if step.overrides else "")
-            return {"argv": l2c + [*command, "--config", str(file)], "config": cfg, "config_file": file,
-                    "config_origin": origin}  # fmt: skip
+            return {
+                "argv": l2c + [*command, "--config", str(file)],
+                "config": cfg,
+                "config_file": file,
+                "config_origin": origin,
+            }
 
         def fp(cfg: RecipeConfig, sections=None, keep=()) -> dict:
             return config_fingerprint(cfg, sections, keep, produced=out)
@@ -173,10 +186,22 @@ class Pipeline:
         # data
         data_up: list[str] = []
         if c.data.synth_images is not None:
-            argv = l2c + ["data", "synth", "--out", str(D), "--images", str(c.data.synth_images),
-                          "--seed", str(c.data.synth_seed), "--size", str(c.data.synth_size),
-                          "--val-fraction", str(c.data.synth_val_fraction),
-                          "--test-fraction", str(c.data.synth_test_fraction)]  # fmt: skip
+            argv = l2c + [
+                "data",
+                "synth",
+                "--out",
+                str(D),
+                "--images",
+                str(c.data.synth_images),
+                "--seed",
+                str(c.data.synth_seed),
+                "--size",
+                str(c.data.synth_size),
+                "--val-fraction",
+                str(c.data.synth_val_fraction),
+                "--test-fraction",
+                str(c.data.synth_test_fraction),
+            ]
             add(
                 Step("data", "embedded dataset", argv, [D], D / L.MANIFEST),
                 {"synth": c.data.model_dump()},
@@ -186,27 +211,55 @@ class Pipeline:
         elif D is not None:
             manifest = D / L.MANIFEST
             if not manifest.is_file():
-                raise PipelineError(f"data.dir {D}: no manifest.json (the embedded dataset's layout; "
-                                    "`l2c data synth` writes one)")  # fmt: skip
+                raise PipelineError(
+                    f"data.dir {D}: no manifest.json (the embedded dataset's layout; "
+                    "`l2c data synth` writes one)"
+                )
 
         # stage 1
         s1 = c.stage1
-        cfg = resolved(s1, {"run.output_dir": str(R.stage1)},
-                       {"data.train": L.CAPTION_PAIRS["train"], "data.eval": L.RETRIEVAL_SHORT,
-                        "data.eval_pairs": L.CAPTION_PAIRS["test"]})  # fmt: skip
-        add(Step("stage1", "stage 1: LLM -> caption encoder", outputs=[R.stage1], done_marker=R.stage1_metrics,
-                 launch=s1.launch, **recipe("stage1", s1, ["stage1"], cfg)),
-            fp(cfg, keep=("eval",)), data_up)  # fmt: skip
+        cfg = resolved(
+            s1,
+            {"run.output_dir": str(R.stage1)},
+            {
+                "data.train": L.CAPTION_PAIRS["train"],
+                "data.eval": L.RETRIEVAL_SHORT,
+                "data.eval_pairs": L.CAPTION_PAIRS["test"],
+            },
+        )
+        add(
+            Step(
+                "stage1",
+                "stage 1: LLM -> caption encoder",
+                outputs=[R.stage1],
+                done_marker=R.stage1_metrics,
+                launch=s1.launch,
+                **recipe("stage1", s1, ["stage1"], cfg),
+            ),
+            fp(cfg, keep=("eval",)),
+            data_up,
+        )
 
         # baseline
         if c.baseline.clip is not None:
             b = c.baseline.clip
-            cfg = resolved(b, {"run.output_dir": str(R.clip)},
-                           {"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step("baseline", "baseline CLIP trained from scratch", outputs=[R.clip],
-                     done_marker=R.clip_model / "config.json", launch=b.launch,
-                     **recipe("baseline", b, ["clip", "pretrain"], cfg)),
-                fp(cfg), data_up)  # fmt: skip
+            cfg = resolved(
+                b,
+                {"run.output_dir": str(R.clip)},
+                {"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES},
+            )
+            add(
+                Step(
+                    "baseline",
+                    "baseline CLIP trained from scratch",
+                    outputs=[R.clip],
+                    done_marker=R.clip_model / "config.json",
+                    launch=b.launch,
+                    **recipe("baseline", b, ["clip", "pretrain"], cfg),
+                ),
+                fp(cfg),
+                data_up,
+            )
             base_vision, base_up = str(R.clip_model), ["baseline"]
         else:
             # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
@@ -219,33 +272,100 @@ class Pipeline:
 
         # stage 2: one config for the cache, the training and the retrieval eval
         s2 = c.stage2
-        cfg = resolved(s2, {"run.output_dir": str(R.stage2), "text_encoder.path": str(R.stage1_encoder),
-                            "cache.dir": str(R.text_features), "vision.name_or_path": base_vision},
-                       {"data.train": L.CAPTION_PAIRS["train"], "data.image_root": L.IMAGES,
-                        "data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG,
-                        "data.eval_image_root": L.IMAGES})  # fmt: skip
-        add(Step("text_cache", "stage 2: text feature cache", outputs=[R.text_features],
-                 done_marker=R.text_features_done,
-                 **recipe("text_cache", s2, ["stage2", "cache"], cfg)),
-            fp(cfg, ("text_encoder", "cache", "data")), ["stage1"])  # fmt: skip
-        add(Step("stage2", "stage 2: vision encoder vs cached LLM features", outputs=[R.stage2],
-                 done_marker=R.stage2_weights, launch=s2.launch,
-                 **recipe("stage2", s2, ["stage2", "train"], cfg)),
-            fp(cfg), ["text_cache", *base_up])  # fmt: skip
-        add(Step("retrieval", "retrieval: baseline vs LLM2CLIP", outputs=[R.retrieval_metrics, R.retrieval_md],
-                 done_marker=R.retrieval_metrics, **recipe("retrieval", s2, ["stage2", "eval"], cfg)),
-            fp(cfg, keep=("eval",)), ["stage2"])  # fmt: skip
-        add(Step("export", "export the upgraded encoder", None, [R.exports],
-                 R.export("llm2clip") / "config.json", func=self._export), {}, ["stage2"])  # fmt: skip
+        cfg = resolved(
+            s2,
+            {
+                "run.output_dir": str(R.stage2),
+                "text_encoder.path": str(R.stage1_encoder),
+                "cache.dir": str(R.text_features),
+                "vision.name_or_path": base_vision,
+            },
+            {
+                "data.train": L.CAPTION_PAIRS["train"],
+                "data.image_root": L.IMAGES,
+                "data.eval_short": L.RETRIEVAL_SHORT,
+                "data.eval_long": L.RETRIEVAL_LONG,
+                "data.eval_image_root": L.IMAGES,
+            },
+        )
+        add(
+            Step(
+                "text_cache",
+                "stage 2: text feature cache",
+                outputs=[R.text_features],
+                done_marker=R.text_features_done,
+                **recipe("text_cache", s2, ["stage2", "cache"], cfg),
+            ),
+            fp(cfg, ("text_encoder", "cache", "data")),
+            ["stage1"],
+        )
+        add(
+            Step(
+                "stage2",
+                "stage 2: vision encoder vs cached LLM features",
+                outputs=[R.stage2],
+                done_marker=R.stage2_weights,
+                launch=s2.launch,
+                **recipe("stage2", s2, ["stage2", "train"], cfg),
+            ),
+            fp(cfg),
+            ["text_cache", *base_up],
+        )
+        add(
+            Step(
+                "retrieval",
+                "retrieval: baseline vs LLM2CLIP",
+                outputs=[R.retrieval_metrics, R.retrieval_md],
+                done_marker=R.retrieval_metrics,
+                **recipe("retrieval", s2, ["stage2", "eval"], cfg),
+            ),
+            fp(cfg, keep=("eval",)),
+            ["stage2"],
+        )
+        add(
+            Step(
+                "export",
+                "export the upgraded encoder",
+                None,
+                [R.exports],
+                R.export("llm2clip") / "config.json",
+                func=self._export,
+            ),
+            {},
+            ["stage2"],
+        )
 
         # encoder health: collapse figures and the patch probe of both towers, read before any LLaVA number
         if D is not None:
             h = c.health
-            argv = l2c + ["health", "--tower", f"baseline={base_vision}", "--tower", f"llm2clip={R.export('vision')}",
-                          "--data", str(D), "--probe-train", str(h.probe_train), "--test", str(h.test_scenes),
-                          "--steps", str(h.probe_steps), "--out", str(R.health_json)]  # fmt: skip
-            add(Step("health", "encoder health: collapse and patch probe, both towers", argv, [R.health],
-                     R.health_json), {"health": h.model_dump()}, ["export", *base_up, *data_up])  # fmt: skip
+            argv = l2c + [
+                "health",
+                "--tower",
+                f"baseline={base_vision}",
+                "--tower",
+                f"llm2clip={R.export('vision')}",
+                "--data",
+                str(D),
+                "--probe-train",
+                str(h.probe_train),
+                "--test",
+                str(h.test_scenes),
+                "--steps",
+                str(h.probe_steps),
+                "--out",
+                str(R.health_json),
+            ]
+            add(
+                Step(
+                    "health",
+                    "encoder health: collapse and patch probe, both towers",
+                    argv,
+                    [R.health],
+                    R.health_json,
+                ),
+                {"health": h.model_dump()},
+                ["export", *base_up, *data_up],
+            )
 
         # LLaVA on each encoder, then lmms-eval
         towers = {
@@ -256,34 +376,75 @@ class Pipeline:
             vt, vt_up = towers[enc]
             pre, fin = c.mllm.pretrain, c.mllm.finetune
             pre_dir, fin_dir = R.llava(enc, "pretrain"), R.llava(enc, "finetune")
-            cfg = resolved(pre, {"run.output_dir": str(pre_dir), "model.vision_tower": vt},
-                           {"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step(f"pretrain_{enc}", f"LLaVA ({enc}): pretrain the projector", outputs=[pre_dir],
-                     done_marker=R.llava_stats(enc, "pretrain"), launch=pre.launch,
-                     **recipe(f"pretrain_{enc}", pre, ["mllm", "pretrain"], cfg)),
-                fp(cfg), [*vt_up, *data_up])  # fmt: skip
-            cfg = resolved(fin, {"run.output_dir": str(fin_dir), "model.vision_tower": vt,
-                                 "model.init_from": str(pre_dir)},
-                           {"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES})  # fmt: skip
-            add(Step(f"finetune_{enc}", f"LLaVA ({enc}): instruction-tune", outputs=[fin_dir],
-                     done_marker=R.llava_stats(enc, "finetune"), launch=fin.launch,
-                     **recipe(f"finetune_{enc}", fin, ["mllm", "finetune"], cfg)),
-                fp(cfg), [f"pretrain_{enc}"])  # fmt: skip
+            cfg = resolved(
+                pre,
+                {"run.output_dir": str(pre_dir), "model.vision_tower": vt},
+                {"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES},
+            )
+            add(
+                Step(
+                    f"pretrain_{enc}",
+                    f"LLaVA ({enc}): pretrain the projector",
+                    outputs=[pre_dir],
+                    done_marker=R.llava_stats(enc, "pretrain"),
+                    launch=pre.launch,
+                    **recipe(f"pretrain_{enc}", pre, ["mllm", "pretrain"], cfg),
+                ),
+                fp(cfg),
+                [*vt_up, *data_up],
+            )
+            cfg = resolved(
+                fin,
+                {"run.output_dir": str(fin_dir), "model.vision_tower": vt, "model.init_from": str(pre_dir)},
+                {"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES},
+            )
+            add(
+                Step(
+                    f"finetune_{enc}",
+                    f"LLaVA ({enc}): instruction-tune",
+                    outputs=[fin_dir],
+                    done_marker=R.llava_stats(enc, "finetune"),
+                    launch=fin.launch,
+                    **recipe(f"finetune_{enc}", fin, ["mllm", "finetune"], cfg),
+                ),
+                fp(cfg),
+                [f"pretrain_{enc}"],
+            )
             e = c.eval
             ev = R.eval(enc)
             eval_data = e.data or (str(D) if D else None)
-            argv = l2c + ["mllm", "eval", "--model", str(fin_dir), "--tasks", ",".join(e.tasks), "--out", str(ev),
-                          "--device", e.device, "--batch-size", str(e.batch_size)]  # fmt: skip
+            argv = l2c + [
+                "mllm",
+                "eval",
+                "--model",
+                str(fin_dir),
+                "--tasks",
+                ",".join(e.tasks),
+                "--out",
+                str(ev),
+                "--device",
+                e.device,
+                "--batch-size",
+                str(e.batch_size),
+            ]
             argv += ["--data", eval_data] if eval_data else []
             argv += ["--limit", str(e.limit)] if e.limit else []
             for task, n in sorted(e.task_limits.items()):
                 argv += ["--task-limit", f"{task}={n}"]
-            add(Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], R.eval_results(enc)),
-                {"eval": {**e.model_dump(), "data": eval_data},
-                 "files": _file_stats([eval_data and str(Path(eval_data) / L.MANIFEST)], out)}, [f"finetune_{enc}"])  # fmt: skip
+            add(
+                Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], R.eval_results(enc)),
+                {
+                    "eval": {**e.model_dump(), "data": eval_data},
+                    "files": _file_stats([eval_data and str(Path(eval_data) / L.MANIFEST)], out),
+                },
+                [f"finetune_{enc}"],
+            )
 
-        add(Step("report", "report", None, [R.report_md, R.plots], R.report_md, func=self._report),
-            {"scale": c.scale}, [s.name for s in steps])  # fmt: skip
+        add(
+            Step("report", "report", None, [R.report_md, R.plots], R.report_md, func=self._report),
+            {"scale": c.scale},
+            [s.name for s in steps],
+        )
         return steps
 
     def _export(self) -> None:
@@ -357,11 +518,19 @@ class Pipeline:
             if decision == "fresh":
                 for p in step.outputs:
                     _remove(p)
-            echo(f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
-                 f"about {_hms(left)} left")  # fmt: skip
-            state["steps"][step.name] = {"fingerprint": step.fingerprint, "resume_key": step.resume_key, "status": "running",
-                                         "upstream": step.upstream, "started": time.time(),
-                                         "argv": step.argv, "seconds": rec.get("seconds", 0) if decision == "resume" else 0}  # fmt: skip
+            echo(
+                f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
+                f"about {_hms(left)} left"
+            )
+            state["steps"][step.name] = {
+                "fingerprint": step.fingerprint,
+                "resume_key": step.resume_key,
+                "status": "running",
+                "upstream": step.upstream,
+                "started": time.time(),
+                "argv": step.argv,
+                "seconds": rec.get("seconds", 0) if decision == "resume" else 0,
+            }
             self._save_state(state)
             started = time.time()
             if step.config is not None:
@@ -376,8 +545,10 @@ class Pipeline:
             rec.update(status="done", seconds=rec["seconds"] + time.time() - started, finished=time.time())
             self._save_state(state)
             ran[step.name] = decision
-        echo(f"== pipeline finished in {_hms(time.time() - t0)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
-             f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.run_folder.report_md}")  # fmt: skip
+        echo(
+            f"== pipeline finished in {_hms(time.time() - t0)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
+            f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.run_folder.report_md}"
+        )
         return ran
 
     def _estimate(self, step: Step, state: dict) -> float:
@@ -397,9 +568,17 @@ def write_step_config(step: Step) -> Path:
     keys the step's YAML, its overrides and the wiring set (validated), not the defaults: loaded, it gives the
     very config the step was planned and fingerprinted with (the run folder's config.yaml spells out all)."""
     under = f" (under {' '.join(step.launch)})" if step.launch else ""
-    return write_config(step.config, step.config_file, [" ".join(step.argv) + under, "resolved by `l2c pipeline` "
-                        f"from {step.config_origin} and the pipeline's wiring (l2c_llava/pipeline.py); the recipe's "
-                        "defaults apply to the keys not given"], only_given=True)  # fmt: skip
+    return write_config(
+        step.config,
+        step.config_file,
+        [
+            " ".join(step.argv) + under,
+            "resolved by `l2c pipeline` "
+            f"from {step.config_origin} and the pipeline's wiring (l2c_llava/pipeline.py); the recipe's "
+            "defaults apply to the keys not given",
+        ],
+        only_given=True,
+    )
 
 
 def _remove(path: Path) -> None:

@@ -29,11 +29,15 @@ def require_bitsandbytes(what: str, key: str, off: str | None = None):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise MemorySaverError(f"{key}: {what} needs bitsandbytes ({e}); install the gpu extra "
-                               f"(pip install -e '.[gpu]') on a CUDA machine, or set {off}") from None  # fmt: skip
+        raise MemorySaverError(
+            f"{key}: {what} needs bitsandbytes ({e}); install the gpu extra "
+            f"(pip install -e '.[gpu]') on a CUDA machine, or set {off}"
+        ) from None
     if not torch.cuda.is_available():
-        raise MemorySaverError(f"{key}: {what} runs bitsandbytes' CUDA kernels and this machine has no CUDA GPU; "
-                               f"set {off} here, or run on a GPU")  # fmt: skip
+        raise MemorySaverError(
+            f"{key}: {what} runs bitsandbytes' CUDA kernels and this machine has no CUDA GPU; "
+            f"set {off} here, or run on a GPU"
+        )
     return bitsandbytes
 
 
@@ -41,8 +45,12 @@ def bnb_4bit_config(compute_dtype: torch.dtype = torch.bfloat16):
     """QLoRA's quantization: NF4 with double quantization, matmuls in `compute_dtype`."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def prepare_for_qlora(model, gradient_checkpointing: bool):
@@ -63,7 +71,9 @@ def make_adamw(params, kind: str, key: str = "train.optimizer", **kwargs: Any) -
     raise MemorySaverError(f"{key}={kind!r}: expected adamw or adamw_8bit")
 
 
-def quantize_linears_4bit_(module: torch.nn.Module, compute_dtype: torch.dtype, key: str, skip: tuple[str, ...] = ()) -> int:  # fmt: skip
+def quantize_linears_4bit_(
+    module: torch.nn.Module, compute_dtype: torch.dtype, key: str, skip: tuple[str, ...] = ()
+) -> int:
     """Replace every nn.Linear under `module` (but names containing one of `skip`) by a bitsandbytes
     NF4 Linear4bit holding the same weights, quantized on the GPU. Returns how many were replaced."""
     bnb = require_bitsandbytes("QLoRA (4-bit base weights)", key)
@@ -74,10 +84,20 @@ def quantize_linears_4bit_(module: torch.nn.Module, compute_dtype: torch.dtype, 
             full = f"{name}.{attr}" if name else attr
             if type(sub) is not torch.nn.Linear or any(s in full for s in skip):
                 continue
-            q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)  # fmt: skip
-            q.weight = bnb.nn.Params4bit(sub.weight.data.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)  # fmt: skip
+            q = bnb.nn.Linear4bit(
+                sub.in_features,
+                sub.out_features,
+                bias=sub.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            q.weight = bnb.nn.Params4bit(
+                sub.weight.data.to(compute_dtype).cpu(),
+                requires_grad=False,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
             if sub.bias is not None:
                 q.bias = torch.nn.Parameter(sub.bias.data.to(compute_dtype), requires_grad=False)
             setattr(child, attr, q.to(device))  # moving a Params4bit to CUDA quantizes it

@@ -30,16 +30,23 @@ STAGE1, CLIP, STAGE2 = _rel(IN_RUN.stage1), _rel(IN_RUN.clip), _rel(IN_RUN.stage
 LLAVA = {
     (enc, stage): _rel(IN_RUN.llava(enc, stage)) for stage in ("pretrain", "finetune") for enc in L.ENCODERS
 }
-CURVES = ((STAGE1, "stage 1 (caption contrastive, LoRA)"), (CLIP, "baseline CLIP from scratch"),
-          (STAGE2, "stage 2 (vision vs LLM features)"), (LLAVA["baseline", "pretrain"], "LLaVA pretrain, baseline"),
-          (LLAVA["llm2clip", "pretrain"], "LLaVA pretrain, LLM2CLIP"),
-          (LLAVA["baseline", "finetune"], "LLaVA finetune, baseline"),
-          (LLAVA["llm2clip", "finetune"], "LLaVA finetune, LLM2CLIP"))  # fmt: skip
+CURVES = (
+    (STAGE1, "stage 1 (caption contrastive, LoRA)"),
+    (CLIP, "baseline CLIP from scratch"),
+    (STAGE2, "stage 2 (vision vs LLM features)"),
+    (LLAVA["baseline", "pretrain"], "LLaVA pretrain, baseline"),
+    (LLAVA["llm2clip", "pretrain"], "LLaVA pretrain, LLM2CLIP"),
+    (LLAVA["baseline", "finetune"], "LLaVA finetune, baseline"),
+    (LLAVA["llm2clip", "finetune"], "LLaVA finetune, LLM2CLIP"),
+)
 # plot panels: the LLaVA stages show both encoders on one axis
-PANELS = (("stage 1 (caption contrastive, LoRA)", (STAGE1,)), ("baseline CLIP from scratch", (CLIP,)),
-          ("stage 2 (vision vs LLM features)", (STAGE2,)),
-          ("LLaVA pretrain (projector)", (LLAVA["baseline", "pretrain"], LLAVA["llm2clip", "pretrain"])),
-          ("LLaVA finetune", (LLAVA["baseline", "finetune"], LLAVA["llm2clip", "finetune"])))  # fmt: skip
+PANELS = (
+    ("stage 1 (caption contrastive, LoRA)", (STAGE1,)),
+    ("baseline CLIP from scratch", (CLIP,)),
+    ("stage 2 (vision vs LLM features)", (STAGE2,)),
+    ("LLaVA pretrain (projector)", (LLAVA["baseline", "pretrain"], LLAVA["llm2clip", "pretrain"])),
+    ("LLaVA finetune", (LLAVA["baseline", "finetune"], LLAVA["llm2clip", "finetune"])),
+)
 
 
 def _read(path: Path) -> dict | None:
@@ -91,8 +98,10 @@ def paired_llava(out: Path) -> dict:
         row: dict = {"metric": metric, "n": len(common)}
         for enc, h in by_enc.items():
             k = sum(h[i] for i in common)
-            row[enc] = {"accuracy": round(k / len(common), 4),
-                        "ci95": [round(x, 4) for x in wilson_interval(k, len(common))]}  # fmt: skip
+            row[enc] = {
+                "accuracy": round(k / len(common), 4),
+                "ci95": [round(x, 4) for x in wilson_interval(k, len(common))],
+            }
         row["llm2clip_vs_baseline"] = paired_comparison(
             [by_enc["llm2clip"][i] for i in common], [by_enc["baseline"][i] for i in common]
         )
@@ -115,13 +124,20 @@ def _prior_hits(out: Path, vqa: list[dict]) -> list[bool]:
     if not vqa or not train.is_file():
         return []
     prior = prior_answers(train, vqa)
-    return [normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
-            for q in vqa]  # fmt: skip
+    return [
+        normalize(prior.get(question_type(q["question"]), "")) in {normalize(a) for a in q["answers"]}
+        for q in vqa
+    ]
 
 
 # what the demo must show of each LLaVA (issue "the demo proves the method")
-READS_IMAGE = {"min_gain_over_shuffled": 0.10, "max_p_shuffled": 0.01, "max_p_prior": 0.05,
-               "min_pope_accuracy": 0.65, "pope_yes_ratio": (0.3, 0.7)}  # fmt: skip
+READS_IMAGE = {
+    "min_gain_over_shuffled": 0.10,
+    "max_p_shuffled": 0.01,
+    "max_p_prior": 0.05,
+    "min_pope_accuracy": 0.65,
+    "pope_yes_ratio": (0.3, 0.7),
+}
 
 
 def image_use(out: Path) -> dict:
@@ -140,27 +156,39 @@ def image_use(out: Path) -> dict:
         r: dict = {}
         ids = sorted(right)
         k = sum(right[i] for i in ids)
-        r["vqa"] = {"accuracy": round(k / len(ids), 4), "n": len(ids),
-                    "ci95": [round(x, 4) for x in wilson_interval(k, len(ids))]}  # fmt: skip
+        r["vqa"] = {
+            "accuracy": round(k / len(ids), 4),
+            "n": len(ids),
+            "ci95": [round(x, 4) for x in wilson_interval(k, len(ids))],
+        }
         other = _sample_hits(folder, "l2c_vqa_shuffled", "exact_match")
         common = [i for i in ids if i in other]
         if common:
             k2 = sum(other[i] for i in common)
-            r["vqa_another_image"] = {"accuracy": round(k2 / len(common), 4), "n": len(common),
-                                      "ci95": [round(x, 4) for x in wilson_interval(k2, len(common))]}  # fmt: skip
+            r["vqa_another_image"] = {
+                "accuracy": round(k2 / len(common), 4),
+                "n": len(common),
+                "ci95": [round(x, 4) for x in wilson_interval(k2, len(common))],
+            }
             r["vs_another_image"] = paired_comparison([right[i] for i in common], [other[i] for i in common])
         if len(prior) > max(ids):
             kp = sum(prior[i] for i in ids)
-            r["vqa_prior"] = {"accuracy": round(kp / len(ids), 4), "n": len(ids),
-                              "ci95": [round(x, 4) for x in wilson_interval(kp, len(ids))]}  # fmt: skip
+            r["vqa_prior"] = {
+                "accuracy": round(kp / len(ids), 4),
+                "n": len(ids),
+                "ci95": [round(x, 4) for x in wilson_interval(kp, len(ids))],
+            }
             r["vs_prior"] = paired_comparison([right[i] for i in ids], [prior[i] for i in ids])
         pope = _sample_hits(folder, "l2c_pope", "pope_accuracy")
         yes = _sample_hits(folder, "l2c_pope", "pope_yes_ratio")
         if pope:
             kp = sum(pope.values())
-            r["pope"] = {"accuracy": round(kp / len(pope), 4), "n": len(pope),
-                         "ci95": [round(x, 4) for x in wilson_interval(kp, len(pope))],
-                         "yes_ratio": round(sum(yes.values()) / len(yes), 4) if yes else None}  # fmt: skip
+            r["pope"] = {
+                "accuracy": round(kp / len(pope), 4),
+                "n": len(pope),
+                "ci95": [round(x, 4) for x in wilson_interval(kp, len(pope))],
+                "yes_ratio": round(sum(yes.values()) / len(yes), 4) if yes else None,
+            }
         t = READS_IMAGE
         checks = {}
         if "vs_another_image" in r:
@@ -188,13 +216,18 @@ def _image_use_section(use: dict) -> list[str]:
     if not use:
         return []
     t = READS_IMAGE
-    md = ["### Does each LLaVA read the image?", "",
-          "The same held-out questions asked about their own image, about another test image, and answered by "
-          "the blind prior (the most frequent training answer of the question's type); POPE's yes ratio says "
-          "whether a score comes from always answering one way. 95% Wilson intervals; p: McNemar's exact test "
-          "on the questions only one side gets right.", "",
-          "| encoder | VQA, right image | VQA, another image | gain, p | blind prior | gain, p | POPE accuracy | "
-          "POPE yes ratio | reads the image |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        "### Does each LLaVA read the image?",
+        "",
+        "The same held-out questions asked about their own image, about another test image, and answered by "
+        "the blind prior (the most frequent training answer of the question's type); POPE's yes ratio says "
+        "whether a score comes from always answering one way. 95% Wilson intervals; p: McNemar's exact test "
+        "on the questions only one side gets right.",
+        "",
+        "| encoder | VQA, right image | VQA, another image | gain, p | blind prior | gain, p | POPE accuracy | "
+        "POPE yes ratio | reads the image |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def acc(x):
         return f"{x['accuracy']:.3f}{_ci3(x['ci95'])} (n {x['n']})" if x else "-"
@@ -207,12 +240,18 @@ def _image_use_section(use: dict) -> list[str]:
         yr = pope.get("yes_ratio")
         failed = [k for k, ok in r.get("checks", {}).items() if not ok]
         verdict = "yes" if r.get("reads_image") else ("no: " + ", ".join(failed) if failed else "-")
-        md.append(f"| {'LLM2CLIP' if enc == 'llm2clip' else enc} | {acc(r.get('vqa'))} | {acc(r.get('vqa_another_image'))} | "
-                  f"{gain(r.get('vs_another_image'))} | {acc(r.get('vqa_prior'))} | {gain(r.get('vs_prior'))} | "
-                  f"{acc(pope) if pope else '-'} | {_num(yr, 3)} | {verdict} |")  # fmt: skip
-    md += ["", f"\"Reads the image\" means: at least {100 * t['min_gain_over_shuffled']:.0f} points above another image "
-           f"with p < {t['max_p_shuffled']}, above the prior with p < {t['max_p_prior']}, POPE accuracy at least "
-           f"{t['min_pope_accuracy']} with a yes ratio within {t['pope_yes_ratio'][0]}-{t['pope_yes_ratio'][1]}.", ""]  # fmt: skip
+        md.append(
+            f"| {'LLM2CLIP' if enc == 'llm2clip' else enc} | {acc(r.get('vqa'))} | {acc(r.get('vqa_another_image'))} | "
+            f"{gain(r.get('vs_another_image'))} | {acc(r.get('vqa_prior'))} | {gain(r.get('vs_prior'))} | "
+            f"{acc(pope) if pope else '-'} | {_num(yr, 3)} | {verdict} |"
+        )
+    md += [
+        "",
+        f'"Reads the image" means: at least {100 * t["min_gain_over_shuffled"]:.0f} points above another image '
+        f"with p < {t['max_p_shuffled']}, above the prior with p < {t['max_p_prior']}, POPE accuracy at least "
+        f"{t['min_pope_accuracy']} with a yes ratio within {t['pope_yes_ratio'][0]}-{t['pope_yes_ratio'][1]}.",
+        "",
+    ]
     return md
 
 
@@ -232,25 +271,38 @@ def _health_section(health: dict | None, plots: Path) -> list[str]:
     if not health:
         return md + ["(missing: health/health.json)", ""]
     tasks = ("existence", "position", "colour")
-    md += ["| encoder | median cosine, two different images (pooled / mean patch) | top direction's variance share | "
-           "probe: existence | position | colour |", "|---|---|---|---|---|---|"]  # fmt: skip
+    md += [
+        "| encoder | median cosine, two different images (pooled / mean patch) | top direction's variance share | "
+        "probe: existence | position | colour |",
+        "|---|---|---|---|---|---|",
+    ]
     chance = {}
     for enc, h in health.items():
         p = h["probe"]
         chance = p["chance"]
-        md.append(f"| {enc} | {h['pooled']['median_cosine']:.3f} / {h['patch_mean']['median_cosine']:.3f} | "
-                  f"{h['pooled']['top_direction_share']:.3f} | "
-                  + " | ".join(f"{p['test'][t]:.3f} (chance {p['chance'][t]:.3f})" for t in tasks) + " |")  # fmt: skip
+        md.append(
+            f"| {enc} | {h['pooled']['median_cosine']:.3f} / {h['patch_mean']['median_cosine']:.3f} | "
+            f"{h['pooled']['top_direction_share']:.3f} | "
+            + " | ".join(f"{p['test'][t]:.3f} (chance {p['chance'][t]:.3f})" for t in tasks)
+            + " |"
+        )
     first = next(iter(health.values()))["probe"]
-    md += ["", f"A collapsed tower maps every image near one point (median cosine near 1, one direction holding "
-           "nearly all variance). The probe is a small reader trained on a tower's frozen penultimate-layer patch "
-           f"tokens (what the LLaVA reads; {first['tokens']} per image), on {first['train_scenes']} train scenes, "
-           f"scored on {first['test_scenes']} test scenes: is there a <colour> <shape>, in which of the 3x3 cells, "
-           "and what colour is the <shape> in <cell>. Near chance, no LLaVA on those features can answer better."]  # fmt: skip
+    md += [
+        "",
+        f"A collapsed tower maps every image near one point (median cosine near 1, one direction holding "
+        "nearly all variance). The probe is a small reader trained on a tower's frozen penultimate-layer patch "
+        f"tokens (what the LLaVA reads; {first['tokens']} per image), on {first['train_scenes']} train scenes, "
+        f"scored on {first['test_scenes']} test scenes: is there a <colour> <shape>, in which of the 3x3 cells, "
+        "and what colour is the <shape> in <cell>. Near chance, no LLaVA on those features can answer better.",
+    ]
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for i, (enc, h) in enumerate(health.items()):
-        ax.bar([j + 0.4 * (i - 0.5) for j in range(3)], [h["probe"]["test"][t] for t in tasks], width=0.4,
-               label="LLM2CLIP" if enc == "llm2clip" else enc)  # fmt: skip
+        ax.bar(
+            [j + 0.4 * (i - 0.5) for j in range(3)],
+            [h["probe"]["test"][t] for t in tasks],
+            width=0.4,
+            label="LLM2CLIP" if enc == "llm2clip" else enc,
+        )
     for j, t in enumerate(tasks):
         ax.hlines(
             chance[t],
@@ -281,10 +333,16 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
 def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     run = L.PipelineRun(out)
-    data: dict = {"stage1": _read(run.stage1_metrics), "retrieval": _read(run.retrieval_metrics),
-                  "lmms": {}, "curves": {}, "connectors": _read(run.connectors / "connectors.json"),
-                  "health": _read(run.health_json), "llava_paired": paired_llava(out),
-                  "llava_image_use": image_use(out)}  # fmt: skip
+    data: dict = {
+        "stage1": _read(run.stage1_metrics),
+        "retrieval": _read(run.retrieval_metrics),
+        "lmms": {},
+        "curves": {},
+        "connectors": _read(run.connectors / "connectors.json"),
+        "health": _read(run.health_json),
+        "llava_paired": paired_llava(out),
+        "llava_image_use": image_use(out),
+    }
     for enc in ENCODERS:
         res = _read(run.eval_results(enc))
         data["lmms"][enc] = res["rows"] if res else None
@@ -352,26 +410,38 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     data = collect(out)
     scale = getattr(cfg, "scale", None) or state.get("scale", "?")
     md = [f"# LLM2CLIP vs baseline CLIP: {scale} scale", ""]
-    md += [f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-           f"Config `{state.get('config', '?')}`" + (f" with `{' '.join(state['overrides'])}`" if state.get("overrides") else "")
-           + ". Every number below is read from the files the steps wrote.", ""]  # fmt: skip
+    md += [
+        f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Config `{state.get('config', '?')}`"
+        + (f" with `{' '.join(state['overrides'])}`" if state.get("overrides") else "")
+        + ". Every number below is read from the files the steps wrote.",
+        "",
+    ]
     manifest = _read(run.data / L.MANIFEST)
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
         clip = "a small CLIP trained from scratch" if run.clip_model.is_dir() else "a small demo-world CLIP"
-        md += [f"At this scale (the embedded 135M LLM, {clip}, {size}) the numbers show how the two encoders "
-               "compare here; they are not the paper's numbers. Read each difference with its interval and test.", ""]  # fmt: skip
+        md += [
+            f"At this scale (the embedded 135M LLM, {clip}, {size}) the numbers show how the two encoders "
+            "compare here; they are not the paper's numbers. Read each difference with its interval and test.",
+            "",
+        ]
 
     # stage 1
     md += ["## Stage 1: caption retrieval accuracy (CRA) of the LLM as a caption encoder", ""]
     s1 = data["stage1"]
     if s1:
-        rows = [("causal LLM (before)", "_before_causal"), ("bidirectional, untrained (before)", "_before"),
-                ("after stage 1", "_after")]  # fmt: skip
+        rows = [
+            ("causal LLM (before)", "_before_causal"),
+            ("bidirectional, untrained (before)", "_before"),
+            ("after stage 1", "_after"),
+        ]
         md += ["| encoder | CRA | short->long top-1 | long->short top-1 |", "|---|---|---|---|"]
         for name, suffix in rows:
-            md.append(f"| {name} | {_pct(s1.get('cra' + suffix))} | {_pct(s1.get('short_to_long_top1' + suffix))} | "
-                      f"{_pct(s1.get('long_to_short_top1' + suffix))} |")  # fmt: skip
+            md.append(
+                f"| {name} | {_pct(s1.get('cra' + suffix))} | {_pct(s1.get('short_to_long_top1' + suffix))} | "
+                f"{_pct(s1.get('long_to_short_top1' + suffix))} |"
+            )
         fig, ax = plt.subplots(figsize=(6.5, 3.2))
         keys = ("cra", "short_to_long_top1", "long_to_short_top1")
         for i, (name, suffix) in enumerate(rows):
@@ -396,7 +466,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             "| captions | direction | baseline R@1 [95% CI] | LLM2CLIP R@1 [95% CI] | R@1 difference [95% CI], paired p "
             "| baseline R@5/10 | LLM2CLIP R@5/10 |",
             "|---|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         ci = ret.get("intervals", {})
         for cap in ("short", "long"):
             for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
@@ -405,8 +475,10 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                 if not b or not l_:
                     continue
                 m = f"{d}_R@1"
-                cells = [f"{_pct(r.get(m))}{_ci(ci.get(enc, {}).get(cap, {}).get(m))}"
-                         for enc, r in (("baseline", b), ("llm2clip", l_))]  # fmt: skip
+                cells = [
+                    f"{_pct(r.get(m))}{_ci(ci.get(enc, {}).get(cap, {}).get(m))}"
+                    for enc, r in (("baseline", b), ("llm2clip", l_))
+                ]
                 paired = ret.get("paired", {}).get(cap, {}).get(m)
                 diff = f"{100 * (l_[m] - b[m]):+.1f}" + (
                     f"{_ci(paired['ci95'])}, p {paired['p_value']:.2g}" if paired else ""
@@ -414,11 +486,20 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                 rest = [" / ".join(_pct(r.get(f"{d}_R@{k}")) for k in (5, 10)) for r in (b, l_)]
                 md.append(f"| {cap} | {name} | {cells[0]} | {cells[1]} | {diff} | {rest[0]} | {rest[1]} |")
         if ret.get("paired"):
-            md += ["", "Intervals: 95% percentile bootstrap over the test images (an image and its captions drawn "
-                   "together); p: paired bootstrap of LLM2CLIP minus the baseline on the same resamples, two-sided."]  # fmt: skip
+            md += [
+                "",
+                "Intervals: 95% percentile bootstrap over the test images (an image and its captions drawn "
+                "together); p: paired bootstrap of LLM2CLIP minus the baseline on the same resamples, two-sided.",
+            ]
         sets = ret.get("sets", {})
-        md += ["", "Sets: " + "; ".join(f"{k}: {v.get('images')} images, {v.get('captions')} captions"
-                                       for k, v in sets.items()) + "."]  # fmt: skip
+        md += [
+            "",
+            "Sets: "
+            + "; ".join(
+                f"{k}: {v.get('images')} images, {v.get('captions')} captions" for k, v in sets.items()
+            )
+            + ".",
+        ]
         trunc = ret.get("baseline", {}).get("long", {}).get("captions_truncated")
         if trunc is not None:
             md.append(
@@ -428,8 +509,10 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         for ax, cap in zip(axes, ("short", "long")):
             labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
             for i, enc in enumerate(ENCODERS):
-                vals = [100 * (ret.get(enc, {}).get(cap, {}).get(f"{lab.split()[0]}_{lab.split()[1]}") or 0)
-                        for lab in labels]  # fmt: skip
+                vals = [
+                    100 * (ret.get(enc, {}).get(cap, {}).get(f"{lab.split()[0]}_{lab.split()[1]}") or 0)
+                    for lab in labels
+                ]
                 ax.bar([j + 0.4 * (i - 0.5) for j in range(len(labels))], vals, width=0.4, label=enc)
             ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
             ax.set_title(f"{cap} captions")
@@ -444,18 +527,25 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     table = lmms_table(data["lmms"])
     if table:
         refs = blind_references(out)
-        md += ["| task | metric | baseline | LLM2CLIP | difference | without the image | n |",
-               "|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            "| task | metric | baseline | LLM2CLIP | difference | without the image | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in table:
             ref = refs.get((r["task"], r["metric"]))
             r["without_image"] = ref
-            md.append(f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
-                      f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
-                      f"{_num(ref)} | {r.get('n', '-')} |")  # fmt: skip
+            md.append(
+                f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
+                f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
+                f"{_num(ref)} | {r.get('n', '-')} |"
+            )
         if refs:
-            md += ["", "\"Without the image\" is what answering blind scores on the same rows: for l2c_vqa the most "
-                   "frequent training answer of the question's type, for POPE the majority answer (accuracy) and "
-                   "always \"yes\" (F1). A model above it uses the image."]  # fmt: skip
+            md += [
+                "",
+                '"Without the image" is what answering blind scores on the same rows: for l2c_vqa the most '
+                "frequent training answer of the question's type, for POPE the majority answer (accuracy) and "
+                'always "yes" (F1). A model above it uses the image.',
+            ]
         missing = [enc for enc in ENCODERS if not data["lmms"].get(enc)]
         if missing:
             md.append(f"\n(missing: eval/{missing[0]}/results.json)")
@@ -464,12 +554,22 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         for ax, task in zip(axes[0], tasks):
             rows = [r for r in table if r["task"] == task]
             for i, enc in enumerate(ENCODERS):
-                ax.bar([j + 0.4 * (i - 0.5) for j in range(len(rows))], [r.get(enc) or 0 for r in rows], width=0.4,
-                       label="LLM2CLIP" if enc == "llm2clip" else enc)  # fmt: skip
+                ax.bar(
+                    [j + 0.4 * (i - 0.5) for j in range(len(rows))],
+                    [r.get(enc) or 0 for r in rows],
+                    width=0.4,
+                    label="LLM2CLIP" if enc == "llm2clip" else enc,
+                )
             for j, r in enumerate(rows):  # what answering without the image scores
                 if r.get("without_image") is not None:
-                    ax.hlines(r["without_image"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
-                              label="without the image" if not j else None)  # fmt: skip
+                    ax.hlines(
+                        r["without_image"],
+                        j - 0.45,
+                        j + 0.45,
+                        colors="black",
+                        linestyles="dashed",
+                        label="without the image" if not j else None,
+                    )
             ax.set_xticks(range(len(rows)), [r["metric"] for r in rows], fontsize=7, rotation=20)
             ax.set_title(task, fontsize=9)
             if any(r.get("without_image") is not None for r in rows):
@@ -481,15 +581,22 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += ["(missing: eval/*/results.json)", ""]
     paired = data.get("llava_paired") or {}
     if paired:
-        md += ["", "Per question, the same questions for both encoders (95% Wilson intervals; McNemar's exact "
-               "test on the questions only one of them gets right):", "",
-               "| task | n | baseline [95% CI] | LLM2CLIP [95% CI] | LLM2CLIP - baseline | only LLM2CLIP right / "
-               "only baseline right | McNemar p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            "",
+            "Per question, the same questions for both encoders (95% Wilson intervals; McNemar's exact "
+            "test on the questions only one of them gets right):",
+            "",
+            "| task | n | baseline [95% CI] | LLM2CLIP [95% CI] | LLM2CLIP - baseline | only LLM2CLIP right / "
+            "only baseline right | McNemar p |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for task, r in paired.items():
             t = r["llm2clip_vs_baseline"]
-            md.append(f"| {task} ({r['metric']}) | {r['n']} | {r['baseline']['accuracy']:.3f}{_ci3(r['baseline']['ci95'])} | "
-                      f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
-                      f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |")  # fmt: skip
+            md.append(
+                f"| {task} ({r['metric']}) | {r['n']} | {r['baseline']['accuracy']:.3f}{_ci3(r['baseline']['ci95'])} | "
+                f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
+                f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |"
+            )
     md.append("")
     md += _image_use_section(data.get("llava_image_use") or {})
 
@@ -527,8 +634,11 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     # optional sections, written by the bench scripts on this run folder
     conn = _read(run.connectors / "connectors.json")
     if conn:
-        md += [f"## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, {conn['queries']} "
-               "queries; `python bench/connectors.py`)", ""]  # fmt: skip
+        md += [
+            f"## Connectors: MLP vs Q-Former vs perceiver resampler (baseline encoder, {conn['queries']} "
+            "queries; `python bench/connectors.py`)",
+            "",
+        ]
         md += (run.connectors / "connectors.md").read_text().splitlines()[2:] + [""]
     filt = run.caption_filter / "filter.md"
     if filt.is_file():
@@ -551,6 +661,13 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         md += ["## Versions", "", "| package | version |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in state["versions"].items()]
         md.append("")
-    atomic_write_json(run.report_json, {"scale": scale, "numbers": {**data, "lmms_table": table},
-                                            "steps": steps, "versions": state.get("versions", {})})  # fmt: skip
+    atomic_write_json(
+        run.report_json,
+        {
+            "scale": scale,
+            "numbers": {**data, "lmms_table": table},
+            "steps": steps,
+            "versions": state.get("versions", {}),
+        },
+    )
     return atomic_write_text(run.report_md, "\n".join(md) + "\n")

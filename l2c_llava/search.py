@@ -56,8 +56,10 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:
-        raise SearchError(f"faiss is not installed ({e}); install the search extra: pip install -e '.[search]' "
-                          "(bash scripts/setup_env.sh does)") from None  # fmt: skip
+        raise SearchError(
+            f"faiss is not installed ({e}); install the search extra: pip install -e '.[search]' "
+            "(bash scripts/setup_env.sh does)"
+        ) from None
     return faiss
 
 
@@ -66,7 +68,11 @@ def _faiss():
 
 def _weights_digest(folder: Path) -> str:
     """sha256 over the folder's config.json and weight files (names and contents)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "llm2clip_config.json"))  # fmt: skip
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix == ".safetensors" or p.name in ("config.json", "llm2clip_config.json")
+    )
     if not any(p.suffix == ".safetensors" for p in files):
         raise SearchError(f"{folder}: no *.safetensors weights")
     h = hashlib.sha256()
@@ -83,12 +89,16 @@ def model_kind(path: str | os.PathLike) -> tuple[str, Path]:
             return "llm2clip", candidate
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise SearchError(f"encoder {folder}: no config.json; give an LLM2CLIP model (l2c export llm2clip, a "
-                          "stage-2 run) or a CLIP model folder")  # fmt: skip
+        raise SearchError(
+            f"encoder {folder}: no config.json; give an LLM2CLIP model (l2c export llm2clip, a "
+            "stage-2 run) or a CLIP model folder"
+        )
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "clip":
-        raise SearchError(f"encoder {config_path}: model_type {config.get('model_type')!r}; a CLIP or LLM2CLIP "
-                          "model is needed (both have a text and an image side)")  # fmt: skip
+        raise SearchError(
+            f"encoder {config_path}: model_type {config.get('model_type')!r}; a CLIP or LLM2CLIP "
+            "model is needed (both have a text and an image side)"
+        )
     if "llm2clip" in config or "LLM2CLIPModel" in (config.get("architectures") or []):
         return "llm2clip", folder
     return "clip", folder
@@ -182,8 +192,14 @@ def build_faiss(vectors: torch.Tensor, kind: str, params: dict[str, int]):
     return index
 
 
-def default_params(kind: str, n: int, nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
-                   ef_search: int = 64) -> dict[str, int]:  # fmt: skip
+def default_params(
+    kind: str,
+    n: int,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 64,
+) -> dict[str, int]:
     if kind == "ivf":
         cells = nlist or max(1, int(round(4 * n**0.5)))
         return {"nlist": cells, "nprobe": nprobe or max(1, cells // 8)}
@@ -236,8 +252,10 @@ class SearchIndex:
         self.items: list[dict] = json.loads((self.folder / "items.json").read_text())
         self.vectors = load_file(str(self.folder / "embeddings.safetensors"))["embeddings"]
         if self.vectors.shape[0] != len(self.items):
-            raise SearchError(f"{self.folder}: {self.vectors.shape[0]} embeddings for {len(self.items)} items; "
-                              "re-run l2c search index")  # fmt: skip
+            raise SearchError(
+                f"{self.folder}: {self.vectors.shape[0]} embeddings for {len(self.items)} items; "
+                "re-run l2c search index"
+            )
         kind = self.meta["kind"]
         if kind == "flat":
             self.index = build_faiss(self.vectors, "flat", {})
@@ -258,11 +276,13 @@ class SearchIndex:
     def check_encoder(self, identity: dict[str, str]) -> None:
         mine = self.encoder
         if identity.get("digest") != mine["digest"]:
-            raise SearchError(f"{self.folder} was made by the {mine['kind']} encoder {mine['path']} "
-                              f"(weights {mine['digest'][:12]}); this query comes from the {identity.get('kind')} "
-                              f"encoder {identity.get('path')} (weights {str(identity.get('digest'))[:12]}). "
-                              "Embeddings of two encoders are not comparable: query with the index's own encoder, "
-                              "or index the images again with this one (another --out)")  # fmt: skip
+            raise SearchError(
+                f"{self.folder} was made by the {mine['kind']} encoder {mine['path']} "
+                f"(weights {mine['digest'][:12]}); this query comes from the {identity.get('kind')} "
+                f"encoder {identity.get('path')} (weights {str(identity.get('digest'))[:12]}). "
+                "Embeddings of two encoders are not comparable: query with the index's own encoder, "
+                "or index the images again with this one (another --out)"
+            )
 
     def search(self, queries: torch.Tensor, k: int, encoder: dict[str, str]) -> list[list[Hit]]:
         """Top-k of each (normalised) query vector; `encoder` must be the index's own."""
@@ -275,13 +295,28 @@ class SearchIndex:
         if k == 0:
             return [[] for _ in range(queries.shape[0])]
         scores, ids = self.index.search(F.normalize(queries.float(), dim=-1).contiguous().numpy(), k)
-        return [[Hit(r + 1, float(s), self.items[i]["path"]) for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
-                for srow, irow in zip(scores, ids)]  # fmt: skip
+        return [
+            [
+                Hit(r + 1, float(s), self.items[i]["path"])
+                for r, (s, i) in enumerate(zip(srow, irow))
+                if i >= 0
+            ]
+            for srow, irow in zip(scores, ids)
+        ]
 
 
-def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.PathLike, kind: str = "flat",
-                nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 64,
-                progress: bool = True, overwrite: bool = False) -> dict:  # fmt: skip
+def build_index(
+    image_root: str | os.PathLike,
+    encoder: Encoder,
+    out: str | os.PathLike,
+    kind: str = "flat",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 64,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Index (or update the index of) every image under `image_root`. Returns a summary. `out` is a new
     or empty folder or a previous index (anything else only with `overwrite`), checked before any work."""
     from safetensors.torch import save_file
@@ -302,9 +337,11 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
     if (out / "index.json").is_file():
         old = SearchIndex(out)
         if old.encoder["digest"] != encoder.digest:
-            raise SearchError(f"{out} was made by the encoder {old.encoder['path']} ({old.encoder['digest'][:12]}); "
-                              f"{encoder.path} is another ({encoder.digest[:12]}). Index into another folder "
-                              "(--out), or delete this one to rebuild it")  # fmt: skip
+            raise SearchError(
+                f"{out} was made by the encoder {old.encoder['path']} ({old.encoder['digest'][:12]}); "
+                f"{encoder.path} is another ({encoder.digest[:12]}). Index into another folder "
+                "(--out), or delete this one to rebuild it"
+            )
         if Path(old.meta["image_root"]).resolve() != root.resolve():
             raise SearchError(f"{out} indexes {old.meta['image_root']}, not {root}; use another --out")
         old_items = {it["path"]: (it, old.vectors[i]) for i, it in enumerate(old.items)}
@@ -343,9 +380,19 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
     params = default_params(kind, len(items), nlist, nprobe, hnsw_m, ef_search)
     index = build_faiss(vectors, kind, params)
     recall = recall_vs_exact(vectors, index) if kind != "flat" else {"recall": 1.0, "exact": True}
-    meta = {"format": FORMAT, "encoder": encoder.identity, "dim": int(vectors.shape[1]), "metric": "inner_product",
-            "normalized": True, "kind": kind, "params": params, "count": len(items),
-            "image_root": str(root.resolve()), "recall_vs_exact": recall, "skipped": skipped}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "encoder": encoder.identity,
+        "dim": int(vectors.shape[1]),
+        "metric": "inner_product",
+        "normalized": True,
+        "kind": kind,
+        "params": params,
+        "count": len(items),
+        "image_root": str(root.resolve()),
+        "recall_vs_exact": recall,
+        "skipped": skipped,
+    }
 
     def write(tmp: Path) -> None:
         save_file({"embeddings": vectors}, str(tmp / "embeddings.safetensors"), metadata={"format": "pt"})
@@ -355,16 +402,25 @@ def build_index(image_root: str | os.PathLike, encoder: Encoder, out: str | os.P
         atomic_write_json(tmp / "index.json", meta)
 
     publish_folder(out, write, INDEX_KIND, overwrite, legacy_marker="index.json")
-    return {"count": len(items), "embedded": len(new_items), "reused": len(keep), "removed": removed,
-            "skipped": len(skipped), "kind": kind, "params": params, "recall_vs_exact": recall["recall"],
-            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    return {
+        "count": len(items),
+        "embedded": len(new_items),
+        "reused": len(keep),
+        "removed": removed,
+        "skipped": len(skipped),
+        "kind": kind,
+        "params": params,
+        "recall_vs_exact": recall["recall"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 # -- queries and the contact sheet -----------------------------------------------------------------
 
 
-def run_queries(index: SearchIndex, encoder: Encoder, texts: Sequence[str] = (), images: Sequence[str] = (),
-                k: int = 5) -> list[dict]:  # fmt: skip
+def run_queries(
+    index: SearchIndex, encoder: Encoder, texts: Sequence[str] = (), images: Sequence[str] = (), k: int = 5
+) -> list[dict]:
     """[{"query": ..., "type": "text"|"image", "hits": [Hit]}] for every text, then every image."""
     index.check_encoder(encoder.identity)
     out = []
@@ -444,9 +500,15 @@ def hits_table(panels: list[tuple[str, SearchIndex, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def query_indexes(index: str | os.PathLike, texts: Sequence[str] = (), images: Sequence[str] = (), k: int = 5,
-                  compare: Sequence[str] = (), encoder: str | None = None,
-                  text_encoder: str | None = None) -> list[tuple[str, SearchIndex, list[dict]]]:  # fmt: skip
+def query_indexes(
+    index: str | os.PathLike,
+    texts: Sequence[str] = (),
+    images: Sequence[str] = (),
+    k: int = 5,
+    compare: Sequence[str] = (),
+    encoder: str | None = None,
+    text_encoder: str | None = None,
+) -> list[tuple[str, SearchIndex, list[dict]]]:
     """``l2c search query``: the same queries on `index` and on each `compare` index, each through the
     encoder it records (`encoder` / `text_encoder` override the first one's). One panel per index:
     (title, index, results)."""

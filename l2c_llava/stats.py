@@ -54,8 +54,12 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool]) -> dict:
         )
     wins = sum(bool(x) and not y for x, y in zip(a, b))
     losses = sum(bool(y) and not x for x, y in zip(a, b))
-    return {"gain": round((sum(map(bool, a)) - sum(map(bool, b))) / max(1, len(a)), 4), "wins": wins,
-            "losses": losses, "p_value": round(sign_test_p(wins, losses), 6)}  # fmt: skip
+    return {
+        "gain": round((sum(map(bool, a)) - sum(map(bool, b))) / max(1, len(a)), 4),
+        "wins": wins,
+        "losses": losses,
+        "p_value": round(sign_test_p(wins, losses), 6),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +159,9 @@ def paired_recall_test(
             diff = sa[name] - sb[name]
             lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975])).tolist()
             far = min((diff <= 0).float().mean().item(), (diff >= 0).float().mean().item())
-            out[name] = {"diff": round((pa[name] - pb[name]).item(), 4), "ci95": [round(lo, 4), round(hi, 4)],
-                         "p_value": round(max(min(1.0, 2 * far), 1 / n_boot), 6)}  # fmt: skip
+            out[name] = {
+                "diff": round((pa[name] - pb[name]).item(), 4),
+                "ci95": [round(lo, 4), round(hi, 4)],
+                "p_value": round(max(min(1.0, 2 * far), 1 / n_boot), 6),
+            }
     return out

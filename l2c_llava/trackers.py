@@ -27,8 +27,17 @@ from l2c_llava.errors import L2CError
 PROJECT = "l2c-llava"
 LOG_DIR = "logs"
 # accelerate's tracker names -> the module that must be importable
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}  # fmt: skip
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 class TrackerError(L2CError, ValueError):
@@ -62,8 +71,10 @@ def accelerator_kwargs(report_to: Sequence[str], run_dir: str | os.PathLike | No
     from accelerate.utils import ProjectConfiguration
 
     root = Path(run_dir or ".")
-    return {"log_with": names, "project_config": ProjectConfiguration(project_dir=str(root),
-                                                                      logging_dir=str(root / LOG_DIR))}  # fmt: skip
+    return {
+        "log_with": names,
+        "project_config": ProjectConfiguration(project_dir=str(root), logging_dir=str(root / LOG_DIR)),
+    }
 
 
 def hparams(cfg) -> dict[str, int | float | str | bool]:
@@ -86,8 +97,11 @@ def start(acc, cfg, run_dir: str | os.PathLike) -> None:
     run_dir = Path(run_dir)
     (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     name = f"{getattr(cfg, 'recipe', 'run')}:{run_dir.name}"
-    acc.init_trackers(os.environ.get("WANDB_PROJECT", PROJECT), config=hparams(cfg),
-                      init_kwargs={"wandb": {"name": name, "dir": str(run_dir / LOG_DIR)}})  # fmt: skip
+    acc.init_trackers(
+        os.environ.get("WANDB_PROJECT", PROJECT),
+        config=hparams(cfg),
+        init_kwargs={"wandb": {"name": name, "dir": str(run_dir / LOG_DIR)}},
+    )
 
 
 def numbers(values: Mapping, prefix: str = "") -> dict[str, float]:

@@ -87,8 +87,10 @@ class DemoBackend:
 
     def __init__(self, setup: DemoSetup, max_new_tokens: int = 64):
         if not setup.llavas and not setup.encoders:
-            raise DemoError("nothing to show: no LLaVA and no encoder (run `l2c pipeline --config demo`, or give "
-                            "--llava NAME=DIR / --encoder NAME=DIR)")  # fmt: skip
+            raise DemoError(
+                "nothing to show: no LLaVA and no encoder (run `l2c pipeline --config demo`, or give "
+                "--llava NAME=DIR / --encoder NAME=DIR)"
+            )
         self.setup, self.max_new_tokens = setup, max_new_tokens
         self.chats = {name: LlavaChat(folder) for name, folder in setup.llavas.items()}
         self._encoders: dict = {}
@@ -149,8 +151,10 @@ def build_demo(backend: DemoBackend):
     """The Gradio page over `backend`."""
     gr = _gradio()
     with gr.Blocks(title="l2c-llava: baseline CLIP vs LLM2CLIP") as page:
-        gr.Markdown("# Baseline CLIP vs LLM2CLIP\nThe same image and question to both LLaVAs; the same text to "
-                    "both encoders.")  # fmt: skip
+        gr.Markdown(
+            "# Baseline CLIP vs LLM2CLIP\nThe same image and question to both LLaVAs; the same text to "
+            "both encoders."
+        )
         if backend.chats:
             with gr.Tab("Ask"):
                 with gr.Row():
@@ -173,8 +177,10 @@ def build_demo(backend: DemoBackend):
                         )
                         ask = gr.Button("Ask both", variant="primary", elem_id="ask")
                 with gr.Row():
-                    answers = [gr.Textbox(label=title, interactive=False, elem_id=f"answer-{i}")
-                               for i, title in enumerate(backend.titles())]  # fmt: skip
+                    answers = [
+                        gr.Textbox(label=title, interactive=False, elem_id=f"answer-{i}")
+                        for i, title in enumerate(backend.titles())
+                    ]
                 ask.click(backend.ask, inputs=[image, question, tokens], outputs=answers)
                 question.submit(backend.ask, inputs=[image, question, tokens], outputs=answers)
         if backend.setup.encoders and backend.setup.images:
@@ -184,8 +190,10 @@ def build_demo(backend: DemoBackend):
                     k = gr.Slider(1, 24, value=6, step=1, label="images per encoder")
                     go = gr.Button("Search both", variant="primary", elem_id="search")
                 with gr.Row():
-                    galleries = [gr.Gallery(label=f"{name}: {folder}", columns=3, elem_id=f"hits-{i}")
-                                 for i, (name, folder) in enumerate(backend.setup.encoders.items())]  # fmt: skip
+                    galleries = [
+                        gr.Gallery(label=f"{name}: {folder}", columns=3, elem_id=f"hits-{i}")
+                        for i, (name, folder) in enumerate(backend.setup.encoders.items())
+                    ]
                 go.click(backend.search, inputs=[text, k], outputs=galleries)
     return page
 
@@ -195,8 +203,14 @@ def serve(backend: DemoBackend, host: str = "127.0.0.1", port: int | None = None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     page = build_demo(backend)
     allowed = [p for p in (backend.setup.images,) if p]
-    page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                allowed_paths=allowed, quiet=not block)  # fmt: skip
+    page.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        allowed_paths=allowed,
+        quiet=not block,
+    )
     return page, page.local_url
 
 
@@ -220,7 +234,9 @@ def command(args) -> int:
     except (DemoError, FileNotFoundError) as e:
         print(f"l2c demo: {e}", file=sys.stderr)
         return 2
-    print(f"l2c demo: {', '.join(backend.chats) or 'no LLaVA'}; search: {', '.join(setup.encoders) or 'none'} "
-          f"over {setup.images}; serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")  # fmt: skip
+    print(
+        f"l2c demo: {', '.join(backend.chats) or 'no LLaVA'}; search: {', '.join(setup.encoders) or 'none'} "
+        f"over {setup.images}; serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)"
+    )
     serve(backend, host=args.host, port=args.port, block=True)
     return 0

@@ -25,17 +25,22 @@ def training_summary(run: Path) -> dict:
     stats = json.loads((run / "train_stats.json").read_text())
     every = max(1, len(log) // 40)
     return {
-        "steps": log[-1]["step"], "epochs": log[-1]["epoch"] + 1,
-        "first_loss": log[0]["loss"], "final_loss": log[-1]["loss"],
+        "steps": log[-1]["step"],
+        "epochs": log[-1]["epoch"] + 1,
+        "first_loss": log[0]["loss"],
+        "final_loss": log[-1]["loss"],
         "final_logit_scale": round(log[-1]["logit_scale"], 2),
-        "loss_curve": [[r["step"], round(r["loss"], 4)] for r in log[::every]] + [[log[-1]["step"], round(log[-1]["loss"], 4)]],
+        "loss_curve": [[r["step"], round(r["loss"], 4)] for r in log[::every]]
+        + [[log[-1]["step"], round(log[-1]["loss"], 4)]],
         "last_session": stats,
-    }  # fmt: skip
+    }
 
 
 def _fmt_set(name: str, r: dict) -> list[str]:
-    rows = [f"| {name} ({r['images']} images, {r['captions']} captions) | metric | value | 95% interval |",
-            "|---|---|---|---|"]  # fmt: skip
+    rows = [
+        f"| {name} ({r['images']} images, {r['captions']} captions) | metric | value | 95% interval |",
+        "|---|---|---|---|",
+    ]
     for m, v in r.items():
         if isinstance(v, dict) and "value" in v:
             rows.append(f"| | {m} | {v['value']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} |")

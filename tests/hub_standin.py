@@ -62,8 +62,16 @@ class HubStandIn:
                     return self._send(200, {"url": self._url(repo), "name": repo})
                 if parts[:2] == ["api", "models"] and parts[-2] == "preupload":
                     files = json.loads(body)["files"]
-                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                      for f in files], "commitOid": "0" * 40})  # fmt: skip
+                    return self._send(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in files
+                            ],
+                            "commitOid": "0" * 40,
+                        },
+                    )
                 if parts[:2] == ["api", "models"] and parts[-2] == "commit":
                     repo = "/".join(parts[2:-2])
                     lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
@@ -75,8 +83,10 @@ class HubStandIn:
                         elif line["key"] == "header":
                             store["commits"].append(line["value"].get("summary"))
                     oid = f"{len(store['commits']):040d}"
-                    return self._send(200, {"commitUrl": f"{self._url(repo)}/commit/{oid}", "commitOid": oid,
-                                            "success": True})  # fmt: skip
+                    return self._send(
+                        200,
+                        {"commitUrl": f"{self._url(repo)}/commit/{oid}", "commitOid": oid, "success": True},
+                    )
                 return self._send(404, {"error": f"not in the stand-in: {self.path}"})
 
             def _url(self, repo: str) -> str:

@@ -12,8 +12,9 @@ from .conftest import ROOT
 
 
 def _run(args, tmp_path):
-    out = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -58,8 +59,14 @@ def test_caption_corruptions_mark_exactly_the_changed_rows():
     sys.path.insert(0, str(ROOT / "bench"))
     from caption_filter import corrupt
 
-    rows = [{"image": f"{i}.jpg", "short": f"a red circle number {i}", "long": f"one red circle, {i} of them, on blue"}
-            for i in range(40)]  # fmt: skip
+    rows = [
+        {
+            "image": f"{i}.jpg",
+            "short": f"a red circle number {i}",
+            "long": f"one red circle, {i} of them, on blue",
+        }
+        for i in range(40)
+    ]
     for kind in ("swap", "colour"):
         noisy, bad = corrupt(rows, kind, 0.25, seed=1)
         changed = {r["image"] for r, o in zip(noisy, rows) if r != o}
@@ -109,9 +116,25 @@ def test_stage2_data_benchmark_runs_each_variant_and_shares_the_test_features(tm
 
     encoder = save_tiny_llm(tmp_path / "enc", "llama")
     out = tmp_path / "s2"
-    args = [sys.executable, "bench/stage2_data.py", "--data", str(synth_dir), "--encoder", str(encoder), "--steps", "2",
-            "--variant", "short=captions/train.jsonl:short", "--variant", "coco=captions/train.jsonl:alternatives",
-            "--set", "train.batch_size=4", "eval.batch_size=8", "--out", str(out)]  # fmt: skip
+    args = [
+        sys.executable,
+        "bench/stage2_data.py",
+        "--data",
+        str(synth_dir),
+        "--encoder",
+        str(encoder),
+        "--steps",
+        "2",
+        "--variant",
+        "short=captions/train.jsonl:short",
+        "--variant",
+        "coco=captions/train.jsonl:alternatives",
+        "--set",
+        "train.batch_size=4",
+        "eval.batch_size=8",
+        "--out",
+        str(out),
+    ]
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = [r for r in res.stdout.splitlines() if r.startswith("| coco |") or r.startswith("| short |")]

@@ -18,8 +18,16 @@ def parts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=32, patch_size=16)).save_pretrained(root / "v")  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        )
+    ).save_pretrained(root / "v")
     save_tiny_llm(root / "llm")
     return root
 
@@ -38,8 +46,13 @@ def test_build_in_bfloat16_shares_the_llm_tensors(parts, monkeypatch, projector)
         return loaded["lm"]
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    model, _ = build_llava(parts / "v", SimpleNamespace(name_or_path=str(parts / "llm")), torch_dtype="bfloat16",
-                           projector_type=projector, connector={"num_queries": 4, "heads": 4})  # fmt: skip
+    model, _ = build_llava(
+        parts / "v",
+        SimpleNamespace(name_or_path=str(parts / "llm")),
+        torch_dtype="bfloat16",
+        projector_type=projector,
+        connector={"num_queries": 4, "heads": 4},
+    )
     lm = loaded["lm"]
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -68,8 +81,25 @@ def test_cli_build_dtype_defaults_to_the_llms(tmp_path, parts):
     assert json.loads((llm16 / "config.json").read_text())["dtype"] == "float16"
 
     def build(out, *extra):
-        r = subprocess.run([sys.executable, "-m", "l2c_llava.cli", "mllm", "build", "--vision", str(parts / "v"),
-                            "--llm", str(llm16), "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "l2c_llava.cli",
+                "mllm",
+                "build",
+                "--vision",
+                str(parts / "v"),
+                "--llm",
+                str(llm16),
+                "--out",
+                str(out),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         dtypes = set()
         for f in out.glob("*.safetensors"):

@@ -28,8 +28,11 @@ CONFIG_COMMANDS = {
 
 
 def test_the_table_names_every_command_that_takes_a_config():
-    taking = {path for path, p in walk(build_parser()) if not subcommands(p) and any(
-        a.dest == "config" for a in p._actions)}  # fmt: skip
+    taking = {
+        path
+        for path, p in walk(build_parser())
+        if not subcommands(p) and any(a.dest == "config" for a in p._actions)
+    }
     assert taking == set(CONFIG_COMMANDS)
 
 

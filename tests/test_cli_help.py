@@ -55,6 +55,10 @@ def test_version_and_python_dash_m(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("l2c-llava ")
     r = subprocess.run([sys.executable, "-m", "l2c_llava", "ls"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "quick" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, "-m", "l2c_llava", "data", "filter", "--help"], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "l2c_llava", "data", "filter", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "examples:\n  l2c data filter" in r.stdout

@@ -39,8 +39,13 @@ def test_pretrain_writes_a_standard_clip_folder(tmp_path, synth_dir, capsys):
     # trained, not the initial weights; the log has every step with the logit scale kept <= 100
     log = [json.loads(x) for x in (tmp_path / "clip" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(1 <= r["logit_scale"] <= 100 for r in log)
-    ids = tok(["two blue squares", "a long caption " * 30], padding=True, truncation=True, max_length=24,
-              return_tensors="pt")  # fmt: skip
+    ids = tok(
+        ["two blue squares", "a long caption " * 30],
+        padding=True,
+        truncation=True,
+        max_length=24,
+        return_tensors="pt",
+    )
     assert ids["input_ids"].shape[1] == 24
     with torch.no_grad():
         out = model.get_text_features(**ids)

@@ -60,8 +60,12 @@ HF_IDS = [1, 355, 400, 13, 90, 367, 359, 358]  # BOS, "▁", <image> (one: 4.x e
 def _env_python(version: str) -> str:
     if version == "5.x":
         return sys.executable
-    setup = subprocess.run(["bash", str(ROOT / "scripts" / "setup_compat_env.sh"), version], capture_output=True,
-                           text=True, timeout=1200)  # fmt: skip
+    setup = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup_compat_env.sh"), version],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert setup.returncode == 0, setup.stderr[-3000:]
     return setup.stdout.strip().splitlines()[-1]
 
@@ -109,8 +113,13 @@ def artefacts(tmp_path_factory):
     smol = AutoTokenizer.from_pretrained(smol_folder)
     prepare_tokenizer(smol)
     write_portable_tokenizer(smol, root / "smollm2-tokenizer", smol_folder, "llama")
-    tokenizers = {"original_export": (root / "moved" / "llava-v1.5-tiny", AutoProcessor.from_pretrained(root / "hf").tokenizer),
-                  "smollm2_export": (root / "smollm2-tokenizer", smol)}  # fmt: skip
+    tokenizers = {
+        "original_export": (
+            root / "moved" / "llava-v1.5-tiny",
+            AutoProcessor.from_pretrained(root / "hf").tokenizer,
+        ),
+        "smollm2_export": (root / "smollm2-tokenizer", smol),
+    }
     Image.new("RGB", (40, 24), (200, 30, 60)).save(root / "image.png")  # not square: "pad" matters
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     text = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
@@ -123,26 +132,56 @@ def artefacts(tmp_path_factory):
         "llava_vision_tower": (out.pooler_output, out.hidden_states[-2]),
         "llm2clip_release": (l2c_out.pooler_output, l2c_out.hidden_states[-2]),
     }
-    return SimpleNamespace(root=root, hf=root / "hf", original=root / "moved" / "llava-v1.5-tiny", want=want,
-                           model=model.eval(), processor=proc, pixels=pixels, text=text, tokenizers=tokenizers)  # fmt: skip
+    return SimpleNamespace(
+        root=root,
+        hf=root / "hf",
+        original=root / "moved" / "llava-v1.5-tiny",
+        want=want,
+        model=model.eval(),
+        processor=proc,
+        pixels=pixels,
+        text=text,
+        tokenizers=tokenizers,
+    )
 
 
 def _job(a, version: str, out: Path) -> Path:
     job = {
         "pixels": str(a.root / "inputs.safetensors"),
-        "vision": {"export_vision": str(a.root / "vision-export"),
-                   "llava_vision_tower": str(a.original / "vision_tower"),
-                   "llm2clip_release": str(a.root / "llm2clip")},  # fmt: skip
+        "vision": {
+            "export_vision": str(a.root / "vision-export"),
+            "llava_vision_tower": str(a.original / "vision_tower"),
+            "llm2clip_release": str(a.root / "llm2clip"),
+        },
         "tokenizers": {name: str(folder) for name, (folder, _) in a.tokenizers.items()},
         "texts": TEXTS + EDGE_TEXTS,
-        "llava": {"folder": str(a.original), "image": str(a.root / "image.png"), "question": QUESTION,
-                  "max_new_tokens": NEW_TOKENS} if version == "4.37.2" else None,  # fmt: skip
+        "llava": {
+            "folder": str(a.original),
+            "image": str(a.root / "image.png"),
+            "question": QUESTION,
+            "max_new_tokens": NEW_TOKENS,
+        }
+        if version == "4.37.2"
+        else None,
         "hf_llava": {"folder": str(a.hf), "ids": HF_IDS} if version != "5.x" else None,
-        "llm2clip_release": {"out": str(out / "release"), "seed": 4, "text_dim": 12, "projection_dim": 16,
-                             "num_blocks": 3, "vision_config": {"hidden_size": 32, "intermediate_size": 64,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}}
-        if version != "5.x" else None,
-    }  # fmt: skip
+        "llm2clip_release": {
+            "out": str(out / "release"),
+            "seed": 4,
+            "text_dim": 12,
+            "projection_dim": 16,
+            "num_blocks": 3,
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+        }
+        if version != "5.x"
+        else None,
+    }
     path = out / "job.json"
     path.write_text(json.dumps(job))
     return path
@@ -161,8 +200,13 @@ def _hf_logits_and_greedy(a, ids: list[int], pixels: torch.Tensor):
     input_ids = torch.tensor([expanded])
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixels).logits[0]
-        gen = model.generate(input_ids=input_ids, pixel_values=pixels, do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS)  # fmt: skip
+        gen = model.generate(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+        )
     return logits, gen[0, input_ids.shape[1] :].tolist()
 
 
@@ -188,8 +232,18 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
         py = _env_python(version)
         out = tmp_path / version
         out.mkdir()
-        run = subprocess.run([py, str(ROOT / "tests" / "reference" / "compat_runner.py"), str(_job(a, version, out)),
-                              str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)  # fmt: skip
+        run = subprocess.run(
+            [
+                py,
+                str(ROOT / "tests" / "reference" / "compat_runner.py"),
+                str(_job(a, version, out)),
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads((out / "result.json").read_text())
         tensors = load_file(str(out / "tensors.safetensors"))
@@ -207,8 +261,10 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
             unexpected = [k for k in info["unexpected_keys"] if not k.startswith(VISION_KEYS_NOT_IN_TOWER)]
             clean = not info["missing_keys"] and not unexpected and not info["mismatched_keys"]
             check(clean, f"{version} {name}: loading info {info}")
-            diff = max(float((tensors[f"vision|{name}|pooler"] - pooler).abs().max()),
-                       float((tensors[f"vision|{name}|penultimate"] - penult).abs().max()))  # fmt: skip
+            diff = max(
+                float((tensors[f"vision|{name}|pooler"] - pooler).abs().max()),
+                float((tensors[f"vision|{name}|penultimate"] - penult).abs().max()),
+            )
             check(diff <= 1e-5, f"{version} {name}: features differ by {diff:.2e}")
             rep[f"vision {name} max diff"] = diff
         # tokenizers: the training tokenization
@@ -223,14 +279,20 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
                 edge = [t for j, t in enumerate(EDGE_TEXTS) if entry["ids"][n + j] != training[n + j]]
                 check(not bad, f"{version} {tok_name} {kind} tokenizer ({entry['class']}) differs on {bad}")
                 check(entry["len"] == len(a.tokenizers[tok_name][1]), f"{version} {tok_name} {kind}: length")
-                rep[f"tokenizer {tok_name} {kind}"] = {"class": entry["class"], "len": entry["len"],
-                                                       "differs_on": bad, "edge_texts_differ": edge}  # fmt: skip
+                rep[f"tokenizer {tok_name} {kind}"] = {
+                    "class": entry["class"],
+                    "len": entry["len"],
+                    "differs_on": bad,
+                    "edge_texts_differ": edge,
+                }
         # the original LLaVA code
         if version == "4.37.2":
             llava = result.get("llava", {})
             if check(llava.get("loaded"), f"{version}: LLaVA's loader failed"):
-                check(llava["len_tokenizer"] == llava["embed_rows"] == a.model.config.text_config.vocab_size,
-                      f"tokenizer length {llava['len_tokenizer']} / embeddings {llava['embed_rows']}")  # fmt: skip
+                check(
+                    llava["len_tokenizer"] == llava["embed_rows"] == a.model.config.text_config.vocab_size,
+                    f"tokenizer length {llava['len_tokenizer']} / embeddings {llava['embed_rows']}",
+                )
                 check(
                     abs(llava["absolute_tower_path_max_diff"]) == 0.0, "absolute mm_vision_tower path differs"
                 )

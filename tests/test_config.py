@@ -115,8 +115,10 @@ train: {lr: -1, batch_size: abc}
 lora: {target_modules: []}
 """.replace("data:", "data:"),
     )
-    text = path.read_text().replace("model: {name_or_path: embedded:smollm2-135m-instruct}",
-                                    "model: {name_or_path: x, pooling: max, max_lenght: 12}")  # fmt: skip
+    text = path.read_text().replace(
+        "model: {name_or_path: embedded:smollm2-135m-instruct}",
+        "model: {name_or_path: x, pooling: max, max_lenght: 12}",
+    )
     path.write_text(text)
     with pytest.raises(ConfigError) as ei:
         load_config(path)
@@ -214,8 +216,10 @@ def test_parse_override(text, key, value):
 
 
 def test_overrides_change_values_and_are_typed_by_the_schema(tmp_path):
-    cfg = load_config(write(tmp_path, STAGE1), ["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]",
-                                                "run.output_dir=2024", "mntp.enabled=true"])  # fmt: skip
+    cfg = load_config(
+        write(tmp_path, STAGE1),
+        ["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]", "run.output_dir=2024", "mntp.enabled=true"],
+    )
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.run.output_dir == "2024"  # a number where a string is expected stays a string
@@ -259,8 +263,11 @@ def test_values_are_set_as_given_after_the_overrides_and_named_in_problems(tmp_p
     """What a program sets (the pipeline's wiring) is not read as YAML, wins over the user's overrides, and a
     bad one is named like an override."""
     path = write(tmp_path, STAGE2)
-    cfg = load_config(path, ["run.output_dir=runs/user", "train.lr=3e-5"],
-                      values={"run.output_dir": "runs/1e3 #x", "cache.dir": "null"})  # fmt: skip
+    cfg = load_config(
+        path,
+        ["run.output_dir=runs/user", "train.lr=3e-5"],
+        values={"run.output_dir": "runs/1e3 #x", "cache.dir": "null"},
+    )
     assert cfg.run.output_dir == "runs/1e3 #x" and cfg.cache.dir == "null" and cfg.train.lr == 3e-5
     with pytest.raises(ConfigError) as ei:
         load_config(path, values={"train.lrr": 1})

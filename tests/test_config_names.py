@@ -17,8 +17,14 @@ from .conftest import ROOT
 
 def l2c(cwd, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "l2c_llava", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "l2c_llava", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_names_resolve_from_any_folder(tmp_path, monkeypatch, capsys):
@@ -63,8 +69,23 @@ def test_stage1_quick_from_an_empty_folder_outside_the_checkout(tmp_path):
 @pytest.mark.slow
 def test_stage1_quick_runs_from_an_empty_folder(tmp_path):
     """The real thing (a few minutes on 2 cores): the quick data, then `l2c stage1 --config quick`."""
-    r = l2c(tmp_path, "data", "synth", "--out", "runs/quick/data", "--images", "40", "--seed", "1", "--size", "96",
-            "--test-fraction", "0.3", "--quiet", timeout=900)  # fmt: skip  (pipeline/configs/quick.yaml's data)
+    r = l2c(
+        tmp_path,
+        "data",
+        "synth",
+        "--out",
+        "runs/quick/data",
+        "--images",
+        "40",
+        "--seed",
+        "1",
+        "--size",
+        "96",
+        "--test-fraction",
+        "0.3",
+        "--quiet",
+        timeout=900,
+    )  # (pipeline/configs/quick.yaml's data)
     assert r.returncode == 0, r.stderr
     r = l2c(tmp_path, "stage1", "--config", "quick", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]

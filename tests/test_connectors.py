@@ -42,8 +42,12 @@ def test_connector_errors_name_the_setting():
 
 
 def tiny_llava(parts, kind, queries=6):  # noqa: F811
-    return build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type=kind,
-                       connector={"num_queries": queries, "heads": 4})  # fmt: skip
+    return build_llava(
+        parts / "vision",
+        SimpleNamespace(name_or_path=str(parts / "llm")),
+        projector_type=kind,
+        connector={"num_queries": queries, "heads": 4},
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,8 +57,10 @@ def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, par
 
     model, proc = tiny_llava(parts, kind, queries=6)
     assert image_tokens_of(model.config) == model.config.image_seq_length == 6
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
-                                    add_generation_prompt=True)  # fmt: skip
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+        add_generation_prompt=True,
+    )
     for size in [(32, 32), (70, 50)]:  # whatever the image size: num_queries tokens
         inputs = proc(images=Image.new("RGB", size, (200, 0, 0)), text=text, return_tensors="pt")
         assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 6
@@ -90,8 +96,21 @@ def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsy
     assert "uses the qformer connector (4 vision tokens); load it with l2c_llava.mllm.build.load_llava" in (
         capsys.readouterr().out
     )
-    assert main(["export", "llava", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "llava-o"),
-                 "--format", "original"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "llava",
+                "--model",
+                str(tmp_path / "m"),
+                "--out",
+                str(tmp_path / "llava-o"),
+                "--format",
+                "original",
+            ]
+        )
+        == 2
+    )
     assert "takes only the MLP" in capsys.readouterr().err
     with pytest.raises(EvalError, match="takes only the MLP connector"):
         run_lmms_eval(tmp_path / "m", ["l2c_vqa"], tmp_path / "ev")
@@ -117,9 +136,20 @@ def test_tiny_llava_with_a_connector_trains_three_steps_and_reloads(tmp_path, pa
     lm_key = "model.language_model.layers.0.mlp.up_proj.weight"
     assert torch.equal(a[lm_key], b[lm_key])  # and only the connector
     # the finetune starts from the pretrained connector (LoRA, 2 steps) and saves a loadable model
-    _, ft = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft",
-                        [*extra, f"model.init_from={tmp_path / 'pre'}", "train.tune=lora", "train.lora.r=4",
-                         "train.max_steps=2"])  # fmt: skip
+    _, ft = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "finetune",
+        tmp_path / "ft",
+        [
+            *extra,
+            f"model.init_from={tmp_path / 'pre'}",
+            "train.tune=lora",
+            "train.lora.r=4",
+            "train.max_steps=2",
+        ],
+    )
     MllmRecipe(ft).run()
     f = load_llava(tmp_path / "ft" / "model").state_dict()
     assert image_tokens_of(load_llava(tmp_path / "ft" / "model").config) == 8

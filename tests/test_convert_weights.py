@@ -59,8 +59,12 @@ def test_converted_folder_loads_where_the_pickled_one_is_refused(tmp_path, shard
     assert not list(binary.glob("*.safetensors")) and list(binary.glob("*.bin"))
     with pytest.raises(EncoderLoadError, match="l2c convert weights"):
         local_llm_folder(str(binary))
-    r = subprocess.run([sys.executable, "-m", "l2c_llava.cli", "convert", "weights", str(binary), str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "l2c_llava.cli", "convert", "weights", str(binary), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "out"
     assert not list(out.glob("*.bin")) and local_llm_folder(str(out)) == str(out)

@@ -34,8 +34,16 @@ def launch(processes: int, args: list[str]) -> None:
     if processes == 1:
         cmd = [sys.executable, "-m", "l2c_llava.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={_port()}", "-m", "l2c_llava.cli", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={_port()}",
+            "-m",
+            "l2c_llava.cli",
+            *args,
+        ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
@@ -53,8 +61,14 @@ def test_stage2_two_processes_equal_one(tmp_path, synth_dir):
     encoder.mkdir()
     (encoder / "config.json").write_text("{}")
     pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
-    build_cache(tmp_path / "cache" / "train", pair_captions(pairs), encoder, shard_size=32,
-                load_encoder=lambda: FakeEncoder(dim=12), progress=False)  # fmt: skip
+    build_cache(
+        tmp_path / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=32,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
     runs = {}
     for n, per_device in ((1, 8), (2, 4)):
         out = tmp_path / f"p{n}"
@@ -89,8 +103,11 @@ def test_stage1_two_processes_equal_one(tmp_path, synth_dir):
     for n, per_device in ((1, 4), (2, 2)):
         out = tmp_path / f"p{n}"
         cfg = stage1_config(tmp_path, base, synth_dir, out)
-        text = cfg.read_text().replace("batch_size: 4,", f"batch_size: {per_device},").replace(
-            "eval: {batch_size: 8}", "eval: {batch_size: 8, cra: false}")  # fmt: skip
+        text = (
+            cfg.read_text()
+            .replace("batch_size: 4,", f"batch_size: {per_device},")
+            .replace("eval: {batch_size: 8}", "eval: {batch_size: 8, cra: false}")
+        )
         text = text.replace("  eval: ", "  # eval: ").replace("  eval_pairs:", "  # eval_pairs:")
         cfg.write_text(text + "\n")
         launch(n, ["stage1", "--config", str(cfg), "train.grad_clip=null", "train.mixed_precision=no"])

@@ -22,8 +22,16 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("llava")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=48, patch_size=16)).save_pretrained(root / "v")  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=48,
+            patch_size=16,
+        )
+    ).save_pretrained(root / "v")
     save_tiny_llm(root / "llm")
     model, processor = build_llava(root / "v", SimpleNamespace(name_or_path=str(root / "llm")))
     save_llava(model, processor, root / "out")
@@ -58,8 +66,11 @@ def test_the_saved_processor_pads_and_names_a_class_every_loader_knows(exported)
     import json
 
     folder, _ = exported
-    cfg = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() \
-        else json.loads((folder / "processor_config.json").read_text())["image_processor"]  # fmt: skip
+    cfg = (
+        json.loads((folder / "preprocessor_config.json").read_text())
+        if (folder / "preprocessor_config.json").is_file()
+        else json.loads((folder / "processor_config.json").read_text())["image_processor"]
+    )
     assert cfg["do_pad"] is True and cfg["image_processor_type"] == "LlavaImageProcessor"
 
 

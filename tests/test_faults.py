@@ -40,8 +40,14 @@ def _photos(folder: Path, n: int = 3) -> Path:
 def _tiny_tower(folder: Path, safe: bool = True) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
     torch.manual_seed(0)
     model = CLIPVisionModel(cfg)
     if safe:
@@ -140,8 +146,11 @@ def test_truncated_jpeg_is_found_by_the_default_check(tmp_path, capsys):
 
 def test_long_captions_and_duplicate_ids_are_warned_with_counts(tmp_path, capsys):
     f = tmp_path / "pairs.jsonl"
-    rows = [{"image": "a.jpg", "short": "s", "long": "x" * 100_000}, {"image": "b.jpg", "short": "s", "long": "l"},
-            {"image": "a.jpg", "short": "t", "long": "m"}]  # fmt: skip
+    rows = [
+        {"image": "a.jpg", "short": "s", "long": "x" * 100_000},
+        {"image": "b.jpg", "short": "s", "long": "l"},
+        {"image": "a.jpg", "short": "t", "long": "m"},
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = read_caption_pairs(f)
     assert len(loaded) == 3  # warnings, not errors
@@ -153,8 +162,11 @@ def test_long_captions_and_duplicate_ids_are_warned_with_counts(tmp_path, capsys
     )
     conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
     lj = tmp_path / "llava.json"
-    lj.write_text(json.dumps([{"id": "7", "conversations": conv}, {"id": "7", "conversations": conv}]
-                             ).replace("<image>\\n", ""))  # fmt: skip
+    lj.write_text(
+        json.dumps([{"id": "7", "conversations": conv}, {"id": "7", "conversations": conv}]).replace(
+            "<image>\\n", ""
+        )
+    )
     assert main(["data", "check", str(lj), "--format", "llava"]) == 0
     assert "1 row(s) with a duplicate id (first: item 1 repeats item 0 ('7'))" in capsys.readouterr().err
 
@@ -168,8 +180,10 @@ def test_bad_llava_rows_are_reported_before_any_model_loads(tmp_path, monkeypatc
         json.dumps([{"id": "0", "image": "p0.jpg", "conversations": [{"from": "human", "value": "hi"}]}])
     )
     _photos(tmp_path / "img", 1)
-    cfg = load_config(str(ROOT / "mllm/configs/quick_pretrain.yaml"),
-                      [f"run.output_dir={tmp_path / 'run'}", f"data.path={bad}", f"data.image_root={tmp_path / 'img'}"])  # fmt: skip
+    cfg = load_config(
+        str(ROOT / "mllm/configs/quick_pretrain.yaml"),
+        [f"run.output_dir={tmp_path / 'run'}", f"data.path={bad}", f"data.image_root={tmp_path / 'img'}"],
+    )
 
     def build(self, quantize=True):
         raise AssertionError("a model was built before the rows were checked")
@@ -348,8 +362,21 @@ def test_data_filter_missing_out_folder_is_refused_before_scoring(tmp_path, caps
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"image": "a.jpg", "short": "s", "long": "l"}) + "\n")
     out = tmp_path / "missing" / "kept.jsonl"
-    code = main(["data", "filter", str(f), "--format", "pairs", "--image-root", str(tmp_path),
-                 "--model", str(tmp_path / "no-model"), "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "data",
+            "filter",
+            str(f),
+            "--format",
+            "pairs",
+            "--image-root",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "no-model"),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"the folder {out.parent} does not exist" in err and "mkdir -p" in err
 

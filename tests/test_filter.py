@@ -86,8 +86,15 @@ def test_swapped_captions_are_removed_and_the_rest_written_as_read(tmp_path, syn
         assert (tmp_path / f"clean.jsonl{suffix}").stat().st_size > 100
     assert "| line " in (tmp_path / "clean.jsonl.report.md").read_text()
     # dropping a share instead: exactly that many rows, the worst ones (here: the swapped ones)
-    r4 = filter_captions(path, synth_dir / "images", enc, tmp_path / "share.jsonl", drop_share=0.1, progress=False,
-                         truth=lambda row: row.image in bad)  # fmt: skip
+    r4 = filter_captions(
+        path,
+        synth_dir / "images",
+        enc,
+        tmp_path / "share.jsonl",
+        drop_share=0.1,
+        progress=False,
+        truth=lambda row: row.image in bad,
+    )
     assert r4["flagged"] == round(0.1 * r4["rows"]) and r4["measured"]["precision"] == 1.0
     with pytest.raises(FilterError, match="not both"):
         filter_captions(path, synth_dir / "images", enc, out, drop_share=0.1, threshold=0.5, progress=False)
@@ -98,8 +105,15 @@ def test_swapped_captions_are_removed_and_the_rest_written_as_read(tmp_path, syn
     )
     assert enc.text_calls == calls and r2["flagged"] == r2["rows"]  # nothing reaches a cosine of 2
     # the raw cosine works too on this perfect matcher
-    r3 = filter_captions(path, synth_dir / "images", enc, tmp_path / "c.jsonl", score_kind="cosine", progress=False,
-                         truth=lambda row: row.image in bad)  # fmt: skip
+    r3 = filter_captions(
+        path,
+        synth_dir / "images",
+        enc,
+        tmp_path / "c.jsonl",
+        score_kind="cosine",
+        progress=False,
+        truth=lambda row: row.image in bad,
+    )
     assert r3["measured"]["precision"] == 1.0 and r3["measured"]["recall"] >= 0.8
 
 
@@ -137,8 +151,15 @@ def test_flag_mode_on_csv_and_the_llava_format(tmp_path, synth_dir):
             load_rgb(synth_dir / "images" / x["image"])
         )
     (tmp_path / "pre.json").write_text(json.dumps(noisy))
-    r = filter_captions(tmp_path / "pre.json", synth_dir / "images", enc, tmp_path / "pre_clean.json", fmt="llava",
-                        progress=False, truth=lambda row: row.raw["id"] in swapped)  # fmt: skip
+    r = filter_captions(
+        tmp_path / "pre.json",
+        synth_dir / "images",
+        enc,
+        tmp_path / "pre_clean.json",
+        fmt="llava",
+        progress=False,
+        truth=lambda row: row.raw["id"] in swapped,
+    )
     kept = json.loads((tmp_path / "pre_clean.json").read_text())
     assert {x["id"] for x in kept} <= {x["id"] for x in noisy} - swapped | {
         x["id"] for x in noisy if x["id"] in swapped
@@ -170,16 +191,47 @@ def test_cli_with_a_clip_model(tmp_path, synth_dir, capsys):
 
     save_tiny_clip(tmp_path / "clip")
     out = tmp_path / "f.jsonl"
-    rc = main(["data", "filter", str(synth_dir / "captions" / "train.jsonl"), "--format", "pairs", "--image-root",
-               str(synth_dir / "images"), "--model", str(tmp_path / "clip"), "--out", str(out), "--null-quantile", "0.5"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "filter",
+            str(synth_dir / "captions" / "train.jsonl"),
+            "--format",
+            "pairs",
+            "--image-root",
+            str(synth_dir / "images"),
+            "--model",
+            str(tmp_path / "clip"),
+            "--out",
+            str(out),
+            "--null-quantile",
+            "0.5",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "f.jsonl.report.json").read_text())
     assert (
         report["encoder"]["kind"] == "clip"
         and report["rows"] == len(out.read_text().splitlines()) + report["flagged"]
     )
-    assert main(["data", "filter", str(out), "--format", "pairs", "--image-root", str(synth_dir / "images"),
-                 "--model", str(tmp_path / "clip"), "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "filter",
+                str(out),
+                "--format",
+                "pairs",
+                "--image-root",
+                str(synth_dir / "images"),
+                "--model",
+                str(tmp_path / "clip"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "is the input file" in capsys.readouterr().err
 
 
@@ -210,14 +262,31 @@ def test_a_threshold_dropping_most_rows_warns_with_the_scores_spread(tmp_path, s
 
     save_tiny_clip(tmp_path / "clip")  # random weights: own pairs score like shuffled ones
     out = tmp_path / "weak.jsonl"
-    rc = main(["data", "filter", str(synth_dir / "captions" / "train.jsonl"), "--format", "pairs", "--image-root",
-               str(synth_dir / "images"), "--model", str(tmp_path / "clip"), "--out", str(out), "--threshold", "1.0"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "filter",
+            str(synth_dir / "captions" / "train.jsonl"),
+            "--format",
+            "pairs",
+            "--image-root",
+            str(synth_dir / "images"),
+            "--model",
+            str(tmp_path / "clip"),
+            "--out",
+            str(out),
+            "--threshold",
+            "1.0",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     report = json.loads((tmp_path / "weak.jsonl.report.json").read_text())
     assert report["flagged"] > report["scored"] / 2
     assert f"WARNING  the threshold drops {report['flagged']} of {report['scored']} scored rows" in err
-    assert "own pairs q00 " in err and " q50 " in err and "shuffled pairs q00" in err and "--drop-share" in err
+    assert (
+        "own pairs q00 " in err and " q50 " in err and "shuffled pairs q00" in err and "--drop-share" in err
+    )
     q = report["score_quantiles"]["short"]
     assert list(q) == ["q00", "q05", "q25", "q50", "q75", "q95", "q100"] and q["q00"] <= q["q50"] <= q["q100"]
     assert "WARNING" in (tmp_path / "weak.jsonl.report.md").read_text()

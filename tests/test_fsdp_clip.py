@@ -67,8 +67,16 @@ def run(tmp_path, processes: int, mode: str) -> dict:
     script.write_text(WORKER)
     out = tmp_path / f"{mode}-{processes}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_port()}",
-           str(script), mode, str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={_port()}",
+        str(script),
+        mode,
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=True)

@@ -74,8 +74,14 @@ def test_encoder_health_of_a_tower_folder(tmp_path):
     )
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
     CLIPVisionModel(cfg).save_pretrained(tmp_path / "tower")
     res = encoder_health(tmp_path / "tower", synth_dir, probe_steps=20, progress=False)
     assert res["probe"]["tokens"] == 4 and res["pooled"]["images"] == res["probe"]["test_scenes"]

@@ -53,10 +53,25 @@ def tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=16),
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                      vocab_size=99, max_position_embeddings=16), projection_dim=16)  # fmt: skip
+    cfg = CLIPConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=99,
+            max_position_embeddings=16,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(folder)
     return folder
 

@@ -62,8 +62,21 @@ def test_the_cli_pushes_after_the_export_and_names_a_bad_token(hub, tmp_path, ca
     model, proc = build_llava(src, SimpleNamespace(name_or_path=str(tmp_path / "llm")))
     save_llava(model, proc, tmp_path / "built", {"template": "vicuna_v1"})
     out = tmp_path / "tiny-llava"
-    assert main(["export", "llava", "--model", str(tmp_path / "built"), "--out", str(out), "--push-to-hub",
-                 "me/tiny-llava"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "llava",
+                "--model",
+                str(tmp_path / "built"),
+                "--out",
+                str(out),
+                "--push-to-hub",
+                "me/tiny-llava",
+            ]
+        )
+        == 0
+    )
     assert "pushed" in capsys.readouterr().out
     files = hub.repos["me/tiny-llava"]["files"]
     assert files["config.json"] == (out / "config.json").read_bytes() and "model.safetensors" in files

@@ -82,14 +82,21 @@ def test_bad_samples_are_named_by_shard_and_key(tmp_path):
     png = tmp_path / "x.png"
     Image.new("RGB", (4, 4)).save(png)
     img = png.read_bytes()
-    shard = _tar(tmp_path / "00000.tar", [
-        ("a.png", img), ("a.json", json.dumps({"short": "s", "long": "l"}).encode()),
-        ("b.png", img),                                                   # no captions
-        ("c.json", json.dumps({"short": "s", "long": "l"}).encode()),     # no image
-        ("d.png", img), ("d.json", b"{not json"),
-        ("e.png", img), ("e.json", json.dumps({"short": "", "long": "l"}).encode()),
-        ("f.png", img), ("f.json", json.dumps({"short": "s2", "long": "l2"}).encode()),
-    ])  # fmt: skip
+    shard = _tar(
+        tmp_path / "00000.tar",
+        [
+            ("a.png", img),
+            ("a.json", json.dumps({"short": "s", "long": "l"}).encode()),
+            ("b.png", img),  # no captions
+            ("c.json", json.dumps({"short": "s", "long": "l"}).encode()),  # no image
+            ("d.png", img),
+            ("d.json", b"{not json"),
+            ("e.png", img),
+            ("e.json", json.dumps({"short": "", "long": "l"}).encode()),
+            ("f.png", img),
+            ("f.json", json.dumps({"short": "s2", "long": "l2"}).encode()),
+        ],
+    )
     with pytest.raises(DataError, match="sample b: no .json member"):
         list(iter_samples([shard]))
     skipped: list[RowProblem] = []

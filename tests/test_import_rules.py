@@ -47,14 +47,21 @@ def top(name: str) -> str:
 
 
 def test_nothing_imports_the_cli():
-    bad = [f"{m} imports {i}" for m, p in modules().items() if m not in ("__main__", "cli")
-           for i in imports(p) if top(i) == "cli"]  # fmt: skip
+    bad = [
+        f"{m} imports {i}"
+        for m, p in modules().items()
+        if m not in ("__main__", "cli")
+        for i in imports(p)
+        if top(i) == "cli"
+    ]
     assert not bad, bad
 
 
 def test_the_library_imports_no_recipe_and_no_application():
     library = {m: p for m, p in modules().items() if top(m) not in RECIPES | APPS}
-    assert {"losses", "layout", "models.llm", "models.vision", "io", "train.loop", "train.resume"} <= set(library)  # fmt: skip
+    assert {"losses", "layout", "models.llm", "models.vision", "io", "train.loop", "train.resume"} <= set(
+        library
+    )
     bad = [f"{m} imports {i}" for m, p in library.items() for i in imports(p) if top(i) in RECIPES | APPS]
     assert not bad, bad
 
@@ -63,8 +70,15 @@ def test_the_run_contract_is_library():
     """train/ holds what every recipe shares: recipes import it; it imports no recipe, no application
     (the CLI, the pipeline) and nothing outside the library."""
     train = {m: p for m, p in modules().items() if top(m) == "train"}
-    assert {"train.accelerator", "train.checkpoints", "train.grad_cache", "train.loop", "train.resume",
-            "train.run_dir", "train.schedule"} <= set(train)  # fmt: skip
+    assert {
+        "train.accelerator",
+        "train.checkpoints",
+        "train.grad_cache",
+        "train.loop",
+        "train.resume",
+        "train.run_dir",
+        "train.schedule",
+    } <= set(train)
     bad = [f"{m} imports {i}" for m, p in train.items() for i in imports(p) if top(i) in RECIPES | APPS]
     assert not bad, bad
 

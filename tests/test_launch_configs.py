@@ -13,8 +13,11 @@ import pytest
 from tests.conftest import ROOT
 
 # each recipe's paper-scale training config, launched with the yamls beside it
-PAPER = {"stage1": "stage1/configs/llama3_8b_cc.yaml", "stage2": "stage2/configs/openai_l14_336.yaml",
-         "mllm": "mllm/configs/llava15_7b_finetune.yaml"}  # fmt: skip
+PAPER = {
+    "stage1": "stage1/configs/llama3_8b_cc.yaml",
+    "stage2": "stage2/configs/openai_l14_336.yaml",
+    "mllm": "mllm/configs/llava15_7b_finetune.yaml",
+}
 LAUNCH = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("*/accelerate/*.yaml"))
 
 
@@ -104,8 +107,12 @@ def test_stage2_keeps_its_clip_of_5_under_deepspeed():
         "gradient_clipping": "auto",
     }
     deepspeed_values(ds, micro_batch=512, accum=2, grad_clip=5.0, world=8)
-    assert ds == {"train_micro_batch_size_per_gpu": 512, "gradient_accumulation_steps": 2, "gradient_clipping": 5.0,
-                  "train_batch_size": 8192}  # fmt: skip
+    assert ds == {
+        "train_micro_batch_size_per_gpu": 512,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 5.0,
+        "train_batch_size": 8192,
+    }
     assert deepspeed_values({}, micro_batch=4, accum=1, grad_clip=None, world=1)["gradient_clipping"] == 0.0
 
 
@@ -125,8 +132,10 @@ def test_clip_gradients_uses_the_config_value_without_deepspeed():
     assert abs(float(total) - 5.0) < 1e-4
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="deepspeed is not installed (the gpu extra); the config mapping is tested above")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (the gpu extra); the config mapping is tested above",
+)
 def test_deepspeed_accelerator_prepares_without_a_dataloader(monkeypatch):  # pragma: no cover - GPU machines
     import torch
     from accelerate import Accelerator

@@ -36,16 +36,32 @@ def test_text_encoder_matches_llm2vec(tmp_path):
     ref_python = setup.stdout.strip().splitlines()[-1]
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(TEXTS))
-    run = subprocess.run([ref_python, str(ROOT / "tests" / "reference" / "llm2vec_reference.py"), str(tmp_path),
-                          str(smollm2_gguf_path()), str(texts)], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    run = subprocess.run(
+        [
+            ref_python,
+            str(ROOT / "tests" / "reference" / "llm2vec_reference.py"),
+            str(tmp_path),
+            str(smollm2_gguf_path()),
+            str(texts),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     reference = load_file(str(tmp_path / "reference.safetensors"))
     assert len(reference) == 16
     worst = 1.0
     for key, want in reference.items():
         pooling, attn, instr = key.split("|")
-        enc = TextEncoder.from_pretrained(tmp_path / "model", pooling=pooling, max_length=64, doc_max_length=48,
-                                          attn_implementation=attn, device="cpu")  # fmt: skip
+        enc = TextEncoder.from_pretrained(
+            tmp_path / "model",
+            pooling=pooling,
+            max_length=64,
+            doc_max_length=48,
+            attn_implementation=attn,
+            device="cpu",
+        )
         instruction = "Given a caption, retrieve a detailed relevant caption" if instr == "instr" else None
         got = enc.encode(TEXTS, instruction=instruction, batch_size=2)
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)

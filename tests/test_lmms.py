@@ -31,8 +31,12 @@ def test_scoring_functions():
     r = pope_process_results({"answer": "yes"}, ["Yes, there is."])
     assert r["pope_accuracy"] == 1.0 and r["pope_yes_ratio"] == 1.0
     # F1 with yes as the positive class: tp=1, fp=1, fn=1 -> 0.5; an answer that is neither counts as no
-    items = [{"pred": "yes", "gold": "yes"}, {"pred": "yes", "gold": "no"}, {"pred": "maybe", "gold": "yes"},
-             {"pred": "no", "gold": "no"}]  # fmt: skip
+    items = [
+        {"pred": "yes", "gold": "yes"},
+        {"pred": "yes", "gold": "no"},
+        {"pred": "maybe", "gold": "yes"},
+        {"pred": "no", "gold": "no"},
+    ]
     assert pope_f1(items) == pytest.approx(0.5)
     assert pope_f1([{"pred": "no", "gold": "yes"}]) == 0.0
     # ROUGE-L: LCS "a red circle" (3 of 4 words each way) -> F = 0.75
@@ -60,11 +64,21 @@ def test_task_aliases_expand_to_lmms_eval_names():
 
 def test_normalize_results_keeps_values_stderr_and_n():
     res = {
-        "results": {"l2c_vqa": {"alias": "l2c_vqa", "exact_match,none": 0.25, "exact_match_stderr,none": 0.1,
-                                "exact_match_stderr_clt,none": 0.1, "exact_match_stderr_clustered,none": "N/A"},
-                    "l2c_pope": {"pope_f1,none": 0.5, "pope_f1_stderr,none": "N/A"}},
-        "n-samples": {"l2c_vqa": {"original": 10, "effective": 8}, "l2c_pope": {"original": 4, "effective": 4}},
-    }  # fmt: skip
+        "results": {
+            "l2c_vqa": {
+                "alias": "l2c_vqa",
+                "exact_match,none": 0.25,
+                "exact_match_stderr,none": 0.1,
+                "exact_match_stderr_clt,none": 0.1,
+                "exact_match_stderr_clustered,none": "N/A",
+            },
+            "l2c_pope": {"pope_f1,none": 0.5, "pope_f1_stderr,none": "N/A"},
+        },
+        "n-samples": {
+            "l2c_vqa": {"original": 10, "effective": 8},
+            "l2c_pope": {"original": 4, "effective": 4},
+        },
+    }
     rows = normalize_results(res)
     assert rows == [
         {"task": "l2c_pope", "metric": "pope_f1", "value": 0.5, "stderr": None, "n": 4},
@@ -84,13 +98,34 @@ def tiny_llava(tmp_path_factory):
 
 def test_lmms_eval_runs_for_real_on_the_local_tasks(tmp_path, tiny_llava, synth_dir, capsys):
     out = tmp_path / "eval"
-    args = ["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa,l2c_vqa_shuffled,l2c_pope,l2c_caption",
-            "--out", str(out), "--data", str(synth_dir), "--limit", "3", "--task-limit", "l2c_caption=2"]  # fmt: skip
+    args = [
+        "mllm",
+        "eval",
+        "--model",
+        str(tiny_llava),
+        "--tasks",
+        "l2c_vqa,l2c_vqa_shuffled,l2c_pope,l2c_caption",
+        "--out",
+        str(out),
+        "--data",
+        str(synth_dir),
+        "--limit",
+        "3",
+        "--task-limit",
+        "l2c_caption=2",
+    ]
     assert main(args) == 0
     table = json.loads((out / "results.json").read_text())["rows"]
     got = {(r["task"], r["metric"]) for r in table}
-    assert got == {("l2c_vqa", "exact_match"), ("l2c_vqa_shuffled", "exact_match"), ("l2c_pope", "pope_accuracy"), ("l2c_pope", "pope_f1"),
-                   ("l2c_pope", "pope_yes_ratio"), ("l2c_caption", "bleu4"), ("l2c_caption", "rougeL")}  # fmt: skip
+    assert got == {
+        ("l2c_vqa", "exact_match"),
+        ("l2c_vqa_shuffled", "exact_match"),
+        ("l2c_pope", "pope_accuracy"),
+        ("l2c_pope", "pope_f1"),
+        ("l2c_pope", "pope_yes_ratio"),
+        ("l2c_caption", "bleu4"),
+        ("l2c_caption", "rougeL"),
+    }
     assert all(r["n"] == (2 if r["task"] == "l2c_caption" else 3) and 0.0 <= r["value"] <= 1.0 for r in table)
     # lmms-eval's own files are kept as written; its per-sample log agrees with the table
     raw = list((out / "lmms_eval").rglob("*results.json"))
@@ -117,8 +152,10 @@ def test_a_task_limit_draws_questions_across_the_file(tmp_path, synth_dir):
 
     every = local_task_rows("l2c_vqa", synth_dir)
     dest = prepare_local_tasks(["l2c_vqa", "l2c_vqa_shuffled"], synth_dir, tmp_path, limit=5)
-    got = {t: [json.loads(x) for x in (dest / f"{t}.jsonl").read_text().splitlines()]
-           for t in ("l2c_vqa", "l2c_vqa_shuffled")}  # fmt: skip
+    got = {
+        t: [json.loads(x) for x in (dest / f"{t}.jsonl").read_text().splitlines()]
+        for t in ("l2c_vqa", "l2c_vqa_shuffled")
+    }
     ids = [r["question_id"] for r in got["l2c_vqa"]]
     assert len(ids) == 5 and ids == [r["question_id"] for r in got["l2c_vqa_shuffled"]]
     order = [r["question_id"] for r in every]
@@ -130,8 +167,23 @@ def test_lmms_eval_bad_inputs_are_named(tmp_path, tiny_llava, synth_dir, capsys)
     # not a LLaVA folder
     (tmp_path / "notllava").mkdir()
     (tmp_path / "notllava" / "config.json").write_text('{"model_type": "clip"}')
-    assert main(["mllm", "eval", "--model", str(tmp_path / "notllava"), "--tasks", "l2c_vqa", "--out",
-                 str(tmp_path / "o"), "--data", str(synth_dir)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "eval",
+                "--model",
+                str(tmp_path / "notllava"),
+                "--tasks",
+                "l2c_vqa",
+                "--out",
+                str(tmp_path / "o"),
+                "--data",
+                str(synth_dir),
+            ]
+        )
+        == 2
+    )
     assert "not a transformers LLaVA folder" in capsys.readouterr().err
     # a local task without --data
     assert (
@@ -142,11 +194,43 @@ def test_lmms_eval_bad_inputs_are_named(tmp_path, tiny_llava, synth_dir, capsys)
     )
     assert "are local: give --data" in capsys.readouterr().err
     # a per-task limit only for local tasks, and well-formed
-    assert main(["mllm", "eval", "--model", str(tiny_llava), "--tasks", "gqa", "--out", str(tmp_path / "o"),
-                 "--task-limit", "gqa=3"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "eval",
+                "--model",
+                str(tiny_llava),
+                "--tasks",
+                "gqa",
+                "--out",
+                str(tmp_path / "o"),
+                "--task-limit",
+                "gqa=3",
+            ]
+        )
+        == 2
+    )
     assert "only local tasks take one" in capsys.readouterr().err
-    assert main(["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa", "--out", str(tmp_path / "o"),
-                 "--data", str(synth_dir), "--task-limit", "l2c_vqa=x"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "eval",
+                "--model",
+                str(tiny_llava),
+                "--tasks",
+                "l2c_vqa",
+                "--out",
+                str(tmp_path / "o"),
+                "--data",
+                str(synth_dir),
+                "--task-limit",
+                "l2c_vqa=x",
+            ]
+        )
+        == 2
+    )
     assert "use TASK=N" in capsys.readouterr().err
     # a question row whose image escapes the root is reported with file and row
     bad = tmp_path / "data"
@@ -155,7 +239,22 @@ def test_lmms_eval_bad_inputs_are_named(tmp_path, tiny_llava, synth_dir, capsys)
     (bad / "eval" / "vqa_test.jsonl").write_text(
         json.dumps({"question_id": 1, "image": "../../etc/passwd", "question": "q?", "answer": "a"}) + "\n"
     )
-    assert main(["mllm", "eval", "--model", str(tiny_llava), "--tasks", "l2c_vqa", "--out", str(tmp_path / "o"),
-                 "--data", str(bad)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "eval",
+                "--model",
+                str(tiny_llava),
+                "--tasks",
+                "l2c_vqa",
+                "--out",
+                str(tmp_path / "o"),
+                "--data",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "vqa_test.jsonl" in err and "escapes the image root" in err

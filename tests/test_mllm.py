@@ -39,8 +39,12 @@ def supervised(enc, tok):
 
 def test_vicuna_labels_multi_turn_and_text_only():
     tok, image_id = tok_with_image()
-    conv = [{"from": "human", "value": "what shapes are there ?\n<image>"}, {"from": "gpt", "value": "two red circles"},
-            {"from": "human", "value": "and the background ?"}, {"from": "gpt", "value": "a beige background"}]  # fmt: skip
+    conv = [
+        {"from": "human", "value": "what shapes are there ?\n<image>"},
+        {"from": "gpt", "value": "two red circles"},
+        {"from": "human", "value": "and the background ?"},
+        {"from": "gpt", "value": "a beige background"},
+    ]
     enc = encode(
         conv, tok, "vicuna_v1", has_image=True, image_token_id=image_id, num_image_tokens=5, max_length=500
     )
@@ -52,8 +56,15 @@ def test_vicuna_labels_multi_turn_and_text_only():
     assert all(lab == IGNORE for i, lab in zip(enc.input_ids, enc.labels) if i == image_id)
     # labels equal the ids where supervised
     assert all(lab in (IGNORE, i) for i, lab in zip(enc.input_ids, enc.labels))
-    text_only = encode(conv[:2], tok, "vicuna_v1", has_image=False, image_token_id=image_id, num_image_tokens=5,
-                       max_length=500)  # fmt: skip
+    text_only = encode(
+        conv[:2],
+        tok,
+        "vicuna_v1",
+        has_image=False,
+        image_token_id=image_id,
+        num_image_tokens=5,
+        max_length=500,
+    )
     assert image_id not in text_only.input_ids and supervised(text_only, tok) == [
         "two",
         "red",
@@ -81,8 +92,15 @@ def test_plain_labels_and_truncation():
     with pytest.raises(ValueError, match="cuts into the 4 image tokens"):
         encode(conv, tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4, max_length=3)
     with pytest.raises(ValueError, match="turn 1 is from 'human'"):
-        encode([conv[0], conv[0]], tok, "plain", has_image=True, image_token_id=image_id, num_image_tokens=4,
-               max_length=50)  # fmt: skip
+        encode(
+            [conv[0], conv[0]],
+            tok,
+            "plain",
+            has_image=True,
+            image_token_id=image_id,
+            num_image_tokens=4,
+            max_length=50,
+        )
 
 
 @pytest.mark.parametrize("size,patch", [(32, 8), (48, 16), (64, 16)])
@@ -90,14 +108,22 @@ def test_image_tokens_equal_patch_features(tmp_path, parts, size, patch):
     from PIL import Image
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=size, patch_size=patch)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=size,
+        patch_size=patch,
+    )
     CLIPVisionModel(cfg).save_pretrained(tmp_path / "v")
     model, proc = build_llava(tmp_path / "v", SimpleNamespace(name_or_path=str(parts / "llm")))
     want = (size // patch) ** 2
     assert model.config.image_seq_length == want
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "red ?"}]}],
-                                    add_generation_prompt=True)  # fmt: skip
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "red ?"}]}],
+        add_generation_prompt=True,
+    )
     inputs = proc(images=Image.new("RGB", (70, 50), (1, 2, 3)), text=text, return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == want
     with torch.no_grad():
@@ -119,8 +145,10 @@ def test_build_is_strict_and_generates_after_save_load(tmp_path, parts):
     save_llava(model, proc, tmp_path / "a")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     proc2 = AutoProcessor.from_pretrained(tmp_path / "a")
-    text = proc2.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
-                                     add_generation_prompt=True)  # fmt: skip
+    text = proc2.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+        add_generation_prompt=True,
+    )
     inputs = proc2(images=Image.new("RGB", (32, 32), (200, 0, 0)), text=text, return_tensors="pt")
     a = model.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
     b = again.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -135,8 +163,14 @@ def test_linear_projector_is_one_linear_and_stays_so(tmp_path, parts, synth_dir)
     from l2c_llava.mllm.export import export_original
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "lin",
-                         ["model.projector_type=linear", "train.max_steps=2", "train.save_full_model=true"])  # fmt: skip
+    _, cfg = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "pretrain",
+        tmp_path / "lin",
+        ["model.projector_type=linear", "train.max_steps=2", "train.save_full_model=true"],
+    )
     MllmRecipe(cfg).run()
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lin" / "model")
     proj = model.model.multi_modal_projector
@@ -255,9 +289,20 @@ def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
 
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "lora",
-                         ["train.tune=lora", "train.lora.r=4", "train.lora.alpha=8", "train.projector_lr=1e-4",
-                          "train.max_steps=2"])  # fmt: skip
+    _, cfg = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "finetune",
+        tmp_path / "lora",
+        [
+            "train.tune=lora",
+            "train.lora.r=4",
+            "train.lora.alpha=8",
+            "train.projector_lr=1e-4",
+            "train.max_steps=2",
+        ],
+    )
     MllmRecipe(cfg).run()
     model, info = LlavaForConditionalGeneration.from_pretrained(
         tmp_path / "lora" / "model", output_loading_info=True
@@ -275,9 +320,20 @@ def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
 
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "bf16",
-                         ["train.tune=lora", "train.lora.r=4", "train.lora.alpha=8", "train.max_steps=2",
-                          "train.mixed_precision=bf16"])  # fmt: skip
+    _, cfg = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "finetune",
+        tmp_path / "bf16",
+        [
+            "train.tune=lora",
+            "train.lora.r=4",
+            "train.lora.alpha=8",
+            "train.max_steps=2",
+            "train.mixed_precision=bf16",
+        ],
+    )
     seen = []
     orig = torch.nn.functional.linear
 
@@ -288,7 +344,9 @@ def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
 
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process; the suite's is "no"
+    AcceleratorState._reset_state(
+        True
+    )  # accelerate keeps one mixed precision per process; the suite's is "no"
     torch.nn.functional.linear = spy
     try:
         MllmRecipe(cfg).run()
@@ -310,7 +368,10 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert resolve_mixed_precision("bf16") == "bf16"
         assert llm.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["train.mixed_precision bf16", "torch_dtype bfloat16"]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "train.mixed_precision bf16",
+        "torch_dtype bfloat16",
+    ]
     caplog.clear()
     monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: True)
     with caplog.at_level("WARNING"):
@@ -323,8 +384,14 @@ def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_di
     """LLaVA's mm_projector_lr is not tied to LoRA: a full finetune gets the projector its own lr."""
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "full",
-                         ["train.tune=full", "train.lr=2e-5", "train.projector_lr=1e-3"])  # fmt: skip
+    _, cfg = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "finetune",
+        tmp_path / "full",
+        ["train.tune=full", "train.lr=2e-5", "train.projector_lr=1e-3"],
+    )
     recipe = MllmRecipe(cfg)
     model, _ = recipe.build()
     proj, rest = recipe.param_groups(model)
@@ -339,8 +406,14 @@ def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_pa
     beside the projector, at its own lr, and the finetune's init_from loads it over model.vision_tower."""
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre",
-                         ["train.freeze_vision_tower=false", "train.vision_lr=1e-4"])  # fmt: skip
+    _, cfg = mllm_config(
+        tmp_path,
+        parts,
+        synth_dir,
+        "pretrain",
+        tmp_path / "pre",
+        ["train.freeze_vision_tower=false", "train.vision_lr=1e-4"],
+    )
     recipe = MllmRecipe(cfg)
     model, _ = recipe.build()
     groups = recipe.param_groups(model)
@@ -353,8 +426,9 @@ def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_pa
     original = model.state_dict()  # built from parts/vision, before training
     key = next(k for k in tower if k.endswith("encoder.layers.0.mlp.fc1.weight"))
     assert not torch.allclose(tower[key], original[key])  # the tower trained
-    _, ft = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft",
-                        [f"model.init_from={tmp_path / 'pre'}"])  # fmt: skip
+    _, ft = mllm_config(
+        tmp_path, parts, synth_dir, "finetune", tmp_path / "ft", [f"model.init_from={tmp_path / 'pre'}"]
+    )
     loaded, _ = MllmRecipe(ft).build()
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tower.items())
@@ -410,8 +484,22 @@ def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
     model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
     save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     image = next((synth_dir / "images").rglob("*.jpg"))
-    assert main(["mllm", "chat", "--model", str(tmp_path / "a"), "--image", str(image), "--max-new-tokens", "3",
-                 "what shapes are there ?"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "chat",
+                "--model",
+                str(tmp_path / "a"),
+                "--image",
+                str(image),
+                "--max-new-tokens",
+                "3",
+                "what shapes are there ?",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((synth_dir / "llava" / "instruct.json").read_text())
     rows[1]["image"] = "00000/missing.jpg"
     rows[2]["conversations"] = [{"from": "gpt", "value": "x"}]
@@ -436,9 +524,23 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
     )
     model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
     save_llava(model, proc, tmp_path / "m", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
-    args = ["mllm", "eval-vqa", "--model", str(tmp_path / "m"), "--questions", str(synth_dir / "eval" / "vqa_test.jsonl"),
-            "--image-root", str(synth_dir / "images"), "--train-json", str(synth_dir / "llava" / "instruct.json"),
-            "--limit", "6", "--batch-size", "4", "--shuffled-images"]  # fmt: skip
+    args = [
+        "mllm",
+        "eval-vqa",
+        "--model",
+        str(tmp_path / "m"),
+        "--questions",
+        str(synth_dir / "eval" / "vqa_test.jsonl"),
+        "--image-root",
+        str(synth_dir / "images"),
+        "--train-json",
+        str(synth_dir / "llava" / "instruct.json"),
+        "--limit",
+        "6",
+        "--batch-size",
+        "4",
+        "--shuffled-images",
+    ]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "m" / "vqa_metrics.json").read_text())
     assert metrics["n"] == 6 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["prior"]["accuracy"] <= 1
@@ -475,8 +577,12 @@ def test_paired_comparison_and_intervals_match_hand_computed_values():
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     a = [True, True, True, False, True, False]
     b = [False, True, False, False, False, True]
-    assert paired_comparison(a, b) == {"gain": round(2 / 6, 4), "wins": 3, "losses": 1,
-                                       "p_value": round(sign_test_p(3, 1), 6)}  # fmt: skip
+    assert paired_comparison(a, b) == {
+        "gain": round(2 / 6, 4),
+        "wins": 3,
+        "losses": 1,
+        "p_value": round(sign_test_p(3, 1), 6),
+    }
     with pytest.raises(ValueError, match="same questions"):
         paired_comparison(a, b[:3])
 
@@ -541,8 +647,12 @@ def test_a_numeric_answer_supervises_the_lone_space_before_it():
         tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", unk_token="<|endoftext|>"
     )
     image_id, _ = prepare_tokenizer(tok)
-    conv = [{"from": "human", "value": "<image>\nhow many stars ?"}, {"from": "gpt", "value": "3"},
-            {"from": "human", "value": "what colour ?"}, {"from": "gpt", "value": "red"}]  # fmt: skip
+    conv = [
+        {"from": "human", "value": "<image>\nhow many stars ?"},
+        {"from": "gpt", "value": "3"},
+        {"from": "human", "value": "what colour ?"},
+        {"from": "gpt", "value": "red"},
+    ]
     enc = encode(
         conv, tok, "vicuna_v1", has_image=True, image_token_id=image_id, num_image_tokens=3, max_length=500
     )
@@ -579,11 +689,26 @@ def test_the_finetune_learns_an_answer_only_the_image_gives(tmp_path, parts):
         pixels = np.clip(np.array(colours[name]) + rng.integers(-25, 26, (32, 32, 3)), 0, 255)
         Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "img" / f"{i:03d}.png")
         if i < 64:
-            rows.append({"id": str(i), "image": f"{i:03d}.png", "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": name}]})  # fmt: skip
+            rows.append(
+                {
+                    "id": str(i),
+                    "image": f"{i:03d}.png",
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": name},
+                    ],
+                }
+            )
         else:
-            tests.append({"question_id": str(i), "image": f"{i:03d}.png", "question": question,
-                          "answers": [name], "type": "color"})  # fmt: skip
+            tests.append(
+                {
+                    "question_id": str(i),
+                    "image": f"{i:03d}.png",
+                    "question": question,
+                    "answers": [name],
+                    "type": "color",
+                }
+            )
     (tmp_path / "train.json").write_text(json.dumps(rows))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
     (tmp_path / "ft.yaml").write_text(f"""recipe: mllm
@@ -595,8 +720,14 @@ train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_dev
          max_steps: 60, mixed_precision: "no", gradient_checkpointing: false, save_every: 60, log_every: 10}}
 """)
     MllmRecipe(load_config(tmp_path / "ft.yaml")).run()
-    m = evaluate_vqa(tmp_path / "ft", tmp_path / "test.jsonl", tmp_path / "img", tmp_path / "eval",
-                     train_json=str(tmp_path / "train.json"), shuffled_images=True)  # fmt: skip
+    m = evaluate_vqa(
+        tmp_path / "ft",
+        tmp_path / "test.jsonl",
+        tmp_path / "img",
+        tmp_path / "eval",
+        train_json=str(tmp_path / "train.json"),
+        shuffled_images=True,
+    )
     assert m["n"] == 16 and m["prior"]["accuracy"] == 0.25
     assert m["accuracy"] >= 0.75, m
     assert m["shuffled_images"]["accuracy"] <= 0.5, m

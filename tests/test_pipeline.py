@@ -72,8 +72,13 @@ def test_fingerprints_decide_skip_resume_and_rerun(tmp_path):
     assert [changed[s] for s in AFTER_STAGE2] == ["fresh"] * len(AFTER_STAGE2)
     # the LLaVA finetune of one encoder: only that encoder's finetune and eval, then the report
     changed = plan(out, "mllm.finetune.overrides=[train.lr=0.0001]")
-    assert {s for s, d in changed.items() if d != "skip"} == {"finetune_baseline", "eval_baseline", "finetune_llm2clip",
-                                                              "eval_llm2clip", "report"}  # fmt: skip
+    assert {s for s, d in changed.items() if d != "skip"} == {
+        "finetune_baseline",
+        "eval_baseline",
+        "finetune_llm2clip",
+        "eval_llm2clip",
+        "report",
+    }
     # a stage-1 setting re-runs everything but the data
     changed = plan(out, "stage1.overrides=[train.lr=0.0001]")
     assert changed["data"] == "skip" and changed["baseline"] == "skip" and changed["stage1"] == "fresh"
@@ -100,8 +105,19 @@ def test_bad_pipeline_configs_are_named(tmp_path, capsys):
         == 2
     )
     assert "exactly one of baseline.clip" in capsys.readouterr().err
-    assert main(["pipeline", "--config", QUICK, f"run.output_dir={tmp_path}", "stage2.overrides=[train.lrr=1]",
-                 "--dry-run"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "pipeline",
+                "--config",
+                QUICK,
+                f"run.output_dir={tmp_path}",
+                "stage2.overrides=[train.lrr=1]",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "train.lrr" in err and "stage2/configs/quick.yaml" in err
 
@@ -228,8 +244,15 @@ def test_each_step_runs_its_resolved_config_file_which_every_command_loads(tmp_p
             cmd = command_line(s.argv, s.launch)
             assert cmd[-len(s.argv) + 1 :] == s.argv[1:] and cmd[: len(s.launch or [])] == (s.launch or [])
             commands.add(" ".join(s.argv[1 : s.argv.index("--config")]))
-    assert commands == {"stage1", "clip pretrain", "stage2 cache", "stage2 train", "stage2 eval", "mllm pretrain",
-                        "mllm finetune"}  # fmt: skip
+    assert commands == {
+        "stage1",
+        "clip pretrain",
+        "stage2 cache",
+        "stage2 train",
+        "stage2 eval",
+        "mllm pretrain",
+        "mllm finetune",
+    }
     paper = load_pipeline(
         str(ROOT / "pipeline" / "configs" / "paper.yaml"), [f"run.output_dir={tmp_path / 'p'}"]
     )
@@ -376,8 +399,10 @@ def test_report_says_whether_each_llava_reads_the_image(tmp_path):
 
     out = tmp_path / "run"
     n = 60
-    vqa = [{"question": "What color is the circle?", "answers": ["red" if i % 2 else "blue"], "image_path": "x"}
-           for i in range(n)]  # fmt: skip
+    vqa = [
+        {"question": "What color is the circle?", "answers": ["red" if i % 2 else "blue"], "image_path": "x"}
+        for i in range(n)
+    ]
     (out / "data" / "llava").mkdir(parents=True)  # the prior: "red" for colour questions
     conv = [{"from": "human", "value": "What color is the square?"}, {"from": "gpt", "value": "red"}]
     (out / "data" / "llava" / "instruct.json").write_text(json.dumps([{"conversations": conv}]))
@@ -394,8 +419,10 @@ def test_report_says_whether_each_llava_reads_the_image(tmp_path):
         for task, fn in (("l2c_vqa", right), ("l2c_vqa_shuffled", other)):
             rows = [{"doc_id": i, "exact_match": float(fn(i))} for i in range(n)]
             (folder / f"x_samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        rows = [{"doc_id": i, "pope_accuracy": float(pope_ok(i)), "pope_yes_ratio": float(said_yes(i))}
-                for i in range(40)]  # fmt: skip
+        rows = [
+            {"doc_id": i, "pope_accuracy": float(pope_ok(i)), "pope_yes_ratio": float(said_yes(i))}
+            for i in range(40)
+        ]
         (folder / "x_samples_l2c_pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     use = image_use(out)
     b, l_ = use["baseline"], use["llm2clip"]

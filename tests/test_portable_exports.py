@@ -110,7 +110,11 @@ def test_config_has_rope_theta_and_rope_scaling_at_the_top_level(exported):
     )
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}
     assert portable_config({"rope_parameters": llama3})["rope_scaling"] == {
-        "type": "llama3", "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}  # fmt: skip
+        "type": "llama3",
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+    }
 
 
 def _keys(folder):
@@ -152,10 +156,36 @@ def test_vision_towers_are_written_under_vision_model_and_both_layouts_load(expo
     old_export = tmp_path / "old-vision-export"
     shutil.copytree(tmp_path / "old-layout", old_export)
     shutil.copy(new / "preprocessor_config.json", old_export)
-    assert main(["mllm", "build", "--vision", str(old_export), "--llm", str(exported.llm), "--out",
-                 str(tmp_path / "built-old")]) == 0  # fmt: skip
-    assert main(["mllm", "build", "--vision", str(new), "--llm", str(exported.llm), "--out",
-                 str(tmp_path / "built-new")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "build",
+                "--vision",
+                str(old_export),
+                "--llm",
+                str(exported.llm),
+                "--out",
+                str(tmp_path / "built-old"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "mllm",
+                "build",
+                "--vision",
+                str(new),
+                "--llm",
+                str(exported.llm),
+                "--out",
+                str(tmp_path / "built-new"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_mm_vision_tower_is_relative_and_the_folder_says_how_to_load_it(exported, tmp_path):
@@ -182,8 +212,21 @@ def test_a_vicuna_like_folder_with_only_tokenizer_model_builds(tmp_path, capsys)
     llm = save_tiny_sp_llama(tmp_path / "vicuna-like")
     assert not (llm / "tokenizer.json").exists()
     tiny_vision().save_pretrained(tmp_path / "vision")
-    assert main(["mllm", "build", "--vision", str(tmp_path / "vision"), "--llm", str(llm), "--out",
-                 str(tmp_path / "llava")]) == 0, capsys.readouterr().err  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "build",
+                "--vision",
+                str(tmp_path / "vision"),
+                "--llm",
+                str(llm),
+                "--out",
+                str(tmp_path / "llava"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     from transformers import AutoProcessor
 
     tok = AutoProcessor.from_pretrained(tmp_path / "llava").tokenizer

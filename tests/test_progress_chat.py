@@ -42,12 +42,31 @@ def test_interactive_chat_loads_once_and_answers_every_line(tmp_path, parts, syn
         "sys.stdin",
         io.StringIO(f"what colour ?\n/image {images[1]}\nhow many ?\n/image\ntext only\n\nnot read\n"),
     )
-    assert main(["mllm", "chat", "--model", str(tmp_path / "a"), "--image", str(images[0]), "--max-new-tokens", "3",
-                 "--interactive", "what shapes ?"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "mllm",
+                "chat",
+                "--model",
+                str(tmp_path / "a"),
+                "--image",
+                str(images[0]),
+                "--max-new-tokens",
+                "3",
+                "--interactive",
+                "what shapes ?",
+            ]
+        )
+        == 0
+    )
     answers = capsys.readouterr().out.splitlines()
     assert len(loads) == 1 and len(answers) == 4  # 4 questions, one load; the line after the empty one unread
     chat = chat_module.LlavaChat(tmp_path / "a")
-    want = [chat.answer(images[0], "what shapes ?", 3), chat.answer(images[0], "what colour ?", 3),
-            chat.answer(images[1], "how many ?", 3), chat.answer(None, "text only", 3)]  # fmt: skip
+    want = [
+        chat.answer(images[0], "what shapes ?", 3),
+        chat.answer(images[0], "what colour ?", 3),
+        chat.answer(images[1], "how many ?", 3),
+        chat.answer(None, "text only", 3),
+    ]
     assert answers == want
     assert main(["mllm", "chat", "--model", str(tmp_path / "a")]) == 2  # no question, not interactive

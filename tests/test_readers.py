@@ -96,15 +96,21 @@ def test_caption_pairs_without_root_read_text_only(tmp_path):
 def test_caption_pairs_with_several_short_captions(tmp_path):
     """A list under the short key (COCO's five captions of an image): the first is `short`, every one
     is in `shorts`; an empty list or a non-string item is a row problem naming the key and index."""
-    rows = [pair("a.jpg") | {"alternatives": ["one", "two", "three"]}, pair("b.jsonl") | {"alternatives": []},
-            pair("c.jpg") | {"alternatives": ["fine", ""]}, pair("d.jpg") | {"alternatives": ["x", 3]}]  # fmt: skip
+    rows = [
+        pair("a.jpg") | {"alternatives": ["one", "two", "three"]},
+        pair("b.jsonl") | {"alternatives": []},
+        pair("c.jpg") | {"alternatives": ["fine", ""]},
+        pair("d.jpg") | {"alternatives": ["x", 3]},
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError) as ei:
         read_caption_pairs(path, short_key="alternatives")
     got = {p.row: p.message for p in ei.value.problems}
-    assert got == {"line 2": "'alternatives' is an empty list; give at least one caption",
-                   "line 3": "'alternatives'[1] must be a non-empty string, got ''",
-                   "line 4": "'alternatives'[1] must be a non-empty string, got 3"}  # fmt: skip
+    assert got == {
+        "line 2": "'alternatives' is an empty list; give at least one caption",
+        "line 3": "'alternatives'[1] must be a non-empty string, got ''",
+        "line 4": "'alternatives'[1] must be a non-empty string, got 3",
+    }
     (first,) = read_caption_pairs(path, short_key="alternatives", on_bad_row="skip").items
     assert first.short == "one" and first.shorts == ("one", "two", "three")
     (plain,) = read_caption_pairs(write_jsonl(tmp_path / "p.jsonl", [pair("a.jpg")])).items
@@ -141,20 +147,37 @@ def karpathy(images: list[dict]) -> dict:
 
 
 def kimg(filename, split="test", sentences=("a red square", "red box on white"), filepath="a"):
-    return {"filepath": filepath, "filename": filename, "split": split,
-            "sentences": [{"raw": s} for s in sentences]}  # fmt: skip
+    return {
+        "filepath": filepath,
+        "filename": filename,
+        "split": split,
+        "sentences": [{"raw": s} for s in sentences],
+    }
 
 
 def test_karpathy_reads_split_and_reports_bad_entries(tmp_path, root):
     path = tmp_path / "k.json"
-    path.write_text(json.dumps(karpathy([kimg("1.jpg"), kimg("2.jpg", split="train"), kimg("3.jpg", sentences=()),
-                                         kimg("missing.jpg"), kimg("2.jpg", sentences=("ok", " "))])))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            karpathy(
+                [
+                    kimg("1.jpg"),
+                    kimg("2.jpg", split="train"),
+                    kimg("3.jpg", sentences=()),
+                    kimg("missing.jpg"),
+                    kimg("2.jpg", sentences=("ok", " ")),
+                ]
+            )
+        )
+    )
     with pytest.raises(DataError) as ei:
         read_karpathy(path, root, split="test")
     got = {p.row: p.message for p in ei.value.problems}
-    assert got == {"images[2]": "'sentences' must be a non-empty list",
-                   "images[4]": "sentences[1]: 'raw' is empty",
-                   "images[3]": got["images[3]"]}  # fmt: skip
+    assert got == {
+        "images[2]": "'sentences' must be a non-empty list",
+        "images[4]": "sentences[1]: 'raw' is empty",
+        "images[3]": got["images[3]"],
+    }
     assert got["images[3]"].startswith("image not found")
     rs = read_karpathy(path, root, split="test", on_bad_row="skip")
     assert rs.image_ids == ["a/1.jpg"] and rs.captions == ["a red square", "red box on white"]
@@ -171,11 +194,21 @@ def test_karpathy_unknown_split_lists_the_splits(tmp_path, root):
 
 def test_long_captions_in_every_published_layout(tmp_path, root):
     share4v = tmp_path / "share4v.json"
-    share4v.write_text(json.dumps([
-        {"id": "1", "image": "a/1.jpg", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
-                                                          {"from": "gpt", "value": "A very long caption."}]},
-        {"id": "2", "image": "a/2.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
-    ]))  # fmt: skip
+    share4v.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "1",
+                    "image": "a/1.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe."},
+                        {"from": "gpt", "value": "A very long caption."},
+                    ],
+                },
+                {"id": "2", "image": "a/2.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
+            ]
+        )
+    )
     with pytest.raises(DataError, match="item 1: no non-empty gpt turn"):
         read_long_captions(share4v, root)
     plain = tmp_path / "plain.json"

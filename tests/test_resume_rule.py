@@ -36,17 +36,38 @@ def test_a_key_added_later_at_its_original_value_changes_nothing():
     bf16 = {"text_encoder": {"path": "enc", "torch_dtype": "bfloat16"}, "train": {"lr": 1.0}}
     assert flat_config(old) == flat_config(auto) and not differences(old, auto)
     assert differences(old, bf16) == ["text_encoder.torch_dtype"]
-    assert fingerprint_keys(flat_config(auto)) == fingerprint_keys({"text_encoder.path": "enc", "train.lr": 1.0})
+    assert fingerprint_keys(flat_config(auto)) == fingerprint_keys(
+        {"text_encoder.path": "enc", "train.lr": 1.0}
+    )
     assert resume_key(flat_config(old)) == resume_key(flat_config(auto)) != resume_key(flat_config(bf16))
 
 
 def test_the_rule():
-    for key in ("run.resume", "run.root", "run.output_dir", "train.log_every", "train.save_every",
-                "train.keep_checkpoints", "train.report_to", "data.num_workers", "train.max_steps", "train.epochs",
-                "eval.batch_size", "export.dir"):  # fmt: skip
+    for key in (
+        "run.resume",
+        "run.root",
+        "run.output_dir",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.report_to",
+        "data.num_workers",
+        "train.max_steps",
+        "train.epochs",
+        "eval.batch_size",
+        "export.dir",
+    ):
         assert may_change_on_resume(key), key
-    for key in ("train.lr", "train.batch_size", "train.schedule", "model.name_or_path", "data.train", "run.seed",
-                "lora.r", "vision.name_or_path"):  # fmt: skip
+    for key in (
+        "train.lr",
+        "train.batch_size",
+        "train.schedule",
+        "model.name_or_path",
+        "data.train",
+        "run.seed",
+        "lora.r",
+        "vision.name_or_path",
+    ):
         assert not may_change_on_resume(key), key
     assert resume_key({"train.max_steps": 2, "train.lr": 1.0}) == resume_key(
         {"train.max_steps": 9, "train.lr": 1.0}

@@ -39,9 +39,20 @@ def save_tiny_clip(folder, seed=0):
 
     write_clip_tokenizer_files(folder)
     tok = CLIPTokenizer.from_pretrained(folder)
-    m = SimpleNamespace(text_width=32, mlp_ratio=2, text_layers=1, text_heads=2, context_length=77, projection_dim=16,
-                        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-                        attn_implementation="sdpa")  # fmt: skip
+    m = SimpleNamespace(
+        text_width=32,
+        mlp_ratio=2,
+        text_layers=1,
+        text_heads=2,
+        context_length=77,
+        projection_dim=16,
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(seed)
     build_clip(m, tok).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
@@ -103,8 +114,18 @@ def test_an_index_refuses_another_encoder(tmp_path, encoders, synth_dir, capsys)
     # another CLIP with other weights is another encoder too
     save_tiny_clip(tmp_path / "clip2", seed=1)
     capsys.readouterr()
-    rc = main(["search", "query", "--index", str(tmp_path / "idx"), "--text", "a red circle",
-               "--encoder", str(tmp_path / "clip2")])  # fmt: skip
+    rc = main(
+        [
+            "search",
+            "query",
+            "--index",
+            str(tmp_path / "idx"),
+            "--text",
+            "a red circle",
+            "--encoder",
+            str(tmp_path / "clip2"),
+        ]
+    )
     assert rc == 2 and "not comparable" in capsys.readouterr().err
 
 
@@ -165,8 +186,23 @@ def test_cli_index_and_compare_with_a_contact_sheet(tmp_path, encoders, synth_di
     from PIL import Image
 
     images = synth_dir / "images"
-    assert main(["search", "index", "--images", str(images), "--encoder", str(encoders / "clip"),
-                 "--out", str(tmp_path / "clip_idx"), "--kind", "hnsw"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "search",
+                "index",
+                "--images",
+                str(images),
+                "--encoder",
+                str(encoders / "clip"),
+                "--out",
+                str(tmp_path / "clip_idx"),
+                "--kind",
+                "hnsw",
+            ]
+        )
+        == 0
+    )
     assert "recall@10 vs exact" in capsys.readouterr().out
     meta = json.loads((tmp_path / "clip_idx" / "index.json").read_text())
     assert meta["kind"] == "hnsw" and 0 < meta["recall_vs_exact"]["recall"] <= 1
@@ -175,8 +211,24 @@ def test_cli_index_and_compare_with_a_contact_sheet(tmp_path, encoders, synth_di
     build_index(images, llm2clip_encoder(encoders), tmp_path / "l2c_idx", progress=False)
     query_image = images / list_images(images)[0]
     sheet = tmp_path / "cmp" / "sheet.png"
-    rc = main(["search", "query", "--index", str(tmp_path / "clip_idx"), "--compare", str(tmp_path / "l2c_idx"),
-               "--image", str(query_image), "--k", "4", "--sheet", str(sheet), "--json", str(tmp_path / "hits.json")])  # fmt: skip
+    rc = main(
+        [
+            "search",
+            "query",
+            "--index",
+            str(tmp_path / "clip_idx"),
+            "--compare",
+            str(tmp_path / "l2c_idx"),
+            "--image",
+            str(query_image),
+            "--k",
+            "4",
+            "--sheet",
+            str(sheet),
+            "--json",
+            str(tmp_path / "hits.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "clip: clip_idx" in out and "llm2clip: l2c_idx" in out
     with Image.open(sheet) as im:
@@ -186,5 +238,18 @@ def test_cli_index_and_compare_with_a_contact_sheet(tmp_path, encoders, synth_di
     assert all(len(h["results"][0]["hits"]) == 4 for h in hits)
     assert (tmp_path / "cmp" / "sheet.md").is_file()
     assert main(["search", "query", "--index", str(tmp_path / "clip_idx")]) == 2
-    assert main(["search", "index", "--images", str(tmp_path / "none"), "--encoder", str(encoders / "clip"),
-                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "search",
+                "index",
+                "--images",
+                str(tmp_path / "none"),
+                "--encoder",
+                str(encoders / "clip"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

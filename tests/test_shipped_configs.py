@@ -16,9 +16,17 @@ def test_configs_are_shipped_for_every_stage():
     folders = {c.path.relative_to(ROOT).parts[0] for c in CONFIGS}
     assert folders == {"stage1", "stage2", "mllm", "pipeline"}
     names = {c.path.relative_to(ROOT).as_posix() for c in CONFIGS}
-    for must in ("stage1/configs/demo.yaml", "stage1/configs/quick.yaml", "stage2/configs/demo.yaml",
-                 "stage2/configs/quick.yaml", "mllm/configs/demo_pretrain.yaml", "mllm/configs/demo_finetune.yaml",
-                 "pipeline/configs/demo.yaml", "pipeline/configs/quick.yaml", "pipeline/configs/paper.yaml"):  # fmt: skip
+    for must in (
+        "stage1/configs/demo.yaml",
+        "stage1/configs/quick.yaml",
+        "stage2/configs/demo.yaml",
+        "stage2/configs/quick.yaml",
+        "mllm/configs/demo_pretrain.yaml",
+        "mllm/configs/demo_finetune.yaml",
+        "pipeline/configs/demo.yaml",
+        "pipeline/configs/quick.yaml",
+        "pipeline/configs/paper.yaml",
+    ):
         assert must in names
 
 

@@ -55,8 +55,9 @@ def test_bidirectional_for_every_family_through_peft_and_merge(tiny_dirs, family
 
 def test_lora_targets_map_to_fused_projections(tiny_dirs):
     phi3 = TextEncoder.from_pretrained(tiny_dirs["phi3"], device="cpu")
-    assert lora_targets(phi3.model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) == [
-        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # fmt: skip
+    assert lora_targets(
+        phi3.model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     with pytest.raises(ValueError, match="its linear layers: .*qkv_proj"):
         lora_targets(phi3.model, ["c_attn"])
 
@@ -198,8 +199,16 @@ def test_llm2vec_format_folder_base_plus_adapter_chain(tiny_dirs, tmp_path):
     base = tiny_dirs["llama"]
     a1 = _random_adapter(base, tmp_path / "mntp", 1, ["q_proj", "k_proj", "v_proj"])
     a2 = _random_adapter(base, tmp_path / "supervised", 2, ["o_proj", "up_proj"])
-    (a2 / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "weighted_mean", "max_length": 64,
-                                                        "doc_max_length": 32, "skip_instruction": True}))  # fmt: skip
+    (a2 / "llm2vec_config.json").write_text(
+        json.dumps(
+            {
+                "pooling_mode": "weighted_mean",
+                "max_length": 64,
+                "doc_max_length": 32,
+                "skip_instruction": True,
+            }
+        )
+    )
     enc = TextEncoder.from_pretrained(base, adapters=[a1, a2], device="cpu")
     assert (enc.settings.pooling, enc.settings.max_length, enc.settings.doc_max_length) == (
         "weighted_mean",

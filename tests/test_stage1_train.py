@@ -25,7 +25,8 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def write_config(tmp_path: Path, base: Path, data: Path, out: Path, extra: str = "") -> Path:
     cfg = tmp_path / f"{out.name}.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
+    cfg.write_text(
+        textwrap.dedent(f"""\
         # l2c stage1 --config {cfg}
         # test config
         recipe: stage1
@@ -39,7 +40,9 @@ def write_config(tmp_path: Path, base: Path, data: Path, out: Path, extra: str =
           max_samples: 24
         train: {{lr: 1.0e-3, batch_size: 4, max_steps: 3, warmup_steps: 1, log_every: 1, save_every: 1, keep_checkpoints: 2}}
         eval: {{batch_size: 8}}
-        """) + extra)  # fmt: skip
+        """)
+        + extra
+    )
     return cfg
 
 
@@ -78,10 +81,19 @@ def test_contrastive_accumulation_matches_the_whole_batch(tmp_path, tiny_base, s
     runs = {}
     for name, batch, accum, cache in (("whole", 8, 1, True), ("cached", 4, 2, True), ("plain", 4, 2, False)):
         run = tmp_path / name
-        cfg = load_config(write_config(tmp_path, tiny_base, synth_dir, run),
-                          [f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.contrastive_accum={cache}",
-                           "train.max_steps=1", "train.warmup_steps=0", "eval.cra=false", "data.eval=null",
-                           "data.eval_pairs=null"])  # fmt: skip
+        cfg = load_config(
+            write_config(tmp_path, tiny_base, synth_dir, run),
+            [
+                f"train.batch_size={batch}",
+                f"train.grad_accum={accum}",
+                f"train.contrastive_accum={cache}",
+                "train.max_steps=1",
+                "train.warmup_steps=0",
+                "eval.cra=false",
+                "data.eval=null",
+                "data.eval_pairs=null",
+            ],
+        )
         Stage1Recipe(cfg).run()
         runs[name] = adapter_weights(run)
     for k, v in runs["whole"].items():
@@ -198,12 +210,16 @@ def test_caption_examples_and_general_text(tmp_path):
     assert caption_examples(pairs, "S2L", "L2S", seed=0) == ex  # fixed by the seed
 
     path = tmp_path / "general.jsonl"
-    path.write_text('{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Retrieve"}\n'
-                    '{"query": "q2", "positive": ""}\n\nnot json\n{"query": "q3", "positive": "p3"}\n')  # fmt: skip
+    path.write_text(
+        '{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Retrieve"}\n'
+        '{"query": "q2", "positive": ""}\n\nnot json\n{"query": "q3", "positive": "p3"}\n'
+    )
     with pytest.raises(DataError) as ei:
         general_text_examples(path)
     assert [(p.row, p.message) for p in ei.value.problems] == [
-        ("line 2", "'positive' is empty"), ("line 4", "invalid JSON: Expecting value (column 1)")]  # fmt: skip
+        ("line 2", "'positive' is empty"),
+        ("line 4", "invalid JSON: Expecting value (column 1)"),
+    ]
     path.write_text(
         '{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Retrieve"}\n{"query": "q3", "positive": "p3"}\n'
     )

@@ -13,9 +13,13 @@ from l2c_llava.stage2.cache import CacheError, TextFeatureCache, build_cache, en
 from .tiny_llm import save_tiny_llm
 
 CAPTIONS = [f"a red circle and {n} blue squares" for n in ("one", "two", "three", "four")] + [
-    "a large green star on a beige background", "two small pink hexagons", "an outlined black cross", "a cyan diamond",
-    "three orange triangles in the top left corner", "a white pentagon",
-]  # fmt: skip
+    "a large green star on a beige background",
+    "two small pink hexagons",
+    "an outlined black cross",
+    "a cyan diamond",
+    "three orange triangles in the top left corner",
+    "a white pentagon",
+]
 
 
 class FakeEncoder:
@@ -62,21 +66,40 @@ def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
     another compute dtype is not resumed into."""
     enc = TextEncoder.from_pretrained(encoder_dir, device="cpu", torch_dtype="bfloat16")
     assert next(enc.model.parameters()).dtype == torch.bfloat16
-    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False,
-                        load_encoder=lambda: enc, compute_dtype="bfloat16")  # fmt: skip
+    cache = build_cache(
+        tmp_path / "c",
+        CAPTIONS,
+        encoder_dir,
+        shard_size=4,
+        dtype="float32",
+        progress=False,
+        load_encoder=lambda: enc,
+        compute_dtype="bfloat16",
+    )
     assert cache.manifest["compute_dtype"] == "bfloat16"
     want = TextEncoder.from_pretrained(encoder_dir, device="cpu").encode(CAPTIONS)
     got = cache.features(range(10))
     assert got.dtype == torch.float32 and not torch.equal(got, want)  # really computed in bf16
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99
     with pytest.raises(CacheError, match="other compute_dtype"):
-        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False,
-                    load_encoder=FakeEncoder)  # fmt: skip
-    old = build_cache(tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False)
+        build_cache(
+            tmp_path / "c",
+            CAPTIONS,
+            encoder_dir,
+            shard_size=4,
+            dtype="float32",
+            progress=False,
+            load_encoder=FakeEncoder,
+        )
+    old = build_cache(
+        tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
+    )
     manifest = json.loads((old.folder / "manifest.json").read_text())
     del manifest["compute_dtype"]  # a cache written before the key existed is still reused as "auto"
     (old.folder / "manifest.json").write_text(json.dumps(manifest))
-    build_cache(tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False)
+    build_cache(
+        tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
+    )
 
 
 def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
@@ -198,8 +221,11 @@ def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, encoder_d
     from l2c_llava.stage2.train import ShardImages
 
     pairs = read_caption_pairs(synth_dir / "captions" / "val.jsonl", synth_dir / "images")
-    write_shards([(f"{i:05d}", p.image_path, p.short, p.long) for i, p in enumerate(pairs)], tmp_path / "wds",
-                 per_shard=4)  # fmt: skip
+    write_shards(
+        [(f"{i:05d}", p.image_path, p.short, p.long) for i, p in enumerate(pairs)],
+        tmp_path / "wds",
+        per_shard=4,
+    )
     # corrupt the image of the first sample of shard 1 (same size, garbage bytes)
     shard = tmp_path / "wds" / "00001.tar"
     with tarfile.open(shard) as tar:
@@ -228,6 +254,11 @@ data: {{format: webdataset, train: "{tmp_path}/wds/{{00000..{n - 1:05d}}}.tar"}}
     assert list(bad) == [f"00001.tar/{bad_key}"]
     # training streams the shards and leaves the bad sample out (its caption has no feature: it would fail)
     c = load_config(cfg, ["data.on_bad_row=skip"])
-    ds = ShardImages(expand_shards(c.data.train), TextFeatureCache(tmp_path / "cache" / "train"),
-                     TrainTransform(32), seed=0, share=0.5)  # fmt: skip
+    ds = ShardImages(
+        expand_shards(c.data.train),
+        TextFeatureCache(tmp_path / "cache" / "train"),
+        TrainTransform(32),
+        seed=0,
+        share=0.5,
+    )
     assert len(list(ds)) == len(pairs) - 1

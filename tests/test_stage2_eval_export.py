@@ -107,8 +107,13 @@ def test_eval_refuses_a_cache_of_another_encoder_and_a_non_clip_baseline(trained
     other.mkdir()
     (other / "config.json").write_text('{"other": 1}')
     long = read_long_captions(cfg.data.eval_long, cfg.data.eval_image_root, image_check="none")
-    build_cache(tmp_path / "cache" / "eval_long", long.captions, other, load_encoder=lambda: FakeEncoder(dim=12),
-                progress=False)  # fmt: skip
+    build_cache(
+        tmp_path / "cache" / "eval_long",
+        long.captions,
+        other,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
     args = [
         "stage2",
         "eval",
@@ -155,8 +160,14 @@ def release_folder(path, text_dim=12, proj=16):
     / text_adapter.adaptor.* tensors, no preprocessor_config.json."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8)  # fmt: skip
+    vcfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(5)
     model = LLM2CLIPModel.from_vision_tower(
         CLIPVisionModel(vcfg), text_dim, projection_dim=proj, num_blocks=4
@@ -164,11 +175,19 @@ def release_folder(path, text_dim=12, proj=16):
     path.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "logit_scale"}
     save_file(state, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": proj,
-        "auto_map": {"AutoModel": "modeling_llm2clip.LLM2CLIPModel"}, "vision_config": vcfg.to_dict(),
-        "text_config": {"hidden_size": 32}, "logit_scale_init_value": 2.6592,
-    }))  # fmt: skip
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LLM2CLIPModel"],
+                "model_type": "clip",
+                "projection_dim": proj,
+                "auto_map": {"AutoModel": "modeling_llm2clip.LLM2CLIPModel"},
+                "vision_config": vcfg.to_dict(),
+                "text_config": {"hidden_size": 32},
+                "logit_scale_init_value": 2.6592,
+            }
+        )
+    )
     (path / "modeling_llm2clip.py").write_text("raise SystemExit('remote code must not run')\n")
     return model
 
@@ -184,8 +203,11 @@ def test_import_a_released_checkpoint_folder(tmp_path, capsys):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(vision.eval()(pixel_values=x).pooler_output,
-                              original.vision_model(pixel_values=x).pooler_output, atol=1e-5)  # fmt: skip
+        assert torch.allclose(
+            vision.eval()(pixel_values=x).pooler_output,
+            original.vision_model(pixel_values=x).pooler_output,
+            atol=1e-5,
+        )
     whole = LLM2CLIP.from_pretrained(outs["llm2clip"])
     feats = torch.randn(3, 12)
     with torch.no_grad():
@@ -221,8 +243,14 @@ def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
     # resuming a run with the features of another encoder: the config check names the changed key,
     # and a checkpoint of another shape is refused with the tensor that does not fit
     pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
-    build_cache(tmp_path / "cache" / "train", pair_captions(pairs), encoder, shard_size=64,
-                load_encoder=lambda: FakeEncoder(dim=10), progress=False)  # fmt: skip
+    build_cache(
+        tmp_path / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=64,
+        load_encoder=lambda: FakeEncoder(dim=10),
+        progress=False,
+    )
     other = load_config(cfg_path, [f"cache.dir={tmp_path / 'cache'}", "train.max_steps=4"])
     with pytest.raises(ValueError, match="another config .*cache.dir"):
         Stage2Recipe(other).run()

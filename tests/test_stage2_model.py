@@ -16,8 +16,15 @@ from l2c_llava.stage2.retrieval import recall_at_k
 def tiny_vision():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     return CLIPVisionModel(cfg)
 
@@ -43,8 +50,14 @@ def test_adapter_shapes_and_residual_structure():
     assert 270e6 < n < 276e6
     # parameter names of the released checkpoints (microsoft/LLM2CLIP-Openai-L-14-336)
     names = set(TextAdapter(8, 4, num_blocks=2).state_dict())
-    assert {"adaptor.0.ln.weight", "adaptor.0.fn.0.weight", "adaptor.1.fn.3.bias", "adaptor.2.weight",
-            "adaptor.3.weight", "adaptor.3.bias"} <= names  # fmt: skip
+    assert {
+        "adaptor.0.ln.weight",
+        "adaptor.0.fn.0.weight",
+        "adaptor.1.fn.3.bias",
+        "adaptor.2.weight",
+        "adaptor.3.weight",
+        "adaptor.3.bias",
+    } <= names
 
 
 def test_model_features_and_logit_scale():
@@ -107,8 +120,9 @@ def _worker(rank, world, port, img, txt, sizes, out):
     res = {}
     for local in (True, False):
         for with_grad in (True, False):
-            res[(local, with_grad)] = clip_loss(img[lo:hi], txt[lo:hi], torch.tensor(10.0), local_loss=local,
-                                                gather_with_grad=with_grad).item()  # fmt: skip
+            res[(local, with_grad)] = clip_loss(
+                img[lo:hi], txt[lo:hi], torch.tensor(10.0), local_loss=local, gather_with_grad=with_grad
+            ).item()
     out[rank] = res
     dist.destroy_process_group()
 
@@ -145,9 +159,13 @@ def brute_force_recall(sim, owner, k):
 
 def test_recall_at_k_on_a_hand_made_matrix_and_against_brute_force():
     # 3 images, 6 captions (2 each). sim[i, j] = image i vs caption j, made by hand:
-    sim = torch.tensor([[0.9, 0.1, 0.8, 0.0, 0.2, 0.3],   # image 0: best caption 0 (its own) -> i2t rank 0
-                        [0.5, 0.4, 0.1, 0.2, 0.6, 0.0],   # image 1: own captions 2,3 score 0.1,0.2 -> rank 4
-                        [0.1, 0.2, 0.3, 0.9, 0.7, 0.8]])  # image 2: own 4,5 score .7/.8, caption 3 .9 above -> rank 1  # fmt: skip
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.0, 0.2, 0.3],  # image 0: best caption 0 (its own) -> i2t rank 0
+            [0.5, 0.4, 0.1, 0.2, 0.6, 0.0],  # image 1: own captions 2,3 score 0.1,0.2 -> rank 4
+            [0.1, 0.2, 0.3, 0.9, 0.7, 0.8],
+        ]
+    )  # image 2: own 4,5 score .7/.8, caption 3 .9 above -> rank 1
     owner = [0, 0, 1, 1, 2, 2]
     img = torch.eye(3)  # image_emb @ text_emb.T == sim with these embeddings
     r = recall_at_k(img, sim.T.contiguous(), owner, ks=(1, 2, 5))

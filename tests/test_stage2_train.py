@@ -27,8 +27,14 @@ def setup(tmp_path_factory, synth_dir):
     encoder.mkdir()
     (encoder / "config.json").write_text("{}")  # the fake encoder's identity for the fingerprint
     pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
-    build_cache(root / "cache" / "train", pair_captions(pairs), encoder, shard_size=32,
-                load_encoder=lambda: FakeEncoder(dim=12), progress=False)  # fmt: skip
+    build_cache(
+        root / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=32,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
     return root, vision_dir, encoder, pairs
 
 
@@ -97,8 +103,14 @@ def test_webdataset_shards_are_streamed_in_training(tmp_path, setup, synth_dir):
         per_shard=20,
     )
     pattern = str(tmp_path / "wds" / f"{{00000..{len(shards) - 1:05d}}}.tar")
-    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "wds_run", ["data.format=webdataset", f"data.train={pattern}",
-                                                                             "train.max_steps=3"])  # fmt: skip
+    cfg = config(
+        root,
+        vision_dir,
+        encoder,
+        synth_dir,
+        tmp_path / "wds_run",
+        ["data.format=webdataset", f"data.train={pattern}", "train.max_steps=3"],
+    )
     assert Stage2Recipe(cfg).run()["steps"] == 3
 
 
@@ -151,14 +163,22 @@ def test_several_short_captions_per_image_are_cached_once_and_drawn_in_turn(tmp_
     distinct caption once, and training draws every one of an image's short captions across epochs."""
     from l2c_llava.stage2.train import PairImages
 
-    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives")
+    pairs = read_caption_pairs(
+        synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives"
+    )
     assert all(len(p.shorts) == 5 for p in pairs)
     captions = pair_captions(pairs)
     assert len(captions) == len(set(captions)) == len({c for p in pairs for c in (*p.shorts, p.long)})
     assert captions[:2] == [pairs[0].short, pairs[0].long]
     row = {c: i for i, c in enumerate(captions)}
-    ds = PairImages(pairs.items, [[row[c] for c in p.shorts] for p in pairs], [row[p.long] for p in pairs],
-                    lambda img: 0, seed=0, share=0.0)  # fmt: skip
+    ds = PairImages(
+        pairs.items,
+        [[row[c] for c in p.shorts] for p in pairs],
+        [row[p.long] for p in pairs],
+        lambda img: 0,
+        seed=0,
+        share=0.0,
+    )
     seen = set()
     for epoch in range(40):
         ds.epoch = epoch
@@ -172,9 +192,17 @@ def test_train_on_several_short_captions(tmp_path, synth_dir):
     encoder = root / "encoder"
     encoder.mkdir()
     (encoder / "config.json").write_text("{}")
-    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives")
-    build_cache(root / "cache" / "train", pair_captions(pairs), encoder, shard_size=64,
-                load_encoder=lambda: FakeEncoder(dim=12), progress=False)  # fmt: skip
+    pairs = read_caption_pairs(
+        synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives"
+    )
+    build_cache(
+        root / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=64,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
     cfg = config(root, root / "vision", encoder, synth_dir, root / "run", ["data.short_key=alternatives"])
     assert Stage2Recipe(cfg).run()["steps"] == 4
 
@@ -194,9 +222,17 @@ def test_dense_share_and_reproducible_choices():
 def test_vision_tower_from_a_clip_model_folder(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=8),
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    cfg = CLIPConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+    )
     CLIPModel(cfg).save_pretrained(tmp_path / "clip")
     tower = load_vision_tower(str(tmp_path / "clip"))
     model = LLM2CLIPModel.from_vision_tower(tower, text_dim=8, projection_dim=4, num_blocks=1)
@@ -265,16 +301,32 @@ def test_resume_refuses_a_changed_config(tmp_path, setup, synth_dir):
             root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2", "train.log_every=2"]
         )
     ).run()
-    assert Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "r",
-                               ["train.max_steps=2", "train.lr=5e-4", "run.resume=false"])).run()["steps"] == 2  # fmt: skip
+    assert (
+        Stage2Recipe(
+            config(
+                root,
+                vision_dir,
+                encoder,
+                synth_dir,
+                tmp_path / "r",
+                ["train.max_steps=2", "train.lr=5e-4", "run.resume=false"],
+            )
+        ).run()["steps"]
+        == 2
+    )
 
 
 def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, setup, synth_dir):
     """batch 4 x 2 accumulated with GradCache = batch 8 in one pass: same loss, same weights."""
     root, vision_dir, encoder, _ = setup
     one = ["train.max_steps=1", "train.batch_size=8", "train.grad_clip=null"]
-    acc = ["train.max_steps=1", "train.batch_size=4", "train.grad_accum=2", "train.contrastive_accum=true",
-           "train.grad_clip=null"]  # fmt: skip
+    acc = [
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.contrastive_accum=true",
+        "train.grad_clip=null",
+    ]
     Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "whole", one)).run()
     Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "accum", acc)).run()
     la = json.loads((tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()[0])

@@ -20,8 +20,16 @@ def fake_run(root: Path, export: str | None = None) -> Path:
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"recipe": "stage2", "export": {"dir": export}}))
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     image_size=32, patch_size=16)).save_pretrained(export_dir(run) / "vision")  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        )
+    ).save_pretrained(export_dir(run) / "vision")
     return run
 
 
@@ -58,13 +66,49 @@ def test_paper_mllm_configs_name_the_stage2_run_not_a_path_inside_it():
 def test_the_run_folder_layout_keeps_its_paths():
     """Run folders written before `layout.PipelineRun` stay readable: the same paths."""
     r = PipelineRun(Path("o"))
-    got = [r.data, r.stage1_encoder, r.stage1_metrics, r.clip_model, r.text_features, r.retrieval_metrics,
-           r.retrieval_md, r.export("vision"), r.health_json, r.llava("llm2clip", "pretrain"), r.eval_results("baseline"),
-           r.lmms_eval("baseline"), r.report_md, r.report_json, r.plots, r.state, r.step_config("stage2"),
-           r.connectors, r.caption_filter, r.search, r.demo_search]  # fmt: skip
+    got = [
+        r.data,
+        r.stage1_encoder,
+        r.stage1_metrics,
+        r.clip_model,
+        r.text_features,
+        r.retrieval_metrics,
+        r.retrieval_md,
+        r.export("vision"),
+        r.health_json,
+        r.llava("llm2clip", "pretrain"),
+        r.eval_results("baseline"),
+        r.lmms_eval("baseline"),
+        r.report_md,
+        r.report_json,
+        r.plots,
+        r.state,
+        r.step_config("stage2"),
+        r.connectors,
+        r.caption_filter,
+        r.search,
+        r.demo_search,
+    ]
     assert [p.as_posix() for p in got] == [
-        "o/data", "o/stage1/encoder", "o/stage1/metrics.json", "o/clip/model", "o/text_features",
-        "o/stage2/metrics.json", "o/stage2/retrieval.md", "o/export/vision", "o/health/health.json",
-        "o/mllm/llm2clip/pretrain", "o/eval/baseline/results.json", "o/eval/baseline/lmms_eval", "o/report.md",
-        "o/report.json", "o/plots", "o/pipeline/state.json", "o/pipeline/configs/stage2.yaml", "o/connectors",
-        "o/filter", "o/search", "o/demo_search"]  # fmt: skip
+        "o/data",
+        "o/stage1/encoder",
+        "o/stage1/metrics.json",
+        "o/clip/model",
+        "o/text_features",
+        "o/stage2/metrics.json",
+        "o/stage2/retrieval.md",
+        "o/export/vision",
+        "o/health/health.json",
+        "o/mllm/llm2clip/pretrain",
+        "o/eval/baseline/results.json",
+        "o/eval/baseline/lmms_eval",
+        "o/report.md",
+        "o/report.json",
+        "o/plots",
+        "o/pipeline/state.json",
+        "o/pipeline/configs/stage2.yaml",
+        "o/connectors",
+        "o/filter",
+        "o/search",
+        "o/demo_search",
+    ]

@@ -14,8 +14,15 @@ import torch
 from l2c_llava.train.accelerator import make_accelerator
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 
-TRAIN = dict(optimizer="adamw", schedule="constant", warmup_steps=0, warmup_ratio=None, grad_clip=1.0,
-             log_every=2, save_every=3)  # fmt: skip
+TRAIN = dict(
+    optimizer="adamw",
+    schedule="constant",
+    warmup_steps=0,
+    warmup_ratio=None,
+    grad_clip=1.0,
+    log_every=2,
+    save_every=3,
+)
 
 
 def _data(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +81,20 @@ def _train(acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list
         sched.load_state_dict(checkpoints[step]["sched"])
         return step
 
-    state = prepare_training(acc, model, list(model.parameters()), total, train, run_dir, resume=True,
-                             load_checkpoint=load, micro_batch=2, accum=2, output=None, lr=0.1)  # fmt: skip
+    state = prepare_training(
+        acc,
+        model,
+        list(model.parameters()),
+        total,
+        train,
+        run_dir,
+        resume=True,
+        load_checkpoint=load,
+        micro_batch=2,
+        accum=2,
+        output=None,
+        lr=0.1,
+    )
     x, y = _data()
 
     def steps():
@@ -87,12 +106,22 @@ def _train(acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list
 
     def save(step: int) -> None:
         saved.append(step)
-        checkpoints[step] = copy.deepcopy({"model": model.state_dict(), "opt": state.opt.state_dict(),
-                                           "sched": state.sched.state_dict()})  # fmt: skip
+        checkpoints[step] = copy.deepcopy(
+            {"model": model.state_dict(), "opt": state.opt.state_dict(), "sched": state.sched.state_dict()}
+        )
 
-    last = train_loop(acc, state, total, steps(), lambda micro: accumulate_gradients(acc, micro, lambda b: _mse(model, b), 2),
-                      lambda loss: StepReport({}, {"extra": 1}, {"tracked_only": 2}), params=list(model.parameters()),
-                      train=train, save_checkpoint=save, desc="test")  # fmt: skip
+    last = train_loop(
+        acc,
+        state,
+        total,
+        steps(),
+        lambda micro: accumulate_gradients(acc, micro, lambda b: _mse(model, b), 2),
+        lambda loss: StepReport({}, {"extra": 1}, {"tracked_only": 2}),
+        params=list(model.parameters()),
+        train=train,
+        save_checkpoint=save,
+        desc="test",
+    )
     return model, last
 
 

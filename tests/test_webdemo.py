@@ -44,8 +44,12 @@ def demo_run(tmp_path_factory, synth_dir):
         tower = run / f"tower-{enc}"
         tiny_vision().save_pretrained(tower)
         model, proc = build_llava(tower, SimpleNamespace(name_or_path=str(run / "llm")))
-        save_llava(model, proc, run / "mllm" / enc / "finetune" / "model",
-                   {"template": "vicuna_v1", "image_aspect_ratio": "pad", "vision_tower": str(tower)})  # fmt: skip
+        save_llava(
+            model,
+            proc,
+            run / "mllm" / enc / "finetune" / "model",
+            {"template": "vicuna_v1", "image_aspect_ratio": "pad", "vision_tower": str(tower)},
+        )
     save_tiny_clip(run / "clip" / "model", seed=0)
     save_tiny_clip(run / "llm2clip-clip", seed=1)
     shutil.copytree(synth_dir / "images", run / "data" / "images")
@@ -68,8 +72,10 @@ def test_default_setup_reads_the_run_layout(demo_run):
     assert s.images == str(demo_run / "data" / "images")
 
 
-@pytest.mark.skipif(chromium() is None or importlib.util.find_spec("playwright") is None,
-                    reason="needs Chromium and playwright")  # fmt: skip
+@pytest.mark.skipif(
+    chromium() is None or importlib.util.find_spec("playwright") is None,
+    reason="needs Chromium and playwright",
+)
 def test_both_llavas_answer_in_the_browser_and_search_shows_both_encoders(demo_run):
     import numpy as np
     from playwright.sync_api import sync_playwright
@@ -103,8 +109,10 @@ def test_both_llavas_answer_in_the_browser_and_search_shows_both_encoders(demo_r
             page.locator("#question textarea").fill(question)
             page.locator("#ask").click()
             boxes = [page.locator(f"#answer-{i} textarea") for i in range(2)]
-            page.wait_for_function("() => [0, 1].every(i => document.querySelector(`#answer-${i} textarea`).value !== '')",
-                                   timeout=60000)  # fmt: skip
+            page.wait_for_function(
+                "() => [0, 1].every(i => document.querySelector(`#answer-${i} textarea`).value !== '')",
+                timeout=60000,
+            )
             got = [b.input_value() for b in boxes]
             page.screenshot(path=str(shot), full_page=True)
             assert received and received[-1] is not None  # the page sent the picked image
@@ -115,10 +123,15 @@ def test_both_llavas_answer_in_the_browser_and_search_shows_both_encoders(demo_r
             page.get_by_role("tab", name="Search").click()
             page.locator("#query textarea").fill("two blue squares")
             page.locator("#search").click()
-            page.wait_for_function("() => [0, 1].every(i => document.querySelectorAll(`#hits-${i} img`).length > 0)",
-                                   timeout=120000)  # fmt: skip
-            page.wait_for_function("() => [...document.querySelectorAll('[id^=hits-] img')].every(i => i.complete "
-                                   "&& i.naturalWidth > 0)", timeout=60000)  # fmt: skip
+            page.wait_for_function(
+                "() => [0, 1].every(i => document.querySelectorAll(`#hits-${i} img`).length > 0)",
+                timeout=120000,
+            )
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('[id^=hits-] img')].every(i => i.complete "
+                "&& i.naturalWidth > 0)",
+                timeout=60000,
+            )
             page.screenshot(path=str(demo_run / "demo_search_screenshot.png"), full_page=True)
             browser.close()
         assert shot.stat().st_size > 10_000

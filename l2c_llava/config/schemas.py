@@ -38,8 +38,11 @@ class RunSection(Section):
     output_dir: str = Field(description="run folder: checkpoints, metrics, resolved config")
     seed: int = 42
     resume: bool = Field(True, description="pick up from the last checkpoint in output_dir if there is one")
-    root: str | None = Field(None, description="folder the command runs in: the config's relative paths "
-                             "(output_dir, data, ...) are taken from there; default: the current folder")
+    root: str | None = Field(
+        None,
+        description="folder the command runs in: the config's relative paths "
+        "(output_dir, data, ...) are taken from there; default: the current folder",
+    )
 
 
 class LLMSection(Section):
@@ -88,7 +91,9 @@ class TrainSection(Section):
         "adamw", description="adamw_8bit: bitsandbytes' 8-bit AdamW (CUDA only), ~75% less optimizer memory"
     )
     report_to: list[
-        Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
+        Literal[
+            "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+        ]
     ] = Field(
         default_factory=list,
         description="experiment trackers (accelerate's): loss, lr, throughput and eval metrics, the resolved "
@@ -104,8 +109,13 @@ class TrainSection(Section):
     def schedule_problems(self, prefix: str = "train") -> list[tuple[str, Any, str]]:
         out = []
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            out.append((f"{prefix}.warmup_ratio", self.warmup_ratio,
-                        f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both"))  # fmt: skip
+            out.append(
+                (
+                    f"{prefix}.warmup_ratio",
+                    self.warmup_ratio,
+                    f"set either {prefix}.warmup_steps or {prefix}.warmup_ratio, not both",
+                )
+            )
         return out
 
 
@@ -214,9 +224,15 @@ class Stage1Config(RecipeConfig):
         if self.data.short_key == self.data.long_key:
             out.append(("data.long_key", self.data.long_key, "must differ from data.short_key"))
         if self.model.load_in_4bit and self.output.merge_weights:
-            out.append(("output.merge_weights", True, "with model.load_in_4bit the adapter would be merged into "
-                        "4-bit-rounded weights; keep the adapter (merge_weights=false) and merge it into the "
-                        "full-precision base later"))  # fmt: skip
+            out.append(
+                (
+                    "output.merge_weights",
+                    True,
+                    "with model.load_in_4bit the adapter would be merged into "
+                    "4-bit-rounded weights; keep the adapter (merge_weights=false) and merge it into the "
+                    "full-precision base later",
+                )
+            )
         if self.eval.cra and not self.data.eval:
             out.append(
                 ("data.eval", None, "eval.cra is on: give a test set (data.eval) or set eval.cra=false")
@@ -237,8 +253,9 @@ class TextEncoderRef(Section):
     batch_size: PositiveInt = 64
     max_length: PositiveInt | None = Field(None, description="default: the encoder's own")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="the frozen encoder's compute dtype while caching (auto: bf16 weights on a GPU, "
-        "float32 on the CPU; bfloat16 on a CPU with native bf16, e.g. AVX512-BF16 or AMX, is about 1.8x faster)"
+        "auto",
+        description="the frozen encoder's compute dtype while caching (auto: bf16 weights on a GPU, "
+        "float32 on the CPU; bfloat16 on a CPU with native bf16, e.g. AVX512-BF16 or AMX, is about 1.8x faster)",
     )
 
 
@@ -333,9 +350,12 @@ class Stage2Eval(Section):
 
 
 class Stage2Export(Section):
-    dir: str | None = Field(None, description="where `l2c export vision|llm2clip --run RUN` write (vision/, "
-                            "llm2clip/) and where a stage-2 run given as a vision tower is read; default: "
-                            "<run.output_dir>/export")  # fmt: skip
+    dir: str | None = Field(
+        None,
+        description="where `l2c export vision|llm2clip --run RUN` write (vision/, "
+        "llm2clip/) and where a stage-2 run given as a vision tower is read; default: "
+        "<run.output_dir>/export",
+    )
 
 
 class Stage2Config(RecipeConfig):
@@ -489,9 +509,12 @@ class MllmConfig(RecipeConfig):
             )
         if t.projector_lr is not None and t.tune == "projector":
             out.append(
-                ("train.projector_lr", t.projector_lr,
-                 "not used with tune=projector (the projector is all that trains): set train.lr")
-            )  # fmt: skip
+                (
+                    "train.projector_lr",
+                    t.projector_lr,
+                    "not used with tune=projector (the projector is all that trains): set train.lr",
+                )
+            )
         if t.vision_lr is not None and t.freeze_vision_tower:
             out.append(
                 ("train.vision_lr", t.vision_lr, "the tower is frozen: set train.freeze_vision_tower=false")
@@ -499,9 +522,15 @@ class MllmConfig(RecipeConfig):
         if self.data.template == "plain" and t.stage == "finetune":
             out.append(("data.template", "plain", "the finetune stage uses a chat template: vicuna_v1"))
         if self.model.llm.load_in_4bit and t.tune != "lora":
-            out.append(("model.llm.load_in_4bit", True, "QLoRA trains LoRA adapters on the 4-bit LLM: use "
-                        "train.tune=lora (a 4-bit LLM cannot be trained in full, nor is it needed to pretrain the "
-                        "projector)"))  # fmt: skip
+            out.append(
+                (
+                    "model.llm.load_in_4bit",
+                    True,
+                    "QLoRA trains LoRA adapters on the 4-bit LLM: use "
+                    "train.tune=lora (a 4-bit LLM cannot be trained in full, nor is it needed to pretrain the "
+                    "projector)",
+                )
+            )
         return out
 
 
@@ -689,8 +718,13 @@ class PipelineConfig(RecipeConfig):
         out = []
         b = self.baseline
         if (b.clip is None) == (b.vision is None):
-            out.append(("baseline", b.model_dump(), "give exactly one of baseline.clip (train one) and "
-                        "baseline.vision (use one as is)"))  # fmt: skip
+            out.append(
+                (
+                    "baseline",
+                    b.model_dump(),
+                    "give exactly one of baseline.clip (train one) and baseline.vision (use one as is)",
+                )
+            )
         if self.data.synth_images is not None and self.data.dir is not None:
             out.append(("data.dir", self.data.dir, "give data.synth_images or data.dir, not both"))
         local = [t for t in self.eval.tasks if t.startswith("l2c_") or t == "local"]

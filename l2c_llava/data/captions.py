@@ -13,21 +13,51 @@ import random
 
 from l2c_llava.data.scenes import COLOURS, PLURAL, POSITIONS, SHAPES, Group, Scene
 
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-                "nineteen", "twenty"]  # fmt: skip
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
 POSITION_PHRASE = {
-    "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
-    "left": "on the left side", "center": "in the center", "right": "on the right side",
-    "bottom left": "in the bottom left corner", "bottom": "at the bottom", "bottom right": "in the bottom right corner",
-}  # fmt: skip
+    "top left": "in the top left corner",
+    "top": "at the top",
+    "top right": "in the top right corner",
+    "left": "on the left side",
+    "center": "in the center",
+    "right": "on the right side",
+    "bottom left": "in the bottom left corner",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right corner",
+}
 POSITION_ANSWERS = {
-    "top left": ["top left", "upper left", "top-left"], "top": ["top", "top center", "top middle"],
-    "top right": ["top right", "upper right", "top-right"], "left": ["left", "middle left", "center left"],
-    "center": ["center", "middle", "centre"], "right": ["right", "middle right", "center right"],
-    "bottom left": ["bottom left", "lower left", "bottom-left"], "bottom": ["bottom", "bottom center", "bottom middle"],
+    "top left": ["top left", "upper left", "top-left"],
+    "top": ["top", "top center", "top middle"],
+    "top right": ["top right", "upper right", "top-right"],
+    "left": ["left", "middle left", "center left"],
+    "center": ["center", "middle", "centre"],
+    "right": ["right", "middle right", "center right"],
+    "bottom left": ["bottom left", "lower left", "bottom-left"],
+    "bottom": ["bottom", "bottom center", "bottom middle"],
     "bottom right": ["bottom right", "lower right", "bottom-right"],
-}  # fmt: skip
+}
 SHAPE_SYNONYMS = {
     "circle": [("circle", "circles"), ("disc", "discs"), ("round shape", "round shapes")],
     "square": [("square", "squares"), ("box", "boxes")],
@@ -344,14 +374,23 @@ def pope_questions(
         elif category == "popular":
             no = [o for o in popular if o not in scene.present()][: len(yes)]
         else:
-            near = [(c, s) for c, s in all_objects if (c, s) not in scene.present()
-                    and any(c == pc or s == ps for pc, ps in present)]  # fmt: skip
+            near = [
+                (c, s)
+                for c, s in all_objects
+                if (c, s) not in scene.present() and any(c == pc or s == ps for pc, ps in present)
+            ]
             no = rng.sample(near, min(len(yes), len(near)))
         items = [(o, "yes") for o in yes] + [(o, "no") for o in no]
         rng.shuffle(items)
         for (c, s), ans in items:
-            out.append({"question": f"Is there {article(c)} {c} {s} in the image?", "answer": ans,
-                        "category": category, "object": f"{c} {s}"})  # fmt: skip
+            out.append(
+                {
+                    "question": f"Is there {article(c)} {c} {s} in the image?",
+                    "answer": ans,
+                    "category": category,
+                    "object": f"{c} {s}",
+                }
+            )
     return out
 
 

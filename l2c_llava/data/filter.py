@@ -59,8 +59,14 @@ class Row:
     image_path: Path | None = None
 
 
-def read_rows(path: Path, fmt: str, image_root: Path, fields: tuple[str, ...], image_key: str = "image",
-              on_bad_row: str = "error") -> tuple[list[Row], list[RowProblem], str]:  # fmt: skip
+def read_rows(
+    path: Path,
+    fmt: str,
+    image_root: Path,
+    fields: tuple[str, ...],
+    image_key: str = "image",
+    on_bad_row: str = "error",
+) -> tuple[list[Row], list[RowProblem], str]:
     """The rows (raw, to be written back) with their captions; bad rows reported by file and row."""
     if not path.is_file():
         raise MissingFileError(f"data file not found: {path}")
@@ -151,7 +157,9 @@ def row_stats(a: torch.Tensor, b: torch.Tensor, sample: int = 256, seed: int = 0
     return torch.cat(means), torch.cat(stds)
 
 
-def pair_scores(img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+def pair_scores(
+    img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
     """Own-pair and shuffled-pair scores, two ways: the raw cosine, and the z-score of the cosine
     against the image's cosines with other captions and the caption's with other images (removes
     each image's and caption's own level: a weak model puts many pairs at one cosine, "hubs").
@@ -177,7 +185,9 @@ def pair_scores(img: torch.Tensor, txt: torch.Tensor, rounds: int = 8, seed: int
     return {"own": own, "shuffled": {k: torch.cat(v) if v else torch.empty(0) for k, v in shuffled.items()}}
 
 
-def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, dict], dict[str, dict], list[int]]:  # fmt: skip
+def score(
+    rows: list[Row], encoder, progress: bool = True
+) -> tuple[dict[str, dict], dict[str, dict], list[int]]:
     """(field -> kind -> own-pair scores, field -> kind -> shuffled scores, indices of the scored rows);
     kind: cosine, zscore (see pair_scores)."""
     from tqdm.auto import tqdm
@@ -202,9 +212,14 @@ def score(rows: list[Row], encoder, progress: bool = True) -> tuple[dict[str, di
     scores, null = {}, {}
     for f in rows[ok[0]].captions:
         texts = [rows[i].captions[f] for i in ok]
-        txt = torch.cat([encoder.embed_texts(texts[lo : lo + bs])
-                         for lo in tqdm(range(0, len(texts), bs), desc=f"captions ({f})", unit="batch",
-                                        disable=not progress)])  # fmt: skip
+        txt = torch.cat(
+            [
+                encoder.embed_texts(texts[lo : lo + bs])
+                for lo in tqdm(
+                    range(0, len(texts), bs), desc=f"captions ({f})", unit="batch", disable=not progress
+                )
+            ]
+        )
         both = pair_scores(img, txt)
         scores[f], null[f] = both["own"], both["shuffled"]
     return scores, null, ok
@@ -239,11 +254,23 @@ def _fingerprint(path: Path, encoder, fields: tuple[str, ...], fmt: str) -> str:
     return hashlib.sha256(f"{sha256_file(path)}|{encoder.digest}|{fields}|{fmt}|v2".encode()).hexdigest()
 
 
-def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, encoder, out: str | os.PathLike, *,
-                    fmt: str = "pairs", fields: tuple[str, ...] = ("short", "long"), threshold: float | None = None,
-                    null_quantile: float = 0.95, mode: str = "drop", on_bad_row: str = "error", score_kind: str = "zscore",
-                    drop_share: float | None = None,
-                    progress: bool = True, truth: Callable[[Row], bool] | None = None) -> dict:  # fmt: skip
+def filter_captions(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    encoder,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "pairs",
+    fields: tuple[str, ...] = ("short", "long"),
+    threshold: float | None = None,
+    null_quantile: float = 0.95,
+    mode: str = "drop",
+    on_bad_row: str = "error",
+    score_kind: str = "zscore",
+    drop_share: float | None = None,
+    progress: bool = True,
+    truth: Callable[[Row], bool] | None = None,
+) -> dict:
     """Score, threshold and write the filtered copy and its report. `truth(row) -> corrupted?` (for
     measurements) adds precision / recall of the dropped rows to the report."""
     from safetensors.torch import load_file, save_file
@@ -320,23 +347,41 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
     _write(out, kind, written, header, "\t" if path.suffix.lower() == ".tsv" else ",")
     dropped = sorted(flagged)
     report = {
-        "input": str(path), "output": str(out), "format": fmt, "mode": mode, "encoder": encoder.identity,
+        "input": str(path),
+        "output": str(out),
+        "format": fmt,
+        "mode": mode,
+        "encoder": encoder.identity,
         "score": score_kind,
-        "fields": list(fields), "threshold": th, "threshold_from": "given" if threshold is not None else
-        (f"the lowest {drop_share:.0%} of rows (highest dropped score shown)" if drop_share is not None else
-         f"{null_quantile:.0%} quantile of shuffled pairs"), "rows": len(rows), "scored": len(ok),
-        "unscored": len(rows) - len(ok), "flagged": len(dropped), "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
-        "bad_rows_skipped": [str(p) for p in problems], "warnings": warnings,
+        "fields": list(fields),
+        "threshold": th,
+        "threshold_from": "given"
+        if threshold is not None
+        else (
+            f"the lowest {drop_share:.0%} of rows (highest dropped score shown)"
+            if drop_share is not None
+            else f"{null_quantile:.0%} quantile of shuffled pairs"
+        ),
+        "rows": len(rows),
+        "scored": len(ok),
+        "unscored": len(rows) - len(ok),
+        "flagged": len(dropped),
+        "kept": len(rows) - (len(dropped) if mode == "drop" else 0),
+        "bad_rows_skipped": [str(p) for p in problems],
+        "warnings": warnings,
         "score_quantiles": {f: score_quantiles(scores[f]) for f in fields},
         "shuffled_quantiles": {f: score_quantiles(null[f]) for f in fields},
         "score_mean": {f: float(scores[f].mean()) for f in fields},
         "shuffled_mean": {f: float(null[f].mean()) if null[f].numel() else None for f in fields},
         "cosine_mean": {f: float(every[f]["cosine"].mean()) for f in fields},
-        "shuffled_cosine_mean": {f: float(null_all[f]["cosine"].mean()) if null_all[f]["cosine"].numel() else None
-                                 for f in fields},
-        "flagged_rows": [{"row": rows[i].label, "image": rows[i].image, "scores": per_row[i],
-                          "captions": rows[i].captions} for i in dropped],
-    }  # fmt: skip
+        "shuffled_cosine_mean": {
+            f: float(null_all[f]["cosine"].mean()) if null_all[f]["cosine"].numel() else None for f in fields
+        },
+        "flagged_rows": [
+            {"row": rows[i].label, "image": rows[i].image, "scores": per_row[i], "captions": rows[i].captions}
+            for i in dropped
+        ],
+    }
     if truth is not None:
         corrupted = {i for i, r in enumerate(rows) if truth(r)}
         tp = len(corrupted & flagged)
@@ -346,11 +391,13 @@ def filter_captions(path: str | os.PathLike, image_root: str | os.PathLike, enco
         auc = float((good_s[:, None] > bad_s[None, :]).float().mean()) if len(bad_s) and len(good_s) else None
         report["measured"] = {
             "auc": auc,  # P(a clean row scores above a corrupted one): the separation, whatever the threshold
-            "corrupted": len(corrupted), "flagged_corrupted": tp, "flagged_clean": len(flagged - corrupted),
+            "corrupted": len(corrupted),
+            "flagged_corrupted": tp,
+            "flagged_clean": len(flagged - corrupted),
             "precision": tp / len(flagged) if flagged else None,
             "recall": tp / len(corrupted) if corrupted else None,
             "clean_dropped_share": len(flagged - corrupted) / max(1, len(rows) - len(corrupted)),
-        }  # fmt: skip
+        }
     atomic_write_json(out.with_name(out.name + ".report.json"), report)
     atomic_write_text(out.with_name(out.name + ".report.md"), report_md(report))
     plot_scores(scores, null, th, out.with_name(out.name + ".scores.png"), score_kind)
@@ -373,40 +420,65 @@ def too_many_dropped(
 ) -> str:
     """The warning for a threshold that takes out most of the data: a weak model (or a threshold on
     another scale) puts the own pairs' scores among the shuffled ones', and the rows are not bad."""
-    spread = "; ".join(f"{f}: threshold {th[f]:.4f}, own pairs " + " ".join(f"{k} {v:.4f}" for k, v in
-                       score_quantiles(scores[f]).items()) + ", shuffled pairs " + " ".join(
-                       f"{k} {v:.4f}" for k, v in score_quantiles(null[f]).items()) for f in scores)  # fmt: skip
-    return (f"the threshold {'drops' if mode == 'drop' else 'flags'} {flagged} of {scored} scored rows (more than "
-            f"half): the model hardly tells matched pairs from shuffled ones, or the threshold is on another "
-            f"scale. {kind} spread: {spread}. Check the model (l2c clip eval / l2c stage2 eval), or give "
-            "--drop-share for a known noise rate, or a lower --threshold / --null-quantile")  # fmt: skip
+    spread = "; ".join(
+        f"{f}: threshold {th[f]:.4f}, own pairs "
+        + " ".join(f"{k} {v:.4f}" for k, v in score_quantiles(scores[f]).items())
+        + ", shuffled pairs "
+        + " ".join(f"{k} {v:.4f}" for k, v in score_quantiles(null[f]).items())
+        for f in scores
+    )
+    return (
+        f"the threshold {'drops' if mode == 'drop' else 'flags'} {flagged} of {scored} scored rows (more than "
+        f"half): the model hardly tells matched pairs from shuffled ones, or the threshold is on another "
+        f"scale. {kind} spread: {spread}. Check the model (l2c clip eval / l2c stage2 eval), or give "
+        "--drop-share for a known noise rate, or a lower --threshold / --null-quantile"
+    )
 
 
 def report_md(r: dict) -> str:
-    lines = [f"# Caption filter: {r['input']}", "",
-             f"- encoder: {r['encoder']['kind']} {r['encoder']['path']}",
-             f"- rows: {r['rows']} ({r['scored']} scored), {r['flagged']} under the threshold "
-             f"({'dropped' if r['mode'] == 'drop' else 'flagged'}), {r['kept']} written",
-             f"- score: {r['score']}; threshold ({r['threshold_from']}): "
-             + ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items()),
-             f"- mean {r['score']}, own vs shuffled pairs: " + ", ".join(
-                 f"{f} {r['score_mean'][f]:.4f} vs {r['shuffled_mean'][f]:.4f}" for f in r["fields"]
-                 if r["shuffled_mean"][f] is not None),
-             "- mean cosine, own vs shuffled pairs: " + ", ".join(
-                 f"{f} {r['cosine_mean'][f]:.4f} vs {r['shuffled_cosine_mean'][f]:.4f}" for f in r["fields"]
-                 if r["shuffled_cosine_mean"][f] is not None)]  # fmt: skip
+    lines = [
+        f"# Caption filter: {r['input']}",
+        "",
+        f"- encoder: {r['encoder']['kind']} {r['encoder']['path']}",
+        f"- rows: {r['rows']} ({r['scored']} scored), {r['flagged']} under the threshold "
+        f"({'dropped' if r['mode'] == 'drop' else 'flagged'}), {r['kept']} written",
+        f"- score: {r['score']}; threshold ({r['threshold_from']}): "
+        + ", ".join(f"{f} {v:.4f}" for f, v in r["threshold"].items()),
+        f"- mean {r['score']}, own vs shuffled pairs: "
+        + ", ".join(
+            f"{f} {r['score_mean'][f]:.4f} vs {r['shuffled_mean'][f]:.4f}"
+            for f in r["fields"]
+            if r["shuffled_mean"][f] is not None
+        ),
+        "- mean cosine, own vs shuffled pairs: "
+        + ", ".join(
+            f"{f} {r['cosine_mean'][f]:.4f} vs {r['shuffled_cosine_mean'][f]:.4f}"
+            for f in r["fields"]
+            if r["shuffled_cosine_mean"][f] is not None
+        ),
+    ]
     lines += [f"- **WARNING**: {w}" for w in r.get("warnings", [])]
     if "measured" in r:
         m = r["measured"]
-        lines.append(f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
-                     f"clean rows dropped {m['clean_dropped_share']:.1%}, AUC {m['auc']}")  # fmt: skip
-    lines += ["", "## Lowest-scoring rows", "", "| row | image | " + " | ".join(r["fields"]) + " | caption |",
-              "|---|---|" + "---|" * len(r["fields"]) + "---|"]  # fmt: skip
+        lines.append(
+            f"- against the known corruptions: precision {m['precision']}, recall {m['recall']}, "
+            f"clean rows dropped {m['clean_dropped_share']:.1%}, AUC {m['auc']}"
+        )
+    lines += [
+        "",
+        "## Lowest-scoring rows",
+        "",
+        "| row | image | " + " | ".join(r["fields"]) + " | caption |",
+        "|---|---|" + "---|" * len(r["fields"]) + "---|",
+    ]
     worst = sorted(r["flagged_rows"], key=lambda x: min(x["scores"].values()))[:20]
     for x in worst:
         cap = next(iter(x["captions"].values())).replace("|", "/")[:90]
-        lines.append(f"| {x['row']} | {x['image']} | " + " | ".join(f"{x['scores'][f]:.3f}" for f in r["fields"])
-                     + f" | {cap} |")  # fmt: skip
+        lines.append(
+            f"| {x['row']} | {x['image']} | "
+            + " | ".join(f"{x['scores'][f]:.3f}" for f in r["fields"])
+            + f" | {cap} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -43,8 +43,12 @@ def clip_image_processor(size: int):
         from transformers import CLIPImageProcessorPil as cls
     except ImportError:  # older transformers: the slow processor is the PIL one
         from transformers import CLIPImageProcessor as cls
-    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-               image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))  # fmt: skip
+    return cls(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
 
 
 def write_preprocessor_config(folder: str | Path, size: int) -> None:
@@ -78,8 +82,13 @@ class TrainTransform:
     """RandomResizedCrop(size, scale, ratio 3/4-4/3, bicubic) then normalisation (torchvision's
     sampling: up to 10 tries for an in-bounds crop, else a centre crop of the clamped ratio)."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 rng: random.Random | None = None):  # fmt: skip
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        rng: random.Random | None = None,
+    ):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.rng = rng or random.Random()
 

@@ -53,8 +53,9 @@ class RowProblem:
 class DataError(L2CError, ValueError):
     """Bad rows in a data file, all of them, each with file and row."""
 
-    def __init__(self, problems: Sequence[RowProblem], file: str, total: int | None = None,
-                 hint: str | None = None):  # fmt: skip
+    def __init__(
+        self, problems: Sequence[RowProblem], file: str, total: int | None = None, hint: str | None = None
+    ):
         self.problems = list(problems)
         self.file = file
         n = len(self.problems)
@@ -141,8 +142,9 @@ def _check_images(paths: Iterable[Path], level: ImageCheck, threads: int = 8) ->
         return dict(zip(unique, pool.map(lambda p: check_image(p, level), unique)))
 
 
-def _drop_bad_images(items: list[T], path_of, label_of, file: str, level: ImageCheck,
-                     problems: list[RowProblem]) -> list[T]:  # fmt: skip
+def _drop_bad_images(
+    items: list[T], path_of, label_of, file: str, level: ImageCheck, problems: list[RowProblem]
+) -> list[T]:
     """Check every item's image (in parallel, each file once); record and drop the failures."""
     verdict = _check_images((p for it in items if (p := path_of(it)) is not None), level)
     kept = []
@@ -161,20 +163,30 @@ def _row_order(p: RowProblem) -> tuple[int, str]:
 
 
 def _no_rows(file: str) -> DataError:
-    return DataError([RowProblem(file, "file", "it holds no rows (the file is empty)")], file, None,
-                     hint="Point the config (or the command) at the data file that holds the rows.")  # fmt: skip
+    return DataError(
+        [RowProblem(file, "file", "it holds no rows (the file is empty)")],
+        file,
+        None,
+        hint="Point the config (or the command) at the data file that holds the rows.",
+    )
 
 
-def data_warnings(file: str, captions: Iterable[tuple[str, str]] = (), ids: Iterable[tuple[str, str]] = (),
-                  id_name: str = "id") -> list[str]:  # fmt: skip
+def data_warnings(
+    file: str,
+    captions: Iterable[tuple[str, str]] = (),
+    ids: Iterable[tuple[str, str]] = (),
+    id_name: str = "id",
+) -> list[str]:
     """Warnings (not errors) for rows that load but look wrong: captions over LONG_CAPTION characters
     and repeated ids, each with a count and the first rows. Logged, and returned for ``l2c data check``."""
     out = []
     long = [(row, n) for row, text in captions if (n := len(text)) > LONG_CAPTION]
     if long:
         first = ", ".join(f"{row} ({n:,} chars)" for row, n in long[:3])
-        out.append(f"{file}: {len(long)} caption(s) longer than {LONG_CAPTION:,} characters (first: {first}); "
-                   "they are truncated to the model's max length - check the file")  # fmt: skip
+        out.append(
+            f"{file}: {len(long)} caption(s) longer than {LONG_CAPTION:,} characters (first: {first}); "
+            "they are truncated to the model's max length - check the file"
+        )
     seen: dict[str, str] = {}
     dups = []
     for row, key in ids:
@@ -183,8 +195,10 @@ def data_warnings(file: str, captions: Iterable[tuple[str, str]] = (), ids: Iter
         else:
             seen[key] = row
     if dups:
-        out.append(f"{file}: {len(dups)} row(s) with a duplicate {id_name} (first: {'; '.join(dups[:3])}); "
-                   "a repeated row counts twice in training and evaluation")  # fmt: skip
+        out.append(
+            f"{file}: {len(dups)} row(s) with a duplicate {id_name} (first: {'; '.join(dups[:3])}); "
+            "a repeated row counts twice in training and evaluation"
+        )
     for w in out:
         logger.warning("%s", w)
     return out
@@ -271,8 +285,11 @@ def _decode(raw: bytes, file: str) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError([RowProblem(file, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})")],
-                        file, hint="Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`).") from None  # fmt: skip
+        raise DataError(
+            [RowProblem(file, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})")],
+            file,
+            hint="Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`).",
+        ) from None
 
 
 def iter_rows(path: Path) -> Iterable[tuple[str, dict | None, str | None]]:
@@ -352,8 +369,12 @@ def read_caption_pairs(
         pending, lambda p: p.image_path, lambda p: p.row, str(path), image_check, problems
     )
     loaded = _finish(pending, problems, str(path), total, on_bad_row)
-    loaded.warnings = data_warnings(str(path), [(p.row, t) for p in pending for t in (*p.shorts, p.long)],
-                                    [(p.row, p.image) for p in pending], id_name="image")  # fmt: skip
+    loaded.warnings = data_warnings(
+        str(path),
+        [(p.row, t) for p in pending for t in (*p.shorts, p.long)],
+        [(p.row, p.image) for p in pending],
+        id_name="image",
+    )
     return loaded
 
 
@@ -388,8 +409,15 @@ class RetrievalSet:
         return list(self._by_image[1].get(i, []))
 
 
-def _build_retrieval(entries: list[tuple[str, str, list[str]]], image_root, path: str, total: int,
-                     on_bad_row: OnBadRow, image_check: ImageCheck, problems: list[RowProblem]) -> RetrievalSet:  # fmt: skip
+def _build_retrieval(
+    entries: list[tuple[str, str, list[str]]],
+    image_root,
+    path: str,
+    total: int,
+    on_bad_row: OnBadRow,
+    image_check: ImageCheck,
+    problems: list[RowProblem],
+) -> RetrievalSet:
     """entries: (row label, relative image path, captions)."""
     resolved = []
     for label, rel, caps in entries:
@@ -489,8 +517,13 @@ def read_long_captions(
         return _read_caption_folder(path, on_bad_row, image_check)
     data = _read_json(path)
     if isinstance(data, dict) and "images" in data:
-        return read_karpathy(path, image_root if image_root is not None else path.parent, split=None,
-                             on_bad_row=on_bad_row, image_check=image_check)  # fmt: skip
+        return read_karpathy(
+            path,
+            image_root if image_root is not None else path.parent,
+            split=None,
+            on_bad_row=on_bad_row,
+            image_check=image_check,
+        )
     if not isinstance(data, list):
         raise DataError(
             [RowProblem(str(path), "top level", "expected a JSON list of rows or a Karpathy-style object")],
@@ -632,14 +665,25 @@ def read_llava_json(
         pending, lambda r: r.image_path, lambda r: r.row, str(path), image_check, problems
     )
     loaded = _finish(kept, problems, str(path), len(data), on_bad_row)
-    loaded.warnings = data_warnings(str(path), [(r.row, t["value"]) for r in kept for t in r.conversations],
-                                    [(r.row, r.id) for r in kept if isinstance(data[int(r.row.split()[-1])], dict)
-                                     and "id" in data[int(r.row.split()[-1])]])  # fmt: skip
+    loaded.warnings = data_warnings(
+        str(path),
+        [(r.row, t["value"]) for r in kept for t in r.conversations],
+        [
+            (r.row, r.id)
+            for r in kept
+            if isinstance(data[int(r.row.split()[-1])], dict) and "id" in data[int(r.row.split()[-1])]
+        ],
+    )
     return loaded
 
 
-def check_file(path: str | os.PathLike, fmt: str, image_root: str | os.PathLike | None = None, split: str = "test",
-               image_check: str = "decode") -> tuple[int, list, int, list[str]]:  # fmt: skip
+def check_file(
+    path: str | os.PathLike,
+    fmt: str,
+    image_root: str | os.PathLike | None = None,
+    split: str = "test",
+    image_check: str = "decode",
+) -> tuple[int, list, int, list[str]]:
     """``l2c data check``: read a data file of format pairs / karpathy / long / llava skipping bad rows.
     Returns (good rows, the bad rows' problems, rows in all, warnings)."""
     if fmt in ("pairs", "llava"):

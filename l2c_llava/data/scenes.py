@@ -48,10 +48,16 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 PATTERNS = ("plain", "gradient", "stripes", "checker", "dots", "grain")
 SIZES = {"small": 0.045, "medium": 0.07, "large": 0.115}  # radius as a fraction of the image side
 POSITIONS = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left", (1, 1): "center", (1, 2): "right",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
-}  # fmt: skip
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
+}
 MIN_CONTRAST = 130.0  # euclidean RGB distance between an object and its background
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges like a real photo of a drawing
 
@@ -163,10 +169,12 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, tilt: float) -> li
         pts = [(0, -r * 1.15), (r * 0.75, 0), (0, r * 1.15), (-r * 0.75, 0)]
     elif shape == "star":
         pts = [
-            ((r * 1.15 if k % 2 == 0 else r * 0.48) * math.cos(up + math.pi * k / 5),
-             (r * 1.15 if k % 2 == 0 else r * 0.48) * math.sin(up + math.pi * k / 5))
+            (
+                (r * 1.15 if k % 2 == 0 else r * 0.48) * math.cos(up + math.pi * k / 5),
+                (r * 1.15 if k % 2 == 0 else r * 0.48) * math.sin(up + math.pi * k / 5),
+            )
             for k in range(10)
-        ]  # fmt: skip
+        ]
     elif shape == "cross":
         a, w = r * 1.05, r * 0.36
         pts = [

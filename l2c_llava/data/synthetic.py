@@ -128,8 +128,13 @@ def _karpathy_tokens(text: str) -> list[str]:
     return [w for w in "".join(ch if ch.isalnum() or ch in " -" else " " for ch in text.lower()).split() if w]
 
 
-def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(), workers: int | None = None,
-             overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
+def generate(
+    out_dir: str | os.PathLike,
+    options: SynthOptions = SynthOptions(),
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Generate the dataset into `out_dir`; returns the manifest. Skips work if an identical dataset
     (same options, same generator version) is already there; refuses to replace a different one
     unless `overwrite`."""
@@ -168,11 +173,15 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
 
     # --- pixels (parallel; each image depends only on (seed, index)) ---
     workers = workers or min(4, os.cpu_count() or 1)
-    payload = [{"index": s.index, "background": asdict(s.background), "groups": [asdict(g) for g in s.groups]}
-               for s in scenes]  # fmt: skip
+    payload = [
+        {"index": s.index, "background": asdict(s.background), "groups": [asdict(g) for g in s.groups]}
+        for s in scenes
+    ]
     chunk = max(1, min(64, n // (workers * 4) or 1))
-    jobs = [(payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / L.IMAGES))
-            for i in range(0, n, chunk)]  # fmt: skip
+    jobs = [
+        (payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / L.IMAGES))
+        for i in range(0, n, chunk)
+    ]
     bar = tqdm(total=n, desc="drawing images", unit="img", disable=not progress)
     boxes: dict[int, list] = {}
     if workers > 1 and len(jobs) > 1:
@@ -220,9 +229,18 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
     # caption pairs (stages 1 and 2); "alternatives": the image's five COCO-like captions, a list
     # stage 2 can train on (data.short_key=alternatives) as LLM2CLIP trains on raw web captions
     for name in ("train", "val", "test"):
-        atomic_write_jsonl(partial / L.CAPTION_PAIRS[name],
-                           ({"image": r["image"], "short": r["short"], "long": r["long"], "alternatives": r["alternatives"]}
-                            for r in split_rows(name)))  # fmt: skip
+        atomic_write_jsonl(
+            partial / L.CAPTION_PAIRS[name],
+            (
+                {
+                    "image": r["image"],
+                    "short": r["short"],
+                    "long": r["long"],
+                    "alternatives": r["alternatives"],
+                }
+                for r in split_rows(name)
+            ),
+        )
 
     # Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json)
     images, sentid = [], 0
@@ -232,8 +250,17 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
             sents.append({"tokens": _karpathy_tokens(raw), "raw": raw, "imgid": imgid, "sentid": sentid})
             sentid += 1
         folder, filename = r["image"].split("/")
-        images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": r["split"],
-                       "sentids": [x["sentid"] for x in sents], "sentences": sents, "cocoid": r["index"]})  # fmt: skip
+        images.append(
+            {
+                "filepath": folder,
+                "filename": filename,
+                "imgid": imgid,
+                "split": r["split"],
+                "sentids": [x["sentid"] for x in sents],
+                "sentences": sents,
+                "cocoid": r["index"],
+            }
+        )
     atomic_write_json(partial / L.RETRIEVAL_SHORT, {"images": images, "dataset": "l2c-synth"}, indent=None)
 
     # long-caption test set, ShareGPT4V-1K style
@@ -247,7 +274,7 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
                     {"from": "human", "value": "<image>\nDescribe this image in detail."},
                     {"from": "gpt", "value": r["long"]},
                 ],
-            }  # fmt: skip
+            }
             for r in split_rows("test")
         ],
     )
@@ -258,8 +285,13 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         rng = random.Random(f"{options.seed}-pretrain-{r['index']}")
         prompt = rng.choice(BRIEF_PROMPTS)
         human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
-        pretrain.append({"id": f"{r['index']:09d}", "image": r["image"],
-                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": r["short"]}]})  # fmt: skip
+        pretrain.append(
+            {
+                "id": f"{r['index']:09d}",
+                "image": r["image"],
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": r["short"]}],
+            }
+        )
     atomic_write_json(partial / L.LLAVA_PRETRAIN, pretrain)
 
     # LLaVA instruction rows, llava_v1_5_mix665k.json style
@@ -302,8 +334,16 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
         qrows = []
         for r in split_rows(name):
             for k, q in enumerate(r["questions"]):
-                qrows.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], "question": q["question"],
-                              "answer": q["answer"], "answers": q["answers"], "type": q["type"]})  # fmt: skip
+                qrows.append(
+                    {
+                        "question_id": f"{r['index']:09d}_{k}",
+                        "image": r["image"],
+                        "question": q["question"],
+                        "answer": q["answer"],
+                        "answers": q["answers"],
+                        "type": q["type"],
+                    }
+                )
         atomic_write_jsonl(partial / L.VQA[name], qrows)
     pope = []
     for r in split_rows("test"):
@@ -311,8 +351,10 @@ def generate(out_dir: str | os.PathLike, options: SynthOptions = SynthOptions(),
             pope.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], **q})
     atomic_write_jsonl(partial / L.POPE, pope)
 
-    atomic_write_jsonl(partial / L.SCENES,
-                       ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes))  # fmt: skip
+    atomic_write_jsonl(
+        partial / L.SCENES,
+        ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes),
+    )
 
     # --- statistics ---
     stats = {

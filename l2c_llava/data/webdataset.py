@@ -68,8 +68,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def iter_samples(shards: Sequence[str | os.PathLike], *, short_key: str = "short", long_key: str = "long",
-                 on_bad_row: str = "error", skipped: list[RowProblem] | None = None) -> Iterator[WebSample]:  # fmt: skip
+def iter_samples(
+    shards: Sequence[str | os.PathLike],
+    *,
+    short_key: str = "short",
+    long_key: str = "long",
+    on_bad_row: str = "error",
+    skipped: list[RowProblem] | None = None,
+) -> Iterator[WebSample]:
     """Stream the samples of `shards` in order. A bad sample (no image, no or bad json, missing or
     empty caption) raises a DataError naming shard and key, or with ``on_bad_row="skip"`` is
     appended to `skipped` and left out."""
@@ -139,8 +145,15 @@ def sample_id(shard: str, key: str) -> str:
     return f"{Path(shard).name}/{key}"
 
 
-def scan_shards(shards: Sequence[str | os.PathLike], *, short_key: str = "short", long_key: str = "long",
-                image_check: str = "header", on_bad_row: str = "error", progress: bool = True) -> ShardScan:  # fmt: skip
+def scan_shards(
+    shards: Sequence[str | os.PathLike],
+    *,
+    short_key: str = "short",
+    long_key: str = "long",
+    image_check: str = "header",
+    on_bad_row: str = "error",
+    progress: bool = True,
+) -> ShardScan:
     """Stream every sample once: collect the captions and check each image at `image_check` level
     (the up-front check JSONL data gets, done while the captions are read anyway). With
     ``on_bad_row="error"`` every bad sample is listed in one DataError; with ``"skip"`` they are

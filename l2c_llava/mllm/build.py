@@ -88,9 +88,11 @@ def not_transformers_llava(config, what: str, where: str = "") -> None:
     original LLaVA code) cannot hold."""
     kind = projector_type_of(config)
     if kind in CONNECTORS:
-        raise BuildError(f"{where or 'this model'} uses the {kind} connector; {what} needs transformers' LLaVA "
-                         "class, which takes only the MLP (mlp2x_gelu / linear) connector. Load it with "
-                         "l2c_llava.mllm.build.load_llava and evaluate it with `l2c mllm eval-vqa`")  # fmt: skip
+        raise BuildError(
+            f"{where or 'this model'} uses the {kind} connector; {what} needs transformers' LLaVA "
+            "class, which takes only the MLP (mlp2x_gelu / linear) connector. Load it with "
+            "l2c_llava.mllm.build.load_llava and evaluate it with `l2c mllm eval-vqa`"
+        )
 
 
 class BuildError(L2CError, ValueError):
@@ -116,8 +118,9 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), added
 
 
-def make_processor(tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None,
-                   pad: bool = True):  # fmt: skip
+def make_processor(
+    tokenizer, vision_config, strategy: str = "default", num_queries: int | None = None, pad: bool = True
+):
     """LlavaProcessor whose `<image>` expansion equals the model's image features: one per patch (+ CLS
     with the "full" strategy), or `num_queries` for a connector (one image-sized "patch" + `num_queries`
     additional tokens - the CLS the default strategy drops)."""
@@ -129,9 +132,15 @@ def make_processor(tokenizer, vision_config, strategy: str = "default", num_quer
         patch, extra, strategy = size, num_queries, "default"
     else:
         patch, extra = vision_config.patch_size, 1
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                          vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
-                          chat_template=VICUNA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)  # fmt: skip
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
+        chat_template=VICUNA_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
 
 
 def _check_fit(dst: torch.nn.Module, src_state: dict, what: str) -> None:
@@ -139,8 +148,10 @@ def _check_fit(dst: torch.nn.Module, src_state: dict, what: str) -> None:
     missing, unexpected = sorted(set(own) - set(src_state)), sorted(set(src_state) - set(own))
     wrong = [k for k in own if k in src_state and own[k].shape != src_state[k].shape]
     if missing or unexpected or wrong:
-        raise BuildError(f"{what}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"wrong shapes {wrong[:5]}")  # fmt: skip
+        raise BuildError(
+            f"{what}: weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
 
 
 def _assign(dst: torch.nn.Module, src: torch.nn.Module, what: str, dtype: torch.dtype) -> None:
@@ -173,10 +184,18 @@ def llm_config_dtype(folder: str | os.PathLike) -> str:
     return name if name in ("float32", "float16", "bfloat16") else "float32"
 
 
-def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "mlp2x_gelu",
-                vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default",
-                torch_dtype: str = "float32", connector: dict | None = None, allow_pickle: bool = False,
-                image_aspect_ratio: str = "pad"):  # fmt: skip
+def build_llava(
+    vision_tower: str | os.PathLike,
+    llm,
+    *,
+    projector_type: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    torch_dtype: str = "float32",
+    connector: dict | None = None,
+    allow_pickle: bool = False,
+    image_aspect_ratio: str = "pad",
+):
     """(LlavaForConditionalGeneration, LlavaProcessor) from a vision folder and an LLMSection-like
     object (name_or_path, gguf_file, attn_implementation, trust_remote_code). With projector_type
     qformer / perceiver, `connector` gives its shape (num_queries, hidden_size, depth, heads, mlp_ratio)
@@ -202,8 +221,10 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
         import importlib.util
 
         if importlib.util.find_spec("sentencepiece") is None:
-            raise BuildError(f"{folder} has its tokenizer as tokenizer.model only (SentencePiece, like Vicuna): "
-                             "install sentencepiece (a dependency of l2c-llava: re-run scripts/setup_env.sh)")  # fmt: skip
+            raise BuildError(
+                f"{folder} has its tokenizer as tokenizer.model only (SentencePiece, like Vicuna): "
+                "install sentencepiece (a dependency of l2c-llava: re-run scripts/setup_env.sh)"
+            )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_id, added = prepare_tokenizer(tokenizer)
     if added:
@@ -218,12 +239,16 @@ def build_llava(vision_tower: str | os.PathLike, llm, *, projector_type: str = "
         extra["l2c_connector"] = {"type": projector_type, **spec}
         cls, num_queries = llava_with_connector_class(), int(spec["num_queries"])
     config = LlavaConfig(
-        vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_id=image_id,
-        projector_hidden_act=PROJECTORS.get(projector_type, "gelu"), vision_feature_layer=vision_feature_layer,
+        vision_config=tower.config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=image_id,
+        projector_hidden_act=PROJECTORS.get(projector_type, "gelu"),
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_seq_length=num_queries or num_image_tokens(tower.config, vision_feature_select_strategy),
-        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False), **extra,
-    )  # fmt: skip
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+        **extra,
+    )
     config._attn_implementation = getattr(llm, "attn_implementation", "sdpa")
     # the LLaVA is made on the meta device (no memory) and takes the loaded tower's and LLM's tensors
     # as they are (in `dtype`): no float32 model beside the LLM, no second copy of its weights
@@ -333,8 +358,15 @@ def save_llava(
     return publish_folder(out_dir, build, LLAVA_KIND, overwrite, legacy_marker=META)
 
 
-def build_and_save(vision: str, llm: str, out: str | os.PathLike, *, dtype: str = "llm", allow_pickle: bool = False,
-                   overwrite: bool = False):  # fmt: skip
+def build_and_save(
+    vision: str,
+    llm: str,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "llm",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+):
     """``l2c mllm build``: a LLaVA-1.5 (vicuna_v1 template, padded images) from a vision tower and an LLM
     reference, saved to `out` (refused before any model loads if `out` holds something else).
     Returns (model, folder)."""

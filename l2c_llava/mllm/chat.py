@@ -61,8 +61,14 @@ def chat(
     return LlavaChat(model_dir).answer(image, question, max_new_tokens)
 
 
-def chat_session(model_dir: str | os.PathLike, image: str | os.PathLike | None, first: str | None = None,
-                 max_new_tokens: int = 64, lines=None, out=None) -> int:  # fmt: skip
+def chat_session(
+    model_dir: str | os.PathLike,
+    image: str | os.PathLike | None,
+    first: str | None = None,
+    max_new_tokens: int = 64,
+    lines=None,
+    out=None,
+) -> int:
     """``l2c mllm chat --interactive``: the model loaded once, then one answer per question line of
     `lines` (stdin); ``/image PATH`` switches the image (``/image`` alone: none), an empty line or the
     end of the input stops. A bad image is reported and the session goes on."""

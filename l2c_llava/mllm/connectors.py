@@ -55,8 +55,16 @@ class QFormerLayer(nn.Module):
 class QFormerConnector(nn.Module):
     """BLIP-2-style Q-Former: `num_queries` learned queries read the image features."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, num_queries: int = 64, hidden_size: int | None = None,
-                 depth: int = 2, heads: int = 8, mlp_ratio: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        vision_dim: int,
+        llm_dim: int,
+        num_queries: int = 64,
+        hidden_size: int | None = None,
+        depth: int = 2,
+        heads: int = 8,
+        mlp_ratio: int = 4,
+    ):
         super().__init__()
         dim = hidden_size or vision_dim
         self.num_queries = num_queries
@@ -93,8 +101,16 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     """Flamingo / BLIP-3 perceiver resampler: `num_queries` latents, then a projection to the LLM."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, num_queries: int = 64, hidden_size: int | None = None,
-                 depth: int = 2, heads: int = 8, mlp_ratio: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        vision_dim: int,
+        llm_dim: int,
+        num_queries: int = 64,
+        hidden_size: int | None = None,
+        depth: int = 2,
+        heads: int = 8,
+        mlp_ratio: int = 4,
+    ):
         super().__init__()
         dim = hidden_size or vision_dim
         self.num_queries = num_queries
@@ -122,8 +138,15 @@ def make_connector(spec: dict, vision_dim: int, llm_dim: int) -> nn.Module:
     heads = int(spec.get("heads", 8))
     if dim % heads:
         raise InputError(f"connector width {dim} is not divisible by its {heads} heads (set connector.heads)")
-    return cls(vision_dim, llm_dim, num_queries=int(spec.get("num_queries", 64)), hidden_size=spec.get("hidden_size"),
-               depth=int(spec.get("depth", 2)), heads=heads, mlp_ratio=int(spec.get("mlp_ratio", 4)))  # fmt: skip
+    return cls(
+        vision_dim,
+        llm_dim,
+        num_queries=int(spec.get("num_queries", 64)),
+        hidden_size=spec.get("hidden_size"),
+        depth=int(spec.get("depth", 2)),
+        heads=heads,
+        mlp_ratio=int(spec.get("mlp_ratio", 4)),
+    )
 
 
 def llava_with_connector_class():

@@ -95,8 +95,16 @@ def prompt(question: str, template: str, has_image: bool) -> str:
     return f"{VICUNA_SYSTEM} USER: {q} ASSISTANT:"
 
 
-def encode(conversations: list[dict], tokenizer, template: str, *, has_image: bool, image_token_id: int,
-           num_image_tokens: int, max_length: int) -> Encoded:  # fmt: skip
+def encode(
+    conversations: list[dict],
+    tokenizer,
+    template: str,
+    *,
+    has_image: bool,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int,
+) -> Encoded:
     """Token ids and labels of one row: `<image>` expanded to `num_image_tokens` copies of
     `image_token_id` (all -100), truncated at `max_length` (never inside the image tokens)."""
     turns = normalize_turns(conversations, has_image)

@@ -48,11 +48,23 @@ def row_length(row: LlavaRow, image_tokens: int) -> int:
 
 
 class LlavaDataset(Dataset):
-    def __init__(self, rows: Sequence[LlavaRow], processor, template: str, max_length: int, num_image_tokens: int,
-                 image_token_id: int, aspect: str = "pad"):  # fmt: skip
+    def __init__(
+        self,
+        rows: Sequence[LlavaRow],
+        processor,
+        template: str,
+        max_length: int,
+        num_image_tokens: int,
+        image_token_id: int,
+        aspect: str = "pad",
+    ):
         self.rows, self.processor, self.template = list(rows), processor, template
         self.max_length, self.num_image_tokens, self.image_token_id, self.aspect = (
-            max_length, num_image_tokens, image_token_id, aspect)  # fmt: skip
+            max_length,
+            num_image_tokens,
+            image_token_id,
+            aspect,
+        )
         self.lengths = [row_length(r, num_image_tokens) for r in self.rows]
 
     def __len__(self) -> int:
@@ -60,9 +72,15 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        enc = encode(row.conversations, self.processor.tokenizer, self.template, has_image=row.has_image,
-                     image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
-                     max_length=self.max_length)  # fmt: skip
+        enc = encode(
+            row.conversations,
+            self.processor.tokenizer,
+            self.template,
+            has_image=row.has_image,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length,
+        )
         item = {"input_ids": enc.input_ids, "labels": enc.labels, "row": row.row}
         if row.has_image:
             img = load_rgb(row.image_path, name=f"{row.image} ({row.row})")

@@ -45,9 +45,15 @@ def read_questions(path: str | os.PathLike, image_root: str | os.PathLike) -> li
             continue
         try:
             answers = row.get("answers") or [row["answer"]]
-            rows.append({"id": str(row["question_id"]), "question": str(row["question"]),
-                         "image_path": resolve_under(image_root, row["image"]), "answers": [str(a) for a in answers],
-                         "type": row.get("type", "all")})  # fmt: skip
+            rows.append(
+                {
+                    "id": str(row["question_id"]),
+                    "question": str(row["question"]),
+                    "image_path": resolve_under(image_root, row["image"]),
+                    "answers": [str(a) for a in answers],
+                    "type": row.get("type", "all"),
+                }
+            )
         except (KeyError, ValueError, TypeError) as e:
             problems.append(RowProblem(str(path), label, f"bad question row ({type(e).__name__}: {e})"))
     if problems:
@@ -82,9 +88,17 @@ def question_type(q: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike, image_root: str | os.PathLike,
-                 out_dir: str | os.PathLike, train_json: str | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 8, limit: int | None = None, shuffled_images: bool = False) -> dict:  # fmt: skip
+def evaluate_vqa(
+    model_dir: str | os.PathLike,
+    questions_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    train_json: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    shuffled_images: bool = False,
+) -> dict:
     """Greedy short answers, exact match per type; with ``train_json`` the answer prior beside them.
     ``shuffled_images`` answers every question a second time with another question's image (a
     different file, the same for every question on one image): what the model scores when the image
@@ -94,10 +108,26 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     questions = read_questions(questions_path, image_root)[:limit]
     model.eval()
-    preds = _answers(model, processor, meta, questions, [q["image_path"] for q in questions], batch_size,
-                     max_new_tokens, "vqa")  # fmt: skip
-    records = [{"question_id": q["id"], "type": q["type"], "prediction": p, "answers": q["answers"],
-                "correct": _correct(p, q)} for q, p in zip(questions, preds)]  # fmt: skip
+    preds = _answers(
+        model,
+        processor,
+        meta,
+        questions,
+        [q["image_path"] for q in questions],
+        batch_size,
+        max_new_tokens,
+        "vqa",
+    )
+    records = [
+        {
+            "question_id": q["id"],
+            "type": q["type"],
+            "prediction": p,
+            "answers": q["answers"],
+            "correct": _correct(p, q),
+        }
+        for q, p in zip(questions, preds)
+    ]
     metrics = summarize(records)
     if shuffled_images:
         other = shifted_images([q["image_path"] for q in questions])
@@ -111,7 +141,9 @@ def evaluate_vqa(model_dir: str | os.PathLike, questions_path: str | os.PathLike
         )
         metrics["shuffled_images"]["answers_changed"] = round(
             sum(normalize(r["prediction"]) != normalize(r["prediction_shuffled_image"]) for r in records)
-            / max(1, len(records)), 4)  # fmt: skip
+            / max(1, len(records)),
+            4,
+        )
         metrics["vs_shuffled_images"] = paired_comparison(
             [r["correct"] for r in records], [r["correct_shuffled_image"] for r in records]
         )
@@ -137,9 +169,10 @@ def plot_by_type(metrics: dict, path: Path, records: list[dict]) -> Path:
 
     types = sorted(metrics["by_type"]) + ["all"]
     series = [("model", metrics)] + [
-        (label, metrics[key]) for key, label in (("shuffled_images", "another image"), ("prior", "answer prior"))
+        (label, metrics[key])
+        for key, label in (("shuffled_images", "another image"), ("prior", "answer prior"))
         if key in metrics
-    ]  # fmt: skip
+    ]
     counts = Counter(r["type"] for r in records)
     hits = Counter(r["type"] for r in records if r["correct"])
     width = 0.8 / len(series)
@@ -177,8 +210,16 @@ def _correct(prediction: str, q: dict) -> bool:
     return normalize(prediction) in {normalize(a) for a in q["answers"]}
 
 
-def _answers(model, processor, meta: dict, questions: list[dict], image_paths: list, batch_size: int,
-             max_new_tokens: int, desc: str) -> list[str]:  # fmt: skip
+def _answers(
+    model,
+    processor,
+    meta: dict,
+    questions: list[dict],
+    image_paths: list,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+) -> list[str]:
     from tqdm.auto import tqdm
 
     tok = processor.tokenizer
@@ -218,6 +259,9 @@ def summarize(records: list[dict]) -> dict:
     for r in records:
         by_type[r["type"]].append(bool(r["correct"]))
     hits = sum(bool(r["correct"]) for r in records)
-    return {"accuracy": hits / max(1, len(records)), "n": len(records),
-            "accuracy_ci95": [round(x, 4) for x in wilson_interval(hits, len(records))],
-            "by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())}}  # fmt: skip
+    return {
+        "accuracy": hits / max(1, len(records)),
+        "n": len(records),
+        "accuracy_ci95": [round(x, 4) for x in wilson_interval(hits, len(records))],
+        "by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())},
+    }

@@ -68,8 +68,10 @@ def load_trained_llava(model_dir: str | os.PathLike):
     if (folder / "model" / "config.json").is_file():
         folder = folder / "model"
     if (folder / "projector" / "projector.safetensors").is_file() and not (folder / "config.json").is_file():
-        raise LlavaExportError(f"{model_dir} is a pretrain run that saved the projector only (as LLaVA's mm_projector); "
-                               "use the finetune run, or pretrain with train.save_full_model=true")  # fmt: skip
+        raise LlavaExportError(
+            f"{model_dir} is a pretrain run that saved the projector only (as LLaVA's mm_projector); "
+            "use the finetune run, or pretrain with train.save_full_model=true"
+        )
     if not (folder / "config.json").is_file():
         raise LlavaExportError(
             f"{model_dir}: no LLaVA model (config.json); train one with `l2c mllm pretrain|finetune`"
@@ -111,8 +113,10 @@ def original_state_dict(model) -> dict[str, torch.Tensor]:
         second = model.model.multi_modal_projector.linear_2
         eye = torch.eye(second.weight.shape[0], dtype=second.weight.dtype)
         if not (torch.equal(second.weight, eye) and not second.bias.any()):
-            raise LlavaExportError("a linear projector whose second layer is not the identity cannot be written "
-                                   "as LLaVA's single mm_projector Linear")  # fmt: skip
+            raise LlavaExportError(
+                "a linear projector whose second layer is not the identity cannot be written "
+                "as LLaVA's single mm_projector Linear"
+            )
     out = {}
     for k, v in model.state_dict().items():
         if k.startswith("model.language_model."):
@@ -202,8 +206,10 @@ def export_original(
 
     out = Path(out_dir)
     if "llava" not in out.name.lower():
-        raise LlavaExportError(f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
-                               "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip")  # fmt: skip
+        raise LlavaExportError(
+            f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
+            "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip"
+        )
     check_output_folder(out, "llava original export", overwrite)  # before any model loads
     folder, model, processor = load_trained_llava(model_dir)
     try:
@@ -224,19 +230,32 @@ def export_original(
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = portable_config(tc.to_dict())
-        config.update({
-            "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-            "mm_vision_tower": VISION_DIR, "mm_projector_type": projector_type_of(model.config),
-            "mm_vision_select_layer": model.config.vision_feature_layer,
-            "mm_vision_select_feature": "patch" if model.config.vision_feature_select_strategy == "default" else "cls_patch",
-            "mm_hidden_size": vc.hidden_size, "image_aspect_ratio": meta.get("image_aspect_ratio", "pad"),
-            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
-            "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False, "use_mm_proj": True,
-            "image_token_index": model.config.image_token_id, "tokenizer_model_max_length": 2048,
-        })  # fmt: skip
+        config.update(
+            {
+                "architectures": ["LlavaLlamaForCausalLM"],
+                "model_type": "llava_llama",
+                "mm_vision_tower": VISION_DIR,
+                "mm_projector_type": projector_type_of(model.config),
+                "mm_vision_select_layer": model.config.vision_feature_layer,
+                "mm_vision_select_feature": "patch"
+                if model.config.vision_feature_select_strategy == "default"
+                else "cls_patch",
+                "mm_hidden_size": vc.hidden_size,
+                "image_aspect_ratio": meta.get("image_aspect_ratio", "pad"),
+                "mm_use_im_start_end": False,
+                "mm_use_im_patch_token": False,
+                "mm_patch_merge_type": "flat",
+                "tune_mm_mlp_adapter": False,
+                "freeze_mm_mlp_adapter": False,
+                "use_mm_proj": True,
+                "image_token_index": model.config.image_token_id,
+                "tokenizer_model_max_length": 2048,
+            }
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_portable_tokenizer(processor.tokenizer, tmp, tokenizer_source(processor.tokenizer),
-                                 getattr(tc, "model_type", None))  # fmt: skip
+        write_portable_tokenizer(
+            processor.tokenizer, tmp, tokenizer_source(processor.tokenizer), getattr(tc, "model_type", None)
+        )
         write_card(tmp, "llava-original", model_dir, name=out.name, body=original_readme(out.name, meta))
 
     return publish_folder(out, build, "llava original export", overwrite)

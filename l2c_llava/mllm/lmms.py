@@ -37,8 +37,18 @@ TASK_DIR = ROOT / "mllm" / "tasks"
 LOCAL_TASKS = ("l2c_vqa", "l2c_vqa_shuffled", "l2c_pope", "l2c_caption")
 # The paper table's columns by their lmms-eval names (RECIPE.md "Evaluation with lmms-eval"); the
 # last four need a GPT judge (OPENAI_API_KEY). `--tasks paper` / `paper_all` expand to them.
-PAPER_TASKS = ("vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "pope_random", "pope_pop",
-               "pope_adv", "mme", "seedbench")  # fmt: skip
+PAPER_TASKS = (
+    "vqav2_val",
+    "gqa",
+    "vizwiz_vqa_val",
+    "scienceqa_img",
+    "textvqa_val",
+    "pope_random",
+    "pope_pop",
+    "pope_adv",
+    "mme",
+    "seedbench",
+)
 JUDGED_TASKS = ("mmbench_en_dev", "mmbench_cn_dev", "llava_in_the_wild", "mmvet")
 ALIASES = {"paper": PAPER_TASKS, "paper_all": PAPER_TASKS + JUDGED_TASKS, "local": LOCAL_TASKS}
 
@@ -69,8 +79,11 @@ def yes_no(text: str) -> str:
 
 def pope_process_results(doc, results):
     pred, gold = yes_no(results[0] if results else ""), yes_no(doc["answer"])
-    return {"pope_accuracy": float(pred == gold), "pope_f1": {"pred": pred, "gold": gold},
-            "pope_yes_ratio": float(pred == "yes")}  # fmt: skip
+    return {
+        "pope_accuracy": float(pred == gold),
+        "pope_f1": {"pred": pred, "gold": gold},
+        "pope_yes_ratio": float(pred == "yes"),
+    }
 
 
 def pope_f1(items) -> float:
@@ -141,9 +154,17 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
     (``eval/vqa_test.jsonl``, ``eval/pope_test.jsonl``, ``retrieval/karpathy.json``)."""
     root = image_root or data_dir / L.IMAGES
     if task == "l2c_vqa":
-        return _rows(data_dir / L.VQA["test"], root, lambda r: {
-            "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
-            "answers": [str(a) for a in (r.get("answers") or [r["answer"]])], "type": str(r.get("type", "all"))})  # fmt: skip
+        return _rows(
+            data_dir / L.VQA["test"],
+            root,
+            lambda r: {
+                "question_id": str(r["question_id"]),
+                "question": str(r["question"]),
+                "answer": str(r["answer"]),
+                "answers": [str(a) for a in (r.get("answers") or [r["answer"]])],
+                "type": str(r.get("type", "all")),
+            },
+        )
     if task == "l2c_vqa_shuffled":  # the same questions, each shown another test image
         from l2c_llava.mllm.evaluate import shifted_images
 
@@ -151,9 +172,16 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
         other = shifted_images([Path(r["image_path"]) for r in rows])
         return [r | {"image_path": str(o), "own_image_path": r["image_path"]} for r, o in zip(rows, other)]
     if task == "l2c_pope":
-        return _rows(data_dir / L.POPE, root, lambda r: {
-            "question_id": str(r["question_id"]), "question": str(r["question"]), "answer": str(r["answer"]),
-            "category": str(r.get("category", "random"))})  # fmt: skip
+        return _rows(
+            data_dir / L.POPE,
+            root,
+            lambda r: {
+                "question_id": str(r["question_id"]),
+                "question": str(r["question"]),
+                "answer": str(r["answer"]),
+                "category": str(r.get("category", "random")),
+            },
+        )
     if task == "l2c_caption":
         path = data_dir / L.RETRIEVAL_SHORT
         if not path.is_file():
@@ -191,8 +219,14 @@ def spread_sample(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
     return [rows[i] for i in keep]
 
 
-def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root: Path | None = None,
-                        limit: int | None = None, task_limits: dict[str, int] | None = None) -> Path:  # fmt: skip
+def prepare_local_tasks(
+    tasks: list[str],
+    data_dir: Path,
+    out: Path,
+    image_root: Path | None = None,
+    limit: int | None = None,
+    task_limits: dict[str, int] | None = None,
+) -> Path:
     """A copy of ``mllm/tasks`` under ``out/tasks`` whose YAMLs read JSONL files written there."""
     dest = out / L.EVAL_TASKS
     if dest.exists():
@@ -216,12 +250,33 @@ def prepare_local_tasks(tasks: list[str], data_dir: Path, out: Path, image_root:
 
 
 # ---------------------------------------------------------------- running lmms-eval
-def lmms_command(model_dir: Path, tasks: list[str], out: Path, include_path: Path | None, device: str,
-                 batch_size: int, limit: int | None) -> list[str]:  # fmt: skip
+def lmms_command(
+    model_dir: Path,
+    tasks: list[str],
+    out: Path,
+    include_path: Path | None,
+    device: str,
+    batch_size: int,
+    limit: int | None,
+) -> list[str]:
     model_args = f"pretrained={model_dir},device={device},device_map={device}"
-    cmd = [sys.executable, "-m", "l2c_llava.mllm.lmms_entry", "eval", "--model", "llava_hf", "--model_args", model_args,
-           "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(out / L.LMMS_EVAL_OUTPUT),
-           "--log_samples"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "l2c_llava.mllm.lmms_entry",
+        "eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(tasks),
+        "--batch_size",
+        str(batch_size),
+        "--output_path",
+        str(out / L.LMMS_EVAL_OUTPUT),
+        "--log_samples",
+    ]
     if include_path is not None:
         cmd += ["--include_path", str(include_path)]
     if limit:
@@ -229,29 +284,43 @@ def lmms_command(model_dir: Path, tasks: list[str], out: Path, include_path: Pat
     return cmd
 
 
-def run_lmms_eval(model_dir: str | os.PathLike, tasks: list[str], out_dir: str | os.PathLike,
-                  data_dir: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
-                  device: str = "cpu", batch_size: int = 1, limit: int | None = None,
-                  task_limits: dict[str, int] | None = None, offline: bool | None = None) -> list[dict]:  # fmt: skip
+def run_lmms_eval(
+    model_dir: str | os.PathLike,
+    tasks: list[str],
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 1,
+    limit: int | None = None,
+    task_limits: dict[str, int] | None = None,
+    offline: bool | None = None,
+) -> list[dict]:
     """Run lmms-eval on `model_dir` for `tasks`, then write the normalized table. Returns its rows."""
     model = Path(model_dir).resolve()
     if (model / L.TRAINED_MODEL / "config.json").is_file():  # an mllm run folder
         model = model / L.TRAINED_MODEL
     cfg = json.loads((model / "config.json").read_text()) if (model / "config.json").is_file() else {}
     if cfg.get("model_type") != "llava" or not (model / "processor_config.json").is_file():
-        raise EvalError(f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
-                        "model_type llava, processor_config.json); point at a finetune run or make one with "
-                        "`l2c export llava --format hf`")  # fmt: skip
+        raise EvalError(
+            f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
+            "model_type llava, processor_config.json); point at a finetune run or make one with "
+            "`l2c export llava --format hf`"
+        )
     if cfg.get("l2c_connector"):
         kind = cfg["l2c_connector"].get("type")
-        raise EvalError(f"{model}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
-                        "transformers' LLaVA class, which takes only the MLP connector. Score it with "
-                        "`l2c mllm eval-vqa` (our loader) instead")  # fmt: skip
+        raise EvalError(
+            f"{model}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
+            "transformers' LLaVA class, which takes only the MLP connector. Score it with "
+            "`l2c mllm eval-vqa` (our loader) instead"
+        )
     try:
         import lmms_eval  # noqa: F401
     except ImportError as e:
-        raise EvalError(f"lmms-eval is not installed ({e}); `bash scripts/setup_env.sh` installs it "
-                        "(without torchvision, see README 'Evaluation')") from e  # fmt: skip
+        raise EvalError(
+            f"lmms-eval is not installed ({e}); `bash scripts/setup_env.sh` installs it "
+            "(without torchvision, see README 'Evaluation')"
+        ) from e
     tasks = expand_tasks(tasks)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -316,8 +385,15 @@ def normalize_results(res: dict) -> list[dict]:
             if key == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
-            rows.append({"task": task, "metric": metric, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})  # fmt: skip
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "n": n,
+                }
+            )
     return rows
 
 

@@ -60,11 +60,16 @@ class MllmRecipe:
         ``model.llm.load_in_4bit`` (QLoRA) the LLM's linears in NF4 on the GPU (``quantize=False``
         gives the same model in full precision, to merge the trained LoRA into for saving)."""
         m, t = self.cfg.model, self.cfg.train
-        model, processor = build_llava(m.vision_tower, m.llm, projector_type=m.projector_type,
-                                       image_aspect_ratio=m.image_aspect_ratio,
-                                       vision_feature_layer=m.vision_feature_layer,
-                                       vision_feature_select_strategy=m.vision_feature_select_strategy,
-                                       torch_dtype=m.llm.torch_dtype, connector=m.connector.model_dump())  # fmt: skip
+        model, processor = build_llava(
+            m.vision_tower,
+            m.llm,
+            projector_type=m.projector_type,
+            image_aspect_ratio=m.image_aspect_ratio,
+            vision_feature_layer=m.vision_feature_layer,
+            vision_feature_select_strategy=m.vision_feature_select_strategy,
+            torch_dtype=m.llm.torch_dtype,
+            connector=m.connector.model_dump(),
+        )
         if m.init_from:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
@@ -82,8 +87,12 @@ class MllmRecipe:
         elif t.tune == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
-            lc = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                            target_modules=list(t.lora.target_modules))  # fmt: skip
+            lc = LoraConfig(
+                r=t.lora.r,
+                lora_alpha=t.lora.alpha,
+                lora_dropout=t.lora.dropout,
+                target_modules=list(t.lora.target_modules),
+            )
             inject_adapter_in_model(lc, model.model.language_model)
             self._projector_trainable(model)
         if not t.freeze_vision_tower:
@@ -128,11 +137,16 @@ class MllmRecipe:
             found = {k: v for k, v in state.items() if k.startswith(prefix)}
             own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
             if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
-                raise InputError(f"model.init_from={init_from}: its {what} does not fit this model "
-                                 f"(found {sorted(found)[:4]}, need {sorted(own)[:4]} with the same shapes)")  # fmt: skip
+                raise InputError(
+                    f"model.init_from={init_from}: its {what} does not fit this model "
+                    f"(found {sorted(found)[:4]}, need {sorted(own)[:4]} with the same shapes)"
+                )
         if tower_trained:
-            logger.info("model.init_from=%s: its vision tower was trained, loading it over %s", init_from,
-                        self.cfg.model.vision_tower)  # fmt: skip
+            logger.info(
+                "model.init_from=%s: its vision tower was trained, loading it over %s",
+                init_from,
+                self.cfg.model.vision_tower,
+            )
         model.load_state_dict(state, strict=False)
 
     def param_groups(self, model) -> list[dict]:
@@ -177,8 +191,15 @@ class MllmRecipe:
             raise InputError(
                 f"data.max_length={d.max_length} leaves no room for text after {n_img} image tokens"
             )
-        return LlavaDataset(rows.items, processor, d.template, d.max_length, n_img, model.config.image_token_id,
-                            self.cfg.model.image_aspect_ratio)  # fmt: skip
+        return LlavaDataset(
+            rows.items,
+            processor,
+            d.template,
+            d.max_length,
+            n_img,
+            model.config.image_token_id,
+            self.cfg.model.image_aspect_ratio,
+        )
 
     def epoch_order(self, ds: LlavaDataset, epoch: int, world: int, rank: int) -> list[int]:
         t = self.cfg.train
@@ -200,8 +221,10 @@ class MllmRecipe:
         acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
         world = acc.num_processes
         if t.global_batch_size % (t.per_device_batch_size * world):
-            raise InputError(f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
-                             f"x processes ({t.per_device_batch_size} x {world})")  # fmt: skip
+            raise InputError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
+                f"x processes ({t.per_device_batch_size} x {world})"
+            )
         accum = t.global_batch_size // (t.per_device_batch_size * world)
         rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
         model, processor = self.build()
@@ -216,9 +239,19 @@ class MllmRecipe:
                 f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
         total = t.max_steps or t.epochs * steps_per_epoch
-        state = prepare_training(acc, model, self.param_groups(model), total, t, self.run_dir, resume=cfg.run.resume,
-                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
-                                 micro_batch=t.per_device_batch_size, accum=accum, lr=t.lr)  # fmt: skip
+        state = prepare_training(
+            acc,
+            model,
+            self.param_groups(model),
+            total,
+            t,
+            self.run_dir,
+            resume=cfg.run.resume,
+            load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+            micro_batch=t.per_device_batch_size,
+            accum=accum,
+            lr=t.lr,
+        )
         if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
             trackers.finish(acc)
             return state.finished
@@ -233,8 +266,12 @@ class MllmRecipe:
                 order = self.epoch_order(ds, epoch, world, acc.process_index)
                 # a resumed run picks up inside its epoch
                 done_rows = (step - epoch * steps_per_epoch) * accum * t.per_device_batch_size
-                loader = DataLoader(Subset(ds, order[done_rows:]), batch_size=t.per_device_batch_size,
-                                    collate_fn=collate, num_workers=cfg.data.num_workers)  # fmt: skip
+                loader = DataLoader(
+                    Subset(ds, order[done_rows:]),
+                    batch_size=t.per_device_batch_size,
+                    collate_fn=collate,
+                    num_workers=cfg.data.num_workers,
+                )
                 batches = iter(loader)
                 for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
                     # each micro-batch is drawn from the loader when its turn comes
@@ -267,13 +304,27 @@ class MllmRecipe:
 
         t0 = time.perf_counter()
         wrapped.train()
-        last = train_loop(acc, state, total, steps(), step_gradients, report,
-                          params=[p for p in model.parameters() if p.requires_grad], train=t, desc=f"llava {t.stage}",
-                          save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step))  # fmt: skip
+        last = train_loop(
+            acc,
+            state,
+            total,
+            steps(),
+            step_gradients,
+            report,
+            params=[p for p in model.parameters() if p.requires_grad],
+            train=t,
+            desc=f"llava {t.stage}",
+            save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step),
+        )
         seconds = time.perf_counter() - t0
-        stats = {"steps": total, "final_loss": last, "grad_accum": accum, "rows": len(ds),
-                 "seconds_this_session": round(seconds, 1),
-                 "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None}  # fmt: skip
+        stats = {
+            "steps": total,
+            "final_loss": last,
+            "grad_accum": accum,
+            "rows": len(ds),
+            "seconds_this_session": round(seconds, 1),
+            "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None,
+        }
         if acc.is_main_process:
             self.save_model(acc.unwrap_model(wrapped), processor, stats)
             write_train_stats(self.run_dir, stats)
@@ -316,10 +367,15 @@ class MllmRecipe:
                     module.merge()
             model = _strip_lora(model)
         m = self.cfg.model
-        meta = {"stage": self.cfg.train.stage, "template": self.cfg.data.template,
-                "image_aspect_ratio": m.image_aspect_ratio, "vision_tower": m.vision_tower,
-                "vision_tower_trained": not self.cfg.train.freeze_vision_tower,
-                "llm": m.llm.name_or_path, "projector_type": m.projector_type}  # fmt: skip
+        meta = {
+            "stage": self.cfg.train.stage,
+            "template": self.cfg.data.template,
+            "image_aspect_ratio": m.image_aspect_ratio,
+            "vision_tower": m.vision_tower,
+            "vision_tower_trained": not self.cfg.train.freeze_vision_tower,
+            "llm": m.llm.name_or_path,
+            "projector_type": m.projector_type,
+        }
         if self.cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         card = model_card(
@@ -341,9 +397,15 @@ class MllmRecipe:
         kept = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
         state = {k: v for k, v in kept.items() if k.startswith(PROJECTOR)}
         m = self.cfg.model
-        meta = {"stage": self.cfg.train.stage, "projector_only": True, "vision_tower": m.vision_tower,
-                "vision_tower_trained": tower_trained, "llm": m.llm.name_or_path,
-                "projector_type": m.projector_type, "template": self.cfg.data.template}  # fmt: skip
+        meta = {
+            "stage": self.cfg.train.stage,
+            "projector_only": True,
+            "vision_tower": m.vision_tower,
+            "vision_tower_trained": tower_trained,
+            "llm": m.llm.name_or_path,
+            "projector_type": m.projector_type,
+            "template": self.cfg.data.template,
+        }
 
         def build(tmp: Path) -> None:
             save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})

@@ -42,9 +42,11 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError (not plain tensors), a damaged file
-        raise ConvertError(f"{path}: not loadable with weights_only=True ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor checkpoints are "
-                           "converted") from None  # fmt: skip
+        raise ConvertError(
+            f"{path}: not loadable with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor checkpoints are "
+            "converted"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

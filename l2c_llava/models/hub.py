@@ -90,13 +90,17 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             and any(cached.glob("*.bin"))
             and not any(cached.glob("*.safetensors"))
         ):
-            raise HubError(f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
-                           f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead")  # fmt: skip
+            raise HubError(
+                f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
+                f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead"
+            )
     if hub_offline():
         state = "only partly in" if cached is not None else "not in"
-        raise HubError(f"{what} {hub_id}: HF_HUB_OFFLINE=1 and the model is {state} the Hugging Face cache "
-                       f"({cache}). Download it on a machine with network (`hf download {repo_id}`, same "
-                       "HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder") from None  # fmt: skip
+        raise HubError(
+            f"{what} {hub_id}: HF_HUB_OFFLINE=1 and the model is {state} the Hugging Face cache "
+            f"({cache}). Download it on a machine with network (`hf download {repo_id}`, same "
+            "HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder"
+        ) from None
     try:
         folder = Path(
             snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=list(patterns))
@@ -107,19 +111,26 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             if "gated" in type(e).__name__.lower() or "401" in str(e) or "403" in str(e)
             else "check the id and the network, or set HF_HUB_OFFLINE=1 to use the cache only"
         )
-        raise HubError(f"{what} {hub_id}: cannot download it from the Hugging Face Hub "
-                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None  # fmt: skip
+        raise HubError(
+            f"{what} {hub_id}: cannot download it from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}"
+        ) from None
     if not any((folder / m).is_file() for m in _MARKERS):
-        raise HubError(f"{what} {hub_id}: the Hub repository has no config.json (nor adapter_config.json): "
-                       "not a transformers model")  # fmt: skip
+        raise HubError(
+            f"{what} {hub_id}: the Hub repository has no config.json (nor adapter_config.json): "
+            "not a transformers model"
+        )
     if not _complete(folder, patterns):  # e.g. pickled .bin weights only (lmsys/vicuna-7b-v1.5)
-        raise HubError(f"{what} {hub_id}: the Hub repository has no safetensors weights (pickled .bin only?): "
-                       f"`l2c convert weights {hub_id} OUT` downloads and converts them; then give OUT")  # fmt: skip
+        raise HubError(
+            f"{what} {hub_id}: the Hub repository has no safetensors weights (pickled .bin only?): "
+            f"`l2c convert weights {hub_id} OUT` downloads and converts them; then give OUT"
+        )
     return str(folder)
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, what: str = "model",
-                       patterns: tuple[str, ...] = WEIGHTS_SAFE) -> str:  # fmt: skip
+def resolve_model_path(
+    name_or_path: str | os.PathLike, what: str = "model", patterns: tuple[str, ...] = WEIGHTS_SAFE
+) -> str:
     """A local path as it is; a Hub id -> its snapshot folder (:func:`hub_snapshot`); ``embedded:``
     names are left to ``l2c_llava.embedded``."""
     s = str(name_or_path)

@@ -90,8 +90,11 @@ def cpu_has_native_bf16() -> bool:
 def warn_if_slow_bf16(what: str, device: str = "cpu") -> None:
     """A warning when `what` asks for bf16 on a CPU that emulates it (the run is right, only slow)."""
     if not device.startswith("cuda") and not cpu_has_native_bf16():
-        logger.warning("%s: bf16 on this CPU is emulated (no AVX512-BF16 / AMX) and slower than float32; "
-                       "set it to float32 / \"no\" here", what)  # fmt: skip
+        logger.warning(
+            "%s: bf16 on this CPU is emulated (no AVX512-BF16 / AMX) and slower than float32; "
+            'set it to float32 / "no" here',
+            what,
+        )
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype, device: str) -> Any:
@@ -129,8 +132,16 @@ def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
     return folder
 
 
-def load_llm(source: EncoderSource, *, bidirectional: bool, torch_dtype, attn_implementation: str,
-               trust_remote_code: bool, causal_lm: bool = False, load_in_4bit: bool = False):  # fmt: skip
+def load_llm(
+    source: EncoderSource,
+    *,
+    bidirectional: bool,
+    torch_dtype,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    causal_lm: bool = False,
+    load_in_4bit: bool = False,
+):
     """(model, tokenizer, model_type, name_or_path) for a folder or a GGUF file; `load_in_4bit`: NF4
     base weights on the GPU through bitsandbytes (QLoRA), or a clear error where that cannot run."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer

@@ -24,8 +24,16 @@ import torch
 VISION_PREFIX = "vision_model."
 
 # the files a transformers tokenizer folder may hold
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
 # tokenizer classes transformers 5 writes that 4.x does not have
 V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend", "SentencePieceBackend", "PythonBackend"}
 # the original LLM's tokenizer files, kept inside a saved LLaVA folder
@@ -149,8 +157,12 @@ def _downgrade_tokenizer_json(node):
     node = {k: _downgrade_tokenizer_json(v) for k, v in node.items()}
     if node.get("type") == "Metaspace":
         scheme = node.get("prepend_scheme", "always" if node.get("add_prefix_space", True) else "never")
-        node = {"type": "Metaspace", "replacement": node.get("replacement", "▁"),
-                "add_prefix_space": scheme != "never", "prepend_scheme": scheme}  # fmt: skip
+        node = {
+            "type": "Metaspace",
+            "replacement": node.get("replacement", "▁"),
+            "add_prefix_space": scheme != "never",
+            "prepend_scheme": scheme,
+        }
     if node.get("type") == "BPE" and isinstance(node.get("merges"), list):
         merges = node["merges"]
         # a merge of tokens that contain a space has no "a b" form: kept as pairs (tokenizers >= 0.20)
@@ -161,9 +173,14 @@ def _downgrade_tokenizer_json(node):
 
 
 def _added_token_entry(token) -> dict:
-    return {"content": str(token), "lstrip": bool(getattr(token, "lstrip", False)),
-            "normalized": bool(getattr(token, "normalized", False)), "rstrip": bool(getattr(token, "rstrip", False)),
-            "single_word": bool(getattr(token, "single_word", False)), "special": bool(getattr(token, "special", True))}  # fmt: skip
+    return {
+        "content": str(token),
+        "lstrip": bool(getattr(token, "lstrip", False)),
+        "normalized": bool(getattr(token, "normalized", False)),
+        "rstrip": bool(getattr(token, "rstrip", False)),
+        "single_word": bool(getattr(token, "single_word", False)),
+        "special": bool(getattr(token, "special", True)),
+    }
 
 
 def _save_tokenizer_json(tokenizer, out: Path, keep_config: bool) -> None:
@@ -177,8 +194,9 @@ def _save_tokenizer_json(tokenizer, out: Path, keep_config: bool) -> None:
                 shutil.copyfile(Path(tmp) / name, out / name)
 
 
-def write_portable_tokenizer(tokenizer, out: str | Path, source: str | Path | None = None,
-                             model_type: str | None = None) -> Path:  # fmt: skip
+def write_portable_tokenizer(
+    tokenizer, out: str | Path, source: str | Path | None = None, model_type: str | None = None
+) -> Path:
     """The tokenizer of an exported model: the LLM's own files from `source` (or, without them, the
     files transformers 5 writes, converted), plus the tokens added here (``<image>``, a pad) by id,
     in the forms transformers 4.37+ and tokenizers 0.15+ read. `tokenizer` is the loaded (5.x)
@@ -203,8 +221,12 @@ def write_portable_tokenizer(tokenizer, out: str | Path, source: str | Path | No
     # every added token by id (4.x rebuilds them from here; its length then equals the model's vocabulary)
     decoder = {str(i): _added_token_entry(t) for i, t in sorted(tokenizer.added_tokens_decoder.items())}
     cfg["added_tokens_decoder"] = decoder
-    specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token}  # fmt: skip
+    specials = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "unk_token": tokenizer.unk_token,
+        "pad_token": tokenizer.pad_token,
+    }
     named = {v for v in specials.values() if v}
     extra = [t["content"] for t in decoder.values() if t["special"] and t["content"] not in named]
     for key, value in specials.items():
@@ -213,9 +235,14 @@ def write_portable_tokenizer(tokenizer, out: str | Path, source: str | Path | No
     cfg["additional_special_tokens"] = extra
     cfg["padding_side"] = "right"
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {**{k: v for k, v in specials.items() if v is not None}, "additional_special_tokens": extra},
-        indent=2, ensure_ascii=False) + "\n")  # fmt: skip
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {**{k: v for k, v in specials.items() if v is not None}, "additional_special_tokens": extra},
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     (out / "added_tokens.json").unlink(missing_ok=True)  # superseded by added_tokens_decoder
     tj_path = out / "tokenizer.json"
     if tj_path.is_file():

@@ -36,25 +36,33 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
         )
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in ("clip", "clip_vision_model"):
-        raise VisionTowerError(f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
-                         "(clip / clip_vision_model)")  # fmt: skip
+        raise VisionTowerError(
+            f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
+            "(clip / clip_vision_model)"
+        )
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if not safetensors and pickles and not allow_pickle:
-        raise VisionTowerError(f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
-                         "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
-                         "--allow-pickle if you trust where the file comes from")  # fmt: skip
+        raise VisionTowerError(
+            f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
+            "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
+            "--allow-pickle if you trust where the file comes from"
+        )
     if not safetensors and not pickles:
-        raise VisionTowerError(f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
-                               "weights only is converted by `l2c convert weights SOURCE OUT`")  # fmt: skip
+        raise VisionTowerError(
+            f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
+            "weights only is converted by `l2c convert weights SOURCE OUT`"
+        )
     if safetensors:
         for f in safetensors:  # a clear message instead of the loader's SafetensorError
             try:
                 with safe_open(str(f), framework="pt") as st:
                     st.keys()
             except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
-                raise VisionTowerError(f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
-                                 "is damaged or not safetensors: export or download it again") from None  # fmt: skip
+                raise VisionTowerError(
+                    f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
+                    "is damaged or not safetensors: export or download it again"
+                ) from None
     elif pickles:
         logger.warning(
             "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
@@ -75,9 +83,13 @@ def llava_image_processor(size: int, pad: bool = True):
     (processor on the raw image) gets training's pixels."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    return LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-                                  do_pad=pad)  # fmt: skip
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_pad=pad,
+    )
 
 
 def pil_image_processor(image_processor):
@@ -86,7 +98,19 @@ def pil_image_processor(image_processor):
 
     if isinstance(image_processor, LlavaImageProcessorPil):
         return image_processor
-    keys = ("size", "crop_size", "image_mean", "image_std", "do_pad", "do_resize", "do_center_crop",
-            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")  # fmt: skip
+    keys = (
+        "size",
+        "crop_size",
+        "image_mean",
+        "image_std",
+        "do_pad",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "do_convert_rgb",
+        "resample",
+    )
     d = image_processor.to_dict()
     return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})

@@ -18,8 +18,13 @@ from l2c_llava.data.readers import CaptionPair, RetrievalSet
 from l2c_llava.errors import InputError
 
 
-def top1_accuracy(queries: torch.Tensor, docs: torch.Tensor, query_group: Sequence[int], doc_group: Sequence[int],
-                  exclude_self: bool = False) -> float:  # fmt: skip
+def top1_accuracy(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    query_group: Sequence[int],
+    doc_group: Sequence[int],
+    exclude_self: bool = False,
+) -> float:
     """Share of queries whose most similar doc (cosine) has the query's group."""
     q, d = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
     sim = q @ d.T
@@ -44,9 +49,16 @@ def cra_captions(test: RetrievalSet, max_images: int | None = None) -> tuple[lis
     return texts, groups
 
 
-def evaluate_caption_retrieval(encoder, test: RetrievalSet | None, pairs: Sequence[CaptionPair] | None,
-                               short_to_long: str | None, long_to_short: str | None, batch_size: int = 32,
-                               max_images: int | None = None, desc: str | None = None) -> dict[str, float]:  # fmt: skip
+def evaluate_caption_retrieval(
+    encoder,
+    test: RetrievalSet | None,
+    pairs: Sequence[CaptionPair] | None,
+    short_to_long: str | None,
+    long_to_short: str | None,
+    batch_size: int = 32,
+    max_images: int | None = None,
+    desc: str | None = None,
+) -> dict[str, float]:
     """CRA (no instruction: both sides are captions of the same kind) and, with held-out pairs,
     short->long / long->short top-1 (queries carry the instruction of their direction, as trained).
     `desc`: one progress bar over every text encoded, under that name (none without)."""

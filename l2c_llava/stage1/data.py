@@ -65,8 +65,14 @@ def general_text_examples(path: str | Path, limit: int | None = None) -> list[Ex
             problems.append(RowProblem(str(path), label, problem))
             continue
         negative, instruction = row.get("negative"), row.get("instruction")
-        out.append(Example(query, positive, negative if isinstance(negative, str) and negative.strip() else None,
-                           instruction if isinstance(instruction, str) and instruction.strip() else None))  # fmt: skip
+        out.append(
+            Example(
+                query,
+                positive,
+                negative if isinstance(negative, str) and negative.strip() else None,
+                instruction if isinstance(instruction, str) and instruction.strip() else None,
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     if problems:

@@ -141,8 +141,14 @@ class TextEncoder(nn.Module):
     """A decoder LLM as a text encoder. ``forward`` gives pooled features [B, D] with gradients
     (training); :meth:`encode` embeds a list of texts without gradients (inference)."""
 
-    def __init__(self, model: nn.Module, tokenizer, settings: EncoderSettings, source: EncoderSource | None = None,
-                 model_type: str = "llama"):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        settings: EncoderSettings,
+        source: EncoderSource | None = None,
+        model_type: str = "llama",
+    ):
         super().__init__()
         if settings.pooling not in POOLINGS:
             raise InputError(f"pooling {settings.pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -204,9 +210,13 @@ class TextEncoder(nn.Module):
             source = EncoderSource(base=path, gguf_file=gguf_file, adapters=[str(a) for a in adapters])
         source.adapters = [resolve_model_path(a, "LoRA adapter") for a in source.adapters]
         model, tokenizer, model_type, name = load_llm(
-            source, bidirectional=bidirectional, torch_dtype=resolve_dtype(torch_dtype, device),
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit,
-        )  # fmt: skip
+            source,
+            bidirectional=bidirectional,
+            torch_dtype=resolve_dtype(torch_dtype, device),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            load_in_4bit=load_in_4bit,
+        )
         model = merge_adapters(model, source.adapters)
         folder, _ = llm_folder(source.base, source.gguf_file)
         l2v = _read_llm2vec_config([folder, *source.adapters, path] if saved else [folder, *source.adapters])
@@ -227,8 +237,13 @@ class TextEncoder(nn.Module):
         if not load_in_4bit:  # a 4-bit model is placed on the GPU at load and cannot be moved
             model = model.to(device)
         enc = cls(model.eval(), tokenizer, settings, source, model_type)
-        logger.info("text encoder: %s (%s, %s attention, pooling %s)", source.base, model_type,
-                    "bidirectional" if bidirectional else "causal", settings.pooling)  # fmt: skip
+        logger.info(
+            "text encoder: %s (%s, %s attention, pooling %s)",
+            source.base,
+            model_type,
+            "bidirectional" if bidirectional else "causal",
+            settings.pooling,
+        )
         return enc
 
     # -- text preparation (llm2vec's) ------------------------------------------------------------
@@ -355,8 +370,13 @@ class TextEncoder(nn.Module):
             hidden, {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor,
-                length_buckets: int = 1) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embed_mask: torch.Tensor,
+        length_buckets: int = 1,
+    ) -> torch.Tensor:
         """[B, L] left-padded -> pooled [B, D]. ``length_buckets`` > 1 runs the rows in that many
         groups of similar length, each cut to its own longest row (a training batch mixes short and
         dense captions; one padded batch would spend most of its compute on padding). One call, so
@@ -406,8 +426,13 @@ class TextEncoder(nn.Module):
         device = self.device
         out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
         show = (len(texts) >= 512 if show_progress is None else show_progress) and progress is None
-        for start in tqdm(range(0, len(texts), batch_size), desc="encoding", unit="batch", disable=not show,
-                          total=math.ceil(len(texts) / batch_size)):  # fmt: skip
+        for start in tqdm(
+            range(0, len(texts), batch_size),
+            desc="encoding",
+            unit="batch",
+            disable=not show,
+            total=math.ceil(len(texts) / batch_size),
+        ):
             idx = order[start : start + batch_size]
             batch = {
                 k: v.to(device)

@@ -28,8 +28,15 @@ logger = logging.getLogger("l2c_llava.stage1")
 IGNORE = -100  # a position without a label
 
 
-def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: set[int], mask_id: int,
-                vocab_size: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def mask_tokens(
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: set[int],
+    mask_id: int,
+    vocab_size: int,
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) of one MNTP batch. ids, attention_mask: [B, T]. Each real, non-special token
     is chosen with `probability`; a chosen one is replaced by `mask_id` (80%), a random token (10%) or
     kept (10%); labels hold the chosen tokens' ids and IGNORE elsewhere. Three draws from `generator`,
@@ -48,8 +55,9 @@ def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: se
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of token i predicted from position i-1. logits: [B, T-1, V] (positions 0..T-2),
     labels: [B, T] (IGNORE where nothing was masked)."""
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE)  # fmt: skip
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
 
 
 def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: list[str]) -> Path:
@@ -66,17 +74,30 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
         texts = texts + [
             t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
         ]
-    lm, tok, _, _ = load_llm(src, bidirectional=True, torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
-                               attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-                               causal_lm=True, load_in_4bit=m.load_in_4bit)  # fmt: skip
+    lm, tok, _, _ = load_llm(
+        src,
+        bidirectional=True,
+        torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        causal_lm=True,
+        load_in_4bit=m.load_in_4bit,
+    )
     lm = merge_adapters(lm, src.adapters)
     base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     head = lm.get_output_embeddings()
     lora = cfg.lora
     if m.load_in_4bit:
         base = prepare_for_qlora(base, m.gradient_checkpointing)
-    peft_base = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora_targets(base, lora.target_modules)))  # fmt: skip
+    peft_base = get_peft_model(
+        base,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_targets(base, lora.target_modules),
+        ),
+    )
     head.requires_grad_(False)
     tok.pad_token = tok.pad_token or tok.eos_token
     mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]

@@ -76,21 +76,44 @@ class Stage1Recipe:
 
     def load_data(self):
         d = self.cfg.data
-        pairs = read_caption_pairs(d.train, None, short_key=d.short_key, long_key=d.long_key,
-                                   on_bad_row=d.on_bad_row, max_rows=d.max_samples)  # fmt: skip
-        test = read_karpathy(d.eval, Path(d.eval).parent, split=d.eval_split, image_check="none",
-                             on_bad_row=d.on_bad_row) if (d.eval and self.cfg.eval.cra) else None  # fmt: skip
-        held_out = read_caption_pairs(d.eval_pairs, None, short_key=d.short_key, long_key=d.long_key,
-                                      on_bad_row=d.on_bad_row).items if d.eval_pairs else None  # fmt: skip
+        pairs = read_caption_pairs(
+            d.train,
+            None,
+            short_key=d.short_key,
+            long_key=d.long_key,
+            on_bad_row=d.on_bad_row,
+            max_rows=d.max_samples,
+        )
+        test = (
+            read_karpathy(
+                d.eval, Path(d.eval).parent, split=d.eval_split, image_check="none", on_bad_row=d.on_bad_row
+            )
+            if (d.eval and self.cfg.eval.cra)
+            else None
+        )
+        held_out = (
+            read_caption_pairs(
+                d.eval_pairs, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+            ).items
+            if d.eval_pairs
+            else None
+        )
         general = general_text_examples(d.general_text) if d.general_text and d.general_text_share > 0 else []
         return pairs, test, held_out, general
 
     def evaluate(self, encoder: TextEncoder, test, held_out, desc: str | None = None) -> dict:
         """CRA and short<->long top-1; `desc` names a progress bar over the texts encoded."""
         ins = self.cfg.data.instructions
-        return evaluate_caption_retrieval(encoder, test, held_out, ins.short_to_long, ins.long_to_short,
-                                          batch_size=self.cfg.eval.batch_size, max_images=self.cfg.eval.max_images,
-                                          desc=desc)  # fmt: skip
+        return evaluate_caption_retrieval(
+            encoder,
+            test,
+            held_out,
+            ins.short_to_long,
+            ins.long_to_short,
+            batch_size=self.cfg.eval.batch_size,
+            max_images=self.cfg.eval.max_images,
+            desc=desc,
+        )
 
     def base_source(self) -> EncoderSource:
         m = self.cfg.model
@@ -100,11 +123,17 @@ class Stage1Recipe:
         m = self.cfg.model
         src = self.base_source()
         return TextEncoder.from_pretrained(
-            src.base, gguf_file=src.gguf_file, adapters=src.adapters + list(adapters_extra), pooling=m.pooling,
-            max_length=m.max_length, torch_dtype=m.torch_dtype, attn_implementation=m.attn_implementation,
+            src.base,
+            gguf_file=src.gguf_file,
+            adapters=src.adapters + list(adapters_extra),
+            pooling=m.pooling,
+            max_length=m.max_length,
+            torch_dtype=m.torch_dtype,
+            attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
-            bidirectional=m.bidirectional, load_in_4bit=m.load_in_4bit,
-        )  # fmt: skip
+            bidirectional=m.bidirectional,
+            load_in_4bit=m.load_in_4bit,
+        )
 
     # -- the method ------------------------------------------------------------------------------
 
@@ -176,8 +205,13 @@ class Stage1Recipe:
         if encoder is None:
             encoder = self.load_encoder(extra)
 
-        examples = caption_examples(pairs.items, cfg.data.instructions.short_to_long, cfg.data.instructions.long_to_short,
-                                    seed=cfg.run.seed, hard_negatives=cfg.data.hard_negatives)  # fmt: skip
+        examples = caption_examples(
+            pairs.items,
+            cfg.data.instructions.short_to_long,
+            cfg.data.instructions.long_to_short,
+            seed=cfg.run.seed,
+            hard_negatives=cfg.data.hard_negatives,
+        )
         examples = mix(examples, general, cfg.data.general_text_share, cfg.run.seed)
         train_stats = self.train_contrastive(acc, encoder, examples)
 
@@ -228,8 +262,10 @@ class Stage1Recipe:
         targets = lora_targets(encoder.model, lora.target_modules)
         if cfg.model.load_in_4bit:
             encoder.model = prepare_for_qlora(encoder.model, cfg.model.gradient_checkpointing)
-        encoder.model = get_peft_model(encoder.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                                 target_modules=targets))  # fmt: skip
+        encoder.model = get_peft_model(
+            encoder.model,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets),
+        )
         if cfg.model.gradient_checkpointing:
             encoder.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -240,10 +276,21 @@ class Stage1Recipe:
         steps_per_epoch = max(1, len(examples) // per_step)
         total = t.max_steps or t.epochs * steps_per_epoch
         params = [p for p in encoder.parameters() if p.requires_grad]
-        state = prepare_training(acc, encoder, params, total, t, self.run_dir, resume=cfg.run.resume,
-                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(acc, encoder, opt, sched),
-                                 micro_batch=t.batch_size, accum=t.grad_accum, output=None, lr=t.lr,
-                                 weight_decay=t.weight_decay)  # fmt: skip
+        state = prepare_training(
+            acc,
+            encoder,
+            params,
+            total,
+            t,
+            self.run_dir,
+            resume=cfg.run.resume,
+            load_checkpoint=lambda opt, sched: self.load_checkpoint(acc, encoder, opt, sched),
+            micro_batch=t.batch_size,
+            accum=t.grad_accum,
+            output=None,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+        )
         if state.start >= total:  # trained already: its saved stats (none if it stopped before writing them)
             return state.finished or {}
         model = state.wrapped
@@ -271,8 +318,9 @@ class Stage1Recipe:
             return feats[:n], feats[n : 2 * n], feats[2 * n :]
 
         def loss_fn(q, p, neg):
-            return hard_negative_nll_loss(q, p, neg if neg.shape[0] else None, scale=t.loss_scale,
-                                          gather=t.gather_across_processes)  # fmt: skip
+            return hard_negative_nll_loss(
+                q, p, neg if neg.shape[0] else None, scale=t.loss_scale, gather=t.gather_across_processes
+            )
 
         def loss_of(item) -> torch.Tensor:
             nonlocal tokens
@@ -286,8 +334,9 @@ class Stage1Recipe:
         def step_gradients(micro_batches: list) -> float:
             nonlocal tokens
             if not (t.contrastive_accum and t.grad_accum > 1):
-                return accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum, no_sync=model,
-                                            backward_in_autocast=True)  # fmt: skip
+                return accumulate_gradients(
+                    acc, micro_batches, loss_of, t.grad_accum, no_sync=model, backward_in_autocast=True
+                )
             # the gradient cache: the loss of the whole accumulated batch
             tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
             loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
@@ -300,13 +349,26 @@ class Stage1Recipe:
             return StepReport({"lr": f"{state.sched.get_last_lr()[0]:.2e}"}, {"tokens_per_second": tps})
 
         t0 = time.perf_counter()
-        last_loss = train_loop(acc, state, total, steps(), step_gradients, report, params=params, train=t,
-                               desc="stage 1 contrastive",
-                               save_checkpoint=lambda step: self.save_checkpoint(acc, encoder, state.opt, state.sched,
-                                                                                 step))  # fmt: skip
-        stats = {"steps": total, "examples": len(examples), "global_batch": per_step, "final_loss": last_loss,
-                 "seconds_this_session": round(time.perf_counter() - t0, 1),
-                 "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1)}  # fmt: skip
+        last_loss = train_loop(
+            acc,
+            state,
+            total,
+            steps(),
+            step_gradients,
+            report,
+            params=params,
+            train=t,
+            desc="stage 1 contrastive",
+            save_checkpoint=lambda step: self.save_checkpoint(acc, encoder, state.opt, state.sched, step),
+        )
+        stats = {
+            "steps": total,
+            "examples": len(examples),
+            "global_batch": per_step,
+            "final_loss": last_loss,
+            "seconds_this_session": round(time.perf_counter() - t0, 1),
+            "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1),
+        }
         if acc.is_main_process:
             write_train_stats(self.run_dir, stats)
         return stats
@@ -329,9 +391,12 @@ class Stage1Recipe:
         if acc.is_main_process:
             adapter = acc.unwrap_model(encoder).model
             Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
-                step, lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True), opt, sched,
+                step,
+                lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True),
+                opt,
+                sched,
                 extra={"resume_key": config_digest(self.cfg)},
-            )  # fmt: skip
+            )
         acc.wait_for_everyone()
 
     def load_checkpoint(self, acc, encoder: TextEncoder, opt, sched) -> int:
@@ -350,8 +415,10 @@ class Stage1Recipe:
         if state.get("resume_key", config_digest(self.cfg)) != config_digest(
             self.cfg
         ):  # older ones: by config.yaml
-            raise InputError(f"{ck} was written under a config that differs from this one in a key that may not "
-                             "change on resume; use a new run.output_dir, or run.resume=false to start over")  # fmt: skip
+            raise InputError(
+                f"{ck} was written under a config that differs from this one in a key that may not "
+                "change on resume; use a new run.output_dir, or run.resume=false to start over"
+            )
         return int(state["step"])
 
 
@@ -366,8 +433,9 @@ def evaluate_encoder(
         model = recipe.load_encoder()
     else:
         path = encoder or str(Path(cfg.run.output_dir) / STAGE1_ENCODER)
-        model = TextEncoder.from_pretrained(path, torch_dtype=cfg.model.torch_dtype,
-                                            attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+        model = TextEncoder.from_pretrained(
+            path, torch_dtype=cfg.model.torch_dtype, attn_implementation=cfg.model.attn_implementation
+        )
     model.set_bidirectional(not causal)
     return recipe.evaluate(model, test, held_out, "eval")
 

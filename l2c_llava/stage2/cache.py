@@ -209,8 +209,10 @@ class TextFeatureCache:
         if not bool(found.all()):
             i = int((~found).nonzero()[0])
             text = captions[i] if len(captions[i]) <= 60 else captions[i][:57] + "..."
-            raise CacheError(f"{where + ': ' if where else ''}caption {text!r} has no cached feature in {self.folder}; "
-                             "rebuild the cache for this data: l2c stage2 cache --config ...")  # fmt: skip
+            raise CacheError(
+                f"{where + ': ' if where else ''}caption {text!r} has no cached feature in {self.folder}; "
+                "rebuild the cache for this data: l2c stage2 cache --config ..."
+            )
         return self._order[pos]
 
     def keys(self) -> torch.Tensor:
@@ -220,8 +222,14 @@ class TextFeatureCache:
             else torch.zeros(0, dtype=torch.int64)
         )
 
-    def check(self, captions: Sequence[str], *, encoder_path: str | os.PathLike | None = None,
-              instruction: str | None = None, where: str = "") -> None:  # fmt: skip
+    def check(
+        self,
+        captions: Sequence[str],
+        *,
+        encoder_path: str | os.PathLike | None = None,
+        instruction: str | None = None,
+        where: str = "",
+    ) -> None:
         """Refuse the cache unless it holds exactly `captions` (row by row), made by `encoder_path`
         (if given) with `instruction`. The error names the first caption without its feature."""
         if encoder_path is not None:
@@ -282,15 +290,24 @@ def build_cache(
     folder = Path(folder)
     keys = caption_keys(captions)
     fp = encoder_fingerprint(encoder_path, instruction)
-    wanted = {"format": FORMAT, "encoder": fp, "captions_digest": captions_digest(keys), "rows": len(captions),
-              "dtype": dtype, "shard_size": shard_size, "compute_dtype": compute_dtype}  # fmt: skip
+    wanted = {
+        "format": FORMAT,
+        "encoder": fp,
+        "captions_digest": captions_digest(keys),
+        "rows": len(captions),
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "compute_dtype": compute_dtype,
+    }
     manifest_path = folder / MANIFEST
     manifest: dict[str, Any] | None = (
         json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     )
     if manifest is not None:
-        made = manifest | {"encoder": manifest.get("encoder", {}).get("digest"),
-                           "compute_dtype": manifest.get("compute_dtype", "auto")}  # older caches: "auto"
+        made = manifest | {
+            "encoder": manifest.get("encoder", {}).get("digest"),
+            "compute_dtype": manifest.get("compute_dtype", "auto"),
+        }  # older caches: "auto"
         differs = [k for k in wanted if made.get(k) != (wanted[k] if k != "encoder" else fp["digest"])]
         if differs and not overwrite:
             raise CacheError(
@@ -311,8 +328,14 @@ def build_cache(
         if done:
             logger.info("resuming the cache at shard %d of %d", done + 1, n_shards)
         encoder = load_encoder() if load_encoder else _default_loader(encoder_path)
-        for s in tqdm(range(done, n_shards), desc="text feature cache", unit="shard", initial=done, total=n_shards,
-                      disable=not progress):  # fmt: skip
+        for s in tqdm(
+            range(done, n_shards),
+            desc="text feature cache",
+            unit="shard",
+            initial=done,
+            total=n_shards,
+            disable=not progress,
+        ):
             lo, hi = s * shard_size, min(len(captions), (s + 1) * shard_size)
             feats = encoder.encode(list(captions[lo:hi]), instruction=instruction, batch_size=batch_size)
             if manifest["dim"] is None:
@@ -357,11 +380,18 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
     d, te, c = cfg.data, cfg.text_encoder, cfg.cache
     scan = None
     if d.format == "webdataset":
-        scan = scan_shards(expand_shards(d.train), short_key=d.short_key, long_key=d.long_key,
-                           image_check=d.image_check, on_bad_row=d.on_bad_row)  # fmt: skip
+        scan = scan_shards(
+            expand_shards(d.train),
+            short_key=d.short_key,
+            long_key=d.long_key,
+            image_check=d.image_check,
+            on_bad_row=d.on_bad_row,
+        )
         if scan.bad:  # on_bad_row=skip: training leaves these samples out
-            warn(f"{len(scan.bad)} bad sample(s) of {scan.samples} skipped "
-                 f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})")  # fmt: skip
+            warn(
+                f"{len(scan.bad)} bad sample(s) of {scan.samples} skipped "
+                f"(listed in {Path(c.dir) / 'train' / 'bad_samples.json'})"
+            )
         sets = {"train": scan.captions}
     else:
         pairs = read_caption_pairs(
@@ -380,14 +410,25 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
     def load():
         nonlocal encoder
         if encoder is None:
-            encoder = TextEncoder.from_pretrained(te.path, max_length=te.max_length, torch_dtype=te.torch_dtype)
+            encoder = TextEncoder.from_pretrained(
+                te.path, max_length=te.max_length, torch_dtype=te.torch_dtype
+            )
         return encoder
 
     summary = {}
     for name, captions in sets.items():
-        cache = build_cache(Path(c.dir) / name, captions, te.path, instruction=te.instruction, shard_size=c.shard_size,
-                            dtype=c.dtype, batch_size=te.batch_size, overwrite=overwrite, load_encoder=load,
-                            compute_dtype=te.torch_dtype)  # fmt: skip
+        cache = build_cache(
+            Path(c.dir) / name,
+            captions,
+            te.path,
+            instruction=te.instruction,
+            shard_size=c.shard_size,
+            dtype=c.dtype,
+            batch_size=te.batch_size,
+            overwrite=overwrite,
+            load_encoder=load,
+            compute_dtype=te.torch_dtype,
+        )
         summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
         if name == "train" and scan is not None:
             atomic_write_json(cache.folder / "bad_samples.json", scan.bad)

@@ -40,16 +40,28 @@ def build_clip(m, tokenizer):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=m.text_width, intermediate_size=m.text_width * m.mlp_ratio,
-        num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads, max_position_embeddings=m.context_length,
-        projection_dim=m.projection_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=m.text_width,
+        intermediate_size=m.text_width * m.mlp_ratio,
+        num_hidden_layers=m.text_layers,
+        num_attention_heads=m.text_heads,
+        max_position_embeddings=m.context_length,
+        projection_dim=m.projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
     vision = CLIPVisionConfig(
-        image_size=m.image_size, patch_size=m.patch_size, hidden_size=m.vision_width,
-        intermediate_size=m.vision_width * m.mlp_ratio, num_hidden_layers=m.vision_layers,
-        num_attention_heads=m.vision_heads, projection_dim=m.projection_dim, hidden_act="gelu",
-    )  # fmt: skip
+        image_size=m.image_size,
+        patch_size=m.patch_size,
+        hidden_size=m.vision_width,
+        intermediate_size=m.vision_width * m.mlp_ratio,
+        num_hidden_layers=m.vision_layers,
+        num_attention_heads=m.vision_heads,
+        projection_dim=m.projection_dim,
+        hidden_act="gelu",
+    )
     config = CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=m.projection_dim
     )
@@ -118,8 +130,13 @@ class Collate:
 
     def __call__(self, batch):
         pixels = torch.stack([b[0] for b in batch])
-        tok = self.tokenizer([b[1] for b in batch], padding=True, truncation=True, max_length=self.context_length,
-                             return_tensors="pt")  # fmt: skip
+        tok = self.tokenizer(
+            [b[1] for b in batch],
+            padding=True,
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
         return pixels, tok["input_ids"], tok["attention_mask"]
 
 
@@ -130,8 +147,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "logit_scale" in name or "position_embedding" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr}]  # fmt: skip
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
 
 
 class ClipPretrainRecipe(ContrastiveRecipe):
@@ -150,18 +169,32 @@ class ClipPretrainRecipe(ContrastiveRecipe):
             )
             dense: dict[Path, str] = {}
             if d.dense is not None:
-                pairs = read_caption_pairs(d.dense, d.image_root, short_key=d.short_key, long_key=d.long_key,
-                                           on_bad_row=d.on_bad_row, image_check="none")  # fmt: skip
+                pairs = read_caption_pairs(
+                    d.dense,
+                    d.image_root,
+                    short_key=d.short_key,
+                    long_key=d.long_key,
+                    on_bad_row=d.on_bad_row,
+                    image_check="none",
+                )
                 dense = {p.image_path: p.long for p in pairs}
                 covered = sum(p in dense for p in rs.images)
                 logger.info("dense captions for %d of %d images from %s", covered, len(rs.images), d.dense)
                 if not covered:
-                    raise InputError(f"{d.dense}: none of its images is in the {d.split} split of {d.train} "
-                                     "(data.dense must name the same images, relative to data.image_root)")  # fmt: skip
+                    raise InputError(
+                        f"{d.dense}: none of its images is in the {d.split} split of {d.train} "
+                        "(data.dense must name the same images, relative to data.image_root)"
+                    )
             items = [(p, rs.captions_of(i), dense.get(p)) for i, p in enumerate(rs.images)]
         else:
-            pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
-                                       on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
+            pairs = read_caption_pairs(
+                d.train,
+                d.image_root,
+                short_key=d.short_key,
+                long_key=d.long_key,
+                on_bad_row=d.on_bad_row,
+                image_check=d.image_check,
+            )
             items = [(p.image_path, [p.short], p.long) for p in pairs]
         transform = TrainTransform(self.cfg.model.image_size, tuple(d.rrc_scale), rng=random.Random(seed))
         ds = CaptionedImages(items, transform, seed, d.dense_share)
@@ -191,10 +224,15 @@ class ClipPretrainRecipe(ContrastiveRecipe):
             write_preprocessor_config(tmp, self.cfg.model.image_size)
 
         out = publish_folder(self.run_dir / "model", build, "clip model", overwrite=True)  # the run's own
-        atomic_write_json(self.run_dir / "model_info.json", {
-            "model": str(out), "parameters": sum(p.numel() for p in model.parameters()),
-            "context_length": self.cfg.model.context_length, "image_size": self.cfg.model.image_size,
-        })  # fmt: skip
+        atomic_write_json(
+            self.run_dir / "model_info.json",
+            {
+                "model": str(out),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "context_length": self.cfg.model.context_length,
+                "image_size": self.cfg.model.image_size,
+            },
+        )
         return out
 
 

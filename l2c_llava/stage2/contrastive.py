@@ -74,10 +74,21 @@ class ContrastiveRecipe:
         total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
         if total is None:
             raise InputError("data.format=webdataset streams without a known length: set train.max_steps")
-        state = prepare_training(acc, model, self.param_groups(model), total, t, self.run_dir, resume=cfg.run.resume,
-                                 load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
-                                 micro_batch=t.batch_size, accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
-                                 eps=t.eps)  # fmt: skip
+        state = prepare_training(
+            acc,
+            model,
+            self.param_groups(model),
+            total,
+            t,
+            self.run_dir,
+            resume=cfg.run.resume,
+            load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+            micro_batch=t.batch_size,
+            accum=t.grad_accum,
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.eps,
+        )
         if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
             trackers.finish(acc)
             return state.finished
@@ -111,12 +122,25 @@ class ContrastiveRecipe:
             return StepReport({"scale": f"{scale:.1f}"}, {"logit_scale": scale}, {"images_per_second": rate})
 
         t0 = time.perf_counter()
-        last = train_loop(acc, state, total, self._steps(dataset, acc, state.start, steps_per_epoch), step_gradients,
-                          report, params=list(model.parameters()), train=t, desc=self.name,
-                          save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step))  # fmt: skip
+        last = train_loop(
+            acc,
+            state,
+            total,
+            self._steps(dataset, acc, state.start, steps_per_epoch),
+            step_gradients,
+            report,
+            params=list(model.parameters()),
+            train=t,
+            desc=self.name,
+            save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step),
+        )
         seconds = time.perf_counter() - t0
-        stats = {"steps": total, "final_loss": last, "seconds_this_session": round(seconds, 1),
-                 "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None}  # fmt: skip
+        stats = {
+            "steps": total,
+            "final_loss": last,
+            "seconds_this_session": round(seconds, 1),
+            "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None,
+        }
         if acc.is_main_process:
             self.save_model(model)
             write_train_stats(self.run_dir, stats)
@@ -142,8 +166,10 @@ class ContrastiveRecipe:
                 if len(micro_batches) < t.grad_accum:  # the pass is over
                     break
             if step == steps_before:  # a whole pass gave no batch: stop instead of looping forever
-                raise InputError(f"{self.cfg.data.train}: not enough samples for one batch of {t.batch_size} per "
-                                 f"process ({acc.num_processes} process(es)); lower train.batch_size or add data")  # fmt: skip
+                raise InputError(
+                    f"{self.cfg.data.train}: not enough samples for one batch of {t.batch_size} per "
+                    f"process ({acc.num_processes} process(es)); lower train.batch_size or add data"
+                )
             epoch += 1
 
     def _loader(self, dataset, epoch: int, acc, skip_batches: int = 0):
@@ -159,8 +185,14 @@ class ContrastiveRecipe:
         g = torch.Generator().manual_seed(self.cfg.run.seed + epoch)
         order = torch.randperm(len(dataset), generator=g)
         mine = order[acc.process_index :: acc.num_processes].tolist()[skip_batches * t.batch_size :]
-        return DataLoader(Subset(dataset, mine), batch_size=t.batch_size, shuffle=False, num_workers=d.num_workers,
-                          drop_last=True, collate_fn=self.collate)  # fmt: skip
+        return DataLoader(
+            Subset(dataset, mine),
+            batch_size=t.batch_size,
+            shuffle=False,
+            num_workers=d.num_workers,
+            drop_last=True,
+            collate_fn=self.collate,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

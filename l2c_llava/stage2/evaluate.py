@@ -63,8 +63,10 @@ class BaselineCLIP:
             )
         cfg = AutoConfig.from_pretrained(folder)
         if cfg.model_type != "clip":
-            raise InputError(f"baseline CLIP {folder} is a {cfg.model_type!r} model; the baseline needs a CLIPModel "
-                             "folder with its text tower and tokenizer (e.g. openai/clip-vit-large-patch14-336)")  # fmt: skip
+            raise InputError(
+                f"baseline CLIP {folder} is a {cfg.model_type!r} model; the baseline needs a CLIPModel "
+                "folder with its text tower and tokenizer (e.g. openai/clip-vit-large-patch14-336)"
+            )
         self.model = CLIPModel.from_pretrained(folder).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.context = int(cfg.text_config.max_position_embeddings)
@@ -105,8 +107,12 @@ def load_sets(cfg) -> dict[str, RetrievalSet]:
     return sets
 
 
-def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
-             skip_baseline: bool = False) -> dict:  # fmt: skip
+def evaluate(
+    cfg,
+    model_dir: str | os.PathLike | None = None,
+    baseline: str | os.PathLike | None = None,
+    skip_baseline: bool = False,
+) -> dict:
     """Both models on every configured set; writes metrics.json and retrieval.md in the run folder."""
     run_dir = Path(cfg.run.output_dir)
     ks = tuple(cfg.eval.recall_at)
@@ -119,11 +125,15 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
         cache = TextFeatureCache(Path(cfg.cache.dir) / f"eval_{name}")
         want = model.text_encoder_ref.get("digest")
         if want and cache.encoder_digest != want:
-            raise CacheError(f"{cache.folder} was made by another text encoder than the one {model.source} was trained "
-                             "with; rebuild it: l2c stage2 cache --config ...")  # fmt: skip
+            raise CacheError(
+                f"{cache.folder} was made by another text encoder than the one {model.source} was trained "
+                "with; rebuild it: l2c stage2 cache --config ..."
+            )
         if cache.dim != model.text_dim:
-            raise CacheError(f"{cache.folder} holds {cache.dim}-d features; the adapter of {model.source} takes "
-                             f"{model.text_dim}-d ones. Rebuild the cache with the model's text encoder")  # fmt: skip
+            raise CacheError(
+                f"{cache.folder} holds {cache.dim}-d features; the adapter of {model.source} takes "
+                f"{model.text_dim}-d ones. Rebuild the cache with the model's text encoder"
+            )
         rows = cache.rows_of(rs.captions, where=f"{rs.source} ({name} set)")
         txt = F.normalize(model.get_text_features_from_llm(cache.features(rows.tolist())).float(), dim=-1)
         img = embed_images(
@@ -146,10 +156,13 @@ def evaluate(cfg, model_dir: str | os.PathLike | None = None, baseline: str | os
     # uncertainty: a 95% bootstrap interval over images for every R@K, and LLM2CLIP against the
     # baseline on the same images by paired bootstrap
     results["intervals"] = {
-        enc: {name: {m: v["ci95"] for m, v in recall_with_ci(*r, sets[name].caption_image, ks).items()}
-              for name, r in by_set.items()}
-        for enc, by_set in ranks.items() if by_set
-    }  # fmt: skip
+        enc: {
+            name: {m: v["ci95"] for m, v in recall_with_ci(*r, sets[name].caption_image, ks).items()}
+            for name, r in by_set.items()
+        }
+        for enc, by_set in ranks.items()
+        if by_set
+    }
     if not skip_baseline:
         results["paired"] = {
             name: paired_recall_test(ranks["llm2clip"][name], ranks["baseline"][name], rs.caption_image, ks)
@@ -176,20 +189,37 @@ def table(results: dict, ks=(1, 5, 10)) -> str:
                 rows.insert(0, ("baseline CLIP", "baseline", results["baseline"][name]))
             for model, enc, m in rows:
                 ci = results.get("intervals", {}).get(enc, {}).get(name, {})
-                vals = [f"{100 * m[f'{direction}_R@{k}']:.1f}"
-                        + (f" [{100 * ci[f'{direction}_R@{k}'][0]:.1f}-{100 * ci[f'{direction}_R@{k}'][1]:.1f}]"
-                           if f"{direction}_R@{k}" in ci else "") for k in ks]  # fmt: skip
-                lines.append(f"| {name} ({info['images']} img, {info['captions']} capt) | {label} | {model} | "
-                             + " | ".join(vals) + " |")  # fmt: skip
+                vals = [
+                    f"{100 * m[f'{direction}_R@{k}']:.1f}"
+                    + (
+                        f" [{100 * ci[f'{direction}_R@{k}'][0]:.1f}-{100 * ci[f'{direction}_R@{k}'][1]:.1f}]"
+                        if f"{direction}_R@{k}" in ci
+                        else ""
+                    )
+                    for k in ks
+                ]
+                lines.append(
+                    f"| {name} ({info['images']} img, {info['captions']} capt) | {label} | {model} | "
+                    + " | ".join(vals)
+                    + " |"
+                )
             if has_base:
                 b, l2 = results["baseline"][name], results["llm2clip"][name]
                 paired = results.get("paired", {}).get(name, {})
-                vals = [f"{100 * (l2[f'{direction}_R@{k}'] - b[f'{direction}_R@{k}']):+.1f}"
-                        + (f" (p {paired[f'{direction}_R@{k}']['p_value']:.2g})" if f"{direction}_R@{k}" in paired else "")
-                        for k in ks]  # fmt: skip
+                vals = [
+                    f"{100 * (l2[f'{direction}_R@{k}'] - b[f'{direction}_R@{k}']):+.1f}"
+                    + (
+                        f" (p {paired[f'{direction}_R@{k}']['p_value']:.2g})"
+                        if f"{direction}_R@{k}" in paired
+                        else ""
+                    )
+                    for k in ks
+                ]
                 lines.append("| | | difference (paired bootstrap p) | " + " | ".join(vals) + " |")
-    notes = [f"- baseline captions cut at its text context: {name} {100 * m['captions_truncated']:.0f}%"
-             for name, m in results.get("baseline", {}).items()]  # fmt: skip
+    notes = [
+        f"- baseline captions cut at its text context: {name} {100 * m['captions_truncated']:.0f}%"
+        for name, m in results.get("baseline", {}).items()
+    ]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -217,6 +247,10 @@ def evaluate_clip_folder(
         captions, owner = [rs.captions[j] for j in keep], [rs.caption_image[j] for j in keep]
         txt, cut = clip.embed_texts(captions, batch_size)
         img = embed_images(rs.images[:n], clip.preprocess, clip.embed_images, batch_size, f"images ({name})")
-        out["sets"][name] = {"images": n, "captions": len(captions), "captions_truncated": round(cut, 4),
-                             **recall_with_ci(*retrieval_ranks(img, txt, owner), owner, ks)}  # fmt: skip
+        out["sets"][name] = {
+            "images": n,
+            "captions": len(captions),
+            "captions_truncated": round(cut, 4),
+            **recall_with_ci(*retrieval_ranks(img, txt, owner), owner, ks),
+        }
     return out

@@ -38,8 +38,9 @@ def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwri
     return export_vision_tower(model.vision_model, out_dir, overwrite, card_source=source)
 
 
-def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = False,
-                        card_source: str | os.PathLike | None = None) -> Path:  # fmt: skip
+def export_vision_tower(
+    trained, out_dir: str | os.PathLike, overwrite: bool = False, card_source: str | os.PathLike | None = None
+) -> Path:
     """Save a CLIP vision transformer as a CLIPVisionModel folder, verified on load-back, with its
     model card (made from the run `card_source`, when given)."""
     from transformers import CLIPVisionModel
@@ -66,8 +67,11 @@ def export_vision_tower(trained, out_dir: str | os.PathLike, overwrite: bool = F
             2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0)
         )
         with torch.no_grad():
-            if not torch.allclose(trained.eval()(pixel_values=probe).pooler_output,
-                                  again.eval()(pixel_values=probe).pooler_output, atol=1e-5):  # fmt: skip
+            if not torch.allclose(
+                trained.eval()(pixel_values=probe).pooler_output,
+                again.eval()(pixel_values=probe).pooler_output,
+                atol=1e-5,
+            ):
                 raise ExportError("the exported tower's features differ from the trained tower's")
 
     return publish_folder(out_dir, build, "vision encoder", overwrite)

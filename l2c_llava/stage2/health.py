@@ -43,8 +43,11 @@ def embedding_health(emb: torch.Tensor) -> dict:
     sims = e @ e.T
     off = sims[~torch.eye(len(e), dtype=torch.bool)]
     s = torch.linalg.svdvals(e - e.mean(0))
-    return {"images": len(e), "median_cosine": round(off.median().item(), 4),
-            "top_direction_share": round((s[0] ** 2 / (s**2).sum().clamp_min(1e-12)).item(), 4)}  # fmt: skip
+    return {
+        "images": len(e),
+        "median_cosine": round(off.median().item(), 4),
+        "top_direction_share": round((s[0] ** 2 / (s**2).sum().clamp_min(1e-12)).item(), 4),
+    }
 
 
 def tower_features(
@@ -125,8 +128,11 @@ class PatchReader(torch.nn.Module):
 
 def _task_loss(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     loss = out.new_zeros(())
-    for task, sl, fn in ((0, slice(0, 1), None), (1, slice(1, 1 + CELLS), F.cross_entropy),
-                         (2, slice(1 + CELLS, None), F.cross_entropy)):  # fmt: skip
+    for task, sl, fn in (
+        (0, slice(0, 1), None),
+        (1, slice(1, 1 + CELLS), F.cross_entropy),
+        (2, slice(1 + CELLS, None), F.cross_entropy),
+    ):
         m = q[:, 3] == task
         if m.any():
             logits = out[m, sl]
@@ -192,8 +198,10 @@ def health_summary(h: dict) -> str:
     """One line: the collapse figures and the probe against chance (what `l2c health` prints)."""
     p = h["probe"]
     probe = ", ".join(f"{t} {p['test'][t]:.3f} (chance {p['chance'][t]:.3f})" for t in p["test"])
-    return (f"median cosine {h['pooled']['median_cosine']} (mean patch token {h['patch_mean']['median_cosine']}), "
-            f"top direction {h['pooled']['top_direction_share']}; probe: {probe}")  # fmt: skip
+    return (
+        f"median cosine {h['pooled']['median_cosine']} (mean patch token {h['patch_mean']['median_cosine']}), "
+        f"top direction {h['pooled']['top_direction_share']}; probe: {probe}"
+    )
 
 
 def read_scenes(data: str | os.PathLike) -> list[dict]:
@@ -221,8 +229,10 @@ def encoder_health(
     train = [r for r in rows if r["split"] == "train"][:train_scenes]
     test = [r for r in rows if r["split"] == "test"][:test_scenes]
     if len(train) < 10 or len(test) < 10:
-        raise InputError(f"{data}: encoder health needs at least 10 train and 10 test scenes "
-                         f"(has {len(train)} and {len(test)})")  # fmt: skip
+        raise InputError(
+            f"{data}: encoder health needs at least 10 train and 10 test scenes "
+            f"(has {len(train)} and {len(test)})"
+        )
     tower = load_vision_tower(str(tower_path))
     images = [Path(data) / "images" / r["image"] for r in train + test]
     pooled, patches = tower_features(tower, images, progress=progress)

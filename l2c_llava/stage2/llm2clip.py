@@ -57,8 +57,10 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(folder / f)))
         return state
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise LLM2CLIPLoadError(f"{folder}: only pickle weights (*.bin); convert them to safetensors first "
-                                "(pickle files can run code when loaded, so they are not read here)")  # fmt: skip
+        raise LLM2CLIPLoadError(
+            f"{folder}: only pickle weights (*.bin); convert them to safetensors first "
+            "(pickle files can run code when loaded, so they are not read here)"
+        )
     raise LLM2CLIPLoadError(f"{folder}: no model.safetensors (or model.safetensors.index.json)")
 
 
@@ -69,12 +71,19 @@ def adapter_shape(state: dict[str, torch.Tensor], where: str = "") -> dict[str, 
         raise LLM2CLIPLoadError(f"{where}: no text_adapter.adaptor.* tensors (not an LLM2CLIP checkpoint)")
     blocks = [i for i in idx if f"text_adapter.adaptor.{i}.fn.0.weight" in state]
     if blocks != list(range(len(blocks))) or idx[-2:] != [len(blocks), len(blocks) + 1]:
-        raise LLM2CLIPLoadError(f"{where}: unexpected adapter layout (indices {idx}); expected blocks 0..n-1, "
-                                "then a LayerNorm and the projection")  # fmt: skip
+        raise LLM2CLIPLoadError(
+            f"{where}: unexpected adapter layout (indices {idx}); expected blocks 0..n-1, "
+            "then a LayerNorm and the projection"
+        )
     fc1 = state["text_adapter.adaptor.0.fn.0.weight"]
     proj = state[f"text_adapter.adaptor.{len(blocks) + 1}.weight"]
-    return {"text_dim": int(fc1.shape[1]), "num_blocks": len(blocks), "expansion": int(fc1.shape[0] // fc1.shape[1]),
-            "projection_dim": int(proj.shape[0]), "center_text": "text_adapter.feature_mean" in state}  # fmt: skip
+    return {
+        "text_dim": int(fc1.shape[1]),
+        "num_blocks": len(blocks),
+        "expansion": int(fc1.shape[0] // fc1.shape[1]),
+        "projection_dim": int(proj.shape[0]),
+        "center_text": "text_adapter.feature_mean" in state,
+    }
 
 
 def build_model(vision_config: dict, shape: dict[str, int]) -> LLM2CLIPModel:
@@ -82,9 +91,14 @@ def build_model(vision_config: dict, shape: dict[str, int]) -> LLM2CLIPModel:
 
     config = CLIPVisionConfig.from_dict({k: v for k, v in vision_config.items() if k != "model_type"})
     tower = CLIPVisionModel(config)
-    return LLM2CLIPModel.from_vision_tower(tower, shape["text_dim"], projection_dim=shape["projection_dim"],
-                                           num_blocks=shape["num_blocks"], expansion=shape["expansion"],
-                                           center_text=shape.get("center_text", False))  # fmt: skip
+    return LLM2CLIPModel.from_vision_tower(
+        tower,
+        shape["text_dim"],
+        projection_dim=shape["projection_dim"],
+        num_blocks=shape["num_blocks"],
+        expansion=shape["expansion"],
+        center_text=shape.get("center_text", False),
+    )
 
 
 def load_weights(model: LLM2CLIPModel, state: dict[str, torch.Tensor], where: str) -> None:
@@ -93,20 +107,31 @@ def load_weights(model: LLM2CLIPModel, state: dict[str, torch.Tensor], where: st
     if "logit_scale" not in state:  # some releases keep it only in the config
         state["logit_scale"] = model.logit_scale.detach().clone()
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if wrong or missing or unexpected:
-        raise LLM2CLIPLoadError(f"{where}: the weights do not fit the model: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")  # fmt: skip
+        raise LLM2CLIPLoadError(
+            f"{where}: the weights do not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 class LLM2CLIP:
     """The upgraded CLIP: images through the trained tower, texts through the LLM encoder + adapter."""
 
-    def __init__(self, model: LLM2CLIPModel, text_encoder: dict[str, Any] | None = None, image_size: int | None = None,
-                 source: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        model: LLM2CLIPModel,
+        text_encoder: dict[str, Any] | None = None,
+        image_size: int | None = None,
+        source: str = "",
+    ):
         self.model = model.eval()
         self.text_encoder_ref = text_encoder or {}
         self.image_size = image_size or int(model.vision_model.config.image_size)
@@ -131,17 +156,24 @@ class LLM2CLIP:
                 shape = adapter_shape(state, str(candidate))
                 model = build_model(meta["vision_config"], shape)
                 load_weights(model, state, str(candidate / "model.safetensors"))
-                ref = {"path": meta.get("text_encoder"), "digest": meta.get("text_encoder_digest"),
-                       "instruction": meta.get("instruction")}  # fmt: skip
+                ref = {
+                    "path": meta.get("text_encoder"),
+                    "digest": meta.get("text_encoder_digest"),
+                    "instruction": meta.get("instruction"),
+                }
                 return cls._with_encoder(model, ref, text_encoder, str(candidate))
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise LLM2CLIPLoadError(f"{folder}: neither an LLM2CLIP export/release (config.json) nor a stage-2 run "
-                                    "(model/llm2clip_config.json)")  # fmt: skip
+            raise LLM2CLIPLoadError(
+                f"{folder}: neither an LLM2CLIP export/release (config.json) nor a stage-2 run "
+                "(model/llm2clip_config.json)"
+            )
         config = json.loads(config_path.read_text())
         if config.get("model_type") != "clip" or not isinstance(config.get("vision_config"), dict):
-            raise LLM2CLIPLoadError(f"{config_path}: expected model_type 'clip' with a vision_config (the LLM2CLIP "
-                                    f"release layout), found model_type {config.get('model_type')!r}")  # fmt: skip
+            raise LLM2CLIPLoadError(
+                f"{config_path}: expected model_type 'clip' with a vision_config (the LLM2CLIP "
+                f"release layout), found model_type {config.get('model_type')!r}"
+            )
         state = _read_state(folder)
         if not any(k.startswith("vision_model.") for k in state):
             raise LLM2CLIPLoadError(f"{folder}: no vision_model.* tensors")
@@ -192,9 +224,11 @@ class LLM2CLIP:
     def get_text_features_from_llm(self, llm_features: torch.Tensor) -> torch.Tensor:
         """Adapter on LLM caption features (e.g. from a text feature cache) -> [B, projection_dim]."""
         if llm_features.shape[-1] != self.text_dim:
-            raise LLM2CLIPLoadError(f"text features of dimension {llm_features.shape[-1]}; the adapter of {self.source} "
-                             f"takes {self.text_dim} (features of the text encoder it was trained with: "
-                             f"{self.text_encoder_ref.get('path')})")  # fmt: skip
+            raise LLM2CLIPLoadError(
+                f"text features of dimension {llm_features.shape[-1]}; the adapter of {self.source} "
+                f"takes {self.text_dim} (features of the text encoder it was trained with: "
+                f"{self.text_encoder_ref.get('path')})"
+            )
         return self.model.get_text_features(llm_features.to(self.device, torch.float32))
 
     def text_encoder(self):
@@ -205,22 +239,27 @@ class LLM2CLIP:
 
             path = self.text_encoder_ref.get("path")
             if not path:
-                raise LLM2CLIPLoadError(f"{self.source}: no text encoder recorded; pass text_encoder=PATH (the "
-                                        "caption-contrastive LLM this model was trained with)")  # fmt: skip
+                raise LLM2CLIPLoadError(
+                    f"{self.source}: no text encoder recorded; pass text_encoder=PATH (the "
+                    "caption-contrastive LLM this model was trained with)"
+                )
             want = self.text_encoder_ref.get("digest")
             if want:
                 got = encoder_fingerprint(path, self.text_encoder_ref.get("instruction"))["digest"]
                 if got != want:
-                    raise LLM2CLIPLoadError(f"{self.source}: the text encoder at {path} is not the one this model "
-                                            "was trained with (fingerprint differs); pass the right one with "
-                                            "text_encoder=PATH")  # fmt: skip
+                    raise LLM2CLIPLoadError(
+                        f"{self.source}: the text encoder at {path} is not the one this model "
+                        "was trained with (fingerprint differs); pass the right one with "
+                        "text_encoder=PATH"
+                    )
             self._encoder = TextEncoder.from_pretrained(path)
         return self._encoder
 
     @torch.no_grad()
     def get_text_features(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        feats = self.text_encoder().encode(list(texts), instruction=self.text_encoder_ref.get("instruction"),
-                                           batch_size=batch_size)  # fmt: skip
+        feats = self.text_encoder().encode(
+            list(texts), instruction=self.text_encoder_ref.get("instruction"), batch_size=batch_size
+        )
         return self.get_text_features_from_llm(feats)
 
     # -- saving ------------------------------------------------------------------------------------
@@ -238,12 +277,18 @@ class LLM2CLIP:
             state = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = {
-                "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": shape["projection_dim"],
+                "architectures": ["LLM2CLIPModel"],
+                "model_type": "clip",
+                "projection_dim": shape["projection_dim"],
                 "logit_scale_init_value": float(m.logit_scale.item()),
                 "vision_config": portable_config(m.vision_model.config.to_dict()),
-                "llm2clip": {"format": FORMAT, **shape, "normalize_text_input": True,
-                             "text_encoder": self.text_encoder_ref},
-            }  # fmt: skip
+                "llm2clip": {
+                    "format": FORMAT,
+                    **shape,
+                    "normalize_text_input": True,
+                    "text_encoder": self.text_encoder_ref,
+                },
+            }
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             write_preprocessor_config(tmp, self.image_size)
             if card is not None:
@@ -256,8 +301,9 @@ class LLM2CLIP:
             same_img = torch.allclose(
                 self.get_image_features(probe), again.get_image_features(probe), atol=1e-5
             )
-            same_txt = torch.allclose(self.get_text_features_from_llm(text), again.get_text_features_from_llm(text),
-                                      atol=1e-5)  # fmt: skip
+            same_txt = torch.allclose(
+                self.get_text_features_from_llm(text), again.get_text_features_from_llm(text), atol=1e-5
+            )
             if not (same_img and same_txt):
                 raise LLM2CLIPLoadError("the exported model's features differ from the model's own")
 

@@ -43,8 +43,9 @@ class TextAdapter(nn.Module):
     Held in one ``adaptor`` Sequential so the keys match the released checkpoints
     (``text_adapter.adaptor.{i}.*``: blocks, then the LayerNorm, then the projection)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2,
-                 center: bool = False):  # fmt: skip
+    def __init__(
+        self, in_dim: int, out_dim: int = 1280, num_blocks: int = 4, expansion: int = 2, center: bool = False
+    ):
         super().__init__()
         if center:  # optional, not in the paper: subtract the mean caption feature before normalising
             self.register_buffer("feature_mean", torch.zeros(in_dim))
@@ -79,9 +80,17 @@ class TextAdapter(nn.Module):
 class LLM2CLIPModel(nn.Module):
     """vision_model (CLIP ViT) -> visual_projection; cached LLM feature -> text_adapter; logit_scale."""
 
-    def __init__(self, vision_model: nn.Module, vision_hidden: int, text_dim: int, projection_dim: int = 1280,
-                 num_blocks: int = 4, expansion: int = 2, logit_scale_init: float = 1 / 0.07,
-                 center_text: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        vision_hidden: int,
+        text_dim: int,
+        projection_dim: int = 1280,
+        num_blocks: int = 4,
+        expansion: int = 2,
+        logit_scale_init: float = 1 / 0.07,
+        center_text: bool = False,
+    ):
         super().__init__()
         self.vision_model = vision_model  # transformers CLIP vision transformer
         self.visual_projection = nn.Linear(vision_hidden, projection_dim, bias=False)  # new, not OpenAI's

@@ -9,8 +9,13 @@ import torch
 from l2c_llava.stats import retrieval_ranks
 
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int],
-                ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:  # fmt: skip
+def recall_at_k(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
     """image_emb [I, D], text_emb [T, D] (compared by dot product: normalise them first for cosine);
     text_image[j] = the image of caption j. image->text: an image is a hit at K when any of its
     captions ranks in the top K; text->image: a caption is a hit when its image ranks in the top K.

@@ -55,8 +55,15 @@ class PairImages(Dataset):
     captions (a list, as COCO's five) gives one of them, drawn per visit, when the dense one is not
     chosen."""
 
-    def __init__(self, pairs, rows_short: Sequence[Sequence[int]], rows_long: torch.Tensor, transform, seed: int,
-                 share: float):  # fmt: skip
+    def __init__(
+        self,
+        pairs,
+        rows_short: Sequence[Sequence[int]],
+        rows_long: torch.Tensor,
+        transform,
+        seed: int,
+        share: float,
+    ):
         self.pairs, self.rows_short, self.rows_long = pairs, rows_short, rows_long
         self.transform, self.seed, self.share, self.epoch = transform, seed, share, 0
 
@@ -71,15 +78,28 @@ class PairImages(Dataset):
         if dense:
             return self.transform(img), int(self.rows_long[i])
         shorts = self.rows_short[i]
-        pick = random.Random(f"{self.seed}-{self.epoch}-{i}-short").randrange(len(shorts)) if len(shorts) > 1 else 0
+        pick = (
+            random.Random(f"{self.seed}-{self.epoch}-{i}-short").randrange(len(shorts))
+            if len(shorts) > 1
+            else 0
+        )
         return self.transform(img), int(shorts[pick])
 
 
 class ShardImages(IterableDataset):
     """Webdataset shards streamed; each worker and process reads its own shards."""
 
-    def __init__(self, shards: list[str], cache: TextFeatureCache, transform, seed: int, share: float, rank: int = 0,
-                 world: int = 1, on_bad_row: str = "error"):  # fmt: skip
+    def __init__(
+        self,
+        shards: list[str],
+        cache: TextFeatureCache,
+        transform,
+        seed: int,
+        share: float,
+        rank: int = 0,
+        world: int = 1,
+        on_bad_row: str = "error",
+    ):
         self.shards, self.cache, self.transform = shards, cache, transform
         bad = cache.folder / "bad_samples.json"
         self.bad = set(json.loads(bad.read_text())) if bad.is_file() else set()
@@ -106,8 +126,9 @@ class ShardImages(IterableDataset):
             yield self.transform(load_rgb(s.image, name=f"{s.shard}/{s.key}")), int(row)
 
 
-def param_groups(model: LLM2CLIPModel, lr: float, weight_decay: float, layer_decay: float,
-                 adapter_lr: float | None = None) -> list[dict]:  # fmt: skip
+def param_groups(
+    model: LLM2CLIPModel, lr: float, weight_decay: float, layer_decay: float, adapter_lr: float | None = None
+) -> list[dict]:
     """AdamW groups: vision block i gets lr x decay^(L+1-i) (embeddings i=0, projection L+1), the
     adapter and the logit scale the full lr (or ``adapter_lr``); no weight decay on 1-D parameters
     (norms, biases) nor on the logit scale."""
@@ -144,11 +165,25 @@ class Stage2Recipe(ContrastiveRecipe):
             self.cfg.vision.image_size, tuple(d.rrc_scale), rng=random.Random(self.cfg.run.seed + rank)
         )
         if d.format == "webdataset":
-            ds = ShardImages(expand_shards(d.train), self.cache, transform, self.cfg.run.seed, d.dense_share,
-                             rank, world, d.on_bad_row)  # fmt: skip
+            ds = ShardImages(
+                expand_shards(d.train),
+                self.cache,
+                transform,
+                self.cfg.run.seed,
+                d.dense_share,
+                rank,
+                world,
+                d.on_bad_row,
+            )
             return ds, None
-        pairs = read_caption_pairs(d.train, d.image_root, short_key=d.short_key, long_key=d.long_key,
-                                   on_bad_row=d.on_bad_row, image_check=d.image_check)  # fmt: skip
+        pairs = read_caption_pairs(
+            d.train,
+            d.image_root,
+            short_key=d.short_key,
+            long_key=d.long_key,
+            on_bad_row=d.on_bad_row,
+            image_check=d.image_check,
+        )
         flat = self.cache.rows_of([c for p in pairs for c in p.shorts], where=d.train).tolist()
         ends = list(itertools.accumulate(len(p.shorts) for p in pairs))
         rows_short = [flat[end - len(p.shorts) : end] for p, end in zip(pairs, ends)]
@@ -159,10 +194,15 @@ class Stage2Recipe(ContrastiveRecipe):
     def build_model(self, acc) -> LLM2CLIPModel:
         cfg = self.cfg
         vision = load_vision_tower(cfg.vision.name_or_path, cfg.vision.attn_implementation)
-        model = LLM2CLIPModel.from_vision_tower(vision, self.cache.dim, projection_dim=cfg.adapter.projection_dim,
-                                                num_blocks=cfg.adapter.num_blocks, expansion=cfg.adapter.expansion,
-                                                logit_scale_init=cfg.logit_scale.init,
-                                                center_text=cfg.adapter.center_features)  # fmt: skip
+        model = LLM2CLIPModel.from_vision_tower(
+            vision,
+            self.cache.dim,
+            projection_dim=cfg.adapter.projection_dim,
+            num_blocks=cfg.adapter.num_blocks,
+            expansion=cfg.adapter.expansion,
+            logit_scale_init=cfg.logit_scale.init,
+            center_text=cfg.adapter.center_features,
+        )
         if cfg.adapter.center_features:
             model.text_adapter.feature_mean.copy_(self.cache.mean_feature())
         model.logit_scale.requires_grad_(cfg.logit_scale.learnable)
@@ -202,12 +242,19 @@ class Stage2Recipe(ContrastiveRecipe):
         out = self.run_dir / L.TRAINED_MODEL
         out.mkdir(parents=True, exist_ok=True)
         save_file(self._state(model), str(out / L.STAGE2_WEIGHTS))
-        atomic_write_json(out / "llm2clip_config.json", {
-            "vision_config": model.vision_model.config.to_dict(), "text_dim": self.cache.dim,
-            "projection_dim": self.cfg.adapter.projection_dim, "num_blocks": self.cfg.adapter.num_blocks,
-            "expansion": self.cfg.adapter.expansion, "text_encoder": self.cfg.text_encoder.path,
-            "text_encoder_digest": self.cache.encoder_digest, "instruction": self.cfg.text_encoder.instruction,
-        })  # fmt: skip
+        atomic_write_json(
+            out / "llm2clip_config.json",
+            {
+                "vision_config": model.vision_model.config.to_dict(),
+                "text_dim": self.cache.dim,
+                "projection_dim": self.cfg.adapter.projection_dim,
+                "num_blocks": self.cfg.adapter.num_blocks,
+                "expansion": self.cfg.adapter.expansion,
+                "text_encoder": self.cfg.text_encoder.path,
+                "text_encoder_digest": self.cache.encoder_digest,
+                "instruction": self.cfg.text_encoder.instruction,
+            },
+        )
         return out
 
 

@@ -48,41 +48,62 @@ class LaunchError(L2CError, ValueError):
 # what the training config decides under DeepSpeed (the accelerate yaml decides ZeRO stage, offload,
 # topology); accelerate fills these from a prepared DataLoader, else raises, and fills
 # gradient_clipping with 1.0 whatever the recipe asked
-DEEPSPEED_FROM_TRAINING = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-                           "train_batch_size")  # fmt: skip
+DEEPSPEED_FROM_TRAINING = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "train_batch_size",
+)
 
 
-def deepspeed_values(ds_config: dict, *, micro_batch: int, accum: int, grad_clip: float | None,
-                     world: int) -> dict:  # fmt: skip
+def deepspeed_values(
+    ds_config: dict, *, micro_batch: int, accum: int, grad_clip: float | None, world: int
+) -> dict:
     """Write the training config's micro batch, accumulation and clipping into a DeepSpeed config
     (in place; returned). The recipes draw their own per-rank batches, so no DataLoader goes through
     ``accelerator.prepare``: these values are set here instead. A value the launcher put there that
     differs (``gradient_accumulation_steps: 1`` is what ``accelerate launch`` writes when the yaml says
     nothing) is replaced, with a log line; clipping 0 means none, as DeepSpeed reads it."""
-    want = {"train_micro_batch_size_per_gpu": int(micro_batch), "gradient_accumulation_steps": int(accum),
-            "gradient_clipping": float(grad_clip or 0.0), "train_batch_size": int(micro_batch * accum * world)}  # fmt: skip
+    want = {
+        "train_micro_batch_size_per_gpu": int(micro_batch),
+        "gradient_accumulation_steps": int(accum),
+        "gradient_clipping": float(grad_clip or 0.0),
+        "train_batch_size": int(micro_batch * accum * world),
+    }
     for key in DEEPSPEED_FROM_TRAINING:
         have = ds_config.get(key)
         if have not in (None, "auto") and have != want[key]:
-            logger.warning("DeepSpeed %s: %s from the launch config replaced by %s from the training config",
-                           key, have, want[key])  # fmt: skip
+            logger.warning(
+                "DeepSpeed %s: %s from the launch config replaced by %s from the training config",
+                key,
+                have,
+                want[key],
+            )
         ds_config[key] = want[key]
     return ds_config
 
 
-def configure_launch(acc, *, micro_batch: int, accum: int, grad_clip: float | None,
-                     contrastive_accum: bool = False) -> dict | None:  # fmt: skip
+def configure_launch(
+    acc, *, micro_batch: int, accum: int, grad_clip: float | None, contrastive_accum: bool = False
+) -> dict | None:
     """Before ``acc.prepare``: under DeepSpeed, set the engine's batch sizes, accumulation and clipping
     from the training config (:func:`deepspeed_values`); returns the DeepSpeed config, or None."""
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is None:
         return None
     if contrastive_accum and accum > 1:
-        raise LaunchError("train.contrastive_accum (GradCache) backpropagates each micro-batch twice, which "
-                          "DeepSpeed's accumulation does not allow: launch with the DDP or FSDP config, or set "
-                          "train.contrastive_accum=false")  # fmt: skip
-    deepspeed_values(plugin.deepspeed_config, micro_batch=micro_batch, accum=accum, grad_clip=grad_clip,
-                     world=acc.num_processes)  # fmt: skip
+        raise LaunchError(
+            "train.contrastive_accum (GradCache) backpropagates each micro-batch twice, which "
+            "DeepSpeed's accumulation does not allow: launch with the DDP or FSDP config, or set "
+            "train.contrastive_accum=false"
+        )
+    deepspeed_values(
+        plugin.deepspeed_config,
+        micro_batch=micro_batch,
+        accum=accum,
+        grad_clip=grad_clip,
+        world=acc.num_processes,
+    )
     plugin.gradient_accumulation_steps, plugin.gradient_clipping = accum, float(grad_clip or 0.0)
     acc.gradient_accumulation_steps = accum  # else accelerate warns of a mismatch and takes DeepSpeed's
     return plugin.deepspeed_config

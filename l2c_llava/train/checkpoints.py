@@ -66,16 +66,25 @@ class Checkpoints:
                 except OSError:
                     pass
                 damaged.append(ck.name)
-                logger.warning("checkpoint %s cannot be read (%s); moved to %s and trying the previous one",
-                               ck, reason, aside.name)  # fmt: skip
+                logger.warning(
+                    "checkpoint %s cannot be read (%s); moved to %s and trying the previous one",
+                    ck,
+                    reason,
+                    aside.name,
+                )
                 continue
             if damaged:
-                logger.warning("resuming from %s: the later checkpoint(s) %s are damaged (kept as damaged-*)",
-                               ck, ", ".join(damaged))  # fmt: skip
+                logger.warning(
+                    "resuming from %s: the later checkpoint(s) %s are damaged (kept as damaged-*)",
+                    ck,
+                    ", ".join(damaged),
+                )
             return ck, state
         if damaged:
-            raise L2CError(f"{self.root}: every checkpoint is damaged ({', '.join(damaged)}, now damaged-*); set "
-                           "run.resume=false to start over, or use a new run.output_dir")  # fmt: skip
+            raise L2CError(
+                f"{self.root}: every checkpoint is damaged ({', '.join(damaged)}, now damaged-*); set "
+                "run.resume=false to start over, or use a new run.output_dir"
+            )
         return None
 
     def save(
@@ -85,8 +94,14 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write_weights(tmp)
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})}  # fmt: skip
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            **(extra or {}),
+        }
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -119,13 +134,20 @@ class Checkpoints:
         state = load_file(str(ck / name))
         if set(state) != set(own):
             extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
-            raise InputError(f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
-                             "train.tune or the model changed; use a new run.output_dir")  # fmt: skip
-        wrong = [f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})" for k, v in state.items()
-                 if v.shape != own[k].shape]  # fmt: skip
+            raise InputError(
+                f"{ck} holds other weights than this run trains (extra {extra[:3]}, lacking {lacking[:3]}): "
+                "train.tune or the model changed; use a new run.output_dir"
+            )
+        wrong = [
+            f"{k} {tuple(v.shape)} (this run: {tuple(own[k].shape)})"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
         if wrong:
-            raise InputError(f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
-                             "text encoder (feature dimension) or model size needs a new run.output_dir")  # fmt: skip
+            raise InputError(
+                f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
+                "text encoder (feature dimension) or model size needs a new run.output_dir"
+            )
         model.load_state_dict(state, strict=False)
         return int(self.restore(ck, opt, sched, trainer_state)["step"])
 

@@ -46,9 +46,21 @@ class TrainingState:
     finished: dict | None
 
 
-def prepare_training(acc, model, groups: list, total: int, train, run_dir: Path, *, resume: bool,
-                     load_checkpoint: Callable[[Any, Any], int], micro_batch: int, accum: int,
-                     output: str | None = TRAINED_MODEL, **adamw) -> TrainingState:  # fmt: skip
+def prepare_training(
+    acc,
+    model,
+    groups: list,
+    total: int,
+    train,
+    run_dir: Path,
+    *,
+    resume: bool,
+    load_checkpoint: Callable[[Any, Any], int],
+    micro_batch: int,
+    accum: int,
+    output: str | None = TRAINED_MODEL,
+    **adamw,
+) -> TrainingState:
     """What every training loop does before its first step: AdamW on `groups` (``train.optimizer``,
     `adamw`: lr, betas, ...), the schedule over `total` steps, the launch values, accelerate's wrapping,
     `load_checkpoint(opt, sched) -> step` when `resume`, and the training log cut back to that step.
@@ -56,8 +68,13 @@ def prepare_training(acc, model, groups: list, total: int, train, run_dir: Path,
     steps and holds ``train_stats.json`` and (unless None) the folder `output`."""
     opt = make_adamw(groups, train.optimizer, **adamw)
     sched = make_scheduler(opt, train.schedule, total, train.warmup_steps, train.warmup_ratio)
-    configure_launch(acc, micro_batch=micro_batch, accum=accum, grad_clip=train.grad_clip,
-                     contrastive_accum=getattr(train, "contrastive_accum", False))  # fmt: skip
+    configure_launch(
+        acc,
+        micro_batch=micro_batch,
+        accum=accum,
+        grad_clip=train.grad_clip,
+        contrastive_accum=getattr(train, "contrastive_accum", False),
+    )
     wrapped, opt = acc.prepare(model, opt)
     start = load_checkpoint(opt, sched) if resume else 0
     log_path = Path(run_dir) / TRAIN_LOG
@@ -67,8 +84,15 @@ def prepare_training(acc, model, groups: list, total: int, train, run_dir: Path,
     return TrainingState(wrapped, opt, sched, start, log_path, finished)
 
 
-def accumulate_gradients(acc, micro_batches: Sequence, loss_of: Callable[[Any], torch.Tensor | None],
-                         accum: int, *, no_sync=None, backward_in_autocast: bool = False) -> float:  # fmt: skip
+def accumulate_gradients(
+    acc,
+    micro_batches: Sequence,
+    loss_of: Callable[[Any], torch.Tensor | None],
+    accum: int,
+    *,
+    no_sync=None,
+    backward_in_autocast: bool = False,
+) -> float:
     """One optimizer step's gradients, a micro-batch at a time: ``loss_of(micro_batch)`` runs under
     ``acc.autocast()`` and gives the micro-batch's loss (None leaves it out: no backward, not counted),
     whose backward is one of `accum` (:func:`~l2c_llava.train.accelerator.micro_backward`; the last
@@ -104,9 +128,19 @@ class StepReport(NamedTuple):
     trackers_only: dict[str, Any] = {}
 
 
-def train_loop(acc, state: TrainingState, total: int, steps: Iterable[tuple[int, Any]],
-               step_gradients: Callable[[Any], float], report: Callable[[float], StepReport], *, params,
-               train, save_checkpoint: Callable[[int], None], desc: str) -> float:  # fmt: skip
+def train_loop(
+    acc,
+    state: TrainingState,
+    total: int,
+    steps: Iterable[tuple[int, Any]],
+    step_gradients: Callable[[Any], float],
+    report: Callable[[float], StepReport],
+    *,
+    params,
+    train,
+    save_checkpoint: Callable[[int], None],
+    desc: str,
+) -> float:
     """Train from ``state.start`` to `total` steps; returns the last step's loss (nan when none ran).
 
     `steps` yields ``(epoch, batch)`` for each step from ``state.start`` on, and is asked for the next
@@ -131,8 +165,13 @@ def train_loop(acc, state: TrainingState, total: int, steps: Iterable[tuple[int,
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **shown.bar)
         if acc.is_main_process and (step % train.log_every == 0 or step == total):
-            rec = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": state.sched.get_last_lr()[0],
-                   **shown.log}  # fmt: skip
+            rec = {
+                "step": step,
+                "epoch": epoch,
+                "loss": round(loss, 6),
+                "lr": state.sched.get_last_lr()[0],
+                **shown.log,
+            }
             append_log(state.log_path, rec)
             trackers.log(acc, {**rec, **shown.trackers_only}, step)
         if step % train.save_every == 0 or step == total:

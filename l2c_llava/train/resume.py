@@ -33,8 +33,17 @@ from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.errors import InputError
 from l2c_llava.layout import RUN_CONFIG
 
-BOOKKEEPING = frozenset({"run.resume", "run.root", "train.log_every", "train.report_to", "train.save_every",
-                         "train.keep_checkpoints", "data.num_workers"})  # fmt: skip
+BOOKKEEPING = frozenset(
+    {
+        "run.resume",
+        "run.root",
+        "train.log_every",
+        "train.report_to",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "data.num_workers",
+    }
+)
 OUTPUT_LOCATIONS = frozenset({"run.output_dir"})  # (export.dir is in an AFTER_TRAINING section)
 RUN_LENGTH = frozenset({"train.max_steps", "train.epochs"})
 AFTER_TRAINING = frozenset({"eval", "export"})  # top-level sections
@@ -68,8 +77,9 @@ def flat_config(cfg: BaseModel | Mapping) -> dict:
     return without_added_defaults(flatten(dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)))
 
 
-def differences(old: BaseModel | Mapping, new: BaseModel | Mapping,
-                allowed: Callable[[str], bool] = may_change_on_resume) -> list[str]:  # fmt: skip
+def differences(
+    old: BaseModel | Mapping, new: BaseModel | Mapping, allowed: Callable[[str], bool] = may_change_on_resume
+) -> list[str]:
     """The dotted keys whose values differ between two configs, but those `allowed` to."""
     a, b = flat_config(old), flat_config(new)
     return sorted(k for k in set(a) | set(b) if not allowed(k) and a.get(k) != b.get(k))
@@ -96,8 +106,10 @@ def check_resume(run_dir: str | Path, cfg: BaseModel, has_checkpoints: bool) -> 
         return
     differ = differences(old, cfg)
     if differ:
-        raise InputError(f"{run_dir} holds checkpoints of a run with another config ({_describe(old, cfg, differ)}). "
-                         "Use a new run.output_dir, or run.resume=false to start over there")  # fmt: skip
+        raise InputError(
+            f"{run_dir} holds checkpoints of a run with another config ({_describe(old, cfg, differ)}). "
+            "Use a new run.output_dir, or run.resume=false to start over there"
+        )
 
 
 def check_resume_config(run_dir: str | Path, cfg: BaseModel) -> None:
@@ -117,14 +129,20 @@ def same_run(run_dir: str | Path, cfg: BaseModel) -> bool:
 def fingerprint_keys(flat: Mapping[str, object], keep: tuple[str, ...] = ()) -> dict:
     """What a pipeline step's outputs depend on: all but the bookkeeping, and of the sections read after
     training only those in `keep` (the step evaluates, say)."""
-    return {k: v for k, v in without_added_defaults(flat).items()
-            if not is_bookkeeping(k) and (k.split(".")[0] not in AFTER_TRAINING or k.split(".")[0] in keep)}  # fmt: skip
+    return {
+        k: v
+        for k, v in without_added_defaults(flat).items()
+        if not is_bookkeeping(k) and (k.split(".")[0] not in AFTER_TRAINING or k.split(".")[0] in keep)
+    }
 
 
 def resumable_keys(flat: Mapping[str, object], keep: tuple[str, ...] = ()) -> dict:
     """What must be equal for a pipeline step to resume its earlier run rather than start over."""
-    return {k: v for k, v in fingerprint_keys(flat, keep).items()
-            if not may_change_on_resume(k) or k.split(".")[0] in keep}  # fmt: skip
+    return {
+        k: v
+        for k, v in fingerprint_keys(flat, keep).items()
+        if not may_change_on_resume(k) or k.split(".")[0] in keep
+    }
 
 
 def resume_key(flat: Mapping[str, object]) -> str:

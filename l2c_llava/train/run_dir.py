@@ -25,8 +25,22 @@ from l2c_llava.layout import RUN_VERSIONS, TRAIN_STATS
 
 logger = logging.getLogger(__name__)
 
-TRACKED_PACKAGES = ("l2c-llava", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
-                    "gguf", "pydantic", "numpy", "pillow", "lmms-eval", "faiss-cpu", "deepspeed")  # fmt: skip
+TRACKED_PACKAGES = (
+    "l2c-llava",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "gguf",
+    "pydantic",
+    "numpy",
+    "pillow",
+    "lmms-eval",
+    "faiss-cpu",
+    "deepspeed",
+)
 
 
 def versions() -> dict[str, str]:
@@ -49,8 +63,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_run_dir(cfg: BaseModel, run_dir: str | os.PathLike, source: str | None = None,
-                    overrides: Sequence[str] = ()) -> Path:  # fmt: skip
+def prepare_run_dir(
+    cfg: BaseModel, run_dir: str | os.PathLike, source: str | None = None, overrides: Sequence[str] = ()
+) -> Path:
     """Create the run folder and write ``config.yaml`` (resolved) and ``versions.json`` into it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

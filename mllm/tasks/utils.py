@@ -20,7 +20,13 @@ from l2c_llava.mllm.lmms import (  # the scoring lives in the package, where it 
 # LLaVA-1.5 "pad": square with the CLIP mean colour (lmms-eval's llava_hf only resizes)
 CLIP_MEAN = (122, 116, 104)
 
-__all__ = ["caption_bleu4", "caption_process_results", "pope_f1", "pope_process_results", "vqa_process_results"]
+__all__ = [
+    "caption_bleu4",
+    "caption_process_results",
+    "pope_f1",
+    "pope_process_results",
+    "vqa_process_results",
+]
 
 
 def doc_to_visual(doc):

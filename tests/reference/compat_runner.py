@@ -85,8 +85,9 @@ def run_llava(job, tensors, result):
     finally:
         os.chdir(here)
     # 2. from anywhere, the absolute tower path handed to the config
-    _, model2, _, _ = load_pretrained_model(folder, None, name, device="cpu",
-                                            mm_vision_tower=os.path.join(folder, "vision_tower"))  # fmt: skip
+    _, model2, _, _ = load_pretrained_model(
+        folder, None, name, device="cpu", mm_vision_tower=os.path.join(folder, "vision_tower")
+    )
     entry["loaded"] = True
     entry["dtype_loaded"] = str(next(model.parameters()).dtype)
     entry["tokenizer_class"] = type(tokenizer).__name__
@@ -111,9 +112,15 @@ def run_llava(job, tensors, result):
         for key, ids in (("exact", ids_exact), ("tokenizer_image_token", ids_llava)):
             logits = model(input_ids=ids, images=pixels, image_sizes=[image.size]).logits
             tensors[f"llava|logits|{key}"] = logits[0].float().contiguous()
-            gen = model.generate(ids, images=pixels, image_sizes=[image.size], do_sample=False,
-                                 max_new_tokens=spec["max_new_tokens"], min_new_tokens=spec["max_new_tokens"],
-                                 use_cache=True)  # fmt: skip
+            gen = model.generate(
+                ids,
+                images=pixels,
+                image_sizes=[image.size],
+                do_sample=False,
+                max_new_tokens=spec["max_new_tokens"],
+                min_new_tokens=spec["max_new_tokens"],
+                use_cache=True,
+            )
             entry[f"greedy|{key}"] = gen[0].tolist()
         other = model2(input_ids=ids_exact, images=pixels, image_sizes=[image.size]).logits
         entry["absolute_tower_path_max_diff"] = float(
@@ -164,11 +171,19 @@ def run_llm2clip_release(job, tensors, result):
     state[f"text_adapter.adaptor.{n + 1}.weight"] = 0.1 * torch.randn(p, d, generator=g)
     state[f"text_adapter.adaptor.{n + 1}.bias"] = 0.1 * torch.randn(p, generator=g)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LLM2CLIPModel"], "model_type": "clip", "projection_dim": p,
-        "auto_map": {"AutoModel": "modeling_llm2clip.LLM2CLIPModel"}, "vision_config": tower.config.to_dict(),
-        "logit_scale_init_value": 2.6592,
-    }, indent=2))  # fmt: skip
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LLM2CLIPModel"],
+                "model_type": "clip",
+                "projection_dim": p,
+                "auto_map": {"AutoModel": "modeling_llm2clip.LLM2CLIPModel"},
+                "vision_config": tower.config.to_dict(),
+                "logit_scale_init_value": 2.6592,
+            },
+            indent=2,
+        )
+    )
     pixels = load_file(job["pixels"])["pixels"]
     text = load_file(job["pixels"])["text"]
     with torch.no_grad():
@@ -181,10 +196,12 @@ def run_llm2clip_release(job, tensors, result):
             h = torch.nn.functional.layer_norm(x, (d,), state[pre + "ln.weight"], state[pre + "ln.bias"])
             h = torch.nn.functional.gelu(h @ state[pre + "fn.0.weight"].T + state[pre + "fn.0.bias"])
             x = x + h @ state[pre + "fn.3.weight"].T + state[pre + "fn.3.bias"]
-        x = torch.nn.functional.layer_norm(x, (d,), state[f"text_adapter.adaptor.{n}.weight"],
-                                           state[f"text_adapter.adaptor.{n}.bias"])  # fmt: skip
-        tensors["llm2clip|text"] = (x @ state[f"text_adapter.adaptor.{n + 1}.weight"].T
-                                    + state[f"text_adapter.adaptor.{n + 1}.bias"]).contiguous()  # fmt: skip
+        x = torch.nn.functional.layer_norm(
+            x, (d,), state[f"text_adapter.adaptor.{n}.weight"], state[f"text_adapter.adaptor.{n}.bias"]
+        )
+        tensors["llm2clip|text"] = (
+            x @ state[f"text_adapter.adaptor.{n + 1}.weight"].T + state[f"text_adapter.adaptor.{n + 1}.bias"]
+        ).contiguous()
     result["llm2clip_release"] = {"written": True, "keys": sorted(state)[:3]}
 
 
