@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.io import atomic_write_text, follow_umask, sha256_file
+from l2c_llava.io import atomic_write_text, follow_umask, move_into_place, sha256_file
 from l2c_llava.layout import exported_tower, is_stage2_run
 from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
 
@@ -171,7 +171,6 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     file three times (config, tokenizer, weights: ~35 s for SmolLM2 on 2 cores); the folder loads in
     about a second. The cache key is the file's path, size and modification time."""
     import hashlib
-    import shutil
     import tempfile
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -201,9 +200,7 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(src) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    move_into_place(tmp, out, aside=tmp.with_name(tmp.name + ".old"))
     return out
 
 

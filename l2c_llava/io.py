@@ -267,6 +267,27 @@ def clean_interrupted(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def move_into_place(
+    built: str | os.PathLike, out: str | os.PathLike, aside: str | os.PathLike | None = None
+) -> Path:
+    """Put the complete folder `built` (a sibling of `out`) at `out`. A folder already there is renamed
+    to `aside` (default ``OUT.old``) first and removed only once `built` is in place: a kill between the
+    two renames loses nothing (:func:`clean_interrupted` puts a publish's set-aside folder back)."""
+    import shutil
+
+    built, out = Path(built), Path(out)
+    aside = Path(aside) if aside is not None else out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        out.rename(aside)
+        built.rename(out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        built.rename(out)
+    return out
+
+
 def publish_folder(
     out: str | os.PathLike,
     build,
@@ -293,14 +314,7 @@ def publish_folder(
         build(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
-        if out.exists():
-            old = out.parent / (_tmp_prefix(out) + "old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)  # rename, then remove: a kill between the two loses nothing
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out, aside=out.parent / (_tmp_prefix(out) + "old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -37,7 +37,7 @@ from l2c_llava import layout as L
 from l2c_llava.data import captions as C
 from l2c_llava.data.scenes import COLOURS, SHAPES, Background, Group, Scene, render_scene, sample_scene
 from l2c_llava.errors import InputError, OutputExistsError
-from l2c_llava.io import atomic_write_json, atomic_write_jsonl, tree_digest
+from l2c_llava.io import atomic_write_json, atomic_write_jsonl, move_into_place, tree_digest
 
 GENERATOR = "l2c-llava synthetic scenes"
 GENERATOR_VERSION = 2  # 2: caption pairs carry the five COCO-like "alternatives"
@@ -396,15 +396,5 @@ def generate(
     }
     atomic_write_json(partial / L.MANIFEST, manifest)
 
-    # swap into place: the old folder (if any) is only removed once the new one is complete
-    if out.exists():
-        trash = out.with_name(out.name + ".old")
-        if trash.exists():
-            shutil.rmtree(trash)
-        out.rename(trash)
-        partial.rename(out)
-        shutil.rmtree(trash)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial.rename(out)
+    move_into_place(partial, out)  # the old folder (if any) is only removed once the new one is complete
     return manifest | {"seconds": round(time.perf_counter() - t0, 2)}

@@ -17,6 +17,7 @@ from l2c_llava import trackers
 from l2c_llava.config import Stage1Config
 from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
+from l2c_llava.io import move_into_place
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
 from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
@@ -135,8 +136,7 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
         shutil.rmtree(tmp, ignore_errors=True)
         acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
         (tmp / ".complete").write_text(f"{total} steps\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        move_into_place(tmp, out)
     acc.wait_for_everyone()
     del lm, base, peft_base, head
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import InputError, L2CError
+from l2c_llava.io import move_into_place
 from l2c_llava.layout import CHECKPOINTS
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,7 @@ class Checkpoints:
             **(extra or {}),
         }
         torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        move_into_place(tmp, final, aside=self.root / f".step-{step:07d}.old")
         for old in self.all()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", final)
