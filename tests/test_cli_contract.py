@@ -10,7 +10,7 @@ import pytest
 
 import l2c_llava.cli as cli
 from l2c_llava.cli import build_parser, main, parse_args
-from l2c_llava.cli_help import subcommands, walk
+from l2c_llava.cli.help import subcommands, walk
 from l2c_llava.errors import InputError, L2CError
 
 # every command that reads a config, with a shipped config of its recipe

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from l2c_llava.cli import build_parser, main, parse_args
-from l2c_llava.cli_help import EXAMPLES, subcommands, walk
+from l2c_llava.cli.help import EXAMPLES, subcommands, walk
 
 
 def test_every_option_of_every_command_has_help_and_every_command_an_example():

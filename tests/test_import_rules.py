@@ -13,7 +13,7 @@ import l2c_llava
 PACKAGE = Path(l2c_llava.__file__).parent
 RECIPES = {"stage1", "stage2", "mllm"}  # each a recipe over the library
 # applications over the recipes: the command, the pipeline and its report, search, the web demo
-APPS = {"cli", "cli_help", "__main__", "pipeline", "report", "search", "webdemo"}
+APPS = {"cli", "__main__", "pipeline", "report", "search", "webdemo"}
 TRAINING_ENTRIES = {"stage1.train", "stage2.train", "stage2.clip_baseline", "mllm.train"}
 # what one stage hands the next: the trained caption encoder of stage 1 is read by stage 2
 HANDED_ON = {"stage1.encoder"}
@@ -50,7 +50,7 @@ def test_nothing_imports_the_cli():
     bad = [
         f"{m} imports {i}"
         for m, p in modules().items()
-        if m not in ("__main__", "cli")
+        if m != "__main__" and top(m) != "cli"
         for i in imports(p)
         if top(i) == "cli"
     ]

@@ -1,7 +1,7 @@
 """The ``l2c`` command's documentation: help for the options whose definition gives none, and an
 example (or a few) per command, shown as the command's epilog (``l2c COMMAND --help``).
 
-Kept beside the command table so that every command is documented in one place; ``document(parser)``
+Kept beside the command table (the modules of this package) so that every command is documented in one place; ``document(parser)``
 fills in what is missing after the parser is built, and tests/test_cli_help.py walks the whole tree:
 every option has help, every command an example, and every example parses.
 """

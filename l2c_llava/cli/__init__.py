@@ -1,0 +1,148 @@
+"""The ``l2c`` command: a table of commands (:data:`COMMANDS`), each a path, its options, the recipe of
+the config it reads (if any) and an entry of a few lines that calls the library and prints. This file is
+the contract every command keeps; the commands sit in one module per family, each entry beside its
+options: ``apps`` (ls, validate, pipeline, search, demo), ``data``, ``stages`` (stage 1, stage 2, the
+demo CLIP, health), ``models`` (convert, export, import, mllm build), ``mllm`` (LLaVA train, eval,
+chat); ``command`` says what a command is, ``help`` adds the help the options lack and the examples.
+
+- One override syntax: every command that reads a config takes bare ``KEY=VALUE`` words and
+  ``--set KEY=VALUE`` (``l2c validate`` too); the config is loaded and validated before the entry runs.
+- One error contract: a failure the user can fix is an :class:`~l2c_llava.errors.L2CError`, caught once
+  in :func:`main` and printed with its exit code (2, bad input); anything else is a bug and keeps its
+  traceback.
+- No stage logic here: what a command does lives in the library or the recipe it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from l2c_llava.cli import apps, data, mllm, models, stages
+from l2c_llava.cli.command import Command
+from l2c_llava.cli.help import document, version
+from l2c_llava.config import load_config
+from l2c_llava.config_names import resolve_config, run_root
+from l2c_llava.errors import InputError, L2CError
+from l2c_llava.hub_push import add_push_arguments
+
+FAMILIES = (apps, data, stages, models, mllm)  # the order of `l2c --help`
+COMMANDS: dict[str, Command] = {path: c for m in FAMILIES for path, c in m.COMMANDS.items()}
+GROUPS: dict[str, tuple[str, str]] = {g: v for m in FAMILIES for g, v in getattr(m, "GROUPS", {}).items()}
+
+
+def _add_overrides(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The one override syntax of every command that reads a config: bare KEY=VALUE words or --set KEY=VALUE."""
+    if positional:
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            action="extend",
+            default=[],
+            metavar="KEY=VALUE",
+            help="dotted overrides, e.g. train.lr=1e-4 run.output_dir=runs/try",
+        )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted override, repeatable (the same as a bare KEY=VALUE word)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2c",
+        description="l2c-llava: LLM2CLIP (caption-contrastive LLM -> CLIP "
+        "vision fine-tuning) and LLaVA-1.5 on top.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, c in COMMANDS.items():
+        group, _, name = path.rpartition(" ")
+        if group and group not in groups:
+            help_, metavar = GROUPS[group]
+            g = sub.add_parser(group, help=help_)
+            groups[group] = g.add_subparsers(dest=f"{group}_command", metavar=metavar, required=True)
+        p = (groups[group] if group else sub).add_parser(name, help=c.help)
+        if c.config:
+            p.add_argument("--config", required=True)
+        for flags, kw in c.options:
+            p.add_argument(*flags, **kw)
+        if c.config or path == "validate":
+            _add_overrides(p, positional=path != "validate")  # validate's CONFIG list takes KEY=VALUE words
+        if c.push:
+            add_push_arguments(p)
+        p.set_defaults(func=c.run, recipe=c.config)
+    return document(parser)  # help of the options that lack it, an example per command (help.py)
+
+
+def _default_action(argv: list[str]) -> list[str]:
+    """`l2c stage1 --config x` -> `l2c stage1 train --config x` (train is stage 1's default action)."""
+    if argv[:1] == ["stage1"] and (len(argv) < 2 or argv[1] not in ("train", "eval", "-h", "--help")):
+        return ["stage1", "train", *argv[1:]]
+    return argv
+
+
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-") and not Path(word).exists()
+
+
+def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, with one override syntax everywhere: bare `KEY=VALUE` words and `--set KEY=VALUE`
+    both land in `args.overrides` (in the order given) for every command that reads a config."""
+    parser = parser or build_parser()
+    args, extra = parser.parse_known_args(_default_action(list(argv)))
+    if hasattr(args, "configs"):  # l2c validate A.yaml B.yaml k=v: the positional list takes both
+        args.overrides = [c for c in args.configs if _is_override(c)] + args.overrides
+        args.configs = [c for c in args.configs if not _is_override(c)]
+        if not args.configs:
+            parser.error("l2c validate: give at least one config")
+    if extra and hasattr(args, "overrides") and all(_is_override(w) for w in extra):
+        args.overrides = [*args.overrides, *extra]  # bare words after a --set or another option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """--config NAME -> the shipped config's file (l2c ls), from any folder; when the config sets run.root,
+    the command runs in that folder (created if missing); then the config, loaded and validated."""
+    if args.command == "validate":
+        args.configs = [resolve_config(c) for c in args.configs]
+    if not getattr(args, "config", None):
+        return
+    args.config = resolve_config(args.config, args.command)
+    root = run_root(args.config, args.overrides)
+    if root:
+        args.config = str(Path(args.config).resolve())
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+        os.chdir(Path(root).expanduser())
+    args.cfg = load_config(args.config, args.overrides)
+    if args.cfg.recipe != args.recipe:
+        raise InputError(
+            f"{args.config}: this is a {args.cfg.recipe!r} config; `l2c {args.command}` needs recipe: "
+            f"{args.recipe}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _prepare(args)
+        return args.func(args)
+    # a failure the user can fix: its message says where and what to do; anything else is a bug
+    except L2CError as e:
+        sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
+        print(f"l2c {' '.join([args.command, *sub])}: {e}", file=sys.stderr)
+        return e.exit_code
