@@ -50,13 +50,13 @@ def run(batch: int = 64, steps: int = 3, text_tokens: int = 60) -> dict:
     import torch.nn.functional as F
 
     from l2c_llava.embedded import clip_tokenizer
-    from l2c_llava.stage2.clip_baseline import ClipDual, build_clip
+    from l2c_llava.stage2.clip_baseline import ClipEmbedder, build_clip
 
     tok = clip_tokenizer()
     out, base = {}, None
     for name, spec in CANDIDATES.items():
         torch.manual_seed(0)
-        model = ClipDual(build_clip(model_section(*spec), tok))
+        model = ClipEmbedder(build_clip(model_section(*spec), tok))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         px = torch.randn(batch, 3, spec[0], spec[0])
         ids = torch.randint(0, len(tok), (batch, text_tokens))

@@ -50,7 +50,7 @@ def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -
 
     from l2c_llava.embedded import clip_tokenizer
     from l2c_llava.losses import clip_loss
-    from l2c_llava.stage2.clip_baseline import ClipDual, build_clip
+    from l2c_llava.stage2.clip_baseline import ClipEmbedder, build_clip
     from l2c_llava.stage2.model import LLM2CLIPModel
 
     torch.set_num_threads(torch.get_num_threads())
@@ -83,7 +83,7 @@ def run(batch: int = 32, steps: int = 6, warmup: int = 1, online: bool = True) -
         mlp_ratio=4,
         attn_implementation="sdpa",
     )
-    clip = ClipDual(build_clip(m, tok))
+    clip = ClipEmbedder(build_clip(m, tok))
     enc = tok(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
     opt_a = torch.optim.AdamW(llm2clip.parameters(), lr=1e-5)
     opt_b = torch.optim.AdamW(clip.parameters(), lr=1e-5)

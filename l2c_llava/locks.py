@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from l2c_llava.errors import L2CError
-from l2c_llava.io import ensure_folder
+from l2c_llava.io import atomic_write_json, ensure_folder
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         old = _holder(folder)
         if old.get("pid") and old.get("pid") != os.getpid():
             logger.info("%s: taking over the lock left by PID %s, which is gone", folder, old["pid"])
-        from l2c_llava.io import atomic_write_json
 
         atomic_write_json(
             folder / HOLDER_NAME,

@@ -44,6 +44,7 @@ from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, dumps_json
 from l2c_llava.locks import run_lock
+from l2c_llava.models.hub import is_hub_id
 from l2c_llava.report import write_report
 from l2c_llava.train.resume import fingerprint_keys, resumable_keys
 from l2c_llava.train.run_dir import versions
@@ -265,7 +266,6 @@ class Pipeline:
             # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
             # a Hub id stays an id: each step resolves it through the Hugging Face cache when it runs
             # (planning, --dry-run and validation never download)
-            from l2c_llava.models.hub import is_hub_id
 
             vision = str(c.baseline.vision)
             base_vision, base_up = (vision if is_hub_id(vision) else resolve_vision_path(vision)), []

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_save, atomic_write_json, check_output_folder, publish_folder, sha256_file
+from l2c_llava.stage2.evaluate import BaselineCLIP
+from l2c_llava.stage2.llm2clip import LLM2CLIP
 
 logger = logging.getLogger("l2c_llava.search")
 
@@ -114,12 +116,8 @@ class Encoder:
         self.path = str(Path(path).resolve())
         self.batch_size = batch_size
         if self.kind == "llm2clip":
-            from l2c_llava.stage2.llm2clip import LLM2CLIP
-
             self.model = LLM2CLIP.from_pretrained(self.folder, text_encoder=text_encoder)
         else:
-            from l2c_llava.stage2.evaluate import BaselineCLIP
-
             self.model = BaselineCLIP(self.folder)
         self.digest = _weights_digest(self.folder)
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c_llava import layout as L
+from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.mllm.chat import LlavaChat
-from l2c_llava.search import list_images, run_queries
+from l2c_llava.search import Encoder, SearchIndex, build_index, list_images, run_queries
 
 
 class DemoError(L2CError, ValueError):
@@ -47,8 +48,6 @@ def _baseline_clip(run: L.PipelineRun) -> str | None:
     if cfg_path.is_file():
         tower = ((yaml.safe_load(cfg_path.read_text()) or {}).get("model") or {}).get("vision_tower")
         if tower:
-            from l2c_llava.embedded import resolve_vision_path
-
             try:
                 return resolve_vision_path(str(tower))
             except (L2CError, ValueError, OSError):  # a Hub id not in the cache, ...: no baseline search
@@ -115,15 +114,11 @@ class DemoBackend:
 
     def _encoder(self, name: str):
         if name not in self._encoders:
-            from l2c_llava.search import Encoder
-
             self._encoders[name] = Encoder(self.setup.encoders[name])
         return self._encoders[name]
 
     def _index(self, name: str):
         if name not in self._indexes:
-            from l2c_llava.search import SearchIndex, build_index
-
             if not self.setup.images:
                 raise DemoError("no image folder to search: give --images DIR")
             slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower())

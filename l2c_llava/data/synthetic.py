@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from l2c_llava import layout as L
 from l2c_llava.data import captions as C
 from l2c_llava.data.scenes import COLOURS, SHAPES, Background, Group, Scene, render_scene, sample_scene
+from l2c_llava.embedded import clip_tokenizer
 from l2c_llava.errors import InputError, OutputExistsError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, move_into_place, tree_digest
 
@@ -370,8 +371,6 @@ def generate(
         "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
     }
     try:
-        from l2c_llava.embedded import clip_tokenizer
-
         tok = clip_tokenizer()
         lengths = [
             len(ids)

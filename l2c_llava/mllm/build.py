@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from l2c_llava.config.schemas import LLMSection
+from l2c_llava.config.schemas import ConnectorSection, LLMSection
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
-from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class
+from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class, make_connector
 from l2c_llava.mllm.conversation import IMAGE_TOKEN, VICUNA_SYSTEM
 from l2c_llava.models.llm import local_llm_folder
 from l2c_llava.models.portable import (
@@ -233,8 +233,6 @@ def build_llava(
     text_config.pad_token_id = tokenizer.pad_token_id
     extra, cls, num_queries = {}, LlavaForConditionalGeneration, None
     if projector_type in CONNECTORS:
-        from l2c_llava.config.schemas import ConnectorSection
-
         spec = {**ConnectorSection().model_dump(), **(connector or {})}
         extra["l2c_connector"] = {"type": projector_type, **spec}
         cls, num_queries = llava_with_connector_class(), int(spec["num_queries"])
@@ -260,8 +258,6 @@ def build_llava(
     model.to(dtype)
     torch.manual_seed(0)
     if projector_type in CONNECTORS:
-        from l2c_llava.mllm.connectors import make_connector
-
         layers = len(vision_feature_layer) if isinstance(vision_feature_layer, (list, tuple)) else 1
         vision_dim = tower.config.hidden_size * layers
         projector = make_connector(config.l2c_connector, vision_dim, text_config.hidden_size)

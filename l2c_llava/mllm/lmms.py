@@ -30,7 +30,7 @@ from l2c_llava import layout as L
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from l2c_llava.mllm.evaluate import normalize
+from l2c_llava.mllm.evaluate import normalize, shifted_images
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = ROOT / "mllm" / "tasks"
@@ -166,8 +166,6 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
             },
         )
     if task == "l2c_vqa_shuffled":  # the same questions, each shown another test image
-        from l2c_llava.mllm.evaluate import shifted_images
-
         rows = local_task_rows("l2c_vqa", data_dir, image_root)
         other = shifted_images([Path(r["image_path"]) for r in rows])
         return [r | {"image_path": str(o), "own_image_path": r["image_path"]} for r, o in zip(rows, other)]

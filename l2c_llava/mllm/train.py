@@ -27,6 +27,7 @@ from l2c_llava.locks import run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
+from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
@@ -74,8 +75,6 @@ class MllmRecipe:
             self._load_projector(model, Path(m.init_from))
         model.requires_grad_(False)
         if m.llm.load_in_4bit and quantize:
-            from l2c_llava.quantization import quantize_linears_4bit_
-
             dtype = torch.float16 if t.mixed_precision == "fp16" else torch.bfloat16
             n = quantize_linears_4bit_(model.model.language_model, dtype, "model.llm.load_in_4bit")
             logger.info("QLoRA: %d LLM linears in NF4", n)

@@ -74,7 +74,7 @@ def pooled(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class ClipDual(nn.Module):
+class ClipEmbedder(nn.Module):
     """CLIPModel -> (normalised image embeddings, normalised text embeddings, exp(logit scale)) in one
     forward, so DDP sees every parameter used."""
 
@@ -201,7 +201,7 @@ class ClipPretrainRecipe(ContrastiveRecipe):
         return ds, len(ds)
 
     def build_model(self, acc):
-        return ClipDual(build_clip(self.cfg.model, self.tokenizer))
+        return ClipEmbedder(build_clip(self.cfg.model, self.tokenizer))
 
     def param_groups(self, model):
         return param_groups(model, self.cfg.train.lr, self.cfg.train.weight_decay)

@@ -33,6 +33,8 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
 from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.portable import portable_config
+from l2c_llava.stage1.encoder import TextEncoder
+from l2c_llava.stage2.cache import encoder_fingerprint
 from l2c_llava.stage2.model import LLM2CLIPModel
 
 logger = logging.getLogger(__name__)
@@ -234,9 +236,6 @@ class LLM2CLIP:
     def text_encoder(self):
         """The stage-1 encoder, loaded on first use and checked against the recorded fingerprint."""
         if self._encoder is None:
-            from l2c_llava.stage1.encoder import TextEncoder
-            from l2c_llava.stage2.cache import encoder_fingerprint
-
             path = self.text_encoder_ref.get("path")
             if not path:
                 raise LLM2CLIPLoadError(

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.errors import InputError
 from l2c_llava.layout import RUN_CONFIG
+from l2c_llava.train.checkpoints import Checkpoints
 
 BOOKKEEPING = frozenset(
     {
@@ -115,7 +116,6 @@ def check_resume(run_dir: str | Path, cfg: BaseModel, has_checkpoints: bool) -> 
 def check_resume_config(run_dir: str | Path, cfg: BaseModel) -> None:
     """:func:`check_resume` on a training run folder: refuse to resume its checkpoints (if any) when they
     were written under a config that differs from `cfg` in a key that may not change on resume."""
-    from l2c_llava.train.checkpoints import Checkpoints
 
     check_resume(run_dir, cfg, has_checkpoints=bool(Checkpoints(Path(run_dir), 1).all()))
 
