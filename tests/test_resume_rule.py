@@ -42,6 +42,31 @@ def test_a_key_added_later_at_its_original_value_changes_nothing():
     assert resume_key(flat_config(old)) == resume_key(flat_config(auto)) != resume_key(flat_config(bf16))
 
 
+def test_a_removed_key_loads_at_its_old_value_and_keeps_fingerprints(tmp_path):
+    """data.instructions.separator (stage 1) was never read and is gone: an old config or run folder that
+    still holds it at its value loads and compares equal, another value is an error naming the key, and a
+    fingerprint counts it as before (the pinned fingerprints in test_pipeline.py check the shipped ones)."""
+    from l2c_llava.config import ConfigError
+    from l2c_llava.train.resume import differences, fingerprint_keys
+
+    old = {"data": {"instructions": {"short_to_long": "q", "separator": "!@#$%^&*()"}}, "train": {"lr": 1.0}}
+    new = {"data": {"instructions": {"short_to_long": "q"}}, "train": {"lr": 1.0}}
+    assert not differences(old, new)
+    flat_new = {"data.instructions.short_to_long": "q", "train.lr": 1.0}
+    assert fingerprint_keys(flat_new)["data.instructions.separator"] == "!@#$%^&*()"
+    assert "data.instructions.separator" not in fingerprint_keys({"train.lr": 1.0})
+
+    cfg_file = tmp_path / "s1.yaml"
+    cfg_file.write_text(
+        "recipe: stage1\nrun: {output_dir: runs/x}\nmodel: {name_or_path: embedded:smollm2-135m-instruct}\n"
+        "data: {train: d/train.jsonl, eval: d/k.json, instructions: {separator: '!@#$%^&*()'}}\n"
+    )
+    cfg = load_config(cfg_file)
+    assert not hasattr(cfg.data.instructions, "separator")
+    with pytest.raises(ConfigError, match=r"data.instructions.separator.*removed key"):
+        load_config(cfg_file, ["data.instructions.separator=##"])
+
+
 def test_the_rule():
     for key in (
         "run.resume",

@@ -11,12 +11,13 @@ the bad value and what is allowed; all lines are raised together in one :class:`
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -295,6 +296,41 @@ def _problems_from_validation(
     return problems
 
 
+# Keys removed from a recipe's schema after configs and run folders held them: (recipe, dotted key) ->
+# the one value they ever had effect with. A config that still sets one to that value loads (the key is
+# dropped); another value is an error that says why. train/resume.py counts them in fingerprints as
+# before, so removing a key re-runs and refuses nothing.
+REMOVED_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("stage1", "data.instructions.separator"): (
+        "!@#$%^&*()",
+        "llm2vec's fixed marker between instruction and text; the encoder never read this key",
+    ),
+}
+
+
+def _without_removed_keys(data: Mapping[str, Any], recipe: str, source: str, origin: Mapping[str, str]):
+    """`data` without the :data:`REMOVED_KEYS` of `recipe` that hold their old value."""
+    out = copy.deepcopy(dict(data))
+    problems = []
+    for (rec, key), (value, why) in REMOVED_KEYS.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if rec != recipe or not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        if node[parts[-1]] != value:
+            problems.append(
+                Problem(
+                    _source_for(key, origin, source), key, node[parts[-1]], f"removed key ({why}); delete it"
+                )
+            )
+        del node[parts[-1]]
+    if problems:
+        raise ConfigError(problems, source)
+    return out
+
+
 def validate_config(
     data: Mapping[str, Any],
     source: str = "<config>",
@@ -334,6 +370,7 @@ def validate_config(
                 source,
             )
         schema = RECIPES[recipe]
+    data = _without_removed_keys(data, get_args(schema.model_fields["recipe"].annotation)[0], source, origin)
     try:
         cfg = schema.model_validate(dict(data))
     except ValidationError as err:

@@ -140,7 +140,6 @@ class Instructions(Section):
 
     short_to_long: str = "Given a sentence, retrieve a detailed relevant sentence"
     long_to_short: str = "Given a detailed sentence, retrieve a short relevant sentence"
-    separator: str = "!@#$%^&*()"
 
 
 class Stage1Data(DataChecks):

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from l2c_llava.config.core import REMOVED_KEYS as REMOVED_CONFIG_KEYS
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.errors import InputError
 from l2c_llava.layout import RUN_CONFIG
@@ -53,9 +54,30 @@ AFTER_TRAINING = frozenset({"eval", "export"})  # top-level sections
 ADDED_KEYS = {"text_encoder.torch_dtype": "auto"}
 
 
+# Keys removed after run folders existed (config/core.py REMOVED_KEYS: configs that still hold them load):
+# comparisons leave them out, fingerprints count them at their one value as before.
+REMOVED_KEYS = {key: value for (_, key), (value, _) in REMOVED_CONFIG_KEYS.items()}
+
+
 def without_added_defaults(flat: Mapping[str, object]) -> dict:
-    """`flat` without the :data:`ADDED_KEYS` that hold their original value."""
-    return {k: v for k, v in flat.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    """`flat` without the :data:`ADDED_KEYS` that hold their original value and without the
+    :data:`REMOVED_KEYS` (an old run's config.yaml still holds them)."""
+    return {
+        k: v
+        for k, v in flat.items()
+        if not (k in ADDED_KEYS and v == ADDED_KEYS[k]) and not (k in REMOVED_KEYS and v == REMOVED_KEYS[k])
+    }
+
+
+def with_removed_keys(flat: Mapping[str, object]) -> dict:
+    """`flat` with each of the :data:`REMOVED_KEYS` whose section it has, at its one value: what a
+    fingerprint counted before the key was removed."""
+    out = dict(flat)
+    for key, value in REMOVED_KEYS.items():
+        section = key.rpartition(".")[0] + "."
+        if any(k.startswith(section) for k in flat):
+            out[key] = value
+    return out
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -131,7 +153,7 @@ def fingerprint_keys(flat: Mapping[str, object], keep: tuple[str, ...] = ()) -> 
     training only those in `keep` (the step evaluates, say)."""
     return {
         k: v
-        for k, v in without_added_defaults(flat).items()
+        for k, v in with_removed_keys(without_added_defaults(flat)).items()
         if not is_bookkeeping(k) and (k.split(".")[0] not in AFTER_TRAINING or k.split(".")[0] in keep)
     }
 
