@@ -102,3 +102,19 @@ def test_console_script_is_installed():
     assert exe, "the `l2c` console script is installed by `pip install -e .`"
     out = subprocess.run([exe, "ls"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "stage2/demo " in out.stdout
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`l2c ls | head -1`: the reader leaves early; the command stops with 141 (128 + SIGPIPE), no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l2c_llava.cli", "ls", "--paths"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the command writes (it takes a second to start)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()

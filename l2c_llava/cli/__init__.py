@@ -146,3 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
         print(f"l2c {' '.join([args.command, *sub])}: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `l2c ls | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command cut off by a closed pipe
