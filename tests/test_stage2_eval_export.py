@@ -262,3 +262,39 @@ def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
         Stage2Recipe(cfg).load_checkpoint(wrong, opt, sched)
+
+
+def test_queries_are_encoded_in_the_dtype_of_the_training_features(trained, tmp_path, monkeypatch):
+    """Stage 2 records the dtype its cached caption features were computed in (text_encoder_dtype); the
+    whole model loads its text encoder in that dtype, through an export too. On the demo a bf16-trained
+    adapter fed float32 query features lost 3.5 points of long R@1 (bench/RESULTS.md, search recall)."""
+    import shutil
+
+    import l2c_llava.stage2.llm2clip as llm2clip_module
+
+    root, _, _, encoder = trained
+    meta = json.loads((root / "s2" / "model" / "llm2clip_config.json").read_text())
+    assert meta["text_encoder_dtype"] == "auto"  # the fixture's cache: build_cache's default
+    run = tmp_path / "s2"
+    shutil.copytree(root / "s2" / "model", run / "model")
+    meta["text_encoder_dtype"] = "bfloat16"
+    (run / "model" / "llm2clip_config.json").write_text(json.dumps(meta))
+    asked = []
+
+    def fake_load(path, **kw):
+        asked.append(kw.get("torch_dtype"))
+        return FakeEncoder(dim=12)
+
+    monkeypatch.setattr(llm2clip_module.TextEncoder, "from_pretrained", staticmethod(fake_load))
+    model = LLM2CLIP.from_pretrained(run)
+    assert model.text_encoder_ref["torch_dtype"] == "bfloat16"
+    model.get_text_features(["a red circle"])
+    assert main(["export", "llm2clip", "--run", str(run), "--out", str(tmp_path / "whole")]) == 0
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config["llm2clip"]["text_encoder"]["torch_dtype"] == "bfloat16"
+    LLM2CLIP.from_pretrained(tmp_path / "whole").get_text_features(["a red circle"])
+    old = dict(meta)
+    del old["text_encoder_dtype"]  # a model written before the dtype was recorded
+    (run / "model" / "llm2clip_config.json").write_text(json.dumps(old))
+    LLM2CLIP.from_pretrained(run).get_text_features(["a red circle"])
+    assert asked == ["bfloat16", "bfloat16", "auto"]

@@ -162,6 +162,7 @@ class LLM2CLIP:
                     "path": meta.get("text_encoder"),
                     "digest": meta.get("text_encoder_digest"),
                     "instruction": meta.get("instruction"),
+                    "torch_dtype": meta.get("text_encoder_dtype", "auto"),
                 }
                 return cls._with_encoder(model, ref, text_encoder, str(candidate))
         config_path = folder / "config.json"
@@ -251,7 +252,9 @@ class LLM2CLIP:
                         "was trained with (fingerprint differs); pass the right one with "
                         "text_encoder=PATH"
                     )
-            self._encoder = TextEncoder.from_pretrained(path)
+            # in the dtype its training features were computed in (recorded by stage 2; "auto" before)
+            dtype = self.text_encoder_ref.get("torch_dtype") or "auto"
+            self._encoder = TextEncoder.from_pretrained(path, torch_dtype=dtype)
         return self._encoder
 
     @torch.no_grad()

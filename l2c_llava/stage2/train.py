@@ -252,6 +252,9 @@ class Stage2Recipe(ContrastiveRecipe):
                 "expansion": self.cfg.adapter.expansion,
                 "text_encoder": self.cfg.text_encoder.path,
                 "text_encoder_digest": self.cache.encoder_digest,
+                # the dtype the cached features were computed in: queries are encoded in it too (a bf16-trained
+                # adapter fed float32 features lost 3.5 points of long R@1 on the demo, bench/RESULTS.md)
+                "text_encoder_dtype": self.cache.manifest.get("compute_dtype", "auto"),
                 "instruction": self.cfg.text_encoder.instruction,
             },
         )
