@@ -5,6 +5,7 @@ bookkeeping may change."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,8 @@ from .test_pipeline import QUICK
 from .test_stage1_train import tiny_base, write_config  # noqa: F401 (a fixture)
 from .test_stage2_train import config as stage2_config
 from .test_stage2_train import setup  # noqa: F401 (a fixture)
+
+QUICK_STAGE1 = str(Path(QUICK).parents[2] / "stage1" / "configs" / "quick.yaml")
 
 
 def test_a_key_added_later_at_its_original_value_changes_nothing():
@@ -55,6 +58,15 @@ def test_a_removed_key_loads_at_its_old_value_and_keeps_fingerprints(tmp_path):
     flat_new = {"data.instructions.short_to_long": "q", "train.lr": 1.0}
     assert fingerprint_keys(flat_new)["data.instructions.separator"] == "!@#$%^&*()"
     assert "data.instructions.separator" not in fingerprint_keys({"train.lr": 1.0})
+    # in the place it had: a fingerprint hashes the keys in order (a key moved to the end re-ran stage 1)
+    from l2c_llava.config.core import config_to_dict, flatten
+
+    new_flat = flatten(config_to_dict(load_config(QUICK_STAGE1)))
+    items = list(new_flat.items())
+    at = [k for k, _ in items].index("data.instructions.long_to_short") + 1
+    old_flat = dict(items[:at] + [("data.instructions.separator", "!@#$%^&*()")] + items[at:])
+    got = list(fingerprint_keys(new_flat))
+    assert got == [k for k in old_flat if k in got] and "data.instructions.separator" in got
 
     cfg_file = tmp_path / "s1.yaml"
     cfg_file.write_text(

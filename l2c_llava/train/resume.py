@@ -75,8 +75,13 @@ def with_removed_keys(flat: Mapping[str, object]) -> dict:
     out = dict(flat)
     for key, value in REMOVED_KEYS.items():
         section = key.rpartition(".")[0] + "."
-        if any(k.startswith(section) for k in flat):
-            out[key] = value
+        keys = list(out)
+        at = [i for i, k in enumerate(keys) if k.startswith(section)]
+        if (
+            at and key not in out
+        ):  # where it stood: after its section's other keys (fingerprints hash in order)
+            items = list(out.items())
+            out = dict(items[: at[-1] + 1] + [(key, value)] + items[at[-1] + 1 :])
     return out
 
 
