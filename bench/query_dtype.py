@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from math import comb
 from pathlib import Path
 
 import torch
@@ -25,12 +24,7 @@ from l2c_llava.data.readers import read_long_captions
 from l2c_llava.stage1.encoder import TextEncoder
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.llm2clip import LLM2CLIP
-
-
-def mcnemar(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    n, k = only_a + only_b, min(only_a, only_b)
-    return only_a, only_b, min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+from l2c_llava.stats import paired_comparison
 
 
 def main() -> None:
@@ -70,15 +64,15 @@ def main() -> None:
             txt = F.normalize(model.get_text_features_from_llm(feats.float()).float(), dim=-1)
             right[name] = (txt @ img.T).argmax(1) == target
     (na, a), (nb, b) = right.items()
-    only_a, only_b, p_value = mcnemar(a, b)
+    paired = paired_comparison(a.tolist(), b.tolist())  # McNemar's exact test on the discordant queries
     cos = F.cosine_similarity(fresh.float(), cached)
     out = {
         "run": str(args.run),
         "queries": len(captions),
         "feature_cosine": {"mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4)},
         "t2i_R@1": {na: round(float(a.float().mean()), 4), nb: round(float(b.float().mean()), 4)},
-        "only_right": {na: only_a, nb: only_b},
-        "mcnemar_p": p_value,
+        "only_right": {na: paired["wins"], nb: paired["losses"]},
+        "mcnemar_p": paired["p_value"],
         "float32_encode_seconds": round(seconds, 1),
     }
     print(json.dumps(out, indent=2))
