@@ -59,7 +59,7 @@ ADDED_KEYS = {"text_encoder.torch_dtype": "auto"}
 REMOVED_KEYS = {key: value for (_, key), (value, _) in REMOVED_CONFIG_KEYS.items()}
 
 
-def without_added_defaults(flat: Mapping[str, object]) -> dict:
+def without_migrated_keys(flat: Mapping[str, object]) -> dict:
     """`flat` without the :data:`ADDED_KEYS` that hold their original value and without the
     :data:`REMOVED_KEYS` (an old run's config.yaml still holds them)."""
     return {
@@ -102,7 +102,7 @@ def may_change_on_resume(key: str) -> bool:
 
 def flat_config(cfg: BaseModel | Mapping) -> dict:
     """A config (typed or as loaded from config.yaml) as {dotted key: value}."""
-    return without_added_defaults(flatten(dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)))
+    return without_migrated_keys(flatten(dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)))
 
 
 def differences(
@@ -158,7 +158,7 @@ def fingerprint_keys(flat: Mapping[str, object], keep: tuple[str, ...] = ()) -> 
     training only those in `keep` (the step evaluates, say)."""
     return {
         k: v
-        for k, v in with_removed_keys(without_added_defaults(flat)).items()
+        for k, v in with_removed_keys(without_migrated_keys(flat)).items()
         if not is_bookkeeping(k) and (k.split(".")[0] not in AFTER_TRAINING or k.split(".")[0] in keep)
     }
 
