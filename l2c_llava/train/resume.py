@@ -74,13 +74,12 @@ def with_removed_keys(flat: Mapping[str, object]) -> dict:
     fingerprint counted before the key was removed."""
     out = dict(flat)
     for key, value in REMOVED_KEYS.items():
+        if key in out:
+            continue
         section = key.rpartition(".")[0] + "."
-        keys = list(out)
-        at = [i for i, k in enumerate(keys) if k.startswith(section)]
-        if (
-            at and key not in out
-        ):  # where it stood: after its section's other keys (fingerprints hash in order)
-            items = list(out.items())
+        items = list(out.items())
+        at = [i for i, (k, _) in enumerate(items) if k.startswith(section)]
+        if at:  # where it stood: after its section's other keys (fingerprints hash in order)
             out = dict(items[: at[-1] + 1] + [(key, value)] + items[at[-1] + 1 :])
     return out
 
