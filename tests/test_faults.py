@@ -254,11 +254,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     for step in (1, 2):
         with torch.no_grad():
             model.weight.fill_(step)
-        ck.save_state(Acc(), step, own, opt, sched)
+        ck.save_state(Acc(), step, own, opt, sched, wrapped=model, model=model)
     latest = tmp_path / "checkpoints" / "step-0000002"
     (latest / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad")
     with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
-        step = ck.load_state(model, own(), opt, sched)
+        step = ck.load_state(Acc(), own, opt, sched, wrapped=model, model=model)
     assert step == 1 and float(model.weight.detach()[0, 0]) == 1.0
     assert "step-0000002 cannot be read" in caplog.text and "resuming from" in caplog.text
     assert (tmp_path / "checkpoints" / "damaged-step-0000002" / "model.safetensors").is_file()  # kept

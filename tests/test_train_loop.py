@@ -72,7 +72,7 @@ def _train(acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list
     train = SimpleNamespace(**TRAIN)
     run_dir.mkdir(exist_ok=True)  # prepare_run_dir's, in a recipe
 
-    def load(opt, sched) -> int:
+    def load(wrapped, opt, sched) -> int:
         if not checkpoints:
             return 0
         step = max(checkpoints)

@@ -30,6 +30,7 @@ from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.sharded import clean_name
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
@@ -172,7 +173,7 @@ class MllmRecipe:
         return groups
 
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        names = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
 
     # -- data --------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class MllmRecipe:
             t,
             self.run_dir,
             resume=cfg.run.resume,
-            load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(acc, wrapped, model, opt, sched),
             micro_batch=t.per_device_batch_size,
             accum=accum,
             lr=t.lr,
@@ -313,7 +314,9 @@ class MllmRecipe:
             params=[p for p in model.parameters() if p.requires_grad],
             train=t,
             desc=f"llava {t.stage}",
-            save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step),
+            save_checkpoint=lambda step: self.save_checkpoint(
+                acc, wrapped, model, state.opt, state.sched, step
+            ),
         )
         seconds = time.perf_counter() - t0
         stats = {
@@ -333,15 +336,28 @@ class MllmRecipe:
 
     # -- checkpoints and output --------------------------------------------------------------------
 
-    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+    def save_checkpoint(self, acc, wrapped, model, opt, sched, step: int) -> None:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
-            acc, step, lambda: self.trainable_state(model), opt, sched, name="trainable.safetensors"
+            acc,
+            step,
+            lambda: self.trainable_state(model),
+            opt,
+            sched,
+            name="trainable.safetensors",
+            wrapped=wrapped,
+            model=model,
         )
 
-    def load_checkpoint(self, model, opt, sched) -> int:
+    def load_checkpoint(self, acc, wrapped, model, opt, sched) -> int:
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return checkpoints.load_state(
-            model, self.trainable_state(model), opt, sched, name="trainable.safetensors"
+            acc,
+            lambda: self.trainable_state(model),
+            opt,
+            sched,
+            name="trainable.safetensors",
+            wrapped=wrapped,
+            model=model,
         )
 
     def save_model(self, model, processor, stats: dict | None = None) -> Path:

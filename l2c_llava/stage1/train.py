@@ -284,7 +284,9 @@ class Stage1Recipe:
             t,
             self.run_dir,
             resume=cfg.run.resume,
-            load_checkpoint=lambda opt, sched: self.load_checkpoint(acc, encoder, opt, sched),
+            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(
+                acc, wrapped, encoder, opt, sched
+            ),
             micro_batch=t.batch_size,
             accum=t.grad_accum,
             output=None,
@@ -340,9 +342,7 @@ class Stage1Recipe:
             # the gradient cache: the loss of the whole accumulated batch
             tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
             loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
-            if world > 1:  # log the global batch's loss
-                loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
-            return loss
+            return loss  # the loop logs its mean over processes
 
         def report(loss: float) -> StepReport:
             tps = round(tokens / max(1e-9, time.perf_counter() - t0), 1)
@@ -359,7 +359,9 @@ class Stage1Recipe:
             params=params,
             train=t,
             desc="stage 1 contrastive",
-            save_checkpoint=lambda step: self.save_checkpoint(acc, encoder, state.opt, state.sched, step),
+            save_checkpoint=lambda step: self.save_checkpoint(
+                acc, model, encoder, state.opt, state.sched, step
+            ),
         )
         stats = {
             "steps": total,
@@ -386,38 +388,38 @@ class Stage1Recipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save_checkpoint(self, acc, encoder: TextEncoder, opt, sched, step: int) -> None:
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            adapter = acc.unwrap_model(encoder).model
-            Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save(
-                step,
-                lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True),
-                opt,
-                sched,
-                extra={"resume_key": config_digest(self.cfg)},
-            )
-        acc.wait_for_everyone()
+    def save_checkpoint(self, acc, wrapped, encoder: TextEncoder, opt, sched, step: int) -> None:
+        adapter = acc.unwrap_model(encoder).model
+        Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_with(
+            acc,
+            step,
+            lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True),
+            opt,
+            sched,
+            wrapped=wrapped,
+            model=acc.unwrap_model(encoder),
+            extra={"resume_key": config_digest(self.cfg)},
+        )
 
-    def load_checkpoint(self, acc, encoder: TextEncoder, opt, sched) -> int:
+    def load_checkpoint(self, acc, wrapped, encoder: TextEncoder, opt, sched) -> int:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        found = checkpoints.latest_intact()  # a damaged latest one: the previous, with a warning
-        if found is None:
+        unwrapped = acc.unwrap_model(encoder)
+
+        def read(ck: Path) -> None:
+            weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
+            set_peft_model_state_dict(unwrapped.model, weights)
+
+        state = checkpoints.restore_with(acc, read, opt, sched, wrapped=wrapped, model=unwrapped)
+        if state is None:
             return 0
-        ck, state = found
-        set_peft_model_state_dict(
-            acc.unwrap_model(encoder).model, load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-        )
-        state = checkpoints.restore(ck, opt, sched, state)
-        if state.get("resume_key", config_digest(self.cfg)) != config_digest(
-            self.cfg
-        ):  # older ones: by config.yaml
+        if state.get("resume_key", config_digest(self.cfg)) != config_digest(self.cfg):  # older: config.yaml
             raise InputError(
-                f"{ck} was written under a config that differs from this one in a key that may not "
-                "change on resume; use a new run.output_dir, or run.resume=false to start over"
+                f"checkpoint step {state['step']} in {checkpoints.root} was written under a config that "
+                "differs from this one in a key that may not change on resume; use a new run.output_dir, "
+                "or run.resume=false to start over"
             )
         return int(state["step"])
 

@@ -31,6 +31,8 @@ from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, publish_folder
 from l2c_llava.locks import run_lock
 from l2c_llava.stage2.contrastive import ContrastiveRecipe
+from l2c_llava.stage2.model import clamped_scale
+from l2c_llava.train.sharded import clamp_scale
 
 logger = logging.getLogger("l2c_llava.clip")
 
@@ -78,14 +80,16 @@ class ClipEmbedder(nn.Module):
     """CLIPModel -> (normalised image embeddings, normalised text embeddings, exp(logit scale)) in one
     forward, so DDP sees every parameter used."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, max_logit_scale: float | None = None):
         super().__init__()
         self.clip = clip
+        self.max_logit_scale = max_logit_scale
 
     def forward(self, pixel_values, input_ids, attention_mask):
         img = pooled(self.clip.get_image_features(pixel_values=pixel_values))
         txt = pooled(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), self.clip.logit_scale.exp()
+        scale = clamped_scale(self.clip.logit_scale, self.max_logit_scale)
+        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale
 
 
 def pick_caption(
@@ -201,7 +205,7 @@ class ClipPretrainRecipe(ContrastiveRecipe):
         return ds, len(ds)
 
     def build_model(self, acc):
-        return ClipEmbedder(build_clip(self.cfg.model, self.tokenizer))
+        return ClipEmbedder(build_clip(self.cfg.model, self.tokenizer), self.cfg.train.logit_scale_max)
 
     def param_groups(self, model):
         return param_groups(model, self.cfg.train.lr, self.cfg.train.weight_decay)
@@ -210,10 +214,8 @@ class ClipPretrainRecipe(ContrastiveRecipe):
         pixels, ids, mask = (x.to(acc.device) for x in batch)
         return wrapped(pixels, ids, mask)
 
-    def after_step(self, model) -> float:
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(0, torch.log(torch.tensor(self.cfg.train.logit_scale_max)).item())
-        return model.clip.logit_scale.exp().item()
+    def after_step(self, acc, model) -> float:
+        return clamp_scale(acc, model.clip.logit_scale, self.cfg.train.logit_scale_max)
 
     def save_model(self, model) -> Path:
         """A standard CLIP folder (what OpenAI CLIP is on disk): CLIPModel, tokenizer, image processor."""

@@ -18,6 +18,7 @@ from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
+from l2c_llava.train.sharded import unsharded
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 
 
@@ -30,7 +31,7 @@ class ContrastiveRecipe:
 
     A recipe provides ``build_data(acc) -> (dataset, length or None)``, ``build_model(acc)``,
     ``param_groups(model)``, ``embed(wrapped, batch, acc) -> (image, text, scale)`` (normalised
-    embeddings), ``after_step(model) -> logit scale`` and ``save_model(model)``; optionally
+    embeddings), ``after_step(acc, model) -> logit scale`` and ``save_model(model)``; optionally
     ``collate``. Its config has ``run``, ``train`` (lr, betas, eps, batch_size, grad_accum, epochs or
     max_steps, schedule, local_loss, gather_with_grad, ...) and ``data.num_workers``.
     """
@@ -82,7 +83,7 @@ class ContrastiveRecipe:
             t,
             self.run_dir,
             resume=cfg.run.resume,
-            load_checkpoint=lambda opt, sched: self.load_checkpoint(model, opt, sched),
+            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(acc, wrapped, model, opt, sched),
             micro_batch=t.batch_size,
             accum=t.grad_accum,
             lr=t.lr,
@@ -112,12 +113,10 @@ class ContrastiveRecipe:
                 seen += rows
             else:
                 loss = accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum)
-            if acc.num_processes > 1:  # log the global batch's loss, not this process's share
-                loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
-            return loss
+            return loss  # the loop logs its mean over processes
 
         def report(loss: float) -> StepReport:
-            scale = self.after_step(model)
+            scale = self.after_step(acc, model)
             rate = seen * acc.num_processes / max(1e-9, time.perf_counter() - t0)
             return StepReport({"scale": f"{scale:.1f}"}, {"logit_scale": scale}, {"images_per_second": rate})
 
@@ -132,7 +131,9 @@ class ContrastiveRecipe:
             params=list(model.parameters()),
             train=t,
             desc=self.name,
-            save_checkpoint=lambda step: self.save_checkpoint(acc, model, state.opt, state.sched, step),
+            save_checkpoint=lambda step: self.save_checkpoint(
+                acc, state.wrapped, model, state.opt, state.sched, step
+            ),
         )
         seconds = time.perf_counter() - t0
         stats = {
@@ -141,9 +142,11 @@ class ContrastiveRecipe:
             "seconds_this_session": round(seconds, 1),
             "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None,
         }
-        if acc.is_main_process:
-            self.save_model(model)
-            write_train_stats(self.run_dir, stats)
+        stats["launch"] = state.launch
+        with unsharded(acc, state.wrapped, model):  # every process: the full weights on the main one
+            if acc.is_main_process:
+                self.save_model(model)
+                write_train_stats(self.run_dir, stats)
         trackers.finish(acc)
         acc.wait_for_everyone()
         return stats
@@ -200,11 +203,13 @@ class ContrastiveRecipe:
     def _state(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
-    def save_checkpoint(self, acc, model, opt, sched, step: int) -> None:
+    def save_checkpoint(self, acc, wrapped, model, opt, sched, step: int) -> None:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
-            acc, step, lambda: self._state(model), opt, sched
+            acc, step, lambda: self._state(model), opt, sched, wrapped=wrapped, model=model
         )
 
-    def load_checkpoint(self, model, opt, sched) -> int:
+    def load_checkpoint(self, acc, wrapped, model, opt, sched) -> int:
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        return checkpoints.load_state(model, self._state(model), opt, sched)
+        return checkpoints.load_state(
+            acc, lambda: self._state(model), opt, sched, wrapped=wrapped, model=model
+        )

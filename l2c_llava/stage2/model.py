@@ -77,6 +77,13 @@ class TextAdapter(nn.Module):
         return self.adaptor(F.normalize(llm_features, dim=-1))
 
 
+def clamped_scale(logit_scale: torch.Tensor, max_scale: float | None) -> torch.Tensor:
+    """exp(s) with s in [0, ln max_scale] (no clamp without a max)."""
+    if max_scale is None:
+        return logit_scale.exp()
+    return logit_scale.clamp(0, math.log(max_scale)).exp()
+
+
 class LLM2CLIPModel(nn.Module):
     """vision_model (CLIP ViT) -> visual_projection; cached LLM feature -> text_adapter; logit_scale."""
 
@@ -96,6 +103,9 @@ class LLM2CLIPModel(nn.Module):
         self.visual_projection = nn.Linear(vision_hidden, projection_dim, bias=False)  # new, not OpenAI's
         self.text_adapter = TextAdapter(text_dim, projection_dim, num_blocks, expansion, center_text)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        # the clamp the forward applies too (exp(s) <= max): a no-op where the clamp after each step
+        # runs, and the one that holds where the optimizer keeps its own copy of s (DeepSpeed)
+        self.max_logit_scale: float | None = None
 
     @classmethod
     def from_vision_tower(cls, vision, text_dim: int, **kwargs) -> LLM2CLIPModel:
@@ -118,7 +128,7 @@ class LLM2CLIPModel(nn.Module):
         """Normalised image and text embeddings and the logit scale exp(s)."""
         img = F.normalize(self.get_image_features(pixel_values), dim=-1)
         txt = F.normalize(self.get_text_features(llm_features), dim=-1)
-        return img, txt, self.logit_scale.exp()
+        return img, txt, clamped_scale(self.logit_scale, self.max_logit_scale)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:

@@ -35,6 +35,7 @@ from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.contrastive import ContrastiveRecipe
 from l2c_llava.stage2.model import LLM2CLIPModel
+from l2c_llava.train.sharded import clamp_scale
 
 logger = logging.getLogger("l2c_llava.stage2")
 
@@ -206,6 +207,7 @@ class Stage2Recipe(ContrastiveRecipe):
         if cfg.adapter.center_features:
             model.text_adapter.feature_mean.copy_(self.cache.mean_feature())
         model.logit_scale.requires_grad_(cfg.logit_scale.learnable)
+        model.max_logit_scale = cfg.logit_scale.max
         self._freeze(model)
         if cfg.vision.gradient_checkpointing:
             model.vision_model.gradient_checkpointing_enable(
@@ -222,9 +224,8 @@ class Stage2Recipe(ContrastiveRecipe):
         text = self.cache.features(rows.tolist()).to(acc.device)
         return wrapped(pixels.to(acc.device), text)
 
-    def after_step(self, model) -> float:
-        model.clamp_logit_scale(self.cfg.logit_scale.max)
-        return model.logit_scale.exp().item()
+    def after_step(self, acc, model) -> float:
+        return clamp_scale(acc, model.logit_scale, self.cfg.logit_scale.max)
 
     def _freeze(self, model: LLM2CLIPModel) -> None:
         v = self.cfg.vision

@@ -5,6 +5,7 @@ under every launch (one process, DDP, FSDP, DeepSpeed)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -26,19 +27,112 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None):
-    """The accelerate Accelerator every recipe runs under (CPU when there is no GPU), seeded, with the
-    experiment trackers of ``train.report_to`` (l2c_llava.trackers; none by default)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def launch_environment() -> dict:
+    """What the launcher asked for, read from the environment it gives each process (``accelerate
+    launch`` or ``torchrun``): world size and, from the accelerate yaml, DeepSpeed or FSDP."""
+    flag = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
+    kind = (
+        "DEEPSPEED" if flag("ACCELERATE_USE_DEEPSPEED") else "FSDP" if flag("ACCELERATE_USE_FSDP") else None
+    )
+    return {"world_size": int(os.environ.get("WORLD_SIZE", "1") or 1), "kind": kind}
 
+
+def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None):
+    """The accelerate Accelerator every recipe runs under, seeded, with the experiment trackers of
+    ``train.report_to`` (l2c_llava.trackers; none by default).
+
+    Without a GPU: one process runs on the CPU; under a launcher (``WORLD_SIZE > 1``, or a DeepSpeed /
+    FSDP yaml) the processes join over gloo, which accelerate does not pick by itself, and never with
+    accelerate's ``cpu=True``, which drops the DeepSpeed and FSDP plugins without a word. The launch is
+    then checked: it runs as what the launcher asked for or stops here (:func:`check_launch`), before
+    anything is written."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    want = launch_environment()
+    launched = want["world_size"] > 1 or want["kind"] is not None
+    kwargs: dict = {}
+    if not torch.cuda.is_available():
+        if want["kind"] == "DEEPSPEED":  # DeepSpeed joins its processes itself, over gloo here
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:  # one process, or accelerate's MULTI_CPU (gloo) under a launcher
+            kwargs["cpu"] = True
     acc = Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision),
-        cpu=not torch.cuda.is_available(),
+        **kwargs,
         **trackers.accelerator_kwargs(report_to, run_dir),
     )
+    if want["kind"] == "FSDP" and launched and not torch.cuda.is_available():
+        _engage_cpu_fsdp(acc)
+    check_launch(acc, want)
     set_seed(seed)
     return acc
+
+
+def _engage_cpu_fsdp(acc) -> None:
+    """accelerate takes an FSDP yaml on GPUs only: on a CPU machine its processes join as MULTI_CPU
+    (gloo) and the FSDP plugin is dropped. torch's FSDP itself runs on the CPU over gloo, so the plugin
+    the yaml describes (read from the launcher's environment, as accelerate reads it) is put back and
+    ``acc.prepare`` wraps the model with it, as on GPUs. Without a process group (one process) there is
+    nothing to shard and the launch check refuses the run."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.sync_module_states or plugin.cpu_ram_efficient_loading:
+        raise LaunchError(
+            "FSDP on a machine without a GPU: fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading "
+            "need a GPU (accelerate refuses them on the CPU); launch with --fsdp_sync_module_states false "
+            "--fsdp_cpu_ram_efficient_loading false (the shipped yamls keep them on for GPUs)"
+        )
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    # both states: accelerate copies the process state into the accelerator state each time it is built
+    for state in (PartialState(), acc.state):
+        state.distributed_type = DistributedType.FSDP
+        # torch's FSDP computes on plain "cpu" and refuses a device_id with an index ("cpu:0")
+        state.device = torch.device("cpu")
+    acc.state.fsdp_plugin = plugin
+
+
+def check_launch(acc, want: dict) -> None:
+    """Refuse a silent fall-back: DeepSpeed or FSDP asked for and not engaged, or a process alone (or in
+    another world) while the launcher started `world_size`."""
+    got = acc.distributed_type.name
+    problems = []
+    if want["kind"] is not None and got != want["kind"]:
+        problems.append(f"the launch config asks for {want['kind']} and accelerate runs {got}")
+    if acc.num_processes != want["world_size"]:
+        problems.append(
+            f"the launcher started {want['world_size']} processes and this one sees a world of {acc.num_processes}"
+        )
+    if problems:
+        raise LaunchError(
+            "; ".join(problems)
+            + ". Nothing was written. On a machine without a GPU launch with DS_ACCELERATOR=cpu and without "
+            "--cpu / use_cpu (it turns DeepSpeed and FSDP off); check that deepspeed is installed "
+            "(pip install -e '.[deepspeed]')"
+        )
+
+
+def launch_info(acc) -> dict:
+    """What a run records of its launch (train_stats.json, metrics.json): world size, distributed type,
+    ZeRO stage or FSDP sharding, mixed precision."""
+    info = {
+        "world_size": acc.num_processes,
+        "distributed_type": acc.distributed_type.name,
+        "mixed_precision": str(acc.mixed_precision),
+    }
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        info["zero_stage"] = int(plugin.zero_stage)
+    fsdp = getattr(acc.state, "fsdp_plugin", None)
+    if fsdp is not None and acc.distributed_type.name == "FSDP":
+        strategy = getattr(fsdp, "sharding_strategy", None)
+        info["fsdp_sharding"] = getattr(strategy, "name", str(strategy))
+    return info
 
 
 class LaunchError(L2CError, ValueError):
@@ -142,3 +236,36 @@ def clip_gradients(acc, wrapped, params, max_norm: float | None):
         acc.unscale_gradients()
         return wrapped.clip_grad_norm_(max_norm)
     return acc.clip_grad_norm_(params, max_norm)
+
+
+def lift_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Give every 0-dim parameter (CLIP's ``logit_scale``) the shape [1], in place (the same Parameter
+    object, so optimizer groups built before still hold it), for DeepSpeed and FSDP: DeepSpeed's engine
+    broadcasts each parameter as ``p.data.view(torch.uint8)``, which a 0-dim tensor cannot do on any
+    backend, and FSDP refuses scalar parameters. The
+    module's ``state_dict`` still gives them 0-dim and ``load_state_dict`` takes 0-dim values, so
+    checkpoints and exports keep the shapes of a run without DeepSpeed. Returns the names lifted."""
+    lifted = []
+    for owner_name, owner in model.named_modules():
+        names = [n for n, p in owner.named_parameters(recurse=False) if p.ndim == 0]
+        if not names:
+            continue
+        for n in names:
+            p = getattr(owner, n)
+            p.data = p.data.reshape(1)
+            lifted.append(f"{owner_name}.{n}" if owner_name else n)
+
+        def to_scalar(module, state_dict, prefix, local_metadata, names=tuple(names)):
+            for n in names:
+                if prefix + n in state_dict and state_dict[prefix + n].shape == (1,):
+                    state_dict[prefix + n] = state_dict[prefix + n].reshape(())
+            return state_dict
+
+        def from_scalar(state_dict, prefix, *args, names=tuple(names)):
+            for n in names:
+                if prefix + n in state_dict and state_dict[prefix + n].ndim == 0:
+                    state_dict[prefix + n] = state_dict[prefix + n].reshape(1)
+
+        owner._register_state_dict_hook(to_scalar)
+        owner._register_load_state_dict_pre_hook(from_scalar)
+    return lifted

@@ -21,6 +21,7 @@ import torch
 from l2c_llava.errors import InputError, L2CError
 from l2c_llava.io import move_into_place
 from l2c_llava.layout import CHECKPOINTS
+from l2c_llava.train import sharded
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +90,30 @@ class Checkpoints:
         return None
 
     def save(
-        self, step: int, write_weights: Callable[[Path], None], opt, sched, extra: dict | None = None
+        self,
+        step: int,
+        write_weights: Callable[[Path], None],
+        opt,
+        sched,
+        extra: dict | None = None,
+        *,
+        optimizer_state: dict | None = None,
+        prepared: Path | None = None,
     ) -> Path:
+        """One process writes the checkpoint of `step`: `write_weights(folder)`, then
+        ``trainer_state.pt``, then the rename into place. `prepared`: a temporary folder already holding
+        files other processes wrote (DeepSpeed's shards: :meth:`save_state`); `optimizer_state`: the
+        state to keep instead of ``opt.state_dict()`` (FSDP's gathered one; None under DeepSpeed)."""
         final, tmp = self.root / f"step-{step:07d}", self.root / f".step-{step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if prepared is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         write_weights(tmp)
         state = {
             "step": step,
-            "optimizer": opt.state_dict(),
+            "optimizer": opt.state_dict()
+            if prepared is None and optimizer_state is None
+            else optimizer_state,
             "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -110,27 +126,110 @@ class Checkpoints:
         logger.info("checkpoint %s", final)
         return final
 
-    def save_state(
-        self, acc, step: int, state_fn: Callable[[], dict], opt, sched, name: str = "model.safetensors"
+    def save_with(
+        self,
+        acc,
+        step: int,
+        write_weights: Callable[[Path], None],
+        opt,
+        sched,
+        *,
+        wrapped,
+        model,
+        extra: dict | None = None,
     ) -> None:
-        """Every process meets here; the main one writes `state_fn()` (tensors) as safetensors."""
-        from safetensors.torch import save_file
-
+        """Every process meets here, under every launch: the main one runs `write_weights(folder)` while
+        `model` holds its full parameters (:func:`~l2c_llava.train.sharded.unsharded`), the optimizer
+        state is gathered (FSDP) or written by each process in the engine's files (DeepSpeed)."""
+        tmp = self.root / f".step-{step:07d}.tmp"
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = state_fn()
-            self.save(step, lambda d: save_file(state, str(d / name)), opt, sched)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        with sharded.unsharded(acc, wrapped, model):
+            if acc.is_main_process:
+                write_weights(tmp)
+        optimizer_state = sharded.optimizer_state(acc, wrapped, opt)
+        if sharded.kind(acc) == "deepspeed":
+            sharded.save_engine_state(wrapped, tmp / sharded.ENGINE_DIR)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.save(step, lambda d: None, opt, sched, extra, optimizer_state=optimizer_state, prepared=tmp)
         acc.wait_for_everyone()
 
-    def load_state(self, model, own: dict, opt, sched, name: str = "model.safetensors") -> int:
-        """Restore the latest checkpoint into `model` (whose checkpointed tensors are `own`) and the
-        optimizer state; 0 when there is none. Other tensor names or shapes are refused with the reason."""
-        from safetensors.torch import load_file
+    def save_state(
+        self,
+        acc,
+        step: int,
+        state_fn: Callable[[], dict],
+        opt,
+        sched,
+        name: str = "model.safetensors",
+        *,
+        wrapped,
+        model,
+    ) -> None:
+        """Every process meets here; the main one writes `state_fn()` (tensors, read while the model
+        holds its full parameters) as safetensors."""
+        from safetensors.torch import save_file
 
+        self.save_with(
+            acc,
+            step,
+            lambda d: save_file(state_fn(), str(d / name)),
+            opt,
+            sched,
+            wrapped=wrapped,
+            model=model,
+        )
+
+    def restore_with(
+        self, acc, read_weights: Callable[[Path], None], opt, sched, *, wrapped, model
+    ) -> dict | None:
+        """Every process: the last intact checkpoint back into the run, under every launch:
+        `read_weights(folder)` while `model` holds its full parameters (kept after), the optimizer state
+        (DeepSpeed: each process its shard from the engine's files), the schedule and the RNG states.
+        Returns the trainer state, or None where there is no checkpoint."""
         found = self.latest_intact()
         if found is None:
-            return 0
+            return None
         ck, trainer_state = found
+        with sharded.unsharded(acc, wrapped, model, writeback=True):
+            read_weights(ck)
+        if sharded.kind(acc) == "deepspeed":
+            if not (ck / sharded.ENGINE_DIR).is_dir():
+                raise InputError(
+                    f"{ck} was written without DeepSpeed and holds no DeepSpeed optimizer state; resume it "
+                    "under the launch that wrote it, or set run.resume=false to start over"
+                )
+            sharded.load_engine_state(wrapped, ck / sharded.ENGINE_DIR)
+        elif trainer_state.get("optimizer") is None:
+            raise InputError(
+                f"{ck} was written under DeepSpeed (its optimizer state is in the engine's shards); resume "
+                "it under the same DeepSpeed launch, or set run.resume=false to start over"
+            )
+        else:
+            sharded.load_optimizer_state(acc, wrapped, opt, trainer_state["optimizer"])
+        return self.restore(ck, None, sched, trainer_state)
+
+    def load_state(
+        self, acc, own_fn: Callable[[], dict], opt, sched, name: str = "model.safetensors", *, wrapped, model
+    ) -> int:
+        """Restore the latest checkpoint into `model` (whose checkpointed tensors are ``own_fn()``, read
+        while it holds its full parameters) and the optimizer state; 0 when there is none. Other tensor
+        names or shapes are refused with the reason."""
+
+        def read(ck: Path) -> None:
+            self.load_weights(model, own_fn(), ck, name)
+
+        state = self.restore_with(acc, read, opt, sched, wrapped=wrapped, model=model)
+        return 0 if state is None else int(state["step"])
+
+    @staticmethod
+    def load_weights(model, own: dict, ck: Path, name: str) -> None:
+        from safetensors.torch import load_file
+
         state = load_file(str(ck / name))
         if set(state) != set(own):
             extra, lacking = sorted(set(state) - set(own)), sorted(set(own) - set(state))
@@ -149,14 +248,14 @@ class Checkpoints:
                 "text encoder (feature dimension) or model size needs a new run.output_dir"
             )
         model.load_state_dict(state, strict=False)
-        return int(self.restore(ck, opt, sched, trainer_state)["step"])
 
     def restore(self, ck: Path, opt, sched, state: dict | None = None) -> dict:
-        """Load optimizer, scheduler and RNG states from `ck` (or the `state` already read from it);
-        returns the whole trainer state."""
+        """Load optimizer (unless None), scheduler and RNG states from `ck` (or the `state` already read
+        from it); returns the whole trainer state."""
         if state is None:
             state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
-        opt.load_state_dict(state["optimizer"])
+        if opt is not None:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])

@@ -16,6 +16,8 @@ what it shows beside loss and lr, the contents of its checkpoints, its model and
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +29,14 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.layout import TRAIN_LOG, TRAINED_MODEL
 from l2c_llava.quantization import make_adamw
-from l2c_llava.train.accelerator import clip_gradients, configure_launch, micro_backward
+from l2c_llava.train.accelerator import (
+    clip_gradients,
+    configure_launch,
+    is_deepspeed,
+    launch_info,
+    lift_scalar_parameters,
+    micro_backward,
+)
 from l2c_llava.train.run_dir import append_log, finished_stats, truncate_log
 from l2c_llava.train.schedule import make_scheduler
 
@@ -44,6 +53,7 @@ class TrainingState:
     start: int
     log_path: Path
     finished: dict | None
+    launch: dict
 
 
 def prepare_training(
@@ -55,7 +65,7 @@ def prepare_training(
     run_dir: Path,
     *,
     resume: bool,
-    load_checkpoint: Callable[[Any, Any], int],
+    load_checkpoint: Callable[[Any, Any, Any], int],
     micro_batch: int,
     accum: int,
     output: str | None = TRAINED_MODEL,
@@ -63,9 +73,11 @@ def prepare_training(
 ) -> TrainingState:
     """What every training loop does before its first step: AdamW on `groups` (``train.optimizer``,
     `adamw`: lr, betas, ...), the schedule over `total` steps, the launch values, accelerate's wrapping,
-    `load_checkpoint(opt, sched) -> step` when `resume`, and the training log cut back to that step.
+    `load_checkpoint(wrapped, opt, sched) -> step` when `resume` (every process calls it), and the training log cut back to that step.
     `train` is the config's ``train`` section. The run counts as finished when it has trained `total`
     steps and holds ``train_stats.json`` and (unless None) the folder `output`."""
+    if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":  # neither takes a 0-dim parameter
+        lift_scalar_parameters(model)
     opt = make_adamw(groups, train.optimizer, **adamw)
     sched = make_scheduler(opt, train.schedule, total, train.warmup_steps, train.warmup_ratio)
     configure_launch(
@@ -76,12 +88,12 @@ def prepare_training(
         contrastive_accum=getattr(train, "contrastive_accum", False),
     )
     wrapped, opt = acc.prepare(model, opt)
-    start = load_checkpoint(opt, sched) if resume else 0
+    start = load_checkpoint(wrapped, opt, sched) if resume else 0
     log_path = Path(run_dir) / TRAIN_LOG
     finished = finished_stats(run_dir, start, total, output)
     if finished is None and acc.is_main_process:
         truncate_log(log_path, start)
-    return TrainingState(wrapped, opt, sched, start, log_path, finished)
+    return TrainingState(wrapped, opt, sched, start, log_path, finished, launch_info(acc))
 
 
 def accumulate_gradients(
@@ -117,6 +129,14 @@ def accumulate_gradients(
                 micro_backward(acc, loss, accum, last=last)
         step_loss += loss.item() / accum
     return step_loss
+
+
+def mean_over_processes(acc, loss: float) -> float:
+    """A step's loss as the run logs it: the mean over every process's share of the global batch (each
+    process computed the loss of its own rows); the value itself on one process."""
+    if acc.num_processes == 1:
+        return loss
+    return acc.reduce(torch.tensor(float(loss), device=acc.device), "mean").item()
 
 
 class StepReport(NamedTuple):
@@ -155,7 +175,7 @@ def train_loop(
     batches = iter(steps)
     while step < total:
         epoch, batch = next(batches)
-        loss = step_gradients(batch)
+        loss = mean_over_processes(acc, step_gradients(batch))
         clip_gradients(acc, state.wrapped, params, train.grad_clip)
         state.opt.step()
         state.sched.step()
@@ -176,5 +196,18 @@ def train_loop(
             trackers.log(acc, {**rec, **shown.trackers_only}, step)
         if step % train.save_every == 0 or step == total:
             save_checkpoint(step)
+            _fault_after_checkpoint(acc, step)
     bar.close()
     return last
+
+
+def _fault_after_checkpoint(acc, step: int) -> None:
+    """Fault injection for the resume tests: ``L2C_FAULT_KILL_AFTER_CHECKPOINT=STEP:RANK`` kills process
+    RANK with SIGKILL right after the checkpoint of STEP (as a preempted node would die), so that the
+    launch fails and its next run resumes from that checkpoint. Nothing happens without it."""
+    spec = os.environ.get("L2C_FAULT_KILL_AFTER_CHECKPOINT")
+    if not spec:
+        return
+    at, _, rank = spec.partition(":")
+    if int(at) == step and int(rank or 0) == acc.process_index:
+        os.kill(os.getpid(), signal.SIGKILL)
