@@ -30,10 +30,10 @@ from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
-from l2c_llava.train.sharded import clean_name
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
+from l2c_llava.train.sharded import clean_name
 
 logger = logging.getLogger("l2c_llava.mllm")
 

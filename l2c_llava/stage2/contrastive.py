@@ -18,8 +18,8 @@ from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
-from l2c_llava.train.sharded import unsharded
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
+from l2c_llava.train.sharded import unsharded
 
 
 class ContrastiveRecipe:
