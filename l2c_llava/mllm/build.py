@@ -326,16 +326,19 @@ def save_llava(
     meta: dict | None = None,
     overwrite: bool = False,
     card: str | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Format (a): a transformers folder that ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained`` (lmms-eval's llava_hf) load; checked on load-back. The tower's
     weights are stored under ``vision_tower.vision_model.*`` (the llava-hf layout, which transformers
     4.x needs and 5.x reads), the text config carries ``rope_theta`` / ``rope_scaling`` too, and the
-    LLM's own tokenizer files are kept in ``llm_tokenizer/`` for the exports to other stacks."""
+    LLM's own tokenizer files are kept in ``llm_tokenizer/`` for the exports to other stacks.
+    `state_dict`: the weights to write, where ``model.state_dict()`` cannot give them (FSDP's wrappers:
+    :func:`l2c_llava.train.sharded.state_dict`)."""
     source = tokenizer_source(processor.tokenizer)
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         llava_vision_keys_for_4x(tmp)  # else transformers 4.x loads it with a random tower
         config = json.loads((tmp / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")

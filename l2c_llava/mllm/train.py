@@ -28,12 +28,14 @@ from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
 from l2c_llava.quantization import quantize_linears_4bit_
+from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 from l2c_llava.train.sharded import clean_name
+from l2c_llava.train.sharded import state_dict as sharded_state_dict
 
 logger = logging.getLogger("l2c_llava.mllm")
 
@@ -174,7 +176,7 @@ class MllmRecipe:
 
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
         names = {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+        return {k: v.detach().cpu().contiguous() for k, v in sharded_state_dict(model).items() if k in names}
 
     # -- data --------------------------------------------------------------------------------------
 
@@ -227,7 +229,8 @@ class MllmRecipe:
             )
         accum = t.global_batch_size // (t.per_device_batch_size * world)
         rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
-        model, processor = self.build()
+        with sharded.whole_models(acc):  # ZeRO-3: built whole and partitioned by the engine (no meta build
+            model, processor = self.build()  # under zero.Init)
         ds = self.build_data(processor, model, rows)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
@@ -327,9 +330,13 @@ class MllmRecipe:
             "seconds_this_session": round(seconds, 1),
             "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None,
         }
-        if acc.is_main_process:
-            self.save_model(acc.unwrap_model(wrapped), processor, stats)
-            write_train_stats(self.run_dir, stats)
+        stats["launch"] = state.launch
+        unwrapped = acc.unwrap_model(wrapped)
+        # every process: the whole weights on the main one, which builds whole models only (the load-back)
+        with sharded.unsharded(acc, wrapped, unwrapped), sharded.whole_models(acc):
+            if acc.is_main_process:
+                self.save_model(unwrapped, processor, stats)
+                write_train_stats(self.run_dir, stats)
         trackers.finish(acc)
         acc.wait_for_everyone()
         return stats
@@ -396,8 +403,15 @@ class MllmRecipe:
         card = model_card(
             "llava", str(self.run_dir / "model"), self.run_dir, metrics={"train_stats.json": stats or {}}
         )
+        weights = None
+        if sharded.is_fsdp_wrapped(model):  # the plain model's names (LoRA merged above, its layers gone)
+            weights = {
+                k.replace(".base_layer.", "."): v
+                for k, v in sharded.state_dict(model).items()
+                if "lora_" not in k
+            }
         return save_llava(
-            model, processor, self.run_dir / "model", meta, overwrite=True, card=card
+            model, processor, self.run_dir / "model", meta, overwrite=True, card=card, state_dict=weights
         )  # the run's own
 
     def save_projector(self, model) -> Path:
@@ -409,7 +423,11 @@ class MllmRecipe:
 
         tower_trained = not self.cfg.train.freeze_vision_tower
         keep = (PROJECTOR, TOWER) if tower_trained else (PROJECTOR,)
-        kept = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
+        kept = {
+            k: v.detach().cpu().contiguous()
+            for k, v in sharded_state_dict(model).items()
+            if k.startswith(keep)
+        }
         state = {k: v for k, v in kept.items() if k.startswith(PROJECTOR)}
         m = self.cfg.model
         meta = {

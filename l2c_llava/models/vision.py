@@ -26,7 +26,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     Weights are read from safetensors only; a folder holding only ``pytorch_model.bin`` (a pickle,
     which can run code when loaded) needs `allow_pickle`, and is then loaded with ``weights_only=True``.
     A damaged weight file is reported with its name."""
-    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+    from transformers import AutoConfig, CLIPVisionModel
 
     path = resolve_vision_path(str(path))
     folder = Path(path)
@@ -67,11 +67,21 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
         logger.warning(
             "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
         )
-    cls = CLIPModel if cfg.model_type == "clip" else CLIPVisionModel
-    model = cls.from_pretrained(
-        path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors)
-    )
-    return model.vision_model if cfg.model_type == "clip" else model
+    # a CLIPModel folder (OpenAI's layout): its vision side only, as LLaVA loads it; the text tower and
+    # logit_scale are never built (memory; a 0-dim parameter that DeepSpeed's ZeRO-3 cannot partition)
+    from transformers.utils import logging as hf_logging
+
+    quiet = cfg.model_type == "clip"  # its text-side weights are left out on purpose: no load report
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        return CLIPVisionModel.from_pretrained(
+            path, attn_implementation=attn_implementation, use_safetensors=bool(safetensors)
+        )
+    finally:
+        if quiet:
+            hf_logging.set_verbosity(level)
 
 
 def llava_image_processor(size: int, pad: bool = True):

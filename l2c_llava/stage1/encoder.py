@@ -40,6 +40,7 @@ from l2c_llava.models.llm import (
     merge_adapters,
     resolve_dtype,
 )
+from l2c_llava.train.sharded import is_fsdp_wrapped, state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -464,7 +465,7 @@ class TextEncoder(nn.Module):
             model.save_pretrained(out, safe_serialization=True)
             model.config.is_causal = not self.settings.bidirectional
         else:
-            model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+            save_adapter(model, out / ADAPTER_DIR)
         self.tokenizer.save_pretrained(out)
         atomic_write_json(out / LLM2VEC_CONFIG, self.settings.llm2vec_config())
         src = self.source or EncoderSource(base="")
@@ -484,3 +485,27 @@ class TextEncoder(nn.Module):
             },
         )
         return out
+
+
+def save_adapter(model, folder: Path) -> Path:
+    """A peft model's adapter folder (``adapter_config.json``, ``adapter_model.safetensors``), as
+    ``save_pretrained`` writes it; also inside an FSDP launch's
+    :func:`~l2c_llava.train.sharded.unsharded`, where peft finds no adapter weights behind FSDP's
+    wrappers: there the weights are read by their plain names and written in peft's layout."""
+    if not is_fsdp_wrapped(model):
+        model.save_pretrained(folder, safe_serialization=True)
+        return folder
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    weights = {
+        k.replace(f".{name}.", "."): v.detach().cpu().contiguous()
+        for k, v in state_dict(model).items()
+        if "lora_" in k and f".{name}." in k
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.peft_config[name]
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder

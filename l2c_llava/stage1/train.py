@@ -37,8 +37,9 @@ from l2c_llava.models.llm import EncoderSource
 from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
-from l2c_llava.stage1.encoder import TextEncoder, lora_targets
+from l2c_llava.stage1.encoder import TextEncoder, lora_targets, save_adapter
 from l2c_llava.stage1.mntp import run_mntp
+from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
@@ -182,8 +183,13 @@ class Stage1Recipe:
         before_path = self.run_dir / "eval_before.json"
         before = json.loads(before_path.read_text()) if before_path.is_file() else None
         encoder = None
+        # ZeRO-3 / FSDP: the training model is sharded across processes; the main process evaluates a
+        # whole one of its own (before: the base; after: the saved encoder)
+        partitioned = sharded.is_partitioned(acc)
         if before is None and (test is not None or held_out):
-            encoder = self.load_encoder()
+            if not partitioned or acc.is_main_process:
+                with sharded.whole_models(acc):
+                    encoder = self.load_encoder()
             before = {}
             if acc.is_main_process:
                 if cfg.eval.causal_baseline:
@@ -196,6 +202,8 @@ class Stage1Recipe:
                 atomic_write_json(before_path, before)
                 logger.info("before training: %s", before)
             acc.wait_for_everyone()
+            if partitioned:
+                encoder = None  # the training model is built sharded (ZeRO-3) or wrapped (FSDP)
         trackers.log(acc, before or {}, 0, prefix="eval/before/")
 
         extra = []
@@ -217,19 +225,38 @@ class Stage1Recipe:
 
         encoder = acc.unwrap_model(encoder)
         metrics: dict = {"before": before or {}, "train": train_stats}
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
+        parts = [STAGE1_ENCODER] + ([f"{STAGE1_ENCODER}_merged"] if cfg.output.merge_weights else [])
+        evaluate_after = test is not None or bool(held_out)
+        if evaluate_after and not partitioned and acc.is_main_process:
+            metrics["after"] = self.evaluate(encoder, test, held_out, "eval after training")
+        with sharded.unsharded(acc, self._wrapped, encoder):  # every process: whole weights on the main one
+            if acc.is_main_process:
+                from tqdm.auto import tqdm
 
-            if test is not None or held_out:
-                metrics["after"] = self.evaluate(encoder, test, held_out, "eval after training")
+                with tqdm(total=len(parts), desc="saving", unit="folder") as bar:
+                    for part in parts:  # merged last: merging folds the adapter into the model in place
+                        bar.set_postfix_str(part)
+                        merged = part == f"{STAGE1_ENCODER}_merged"
+                        if merged and partitioned:  # merged below, from the saved encoder
+                            continue
+                        out = encoder.save(self.run_dir / part, merged=merged)
+                        logger.info("%s saved to %s", part, out)
+                        bar.update(1)
+        if acc.is_main_process and partitioned:  # the encoder as saved, whole on this process
+            with sharded.whole_models(acc):
+                saved = TextEncoder.from_pretrained(
+                    str(self.run_dir / STAGE1_ENCODER),
+                    torch_dtype=cfg.model.torch_dtype,
+                    attn_implementation=cfg.model.attn_implementation,
+                )
+            if evaluate_after:
+                metrics["after"] = self.evaluate(saved, test, held_out, "eval after training")
+            if cfg.output.merge_weights:
+                out = saved.save(self.run_dir / f"{STAGE1_ENCODER}_merged", merged=True)
+                logger.info("%s saved to %s", f"{STAGE1_ENCODER}_merged", out)
+        if acc.is_main_process:
+            if "after" in metrics:
                 trackers.log(acc, metrics["after"], int(train_stats.get("steps") or 0), prefix="eval/after/")
-            parts = [STAGE1_ENCODER] + ([f"{STAGE1_ENCODER}_merged"] if cfg.output.merge_weights else [])
-            with tqdm(total=len(parts), desc="saving", unit="folder") as bar:
-                for part in parts:  # merged last: merging folds the adapter into the model in place
-                    bar.set_postfix_str(part)
-                    out = encoder.save(self.run_dir / part, merged=part == f"{STAGE1_ENCODER}_merged")
-                    logger.info("%s saved to %s", part, out)
-                    bar.update(1)
             for key in ("cra", "short_to_long_top1", "long_to_short_top1"):
                 if key in metrics.get("after", {}):
                     if "causal" in metrics["before"]:
@@ -293,6 +320,7 @@ class Stage1Recipe:
             lr=t.lr,
             weight_decay=t.weight_decay,
         )
+        self._wrapped = state.wrapped
         if state.start >= total:  # trained already: its saved stats (none if it stopped before writing them)
             return state.finished or {}
         model = state.wrapped
@@ -370,6 +398,7 @@ class Stage1Recipe:
             "final_loss": last_loss,
             "seconds_this_session": round(time.perf_counter() - t0, 1),
             "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1),
+            "launch": state.launch,
         }
         if acc.is_main_process:
             write_train_stats(self.run_dir, stats)
@@ -393,7 +422,7 @@ class Stage1Recipe:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_with(
             acc,
             step,
-            lambda d: adapter.save_pretrained(d / "adapter", safe_serialization=True),
+            lambda d: save_adapter(adapter, d / "adapter"),
             opt,
             sched,
             wrapped=wrapped,
@@ -410,7 +439,13 @@ class Stage1Recipe:
 
         def read(ck: Path) -> None:
             weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-            set_peft_model_state_dict(unwrapped.model, weights)
+            peft_model = unwrapped.model
+            if sharded.is_fsdp_wrapped(peft_model):  # peft finds no layer behind FSDP's wrappers
+                name = peft_model.active_adapter
+                weights = {_with_adapter_name(k, name): v for k, v in weights.items()}
+                sharded.load_state_dict(peft_model, weights)
+            else:
+                set_peft_model_state_dict(peft_model, weights)
 
         state = checkpoints.restore_with(acc, read, opt, sched, wrapped=wrapped, model=unwrapped)
         if state is None:
@@ -422,6 +457,13 @@ class Stage1Recipe:
                 "or run.resume=false to start over"
             )
         return int(state["step"])
+
+
+def _with_adapter_name(key: str, name: str) -> str:
+    """peft's saved name of a LoRA weight ('...q_proj.lora_A.weight') as the model holds it
+    ('...q_proj.lora_A.default.weight')."""
+    head, _, last = key.rpartition(".")
+    return f"{head}.{name}.{last}"
 
 
 def evaluate_encoder(

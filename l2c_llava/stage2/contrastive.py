@@ -19,6 +19,7 @@ from l2c_llava.train.grad_cache import contrastive_accumulate
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
+from l2c_llava.train.sharded import state_dict as sharded_state_dict
 from l2c_llava.train.sharded import unsharded
 
 
@@ -201,7 +202,7 @@ class ContrastiveRecipe:
 
     @staticmethod
     def _state(model) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu().contiguous() for k, v in sharded_state_dict(model).items()}
 
     def save_checkpoint(self, acc, wrapped, model, opt, sched, step: int) -> None:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(

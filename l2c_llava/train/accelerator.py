@@ -268,4 +268,5 @@ def lift_scalar_parameters(model: torch.nn.Module) -> list[str]:
 
         owner._register_state_dict_hook(to_scalar)
         owner._register_load_state_dict_pre_hook(from_scalar)
+    model._l2c_lifted = tuple(lifted)
     return lifted

@@ -150,9 +150,8 @@ class Checkpoints:
         with sharded.unsharded(acc, wrapped, model):
             if acc.is_main_process:
                 write_weights(tmp)
-        optimizer_state = sharded.optimizer_state(acc, wrapped, opt)
-        if sharded.kind(acc) == "deepspeed":
-            sharded.save_engine_state(wrapped, tmp / sharded.ENGINE_DIR)
+        optimizer_state = sharded.save_optimizer_state(acc, wrapped, opt, tmp)
+        extra = {**(extra or {}), "launch": {"kind": sharded.kind(acc), "world_size": acc.num_processes}}
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.save(step, lambda d: None, opt, sched, extra, optimizer_state=optimizer_state, prepared=tmp)
@@ -195,22 +194,10 @@ class Checkpoints:
         if found is None:
             return None
         ck, trainer_state = found
+        sharded.check_optimizer_layout(acc, ck, trainer_state)
         with sharded.unsharded(acc, wrapped, model, writeback=True):
             read_weights(ck)
-        if sharded.kind(acc) == "deepspeed":
-            if not (ck / sharded.ENGINE_DIR).is_dir():
-                raise InputError(
-                    f"{ck} was written without DeepSpeed and holds no DeepSpeed optimizer state; resume it "
-                    "under the launch that wrote it, or set run.resume=false to start over"
-                )
-            sharded.load_engine_state(wrapped, ck / sharded.ENGINE_DIR)
-        elif trainer_state.get("optimizer") is None:
-            raise InputError(
-                f"{ck} was written under DeepSpeed (its optimizer state is in the engine's shards); resume "
-                "it under the same DeepSpeed launch, or set run.resume=false to start over"
-            )
-        else:
-            sharded.load_optimizer_state(acc, wrapped, opt, trainer_state["optimizer"])
+        sharded.load_optimizer_state(acc, wrapped, opt, ck, trainer_state.get("optimizer"))
         return self.restore(ck, None, sched, trainer_state)
 
     def load_state(
@@ -247,7 +234,7 @@ class Checkpoints:
                 f"{ck} was written by a run of another shape: {', '.join(wrong[:3])}. A changed "
                 "text encoder (feature dimension) or model size needs a new run.output_dir"
             )
-        model.load_state_dict(state, strict=False)
+        sharded.load_state_dict(model, state)
 
     def restore(self, ck: Path, opt, sched, state: dict | None = None) -> dict:
         """Load optimizer (unless None), scheduler and RNG states from `ck` (or the `state` already read

@@ -29,6 +29,7 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.layout import TRAIN_LOG, TRAINED_MODEL
 from l2c_llava.quantization import make_adamw
+from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import (
     clip_gradients,
     configure_launch,
@@ -78,6 +79,7 @@ def prepare_training(
     steps and holds ``train_stats.json`` and (unless None) the folder `output`."""
     if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":  # neither takes a 0-dim parameter
         lift_scalar_parameters(model)
+        sharded.remember_state_keys(model)
     opt = make_adamw(groups, train.optimizer, **adamw)
     sched = make_scheduler(opt, train.schedule, total, train.warmup_steps, train.warmup_ratio)
     configure_launch(

@@ -7,9 +7,11 @@ shard of the optimizer state. What the recipes read or write as a whole goes thr
   on the main process (ZeRO-3: gathered on every process; FSDP: on the main one, on the CPU), for the
   checkpoint's weights, the evaluation after training and the exports; every process enters it.
   With ``writeback=True`` what the main process (ZeRO-3: process 0) writes into it is kept: the resume.
-- :func:`optimizer_state` / :func:`load_optimizer_state`: FSDP's full optimizer state (gathered on the
-  main process, loaded on every one); DeepSpeed's is the engine's own per-process files
-  (:func:`save_engine_state` / :func:`load_engine_state`), read back with ``weights_only`` loading.
+- :func:`save_optimizer_state` / :func:`load_optimizer_state`: one process and DDP keep the optimizer
+  state in ``trainer_state.pt``; FSDP and DeepSpeed keep it per process (FSDP: each process's shard,
+  ``optimizer-rankNNNNN.pt``; DeepSpeed: the engine's own files, read back with ``weights_only``
+  loading), so a sharded run resumes on the launch and world size that wrote it
+  (:func:`check_optimizer_layout` says so otherwise).
 """
 
 from __future__ import annotations
@@ -51,6 +53,71 @@ def clean_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+@contextmanager
+def whole_models(acc):
+    """Models built inside are whole on this process: under ZeRO-3 with ``zero3_init_flag``,
+    transformers otherwise builds them partitioned (``deepspeed.zero.Init``), each process holding a
+    shard; a model that one process evaluates alone must be whole."""
+    if zero_stage(acc) != 3:
+        yield
+        return
+    # accelerate's zero3_init_context_manager(enable=False) keeps a stage-3 config registered, which
+    # transformers 5 still builds under zero.Init: the registration itself is set aside
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def remember_state_keys(model: torch.nn.Module) -> None:
+    """Before FSDP wraps `model`: the names its ``state_dict`` has (persistent buffers included), for
+    :func:`state_dict` inside :func:`unsharded`."""
+    model._l2c_state_keys = frozenset(model.state_dict().keys())
+
+
+def is_fsdp_wrapped(model: torch.nn.Module) -> bool:
+    """Some of `model`'s modules are FSDP units."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return any(isinstance(m, FSDP) for m in model.modules())
+
+
+def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``, also inside :func:`unsharded` under FSDP, where the wrappers' own
+    state-dict hooks give nothing of use: there the full tensors are read from the parameters and
+    buffers by their plain names (buffers: the persistent ones :func:`remember_state_keys` saw, where it
+    ran on `model`), 0-dim parameters in their original shape."""
+    if not is_fsdp_wrapped(model):
+        return model.state_dict()
+    keys = getattr(model, "_l2c_state_keys", None)
+    scalars = set(getattr(model, "_l2c_lifted", ()))
+    out = {clean_name(n): t for n, t in model.named_parameters()}
+    for name, t in model.named_buffers():  # persistent ones only, where known
+        if keys is None or clean_name(name) in keys:
+            out[clean_name(name)] = t
+    return {k: t.reshape(()) if k in scalars and t.shape == (1,) else t for k, t in out.items()}
+
+
+@torch.no_grad()
+def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=False)``, also inside :func:`unsharded` under FSDP (written
+    back to the shards when it exits): there each tensor is copied into the parameter or buffer of its
+    plain name. A name the model lacks is an error."""
+    if not is_fsdp_wrapped(model):
+        model.load_state_dict(state, strict=False)
+        return
+    own = {clean_name(n): t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"tensors the model lacks: {unknown[:4]}")
+    for key, value in state.items():
+        own[key].data.copy_(value.reshape(own[key].shape))
 
 
 def _fsdp_root(acc, wrapped):
@@ -117,48 +184,53 @@ def clamp_scale(acc, logit_scale: torch.Tensor, max_scale: float) -> float:
     return math.exp(min(float(local[0]), math.log(max_scale)))
 
 
-def optimizer_state(acc, wrapped, opt) -> dict | None:
-    """Every process calls. The optimizer state the main process writes into ``trainer_state.pt``:
-    plain and DDP its own (every process holds the whole), FSDP the full one gathered on the main
-    process, DeepSpeed None (the engine writes its shards itself: :func:`save_engine_state`)."""
+def optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank:05d}.pt"
+
+
+def save_optimizer_state(acc, wrapped, opt, folder: Path) -> dict | None:
+    """Every process calls, `folder` being the checkpoint being written. Returns the optimizer state the
+    main process keeps in ``trainer_state.pt``: one process and DDP, its own (every process holds the
+    whole). Under FSDP each process writes the state of its own shards (``optimizer-rankNNNNN.pt``,
+    tensors and plain types); under DeepSpeed the engine writes its shards
+    (:func:`save_engine_state`). Both resume on the same number of processes."""
     k = kind(acc)
     if k == "deepspeed":
+        save_engine_state(wrapped, folder / ENGINE_DIR)
         return None
     if k == "fsdp":
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        root = _fsdp_root(acc, wrapped)
-        with FSDP.state_dict_type(
-            root,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        ):
-            return FSDP.optim_state_dict(root, _inner(opt))
+        torch.save(_inner(opt).state_dict(), folder / optimizer_file(acc.process_index))
+        return None
     return opt.state_dict()
 
 
-def load_optimizer_state(acc, wrapped, opt, state: dict | None) -> None:
-    """Every process calls, each with the state read from the checkpoint (DeepSpeed: ignored, see
-    :func:`load_engine_state`)."""
+def check_optimizer_layout(acc, ck: Path, trainer_state: dict) -> None:
+    """A checkpoint resumes under the launch kind and world size that wrote it where its optimizer state
+    is sharded (FSDP, DeepSpeed); a clear refusal otherwise."""
+    from l2c_llava.errors import InputError
+
+    wrote = trainer_state.get("launch") or {"kind": "plain", "world_size": None}
+    now = {"kind": kind(acc), "world_size": acc.num_processes}
+    sharded_state = {wrote["kind"], now["kind"]} != {"plain"}
+    if sharded_state and (wrote["kind"] != now["kind"] or wrote["world_size"] != now["world_size"]):
+        raise InputError(
+            f"{ck} was written by a {wrote['kind']} launch of {wrote['world_size']} process(es) and this is a "
+            f"{now['kind']} launch of {now['world_size']}: its optimizer state is kept per process, so it "
+            "resumes under the launch that wrote it; launch it so, or set run.resume=false to start over"
+        )
+
+
+def load_optimizer_state(acc, wrapped, opt, ck: Path, state: dict | None) -> None:
+    """Every process: the optimizer state back from checkpoint `ck` (`state`: the one in its
+    ``trainer_state.pt``, one process and DDP)."""
     k = kind(acc)
     if k == "deepspeed":
-        return
-    if k == "fsdp":
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        root = _fsdp_root(acc, wrapped)
-        with FSDP.state_dict_type(
-            root,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(rank0_only=False),
-            FullOptimStateDictConfig(rank0_only=False),
-        ):
-            _inner(opt).load_state_dict(FSDP.optim_state_dict_to_load(root, _inner(opt), state))
-        return
-    opt.load_state_dict(state)
+        load_engine_state(wrapped, ck / ENGINE_DIR)
+    elif k == "fsdp":
+        own = torch.load(ck / optimizer_file(acc.process_index), weights_only=True, map_location="cpu")
+        _inner(opt).load_state_dict(own)
+    else:
+        opt.load_state_dict(state)
 
 
 def _inner(opt):
