@@ -79,8 +79,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 else
   log "keeping torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
-log "installing l2c-llava (editable) with the dev, eval, search, demo-test and track extras"
-pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval,search,demo-test,track]"
+log "installing l2c-llava (editable) with the dev, eval, search, demo-test, track and deepspeed extras"
+pip_install -c "$CONSTRAINTS" -e "$ROOT[dev,eval,search,demo-test,track,deepspeed]"
 # the web demo's browser test drives Debian's Chromium (skipped where there is none); best effort
 if ! command -v chromium >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
   log "installing Chromium (apt) for the web demo's browser test"

@@ -4,6 +4,7 @@ a released LLM2CLIP checkpoint folder."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -261,7 +262,8 @@ def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
     opt = torch.optim.AdamW(wrong.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
-        Stage2Recipe(cfg).load_checkpoint(wrong, opt, sched)
+        one_process = SimpleNamespace(num_processes=1, is_main_process=True)
+        Stage2Recipe(cfg).load_checkpoint(one_process, wrong, wrong, opt, sched)
 
 
 def test_queries_are_encoded_in_the_dtype_of_the_training_features(trained, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,8 +40,14 @@ def write_out(out: str | None, obj) -> int:
 
 
 def training(run: Callable[[], Callable]) -> Callable:
-    """The entry of a training command: `run()` gives the recipe's run function (imported when used)."""
-    return lambda args: json_out(run()(args.cfg, source=args.config, overrides=tuple(args.overrides)))
+    """The entry of a training command: `run()` gives the recipe's run function (imported when used).
+    Under a launcher every process runs it and the main one (rank 0) prints the run's summary."""
+
+    def entry(args) -> int:
+        stats = run()(args.cfg, source=args.config, overrides=tuple(args.overrides))
+        return json_out(stats) if int(os.environ.get("RANK", "0") or 0) == 0 else 0
+
+    return entry
 
 
 OVERWRITE = A(

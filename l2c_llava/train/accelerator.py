@@ -52,6 +52,15 @@ def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None
     want = launch_environment()
     launched = want["world_size"] > 1 or want["kind"] is not None
     kwargs: dict = {}
+    if want["kind"] == "FSDP" and not torch.cuda.is_available():
+        flags = ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+        if any(os.environ.get(f, "false").lower() == "true" for f in flags):
+            raise LaunchError(
+                "FSDP on a machine without a GPU: fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading "
+                "need a GPU (accelerate refuses them on the CPU); launch with --fsdp_sync_module_states false "
+                "--fsdp_cpu_ram_efficient_loading false (the shipped yamls keep them on for GPUs). Nothing "
+                "was written"
+            )
     if not torch.cuda.is_available():
         if want["kind"] == "DEEPSPEED":  # DeepSpeed joins its processes itself, over gloo here
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -81,12 +90,6 @@ def _engage_cpu_fsdp(acc) -> None:
     if acc.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()
-    if plugin.sync_module_states or plugin.cpu_ram_efficient_loading:
-        raise LaunchError(
-            "FSDP on a machine without a GPU: fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading "
-            "need a GPU (accelerate refuses them on the CPU); launch with --fsdp_sync_module_states false "
-            "--fsdp_cpu_ram_efficient_loading false (the shipped yamls keep them on for GPUs)"
-        )
     if acc.mixed_precision != "no":
         plugin.set_mixed_precision(acc.mixed_precision)
     # both states: accelerate copies the process state into the accelerator state each time it is built

@@ -35,6 +35,10 @@ def kind(acc) -> str:
     return "fsdp" if getattr(getattr(acc, "distributed_type", None), "name", None) == "FSDP" else "plain"
 
 
+def world_size(acc) -> int:
+    return int(getattr(acc, "num_processes", 1))
+
+
 def zero_stage(acc) -> int:
     plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
@@ -210,7 +214,7 @@ def check_optimizer_layout(acc, ck: Path, trainer_state: dict) -> None:
     from l2c_llava.errors import InputError
 
     wrote = trainer_state.get("launch") or {"kind": "plain", "world_size": None}
-    now = {"kind": kind(acc), "world_size": acc.num_processes}
+    now = {"kind": kind(acc), "world_size": world_size(acc)}
     sharded_state = {wrote["kind"], now["kind"]} != {"plain"}
     if sharded_state and (wrote["kind"] != now["kind"] or wrote["world_size"] != now["world_size"]):
         raise InputError(
