@@ -129,7 +129,9 @@ def world(tmp_path_factory, synth_dir):
     clip = CLIPModel(
         CLIPConfig(
             vision_config=vision.config.to_dict(),
-            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            text_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+            ),
             projection_dim=16,
         )
     )
@@ -192,17 +194,21 @@ train: {{batch_size: {per_device}, max_steps: 3, log_every: 1, save_every: 2, mi
     return cfg
 
 
-def mllm_config(world: Path, data: Path, out: Path, stage: str, tune: str, per_device: int, tower="vision") -> Path:
+def mllm_config(
+    world: Path, data: Path, out: Path, stage: str, tune: str, per_device: int, tower="vision"
+) -> Path:
+    """Plain shuffled order (the modality-grouped one depends on the number of processes); no LoRA
+    dropout (each process draws its own masks)."""
     cfg = out.with_suffix(".yaml")
     src, template = ("pretrain", "plain") if stage == "pretrain" else ("instruct", "vicuna_v1")
     cfg.write_text(f"""recipe: mllm
 run: {{output_dir: {out}, seed: 3}}
 model: {{vision_tower: {world}/{tower}, llm: {{name_or_path: {world}/llama, torch_dtype: float32}}}}
 data: {{path: {data}/llava/{src}.json, image_root: {data}/images, template: {template}, max_length: 120,
-        num_workers: 0}}
+        num_workers: 0, group_by_modality_length: false}}
 train: {{stage: {stage}, tune: {tune}, lr: 1.0e-3, global_batch_size: 4, per_device_batch_size: {per_device},
          max_steps: 3, mixed_precision: "no", gradient_checkpointing: false, save_every: 1, log_every: 1,
-         warmup_ratio: 0.0}}
+         warmup_ratio: 0.0, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
 """)
     return cfg
 
@@ -224,11 +230,13 @@ def one_process(world, synth_dir):
         elif name == "clip":
             launch(None, ["clip", "pretrain", "--config", str(clip_config(synth_dir, out, 8))])
         elif name == "pretrain":
-            cfg = mllm_config(world, synth_dir, out, "pretrain", "projector", 4)
+            # micro-batches of 2, accumulated twice: each micro-batch's loss is its own token mean, as
+            # each process's is under a launch
+            cfg = mllm_config(world, synth_dir, out, "pretrain", "projector", 2)
             launch(None, ["mllm", "pretrain", "--config", str(cfg)])
         else:  # finetune-full, finetune-lora: from the 1-process pretrain
             tune = name.split("-")[1]
-            cfg = mllm_config(world, synth_dir, out, "finetune", tune, 4)
+            cfg = mllm_config(world, synth_dir, out, "finetune", tune, 2)
             launch(None, ["mllm", "finetune", "--config", str(cfg), f"model.init_from={get('pretrain')}"])
         made[name] = out
         return out
@@ -293,7 +301,10 @@ def test_clip_baseline_launch(world, synth_dir, one_process, tmp_path):
 @pytest.mark.parametrize("yaml", ["mllm/accelerate/deepspeed_zero2.yaml", "mllm/accelerate/fsdp.yaml"])
 def test_mllm_pretrain_launch(yaml, world, synth_dir, one_process, tmp_path):
     out = tmp_path / "run"
-    launch(yaml, ["mllm", "pretrain", "--config", str(mllm_config(world, synth_dir, out, "pretrain", "projector", 2))])
+    launch(
+        yaml,
+        ["mllm", "pretrain", "--config", str(mllm_config(world, synth_dir, out, "pretrain", "projector", 2))],
+    )
     check_launch(out, yaml)
     ref = one_process("pretrain")
     assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)

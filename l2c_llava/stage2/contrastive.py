@@ -20,7 +20,7 @@ from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_train
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 from l2c_llava.train.sharded import state_dict as sharded_state_dict
-from l2c_llava.train.sharded import unsharded
+from l2c_llava.train.sharded import unsharded, whole_models
 
 
 class ContrastiveRecipe:
@@ -70,7 +70,8 @@ class ContrastiveRecipe:
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
         trackers.start(acc, cfg, self.run_dir)
-        model = self.build_model(acc)
+        with whole_models(acc):  # ZeRO-3: built as on one process, partitioned by the engine
+            model = self.build_model(acc)
         per_step = t.batch_size * acc.num_processes * t.grad_accum
         steps_per_epoch = max(1, n // per_step) if n else None
         total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)

@@ -151,7 +151,10 @@ class Checkpoints:
             if acc.is_main_process:
                 write_weights(tmp)
         optimizer_state = sharded.save_optimizer_state(acc, wrapped, opt, tmp)
-        extra = {**(extra or {}), "launch": {"kind": sharded.kind(acc), "world_size": sharded.world_size(acc)}}
+        extra = {
+            **(extra or {}),
+            "launch": {"kind": sharded.kind(acc), "world_size": sharded.world_size(acc)},
+        }
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.save(step, lambda d: None, opt, sched, extra, optimizer_state=optimizer_state, prepared=tmp)
