@@ -18,6 +18,8 @@ from typing import Any
 from l2c_llava.errors import OutputError
 
 OUTPUT_MARKER = ".l2c_output.json"  # written by publish_folder: what kind of output, which files
+# a folder's run lock and the note naming its holder (locks.py): bookkeeping, not content
+LOCK_FILES = (".l2c.lock", ".l2c.lock.json")
 _UMASK: int | None = None
 
 
@@ -34,6 +36,16 @@ def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
     """Give a file made by mkstemp (0600) or a folder made by mkdtemp (0700) the mode an ordinary
     open()/mkdir() would have given it, so teammates can read what the user's umask lets them."""
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
+def follow_umask_tree(folder: str | os.PathLike) -> None:
+    """`folder`, the folders and the files under it with the modes the umask gives: writers such as
+    safetensors' ``save_file`` (and so ``save_pretrained``) create their files 0600."""
+    folder = Path(folder)
+    follow_umask(folder, folder=True)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            follow_umask(p, folder=p.is_dir())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -110,10 +122,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
     """One sha256 over every file under `root` (relative path + content), in sorted order.
 
-    Used as the fingerprint of a data folder: equal digests mean byte-identical trees.
+    Used as the fingerprint of a data folder: equal digests mean byte-identical trees. The folder's
+    run lock (:data:`LOCK_FILES`) is bookkeeping, not content, and is left out.
     """
     root = Path(root)
-    skip = set(exclude)
+    skip = set(exclude) | set(LOCK_FILES)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         rel = p.relative_to(root).as_posix()
@@ -258,30 +271,64 @@ def clean_interrupted(out: str | os.PathLike) -> list[Path]:
         pid = p.name[len(f".{out.name}.l2c-tmp-") :].split("-", 1)[0]
         if not (pid.isdigit() and p.name.startswith(_tmp_prefix(out, int(pid)))):
             continue  # not ours, or another machine's
-        if p.is_dir() and not _pid_alive(int(pid)):
+        if p.is_dir() and not p.is_symlink() and not _pid_alive(int(pid)):
             if p.name.endswith("-old") and not out.exists():  # killed between the two renames
-                p.rename(out)
+                try:
+                    p.rename(out)
+                except OSError:  # another run put it back first
+                    pass
                 continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
+def work_folder(out: str | os.PathLike) -> Path:
+    """A new, empty temporary folder beside `out` to build it in: ``.NAME.l2c-tmp-PID-HOST-RANDOM``, a
+    name no user folder has (hidden, this process's PID and host, a random suffix), created here so
+    it cannot be anyone else's; :func:`clean_interrupted` removes it once its process is gone."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
+    follow_umask(tmp, folder=True)
+    return tmp
+
+
 def move_into_place(
-    built: str | os.PathLike, out: str | os.PathLike, aside: str | os.PathLike | None = None
+    built: str | os.PathLike,
+    out: str | os.PathLike,
+    aside: str | os.PathLike | None = None,
+    carry: Iterable[str] = (),
 ) -> Path:
-    """Put the complete folder `built` (a sibling of `out`) at `out`. A folder already there is renamed
-    to `aside` (default ``OUT.old``) first and removed only once `built` is in place: a kill between the
-    two renames loses nothing (:func:`clean_interrupted` puts a publish's set-aside folder back)."""
+    """Put the complete folder `built` (a sibling of `out`) at `out`, with the modes the umask gives
+    (weights included). A folder already there is renamed to `aside` first and removed only once
+    `built` is in place: a kill between the two renames loses nothing (:func:`clean_interrupted` puts a
+    set-aside folder back). `aside` defaults to a new hidden name (``.NAME.l2c-tmp-PID-HOST-RANDOM-old``);
+    one that exists already is never removed: another new name is used. `carry` names files of the old
+    folder (its run lock) that are hard-linked into `built` first, so the new folder holds the very lock
+    file the caller holds, with no moment at which `out` has none."""
+    import secrets
     import shutil
 
     built, out = Path(built), Path(out)
-    aside = Path(aside) if aside is not None else out.with_name(out.name + ".old")
+    follow_umask_tree(built)
+    if aside is None or Path(aside).exists() or Path(aside).is_symlink():
+        aside = out.parent / f"{_tmp_prefix(out)}{secrets.token_hex(4)}-old"
+    aside = Path(aside)
     if out.exists():
-        shutil.rmtree(aside, ignore_errors=True)
+        for name in carry:
+            if (out / name).is_file() and not (built / name).exists():
+                try:
+                    os.link(out / name, built / name)
+                except OSError:  # no hard links here (some network file systems): the lock moves late
+                    pass
         out.rename(aside)
-        built.rename(out)
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            built.rename(out)
+        except BaseException:
+            aside.rename(out)  # put the previous one back: nothing lost
+            raise
+        shutil.rmtree(aside, ignore_errors=True)  # ours: renamed from `out` just above
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         built.rename(out)
@@ -299,7 +346,8 @@ def publish_folder(
     place: a failed or killed build leaves the previous folder untouched, and the next publish removes
     the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output
     of this `kind`, which is replaced, or a new or empty folder; anything else only with `overwrite`).
-    The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask."""
+    The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask (weights
+    included)."""
     import logging
     import shutil
 
@@ -307,14 +355,12 @@ def publish_folder(
     check_output_folder(out, kind, overwrite, legacy_marker)
     for p in clean_interrupted(out):
         logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
+    tmp = work_folder(out)
     try:
-        follow_umask(tmp, folder=True)
         build(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
-        move_into_place(tmp, out, aside=out.parent / (_tmp_prefix(out) + "old"))
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

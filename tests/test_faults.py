@@ -494,3 +494,105 @@ def test_second_run_in_a_folder_stops_at_once_with_the_holders_pid(tmp_path, cap
     with run_lock(run, "stage-2 run"):  # a dead holder's lock is taken over
         assert json.loads((run / HOLDER_NAME).read_text())["pid"] == os.getpid()
     assert not (run / HOLDER_NAME).exists()
+
+
+# -- data synth: the user's folders, one writer, content checked -----------------------------------
+
+TINY = ["--images", "6", "--seed", "1", "--size", "32", "--workers", "1", "--quiet"]
+
+
+def _synth(out: Path, *extra: str) -> int:
+    return main(["data", "synth", "--out", str(out), *TINY, *extra])
+
+
+def test_synth_keeps_the_users_partial_and_old_folders(tmp_path, capsys):
+    out = tmp_path / "d"
+    for name in ("d.partial", "d.old"):  # the user's own folders, named as the old temporaries were
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text(name)
+    assert _synth(out) == 0
+    assert main(["data", "synth", "--out", str(out), *TINY[:-1], "--images", "7", "--overwrite"]) == 0
+    assert (tmp_path / "d.partial" / "mine.txt").read_text() == "d.partial"
+    assert (tmp_path / "d.old" / "mine.txt").read_text() == "d.old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "d.old", "d.partial"]  # nothing left over
+    assert json.loads((out / "manifest.json").read_text())["options"]["images"] == 7
+
+
+def test_synth_overwrite_replaces_only_its_own_dataset(tmp_path, capsys):
+    mine = tmp_path / "photos"
+    _photos(mine, 2)
+    before = _tree(mine)
+    assert _synth(mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "holds no dataset written by `l2c data synth`" in err and "--overwrite or not" in err
+    assert _tree(mine) == before
+    out = tmp_path / "d"
+    assert _synth(out) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["data", "synth", "--out", str(out), *TINY, "--images", "8", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files it did not write (notes.txt)" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    from l2c_llava.cli.data import COMMANDS as DATA
+
+    over = next(kw for flags, kw in DATA["data synth"].options if flags == ("--overwrite",))
+    assert "a folder of anything else is never replaced" in over["help"]
+
+
+def test_synth_damaged_dataset_is_not_nothing_to_do(tmp_path, capsys, caplog):
+    from l2c_llava.data.synthetic import dataset_problems
+
+    out = tmp_path / "d"
+    assert _synth(out) == 0
+    good = _tree(out)
+    image = next(iter(sorted((out / "images").rglob("*.jpg"))))
+    image.unlink()
+    (out / "llava" / "pretrain.json").write_text("")
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert _synth(out) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert "does not match what its manifest recorded" in caplog.text and "missing" in caplog.text
+    assert _tree(out) == good
+    # one byte changed in place, same size: found by the hashes, generated again
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "1 file(s) changed" in dataset_problems(out, manifest)[0]
+    assert _synth(out) == 0 and _tree(out) == good
+    assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+SLOW_SYNTH = """
+import sys, time
+import l2c_llava.data.synthetic as S
+from l2c_llava.cli import main
+real = S._generate
+def slow(*a, **k):
+    print("building", flush=True)
+    time.sleep(4)
+    return real(*a, **k)
+S._generate = slow
+sys.exit(main(["data", "synth", "--out", sys.argv[1], *sys.argv[2:]]))
+"""
+
+
+def test_two_synth_writers_into_one_folder(tmp_path, capsys):
+    from l2c_llava.data.synthetic import dataset_problems
+
+    out = tmp_path / "d"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SYNTH, str(out), *TINY], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stdout.readline().strip() == "building"
+        assert _synth(out) == 2  # the second writer stops at once
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another data synth: PID {first.pid}" in err
+    finally:
+        assert first.wait(timeout=60) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert dataset_problems(out, manifest) == [] and len(list((out / "images").rglob("*.jpg"))) == 6
+    assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
