@@ -596,3 +596,86 @@ def test_two_synth_writers_into_one_folder(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert dataset_problems(out, manifest) == [] and len(list((out / "images").rglob("*.jpg"))) == 6
     assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+# -- checkpoints verified by content ---------------------------------------------------------------
+
+
+class _Acc:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _checkpointed_model(tmp_path: Path, steps, keep: int = 3, value=None):
+    from l2c_llava.train.checkpoints import Checkpoints
+    from l2c_llava.train.schedule import make_scheduler
+
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = make_scheduler(opt, "constant", 10, 0, None)
+    ck = Checkpoints(tmp_path, keep=keep)
+
+    def own():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    for step in steps:
+        with torch.no_grad():
+            model.weight.fill_(step if value is None else value(step))
+        ck.save_state(_Acc(), step, own, opt, sched)
+    return model, opt, sched, ck, own
+
+
+def _overwrite(f: Path, at: int, data: bytes) -> None:
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.seek(at)
+        fh.write(data)
+    assert f.stat().st_size == size  # in place, same size
+
+
+def test_checkpoint_damaged_in_place_at_its_size_is_not_resumed_from(tmp_path, caplog):
+    model, opt, sched, ck, own = _checkpointed_model(tmp_path, (1, 2))
+    latest = tmp_path / "checkpoints" / "step-0000002"
+    weights = latest / "model.safetensors"
+    _overwrite(weights, weights.stat().st_size - 4096, b"\xff" * 4096)  # NaN bytes over the data
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
+        step = ck.load_state(model, own(), opt, sched)
+    w = model.weight.detach()
+    assert step == 1 and torch.isfinite(w).all() and float(w[0, 0]) == 1.0
+    assert "model.safetensors changed since it was written" in caplog.text
+    assert (tmp_path / "checkpoints" / "damaged-step-0000002").is_dir()
+    # a zeroed stretch of the trainer state is found too
+    ck.save_state(_Acc(), 3, own, opt, sched)
+    state = tmp_path / "checkpoints" / "step-0000003" / "trainer_state.pt"
+    _overwrite(state, state.stat().st_size // 2, b"\0" * 64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
+        assert ck.load_state(model, own(), opt, sched) == 1
+    assert "trainer_state.pt changed since it was written" in caplog.text
+
+
+def test_rotation_keeps_the_last_checkpoint_with_finite_weights(tmp_path, caplog):
+    from l2c_llava.train.checkpoints import CHECKPOINT_SUMS
+
+    with caplog.at_level(logging.ERROR, logger="l2c_llava.train.checkpoints"):
+        model, opt, sched, ck, own = _checkpointed_model(
+            tmp_path, (1, 2, 3, 4), keep=2, value=lambda s: 1.0 if s < 3 else float("nan")
+        )
+    assert [p.name for p in ck.all()] == ["step-0000002", "step-0000003", "step-0000004"]
+    assert "holds non-finite weights" in caplog.text
+    record = json.loads((tmp_path / "checkpoints" / "step-0000002" / CHECKPOINT_SUMS).read_text())
+    assert record["finite"] and set(record["files"]) == {"model.safetensors", "trainer_state.pt"}
+    assert ck.load_state(model, own(), opt, sched) == 2 and torch.isfinite(model.weight.detach()).all()
+
+
+def test_checkpoint_without_hashes_is_still_accepted(tmp_path, caplog):
+    from l2c_llava.train.checkpoints import CHECKPOINT_SUMS
+
+    model, opt, sched, ck, own = _checkpointed_model(tmp_path, (1, 2))
+    for p in (tmp_path / "checkpoints").glob("step-*"):
+        (p / CHECKPOINT_SUMS).unlink()  # as an older version wrote them
+    with caplog.at_level(logging.INFO, logger="l2c_llava.train.checkpoints"):
+        assert ck.load_state(model, own(), opt, sched) == 2
+    assert f"has no {CHECKPOINT_SUMS}" in caplog.text
