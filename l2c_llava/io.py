@@ -119,6 +119,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file `path` is not whole (None: it is): no readable header, or a size other
+    than the one its header implies (a copy cut short, a disk that filled up). Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= 100_000_000:
+                return "no safetensors header"
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+        size = os.path.getsize(path)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "its safetensors header cannot be read"
+    if size != 8 + n + end:
+        return f"{size} bytes, its header describes {8 + n + end} (cut short or damaged)"
+    return None
+
+
 def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
     """One sha256 over every file under `root` (relative path + content), in sorted order.
 

@@ -679,3 +679,72 @@ def test_checkpoint_without_hashes_is_still_accepted(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="l2c_llava.train.checkpoints"):
         assert ck.load_state(model, own(), opt, sched) == 2
     assert f"has no {CHECKPOINT_SUMS}" in caplog.text
+
+
+# -- the pipeline checks a step's outputs before skipping it ---------------------------------------
+
+
+def test_pipeline_reruns_a_step_whose_exported_weights_were_cut_short(tmp_path):
+    from safetensors.torch import save_file
+
+    from l2c_llava.pipeline import load_pipeline
+
+    quick = str(ROOT / "pipeline" / "configs" / "quick.yaml")
+    out = tmp_path / "p"
+    pipe = load_pipeline(quick, [f"run.output_dir={out}"])
+    weights = pipe.run_folder.export("vision") / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(256, 256)}, str(weights))
+    data = out / "data"
+    assert _synth(data) == 0
+    steps = {}
+    for s in pipe.steps:
+        s.done_marker.parent.mkdir(parents=True, exist_ok=True)
+        if s.done_marker.suffix == ".safetensors":  # stage 2's model
+            save_file({"w": torch.zeros(2)}, str(s.done_marker))
+        elif not s.done_marker.exists():
+            s.done_marker.touch()
+        steps[s.name] = {"fingerprint": s.fingerprint, "status": "done", "outputs": pipe.record_outputs(s)}
+    assert steps["export"]["outputs"] == {
+        "export/vision/model.safetensors": {
+            "bytes": weights.stat().st_size,
+            "sha256": l2c_io.sha256_file(weights),
+        }
+    }
+    l2c_io.atomic_write_json(out / "pipeline" / "state.json", {"steps": steps})
+
+    def plan() -> dict[str, str]:
+        return load_pipeline(quick, [f"run.output_dir={out}"]).run(dry_run=True, echo=lambda *_: None)
+
+    assert set(plan().values()) == {"skip"}
+    full = weights.read_bytes()
+    weights.write_bytes(full[: len(full) // 2])  # truncated
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    decided = again.run(dry_run=True, echo=lambda *_: None)
+    assert decided["export"] == "resume" and {d for s, d in decided.items() if s != "export"} == {"skip"}
+    assert "cut short" in again.damaged["export"] or "bytes" in again.damaged["export"]
+    # same size, one byte changed: the recorded sha256 finds it
+    weights.write_bytes(full[:-1] + bytes([full[-1] ^ 1]))
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    assert again.run(dry_run=True, echo=lambda *_: None)["export"] == "resume"
+    assert "sha256 differs" in again.damaged["export"]
+    # the step runs again and its new weights are recorded; a step that leaves a file cut short fails
+    export = next(s for s in again.steps if s.name == "export")
+    export.func = lambda: weights.write_bytes(full)
+    lines = []
+    ran = again._run_plan(
+        [(export, "resume")], json.loads((out / "pipeline" / "state.json").read_text()), lines.append
+    )
+    assert ran == {"export": "resume"} and any("its outputs changed since it finished" in x for x in lines)
+    assert set(plan().values()) == {"skip"}
+    export.func = lambda: weights.write_bytes(full[:100])
+    with pytest.raises(L2CError, match="finished, but .*model.safetensors: .*cut short or damaged"):
+        again._run_plan(
+            [(export, "resume")], json.loads((out / "pipeline" / "state.json").read_text()), lines.append
+        )
+    # the dataset step: the data's own SHA256SUMS
+    assert plan()["export"] == "resume"  # left unfinished: it runs again next time
+    (data / "llava" / "pretrain.json").write_text("")
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    assert again.run(dry_run=True, echo=lambda *_: None)["data"] == "resume"
+    assert "llava/pretrain.json" in again.damaged["data"] or "bytes" in again.damaged["data"]
