@@ -7,11 +7,14 @@ either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +51,70 @@ def follow_umask_tree(folder: str | os.PathLike) -> None:
             follow_umask(p, folder=p.is_dir())
 
 
+def _failed_write_errno(e: BaseException, path: Path) -> int | None:
+    """The system error behind a failed write that a library reported in its own words: safetensors
+    says "(os error 27)"; torch.save only "unexpected pos", so a full disk or a file past the size limit
+    is recognised by looking at them."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found:
+        return int(found.group(1))
+    if not isinstance(e, RuntimeError):
+        return None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and any(
+            q.is_file() and q.stat().st_size >= limit for q in ([path] if path.is_file() else path.rglob("*"))
+        ):
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        import shutil
+
+        folder = path if path.is_dir() else path.parent
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Writes to `path` (a file or a folder) inside this block that fail for a system reason (a full
+    disk, the file size limit, a read-only file system, no permission) raise an ``OSError`` naming
+    `path`, whatever the writer (safetensors, torch.save, PIL) raised: ``l2c`` prints it as one line.
+    Any other failure is left as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+    except Exception as e:
+        code = _failed_write_errno(e, Path(path))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.fchmod(fd, 0o666 & ~umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -78,9 +133,10 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        with writing(path):
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -379,10 +435,11 @@ def publish_folder(
         logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
     tmp = work_folder(out)
     try:
-        build(tmp)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
-        move_into_place(tmp, out)
+        with writing(out):
+            build(tmp)
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
+            move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -4,6 +4,7 @@ in code; the whole module runs in seconds."""
 
 from __future__ import annotations
 
+import errno as errno_
 import json
 import logging
 import os
@@ -748,3 +749,220 @@ def test_pipeline_reruns_a_step_whose_exported_weights_were_cut_short(tmp_path):
     again = load_pipeline(quick, [f"run.output_dir={out}"])
     assert again.run(dry_run=True, echo=lambda *_: None)["data"] == "resume"
     assert "llava/pretrain.json" in again.damaged["data"] or "bytes" in again.damaged["data"]
+
+
+# -- system errors and damaged files: exit 2 with the file and what to do, never a traceback -------
+
+FULL_DISK = """
+import errno, resource, signal, sys
+from pathlib import Path
+import torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+from l2c_llava.cli import main, os_error_message
+from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.schedule import make_scheduler
+out = Path(sys.argv[1])
+small = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(small.parameters())
+ck = Checkpoints(out / "run", keep=3)
+ck.save(1, lambda d: torch.save({}, d / "w.pt"), opt, make_scheduler(opt, "constant", 10, 0, None))
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+code = main(["data", "synth", "--out", str(out / "d"), "--images", "6", "--size", "64", "--workers", "1", "--quiet"])
+big = torch.nn.Linear(64, 64)
+opt = torch.optim.AdamW(big.parameters())
+try:
+    ck.save_state(type("A", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})(), 2,
+                  lambda: dict(big.state_dict()), opt, make_scheduler(opt, "constant", 10, 0, None))
+except OSError as e:
+    print("checkpoint:", e.errno == errno.EFBIG, os_error_message(e), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_full_disk_ends_in_a_message_and_keeps_what_was_there(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    synth = next(line for line in p.stderr.splitlines() if line.startswith("l2c data synth:"))
+    assert "File too large" in synth and "ulimit -f" in synth and str(tmp_path) in synth
+    assert "checkpoint: True" in p.stderr and ".step-0000002.tmp" in p.stderr  # names the folder written
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001"]  # intact, nothing half-written
+    assert not [p for p in tmp_path.iterdir() if ".l2c-tmp-" in p.name]  # the work folder is removed
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one can write into, root included: a read-only bind mount (EROFS), else an
+    immutable attribute (EPERM)."""
+    import shutil
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "inside").mkdir()
+    if shutil.which("mount"):
+        ok = subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True).returncode == 0
+        if (
+            ok
+            and subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode
+            == 0
+        ):
+            yield ro
+            subprocess.run(["umount", str(ro)], check=True)
+            return
+        if ok:
+            subprocess.run(["umount", str(ro)], check=True)
+    if (
+        shutil.which("chattr")
+        and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    ):
+        yield ro
+        subprocess.run(["chattr", "-i", str(ro)], check=True)
+        return
+    pytest.skip(
+        "no read-only bind mount (mount needs CAP_SYS_ADMIN) and no chattr +i here; root writes anywhere"
+    )
+
+
+def test_read_only_and_not_a_folder_outputs_end_in_a_message(read_only_dir, tmp_path, capsys):
+    for out in (read_only_dir / "d", read_only_dir / "inside" / "d"):
+        assert _synth(out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(out) in err
+        assert any(w in err for w in ("read-only", "not permitted", "no permission")), err
+    f = tmp_path / "file"
+    f.write_text("mine")
+    assert _synth(f / "d") == 2
+    err = capsys.readouterr().err
+    assert "is an existing file" in err and f.read_text() == "mine"
+    # the same, past the CLI's own checks: the system's error, named and explained in one line
+    import l2c_llava.cli as cli
+
+    err_of = {}
+    for code, name in ((errno_.EROFS, "read-only"), (errno_.EBUSY, "busy"), (errno_.ENOSPC, "disk is full")):
+        bad = OSError(code, os.strerror(code), str(read_only_dir / "x.bin"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(
+                cli.COMMANDS,
+                "ls",
+                replace(cli.COMMANDS["ls"], run=lambda args, e=bad: (_ for _ in ()).throw(e)),
+            )
+            assert main(["ls"]) == 2
+        err_of[name] = capsys.readouterr().err
+        assert (
+            f"l2c ls: {read_only_dir / 'x.bin'}: {os.strerror(code)}: " in err_of[name]
+            and name in err_of[name]
+        )
+
+
+def test_damaged_run_config_on_resume_is_named(tmp_path):
+    from l2c_llava.config import load_config
+    from l2c_llava.train.resume import check_resume_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000001" / "trainer_state.pt").write_bytes(b"x")
+    (run / "config.yaml").write_bytes(b"recipe: stage2\n\xff\xfe\x00[[[\n")
+    cfg = load_config(str(ROOT / "stage2/configs/quick.yaml"), [f"run.output_dir={run}"])
+    with pytest.raises(
+        L2CError, match=r"config.yaml, the config this run's checkpoints were written under, is damaged"
+    ):
+        check_resume_config(run, cfg)
+    (run / "config.yaml").write_text("- a list\n- not a mapping\n")
+    with pytest.raises(L2CError, match="run.resume=false"):
+        check_resume_config(run, cfg)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_with_allow_pickle_is_refused_and_not_run(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    tower = _tiny_tower(tmp_path / "tower", safe=False)
+    (tower / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Boom()}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "llava"
+    code = main(
+        [
+            "mllm",
+            "build",
+            "--vision",
+            str(tower),
+            "--llm",
+            "embedded:smollm2-135m-instruct",
+            "--out",
+            str(out),
+            "--allow-pickle",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "pytorch_model.bin cannot be loaded as plain tensors" in err
+        and "Nothing in it was run" in err
+    )
+    assert not (tmp_path / "PWNED").exists() and not out.exists()
+    (tower / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")  # a broken pickle
+    assert (
+        main(["mllm", "build", "--vision", str(tower), "--llm", "x", "--out", str(out), "--allow-pickle"])
+        == 2
+    )
+    assert "cannot be loaded as plain tensors" in capsys.readouterr().err
+
+
+def test_bad_paths_are_named_for_what_they_are(tmp_path, capsys):
+    fifo = tmp_path / "img.jpg"
+    os.mkfifo(fifo)
+    row = {"conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]}
+    f = tmp_path / "llava.json"
+    f.write_text(json.dumps([{"id": "1", "image": 5, **row}, {"id": "2", "image": "img.jpg", **row}]))
+    assert main(["data", "check", str(f), "--format", "llava", "--image-root", str(tmp_path)]) == 2
+    out = "".join(capsys.readouterr())
+    assert "image path 5 is a number, not a string" in out and "image path is empty" not in out
+    assert f"not a regular file (a pipe, socket or device): {fifo}" in out and "image not found" not in out
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("recipe: stage1\n")
+    assert main(["validate", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a YAML file" in err and "a.yaml" in err and "no such file" not in err
+
+
+# -- modes -----------------------------------------------------------------------------------------
+
+
+def test_weights_follow_the_umask(tmp_path):
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o022)
+    try:
+        l2c_io._UMASK = None
+        out = l2c_io.publish_folder(
+            tmp_path / "out",
+            lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors")),
+            "demo",
+        )
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        _, _, _, ck, _ = _checkpointed_model(tmp_path / "run", (1,))
+        step = tmp_path / "run" / "checkpoints" / "step-0000001"
+        assert {p.name: p.stat().st_mode & 0o777 for p in step.iterdir()} == dict.fromkeys(
+            ["model.safetensors", "trainer_state.pt", "checkpoint_sha256.json"], 0o644
+        )
+        assert step.stat().st_mode & 0o777 == 0o755
+        os.umask(0o027)
+        l2c_io._UMASK = None
+        out = l2c_io.publish_folder(
+            tmp_path / "out2",
+            lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors")),
+            "demo",
+        )
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+        l2c_io._UMASK = None

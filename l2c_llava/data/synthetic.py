@@ -55,6 +55,7 @@ from l2c_llava.io import (
     sha256_file,
     tree_digest,
     work_folder,
+    writing,
 )
 from l2c_llava.locks import run_lock
 
@@ -297,9 +298,10 @@ def generate(
             return old | {"skipped": True}
         tmp = work_folder(out)
         try:
-            manifest = _generate(tmp, options, workers, progress)
-            # the old folder (if any) is only removed once the new one is complete
-            move_into_place(tmp, out, carry=LOCK_FILES)
+            with writing(out):  # a full disk, the file size limit: one line naming the folder
+                manifest = _generate(tmp, options, workers, progress)
+                # the old folder (if any) is only removed once the new one is complete
+                move_into_place(tmp, out, carry=LOCK_FILES)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest

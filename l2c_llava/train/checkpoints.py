@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import InputError, L2CError
-from l2c_llava.io import atomic_write_json, clean_interrupted, move_into_place, sha256_file
+from l2c_llava.io import atomic_write_json, clean_interrupted, move_into_place, sha256_file, writing
 from l2c_llava.layout import CHECKPOINTS
 from l2c_llava.train import sharded
 
@@ -192,7 +192,6 @@ class Checkpoints:
         if prepared is None:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        write_weights(tmp)
         state = {
             "step": step,
             "optimizer": opt.state_dict()
@@ -203,8 +202,14 @@ class Checkpoints:
             "python_rng": random.getstate(),
             **(extra or {}),
         }
-        torch.save(state, tmp / "trainer_state.pt")
-        record = write_checkpoint_sums(tmp)
+        try:
+            with writing(tmp):  # a full disk, the file size limit: one line naming the folder
+                write_weights(tmp)
+                torch.save(state, tmp / "trainer_state.pt")
+                record = write_checkpoint_sums(tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back; earlier ones intact
+            raise
         clean_interrupted(final)
         move_into_place(tmp, final)
         if not record["finite"]:
@@ -253,7 +258,8 @@ class Checkpoints:
         acc.wait_for_everyone()
         with sharded.unsharded(acc, wrapped, model):
             if acc.is_main_process:
-                write_weights(tmp)
+                with writing(tmp):  # a full disk: one line naming the folder, not a traceback
+                    write_weights(tmp)
         optimizer_state = sharded.optimizer_state(acc, wrapped, opt)
         if sharded.kind(acc) == "deepspeed":
             sharded.save_engine_state(wrapped, tmp / sharded.ENGINE_DIR)
