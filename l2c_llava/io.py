@@ -280,7 +280,7 @@ def check_output_folder(
             f"{out}: no permission to write in {parent if parent != out else out.parent}; "
             "choose a folder you can write to"
         )
-    if not out.is_dir() or overwrite or not any(out.iterdir()):
+    if not out.is_dir() or overwrite or not [p for p in out.iterdir() if p.name not in LOCK_FILES]:
         return out
     marker = out / OUTPUT_MARKER
     if marker.is_file():
@@ -293,7 +293,7 @@ def check_output_folder(
                 f"{out} holds a {meta.get('kind', 'unknown')!r} output, not a {kind!r} one; choose "
                 "another output folder, or pass --overwrite to replace it"
             )
-        known = set(meta.get("files", [])) | {OUTPUT_MARKER}
+        known = set(meta.get("files", [])) | {OUTPUT_MARKER, *LOCK_FILES}
         extra = sorted(
             str(p.relative_to(out))
             for p in out.rglob("*")
@@ -308,7 +308,7 @@ def check_output_folder(
         return out
     if legacy_marker and (out / legacy_marker).is_file():
         return out
-    shown = sorted(p.name for p in out.iterdir())
+    shown = sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES)
     raise OutputError(
         f"{out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}) and is not a "
         f"previous {kind} output: refusing to replace it. Choose a new or empty output folder, or "
@@ -424,22 +424,50 @@ def publish_folder(
     place: a failed or killed build leaves the previous folder untouched, and the next publish removes
     the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output
     of this `kind`, which is replaced, or a new or empty folder; anything else only with `overwrite`).
+    One writer: the run lock of `out` (``.l2c.lock``, kept in the new folder) is held throughout.
     The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask (weights
     included)."""
     import logging
     import shutil
 
+    from l2c_llava.locks import run_lock  # locks.py builds on this module
+
     out = Path(out)
-    check_output_folder(out, kind, overwrite, legacy_marker)
+    check_output_folder(out, kind, overwrite, legacy_marker)  # before the lock puts a file in it
     for p in clean_interrupted(out):
         logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
-    tmp = work_folder(out)
+    created = not out.exists()
     try:
-        with writing(out):
-            build(tmp)
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
-            move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with run_lock(out, kind):  # one writer: a second publish into `out` stops at once
+            check_output_folder(out, kind, overwrite, legacy_marker)  # as the lock holder sees it
+            tmp = work_folder(out)
+            try:
+                with writing(out):
+                    build(tmp)
+                    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                    atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
+                    move_into_place(tmp, out, carry=LOCK_FILES)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if created:
+            remove_lock_only_folder(out)
+        raise
     return out
+
+
+def remove_lock_only_folder(folder: str | os.PathLike) -> None:
+    """Remove `folder` when it holds nothing but its run lock: what a failed first write into a new
+    folder leaves (the lock created it). Anything else in it, it is kept."""
+    folder = Path(folder)
+    try:
+        if (
+            folder.is_dir()
+            and not folder.is_symlink()
+            and {p.name for p in folder.iterdir()} <= set(LOCK_FILES)
+        ):
+            for name in LOCK_FILES:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # another run took it meanwhile, or it cannot be written: leave it
+        pass

@@ -569,19 +569,19 @@ SLOW_SYNTH = """
 import sys, time
 import l2c_llava.data.synthetic as S
 from l2c_llava.cli import main
-real = S._generate
-def slow(*a, **k):
-    print("building", flush=True)
-    time.sleep(4)
+real = S.render_scene
+def slow(*a, **k):  # the first image takes seconds: a second writer comes while this one builds
+    if not getattr(slow, "done", False):
+        slow.done = True
+        print("building", flush=True)
+        time.sleep(4)
     return real(*a, **k)
-S._generate = slow
+S.render_scene = slow
 sys.exit(main(["data", "synth", "--out", sys.argv[1], *sys.argv[2:]]))
 """
 
 
 def test_two_synth_writers_into_one_folder(tmp_path, capsys):
-    from l2c_llava.data.synthetic import dataset_problems
-
     out = tmp_path / "d"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     first = subprocess.Popen(
@@ -594,6 +594,8 @@ def test_two_synth_writers_into_one_folder(tmp_path, capsys):
         assert f"{out} is in use by another data synth: PID {first.pid}" in err
     finally:
         assert first.wait(timeout=60) == 0
+    from l2c_llava.data.synthetic import dataset_problems
+
     manifest = json.loads((out / "manifest.json").read_text())
     assert dataset_problems(out, manifest) == [] and len(list((out / "images").rglob("*.jpg"))) == 6
     assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
@@ -966,3 +968,21 @@ def test_weights_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
         l2c_io._UMASK = None
+
+
+def test_one_publish_at_a_time_into_an_output_folder(tmp_path):
+    out = tmp_path / "index"
+    seen = []
+
+    def second(tmp):  # another publish into the same folder while this one builds
+        with pytest.raises(RunLockedError, match=f"{out} is in use by another demo: PID {os.getpid()}"):
+            l2c_io.publish_folder(out, lambda t: (t / "b.txt").write_text("b"), "demo")
+        seen.append("refused")
+        (tmp / "a.txt").write_text("a")
+
+    l2c_io.publish_folder(out, second, "demo")
+    assert seen == ["refused"] and (out / "a.txt").read_text() == "a" and not (out / "b.txt").exists()
+    l2c_io.publish_folder(
+        out, lambda t: (t / "c.txt").write_text("c"), "demo"
+    )  # the lock file is no user file
+    assert sorted(p.name for p in out.iterdir()) == [".l2c.lock", ".l2c_output.json", "c.txt"]

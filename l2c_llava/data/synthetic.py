@@ -52,6 +52,7 @@ from l2c_llava.io import (
     atomic_write_text,
     clean_interrupted,
     move_into_place,
+    remove_lock_only_folder,
     sha256_file,
     tree_digest,
     work_folder,
@@ -292,18 +293,24 @@ def generate(
     _own_manifest(out)  # a folder of the user's is refused before anything (a lock file) is put in it
     for p in clean_interrupted(out):
         logger.warning("removed %s, left by an interrupted earlier run", p)
-    with run_lock(out, "data synth"):
-        old = _existing(out, wanted, overwrite)
-        if old is not None:
-            return old | {"skipped": True}
-        tmp = work_folder(out)
-        try:
-            with writing(out):  # a full disk, the file size limit: one line naming the folder
-                manifest = _generate(tmp, options, workers, progress)
-                # the old folder (if any) is only removed once the new one is complete
-                move_into_place(tmp, out, carry=LOCK_FILES)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    created = not out.exists()
+    try:
+        with run_lock(out, "data synth"):
+            old = _existing(out, wanted, overwrite)
+            if old is not None:
+                return old | {"skipped": True}
+            tmp = work_folder(out)
+            try:
+                with writing(out):  # a full disk, the file size limit: one line naming the folder
+                    manifest = _generate(tmp, options, workers, progress)
+                    # the old folder (if any) is only removed once the new one is complete
+                    move_into_place(tmp, out, carry=LOCK_FILES)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if created:  # a failed first run leaves no folder behind
+            remove_lock_only_folder(out)
+        raise
     return manifest
 
 
