@@ -425,8 +425,8 @@ def publish_folder(
     the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output
     of this `kind`, which is replaced, or a new or empty folder; anything else only with `overwrite`).
     One writer: the run lock of `out` (``.l2c.lock``, kept in the new folder) is held throughout.
-    The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask (weights
-    included)."""
+    The folder records its kind, files and their sizes and sha256 in ``.l2c_output.json``
+    (:func:`output_problem` checks them) and follows the user's umask (weights included)."""
     import logging
     import shutil
 
@@ -445,7 +445,10 @@ def publish_folder(
                 with writing(out):
                     build(tmp)
                     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-                    atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
+                    content = {
+                        f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files
+                    }
+                    atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files, "content": content})
                     move_into_place(tmp, out, carry=LOCK_FILES)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -454,6 +457,29 @@ def publish_folder(
             remove_lock_only_folder(out)
         raise
     return out
+
+
+def output_problem(out: str | os.PathLike) -> str | None:
+    """Why the output folder `out` is not what :func:`publish_folder` wrote (None: it is, or it was
+    written before sizes and hashes were recorded): a file missing, of another size (cheap checks
+    first) or with another sha256."""
+    out = Path(out)
+    try:
+        content = json.loads((out / OUTPUT_MARKER).read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its {OUTPUT_MARKER} cannot be read ({type(e).__name__})"
+    if not isinstance(content, dict):
+        return None
+    for rel, want in content.items():
+        f = out / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
+    for rel, want in content.items():
+        if sha256_file(out / rel) != want.get("sha256"):
+            return f"{rel} changed since it was written (sha256 differs)"
+    return None
 
 
 def remove_lock_only_folder(folder: str | os.PathLike) -> None:
