@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the system refused a read or a write (permissions, a read-only or full disk, a file in the way):
     # the user's to fix, not a bug; -v keeps the traceback
     except OSError as e:
+        if e.errno is None:  # raised by code, not by the system: a bug
+            raise
         sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
         logging.getLogger(__name__).debug("the system error, with its traceback", exc_info=True)
         print(f"l2c {' '.join([args.command, *sub])}: {os_error_message(e)}", file=sys.stderr)
