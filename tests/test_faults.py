@@ -626,7 +626,7 @@ def _checkpointed_model(tmp_path: Path, steps, keep: int = 3, value=None):
     for step in steps:
         with torch.no_grad():
             model.weight.fill_(step if value is None else value(step))
-        ck.save_state(_Acc(), step, own, opt, sched)
+        ck.save_state(_Acc(), step, own, opt, sched, wrapped=model, model=model)
     return model, opt, sched, ck, own
 
 
@@ -644,18 +644,18 @@ def test_checkpoint_damaged_in_place_at_its_size_is_not_resumed_from(tmp_path, c
     weights = latest / "model.safetensors"
     _overwrite(weights, weights.stat().st_size - 4096, b"\xff" * 4096)  # NaN bytes over the data
     with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
-        step = ck.load_state(model, own(), opt, sched)
+        step = ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model)
     w = model.weight.detach()
     assert step == 1 and torch.isfinite(w).all() and float(w[0, 0]) == 1.0
     assert "model.safetensors changed since it was written" in caplog.text
     assert (tmp_path / "checkpoints" / "damaged-step-0000002").is_dir()
     # a zeroed stretch of the trainer state is found too
-    ck.save_state(_Acc(), 3, own, opt, sched)
+    ck.save_state(_Acc(), 3, own, opt, sched, wrapped=model, model=model)
     state = tmp_path / "checkpoints" / "step-0000003" / "trainer_state.pt"
     _overwrite(state, state.stat().st_size // 2, b"\0" * 64)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
-        assert ck.load_state(model, own(), opt, sched) == 1
+        assert ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 1
     assert "trainer_state.pt changed since it was written" in caplog.text
 
 
@@ -670,7 +670,10 @@ def test_rotation_keeps_the_last_checkpoint_with_finite_weights(tmp_path, caplog
     assert "holds non-finite weights" in caplog.text
     record = json.loads((tmp_path / "checkpoints" / "step-0000002" / CHECKPOINT_SUMS).read_text())
     assert record["finite"] and set(record["files"]) == {"model.safetensors", "trainer_state.pt"}
-    assert ck.load_state(model, own(), opt, sched) == 2 and torch.isfinite(model.weight.detach()).all()
+    assert (
+        ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 2
+        and torch.isfinite(model.weight.detach()).all()
+    )
 
 
 def test_checkpoint_without_hashes_is_still_accepted(tmp_path, caplog):
@@ -680,7 +683,7 @@ def test_checkpoint_without_hashes_is_still_accepted(tmp_path, caplog):
     for p in (tmp_path / "checkpoints").glob("step-*"):
         (p / CHECKPOINT_SUMS).unlink()  # as an older version wrote them
     with caplog.at_level(logging.INFO, logger="l2c_llava.train.checkpoints"):
-        assert ck.load_state(model, own(), opt, sched) == 2
+        assert ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 2
     assert f"has no {CHECKPOINT_SUMS}" in caplog.text
 
 
@@ -774,7 +777,8 @@ big = torch.nn.Linear(64, 64)
 opt = torch.optim.AdamW(big.parameters())
 try:
     ck.save_state(type("A", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})(), 2,
-                  lambda: dict(big.state_dict()), opt, make_scheduler(opt, "constant", 10, 0, None))
+                  lambda: dict(big.state_dict()), opt, make_scheduler(opt, "constant", 10, 0, None),
+                  wrapped=big, model=big)
 except OSError as e:
     print("checkpoint:", e.errno == errno.EFBIG, os_error_message(e), file=sys.stderr)
 sys.exit(code)

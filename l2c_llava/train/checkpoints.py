@@ -258,8 +258,12 @@ class Checkpoints:
         acc.wait_for_everyone()
         with sharded.unsharded(acc, wrapped, model):
             if acc.is_main_process:
-                with writing(tmp):  # a full disk: one line naming the folder, not a traceback
-                    write_weights(tmp)
+                try:
+                    with writing(tmp):  # a full disk: one line naming the folder, not a traceback
+                        write_weights(tmp)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back
+                    raise
         optimizer_state = sharded.optimizer_state(acc, wrapped, opt)
         if sharded.kind(acc) == "deepspeed":
             sharded.save_engine_state(wrapped, tmp / sharded.ENGINE_DIR)
