@@ -98,6 +98,13 @@ def resolve_config(name_or_path: str | os.PathLike, command: str | None = None) 
             f"config {given!r} names several shipped configs: "
             f"{', '.join(config_name(c, root) for c in found)}; give one of these names"
         )
+    if Path(given).exists():  # a folder, a pipe: there, but not a file to read
+        what = "a folder" if Path(given).is_dir() else "not a regular file"
+        inside = sorted(p.name for p in Path(given).glob("*.yaml")) if Path(given).is_dir() else []
+        raise ConfigNameError(
+            f"config {given!r} is {what}, not a YAML file; give the config file itself"
+            + (f" (it holds {', '.join(inside[:5])})" if inside else "")
+        )
     close = difflib.get_close_matches(stem, list(names) + [n.split("/", 1)[1] for n in names], n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise ConfigNameError(

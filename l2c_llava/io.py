@@ -7,17 +7,22 @@ either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from l2c_llava.errors import OutputError
 
 OUTPUT_MARKER = ".l2c_output.json"  # written by publish_folder: what kind of output, which files
+# a folder's run lock and the note naming its holder (locks.py): bookkeeping, not content
+LOCK_FILES = (".l2c.lock", ".l2c.lock.json")
 _UMASK: int | None = None
 
 
@@ -36,18 +41,80 @@ def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
 
 
+def follow_umask_tree(folder: str | os.PathLike) -> None:
+    """`folder`, the folders and the files under it with the modes the umask gives: writers such as
+    safetensors' ``save_file`` (and so ``save_pretrained``) create their files 0600."""
+    folder = Path(folder)
+    follow_umask(folder, folder=True)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            follow_umask(p, folder=p.is_dir())
+
+
+def _failed_write_errno(e: BaseException, path: Path) -> int | None:
+    """The system error behind a failed write that a library reported in its own words: safetensors
+    says "(os error 27)"; torch.save only "unexpected pos", so a full disk or a file past the size limit
+    is recognised by looking at them."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found:
+        return int(found.group(1))
+    if not isinstance(e, RuntimeError):
+        return None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and any(
+            q.is_file() and q.stat().st_size >= limit for q in ([path] if path.is_file() else path.rglob("*"))
+        ):
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        import shutil
+
+        folder = path if path.is_dir() else path.parent
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Writes to `path` (a file or a folder) inside this block that fail for a system reason (a full
+    disk, the file size limit, a read-only file system, no permission) raise an ``OSError`` naming
+    `path`, whatever the writer (safetensors, torch.save, PIL) raised: ``l2c`` prints it as one line.
+    Any other failure is left as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+    except Exception as e:
+        code = _failed_write_errno(e, Path(path))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.fchmod(fd, 0o666 & ~umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -66,9 +133,10 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        with writing(path):
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -107,13 +175,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file `path` is not whole (None: it is): no readable header, or a size other
+    than the one its header implies (a copy cut short, a disk that filled up). Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= 100_000_000:
+                return "no safetensors header"
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+        size = os.path.getsize(path)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "its safetensors header cannot be read"
+    if size != 8 + n + end:
+        return f"{size} bytes, its header describes {8 + n + end} (cut short or damaged)"
+    return None
+
+
 def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
     """One sha256 over every file under `root` (relative path + content), in sorted order.
 
-    Used as the fingerprint of a data folder: equal digests mean byte-identical trees.
+    Used as the fingerprint of a data folder: equal digests mean byte-identical trees. The folder's
+    run lock (:data:`LOCK_FILES`) is bookkeeping, not content, and is left out.
     """
     root = Path(root)
-    skip = set(exclude)
+    skip = set(exclude) | set(LOCK_FILES)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         rel = p.relative_to(root).as_posix()
@@ -189,7 +280,7 @@ def check_output_folder(
             f"{out}: no permission to write in {parent if parent != out else out.parent}; "
             "choose a folder you can write to"
         )
-    if not out.is_dir() or overwrite or not any(out.iterdir()):
+    if not out.is_dir() or overwrite or not [p for p in out.iterdir() if p.name not in LOCK_FILES]:
         return out
     marker = out / OUTPUT_MARKER
     if marker.is_file():
@@ -202,7 +293,7 @@ def check_output_folder(
                 f"{out} holds a {meta.get('kind', 'unknown')!r} output, not a {kind!r} one; choose "
                 "another output folder, or pass --overwrite to replace it"
             )
-        known = set(meta.get("files", [])) | {OUTPUT_MARKER}
+        known = set(meta.get("files", [])) | {OUTPUT_MARKER, *LOCK_FILES}
         extra = sorted(
             str(p.relative_to(out))
             for p in out.rglob("*")
@@ -217,7 +308,7 @@ def check_output_folder(
         return out
     if legacy_marker and (out / legacy_marker).is_file():
         return out
-    shown = sorted(p.name for p in out.iterdir())
+    shown = sorted(p.name for p in out.iterdir() if p.name not in LOCK_FILES)
     raise OutputError(
         f"{out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}) and is not a "
         f"previous {kind} output: refusing to replace it. Choose a new or empty output folder, or "
@@ -258,30 +349,64 @@ def clean_interrupted(out: str | os.PathLike) -> list[Path]:
         pid = p.name[len(f".{out.name}.l2c-tmp-") :].split("-", 1)[0]
         if not (pid.isdigit() and p.name.startswith(_tmp_prefix(out, int(pid)))):
             continue  # not ours, or another machine's
-        if p.is_dir() and not _pid_alive(int(pid)):
+        if p.is_dir() and not p.is_symlink() and not _pid_alive(int(pid)):
             if p.name.endswith("-old") and not out.exists():  # killed between the two renames
-                p.rename(out)
+                try:
+                    p.rename(out)
+                except OSError:  # another run put it back first
+                    pass
                 continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
+def work_folder(out: str | os.PathLike) -> Path:
+    """A new, empty temporary folder beside `out` to build it in: ``.NAME.l2c-tmp-PID-HOST-RANDOM``, a
+    name no user folder has (hidden, this process's PID and host, a random suffix), created here so
+    it cannot be anyone else's; :func:`clean_interrupted` removes it once its process is gone."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
+    follow_umask(tmp, folder=True)
+    return tmp
+
+
 def move_into_place(
-    built: str | os.PathLike, out: str | os.PathLike, aside: str | os.PathLike | None = None
+    built: str | os.PathLike,
+    out: str | os.PathLike,
+    aside: str | os.PathLike | None = None,
+    carry: Iterable[str] = (),
 ) -> Path:
-    """Put the complete folder `built` (a sibling of `out`) at `out`. A folder already there is renamed
-    to `aside` (default ``OUT.old``) first and removed only once `built` is in place: a kill between the
-    two renames loses nothing (:func:`clean_interrupted` puts a publish's set-aside folder back)."""
+    """Put the complete folder `built` (a sibling of `out`) at `out`, with the modes the umask gives
+    (weights included). A folder already there is renamed to `aside` first and removed only once
+    `built` is in place: a kill between the two renames loses nothing (:func:`clean_interrupted` puts a
+    set-aside folder back). `aside` defaults to a new hidden name (``.NAME.l2c-tmp-PID-HOST-RANDOM-old``);
+    one that exists already is never removed: another new name is used. `carry` names files of the old
+    folder (its run lock) that are hard-linked into `built` first, so the new folder holds the very lock
+    file the caller holds, with no moment at which `out` has none."""
+    import secrets
     import shutil
 
     built, out = Path(built), Path(out)
-    aside = Path(aside) if aside is not None else out.with_name(out.name + ".old")
+    follow_umask_tree(built)
+    if aside is None or Path(aside).exists() or Path(aside).is_symlink():
+        aside = out.parent / f"{_tmp_prefix(out)}{secrets.token_hex(4)}-old"
+    aside = Path(aside)
     if out.exists():
-        shutil.rmtree(aside, ignore_errors=True)
+        for name in carry:
+            if (out / name).is_file() and not (built / name).exists():
+                try:
+                    os.link(out / name, built / name)
+                except OSError:  # no hard links here (some network file systems): the lock moves late
+                    pass
         out.rename(aside)
-        built.rename(out)
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            built.rename(out)
+        except BaseException:
+            aside.rename(out)  # put the previous one back: nothing lost
+            raise
+        shutil.rmtree(aside, ignore_errors=True)  # ours: renamed from `out` just above
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         built.rename(out)
@@ -299,22 +424,76 @@ def publish_folder(
     place: a failed or killed build leaves the previous folder untouched, and the next publish removes
     the killed one's temporary folder. `out` must pass :func:`check_output_folder` (a previous output
     of this `kind`, which is replaced, or a new or empty folder; anything else only with `overwrite`).
-    The folder records its kind and files in ``.l2c_output.json`` and follows the user's umask."""
+    One writer: the run lock of `out` (``.l2c.lock``, kept in the new folder) is held throughout.
+    The folder records its kind, files and their sizes and sha256 in ``.l2c_output.json``
+    (:func:`output_problem` checks them) and follows the user's umask (weights included)."""
     import logging
     import shutil
 
+    from l2c_llava.locks import run_lock  # locks.py builds on this module
+
     out = Path(out)
-    check_output_folder(out, kind, overwrite, legacy_marker)
+    check_output_folder(out, kind, overwrite, legacy_marker)  # before the lock puts a file in it
     for p in clean_interrupted(out):
         logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
+    created = not out.exists()
     try:
-        follow_umask(tmp, folder=True)
-        build(tmp)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files})
-        move_into_place(tmp, out, aside=out.parent / (_tmp_prefix(out) + "old"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with run_lock(out, kind):  # one writer: a second publish into `out` stops at once
+            check_output_folder(out, kind, overwrite, legacy_marker)  # as the lock holder sees it
+            tmp = work_folder(out)
+            try:
+                with writing(out):
+                    build(tmp)
+                    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                    content = {
+                        f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files
+                    }
+                    atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files, "content": content})
+                    move_into_place(tmp, out, carry=LOCK_FILES)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if created:
+            remove_lock_only_folder(out)
+        raise
     return out
+
+
+def output_problem(out: str | os.PathLike) -> str | None:
+    """Why the output folder `out` is not what :func:`publish_folder` wrote (None: it is, or it was
+    written before sizes and hashes were recorded): a file missing, of another size (cheap checks
+    first) or with another sha256."""
+    out = Path(out)
+    try:
+        content = json.loads((out / OUTPUT_MARKER).read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its {OUTPUT_MARKER} cannot be read ({type(e).__name__})"
+    if not isinstance(content, dict):
+        return None
+    for rel, want in content.items():
+        f = out / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
+    for rel, want in content.items():
+        if sha256_file(out / rel) != want.get("sha256"):
+            return f"{rel} changed since it was written (sha256 differs)"
+    return None
+
+
+def remove_lock_only_folder(folder: str | os.PathLike) -> None:
+    """Remove `folder` when it holds nothing but its run lock: what a failed first write into a new
+    folder leaves (the lock created it). Anything else in it, it is kept."""
+    folder = Path(folder)
+    try:
+        if (
+            folder.is_dir()
+            and not folder.is_symlink()
+            and {p.name for p in folder.iterdir()} <= set(LOCK_FILES)
+        ):
+            for name in LOCK_FILES:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # another run took it meanwhile, or it cannot be written: leave it
+        pass

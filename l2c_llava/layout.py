@@ -27,6 +27,7 @@ VQA = {s: f"eval/vqa_{s}.jsonl" for s in ("val", "test")}
 POPE = "eval/pope_test.jsonl"
 SCENES = "scenes.jsonl"  # the ground truth scene graph of each image
 MANIFEST = "manifest.json"
+DATASET_SUMS = "SHA256SUMS"  # `sha256sum -c` list of every file the generator wrote (the manifest aside)
 
 DATASET_FILES = {  # as the manifest records them
     "caption_pairs": CAPTION_PAIRS,

@@ -19,7 +19,10 @@ config names. ``OUTPUT/pipeline/state.json`` records the fingerprint a step ran 
 finished. On the next run a finished step with the same fingerprint is skipped; a step whose
 fingerprint changed has its outputs removed and runs again (and so does everything downstream, whose
 fingerprints include it); a step that was started under the same fingerprint but did not finish (a
-kill, a crash) runs again in place, and the recipe resumes from its last checkpoint.
+kill, a crash) runs again in place, and the recipe resumes from its last checkpoint. When a step
+finishes, the size and sha256 of the weights it wrote (every ``*.safetensors`` of its outputs but its
+checkpoints) are recorded; a finished step is skipped only when they still match (sizes first) and each
+file is whole, else it runs again in place like an unfinished one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.config_names import project_root
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json, dumps_json
+from l2c_llava.io import atomic_write_json, dumps_json, safetensors_problem, sha256_file
 from l2c_llava.locks import run_lock
 from l2c_llava.models.hub import is_hub_id
 from l2c_llava.report import write_report
@@ -125,6 +128,7 @@ class Pipeline:
         self.source, self.overrides = source, overrides or []
         self._resolve_configs()
         self.steps = self._plan()
+        self.damaged: dict[str, str] = {}  # step -> why its recorded outputs no longer match
 
     def _resolve_configs(self) -> None:
         """Step configs are paths from the working folder; the shipped ones also resolve from the checkout."""
@@ -478,8 +482,65 @@ class Pipeline:
         if rec.get("fingerprint") != step.fingerprint:
             return "resume" if rec.get("resume_key") == step.resume_key else "fresh"
         if rec.get("status") == "done" and step.done_marker.exists():
-            return "skip"
+            problem = self.outputs_problem(step, rec)
+            if problem is None:
+                return "skip"
+            self.damaged[step.name] = problem
         return "resume"
+
+    # ------------------------------------------------------------------ outputs
+    def _weights(self, step: Step) -> list[Path]:
+        """The weights a step wrote: every ``*.safetensors`` of its outputs, its checkpoints left out
+        (they are the recipe's resume state, checked by the recipe)."""
+        found = []
+        for out in step.outputs:
+            files = [out] if out.is_file() else sorted(out.rglob("*.safetensors")) if out.is_dir() else []
+            for f in files:
+                parts = f.relative_to(out).parts if f != out else ()
+                if f.suffix == ".safetensors" and L.CHECKPOINTS not in parts[:-1]:
+                    found.append(f)
+        return found
+
+    def _key(self, f: Path) -> str:
+        return str(f.relative_to(self.out)) if f.is_relative_to(self.out) else str(f)
+
+    def record_outputs(self, step: Step) -> dict:
+        """Size and sha256 of each weights file the step wrote (see :meth:`_weights`)."""
+        return {
+            self._key(f): {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in self._weights(step)
+        }
+
+    def outputs_problem(self, step: Step, rec: dict) -> str | None:
+        """Why the finished step's outputs are not what it wrote (None: they are): a recorded weights
+        file missing, of another size or with another sha256, any weights file not whole, or a dataset
+        that no longer matches its SHA256SUMS."""
+        recorded = rec.get("outputs") or {}
+        for key, want in recorded.items():
+            f = Path(key) if Path(key).is_absolute() else self.out / key
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != want.get("bytes"):
+                return f"{f} holds {f.stat().st_size} bytes, {want.get('bytes')} when the step finished"
+        for f in self._weights(step):
+            problem = safetensors_problem(f)
+            if problem:
+                return f"{f}: {problem}"
+        for out in step.outputs:  # a dataset `l2c data synth` wrote: its own SHA256SUMS
+            if (out / L.DATASET_SUMS).is_file() and (out / L.MANIFEST).is_file():
+                from l2c_llava.data.synthetic import dataset_problems
+
+                try:
+                    manifest = json.loads((out / L.MANIFEST).read_text(encoding="utf-8"))
+                    problems = dataset_problems(out, manifest)
+                except (OSError, ValueError) as e:
+                    problems = [f"{L.MANIFEST} cannot be read ({e})"]
+                if problems:
+                    return f"the dataset {out}: {'; '.join(problems)}"
+        for key, want in recorded.items():
+            f = Path(key) if Path(key).is_absolute() else self.out / key
+            if sha256_file(f) != want.get("sha256"):
+                return f"{f} changed since the step finished (sha256 differs)"
+        return None
 
     # ------------------------------------------------------------------ running
     def _run(self, argv: list[str], launch: list[str] | None = None) -> None:
@@ -518,6 +579,10 @@ class Pipeline:
             if decision == "fresh":
                 for p in step.outputs:
                     _remove(p)
+            if step.name in self.damaged:
+                echo(
+                    f"== {head}: its outputs changed since it finished ({self.damaged[step.name]}): running it again"
+                )
             echo(
                 f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
                 f"about {_hms(left)} left"
@@ -541,8 +606,19 @@ class Pipeline:
                 self._run(step.argv, step.launch)
             if not step.done_marker.exists():
                 raise PipelineError(f"step {step.name} finished without writing {step.done_marker}")
+            broken = self.outputs_problem(step, {})
+            if broken:
+                raise PipelineError(
+                    f"step {step.name} finished, but {broken}; remove {', '.join(map(str, step.outputs))} "
+                    "to run the step from scratch"
+                )
             rec = state["steps"][step.name]
-            rec.update(status="done", seconds=rec["seconds"] + time.time() - started, finished=time.time())
+            rec.update(
+                status="done",
+                seconds=rec["seconds"] + time.time() - started,
+                finished=time.time(),
+                outputs=self.record_outputs(step),
+            )
             self._save_state(state)
             ran[step.name] = decision
         echo(

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_save, atomic_write_json, check_output_folder, publish_folder, sha256_file
+from l2c_llava.io import (
+    atomic_save,
+    atomic_write_json,
+    check_output_folder,
+    output_problem,
+    publish_folder,
+    sha256_file,
+)
 from l2c_llava.stage2.evaluate import BaselineCLIP
 from l2c_llava.stage2.llm2clip import LLM2CLIP
 
@@ -244,11 +251,31 @@ class SearchIndex:
             raise SearchError(
                 f"{self.folder}: not a search index (no index.json); make one with l2c search index"
             )
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise SearchError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
-        self.items: list[dict] = json.loads((self.folder / "items.json").read_text())
-        self.vectors = load_file(str(self.folder / "embeddings.safetensors"))["embeddings"]
+        reading = meta_path
+        try:  # files this tool wrote, read back as carefully as the user's own
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+                got = self.meta.get("format") if isinstance(self.meta, dict) else None
+                raise SearchError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+            reading = self.folder / "items.json"
+            self.items: list[dict] = json.loads(reading.read_text(encoding="utf-8"))
+            reading = self.folder / "embeddings.safetensors"
+            self.vectors = load_file(str(reading))["embeddings"]
+        except SearchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - JSON, UTF-8, safetensors, a missing key: the file is damaged
+            raise SearchError(
+                f"{reading} cannot be read ({type(e).__name__}: {str(e)[:160]}); the index is damaged: "
+                "rebuild it (l2c search index ... --overwrite)"
+            ) from None
+        for it in self.items:  # every path stays under the image root, as when it was indexed
+            rel = it.get("path") if isinstance(it, dict) else None
+            parts = Path(rel).parts if isinstance(rel, str) else ()
+            if not parts or Path(rel).is_absolute() or ".." in parts:
+                raise SearchError(
+                    f"{self.folder / 'items.json'}: item {rel!r} is not a path under the image root; the "
+                    "index is damaged or was edited: rebuild it (l2c search index ... --overwrite)"
+                )
         if self.vectors.shape[0] != len(self.items):
             raise SearchError(
                 f"{self.folder}: {self.vectors.shape[0]} embeddings for {len(self.items)} items; "
@@ -332,7 +359,10 @@ def build_index(
             f"--out {out} is the image folder (or holds it); the index needs a folder of its own"
         )
     old_items: dict[str, tuple[dict, torch.Tensor]] = {}
-    if (out / "index.json").is_file():
+    damaged = output_problem(out) if (out / "index.json").is_file() else None
+    if damaged:  # our own index, damaged: embedded again from the images rather than reused
+        logger.warning("%s: %s; indexing every image again", out, damaged)
+    if (out / "index.json").is_file() and not damaged:
         old = SearchIndex(out)
         if old.encoder["digest"] != encoder.digest:
             raise SearchError(

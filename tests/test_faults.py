@@ -4,6 +4,7 @@ in code; the whole module runs in seconds."""
 
 from __future__ import annotations
 
+import errno as errno_
 import json
 import logging
 import os
@@ -494,3 +495,498 @@ def test_second_run_in_a_folder_stops_at_once_with_the_holders_pid(tmp_path, cap
     with run_lock(run, "stage-2 run"):  # a dead holder's lock is taken over
         assert json.loads((run / HOLDER_NAME).read_text())["pid"] == os.getpid()
     assert not (run / HOLDER_NAME).exists()
+
+
+# -- data synth: the user's folders, one writer, content checked -----------------------------------
+
+TINY = ["--images", "6", "--seed", "1", "--size", "32", "--workers", "1", "--quiet"]
+
+
+def _synth(out: Path, *extra: str) -> int:
+    return main(["data", "synth", "--out", str(out), *TINY, *extra])
+
+
+def test_synth_keeps_the_users_partial_and_old_folders(tmp_path, capsys):
+    out = tmp_path / "d"
+    for name in ("d.partial", "d.old"):  # the user's own folders, named as the old temporaries were
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text(name)
+    assert _synth(out) == 0
+    assert main(["data", "synth", "--out", str(out), *TINY[:-1], "--images", "7", "--overwrite"]) == 0
+    assert (tmp_path / "d.partial" / "mine.txt").read_text() == "d.partial"
+    assert (tmp_path / "d.old" / "mine.txt").read_text() == "d.old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "d.old", "d.partial"]  # nothing left over
+    assert json.loads((out / "manifest.json").read_text())["options"]["images"] == 7
+
+
+def test_synth_overwrite_replaces_only_its_own_dataset(tmp_path, capsys):
+    mine = tmp_path / "photos"
+    _photos(mine, 2)
+    before = _tree(mine)
+    assert _synth(mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "holds no dataset written by `l2c data synth`" in err and "--overwrite or not" in err
+    assert _tree(mine) == before
+    out = tmp_path / "d"
+    assert _synth(out) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["data", "synth", "--out", str(out), *TINY, "--images", "8", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files it did not write (notes.txt)" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    from l2c_llava.cli.data import COMMANDS as DATA
+
+    over = next(kw for flags, kw in DATA["data synth"].options if flags == ("--overwrite",))
+    assert "a folder of anything else is never replaced" in over["help"]
+
+
+def test_synth_damaged_dataset_is_not_nothing_to_do(tmp_path, capsys, caplog):
+    from l2c_llava.data.synthetic import dataset_problems
+
+    out = tmp_path / "d"
+    assert _synth(out) == 0
+    good = _tree(out)
+    image = next(iter(sorted((out / "images").rglob("*.jpg"))))
+    image.unlink()
+    (out / "llava" / "pretrain.json").write_text("")
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert _synth(out) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert "does not match what its manifest recorded" in caplog.text and "missing" in caplog.text
+    assert _tree(out) == good
+    # one byte changed in place, same size: found by the hashes, generated again
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "1 file(s) changed" in dataset_problems(out, manifest)[0]
+    assert _synth(out) == 0 and _tree(out) == good
+    assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+SLOW_SYNTH = """
+import sys, time
+import l2c_llava.data.synthetic as S
+from l2c_llava.cli import main
+real = S.render_scene
+def slow(*a, **k):  # the first image takes seconds: a second writer comes while this one builds
+    if not getattr(slow, "done", False):
+        slow.done = True
+        print("building", flush=True)
+        time.sleep(4)
+    return real(*a, **k)
+S.render_scene = slow
+sys.exit(main(["data", "synth", "--out", sys.argv[1], *sys.argv[2:]]))
+"""
+
+
+def test_two_synth_writers_into_one_folder(tmp_path, capsys):
+    out = tmp_path / "d"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SYNTH, str(out), *TINY], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stdout.readline().strip() == "building"
+        assert _synth(out) == 2  # the second writer stops at once
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another data synth: PID {first.pid}" in err
+    finally:
+        assert first.wait(timeout=60) == 0
+    from l2c_llava.data.synthetic import dataset_problems
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert dataset_problems(out, manifest) == [] and len(list((out / "images").rglob("*.jpg"))) == 6
+    assert _synth(out) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+# -- checkpoints verified by content ---------------------------------------------------------------
+
+
+class _Acc:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _checkpointed_model(tmp_path: Path, steps, keep: int = 3, value=None):
+    from l2c_llava.train.checkpoints import Checkpoints
+    from l2c_llava.train.schedule import make_scheduler
+
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = make_scheduler(opt, "constant", 10, 0, None)
+    ck = Checkpoints(tmp_path, keep=keep)
+
+    def own():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    for step in steps:
+        with torch.no_grad():
+            model.weight.fill_(step if value is None else value(step))
+        ck.save_state(_Acc(), step, own, opt, sched, wrapped=model, model=model)
+    return model, opt, sched, ck, own
+
+
+def _overwrite(f: Path, at: int, data: bytes) -> None:
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.seek(at)
+        fh.write(data)
+    assert f.stat().st_size == size  # in place, same size
+
+
+def test_checkpoint_damaged_in_place_at_its_size_is_not_resumed_from(tmp_path, caplog):
+    model, opt, sched, ck, own = _checkpointed_model(tmp_path, (1, 2))
+    latest = tmp_path / "checkpoints" / "step-0000002"
+    weights = latest / "model.safetensors"
+    _overwrite(weights, weights.stat().st_size - 4096, b"\xff" * 4096)  # NaN bytes over the data
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
+        step = ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model)
+    w = model.weight.detach()
+    assert step == 1 and torch.isfinite(w).all() and float(w[0, 0]) == 1.0
+    assert "model.safetensors changed since it was written" in caplog.text
+    assert (tmp_path / "checkpoints" / "damaged-step-0000002").is_dir()
+    # a zeroed stretch of the trainer state is found too
+    ck.save_state(_Acc(), 3, own, opt, sched, wrapped=model, model=model)
+    state = tmp_path / "checkpoints" / "step-0000003" / "trainer_state.pt"
+    _overwrite(state, state.stat().st_size // 2, b"\0" * 64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="l2c_llava.train.checkpoints"):
+        assert ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 1
+    assert "trainer_state.pt changed since it was written" in caplog.text
+
+
+def test_rotation_keeps_the_last_checkpoint_with_finite_weights(tmp_path, caplog):
+    from l2c_llava.train.checkpoints import CHECKPOINT_SUMS
+
+    with caplog.at_level(logging.ERROR, logger="l2c_llava.train.checkpoints"):
+        model, opt, sched, ck, own = _checkpointed_model(
+            tmp_path, (1, 2, 3, 4), keep=2, value=lambda s: 1.0 if s < 3 else float("nan")
+        )
+    assert [p.name for p in ck.all()] == ["step-0000002", "step-0000003", "step-0000004"]
+    assert "holds non-finite weights" in caplog.text
+    record = json.loads((tmp_path / "checkpoints" / "step-0000002" / CHECKPOINT_SUMS).read_text())
+    assert record["finite"] and set(record["files"]) == {"model.safetensors", "trainer_state.pt"}
+    assert (
+        ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 2
+        and torch.isfinite(model.weight.detach()).all()
+    )
+
+
+def test_checkpoint_without_hashes_is_still_accepted(tmp_path, caplog):
+    from l2c_llava.train.checkpoints import CHECKPOINT_SUMS
+
+    model, opt, sched, ck, own = _checkpointed_model(tmp_path, (1, 2))
+    for p in (tmp_path / "checkpoints").glob("step-*"):
+        (p / CHECKPOINT_SUMS).unlink()  # as an older version wrote them
+    with caplog.at_level(logging.INFO, logger="l2c_llava.train.checkpoints"):
+        assert ck.load_state(_Acc(), own, opt, sched, wrapped=model, model=model) == 2
+    assert f"has no {CHECKPOINT_SUMS}" in caplog.text
+
+
+# -- the pipeline checks a step's outputs before skipping it ---------------------------------------
+
+
+def test_pipeline_reruns_a_step_whose_exported_weights_were_cut_short(tmp_path):
+    from safetensors.torch import save_file
+
+    from l2c_llava.pipeline import load_pipeline
+
+    quick = str(ROOT / "pipeline" / "configs" / "quick.yaml")
+    out = tmp_path / "p"
+    pipe = load_pipeline(quick, [f"run.output_dir={out}"])
+    weights = pipe.run_folder.export("vision") / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(256, 256)}, str(weights))
+    data = out / "data"
+    assert _synth(data) == 0
+    steps = {}
+    for s in pipe.steps:
+        s.done_marker.parent.mkdir(parents=True, exist_ok=True)
+        if s.done_marker.suffix == ".safetensors":  # stage 2's model
+            save_file({"w": torch.zeros(2)}, str(s.done_marker))
+        elif not s.done_marker.exists():
+            s.done_marker.touch()
+        steps[s.name] = {"fingerprint": s.fingerprint, "status": "done", "outputs": pipe.record_outputs(s)}
+    assert steps["export"]["outputs"] == {
+        "export/vision/model.safetensors": {
+            "bytes": weights.stat().st_size,
+            "sha256": l2c_io.sha256_file(weights),
+        }
+    }
+    l2c_io.atomic_write_json(out / "pipeline" / "state.json", {"steps": steps})
+
+    def plan() -> dict[str, str]:
+        return load_pipeline(quick, [f"run.output_dir={out}"]).run(dry_run=True, echo=lambda *_: None)
+
+    assert set(plan().values()) == {"skip"}
+    full = weights.read_bytes()
+    weights.write_bytes(full[: len(full) // 2])  # truncated
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    decided = again.run(dry_run=True, echo=lambda *_: None)
+    assert decided["export"] == "resume" and {d for s, d in decided.items() if s != "export"} == {"skip"}
+    assert "cut short" in again.damaged["export"] or "bytes" in again.damaged["export"]
+    # same size, one byte changed: the recorded sha256 finds it
+    weights.write_bytes(full[:-1] + bytes([full[-1] ^ 1]))
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    assert again.run(dry_run=True, echo=lambda *_: None)["export"] == "resume"
+    assert "sha256 differs" in again.damaged["export"]
+    # the step runs again and its new weights are recorded; a step that leaves a file cut short fails
+    export = next(s for s in again.steps if s.name == "export")
+    export.func = lambda: weights.write_bytes(full)
+    lines = []
+    ran = again._run_plan(
+        [(export, "resume")], json.loads((out / "pipeline" / "state.json").read_text()), lines.append
+    )
+    assert ran == {"export": "resume"} and any("its outputs changed since it finished" in x for x in lines)
+    assert set(plan().values()) == {"skip"}
+    export.func = lambda: weights.write_bytes(full[:100])
+    with pytest.raises(L2CError, match="finished, but .*model.safetensors: .*cut short or damaged"):
+        again._run_plan(
+            [(export, "resume")], json.loads((out / "pipeline" / "state.json").read_text()), lines.append
+        )
+    # the dataset step: the data's own SHA256SUMS
+    assert plan()["export"] == "resume"  # left unfinished: it runs again next time
+    (data / "llava" / "pretrain.json").write_text("")
+    again = load_pipeline(quick, [f"run.output_dir={out}"])
+    assert again.run(dry_run=True, echo=lambda *_: None)["data"] == "resume"
+    assert "llava/pretrain.json" in again.damaged["data"] or "bytes" in again.damaged["data"]
+
+
+# -- system errors and damaged files: exit 2 with the file and what to do, never a traceback -------
+
+FULL_DISK = """
+import errno, resource, signal, sys
+from pathlib import Path
+import torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+from l2c_llava.cli import main, os_error_message
+from l2c_llava.train.checkpoints import Checkpoints
+from l2c_llava.train.schedule import make_scheduler
+out = Path(sys.argv[1])
+small = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(small.parameters())
+ck = Checkpoints(out / "run", keep=3)
+ck.save(1, lambda d: torch.save({}, d / "w.pt"), opt, make_scheduler(opt, "constant", 10, 0, None))
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+code = main(["data", "synth", "--out", str(out / "d"), "--images", "6", "--size", "64", "--workers", "1", "--quiet"])
+big = torch.nn.Linear(64, 64)
+opt = torch.optim.AdamW(big.parameters())
+try:
+    ck.save_state(type("A", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})(), 2,
+                  lambda: dict(big.state_dict()), opt, make_scheduler(opt, "constant", 10, 0, None),
+                  wrapped=big, model=big)
+except OSError as e:
+    print("checkpoint:", e.errno == errno.EFBIG, os_error_message(e), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_full_disk_ends_in_a_message_and_keeps_what_was_there(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    synth = next(line for line in p.stderr.splitlines() if line.startswith("l2c data synth:"))
+    assert "File too large" in synth and "ulimit -f" in synth and str(tmp_path) in synth
+    assert "checkpoint: True" in p.stderr and ".step-0000002.tmp" in p.stderr  # names the folder written
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001"]  # intact, nothing half-written
+    assert not [p for p in tmp_path.iterdir() if ".l2c-tmp-" in p.name]  # the work folder is removed
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one can write into, root included: a read-only bind mount (EROFS), else an
+    immutable attribute (EPERM)."""
+    import shutil
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "inside").mkdir()
+    if shutil.which("mount"):
+        ok = subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True).returncode == 0
+        if (
+            ok
+            and subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode
+            == 0
+        ):
+            yield ro
+            subprocess.run(["umount", str(ro)], check=True)
+            return
+        if ok:
+            subprocess.run(["umount", str(ro)], check=True)
+    if (
+        shutil.which("chattr")
+        and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    ):
+        yield ro
+        subprocess.run(["chattr", "-i", str(ro)], check=True)
+        return
+    pytest.skip(
+        "no read-only bind mount (mount needs CAP_SYS_ADMIN) and no chattr +i here; root writes anywhere"
+    )
+
+
+def test_read_only_and_not_a_folder_outputs_end_in_a_message(read_only_dir, tmp_path, capsys):
+    for out in (read_only_dir / "d", read_only_dir / "inside" / "d"):
+        assert _synth(out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(out) in err
+        assert any(w in err for w in ("read-only", "not permitted", "no permission")), err
+    f = tmp_path / "file"
+    f.write_text("mine")
+    assert _synth(f / "d") == 2
+    err = capsys.readouterr().err
+    assert "is an existing file" in err and f.read_text() == "mine"
+    # the same, past the CLI's own checks: the system's error, named and explained in one line
+    import l2c_llava.cli as cli
+
+    err_of = {}
+    for code, name in ((errno_.EROFS, "read-only"), (errno_.EBUSY, "busy"), (errno_.ENOSPC, "disk is full")):
+        bad = OSError(code, os.strerror(code), str(read_only_dir / "x.bin"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(
+                cli.COMMANDS,
+                "ls",
+                replace(cli.COMMANDS["ls"], run=lambda args, e=bad: (_ for _ in ()).throw(e)),
+            )
+            assert main(["ls"]) == 2
+        err_of[name] = capsys.readouterr().err
+        assert (
+            f"l2c ls: {read_only_dir / 'x.bin'}: {os.strerror(code)}: " in err_of[name]
+            and name in err_of[name]
+        )
+
+
+def test_damaged_run_config_on_resume_is_named(tmp_path):
+    from l2c_llava.config import load_config
+    from l2c_llava.train.resume import check_resume_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000001" / "trainer_state.pt").write_bytes(b"x")
+    (run / "config.yaml").write_bytes(b"recipe: stage2\n\xff\xfe\x00[[[\n")
+    cfg = load_config(str(ROOT / "stage2/configs/quick.yaml"), [f"run.output_dir={run}"])
+    with pytest.raises(
+        L2CError, match=r"config.yaml, the config this run's checkpoints were written under, is damaged"
+    ):
+        check_resume_config(run, cfg)
+    (run / "config.yaml").write_text("- a list\n- not a mapping\n")
+    with pytest.raises(L2CError, match="run.resume=false"):
+        check_resume_config(run, cfg)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_with_allow_pickle_is_refused_and_not_run(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    tower = _tiny_tower(tmp_path / "tower", safe=False)
+    (tower / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Boom()}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "llava"
+    code = main(
+        [
+            "mllm",
+            "build",
+            "--vision",
+            str(tower),
+            "--llm",
+            "embedded:smollm2-135m-instruct",
+            "--out",
+            str(out),
+            "--allow-pickle",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "pytorch_model.bin cannot be loaded as plain tensors" in err
+        and "Nothing in it was run" in err
+    )
+    assert not (tmp_path / "PWNED").exists() and not out.exists()
+    (tower / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")  # a broken pickle
+    assert (
+        main(["mllm", "build", "--vision", str(tower), "--llm", "x", "--out", str(out), "--allow-pickle"])
+        == 2
+    )
+    assert "cannot be loaded as plain tensors" in capsys.readouterr().err
+
+
+def test_bad_paths_are_named_for_what_they_are(tmp_path, capsys):
+    fifo = tmp_path / "img.jpg"
+    os.mkfifo(fifo)
+    row = {"conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]}
+    f = tmp_path / "llava.json"
+    f.write_text(json.dumps([{"id": "1", "image": 5, **row}, {"id": "2", "image": "img.jpg", **row}]))
+    assert main(["data", "check", str(f), "--format", "llava", "--image-root", str(tmp_path)]) == 2
+    out = "".join(capsys.readouterr())
+    assert "image path 5 is a number, not a string" in out and "image path is empty" not in out
+    assert f"not a regular file (a pipe, socket or device): {fifo}" in out and "image not found" not in out
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("recipe: stage1\n")
+    assert main(["validate", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a YAML file" in err and "a.yaml" in err and "no such file" not in err
+
+
+# -- modes -----------------------------------------------------------------------------------------
+
+
+def test_weights_follow_the_umask(tmp_path):
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o022)
+    try:
+        l2c_io._UMASK = None
+        out = l2c_io.publish_folder(
+            tmp_path / "out",
+            lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors")),
+            "demo",
+        )
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        _, _, _, ck, _ = _checkpointed_model(tmp_path / "run", (1,))
+        step = tmp_path / "run" / "checkpoints" / "step-0000001"
+        assert {p.name: p.stat().st_mode & 0o777 for p in step.iterdir()} == dict.fromkeys(
+            ["model.safetensors", "trainer_state.pt", "checkpoint_sha256.json"], 0o644
+        )
+        assert step.stat().st_mode & 0o777 == 0o755
+        os.umask(0o027)
+        l2c_io._UMASK = None
+        out = l2c_io.publish_folder(
+            tmp_path / "out2",
+            lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors")),
+            "demo",
+        )
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+        l2c_io._UMASK = None
+
+
+def test_one_publish_at_a_time_into_an_output_folder(tmp_path):
+    out = tmp_path / "index"
+    seen = []
+
+    def second(tmp):  # another publish into the same folder while this one builds
+        with pytest.raises(RunLockedError, match=f"{out} is in use by another demo: PID {os.getpid()}"):
+            l2c_io.publish_folder(out, lambda t: (t / "b.txt").write_text("b"), "demo")
+        seen.append("refused")
+        (tmp / "a.txt").write_text("a")
+
+    l2c_io.publish_folder(out, second, "demo")
+    assert seen == ["refused"] and (out / "a.txt").read_text() == "a" and not (out / "b.txt").exists()
+    l2c_io.publish_folder(
+        out, lambda t: (t / "c.txt").write_text("c"), "demo"
+    )  # the lock file is no user file
+    assert sorted(p.name for p in out.iterdir()) == [".l2c.lock", ".l2c_output.json", "c.txt"]

@@ -40,7 +40,7 @@ def test_an_export_is_pushed_with_its_card_byte_for_byte(hub, tmp_path, capsys):
     repo = hub.repos["me/tiny-vision"]
     local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert ".l2c_output.json" in local  # the toolkit's marker stays local
-    assert repo["files"] == {k: v for k, v in local.items() if k != ".l2c_output.json"}
+    assert repo["files"] == {k: v for k, v in local.items() if k not in (".l2c_output.json", ".l2c.lock")}
     assert b"pipeline_tag: image-feature-extraction" in repo["files"]["README.md"]
     assert hub.validated and "image-feature-extraction" in hub.validated[0]["content"]  # the card's metadata
     assert repo["private"] and url.startswith(hub.url + "/me/tiny-vision/commit/")

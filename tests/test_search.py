@@ -253,3 +253,29 @@ def test_cli_index_and_compare_with_a_contact_sheet(tmp_path, encoders, synth_di
         )
         == 2
     )
+
+
+def test_a_damaged_index_is_rebuilt_not_reused_and_its_paths_stay_under_the_root(
+    tmp_path, encoders, synth_dir
+):
+    root = tmp_path / "imgs"
+    shutil.copytree(synth_dir / "images" / "00000", root)
+    enc = Encoder(encoders / "clip", batch_size=8)
+    idx = tmp_path / "idx"
+    n = build_index(root, enc, idx, progress=False)["embedded"]
+    emb = idx / "embeddings.safetensors"
+    data = bytearray(emb.read_bytes())
+    data[-8:] = b"\xff" * 8  # NaN in place, same size: reused, it would poison every later query
+    emb.write_bytes(bytes(data))
+    s = build_index(root, enc, idx, progress=False)
+    assert (s["embedded"], s["reused"]) == (n, 0)
+    assert torch.isfinite(SearchIndex(idx).vectors).all()
+    assert build_index(root, enc, idx, progress=False)["reused"] == n  # intact: reused again
+    items = json.loads((idx / "items.json").read_text())
+    items[0]["path"] = "../../etc/passwd"
+    (idx / "items.json").write_text(json.dumps(items))
+    with pytest.raises(SearchError, match=r"item '../../etc/passwd' is not a path under the image root"):
+        SearchIndex(idx)
+    (idx / "items.json").write_text("[{not json")
+    with pytest.raises(SearchError, match=r"items.json cannot be read \(JSONDecodeError.*rebuild it"):
+        SearchIndex(idx)

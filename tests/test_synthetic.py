@@ -73,7 +73,7 @@ def test_rerun_skips_and_other_options_are_refused_without_overwrite(tmp_path):
         generate(out, replace(opts, images=7), workers=1, progress=False)
     m = generate(out, replace(opts, images=7), workers=1, progress=False, overwrite=True)
     assert m["stats"]["splits"] == dict(Counter(assign_splits(7, 1, 0.1, 0.1)))
-    assert not (tmp_path / "d.partial").exists() and not (tmp_path / "d.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary or set-aside folder left
 
 
 def test_bad_options_are_refused_with_every_reason():

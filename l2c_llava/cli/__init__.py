@@ -8,17 +8,21 @@ chat); ``command`` says what a command is, ``help`` adds the help the options la
 - One override syntax: every command that reads a config takes bare ``KEY=VALUE`` words and
   ``--set KEY=VALUE`` (``l2c validate`` too); the config is loaded and validated before the entry runs.
 - One error contract: a failure the user can fix is an :class:`~l2c_llava.errors.L2CError`, caught once
-  in :func:`main` and printed with its exit code (2, bad input); anything else is a bug and keeps its
-  traceback.
+  in :func:`main` and printed with its exit code (2, bad input); so is a system error (``OSError``: no
+  permission, a read-only or full disk, a file in the way, a busy file), printed as one line naming the
+  file and what to do (``-v`` adds its traceback); anything else is a bug and keeps its traceback.
 - No stage logic here: what a command does lives in the library or the recipe it names.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from l2c_llava.cli.command import Command
 from l2c_llava.cli.help import document, version
 from l2c_llava.config import load_config
 from l2c_llava.config_names import resolve_config, run_root
-from l2c_llava.errors import InputError, L2CError
+from l2c_llava.errors import EXIT_BAD_INPUT, InputError, L2CError
 from l2c_llava.hub_push import add_push_arguments
 
 FAMILIES = (apps, data, stages, models, mllm)  # the order of `l2c --help`
@@ -138,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # past `ulimit -f` a write fails with EFBIG (a message below) instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         _prepare(args)
         return args.func(args)
@@ -149,3 +156,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `l2c ls | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command cut off by a closed pipe
+    # the system refused a read or a write (permissions, a read-only or full disk, a file in the way):
+    # the user's to fix, not a bug; -v keeps the traceback
+    except OSError as e:
+        if e.errno is None:  # raised by code, not by the system: a bug
+            raise
+        sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
+        logging.getLogger(__name__).debug("the system error, with its traceback", exc_info=True)
+        print(f"l2c {' '.join([args.command, *sub])}: {os_error_message(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+_OS_ADVICE = {
+    errno.EACCES: "no permission; choose a path you can write to (or read), or fix its permissions",
+    errno.EPERM: "the operation is not permitted there (an immutable file, or no permission); choose another path",
+    errno.EROFS: "the file system is read-only; choose an output folder on a writable disk",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder, where a file was expected; give a file's path",
+    errno.ENOENT: "it does not exist; check the path",
+    errno.EEXIST: "it exists already; choose another path",
+    errno.ENOSPC: "the disk is full; free some space or choose another disk, then run the command again "
+    "(a training run resumes from its last checkpoint)",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another disk, then run the command again",
+    errno.EFBIG: "the file grew past the size limit for files (`ulimit -f`) or the file system's; raise the "
+    "limit or choose another disk, then run the command again",
+    errno.EBUSY: "it is busy (in use by another program, or a mount point); wait for it, or choose another path",
+    errno.ETXTBSY: "it is busy (in use by another program); wait for it, or choose another path",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.ELOOP: "the path holds a loop of symbolic links; fix the links or give another path",
+    errno.EMFILE: "too many open files; raise `ulimit -n`, or use fewer data workers",
+    errno.EIO: "an input/output error of the disk; check the disk, then run the command again",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a system error: the file(s) it names, what the system said, and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    advice = _OS_ADVICE.get(e.errno, "check the path and the disk, then run the command again")
+    return f"{where + ': ' if where else ''}{what}: {advice}"

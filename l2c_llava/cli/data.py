@@ -24,7 +24,10 @@ def _cmd_synth(args) -> int:
     )
     m = generate(args.out, opts, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     if m.get("skipped"):
-        print(f"{args.out}: already holds this dataset (same options and generator version); nothing to do")
+        print(
+            f"{args.out}: already holds this dataset (same options and generator version, every file as "
+            "written); nothing to do"
+        )
     else:
         print(
             f"wrote {args.images} images and their captions, questions and splits to {args.out} in {m['seconds']} s"
@@ -95,7 +98,12 @@ COMMANDS: dict[str, Command] = {
             A("--max-objects", type=int, default=5, help="most object groups per image (2..9)"),
             A("--jpeg-quality", type=int, default=90),
             A("--workers", type=int, default=None, help="drawing processes (default: cores, at most 4)"),
-            A("--overwrite", action="store_true", help="replace a dataset made with other options"),
+            A(
+                "--overwrite",
+                action="store_true",
+                help="replace a dataset `l2c data synth` made with other options (a folder holding its "
+                "manifest.json and nothing else); a folder of anything else is never replaced",
+            ),
             A("--quiet", action="store_true", help="no progress bar"),
         ],
     ),

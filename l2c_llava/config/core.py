@@ -115,12 +115,41 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def read_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping; syntax errors and duplicate keys become a ConfigError with the line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            [
+                Problem(
+                    str(path),
+                    "",
+                    MISSING,
+                    "is a folder, not a YAML file; give the config file (.yaml) itself",
+                )
+            ],
+            path,
+        )
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            [Problem(str(path), "", MISSING, "is not a regular file (a pipe or a device); give a YAML file")],
+            path,
+        )
     if not path.is_file():
         raise ConfigError(
             [Problem(str(path), "", MISSING, "file not found; `l2c ls` lists the shipped configs")], path
         )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (strict safe loader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [
+                Problem(
+                    str(path),
+                    "",
+                    MISSING,
+                    f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                )
+            ],
+            path,
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -96,7 +96,13 @@ class Loaded(Generic[T]):
 def resolve_under(root: str | os.PathLike, relpath: str) -> Path:
     """Join `relpath` to `root`, refusing absolute paths and anything (``..``, symlinks) that lands
     outside `root`. Raises ValueError with the reason."""
-    if not isinstance(relpath, str) or not relpath.strip():
+    if not isinstance(relpath, str):
+        kind = {int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object"}
+        raise ValueError(
+            f"image path {relpath!r} is {kind.get(type(relpath), type(relpath).__name__)}, not a string; "
+            "write the image's path relative to the image root, in quotes"
+        )
+    if not relpath.strip():
         raise ValueError("image path is empty")
     if relpath.startswith(("/", "\\")) or os.path.isabs(relpath) or (len(relpath) > 1 and relpath[1] == ":"):
         raise ValueError(f"image path {relpath!r} is absolute; paths must be relative to the image root")
@@ -114,6 +120,10 @@ def check_image(path: Path | bytes, level: ImageCheck) -> str | None:
         return None
     in_memory = isinstance(path, bytes)
     if not in_memory and not path.is_file():
+        if path.is_dir():
+            return f"image path is a folder, not an image file: {path}"
+        if path.exists():
+            return f"image path is not a regular file (a pipe, socket or device): {path}"
         return f"image not found: {path}"
     if in_memory and not path:
         return "image member is empty"

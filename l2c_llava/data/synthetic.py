@@ -12,17 +12,24 @@
       eval/vqa_{val,test}.jsonl             short-answer VQA (color, count, shape, position, existence)
       eval/pope_test.jsonl                  POPE-style yes/no, categories random / popular / adversarial
       scenes.jsonl                          ground truth scene graph per image
+      SHA256SUMS                            size-checked, `sha256sum -c` list of every file above
       manifest.json                         options, counts, statistics, content digest
 
 Same options, same bytes: every random choice comes from a generator seeded by (seed, image index).
-The folder is built under DIR.partial and renamed into place when complete.
+One writer per folder (the run lock, ``DIR/.l2c.lock``); the folder is built in a hidden sibling
+(``.DIR.l2c-tmp-PID-HOST-*``) and renamed into place when complete. A rerun with the same options does
+nothing only when every file still matches SHA256SUMS (count and bytes first, then hashes); a damaged
+dataset is generated again. Nothing the generator did not write is ever removed: a folder without its
+manifest, or holding other files, is refused, ``overwrite`` or not.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import statistics
 import time
@@ -38,7 +45,22 @@ from l2c_llava.data import captions as C
 from l2c_llava.data.scenes import COLOURS, SHAPES, Background, Group, Scene, render_scene, sample_scene
 from l2c_llava.embedded import clip_tokenizer
 from l2c_llava.errors import InputError, OutputExistsError
-from l2c_llava.io import atomic_write_json, atomic_write_jsonl, move_into_place, tree_digest
+from l2c_llava.io import (
+    LOCK_FILES,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    clean_interrupted,
+    move_into_place,
+    remove_lock_only_folder,
+    sha256_file,
+    tree_digest,
+    work_folder,
+    writing,
+)
+from l2c_llava.locks import run_lock
+
+logger = logging.getLogger(__name__)
 
 GENERATOR = "l2c-llava synthetic scenes"
 GENERATOR_VERSION = 2  # 2: caption pairs carry the five COCO-like "alternatives"
@@ -129,6 +151,128 @@ def _karpathy_tokens(text: str) -> list[str]:
     return [w for w in "".join(ch if ch.isalnum() or ch in " -" else " " for ch in text.lower()).split() if w]
 
 
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (relative path: size), the run lock left out."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() not in LOCK_FILES
+    }
+
+
+def write_sums(folder: Path) -> dict:
+    """``SHA256SUMS`` of every file in `folder` (``sha256sum -c`` reads it); returns what the manifest
+    records of it: file count, total bytes and the list's own hash."""
+    files = {k: v for k, v in _files(folder).items() if k not in (L.MANIFEST, L.DATASET_SUMS)}
+    text = "".join(f"{sha256_file(folder / rel)}  {rel}\n" for rel in sorted(files))
+    atomic_write_text(folder / L.DATASET_SUMS, text)
+    return {
+        "files": len(files),
+        "bytes": sum(files.values()),
+        "sums_sha256": sha256_file(folder / L.DATASET_SUMS),
+    }
+
+
+_LEGACY_IMAGE = re.compile(r"images/\d{5}/\d{9}\.jpg")
+
+
+def _written_by_us(manifest: dict, folder: Path) -> set[str]:
+    """The files the generator wrote into `folder`: those its SHA256SUMS lists, and the names of the
+    layout (a dataset made before SHA256SUMS existed, or one whose list is damaged)."""
+    known = {L.MANIFEST, L.DATASET_SUMS}
+    for v in L.DATASET_FILES.values():
+        known |= set(v.values()) if isinstance(v, dict) else {v}
+    known |= {rel for rel in _files(folder) if _LEGACY_IMAGE.fullmatch(rel)}
+    if "content" in manifest:
+        try:
+            listed = (folder / L.DATASET_SUMS).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            listed = []
+        known |= {line.split("  ", 1)[1] for line in listed if "  " in line}
+    return known
+
+
+def dataset_problems(folder: str | os.PathLike, manifest: dict) -> list[str]:
+    """What differs between `folder` and what its manifest recorded when it was written ([] when
+    nothing): missing files and changed sizes first (cheap), then every file's sha256."""
+    folder = Path(folder)
+    now = {k: v for k, v in _files(folder).items() if k != L.MANIFEST}
+    content = manifest.get("content")
+    if content is None:  # an older dataset: its one digest over every file
+        if manifest.get("content_sha256") != tree_digest(folder, exclude=[L.MANIFEST]):
+            return ["its content differs from the content_sha256 its manifest recorded"]
+        return []
+    sums = folder / L.DATASET_SUMS
+    if not sums.is_file() or sha256_file(sums) != content.get("sums_sha256"):
+        return [f"{L.DATASET_SUMS} is missing or changed"]
+    listed = {}
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, rel = line.partition("  ")
+        listed[rel] = digest
+    missing = sorted(set(listed) - set(now))
+    if missing:
+        return [
+            f"{len(missing)} file(s) missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        ]
+    size = sum(now[rel] for rel in listed)
+    if size != content.get("bytes"):
+        return [f"its files hold {size} bytes, {content.get('bytes')} when written"]
+    changed = sorted(rel for rel, digest in listed.items() if sha256_file(folder / rel) != digest)
+    if changed:
+        return [
+            f"{len(changed)} file(s) changed: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+        ]
+    return []
+
+
+def _own_manifest(out: Path) -> dict | None:
+    """The manifest of the dataset at `out`; None when `out` is missing or empty. Refuses a folder that
+    holds anything the generator did not write (cheap: names only)."""
+    present = sorted(_files(out)) if out.is_dir() else []
+    if not present:
+        return None
+    try:
+        old = json.loads((out / L.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("generator") != GENERATOR:
+        raise OutputExistsError(
+            f"{out} is not empty ({', '.join(present[:5])}{' ...' if len(present) > 5 else ''}) and holds no "
+            f"dataset written by `l2c data synth` (no readable {L.MANIFEST} of it): refusing to replace it, "
+            "--overwrite or not. Choose a new or empty --out"
+        )
+    extra = sorted(set(present) - _written_by_us(old, out))
+    if extra:
+        raise OutputExistsError(
+            f"{out} is a dataset written by `l2c data synth`, but holds files it did not write "
+            f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}): replacing it would lose them, "
+            "--overwrite or not. Move them away, or choose another --out"
+        )
+    return old
+
+
+def _existing(out: Path, wanted: dict, overwrite: bool) -> dict | None:
+    """The manifest of the identical, intact dataset already at `out` (nothing to do); None when one
+    is to be generated there. Refuses a folder that holds anything the generator did not write."""
+    old = _own_manifest(out)
+    if old is None:
+        return None
+    if {k: old.get(k) for k in wanted} != wanted:
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out} holds a dataset made with other options ({old.get('options')}); pass --overwrite to "
+                "replace it (it replaces only a dataset `l2c data synth` wrote), or choose another --out"
+            )
+        return None
+    problems = dataset_problems(out, old)
+    if problems:
+        logger.warning(
+            "%s does not match what its manifest recorded (%s): generating it again", out, "; ".join(problems)
+        )
+        return None
+    return old
+
+
 def generate(
     out_dir: str | os.PathLike,
     options: SynthOptions = SynthOptions(),
@@ -137,33 +281,43 @@ def generate(
     progress: bool = True,
 ) -> dict:
     """Generate the dataset into `out_dir`; returns the manifest. Skips work if an identical dataset
-    (same options, same generator version) is already there; refuses to replace a different one
-    unless `overwrite`."""
+    (same options, same generator version) is already there and every file matches what was written;
+    regenerates a damaged one; replaces one made with other options only when `overwrite`; never
+    replaces a folder holding anything the generator did not write. One writer per folder: a second
+    one stops at once (:class:`~l2c_llava.locks.RunLockedError`)."""
     options.validate()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is an existing file, not a folder; choose another --out")
     wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
-    manifest_path = out / L.MANIFEST
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if {k: old.get(k) for k in wanted} == wanted:
-            return old | {"skipped": True}
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} holds a dataset made with other options ({old.get('options')}); "
-                f"pass --overwrite to replace it, or choose another --out"
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out} exists, is not empty and is not a synthetic dataset; choose another --out"
-        )
+    _own_manifest(out)  # a folder of the user's is refused before anything (a lock file) is put in it
+    for p in clean_interrupted(out):
+        logger.warning("removed %s, left by an interrupted earlier run", p)
+    created = not out.exists()
+    try:
+        with run_lock(out, "data synth"):
+            old = _existing(out, wanted, overwrite)
+            if old is not None:
+                return old | {"skipped": True}
+            tmp = work_folder(out)
+            try:
+                with writing(out):  # a full disk, the file size limit: one line naming the folder
+                    manifest = _generate(tmp, options, workers, progress)
+                    # the old folder (if any) is only removed once the new one is complete
+                    move_into_place(tmp, out, carry=LOCK_FILES)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if created:  # a failed first run leaves no folder behind
+            remove_lock_only_folder(out)
+        raise
+    return manifest
 
+
+def _generate(partial: Path, options: SynthOptions, workers: int | None, progress: bool) -> dict:
+    """Write the dataset into the empty folder `partial`; returns its manifest."""
+    wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
     t0 = time.perf_counter()
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
     (partial / L.IMAGES).mkdir(parents=True)
 
     n = options.images
@@ -387,13 +541,13 @@ def generate(
     except FileNotFoundError as e:  # the CLIP vocabulary package is missing: say so, generate anyway
         stats["dense_clip_tokens"] = f"not measured: {e}"
 
+    content = write_sums(partial)
     manifest = wanted | {
         "image_root": L.IMAGES,
         "files": L.DATASET_FILES,
         "stats": stats,
+        "content": content,
         "content_sha256": tree_digest(partial),
     }
     atomic_write_json(partial / L.MANIFEST, manifest)
-
-    move_into_place(partial, out)  # the old folder (if any) is only removed once the new one is complete
     return manifest | {"seconds": round(time.perf_counter() - t0, 2)}

@@ -67,6 +67,17 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
         logger.warning(
             "vision tower %s: loading %s (pickle, --allow-pickle) with weights_only=True", path, pickles[0]
         )
+        import torch
+
+        for name in pickles:  # tensors and plain containers only: anything else is refused, never run
+            try:
+                torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError (code or other objects), a damaged file
+                raise VisionTowerError(
+                    f"vision tower {path}: {name} cannot be loaded as plain tensors ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); it holds code or other objects, or is damaged. Nothing "
+                    "in it was run. Use safetensors weights from a source you trust"
+                ) from None
     # a CLIPModel folder (OpenAI's layout): its vision side only, as LLaVA loads it; the text tower and
     # logit_scale are never built (memory; a 0-dim parameter that DeepSpeed's ZeRO-3 cannot partition)
     from transformers.utils import logging as hf_logging

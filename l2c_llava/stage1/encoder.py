@@ -31,7 +31,7 @@ from torch import nn
 
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import InputError
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_write_json, follow_umask
 from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.llm import (
     EncoderLoadError,
@@ -467,6 +467,8 @@ class TextEncoder(nn.Module):
         else:
             save_adapter(model, out / ADAPTER_DIR)
         self.tokenizer.save_pretrained(out)
+        for f in out.rglob("*.safetensors"):  # save_pretrained writes them 0600
+            follow_umask(f)
         atomic_write_json(out / LLM2VEC_CONFIG, self.settings.llm2vec_config())
         src = self.source or EncoderSource(base="")
         base_adapters = [a for a in src.adapters if Path(a).resolve() != (out / ADAPTER_DIR).resolve()]

@@ -17,7 +17,7 @@ from l2c_llava import trackers
 from l2c_llava.config import Stage1Config
 from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
-from l2c_llava.io import move_into_place
+from l2c_llava.io import move_into_place, work_folder
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
 from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
@@ -132,11 +132,13 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
             logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
             trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
     if acc.is_main_process:
-        tmp = out.with_name("mntp.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
-        (tmp / ".complete").write_text(f"{total} steps\n")
-        move_into_place(tmp, out)
+        tmp = work_folder(out)  # a hidden, new folder: never a user's "mntp.tmp"
+        try:
+            acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
+            (tmp / ".complete").write_text(f"{total} steps\n")
+            move_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     del lm, base, peft_base, head
     return out

@@ -4,8 +4,12 @@ A checkpoint is a folder ``run_dir/checkpoints/step-NNNNNNN/`` with the recipe's
 the recipe: an adapter, or the trainable state as safetensors) and ``trainer_state.pt`` (optimizer,
 scheduler, RNG states, step; tensors and plain types only, loaded with ``weights_only=True``). It is
 built as ``.step-NNNNNNN.tmp`` and renamed, so a kill leaves the previous checkpoint intact; only the
-last ``keep`` are kept. A damaged latest one is set aside as ``damaged-step-NNNNNNN`` and the run
-resumes from the previous one.
+last ``keep`` are kept. Each holds ``checkpoint_sha256.json``: the size and sha256 of every file in it
+(any file: per-rank optimizer shards too) and whether its weights were all finite, written with it and
+checked before a resume. A damaged latest one (a file changed, cut short or missing, weights with NaN)
+is set aside as ``damaged-step-NNNNNNN`` and the run resumes from the previous one; the rotation never
+removes the newest checkpoint with finite weights. Checkpoints written before the hashes existed are
+still accepted when every file reads back and the weights are finite.
 """
 
 from __future__ import annotations
@@ -19,11 +23,93 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import InputError, L2CError
-from l2c_llava.io import move_into_place
+from l2c_llava.io import atomic_write_json, clean_interrupted, move_into_place, sha256_file, writing
 from l2c_llava.layout import CHECKPOINTS
 from l2c_llava.train import sharded
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUMS = "checkpoint_sha256.json"  # {"files": {path: {"bytes", "sha256"}}, "finite": bool}
+
+
+def nonfinite_tensors(folder: Path) -> list[str]:
+    """The tensors of the safetensors files under `folder` holding NaN or infinity ("file:name"); every
+    byte of their data is read, so a file cut short fails here too."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{f.relative_to(folder)}:{k}")
+    return bad
+
+
+def write_checkpoint_sums(folder: Path) -> dict:
+    """Record the size and sha256 of every file in `folder` (subfolders too) and whether its weights
+    are finite, in ``CHECKPOINT_SUMS``; returns the record."""
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKPOINT_SUMS
+    }
+    bad = nonfinite_tensors(folder)
+    record = {"files": files, "finite": not bad, "nonfinite": bad[:20]}
+    atomic_write_json(folder / CHECKPOINT_SUMS, record)
+    return record
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint `folder` must not be resumed from (None: it is intact): a file missing or of
+    another size (cheap checks first), a sha256 that differs from what was recorded when it was
+    written, or non-finite weights."""
+    import json
+
+    try:
+        record = json.loads((folder / CHECKPOINT_SUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _legacy_problem(folder)
+    except (OSError, ValueError) as e:
+        return f"{CHECKPOINT_SUMS} cannot be read ({type(e).__name__}: {e})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{CHECKPOINT_SUMS} lists no files"
+    for rel, want in files.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
+    for rel, want in files.items():
+        if sha256_file(folder / rel) != want.get("sha256"):
+            return f"{rel} changed since it was written (sha256 differs)"
+    if not record.get("finite", True):
+        return f"its weights are not finite (NaN or infinity in {', '.join(record.get('nonfinite', [])[:3])})"
+    return None
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    """A checkpoint written before the hashes existed: every weight read back and finite."""
+    logger.info(
+        "%s has no %s (written by an older version): checking that it reads back", folder, CHECKPOINT_SUMS
+    )
+    bad = nonfinite_tensors(folder)
+    if bad:
+        return f"its weights are not finite (NaN or infinity in {', '.join(bad[:3])})"
+    return None
+
+
+def _recorded_finite(ck: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((ck / CHECKPOINT_SUMS).read_text(encoding="utf-8")).get("finite", True))
+    except FileNotFoundError:
+        return True  # written before the record existed: it was resumable then
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Checkpoints:
@@ -43,19 +129,17 @@ class Checkpoints:
         return found[-1] if found else None
 
     def latest_intact(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint whose files all read back, with its trainer state; None when there is
-        none. A damaged one (a disk filled up, a copy cut short) is set aside as ``damaged-step-N`` (kept,
+        """The newest checkpoint whose files all match the sizes and hashes recorded when it was written
+        (:data:`CHECKPOINT_SUMS`) and whose weights are finite, with its trainer state; None when there is
+        none. A damaged one (a disk filled up, a copy cut short, bytes changed in place) is set aside as ``damaged-step-N`` (kept,
         not deleted, and out of the rotation) and the previous one is used, with a warning that says so."""
-        from safetensors import safe_open
-
         found = self.all()
         damaged = []
         for ck in reversed(found):
             try:
-                for f in sorted(ck.rglob("*.safetensors")):
-                    with safe_open(str(f), framework="pt") as st:
-                        for k in st.keys():
-                            st.get_slice(k)
+                problem = checkpoint_problem(ck)
+                if problem:
+                    raise ValueError(problem)
                 state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
                 if not isinstance(state, dict) or "step" not in state:
                     raise ValueError("trainer_state.pt holds no step")
@@ -108,7 +192,6 @@ class Checkpoints:
         if prepared is None:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        write_weights(tmp)
         state = {
             "step": step,
             "optimizer": opt.state_dict()
@@ -119,12 +202,38 @@ class Checkpoints:
             "python_rng": random.getstate(),
             **(extra or {}),
         }
-        torch.save(state, tmp / "trainer_state.pt")
-        move_into_place(tmp, final, aside=self.root / f".step-{step:07d}.old")
-        for old in self.all()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            with writing(tmp):  # a full disk, the file size limit: one line naming the folder
+                write_weights(tmp)
+                torch.save(state, tmp / "trainer_state.pt")
+                record = write_checkpoint_sums(tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back; earlier ones intact
+            raise
+        clean_interrupted(final)
+        move_into_place(tmp, final)
+        if not record["finite"]:
+            logger.error(
+                "checkpoint %s holds non-finite weights (%s): a resume will not use it, and the newest "
+                "checkpoint with finite weights is kept",
+                final,
+                ", ".join(record["nonfinite"][:3]),
+            )
+        self._rotate()
         logger.info("checkpoint %s", final)
         return final
+
+    def _rotate(self) -> None:
+        """Keep the last ``keep`` checkpoints, and never remove the newest one whose weights were
+        finite when written (a run that went NaN keeps its last usable state)."""
+        found = self.all()
+        keep = set(found[-self.keep :]) if self.keep > 0 else set()
+        good = [ck for ck in found if _recorded_finite(ck)]
+        if good:
+            keep.add(good[-1])
+        for old in found:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def save_with(
         self,
@@ -149,7 +258,12 @@ class Checkpoints:
         acc.wait_for_everyone()
         with sharded.unsharded(acc, wrapped, model):
             if acc.is_main_process:
-                write_weights(tmp)
+                try:
+                    with writing(tmp):  # a full disk: one line naming the folder, not a traceback
+                        write_weights(tmp)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back
+                    raise
         optimizer_state = sharded.save_optimizer_state(acc, wrapped, opt, tmp)
         extra = {
             **(extra or {}),

@@ -122,7 +122,17 @@ def saved_config(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         return None
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = e
+    if not isinstance(data, dict):
+        reason = f"{type(data).__name__}: {str(data).splitlines()[0][:160] if str(data) else ''}"
+        raise InputError(
+            f"{path}, the config this run's checkpoints were written under, is damaged ({reason}). Restore "
+            "it, or set run.resume=false to start the run over, or use a new run.output_dir"
+        )
+    return data
 
 
 def check_resume(run_dir: str | Path, cfg: BaseModel, has_checkpoints: bool) -> None:
