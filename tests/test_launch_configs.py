@@ -1,7 +1,7 @@
 """Every shipped accelerate launch config, turned into the plugin accelerate builds from it (through
 accelerate's own launcher code), with the values the training config sets: micro batch, accumulation,
-clipping, precision, ZeRO stage / FSDP sharding. DeepSpeed itself is not installed on the CPU
-machines: the engine is not started here, the config it would be given is checked."""
+clipping, precision, ZeRO stage / FSDP sharding: the config each engine would be given is checked here (the launches themselves run in
+test_launches.py)."""
 
 from __future__ import annotations
 
@@ -134,20 +134,49 @@ def test_clip_gradients_uses_the_config_value_without_deepspeed():
 
 @pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
-    reason="deepspeed is not installed (the gpu extra); the config mapping is tested above",
+    reason="deepspeed is not installed (the deepspeed extra); the config mapping is tested above",
 )
-def test_deepspeed_accelerator_prepares_without_a_dataloader(monkeypatch):  # pragma: no cover - GPU machines
-    import torch
-    from accelerate import Accelerator
+def test_deepspeed_accelerator_prepares_without_a_dataloader():
+    """The engine starts from the training config's values, no DataLoader prepared: one process of a
+    launch (gloo on the CPU, DS_ACCELERATOR=cpu), in a child so that accelerate's state stays its own."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    from l2c_llava.train.accelerator import configure_launch
+    from .test_distributed_training import _port
 
     env, _ = launch_env(ROOT / "stage2/accelerate/deepspeed_zero2.yaml")
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    acc = Accelerator()
-    model = torch.nn.Linear(4, 4)
-    opt = torch.optim.AdamW(model.parameters())
-    configure_launch(acc, micro_batch=8, accum=2, grad_clip=5.0)
-    acc.prepare(model, opt)
-    assert acc.deepspeed_config["gradient_clipping"] == 5.0
+    env = {
+        **os.environ,
+        **env,
+        "DS_ACCELERATOR": "cpu",
+        "LOCAL_RANK": "0",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_port()),
+    }
+    script = """
+import json, torch
+from l2c_llava.train.accelerator import configure_launch, make_accelerator
+acc = make_accelerator("no", 0)
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(model.parameters())
+configure_launch(acc, micro_batch=8, accum=2, grad_clip=5.0)
+acc.prepare(model, opt)
+ds = acc.state.deepspeed_plugin.deepspeed_config
+print(json.dumps({k: ds[k] for k in ("gradient_clipping", "train_micro_batch_size_per_gpu",
+      "gradient_accumulation_steps", "train_batch_size")} | {"type": acc.distributed_type.name}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "gradient_clipping": 5.0,
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "type": "DEEPSPEED",
+    }

@@ -21,8 +21,9 @@ from l2c_llava.io import move_into_place, work_folder
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
 from l2c_llava.quantization import make_adamw, prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
-from l2c_llava.stage1.encoder import lora_targets
-from l2c_llava.train.accelerator import configure_launch
+from l2c_llava.stage1.encoder import lora_targets, save_adapter
+from l2c_llava.train import sharded
+from l2c_llava.train.accelerator import LaunchError, configure_launch
 
 logger = logging.getLogger("l2c_llava.stage1")
 
@@ -71,6 +72,12 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
     if (out / ".complete").is_file():
         logger.info("MNTP already done: %s", out)
         return out
+    if sharded.zero_stage(acc) == 3:
+        raise LaunchError(
+            "MNTP under ZeRO-3: its LM head runs outside the DeepSpeed engine, which ZeRO-3 cannot "
+            "partition. Run MNTP under a ZeRO-2 or DDP launch (stage1/accelerate/deepspeed_zero2.yaml), or "
+            "name a trained MNTP adapter in model.adapters and set mntp.enabled=false"
+        )
     if cfg.mntp.text:
         texts = texts + [
             t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
@@ -131,14 +138,16 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
         if step % cfg.train.log_every == 0:
             logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
             trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
-    if acc.is_main_process:
-        tmp = work_folder(out)  # a hidden, new folder: never a user's "mntp.tmp"
-        try:
-            acc.unwrap_model(peft_base).save_pretrained(tmp, safe_serialization=True)
-            (tmp / ".complete").write_text(f"{total} steps\n")
-            move_into_place(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = acc.unwrap_model(peft_base)
+    with sharded.unsharded(acc, peft_base, unwrapped):  # every process: FSDP's whole weights on the main one
+        if acc.is_main_process:
+            tmp = work_folder(out)  # a hidden, new folder: never a user's "mntp.tmp"
+            try:
+                save_adapter(unwrapped, tmp)
+                (tmp / ".complete").write_text(f"{total} steps\n")
+                move_into_place(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     del lm, base, peft_base, head
     return out
