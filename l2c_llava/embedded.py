@@ -171,9 +171,6 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     file three times (config, tokenizer, weights: ~35 s for SmolLM2 on 2 cores); the folder loads in
     about a second. The cache key is the file's path, size and modification time."""
     import hashlib
-    import tempfile
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = (Path(folder) / gguf_file).resolve()
     st = src.stat()
@@ -181,6 +178,22 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     out = cache_dir() / "gguf" / f"{src.stem}-{key}"
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (the processes of a launch all ask at once): the others wait, then read
+    # the finished folder instead of swapping their own copy in while the first one loads it
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if (out / "config.json").is_file() and (out / ".complete").is_file():
+            return out
+        return _convert_gguf(src, out)
+
+
+def _convert_gguf(src: Path, out: Path) -> Path:
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -197,8 +210,13 @@ def materialize_gguf(folder: str | Path, gguf_file: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     follow_umask(tmp, folder=True)  # mkdtemp's 0700 would hide the converted model from other users
+    # transformers writes nothing on a process of rank > 0 where torch.distributed is up; whichever
+    # process of a launch converts first writes the whole folder
+    plain.should_save_on_this_rank = lambda is_main_process: True
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
+        raise RuntimeError(f"converting {src}: the converted folder {tmp} holds no config or weights")
     (tmp / ".complete").write_text(str(src) + "\n")
     move_into_place(tmp, out, aside=tmp.with_name(tmp.name + ".old"))
     return out

@@ -29,7 +29,7 @@ from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_save, atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import TextFeatureCache
@@ -242,7 +242,8 @@ class Stage2Recipe(ContrastiveRecipe):
 
         out = self.run_dir / L.TRAINED_MODEL
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self._state(model), str(out / L.STAGE2_WEIGHTS))
+        state = self._state(model)
+        atomic_save(out / L.STAGE2_WEIGHTS, lambda tmp: save_file(state, str(tmp)))  # whole or absent
         atomic_write_json(
             out / "llm2clip_config.json",
             {
