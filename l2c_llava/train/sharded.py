@@ -4,9 +4,11 @@ Under FSDP and ZeRO-3 each process holds a shard of every parameter; under ZeRO-
 shard of the optimizer state. What the recipes read or write as a whole goes through here:
 
 - :func:`unsharded`: a context in which the recipe's own (unwrapped) model holds its full parameters
-  on the main process (ZeRO-3: gathered on every process; FSDP: on the main one, on the CPU), for the
-  checkpoint's weights, the evaluation after training and the exports; every process enters it.
-  With ``writeback=True`` what the main process (ZeRO-3: process 0) writes into it is kept: the resume.
+  on the main process (ZeRO-3: gathered on every process; FSDP: on GPUs on the main one only, offloaded
+  to the CPU, on a CPU machine on every process), for the checkpoint's weights and the final save;
+  every process enters it. Nothing runs the model's forward inside it (a model evaluated by one process
+  is built whole: :func:`whole_models`). With ``writeback=True`` what is written into the parameters
+  there is kept (ZeRO-3: process 0's values): the resume.
 - :func:`save_optimizer_state` / :func:`load_optimizer_state`: one process and DDP keep the optimizer
   state in ``trainer_state.pt``; FSDP and DeepSpeed keep it per process (FSDP: each process's shard,
   ``optimizer-rankNNNNN.pt``; DeepSpeed: the engine's own files, read back with ``weights_only``
@@ -17,7 +19,7 @@ shard of the optimizer state. What the recipes read or write as a whole goes thr
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,8 +163,7 @@ def unsharded(acc, wrapped, model, *, writeback: bool = False):
         with ctx:
             yield model
     else:
-        with nullcontext():
-            yield model
+        yield model
 
 
 @torch.no_grad()
