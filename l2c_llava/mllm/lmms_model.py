@@ -248,8 +248,9 @@ class L2CLlava(lmms):
         results = []
         for row, mask in zip(ids, inputs["attention_mask"]):
             text = _cut(self.tokenizer.decode(row, skip_special_tokens=True), until)
-            ended = (row == self.eot_token_id) | (row == self.tokenizer.pad_token_id)
-            n_out = int(ended.int().argmax()) + 1 if ended.any() else len(row)
+            tokens = row.tolist()  # generated tokens: up to the end of turn, or the row's last real one
+            eos, pad = self.eot_token_id, self.tokenizer.pad_token_id
+            n_out = tokens.index(eos) + 1 if eos in tokens else sum(t != pad for t in tokens)
             results.append(
                 GenerationResult(text, TokenCounts(input_tokens=int(mask.sum()), output_tokens=n_out))
             )
