@@ -428,6 +428,8 @@ class Pipeline:
                 str(ev),
                 "--device",
                 e.device,
+                "--lmms-model",
+                e.model,
                 "--batch-size",
                 str(e.batch_size),
             ]

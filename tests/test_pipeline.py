@@ -158,6 +158,8 @@ def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
 
 
 PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code before them gave
+    # (the eval steps and the report changed on purpose with eval.model / eval.batch_size: the batched
+    # l2c_llava model, issue 33)
     "quick": {
         "data": ("8c6f48f642b9521e", "8c6f48f642b9521e"),
         "stage1": ("02f8f244e9697ff5", "1d6fddaa669dc1a6"),
@@ -169,11 +171,11 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
         "health": ("56e6d0c648a5136e", "56e6d0c648a5136e"),
         "pretrain_baseline": ("a69924dd27ac9cfe", "dd0df95e916ecd9e"),
         "finetune_baseline": ("ebea3f0b08b65b5e", "191e94f4bbee37d5"),
-        "eval_baseline": ("39aa74d29b5bd0bc", "39aa74d29b5bd0bc"),
+        "eval_baseline": ("b4b7fb84ae67e060", "b4b7fb84ae67e060"),
         "pretrain_llm2clip": ("063d5dd58a18dbb6", "14b2333e27918b5c"),
         "finetune_llm2clip": ("4f786897b8fd0295", "3f498daf00e0644b"),
-        "eval_llm2clip": ("f95c022cb035542f", "f95c022cb035542f"),
-        "report": ("2874f322aca82455", "2874f322aca82455"),
+        "eval_llm2clip": ("8ffa455b594c80bf", "8ffa455b594c80bf"),
+        "report": ("91daf0ca84654a6e", "91daf0ca84654a6e"),
     },
     "demo": {
         "data": ("65bea8093fa145b4", "65bea8093fa145b4"),
@@ -185,11 +187,11 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
         "health": ("b0ec14e5e94ee662", "b0ec14e5e94ee662"),
         "pretrain_baseline": ("a8700dfb8478876b", "52d54d7366e7b758"),
         "finetune_baseline": ("9c4c03759bcb6372", "db712fc34f0adb55"),
-        "eval_baseline": ("2e559e8fe5bf5bc7", "2e559e8fe5bf5bc7"),
+        "eval_baseline": ("57f5de7fc8b6143b", "57f5de7fc8b6143b"),
         "pretrain_llm2clip": ("452f6ba96f5f90ab", "4ce22fbcf569771c"),
         "finetune_llm2clip": ("952f7ecdaa1b0f48", "101bb25b46229941"),
-        "eval_llm2clip": ("e985495371fe5441", "e985495371fe5441"),
-        "report": ("f98c38a4f5227763", "f98c38a4f5227763"),
+        "eval_llm2clip": ("122b5500aa455c09", "122b5500aa455c09"),
+        "report": ("43503474929da0bd", "43503474929da0bd"),
     },
     "paper": {
         "stage1": ("2bcdd38cd45e6ae5", "f822cec8cdb29b8f"),
@@ -199,11 +201,11 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
         "export": ("f297a3b08d401e66", "f297a3b08d401e66"),
         "pretrain_baseline": ("a20fdad5a2dabca5", "06b6891f15d5b41e"),
         "finetune_baseline": ("f58030a243584b7a", "ccd211eee96614f9"),
-        "eval_baseline": ("74251cbdd00800c3", "74251cbdd00800c3"),
+        "eval_baseline": ("3dcb7952c7eae575", "3dcb7952c7eae575"),
         "pretrain_llm2clip": ("f46ad8ad65ad3c22", "59192ae2773c92ed"),
         "finetune_llm2clip": ("631e177d3251682d", "4e706b99dc1ff4a0"),
-        "eval_llm2clip": ("017e277de9939161", "017e277de9939161"),
-        "report": ("e582bba9a16f0dae", "e582bba9a16f0dae"),
+        "eval_llm2clip": ("3d8a7441b30561f4", "3d8a7441b30561f4"),
+        "report": ("6e3dd6eb3a437ab8", "6e3dd6eb3a437ab8"),
     },
 }
 

@@ -59,6 +59,7 @@ def _cmd_mllm_eval(args) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         task_limits=limits,
+        model=args.lmms_model,
     )
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0
@@ -109,7 +110,7 @@ COMMANDS: dict[str, Command] = {
         ],
     ),
     "mllm eval": Command(
-        "lmms-eval (llava_hf) on a LLaVA folder: paper benchmarks or the local tasks",
+        "lmms-eval on a LLaVA folder (batched l2c_llava, or llava_hf): paper benchmarks or the local tasks",
         _cmd_mllm_eval,
         [
             LLAVA_MODEL,
@@ -124,7 +125,14 @@ COMMANDS: dict[str, Command] = {
             A("--data", default=None, help="the embedded dataset's folder (for the local tasks)"),
             A("--image-root", default=None, help="image root of the local tasks (default DATA/images)"),
             A("--device", default="cpu", help="cpu, cuda, cuda:0 ..."),
-            A("--batch-size", type=int, default=1),
+            A(
+                "--lmms-model",
+                default="l2c_llava",
+                choices=["l2c_llava", "llava_hf"],
+                help="the lmms-eval model: l2c_llava (this project's, batched) or lmms-eval's llava_hf "
+                "(batch size 1 only)",
+            ),
+            A("--batch-size", type=int, default=8, help="questions per forward (llava_hf: 1)"),
             A("--limit", type=int, default=None, help="first N rows of each task"),
             A("--task-limit", action="append", metavar="TASK=N", help="first N rows of one local task"),
         ],

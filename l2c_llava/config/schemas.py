@@ -691,7 +691,12 @@ class PipelineEval(Section):
         default_factory=dict, description="rows of one local task, e.g. {l2c_caption: 40}"
     )
     device: str = "cpu"
-    batch_size: PositiveInt = 1
+    model: Literal["l2c_llava", "llava_hf"] = Field(
+        "l2c_llava",
+        description="the lmms-eval model: l2c_llava (this project's, batched) or lmms-eval's llava_hf "
+        "(batch_size 1 only)",
+    )
+    batch_size: PositiveInt = Field(8, description="questions per forward (llava_hf: 1)")
     data: str | None = Field(
         None, description="data folder of the local tasks (default: the pipeline's data)"
     )
@@ -715,6 +720,14 @@ class PipelineConfig(RecipeConfig):
 
     def check(self) -> list[tuple[str, Any, str]]:
         out = []
+        if self.eval.model == "llava_hf" and self.eval.batch_size != 1:
+            out.append(
+                (
+                    "eval.batch_size",
+                    self.eval.batch_size,
+                    "eval.model llava_hf answers one question at a time: use 1, or eval.model l2c_llava",
+                )
+            )
         b = self.baseline
         if (b.clip is None) == (b.vision is None):
             out.append(

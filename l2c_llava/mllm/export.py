@@ -59,9 +59,10 @@ class LlavaExportError(L2CError, ValueError):
     pass
 
 
-def load_trained_llava(model_dir: str | os.PathLike):
+def load_trained_llava(model_dir: str | os.PathLike, **load_kwargs):
     """(folder, model, processor) of a trained LLaVA: an mllm run folder (its model/) or a transformers
-    LLaVA folder; a pretrain run that saved the projector only, or anything else, is refused with why."""
+    LLaVA folder; a pretrain run that saved the projector only, or anything else, is refused with why.
+    `load_kwargs` go to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``)."""
     from transformers import AutoProcessor
 
     folder = Path(model_dir)
@@ -83,12 +84,12 @@ def load_trained_llava(model_dir: str | os.PathLike):
         )
     processor = AutoProcessor.from_pretrained(folder)
     processor.image_processor = pil_image_processor(processor.image_processor)  # one backend everywhere
-    return folder, _loaded(folder), processor
+    return folder, _loaded(folder, **load_kwargs), processor
 
 
-def _loaded(folder: Path):
+def _loaded(folder: Path, **load_kwargs):
     try:
-        return load_llava(folder)
+        return load_llava(folder, **load_kwargs)
     except BuildError as e:
         raise LlavaExportError(str(e)) from None
 

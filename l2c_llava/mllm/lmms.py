@@ -1,7 +1,9 @@
 """lmms-eval on an exported transformers LLaVA (``l2c mllm eval``).
 
-The model goes through lmms-eval's own entry point (``python -m lmms_eval eval --model llava_hf``) in
-a child process, so what is measured is what lmms-eval measures. Two kinds of tasks:
+The model goes through lmms-eval's own entry point (``python -m lmms_eval eval``) in a child process,
+so what is measured is what lmms-eval measures. Two lmms-eval models: ``l2c_llava`` (the default), the
+project's own, batched (:mod:`l2c_llava.mllm.lmms_model`; the same answers as ``llava_hf`` at batch 1,
+tested), and lmms-eval's ``llava_hf``, which answers one question at a time. Two kinds of tasks:
 
 - the paper's benchmarks by their lmms-eval names (``vqav2_val``, ``gqa``, ``pope``, ``mme``, ...),
   which lmms-eval downloads from the Hub (a GPU cluster with internet);
@@ -51,6 +53,9 @@ PAPER_TASKS = (
 )
 JUDGED_TASKS = ("mmbench_en_dev", "mmbench_cn_dev", "llava_in_the_wild", "mmvet")
 ALIASES = {"paper": PAPER_TASKS, "paper_all": PAPER_TASKS + JUDGED_TASKS, "local": LOCAL_TASKS}
+# lmms-eval models `l2c mllm eval` runs: ours (batched) and lmms-eval's own (batch size 1 only)
+LMMS_MODELS = ("l2c_llava", "llava_hf")
+DEFAULT_LMMS_MODEL = "l2c_llava"
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:
@@ -256,15 +261,18 @@ def lmms_command(
     device: str,
     batch_size: int,
     limit: int | None,
+    model: str = DEFAULT_LMMS_MODEL,
 ) -> list[str]:
-    model_args = f"pretrained={model_dir},device={device},device_map={device}"
+    model_args = f"pretrained={model_dir},device={device}"
+    if model == "llava_hf":
+        model_args += f",device_map={device}"
     cmd = [
         sys.executable,
         "-m",
         "l2c_llava.mllm.lmms_entry",
         "eval",
         "--model",
-        "llava_hf",
+        model,
         "--model_args",
         model_args,
         "--tasks",
@@ -289,17 +297,26 @@ def run_lmms_eval(
     data_dir: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
     device: str = "cpu",
-    batch_size: int = 1,
+    batch_size: int = 8,
     limit: int | None = None,
     task_limits: dict[str, int] | None = None,
     offline: bool | None = None,
+    model: str = DEFAULT_LMMS_MODEL,
 ) -> list[dict]:
-    """Run lmms-eval on `model_dir` for `tasks`, then write the normalized table. Returns its rows."""
-    model = Path(model_dir).resolve()
-    if (model / L.TRAINED_MODEL / "config.json").is_file():  # an mllm run folder
-        model = model / L.TRAINED_MODEL
-    cfg = json.loads((model / "config.json").read_text()) if (model / "config.json").is_file() else {}
-    if cfg.get("model_type") != "llava" or not (model / "processor_config.json").is_file():
+    """Run lmms-eval on `model_dir` for `tasks` with the lmms-eval `model` (``l2c_llava``: batched;
+    ``llava_hf``: batch size 1), then write the normalized table. Returns its rows."""
+    if model not in LMMS_MODELS:
+        raise EvalError(f"lmms-eval model {model!r}: use one of {', '.join(LMMS_MODELS)}")
+    if model == "llava_hf" and batch_size != 1:
+        raise EvalError(
+            f"lmms-eval's llava_hf answers one question at a time (batch size 1, not {batch_size}); "
+            "use --batch-size 1, or the batched l2c_llava model"
+        )
+    folder = Path(model_dir).resolve()
+    if (folder / L.TRAINED_MODEL / "config.json").is_file():  # an mllm run folder
+        folder = folder / L.TRAINED_MODEL
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if cfg.get("model_type") != "llava" or not (folder / "processor_config.json").is_file():
         raise EvalError(
             f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
             "model_type llava, processor_config.json); point at a finetune run or make one with "
@@ -308,7 +325,7 @@ def run_lmms_eval(
     if cfg.get("l2c_connector"):
         kind = cfg["l2c_connector"].get("type")
         raise EvalError(
-            f"{model}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
+            f"{folder}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
             "transformers' LLaVA class, which takes only the MLP connector. Score it with "
             "`l2c mllm eval-vqa` (our loader) instead"
         )
@@ -346,7 +363,7 @@ def run_lmms_eval(
     if raw.exists():
         shutil.rmtree(raw)
     # local tasks are cut when their rows are written; lmms-eval's --limit caps the others
-    cmd = lmms_command(model, tasks, out, include, device, batch_size, limit)
+    cmd = lmms_command(folder, tasks, out, include, device, batch_size, limit, model)
     atomic_write_json(
         out / "lmms_command.json", {"argv": cmd[1:], "offline": env.get("HF_HUB_OFFLINE") == "1"}
     )
