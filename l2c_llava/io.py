@@ -175,6 +175,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """What an output records of each file it wrote, to be checked later by :func:`records_problem`."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def records_problem(root: str | os.PathLike, records: dict, *, hashes: bool = True) -> str | None:
+    """Why the files `records` lists (path under `root`, or absolute -> :func:`file_record`) are not
+    what was written (None: they are): a file missing or of another size (every file first: cheap),
+    then, with `hashes`, another sha256."""
+    root = Path(root)
+    for rel, want in records.items():
+        f = root / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
+    if hashes:
+        for rel, want in records.items():
+            if sha256_file(root / rel) != want.get("sha256"):
+                return f"{rel} changed since it was written (sha256 differs)"
+    return None
+
+
 def safetensors_problem(path: str | os.PathLike) -> str | None:
     """Why the safetensors file `path` is not whole (None: it is): no readable header, or a size other
     than the one its header implies (a copy cut short, a disk that filled up). Reads the header only."""
@@ -445,9 +468,7 @@ def publish_folder(
                 with writing(out):
                     build(tmp)
                     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-                    content = {
-                        f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files
-                    }
+                    content = {f: file_record(tmp / f) for f in files}
                     atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": files, "content": content})
                     move_into_place(tmp, out, carry=LOCK_FILES)
             finally:
@@ -470,16 +491,7 @@ def output_problem(out: str | os.PathLike) -> str | None:
         return f"its {OUTPUT_MARKER} cannot be read ({type(e).__name__})"
     if not isinstance(content, dict):
         return None
-    for rel, want in content.items():
-        f = out / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != want.get("bytes"):
-            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
-    for rel, want in content.items():
-        if sha256_file(out / rel) != want.get("sha256"):
-            return f"{rel} changed since it was written (sha256 differs)"
-    return None
+    return records_problem(out, content)
 
 
 def remove_lock_only_folder(folder: str | os.PathLike) -> None:

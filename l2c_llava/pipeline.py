@@ -45,7 +45,7 @@ from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.config_names import project_root
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json, dumps_json, safetensors_problem, sha256_file
+from l2c_llava.io import atomic_write_json, dumps_json, file_record, records_problem, safetensors_problem
 from l2c_llava.locks import run_lock
 from l2c_llava.models.hub import is_hub_id
 from l2c_llava.report import write_report
@@ -508,21 +508,16 @@ class Pipeline:
 
     def record_outputs(self, step: Step) -> dict:
         """Size and sha256 of each weights file the step wrote (see :meth:`_weights`)."""
-        return {
-            self._key(f): {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in self._weights(step)
-        }
+        return {self._key(f): file_record(f) for f in self._weights(step)}
 
     def outputs_problem(self, step: Step, rec: dict) -> str | None:
         """Why the finished step's outputs are not what it wrote (None: they are): a recorded weights
         file missing, of another size or with another sha256, any weights file not whole, or a dataset
         that no longer matches its SHA256SUMS."""
         recorded = rec.get("outputs") or {}
-        for key, want in recorded.items():
-            f = Path(key) if Path(key).is_absolute() else self.out / key
-            if not f.is_file():
-                return f"{f} is missing"
-            if f.stat().st_size != want.get("bytes"):
-                return f"{f} holds {f.stat().st_size} bytes, {want.get('bytes')} when the step finished"
+        problem = records_problem(self.out, recorded, hashes=False)  # sizes first: cheap
+        if problem:
+            return problem
         for f in self._weights(step):
             problem = safetensors_problem(f)
             if problem:
@@ -538,11 +533,7 @@ class Pipeline:
                     problems = [f"{L.MANIFEST} cannot be read ({e})"]
                 if problems:
                     return f"the dataset {out}: {'; '.join(problems)}"
-        for key, want in recorded.items():
-            f = Path(key) if Path(key).is_absolute() else self.out / key
-            if sha256_file(f) != want.get("sha256"):
-                return f"{f} changed since the step finished (sha256 differs)"
-        return None
+        return records_problem(self.out, recorded)
 
     # ------------------------------------------------------------------ running
     def _run(self, argv: list[str], launch: list[str] | None = None) -> None:

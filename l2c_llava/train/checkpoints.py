@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from l2c_llava.errors import InputError, L2CError
-from l2c_llava.io import atomic_write_json, clean_interrupted, move_into_place, sha256_file, writing
+from l2c_llava.io import (
+    atomic_write_json,
+    clean_interrupted,
+    file_record,
+    move_into_place,
+    records_problem,
+    writing,
+)
 from l2c_llava.layout import CHECKPOINTS
 from l2c_llava.train import sharded
 
@@ -51,7 +58,7 @@ def write_checkpoint_sums(folder: Path) -> dict:
     """Record the size and sha256 of every file in `folder` (subfolders too) and whether its weights
     are finite, in ``CHECKPOINT_SUMS``; returns the record."""
     files = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        p.relative_to(folder).as_posix(): file_record(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != CHECKPOINT_SUMS
     }
@@ -76,15 +83,9 @@ def checkpoint_problem(folder: Path) -> str | None:
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not files:
         return f"{CHECKPOINT_SUMS} lists no files"
-    for rel, want in files.items():
-        f = folder / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != want.get("bytes"):
-            return f"{rel} holds {f.stat().st_size} bytes, {want.get('bytes')} when written"
-    for rel, want in files.items():
-        if sha256_file(folder / rel) != want.get("sha256"):
-            return f"{rel} changed since it was written (sha256 differs)"
+    problem = records_problem(folder, files)
+    if problem:
+        return problem
     if not record.get("finite", True):
         return f"its weights are not finite (NaN or infinity in {', '.join(record.get('nonfinite', [])[:3])})"
     return None

@@ -79,6 +79,7 @@ def prepare_training(
     steps and holds ``train_stats.json`` and (unless None) the folder `output`."""
     if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":  # neither takes a 0-dim parameter
         lift_scalar_parameters(model)
+    if acc.distributed_type.name == "FSDP":  # its wrappers hide the state dict's names: known before
         sharded.remember_state_keys(model)
     opt = make_adamw(groups, train.optimizer, **adamw)
     sched = make_scheduler(opt, train.schedule, total, train.warmup_steps, train.warmup_ratio)
