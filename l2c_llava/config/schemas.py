@@ -439,6 +439,12 @@ class MllmData(DataChecks):
     template: Literal["plain", "vicuna_v1"] = "vicuna_v1"
     max_length: PositiveInt = 2048
     group_by_modality_length: bool = True
+    packing: bool = Field(
+        False,
+        description="padding-free batches: each micro-batch's samples packed end to end into rows of at most "
+        "data.max_length tokens, attention kept inside each sample by position_ids (sdpa/eager/flash-attention; "
+        "the loss is the padded batch's); LLaVA-1.5 pads",
+    )
     num_workers: NonNegInt = 4
 
 
