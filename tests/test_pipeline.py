@@ -130,7 +130,7 @@ def test_bad_pipeline_configs_are_named(tmp_path, capsys):
 
 # --- each step's resolved config file ---------------------------------------------------------
 
-SHIPPED = ("quick", "demo", "paper")
+SHIPPED = ("quick", "demo", "demo_4k", "paper")
 
 
 def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
@@ -178,6 +178,22 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
         "report": ("91daf0ca84654a6e", "91daf0ca84654a6e"),
     },
     "demo": {
+        "data": ("6658c93ab0206d59", "6658c93ab0206d59"),
+        "stage1": ("68351471c23975fd", "344bb4f324baa5de"),
+        "text_cache": ("4c37c67df3192e97", "4c37c67df3192e97"),
+        "stage2": ("a3847a934eeed232", "ead88356e71220f9"),
+        "retrieval": ("4757f90f424ea019", "3e9a6e1003a6b75b"),
+        "export": ("c6ad094b03017145", "c6ad094b03017145"),
+        "health": ("2c58f3ef4f6e5ff8", "2c58f3ef4f6e5ff8"),
+        "pretrain_baseline": ("22bcaf898f59f6d5", "ef000e1e9da44c46"),
+        "finetune_baseline": ("6b901dfdf89efbc9", "f98ae0c2329b6178"),
+        "eval_baseline": ("631cf7df8eaa9af5", "631cf7df8eaa9af5"),
+        "pretrain_llm2clip": ("a4a59361a176c7fb", "9ea0b4b1d5abbe1f"),
+        "finetune_llm2clip": ("4343b0e63a400da1", "2b5f006154bc3fe3"),
+        "eval_llm2clip": ("25f726fb04d8a685", "25f726fb04d8a685"),
+        "report": ("d5bcbf830bfababa", "d5bcbf830bfababa"),
+    },
+    "demo_4k": {
         "data": ("65bea8093fa145b4", "65bea8093fa145b4"),
         "stage1": ("8800c4178e5e7dd7", "ecdd41c41f77cc73"),
         "text_cache": ("493b0fc776e58c7c", "493b0fc776e58c7c"),
