@@ -364,7 +364,7 @@ def _hard_set_section(ret: dict) -> list[str]:
         ),
         "",
         f"| encoder | text->image R@1, whole set [95% CI] | R@1 within its family [95% CI] (chance {_pct(chance)}) | "
-        "families whose text features are the same | members' mean text cosine |",
+        "families whose text features are the same | mean text cosine: members / other families' captions |",
         "|---|---|---|---|---|",
     ]
     ci = ret.get("intervals", {})
@@ -376,7 +376,8 @@ def _hard_set_section(ret: dict) -> list[str]:
         md.append(
             f"| {name} | {_pct(r.get('t2i_R@1'))}{_ci(c.get('t2i_R@1'))} | "
             f"{_pct(r['t2i_within_family_R@1'])}{_ci(c.get('t2i_within_family_R@1'))} | "
-            f"{_pct(r['text_identical_families'])}% | {_num(r['text_cosine_within_family'])} |"
+            f"{_pct(r['text_identical_families'])}% | {_num(r['text_cosine_within_family'])} / "
+            f"{_num(r.get('text_cosine_between_families'))} |"
         )
     paired = ret.get("paired_within_family", {}).get("long_hard")
     if paired:
@@ -411,11 +412,18 @@ def _hard_set_reading(ret: dict, chance: float) -> list[str]:
                 "a tower that stops reading before the captions differ must give."
             )
         else:
+            other = r.get("text_cosine_between_families")
+            little = (
+                f"; captions of other families are at {other:.4f}: the late words move its caption feature "
+                "little, and not in a direction its image side follows"
+                if isinstance(other, float) and cos > other
+                else ""
+            )
             out.append(
                 f"{name} is not above chance within families ({_pct(r['t2i_within_family_R@1'])}%, interval "
                 f"{_ci(lo_hi).strip()}) although its text features of the members differ (mean cosine {cos:.4f}, "
-                f"{_pct(same)}% of the families the same): what differs in them does not rank the family's images "
-                "better than chance."
+                f"{_pct(same)}% of the families the same{little}): what differs in them does not rank the "
+                "family's images better than chance."
             )
     return out
 

@@ -86,10 +86,29 @@ def test_the_check_names_the_family_and_what_fails():
         check_hard_family("f3", [shared, shared], tok)
 
 
+def test_ties_are_broken_by_position_on_the_hard_set():
+    """A tower that reads a family alike ties its captions: counted for the query (the other sets' rule),
+    every image of the family would find its caption first; broken by position, one of them does."""
+    from l2c_llava.stats import retrieval_ranks, retrieval_ranks_ties_in_order
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    base[1:3] = base[0]  # images 0-2: one scene, a little changed each
+    img = torch.nn.functional.normalize(base + 0.05 * torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(base, dim=-1)  # captions 0-2: one feature
+    owner = list(range(6))
+    assert retrieval_ranks(img, txt, owner)[0][:3].tolist() == [0, 0, 0]
+    i2t, t2i = retrieval_ranks_ties_in_order(img, txt, owner)
+    assert i2t[:3].tolist() == [0, 1, 2] and torch.equal(t2i, retrieval_ranks(img, txt, owner)[1])
+    noisy = torch.nn.functional.normalize(img + 0.5 * torch.randn(6, 8, generator=g), dim=-1)  # no ties
+    for a, b in zip(retrieval_ranks(img, noisy, owner), retrieval_ranks_ties_in_order(img, noisy, owner)):
+        assert torch.equal(a, b)
+
+
 def test_the_demo_clips_text_tower_reads_a_family_alike(synth_dir):
     """The shipped demo CLIP (the demo's baseline): the members of a family get the same text features,
     while their captions' last sentences alone, which fit its window, do not."""
-    from l2c_llava.stage2.evaluate import BaselineCLIP
+    from l2c_llava.stage2.evaluate import BaselineCLIP, evaluate_clip_folder
 
     clip = BaselineCLIP(demo_clip_path())
     assert clip.context == CLIP_CONTEXT
@@ -100,6 +119,13 @@ def test_the_demo_clips_text_tower_reads_a_family_alike(synth_dir):
         assert torch.allclose(feats[0], feats[1:], atol=1e-6), texts
         endings, _ = clip.embed_texts([t.rsplit(". ", 1)[-1] for t in texts], batch_size=8)
         assert (endings[0] @ endings[1:].T).max() < 0.999
+    # `l2c clip eval` scores it too: every family read alike, at most one right caption per family
+    res = evaluate_clip_folder(demo_clip_path(), synth_dir, batch_size=16)["sets"]["long_hard"]
+    n = len(families_of(synth_dir))
+    assert res["families"] == n and res["text_identical_families"] == 1.0 and res["captions_truncated"] == 1.0
+    assert res["t2i_within_family_R@1"]["value"] <= 1 / 3 + 1e-6 and res["chance"] == pytest.approx(
+        1 / 3, abs=1e-4
+    )
 
 
 def test_stage2_cache_records_what_the_llm_window_keeps(tmp_path, synth_dir, capsys):

@@ -38,6 +38,7 @@ from l2c_llava.stats import (
     paired_recall_test,
     recall_with_ci,
     retrieval_ranks,
+    retrieval_ranks_ties_in_order,
     wilson_interval,
 )
 from l2c_llava.trackers import report_results
@@ -121,6 +122,18 @@ def load_sets(cfg) -> dict[str, RetrievalSet]:
     return sets
 
 
+def _ranked(img: torch.Tensor, txt: torch.Tensor, owner: list[int], ks, families: bool) -> tuple:
+    """(i2t, t2i) ranks and R@K. A set of caption families (the hard set) breaks ties by position: a tower
+    that reads a family alike ties its captions, and ties counted for the query (the other sets' rule)
+    would let every image of a family find its caption first."""
+    if not families:
+        return retrieval_ranks(img, txt, owner), recall_at_k(img, txt, owner, ks)
+    ranks = retrieval_ranks_ties_in_order(img, txt, owner)
+    return ranks, {
+        f"{d}_R@{k}": float((r < k).float().mean()) for k in ks for d, r in zip(("i2t", "t2i"), ranks)
+    }
+
+
 def caption_families(rs: RetrievalSet, path) -> list[int] | None:
     """The family of each caption of `rs` (an index), from the set's "family" keys; None when it has none."""
     families = read_families(path)
@@ -139,7 +152,8 @@ def within_family(img: torch.Tensor, txt: torch.Tensor, owner: list[int], family
     right when its image scores strictly above the other members'. A tower that reads a family's captions
     alike ranks the family's images the same way for all of them, so it gets at most one right per family
     (R@1 <= 1/k for families of k); ``chance`` is the mean 1/k. Also the text features' mean cosine
-    between members and the share of families whose members' features are the same (cosine > 1 - 1e-6)."""
+    between members (and, for scale, between captions of different families) and the share of families
+    whose members' features are the same (cosine > 1 - 1e-6)."""
     members: dict[int, list[int]] = {}
     for j, f in enumerate(family):
         members.setdefault(f, []).append(j)
@@ -157,6 +171,8 @@ def within_family(img: torch.Tensor, txt: torch.Tensor, owner: list[int], family
             cosines.append(off.mean().item())
             alike += bool(off.min() > 1 - 1e-6)
     k = sum(hits)
+    fam = torch.as_tensor(family)
+    between = (txt @ txt.T)[fam.unsqueeze(0) != fam.unsqueeze(1)]
     return {
         "hits": hits,
         "t2i_within_family_R@1": round(k / len(hits), 4),
@@ -164,6 +180,7 @@ def within_family(img: torch.Tensor, txt: torch.Tensor, owner: list[int], family
         "chance": round(sum(chance) / len(chance), 4),
         "families": len(members),
         "text_cosine_within_family": round(sum(cosines) / max(1, len(cosines)), 6),
+        "text_cosine_between_families": round(between.mean().item(), 6) if between.numel() else None,
         "text_identical_families": round(alike / max(1, len(cosines)), 4),
     }
 
@@ -206,8 +223,9 @@ def evaluate(
         img = embed_images(
             rs.images, model.preprocess, model.get_image_features, bs, f"LLM2CLIP images ({name})"
         )
-        ranks["llm2clip"][name] = retrieval_ranks(img, txt, rs.caption_image)
-        results["llm2clip"][name] = recall_at_k(img, txt, rs.caption_image, ks)
+        ranks["llm2clip"][name], results["llm2clip"][name] = _ranked(
+            img, txt, rs.caption_image, ks, name in families
+        )
         results["sets"][name] = {"source": rs.source, "images": len(rs.images), "captions": len(rs.captions)}
         if name in families:
             within.setdefault(name, {})["llm2clip"] = within_family(
@@ -223,10 +241,8 @@ def evaluate(
         for name, rs in sets.items():
             txt, cut = clip.embed_texts(rs.captions, bs)
             img = embed_images(rs.images, clip.preprocess, clip.embed_images, bs, f"baseline images ({name})")
-            ranks["baseline"][name] = retrieval_ranks(img, txt, rs.caption_image)
-            results["baseline"][name] = recall_at_k(img, txt, rs.caption_image, ks) | {
-                "captions_truncated": cut
-            }
+            ranks["baseline"][name], found = _ranked(img, txt, rs.caption_image, ks, name in families)
+            results["baseline"][name] = found | {"captions_truncated": cut}
             if name in families:
                 within[name]["baseline"] = within_family(img, txt, rs.caption_image, families[name])
     # uncertainty: a 95% bootstrap interval over images for every R@K, and LLM2CLIP against the
@@ -254,7 +270,12 @@ def evaluate(
         for enc, w in by_enc.items():
             results[enc][name] |= {
                 k: w[k]
-                for k in ("t2i_within_family_R@1", "text_cosine_within_family", "text_identical_families")
+                for k in (
+                    "t2i_within_family_R@1",
+                    "text_cosine_within_family",
+                    "text_cosine_between_families",
+                    "text_identical_families",
+                )
             }
             results["intervals"][enc][name]["t2i_within_family_R@1"] = w["ci95"]
         if "baseline" in by_enc:
@@ -370,6 +391,14 @@ def evaluate_clip_folder(
             "images": n,
             "captions": len(captions),
             "captions_truncated": round(cut, 4),
-            **recall_with_ci(*retrieval_ranks(img, txt, owner), owner, ks),
+            **recall_with_ci(*_ranked(img, txt, owner, ks, name == "long_hard")[0], owner, ks),
         }
+        family = caption_families(rs, root / L.RETRIEVAL_LONG_HARD) if name == "long_hard" else None
+        if family is not None:  # R@1 within each family against its chance, as `l2c stage2 eval` gives it
+            w = within_family(img, txt, owner, [family[j] for j in keep])
+            out["sets"][name]["t2i_within_family_R@1"] = {
+                "value": w["t2i_within_family_R@1"],
+                "ci95": w["ci95"],
+            }
+            out["sets"][name] |= {k: w[k] for k in ("chance", "families", "text_identical_families")}
     return out
