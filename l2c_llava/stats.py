@@ -92,6 +92,32 @@ def retrieval_ranks(
     return i2t, t2i
 
 
+def retrieval_ranks_ties_in_order(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieval_ranks` with ties broken by position, as a stable sort ranks them: an equal score
+    of an earlier item counts against the query too. For sets built to tie: the hard long-caption set,
+    where a 77-token tower gives a family's captions the same features, and ties counted for the query
+    would let every image of the family find "its" caption first. One [I, T] product (small sets)."""
+    img, txt = image_emb.float(), text_emb.float()
+    owner = torch.as_tensor(list(text_image), dtype=torch.long)
+    if owner.numel() != txt.shape[0]:
+        raise ValueError(f"text_image has {owner.numel()} entries for {txt.shape[0]} captions")
+    sim = img @ txt.T  # [I, T]
+    n_img, n_txt = sim.shape
+    mine = owner.unsqueeze(0) == torch.arange(n_img).unsqueeze(1)
+    own_scores = sim.masked_fill(~mine, float("-inf"))
+    best = own_scores.max(dim=1).values
+    first = (own_scores == best.unsqueeze(1)).float().argmax(dim=1)  # the earliest best own caption
+    before = torch.arange(n_txt).unsqueeze(0) < first.unsqueeze(1)
+    i2t = (sim > best.unsqueeze(1)).sum(dim=1) + ((sim == best.unsqueeze(1)) & before & ~mine).sum(dim=1)
+    col = sim.T  # [T, I]
+    own = col.gather(1, owner.unsqueeze(1))
+    earlier = torch.arange(n_img).unsqueeze(0) < owner.unsqueeze(1)
+    t2i = (col > own).sum(dim=1) + ((col == own) & earlier).sum(dim=1)
+    return i2t, t2i
+
+
 def _image_resamples(n_images: int, n_boot: int, seed: int) -> torch.Tensor:
     """[n_boot, n_images] counts: how often each image is drawn in each bootstrap resample."""
     g = torch.Generator().manual_seed(seed)
