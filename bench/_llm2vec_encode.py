@@ -28,7 +28,9 @@ if "--build" in sys.argv:
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     i = sys.argv.index("--build")
-    weights = Path(sys.argv[i + 1]) if i + 1 < len(sys.argv) and not sys.argv[i + 1].startswith("--") else None
+    weights = (
+        Path(sys.argv[i + 1]) if i + 1 < len(sys.argv) and not sys.argv[i + 1].startswith("--") else None
+    )
     shape = {
         "hidden_size": 576,
         "intermediate_size": 1536,
@@ -60,7 +62,9 @@ if "--build" in sys.argv:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
         if missing or unexpected:
-            raise SystemExit(f"weights of {weights} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise SystemExit(
+                f"weights of {weights} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
     print(json.dumps({"built": str(model_dir), "weights": str(weights) if weights else "random"}))

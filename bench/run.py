@@ -27,7 +27,7 @@ BENCHES = {
 }
 QUICK = {
     "stage2_step": {"steps": 2, "online": False},
-    "text_encode": {"n": 16, "rounds": 1},
+    "text_encode": {"images": 3, "rounds": 1},
     "llava_data": {"batches": 2, "model_steps": 1},
     "retrieval": {"images": 500, "repeats": 1},
     "llava_step": {"batch": 2, "steps": 1},

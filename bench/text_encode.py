@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +107,9 @@ def run(
             feats["ours_bf16"] = ours["bfloat16"].encode(texts, batch_size=batch, show_progress=False)
             times["ours_bf16"].append(time.perf_counter() - t0)
             out = subprocess.run(
-                helper + [str(batch), "--max-length", str(max_length)] + (["--save", str(emb)] if r == 0 else []),
+                helper
+                + [str(batch), "--max-length", str(max_length)]
+                + (["--save", str(emb)] if r == 0 else []),
                 check=True,
                 capture_output=True,
                 text=True,

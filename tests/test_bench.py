@@ -44,8 +44,11 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
     assert r["collate_rows_per_s"] > 0 and r["model_step_rows_per_s"] > 0
     import text_encode
 
-    t = text_encode.run(n=8, batch=4, rounds=1)
-    assert t["ours"]["texts_per_s"] > 0 and t["llm2vec"]["texts_per_s"] > 0
+    t = text_encode.run(images=2, batch=4, rounds=1, weights="random")
+    assert t["captions"] == 12 and t["short_captions"] == 10
+    for side in ("ours_bf16", "llm2vec_fp32", "ours_fp32"):
+        assert t[side]["texts_per_s"] > 0
+    assert t["agreement_with_llm2vec_fp32"]["ours_fp32"]["cosine_min"] > 0.9999
     import llava_step
 
     s = llava_step.run(str(synth_dir), batch=2, steps=1)

@@ -46,7 +46,10 @@ def _reference_ranks(img, txt, owner):
 def test_blocked_ranks_equal_the_whole_matrix_with_ties_and_uneven_captions(chunk, text_chunk):
     g = torch.Generator().manual_seed(chunk)
     for _ in range(12):
-        n_img, n_txt = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 90, (1,), generator=g))
+        n_img, n_txt = (
+            int(torch.randint(1, 30, (1,), generator=g)),
+            int(torch.randint(1, 90, (1,), generator=g)),
+        )
         # small integers: every score exact, many ties (duplicate images and captions among them);
         # captions in no order, 0 to many per image
         img = torch.randint(-2, 3, (n_img, 6), generator=g).float()

@@ -143,7 +143,9 @@ def _read_llm2vec_config(folders: Sequence[str]) -> dict:
 BATCH_OVERHEAD_TOKENS = 64
 
 
-def length_batches(lengths: Sequence[int], max_rows: int, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], max_rows: int, overhead: int = BATCH_OVERHEAD_TOKENS
+) -> list[list[int]]:
     """Indices of `lengths` (token counts) in batches of at most `max_rows`, longest first, with the
     least padded tokens + `overhead` per batch (exact, by dynamic programming over the sorted
     lengths). Fixed batches of `max_rows` pad the batch where long texts meet short ones to the
