@@ -13,9 +13,11 @@ runs it; bf16 autocast for the training steps, as ``train.mixed_precision: bf16`
 - ``stage1_step``: a stage-1 contrastive step as ``Stage1Recipe.train_contrastive`` takes it: LoRA
   r 16 on SmolLM2-135M (every projection), 8 examples (query + positive + hard negative: 24 texts of the
   demo's captions, in the recipe's padded batch), forward in 4 length buckets, the hard-negative loss,
-  backward, AdamW;
+  backward, fused AdamW; in bf16 the frozen base held in bf16 (``frozen_linears_in``), beside the step
+  that re-casts it at every forward (what it did before);
 - ``stage2_step``: the demo's stage-2 step: the demo CLIP's vision tower (224 px / 32, width 256, 6
-  layers, all trainable) + the 4-block adapter on 576-d cached features, batch 32, CLIP loss, AdamW;
+  layers, all trainable) + the 4-block adapter on 576-d cached features, batch 32, CLIP loss, fused
+  AdamW, beside the same step with torch's default CPU AdamW (what it ran before);
 - ``retrieval``: ``recall_at_k`` on 5K images x 25K captions, dim 256 (float32 only: the evaluation
   computes in float32);
 - ``llava_pretrain`` / ``llava_finetune``: the real training code, ``MllmRecipe.run()`` (``l2c mllm
@@ -31,7 +33,8 @@ tokens forward; training adds the backward: x3 in all for trained weights, x2 fo
 gradients pass through (input gradient only), nothing for frozen weights at the bottom (the vision
 tower of LLaVA, the embeddings); attention 4 x batch x heads x head_dim x length^2 per layer forward
 (QK^T and PV), x3.5 with its backward (flash attention recomputes the scores; the counter is given
-the CPU kernel's formulas, which it lacks). "useful" counts the real tokens only (no padding). Each stage's
+the CPU kernel's formulas, which it lacks). "useful": the counted FLOPs times the share of real
+(not padding) tokens. Each stage's
 time is profiled once (``torch.profiler``): the share of the step in matrix products, in other
 operators and outside any operator (Python, data), and the largest non-GEMM operators: where the rest
 goes.
@@ -154,7 +157,9 @@ def profile_shares(fn, wall_s: float, top: int = 5) -> dict:
     }
 
 
-def _stage_result(seconds: float, flops: int, analytic: float, useful: float, limit: float) -> dict:
+def _stage_result(seconds: float, flops: int, analytic: float, limit: float, real_share: float = 1.0) -> dict:
+    """`real_share`: the share of the tokens that are not padding ("useful": the counted FLOPs times it)."""
+    useful = flops * real_share
     return {
         "step_s": round(seconds, 3),
         "gflops_counted": round(flops / 1e9, 2),
@@ -170,6 +175,17 @@ def _median_step(step, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
     return statistics.median(_seconds(step) for _ in range(steps))
+
+
+def _interleaved(variants: dict, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds of each step function, run in turn (A B A B ...) so machine noise hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + steps):
+        for k, fn in variants.items():
+            s = _seconds(fn)
+            if i >= warmup:
+                times[k].append(s)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +323,8 @@ def _text_encode(texts: list[str], dtype: str, batch: int, limit: float) -> dict
     flops = counted_flops(run)
     handle.remove()
     analytic = analytic_encode([(b, n) for b, n, _ in shapes], params, layers, width)
-    useful = sum(2 * params * real for _, _, real in shapes)
-    r = _stage_result(seconds, flops, analytic, useful, limit)
+    real = sum(s[2] for s in shapes) / sum(b * n for b, n, _ in shapes)
+    r = _stage_result(seconds, flops, analytic, limit, real)
     r["padding_share"] = round(1 - sum(s[2] for s in shapes) / sum(b * n for b, n, _ in shapes), 3)
     r["tokens_per_s"] = round(sum(s[2] for s in shapes) / seconds, 1)
     r["profile"] = profile_shares(run, seconds)
@@ -341,10 +357,15 @@ def _autocast(bf16: bool):
 
 
 def _stage1(examples, batch: int, steps: int, bf16: bool, limit: float) -> dict:
+    """The recipe's step (fused AdamW; under bf16 the frozen base held in bf16), and under bf16 the step
+    as it was before (the frozen base re-cast at every forward) on a copy, interleaved."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     from l2c_llava.losses import hard_negative_nll_loss
-    from l2c_llava.stage1.encoder import lora_targets
+    from l2c_llava.quantization import make_adamw
+    from l2c_llava.stage1.encoder import frozen_linears_in, lora_targets
     from l2c_llava.stage1.train import Stage1Recipe
 
     enc = _smollm2_encoder("float32")
@@ -355,31 +376,40 @@ def _stage1(examples, batch: int, steps: int, bf16: bool, limit: float) -> dict:
     enc.model = get_peft_model(enc.model, lc)
     enc.train()
     lora = sum(p.numel() for p in enc.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=2e-4)
     batches = [
         Stage1Recipe._batch(enc, examples[i * batch : (i + 1) * batch], "cpu") for i in range(steps + 2)
     ]
+    encoders = {"step": enc} | ({"recast": copy.deepcopy(enc)} if bf16 else {})
+    opts = {
+        k: make_adamw([p for p in e.parameters() if p.requires_grad], "adamw", fused=True, lr=2e-4)
+        for k, e in encoders.items()
+    }
     turn = iter(range(10**9))
 
-    def step():
+    def step(kind: str = "step"):
         b = batches[next(turn) % len(batches)]
         with _autocast(bf16):
-            feats = enc(**b, length_buckets=4)
+            feats = encoders[kind](**b, length_buckets=4)
             q, p, neg = feats[:batch], feats[batch : 2 * batch], feats[2 * batch :]
             hard_negative_nll_loss(q, p, neg, scale=50.0, gather=False).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
 
-    seconds = _median_step(step, 1, steps)
-    shapes: list = []
-    handle = _record_shapes(enc.model, shapes)
-    flops = counted_flops(step)
-    handle.remove()
+    with frozen_linears_in(enc.model, torch.bfloat16) if bf16 else nullcontext():  # as the recipe, whole run
+        med = _interleaved({k: (lambda k=k: step(k)) for k in encoders}, 1, steps)
+        seconds = med["step"]
+        shapes: list = []
+        handle = _record_shapes(enc.model, shapes)
+        flops = counted_flops(step)
+        handle.remove()
+        profile = profile_shares(step, seconds)
     analytic = analytic_lora_step([(b, n) for b, n, _ in shapes], params, lora, layers, width)
-    useful = sum((4 * params + 6 * lora) * real for _, _, real in shapes)
-    r = _stage_result(seconds, flops, analytic, useful, limit)
+    real = sum(s[2] for s in shapes) / sum(b * n for b, n, _ in shapes)
+    r = _stage_result(seconds, flops, analytic, limit, real)
     r["padding_share"] = round(1 - sum(s[2] for s in shapes) / sum(b * n for b, n, _ in shapes), 3)
-    r["profile"] = profile_shares(step, seconds)
+    if bf16:
+        r["step_s_frozen_base_recast_each_forward"] = round(med["recast"], 3)
+    r["profile"] = profile
     return r
 
 
@@ -391,11 +421,16 @@ def stage_stage2(limits: dict, batch: int = 32, steps: int = 4) -> dict:
 
 
 def _stage2(batch: int, steps: int, bf16: bool, limit: float) -> dict:
+    """The recipe's step (fused AdamW) and the same step with torch's default CPU AdamW (a loop of
+    operators per tensor, what the recipe ran before), interleaved on two copies of the model."""
+    import copy
+
     from transformers import AutoConfig
 
     from l2c_llava.losses import clip_loss
     from l2c_llava.models.llm import local_llm_folder
     from l2c_llava.models.vision import load_vision_tower
+    from l2c_llava.quantization import make_adamw
     from l2c_llava.stage2.model import LLM2CLIPModel
 
     text_dim = AutoConfig.from_pretrained(local_llm_folder(MODELS["llm"])).hidden_size  # the cache's features
@@ -404,23 +439,26 @@ def _stage2(batch: int, steps: int, bf16: bool, limit: float) -> dict:
         load_vision_tower(MODELS["tower"]), text_dim, projection_dim=256, num_blocks=4, expansion=2
     )
     vc = model.vision_model.config
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     pixels, feats = torch.randn(batch, 3, vc.image_size, vc.image_size), torch.randn(batch, text_dim)
+    models = {"fused": model, "loop": copy.deepcopy(model)}
+    opts = {k: make_adamw(m.parameters(), "adamw", fused=k == "fused", lr=1e-5) for k, m in models.items()}
 
-    def step():
+    def step(kind: str = "fused"):
         with _autocast(bf16):
-            clip_loss(*model(pixels, feats)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            clip_loss(*models[kind](pixels, feats)).backward()
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
 
-    seconds = _median_step(step, 1, steps)
+    med = _interleaved({"fused": step, "loop": lambda: step("loop")}, 1, steps)
+    seconds = med["fused"]
     flops = counted_flops(step)
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     conv = model.vision_model.embeddings.patch_embedding.weight.numel()
     head = linear_params(model, skip=("vision_model.encoder",))
     encoder = linear_params(model.vision_model.encoder)
     analytic = analytic_vit_step(batch, tokens, encoder, conv, vc.num_hidden_layers, vc.hidden_size, head)
-    r = _stage_result(seconds, flops, analytic, analytic, limit)
+    r = _stage_result(seconds, flops, analytic, limit)
+    r["step_s_unfused_adamw"] = round(med["loop"], 3)
     r["profile"] = profile_shares(step, seconds)
     return r
 
@@ -439,7 +477,7 @@ def stage_retrieval(
     seconds = _median_step(run, 1, repeats)
     flops = counted_flops(run)
     analytic = 2 * images * len(owner) * dim
-    r = _stage_result(seconds, flops, analytic, analytic, limits["fp32"])
+    r = _stage_result(seconds, flops, analytic, limits["fp32"])
     r["profile"] = profile_shares(run, seconds)
     return {"images": images, "captions": len(owner), "dim": dim, "fp32": r}
 
@@ -578,8 +616,8 @@ def _llava(stage: str, name: str, limit: float, data: Path, steps: int, quick: b
         + 6 * m["projector"] * imgs * (tower_tokens - 1)
         for b, n, _, kept, imgs in window
     ) / (steps - 2)
-    useful = analytic * sum(s[2] for s in window) / sum(s[0] * s[1] for s in window)
-    r = _stage_result(seconds, flops, analytic, useful, limit)
+    real = sum(s[2] for s in window) / sum(s[0] * s[1] for s in window)
+    r = _stage_result(seconds, flops, analytic, limit, real)
     r["rows_per_step"] = sum(s[0] for s in window) // (steps - 2)
     r["padding_share"] = round(1 - sum(s[2] for s in window) / sum(s[0] * s[1] for s in window), 3)
     return r

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -519,6 +520,29 @@ class TextEncoder(nn.Module):
             },
         )
         return out
+
+
+@contextmanager
+def frozen_linears_in(model: nn.Module, dtype: torch.dtype):
+    """Within: the frozen nn.Linear weights (and biases) of `model` stored in `dtype`, the originals
+    back on exit. Under autocast to `dtype` every linear casts its weight at each call, and autocast
+    keeps the cast only of weights that need gradients: a LoRA step re-casts the whole frozen base at
+    every forward (a quarter of a bf16 stage-1 step, bench/gemm_limit.py). Autocast would run these
+    products in `dtype` anyway, on the same rounded values: the step computes exactly the same."""
+    kept = []
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear) or mod.weight.requires_grad:
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(mod, name)
+            if p is not None and not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+                kept.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield len(kept)
+    finally:
+        for p, data in kept:
+            p.data = data
 
 
 def save_adapter(model, folder: Path) -> Path:
