@@ -20,19 +20,52 @@ def project_root() -> Path:
 
 @dataclass(frozen=True)
 class ShippedConfig:
+    """A shipped config and its header, the comment lines it opens with::
+
+        # l2c data synth --out runs/quick/data ... \\
+        #   && l2c stage1 --config stage1/configs/quick.yaml
+        # Quick (CI): what the config is, in one line (`l2c ls`).
+        # ... more comment lines ...
+        # Yours to provide (README, "Real scale"):
+        #   data/cc3m/pairs.jsonl  what it is, where it comes from
+
+    ``command``: the command line that runs it from a fresh checkout (from the repository root): the
+    commands that write its inputs, then its own, joined by ``&&``; a line ending in `` \\`` goes on
+    in the next comment line, as in a shell. ``summary``: the line after it. ``provided``: the inputs a
+    real-scale config reads that the user brings (data, model folders), each with what it is: the
+    indented lines under ``Yours to provide``."""
+
     path: Path
-    command: str  # first comment line: the exact command that runs it
-    summary: str  # second comment line: what it is
+    command: str
+    summary: str
+    provided: tuple[tuple[str, str], ...] = ()
 
 
-def _header(path: Path) -> tuple[str, str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+PROVIDED_HEAD = "Yours to provide"
+
+
+def _header(path: Path) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     comments = []
-    for line in lines:
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
-        comments.append(line.lstrip("#").strip())
-    return (comments[0] if comments else "", comments[1] if len(comments) > 1 else "")
+        comments.append(line[1:])
+    parts, i = [], 0
+    while i < len(comments):  # the command, with its continuation lines
+        text = comments[i].strip()
+        i += 1
+        parts.append(text.removesuffix("\\").strip())
+        if not text.endswith("\\"):
+            break
+    summary = comments[i].strip() if i < len(comments) else ""
+    provided: list[tuple[str, str]] = []
+    heads = [j for j, c in enumerate(comments) if c.strip().startswith(PROVIDED_HEAD)]
+    for c in comments[heads[0] + 1 :] if heads else []:
+        if not c.startswith("   ") or not c.strip():  # the block: lines indented under its head
+            break
+        what, _, how = c.strip().partition(" ")
+        provided.append((what, how.strip()))
+    return " ".join(p for p in parts if p), summary, tuple(provided)
 
 
 def shipped_configs(root: Path | None = None) -> list[ShippedConfig]:
@@ -42,8 +75,7 @@ def shipped_configs(root: Path | None = None) -> list[ShippedConfig]:
         for path in sorted((root / folder).rglob("*.yaml")):
             if {"tasks", "accelerate"} & set(path.relative_to(root / folder).parts):
                 continue  # lmms-eval task folders and accelerate launch configs are not recipe configs
-            cmd, summary = _header(path)
-            out.append(ShippedConfig(path, cmd, summary))
+            out.append(ShippedConfig(path, *_header(path)))
     return out
 
 

@@ -68,24 +68,22 @@ def test_stage1_quick_from_an_empty_folder_outside_the_checkout(tmp_path):
 
 @pytest.mark.slow
 def test_stage1_quick_runs_from_an_empty_folder(tmp_path):
-    """The real thing (a few minutes on 2 cores): the quick data, then `l2c stage1 --config quick`."""
-    r = l2c(
-        tmp_path,
-        "data",
-        "synth",
-        "--out",
-        "runs/quick/data",
-        "--images",
-        "40",
-        "--seed",
-        "1",
-        "--size",
-        "96",
-        "--test-fraction",
-        "0.3",
-        "--quiet",
-        timeout=900,
-    )  # (pipeline/configs/quick.yaml's data)
+    """The real thing (a few minutes on 2 cores): stage1/configs/quick.yaml's header as written, from an
+    empty folder: the quick data, then `l2c stage1` on the config, by its name (`--config quick`)."""
+    from l2c_llava.config_names import shipped_configs
+
+    from .test_config_headers import commands
+
+    header = next(c for c in shipped_configs(ROOT) if c.path == ROOT / "stage1/configs/quick.yaml").command
+    synth, stage1 = commands(header)
+    assert synth[:3] == ["l2c", "data", "synth"] and stage1 == [
+        "l2c",
+        "stage1",
+        "--config",
+        "stage1/configs/quick.yaml",
+    ]
+    assert resolve_config("quick", "stage1") == str(ROOT / "stage1/configs/quick.yaml")
+    r = l2c(tmp_path, *synth[1:], "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr
     r = l2c(tmp_path, "stage1", "--config", "quick", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
