@@ -674,9 +674,7 @@ def run(quick: bool = False, only: list[str] | None = None) -> dict:
                         Path(tempfile.mkdtemp(prefix="l2c_gemm_limit_")) / "data", 30 if quick else 200
                     )
                 )
-            stages[name] = stage_llava(
-                name.split("_")[1], limits, Path(res["data"]), steps=3 if quick else 4, quick=quick
-            )
+            stages[name] = stage_llava(name.split("_")[1], limits, Path(res["data"]), steps=3, quick=quick)
         stages[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(name, json.dumps(stages[name]), flush=True)
     res["stages"] = stages

@@ -63,7 +63,7 @@ def agreement(ours, reference) -> dict:
 
 
 def run(
-    images: int = 64, batch: int = 32, rounds: int = 2, max_length: int = 192, weights: str = "real"
+    images: int = 48, batch: int = 32, rounds: int = 2, max_length: int = 192, weights: str = "real"
 ) -> dict:
     import torch
     from safetensors.torch import load_file
