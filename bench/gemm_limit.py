@@ -27,6 +27,9 @@ runs it; bf16 autocast for the training steps, as ``train.mixed_precision: bf16`
   optimizer, the next batch's loading included); the FLOPs are counted in a second run of the same
   steps (same seed, same batches).
 
+Times: the fastest of a few steps (other work on a shared machine only ever slows a step down), the
+variants of a stage interleaved (A B A B ...); a LLaVA stage times one step of the real loop.
+
 FLOPs: counted with ``torch.utils.flop_counter.FlopCounterMode`` (every matrix product the step runs,
 padding included), cross-checked with the analytic count (``analytic_*`` below): 2 x linear weights x
 tokens forward; training adds the backward: x3 in all for trained weights, x2 for frozen weights that
@@ -47,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -171,21 +173,23 @@ def _stage_result(seconds: float, flops: int, analytic: float, limit: float, rea
     }
 
 
-def _median_step(step, warmup: int, steps: int) -> float:
+def _best_step(step, warmup: int, steps: int) -> float:
+    """The fastest of `steps` timings: on a shared machine other work only ever slows a step down."""
     for _ in range(warmup):
         step()
-    return statistics.median(_seconds(step) for _ in range(steps))
+    return min(_seconds(step) for _ in range(steps))
 
 
 def _interleaved(variants: dict, warmup: int, steps: int) -> dict[str, float]:
-    """Median seconds of each step function, run in turn (A B A B ...) so machine noise hits all alike."""
+    """The fastest timing of each step function, run in turn (A B A B ...) so machine noise hits all
+    alike."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(warmup + steps):
         for k, fn in variants.items():
             s = _seconds(fn)
             if i >= warmup:
                 times[k].append(s)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ def _text_encode(texts: list[str], dtype: str, batch: int, limit: float) -> dict
         enc.encode(texts, batch_size=batch, show_progress=False)
 
     enc.encode(texts[:4], batch_size=4)
-    seconds = _median_step(run, 0, 1)
+    seconds = _best_step(run, 0, 2)
     shapes: list = []
     handle = _record_shapes(enc.model, shapes)
     flops = counted_flops(run)
@@ -474,7 +478,7 @@ def stage_retrieval(
     txt = F.normalize(img[owner] + 0.9 * torch.randn(len(owner), dim, generator=g), dim=-1)
     caption_image = owner.tolist()
     run = lambda: recall_at_k(img, txt, caption_image)  # noqa: E731
-    seconds = _median_step(run, 1, repeats)
+    seconds = _best_step(run, 1, repeats)
     flops = counted_flops(run)
     analytic = 2 * images * len(owner) * dim
     r = _stage_result(seconds, flops, analytic, limits["fp32"])

@@ -14,7 +14,7 @@ def recall_at_k(
     text_emb: torch.Tensor,
     text_image: Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
-    chunk: int = 256,
+    chunk: int = 512,
 ) -> dict[str, float]:
     """image_emb [I, D], text_emb [T, D] (compared by dot product: normalise them first for cosine);
     text_image[j] = the image of caption j. image->text: an image is a hit at K when any of its
