@@ -246,6 +246,10 @@ class PipelineRun:
         """The resolved config a step's command runs under (``l2c ... --config`` this file)."""
         return self.root / "pipeline" / "configs" / f"{step}.yaml"
 
+    def step_log(self, step: str) -> Path:
+        """A step's output when the pipeline runs several steps at once (``parallel``)."""
+        return self.root / "pipeline" / "logs" / f"{step}.log"
+
     # written on a run folder by the applications and bench scripts (the report shows the bench sections)
     @property
     def connectors(self) -> Path:

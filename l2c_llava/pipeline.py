@@ -80,6 +80,53 @@ class Step:
     config_origin: str = ""
 
 
+@dataclass
+class _Child:
+    """A step running in a child process (its output in `log`, or on this terminal when None)."""
+
+    step: Step
+    decision: str
+    proc: subprocess.Popen
+    started: float
+    log: Path | None
+
+    @classmethod
+    def start(cls, step: Step, decision: str, log: Path | None, threads: int | None) -> _Child:
+        cmd = command_line(step.argv, step.launch)
+        env = None
+        if threads is not None:  # torch, OpenMP and MKL read these at start
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        out = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log, "a", encoding="utf-8")  # noqa: SIM115 (the child holds it; closed here after start)
+            out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            out.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+        finally:
+            if out is not None:
+                out.close()
+        return cls(step, decision, proc, time.time(), log)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a step's log (progress bars' carriage returns folded)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        return f"({log} cannot be read: {e})"
+    rows = [r.rsplit("\r", 1)[-1] for r in text.splitlines()]
+    return "\n".join("   | " + r for r in rows[-lines:])
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(dumps_json(obj, indent=None).encode()).hexdigest()
 
@@ -566,69 +613,167 @@ class Pipeline:
             return self._run_plan(plan, state, echo)
 
     def _run_plan(self, plan: list, state: dict, echo) -> dict:
-        n = len(plan)
+        """Run the plan's steps in order, up to ``parallel`` at once: a step starts once every step it
+        reads from has finished (``upstream``) and no running step writes where it writes. With one at
+        a time each step's output goes to this terminal; with more, each step's to its log
+        (``pipeline/logs/<step>.log``) and a child gets its share of the CPU threads."""
+        n, parallel = len(plan), self.cfg.parallel
         state["versions"] = versions()
         t0 = time.time()
         ran: dict[str, str] = {}
-        for i, (step, decision) in enumerate(plan, 1):
-            rec = state["steps"].get(step.name, {})
-            elapsed = time.time() - t0
-            left = sum(self._estimate(s, state) for s, d in plan[i - 1 :] if d != "skip")
-            head = f"[{i}/{n}] {step.title}"
+        index = {step.name: i for i, (step, _) in enumerate(plan, 1)}
+        pending = []
+        for step, decision in plan:
             if decision == "skip":
-                echo(f"== {head}: done earlier ({_hms(rec.get('seconds', 0))}), inputs unchanged: skipped")
-                ran[step.name] = "skip"
-                continue
-            if decision == "fresh":
-                for p in step.outputs:
-                    _remove(p)
-            if step.name in self.damaged:
+                rec = state["steps"].get(step.name, {})
                 echo(
-                    f"== {head}: its outputs changed since it finished ({self.damaged[step.name]}): running it again"
+                    f"== [{index[step.name]}/{n}] {step.title}: done earlier ({_hms(rec.get('seconds', 0))}), "
+                    "inputs unchanged: skipped"
                 )
-            echo(
-                f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(elapsed)} | "
-                f"about {_hms(left)} left"
-            )
-            state["steps"][step.name] = {
-                "fingerprint": step.fingerprint,
-                "resume_key": step.resume_key,
-                "status": "running",
-                "upstream": step.upstream,
-                "started": time.time(),
-                "argv": step.argv,
-                "seconds": rec.get("seconds", 0) if decision == "resume" else 0,
-            }
-            self._save_state(state)
-            started = time.time()
-            if step.config is not None:
-                write_step_config(step)
-            if step.func is not None:
-                step.func()
+                ran[step.name] = "skip"
             else:
-                self._run(step.argv, step.launch)
-            if not step.done_marker.exists():
-                raise PipelineError(f"step {step.name} finished without writing {step.done_marker}")
-            broken = self.outputs_problem(step, {})
-            if broken:
-                raise PipelineError(
-                    f"step {step.name} finished, but {broken}; remove {', '.join(map(str, step.outputs))} "
-                    "to run the step from scratch"
-                )
-            rec = state["steps"][step.name]
-            rec.update(
-                status="done",
-                seconds=rec["seconds"] + time.time() - started,
-                finished=time.time(),
-                outputs=self.record_outputs(step),
+                pending.append((step, decision))
+        running: dict[str, _Child] = {}
+        failed: list[str] = []
+
+        def ready(step: Step) -> bool:
+            if any(u not in ran or u in running for u in step.upstream if u in index):
+                return False
+            mine = [p.resolve() for p in step.outputs]
+            theirs = [p.resolve() for c in running.values() for p in c.step.outputs]
+            return not any(a.is_relative_to(b) or b.is_relative_to(a) for a in mine for b in theirs)
+
+        def left() -> float:
+            todo = [s for s, _ in pending] + [c.step for c in running.values()]
+            total = sum(self._estimate(s, state) for s in todo)
+            return total / max(1, min(parallel, len(todo)))
+
+        try:
+            while pending or running:
+                while not failed and len(running) < parallel:
+                    nxt = next(((s, d) for s, d in pending if ready(s)), None)
+                    if nxt is None:
+                        break
+                    pending.remove(nxt)
+                    step, decision = nxt
+                    child = self._start(step, decision, state, f"[{index[step.name]}/{n}]", t0, left(), echo)
+                    if child is None:  # ran in this process, finished
+                        self._finish(step, state, 0.0)
+                        ran[step.name] = decision
+                    else:
+                        running[step.name] = child
+                if not running:
+                    if failed or not pending:
+                        break
+                    stuck = ", ".join(s.name for s, _ in pending)
+                    raise PipelineError(f"no step can start ({stuck}): their upstream steps never finish")
+                done = self._wait(running)
+                child = running.pop(done)
+                head = f"[{index[done]}/{n}] {child.step.title}"
+                if child.returncode != 0:
+                    failed.append(done)
+                    where = f"; its output: {child.log}" if child.log else ""
+                    echo(f"== {head}: FAILED (exit {child.returncode}){where}")
+                    if child.log:
+                        echo(_tail(child.log))
+                    if running:
+                        echo(
+                            f"== waiting for {', '.join(running)} to finish (Ctrl-C stops them; they resume "
+                            "from their last checkpoint)"
+                        )
+                    continue
+                self._finish(child.step, state, time.time() - child.started)
+                ran[done] = child.decision
+                if parallel > 1:
+                    echo(f"== {head}: done in {_hms(time.time() - child.started)} | elapsed {_hms(time.time() - t0)}")
+        except BaseException:
+            for child in running.values():  # a Ctrl-C reached them too; wait for their checkpoints
+                child.proc.wait()
+            raise
+        if failed:
+            step = next(s for s, _ in plan if s.name == failed[0])
+            raise PipelineError(
+                f"step command failed: {' '.join(step.argv or [step.name])}"
+                + (f" (its output: {self.run_folder.step_log(step.name)})" if parallel > 1 else "")
             )
-            self._save_state(state)
-            ran[step.name] = decision
+        wall = time.time() - t0
+        state["last_run"] = {"parallel": parallel, "seconds": round(wall, 1), "finished": time.time()}
+        self._save_state(state)
         echo(
-            f"== pipeline finished in {_hms(time.time() - t0)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
+            f"== pipeline finished in {_hms(wall)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "
             f"{sum(d == 'skip' for d in ran.values())} skipped; report: {self.run_folder.report_md}"
         )
         return ran
+
+    def _start(self, step: Step, decision: str, state: dict, head: str, t0: float, left: float, echo):
+        """Record the step as running and start it: a child process (returned), or in this process
+        (run to the end here; None returned)."""
+        rec = state["steps"].get(step.name, {})
+        if decision == "fresh":
+            for p in step.outputs:
+                _remove(p)
+        head = f"{head} {step.title}"
+        if step.name in self.damaged:
+            echo(f"== {head}: its outputs changed since it finished ({self.damaged[step.name]}): running it again")
+        log = None
+        if self.cfg.parallel > 1 and step.func is None:
+            log = self.run_folder.step_log(step.name)
+        echo(
+            f"== {head} ({'resuming' if decision == 'resume' else 'running'}) | elapsed {_hms(time.time() - t0)} | "
+            f"about {_hms(left)} left" + (f" | log: {log}" if log else "")
+        )
+        state["steps"][step.name] = {
+            "fingerprint": step.fingerprint,
+            "resume_key": step.resume_key,
+            "status": "running",
+            "upstream": step.upstream,
+            "started": time.time(),
+            "argv": step.argv,
+            "seconds": rec.get("seconds", 0) if decision == "resume" else 0,
+        }
+        self._save_state(state)
+        if step.config is not None:
+            write_step_config(step)
+        if step.func is not None:
+            started = time.time()
+            step.func()
+            state["steps"][step.name]["seconds"] += time.time() - started
+            return None
+        return _Child.start(step, decision, log, self._threads())
+
+    def _threads(self) -> int | None:
+        """CPU threads for each child with several steps at once (None: the child's own default)."""
+        if self.cfg.parallel <= 1 or os.environ.get("OMP_NUM_THREADS"):
+            return None
+        return max(1, (os.cpu_count() or 1) // self.cfg.parallel)
+
+    @staticmethod
+    def _wait(running: dict) -> str:
+        """The name of the first running child to end."""
+        while True:
+            for name, child in running.items():
+                if child.poll() is not None:
+                    return name
+            time.sleep(0.2)
+
+    def _finish(self, step: Step, state: dict, seconds: float) -> None:
+        """Check what a finished step left and record it as done."""
+        if not step.done_marker.exists():
+            raise PipelineError(f"step {step.name} finished without writing {step.done_marker}")
+        broken = self.outputs_problem(step, {})
+        if broken:
+            raise PipelineError(
+                f"step {step.name} finished, but {broken}; remove {', '.join(map(str, step.outputs))} "
+                "to run the step from scratch"
+            )
+        rec = state["steps"][step.name]
+        rec.update(
+            status="done",
+            seconds=rec["seconds"] + (seconds if step.func is None else 0),
+            finished=time.time(),
+            outputs=self.record_outputs(step),
+        )
+        self._save_state(state)
 
     def _estimate(self, step: Step, state: dict) -> float:
         rec = state["steps"].get(step.name)

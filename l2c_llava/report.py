@@ -757,7 +757,15 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                 f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |"
             )
         total = sum(r.get("seconds", 0) for r in steps.values())
-        md += ["", f"Time in steps: {total / 60:.1f} min.", ""]
+        md += ["", f"Time in steps: {total / 60:.1f} min."]
+        last = state.get("last_run") or {}
+        if last.get("parallel", 1) > 1:
+            md += [
+                f"The last run took {last['seconds'] / 60:.1f} min, up to {last['parallel']} steps at once "
+                "(each on its share of the CPU threads, so a step's seconds are not comparable with a run "
+                "of one step at a time)."
+            ]
+        md += [""]
     if state.get("versions"):
         md += ["## Versions", "", "| package | version |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in state["versions"].items()]

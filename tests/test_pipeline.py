@@ -180,19 +180,19 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
     },
     "demo": {
         "data": ("5ef820a78816a2b9", "5ef820a78816a2b9"),
-        "stage1": ("c001c47cdabdc128", "d8ea5f3a6eba091e"),
-        "text_cache": ("a0b73b64beb697f3", "a0b73b64beb697f3"),
-        "stage2": ("5d97bf0121914ef6", "530a4300f9e67f97"),
-        "retrieval": ("2571407302b4ca2a", "5018b12ae7ca02a7"),
-        "export": ("0f2b3c259f15dba6", "0f2b3c259f15dba6"),
-        "health": ("fb9bba6602b687a3", "fb9bba6602b687a3"),
+        "stage1": ("b0e4c4d09e101cea", "4bcaa14fefd6d325"),
+        "text_cache": ("52dc711be25cb2a7", "52dc711be25cb2a7"),
+        "stage2": ("69d841a1a339161d", "8b71e61402342b82"),
+        "retrieval": ("3030d4aa2f73ed20", "9324899c7509a68f"),
+        "export": ("e81c2c277e589f2a", "e81c2c277e589f2a"),
+        "health": ("17650c75b28b2d29", "17650c75b28b2d29"),
         "pretrain_baseline": ("650dd704e8dade43", "2661bf84e1bc14df"),
         "finetune_baseline": ("770675b7cbcf1fe0", "847e70576e08e4ee"),
         "eval_baseline": ("c42fb896f3f134c9", "c42fb896f3f134c9"),
-        "pretrain_llm2clip": ("d690a7b4380221e4", "43bdd2efd065b311"),
-        "finetune_llm2clip": ("0c29be0132d5e76a", "9b3fd57f6fa8784f"),
-        "eval_llm2clip": ("b56a87addf5810af", "b56a87addf5810af"),
-        "report": ("035dd8d098f109eb", "035dd8d098f109eb"),
+        "pretrain_llm2clip": ("08132ed3ad27bc42", "3cf08bf590d3a2e8"),
+        "finetune_llm2clip": ("f0db555f8233153f", "82926b0496ae57fc"),
+        "eval_llm2clip": ("cf542269356c726b", "cf542269356c726b"),
+        "report": ("597d0d0acdb17e4a", "597d0d0acdb17e4a"),
     },
     "demo_4k": {
         "data": ("9c03fb2e86b1c4ee", "9c03fb2e86b1c4ee"),
@@ -465,3 +465,104 @@ def test_report_says_whether_each_llava_reads_the_image(tmp_path):
     assert json.loads((out / "report.json").read_text())["numbers"]["llava_image_use"]["baseline"][
         "reads_image"
     ]
+
+
+# -- several steps at once (`parallel`) ---------------------------------------------------------------
+
+_STEP_SCRIPT = """
+import json, os, sys, time
+out, seconds, fail = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "fail"
+os.makedirs(out, exist_ok=True)
+start = time.time()
+print("working in", out, flush=True)
+time.sleep(seconds)
+if fail:
+    print("this step fails here", flush=True)
+    sys.exit(3)
+rec = {"start": start, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS")}
+with open(os.path.join(out, "done.json"), "w") as f:
+    json.dump(rec, f)
+"""
+
+
+def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
+    """The quick pipeline's object with its steps replaced by small commands (sleep, then write
+    done.json): a: -, b: a, c: -, d: b and c."""
+    import l2c_llava.pipeline as P
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(
+        P, "command_line", lambda argv, launch=None: [sys.executable, "-c", _STEP_SCRIPT, *argv[1:]]
+    )
+    pipe = load_pipeline(QUICK, [f"run.output_dir={out}", f"parallel={parallel}"])
+    steps = []
+    for name, upstream, seconds in (("a", [], 1.0), ("b", ["a"], 0.2), ("c", [], 2.0), ("d", ["b", "c"], 0.1)):
+        folder = out / name
+        steps.append(
+            P.Step(
+                name=name,
+                title=f"step {name}",
+                argv=["l2c", str(folder), str(seconds), "fail" if name == fail else "ok"],
+                outputs=[folder],
+                done_marker=folder / "done.json",
+                fingerprint=f"fp-{name}",
+                resume_key=f"rk-{name}",
+                upstream=upstream,
+            )
+        )
+    pipe.steps = steps
+    return pipe
+
+
+def test_parallel_steps_run_side_by_side_after_what_they_read(tmp_path, monkeypatch):
+    """parallel=2: a step starts only once every step it reads from has finished, two independent
+    steps run at the same time, each on its share of the CPU threads, each with its own log; the
+    state records every step done and the run's wall time; a second run skips them all."""
+    out = tmp_path / "run"
+    lines: list[str] = []
+    ran = _toy_pipeline(out, monkeypatch, 2).run(echo=lines.append)
+    assert ran == {"a": "fresh", "c": "fresh", "b": "fresh", "d": "fresh"}, ran
+    rec = {n: json.loads((out / n / "done.json").read_text()) for n in "abcd"}
+    assert rec["b"]["start"] >= rec["a"]["end"]  # b reads a
+    assert rec["d"]["start"] >= max(rec["b"]["end"], rec["c"]["end"])  # d reads b and c
+    assert rec["c"]["start"] < rec["a"]["end"] and rec["a"]["start"] < rec["c"]["end"]  # side by side
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert all(r["threads"] == threads for r in rec.values()), rec
+    for n in "abcd":
+        assert f"working in {out / n}" in (out / "pipeline" / "logs" / f"{n}.log").read_text()
+    state = json.loads((out / "pipeline" / "state.json").read_text())
+    assert all(state["steps"][n]["status"] == "done" for n in "abcd")
+    assert state["last_run"]["parallel"] == 2 and state["last_run"]["seconds"] > 0
+    assert any("log:" in line for line in lines)
+    again = _toy_pipeline(out, monkeypatch, 2).run(echo=lambda *_: None)
+    assert set(again.values()) == {"skip"}
+
+
+def test_parallel_step_failure_lets_the_others_finish_and_names_the_log(tmp_path, monkeypatch):
+    """A failing step under parallel=2: the step beside it runs to its end, nothing that reads the
+    failed step starts, the error names the failed step's log, whose tail is shown; the next run
+    skips what finished and runs the rest."""
+    from l2c_llava.pipeline import PipelineError
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    with pytest.raises(PipelineError, match=r"logs/a\.log"):
+        _toy_pipeline(out, monkeypatch, 2, fail="a").run(echo=lines.append)
+    assert (out / "c" / "done.json").is_file()  # the step beside it finished
+    assert not (out / "b").exists() and not (out / "d").exists()  # what reads the failed one never started
+    assert any("this step fails here" in line for line in lines)
+    state = json.loads((out / "pipeline" / "state.json").read_text())["steps"]
+    assert state["a"]["status"] == "running" and state["c"]["status"] == "done"
+    ran = _toy_pipeline(out, monkeypatch, 2).run(echo=lambda *_: None)
+    assert ran == {"c": "skip", "a": "resume", "b": "fresh", "d": "fresh"}, ran
+
+
+def test_one_step_at_a_time_keeps_the_terminal_and_the_threads(tmp_path, monkeypatch):
+    """parallel=1 (the default): steps in plan order, each after the one before, on this terminal
+    (no logs), with the threads the environment gives."""
+    out = tmp_path / "run"
+    _toy_pipeline(out, monkeypatch, 1).run(echo=lambda *_: None)
+    rec = {n: json.loads((out / n / "done.json").read_text()) for n in "abcd"}
+    assert rec["a"]["end"] <= rec["b"]["start"] <= rec["b"]["end"] <= rec["c"]["start"] <= rec["d"]["start"]
+    assert all(r["threads"] is None for r in rec.values())
+    assert not (out / "pipeline" / "logs").exists()

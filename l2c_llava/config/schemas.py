@@ -731,6 +731,13 @@ class PipelineConfig(RecipeConfig):
     estimates: dict[str, NonNegFloat] = Field(
         default_factory=dict, description="seconds per step for the first run's time estimate"
     )
+    parallel: PositiveInt = Field(
+        1,
+        description="steps run at once: a step starts when the steps it reads from have finished; with "
+        "more than 1, each step's output goes to pipeline/logs/<step>.log and each gets its share of the "
+        "CPU threads (a CPU machine: the two LLaVAs beside stage 1 and 2; on GPUs keep 1, each step "
+        "takes every GPU)",
+    )
 
     def check(self) -> list[tuple[str, Any, str]]:
         out = []
