@@ -635,6 +635,11 @@ class Pipeline:
                 pending.append((step, decision))
         running: dict[str, _Child] = {}
         failed: list[str] = []
+        reads: dict[str, set[str]] = {}  # each step's upstream steps, and theirs, and so on
+        for step, _ in plan:
+            reads[step.name] = set()
+            for u in step.upstream:
+                reads[step.name] |= {u, *reads.get(u, ())}
 
         def ready(step: Step) -> bool:
             if any(u not in ran or u in running for u in step.upstream if u in index):
@@ -656,7 +661,11 @@ class Pipeline:
                         break
                     pending.remove(nxt)
                     step, decision = nxt
-                    child = self._start(step, decision, state, f"[{index[step.name]}/{n}]", t0, left(), echo)
+                    # alone from here to its end (nothing running, everything left reads it): every thread
+                    alone = not running and all(step.name in reads[s.name] for s, _ in pending)
+                    threads = None if alone else self._threads()
+                    head = f"[{index[step.name]}/{n}]"
+                    child = self._start(step, decision, state, head, t0, left(), echo, threads)
                     if child is None:  # ran in this process, finished
                         self._finish(step, state, 0.0)
                         ran[step.name] = decision
@@ -685,7 +694,9 @@ class Pipeline:
                 self._finish(child.step, state, time.time() - child.started)
                 ran[done] = child.decision
                 if parallel > 1:
-                    echo(f"== {head}: done in {_hms(time.time() - child.started)} | elapsed {_hms(time.time() - t0)}")
+                    echo(
+                        f"== {head}: done in {_hms(time.time() - child.started)} | elapsed {_hms(time.time() - t0)}"
+                    )
         except BaseException:
             for child in running.values():  # a Ctrl-C reached them too; wait for their checkpoints
                 child.proc.wait()
@@ -705,16 +716,28 @@ class Pipeline:
         )
         return ran
 
-    def _start(self, step: Step, decision: str, state: dict, head: str, t0: float, left: float, echo):
-        """Record the step as running and start it: a child process (returned), or in this process
-        (run to the end here; None returned)."""
+    def _start(
+        self,
+        step: Step,
+        decision: str,
+        state: dict,
+        head: str,
+        t0: float,
+        left: float,
+        echo,
+        threads: int | None,
+    ):
+        """Record the step as running and start it: a child process on `threads` CPU threads (None: its
+        default, every core; returned), or in this process (run to the end here; None returned)."""
         rec = state["steps"].get(step.name, {})
         if decision == "fresh":
             for p in step.outputs:
                 _remove(p)
         head = f"{head} {step.title}"
         if step.name in self.damaged:
-            echo(f"== {head}: its outputs changed since it finished ({self.damaged[step.name]}): running it again")
+            echo(
+                f"== {head}: its outputs changed since it finished ({self.damaged[step.name]}): running it again"
+            )
         log = None
         if self.cfg.parallel > 1 and step.func is None:
             log = self.run_folder.step_log(step.name)
@@ -739,10 +762,11 @@ class Pipeline:
             step.func()
             state["steps"][step.name]["seconds"] += time.time() - started
             return None
-        return _Child.start(step, decision, log, self._threads())
+        return _Child.start(step, decision, log, threads)
 
     def _threads(self) -> int | None:
-        """CPU threads for each child with several steps at once (None: the child's own default)."""
+        """CPU threads of a child beside others with several steps at once: its share of the cores
+        (None: the child's own default, every core; also where OMP_NUM_THREADS is set)."""
         if self.cfg.parallel <= 1 or os.environ.get("OMP_NUM_THREADS"):
             return None
         return max(1, (os.cpu_count() or 1) // self.cfg.parallel)

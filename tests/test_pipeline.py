@@ -496,7 +496,12 @@ def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
     )
     pipe = load_pipeline(QUICK, [f"run.output_dir={out}", f"parallel={parallel}"])
     steps = []
-    for name, upstream, seconds in (("a", [], 1.0), ("b", ["a"], 0.2), ("c", [], 2.0), ("d", ["b", "c"], 0.1)):
+    for name, upstream, seconds in (
+        ("a", [], 1.0),
+        ("b", ["a"], 0.2),
+        ("c", [], 2.0),
+        ("d", ["b", "c"], 0.1),
+    ):
         folder = out / name
         steps.append(
             P.Step(
@@ -516,8 +521,9 @@ def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
 
 def test_parallel_steps_run_side_by_side_after_what_they_read(tmp_path, monkeypatch):
     """parallel=2: a step starts only once every step it reads from has finished, two independent
-    steps run at the same time, each on its share of the CPU threads, each with its own log; the
-    state records every step done and the run's wall time; a second run skips them all."""
+    steps run at the same time, each on its share of the CPU threads (a step alone to the end on all
+    of them), each with its own log; the state records every step done and the run's wall time; a
+    second run skips them all."""
     out = tmp_path / "run"
     lines: list[str] = []
     ran = _toy_pipeline(out, monkeypatch, 2).run(echo=lines.append)
@@ -527,7 +533,10 @@ def test_parallel_steps_run_side_by_side_after_what_they_read(tmp_path, monkeypa
     assert rec["d"]["start"] >= max(rec["b"]["end"], rec["c"]["end"])  # d reads b and c
     assert rec["c"]["start"] < rec["a"]["end"] and rec["a"]["start"] < rec["c"]["end"]  # side by side
     threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert all(r["threads"] == threads for r in rec.values()), rec
+    assert [rec[n]["threads"] for n in "abc"] == [threads] * 3, rec
+    assert rec["d"]["threads"] is None, (
+        rec
+    )  # alone to the end (nothing beside it, nothing after): every thread
     for n in "abcd":
         assert f"working in {out / n}" in (out / "pipeline" / "logs" / f"{n}.log").read_text()
     state = json.loads((out / "pipeline" / "state.json").read_text())
