@@ -620,6 +620,8 @@ class Pipeline:
         n, parallel = len(plan), self.cfg.parallel
         state["versions"] = versions()
         t0 = time.time()
+        # the report (the last step) reads it: the run's wall time so far
+        state["last_run"] = {"parallel": parallel, "started": t0}
         ran: dict[str, str] = {}
         index = {step.name: i for i, (step, _) in enumerate(plan, 1)}
         pending = []
@@ -649,9 +651,16 @@ class Pipeline:
             return not any(a.is_relative_to(b) or b.is_relative_to(a) for a in mine for b in theirs)
 
         def left() -> float:
-            todo = [s for s, _ in pending] + [c.step for c in running.values()]
-            total = sum(self._estimate(s, state) for s in todo)
-            return total / max(1, min(parallel, len(todo)))
+            """The longest chain of steps still to run, or their sum shared among `parallel`, whichever is
+            longer (the estimates: each step's last time, else the config's `estimates`)."""
+            todo = {s.name: s for s, _ in pending} | {c.step.name: c.step for c in running.values()}
+            chain: dict[str, float] = {}
+            for step, _ in plan:  # in plan order: a step's upstream steps come before it
+                if step.name in todo:
+                    before = [chain[u] for u in step.upstream if u in chain]
+                    chain[step.name] = self._estimate(step, state) + max(before, default=0.0)
+            total = sum(self._estimate(s, state) for s in todo.values())
+            return max(max(chain.values(), default=0.0), total / max(1, parallel))
 
         try:
             while pending or running:
@@ -708,7 +717,7 @@ class Pipeline:
                 + (f" (its output: {self.run_folder.step_log(step.name)})" if parallel > 1 else "")
             )
         wall = time.time() - t0
-        state["last_run"] = {"parallel": parallel, "seconds": round(wall, 1), "finished": time.time()}
+        state["last_run"].update(seconds=round(wall, 1), finished=time.time())
         self._save_state(state)
         echo(
             f"== pipeline finished in {_hms(wall)}: {sum(d != 'skip' for d in ran.values())} step(s) run, "

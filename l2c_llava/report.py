@@ -759,11 +759,13 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         total = sum(r.get("seconds", 0) for r in steps.values())
         md += ["", f"Time in steps: {total / 60:.1f} min."]
         last = state.get("last_run") or {}
-        if last.get("parallel", 1) > 1:
+        if last.get("parallel", 1) > 1 and (last.get("seconds") or last.get("started")):
+            ends = [r["finished"] for r in steps.values() if r.get("finished")]
+            wall = last.get("seconds") or (max(ends, default=last["started"]) - last["started"])
             md += [
-                f"The last run took {last['seconds'] / 60:.1f} min, up to {last['parallel']} steps at once "
-                "(each on its share of the CPU threads, so a step's seconds are not comparable with a run "
-                "of one step at a time)."
+                f"The last run took {wall / 60:.1f} min of wall time, up to {last['parallel']} steps at once "
+                "(each beside another on its share of the CPU threads, so a step's seconds are not those of a "
+                "run of one step at a time)."
             ]
         md += [""]
     if state.get("versions"):

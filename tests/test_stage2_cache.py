@@ -102,6 +102,25 @@ def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
     )
 
 
+def test_a_cache_made_under_another_token_window_is_not_reused(tmp_path, encoder_dir):
+    """text_encoder.max_length cuts every dense caption: a cache built with one window is refused
+    under another (it was reused silently before), recorded in the manifest; a cache written before
+    the key existed counts as the encoder's own window."""
+    kw = dict(shard_size=4, load_encoder=FakeEncoder, progress=False)
+    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **kw)
+    assert cache.manifest["max_length"] == 64
+    with pytest.raises(CacheError, match="other max_length"):
+        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=128, **kw)
+    with pytest.raises(CacheError, match="other max_length"):
+        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, **kw)  # the encoder's own window
+    build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **{**kw, "load_encoder": lambda: 1 / 0})
+    old = build_cache(tmp_path / "f", CAPTIONS, encoder_dir, **kw)
+    manifest = json.loads((old.folder / "manifest.json").read_text())
+    del manifest["max_length"]
+    (old.folder / "manifest.json").write_text(json.dumps(manifest))
+    build_cache(tmp_path / "f", CAPTIONS, encoder_dir, **{**kw, "load_encoder": lambda: 1 / 0})
+
+
 def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
     dying = FakeEncoder(die_on_call=3)
     with pytest.raises(KeyboardInterrupt):

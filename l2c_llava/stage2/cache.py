@@ -275,12 +275,15 @@ def build_cache(
     load_encoder: Callable[[], Any] | None = None,
     progress: bool = True,
     compute_dtype: str = "auto",
+    max_length: int | None = None,
 ) -> TextFeatureCache:
     """Embed `captions` with the encoder at `encoder_path` into a cache at `folder` (resuming a
     partial one made with the same encoder, instruction, captions and layout). ``load_encoder``
     overrides how the encoder is loaded (default: TextEncoder.from_pretrained); it is only called
     when shards remain to be written. ``compute_dtype`` is the dtype the encoder runs in (recorded in
-    the manifest: features made in another dtype are neither mixed in on resume nor reused)."""
+    the manifest: features made in another dtype are neither mixed in on resume nor reused);
+    ``max_length`` the token window it was loaded with (None: the encoder's own setting), recorded
+    and compared the same way."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -302,6 +305,7 @@ def build_cache(
         "dtype": dtype,
         "shard_size": shard_size,
         "compute_dtype": compute_dtype,
+        "max_length": max_length,
     }
     manifest_path = folder / MANIFEST
     manifest: dict[str, Any] | None = (
@@ -311,7 +315,8 @@ def build_cache(
         made = manifest | {
             "encoder": manifest.get("encoder", {}).get("digest"),
             "compute_dtype": manifest.get("compute_dtype", "auto"),
-        }  # older caches: "auto"
+            "max_length": manifest.get("max_length"),
+        }  # older caches: "auto", the encoder's own window
         differs = [k for k in wanted if made.get(k) != (wanted[k] if k != "encoder" else fp["digest"])]
         if differs and not overwrite:
             raise CacheError(
@@ -436,6 +441,7 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
             overwrite=overwrite,
             load_encoder=load,
             compute_dtype=te.torch_dtype,
+            max_length=te.max_length,
         )
         summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
         if name == "train" and scan is not None:
