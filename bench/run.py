@@ -25,7 +25,10 @@ BENCHES = {
     "llava_step": ("LLaVA step: LM head on every position vs on the supervised ones", "llava_step"),
     "retrieval": ("retrieval eval, 5K images x 25K captions, vs one matmul", "retrieval"),
     "gemm_limit": ("the GEMM limit and each stage's achieved FLOP/s as a share of it", "gemm_limit"),
-    "parallel_steps": ("LLaVA steps: 2 one-thread processes vs 1 on every thread (needs runs/demo/data)", "parallel_steps"),
+    "parallel_steps": (
+        "LLaVA steps: 2 one-thread processes vs 1 on every thread (needs runs/demo/data)",
+        "parallel_steps",
+    ),
 }
 QUICK = {
     "stage2_step": {"steps": 2, "online": False},
