@@ -127,6 +127,19 @@ def _tail(log: Path, lines: int = 40) -> str:
     return "\n".join("   | " + r for r in rows[-lines:])
 
 
+def _last_line(log: Path, width: int = 90) -> str:
+    """What a step last printed (a progress bar's latest state), cut to `width` characters."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "-"
+    parts = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
+    text = parts[-1] if parts else "-"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(dumps_json(obj, indent=None).encode()).hexdigest()
 
@@ -685,7 +698,7 @@ class Pipeline:
                         break
                     stuck = ", ".join(s.name for s, _ in pending)
                     raise PipelineError(f"no step can start ({stuck}): their upstream steps never finish")
-                done = self._wait(running)
+                done = self._wait(running, echo, t0)
                 child = running.pop(done)
                 head = f"[{index[done]}/{n}] {child.step.title}"
                 if child.returncode != 0:
@@ -780,13 +793,24 @@ class Pipeline:
             return None
         return max(1, (os.cpu_count() or 1) // self.cfg.parallel)
 
-    @staticmethod
-    def _wait(running: dict) -> str:
-        """The name of the first running child to end."""
+    status_every = 60.0  # seconds between two progress lines while steps run beside each other
+
+    def _wait(self, running: dict, echo, t0: float) -> str:
+        """The name of the first running child to end; meanwhile, with the steps' output in logs, every
+        :attr:`status_every` seconds a line with where each running step is (its log's last line)."""
+        last = time.time()
         while True:
             for name, child in running.items():
                 if child.poll() is not None:
                     return name
+            if time.time() - last >= self.status_every and any(c.log for c in running.values()):
+                last = time.time()
+                where = " | ".join(
+                    f"{name} {_hms(last - c.started)}: {_last_line(c.log)}"
+                    for name, c in running.items()
+                    if c.log
+                )
+                echo(f"   elapsed {_hms(last - t0)} | {where}")
             time.sleep(0.2)
 
     def _finish(self, step: Step, state: dict, seconds: float) -> None:

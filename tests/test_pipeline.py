@@ -516,6 +516,7 @@ def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
             )
         )
     pipe.steps = steps
+    pipe.status_every = 0.3
     return pipe
 
 
@@ -543,6 +544,10 @@ def test_parallel_steps_run_side_by_side_after_what_they_read(tmp_path, monkeypa
     assert all(state["steps"][n]["status"] == "done" for n in "abcd")
     assert state["last_run"]["parallel"] == 2 and state["last_run"]["seconds"] > 0
     assert any("log:" in line for line in lines)
+    # while steps run beside each other, a line now and then with what each last printed
+    assert any(
+        line.strip().startswith("elapsed") and "a 0m" in line and "working in" in line for line in lines
+    ), lines
     again = _toy_pipeline(out, monkeypatch, 2).run(echo=lambda *_: None)
     assert set(again.values()) == {"skip"}
 
