@@ -35,7 +35,11 @@ def run_open_clip(job, tensors, result):
         _, tokens = model.visual(pixels)
         tensors["open_clip|tokens"] = tokens.contiguous()
         inter = model.visual.forward_intermediates(
-            pixels, indices=[job["layer"]], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+            pixels,
+            indices=[job["layer"]],
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
         )
         tensors["open_clip|layer_patches"] = inter["image_intermediates"][0].contiguous()
         tensors["open_clip|layer_cls"] = inter["image_intermediates_prefix"][0].contiguous()
