@@ -113,12 +113,12 @@ def test_a_tower_the_libraries_cannot_express_is_refused_with_the_reason(tmp_pat
     tower = tiny_vision()
     tower.config.hidden_act = "gelu_new"
     with pytest.raises(ExportError, match="hidden_act is 'gelu_new'.*--format hf"):
-        export_vision_library(tower.vision_model, tmp_path / "x", "timm")
+        export_vision_library(tower, tmp_path / "x", "timm")
     tower = tiny_vision()
     tower.config.layer_norm_eps = 1e-6
     with pytest.raises(ExportError, match="layer_norm_eps 1e-06.*--format open_clip"):
-        export_vision_library(tower.vision_model, tmp_path / "y", "timm")
-    out = export_vision_library(tower.vision_model, tmp_path / "z", "open_clip")  # open_clip can: norm_kwargs
+        export_vision_library(tower, tmp_path / "y", "timm")
+    out = export_vision_library(tower, tmp_path / "z", "open_clip")  # open_clip can: norm_kwargs
     cfg = json.loads((out / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["vision_cfg"]["norm_kwargs"] == {"eps": 1e-6}
 
@@ -170,7 +170,8 @@ def test_open_clip_and_timm_load_the_exports_and_give_the_transformers_features(
         out = hf(pixel_values=a.pixels, output_hidden_states=True)
         pooled = out.pooler_output
         projected = a.model.visual_projection(pooled)
-        tokens = hf.vision_model.post_layernorm(out.last_hidden_state)  # open_clip / timm norm every token
+        post_norm = next(m for n, m in hf.named_modules() if n.endswith("post_layernorm"))
+        tokens = post_norm(out.last_hidden_state)  # open_clip and timm norm every token
         layer = out.hidden_states[-2]
     pairs = {
         "open_clip encode_image = pooler_output @ projection": (got["open_clip|image_features"], projected),

@@ -216,7 +216,7 @@ def llava_takes_hub_id(name: str) -> bool:
 
 def _same_tower(folder: str, tower) -> str | None:
     """Why the CLIP vision weights in `folder` (a CLIPVisionModel or CLIPModel folder) are not `tower`'s
-    (None: they are, bit for bit)."""
+    (None: they are, bit for bit once cast to the tower's dtype, as LLaVA's loader casts them)."""
     from transformers import CLIPVisionModel
 
     try:
@@ -233,7 +233,7 @@ def _same_tower(folder: str, tower) -> str | None:
     bad = [
         k
         for k, v in mine.items()
-        if v.shape != theirs[k].shape or not torch.equal(v.float(), theirs[k].float())
+        if v.shape != theirs[k].shape or not torch.equal(v, theirs[k].to(v.dtype))  # in the model's dtype
     ]
     return f"its vision weights differ from the model's ({', '.join(bad[:3])})" if bad else None
 
