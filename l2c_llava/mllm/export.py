@@ -223,11 +223,11 @@ def _same_tower(folder: str, tower) -> str | None:
         other = CLIPVisionModel.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - any reason it is not a CLIP vision folder, told as it is
         return f"it does not load as a CLIPVisionModel ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-    mine = {
-        (k if k.startswith("vision_model.") else "vision_model." + k): v
-        for k, v in tower.state_dict().items()
-    }
-    theirs = other.state_dict()
+
+    def keys(module) -> dict:  # transformers 4.x keeps vision_model.*, 5.x not
+        return {k.removeprefix("vision_model."): v for k, v in module.state_dict().items()}
+
+    mine, theirs = keys(tower), keys(other)
     if mine.keys() != theirs.keys():
         return "its vision tower has other weights (other keys)"
     bad = [
@@ -316,8 +316,7 @@ def repoint_original(folder: str | os.PathLike, vision_tower: str | None = None)
     its own ``vision_tower/`` as it is now, or `vision_tower` (a folder or Hub id, checked as at export).
     The folder's output record (``.l2c_output.json``) is updated, so it stays a previous output of
     ``l2c export llava``. Returns (old, new)."""
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     from l2c_llava.io import OUTPUT_MARKER, atomic_write_json, atomic_write_text, file_record
     from l2c_llava.locks import run_lock
@@ -344,8 +343,7 @@ def repoint_original(folder: str | os.PathLike, vision_tower: str | None = None)
         )
     tower = None
     if vision_tower:  # compared with the tower the export carries
-        tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(own))
-        tower.load_state_dict(load_file(str(own / "model.safetensors")))
+        tower = CLIPVisionModel.from_pretrained(own)
     new, _ = choose_vision_tower(folder, tower, {}, vision_tower)
     old = config["mm_vision_tower"]
     with run_lock(folder, ORIGINAL_KIND):

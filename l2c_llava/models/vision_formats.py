@@ -97,6 +97,16 @@ def _shape(config) -> dict:
     }
 
 
+def check_expressible(config, format: str) -> None:
+    """Raise VisionFormatError, before anything is written, where `format` cannot hold the tower."""
+    s = _shape(config)
+    if format == "timm" and s["eps"] != 1e-5:
+        raise VisionFormatError(
+            f"layer_norm_eps {s['eps']}: timm's CLIP ViTs use LayerNorm's 1e-5 (and a config.json cannot "
+            "name another); use --format open_clip or hf"
+        )
+
+
 def _hf_vision_state(tower) -> dict[str, torch.Tensor]:
     """The CLIPVisionTransformer's own keys (``embeddings.*``, ``encoder.layers.*`` ...), whether given
     a CLIPVisionModel (``vision_model.*``) or the transformer itself."""
@@ -211,12 +221,8 @@ def open_clip_preprocess_cfg(size: int) -> dict:
 def timm_state(tower, projection: torch.Tensor | None = None):
     """(state dict, config.json) of a timm ``VisionTransformer`` (CLIP variant: pre-norm, class token,
     ``global_pool='token'``) equal to `tower`, with LLM2CLIP's projection as its head when given."""
+    check_expressible(tower.config, "timm")
     s = _shape(tower.config)
-    if s["eps"] != 1e-5:
-        raise VisionFormatError(
-            f"layer_norm_eps {s['eps']}: timm's CLIP ViTs use LayerNorm's 1e-5 (and a config.json cannot "
-            "name another); use --format open_clip or hf"
-        )
     st = _hf_vision_state(tower)
     d = s["width"]
     out = {

@@ -80,7 +80,7 @@ def export_vision_library(
     from l2c_llava.models import vision_formats as vf
 
     try:
-        vf._shape(trained.config)
+        vf.check_expressible(trained.config, format)
     except VisionFormatError as e:
         raise ExportError(str(e)) from None
     want = vf._hf_vision_state(trained)
