@@ -336,7 +336,7 @@ training), or use `l2c mllm chat --model {name} --image IMG "question"`. For the
 write its layout with `l2c export llava --model {name} --format original --out llava-...`."""
     return """See "Loading it" below: `load_pretrained_model` of the original LLaVA code, from any
 working directory (`mm_vision_tower` is an absolute path or a Hub id; `l2c export repoint` after the
-folder moves), lmms-eval's own `llava` model, and `python -m llava.eval.run_llava --conv-mode vicuna_v1`.
+folder moves), and `python -m llava.eval.run_llava --conv-mode vicuna_v1`.
 Stock transformers loads the transformers-format export (`l2c export llava --format hf`) with
 `LlavaForConditionalGeneration.from_pretrained`."""
 

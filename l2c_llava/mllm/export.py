@@ -180,8 +180,11 @@ tokenizer, model, image_processor, _ = load_pretrained_model(path, None, get_mod
 
 ```bash
 python -m llava.eval.run_llava --model-path /path/to/{name} --conv-mode vicuna_v1 --image-file IMG --query "..."
-python -m lmms_eval --model llava --model_args pretrained=/path/to/{name},conv_template=vicuna_v1 --tasks TASKS --batch_size 1
 ```
+
+lmms-eval's own `llava` model calls the same `load_pretrained_model`
+(`python -m lmms_eval --model llava --model_args pretrained=/path/to/{name},conv_template=vicuna_v1
+--tasks TASKS --batch_size 1`, on a GPU); l2c-llava's tests run LLaVA's loader itself, not that model.
 
 **After moving or copying this folder**, point `mm_vision_tower` at its new place:
 `l2c export repoint /new/path/to/{name}` (or `--vision-tower ID_OR_PATH`: the released tower's Hub id,
