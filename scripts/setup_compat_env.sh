@@ -21,7 +21,8 @@ case "$VERSION" in
   4.44.2) TAG=tf444; PKGS=("transformers==4.44.2" "tokenizers>=0.19,<0.20" "accelerate==0.33.0" "numpy<2.3");;
   vision) TAG=vision
     # the extra's pins, read from pyproject.toml (the one list of dependencies)
-    mapfile -t PKGS < <("${PYTHON:-python3}" -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["vision-consumers"]))' "$ROOT/pyproject.toml")
+    mapfile -t PKGS < <(sed -n 's/^vision-consumers = \[\(.*\)\]$/\1/p' "$ROOT/pyproject.toml" | tr ',' '\n' | tr -d ' "')
+    [[ ${#PKGS[@]} -gt 0 ]] || { echo "setup_compat_env.sh: no vision-consumers extra in pyproject.toml" >&2; exit 2; }
     PKGS+=("torchvision==0.28.0");;
   *) echo "setup_compat_env.sh: unsupported consumer $VERSION (4.37.2, 4.44.2 or vision)" >&2; exit 2;;
 esac
