@@ -29,6 +29,16 @@ KINDS = {
         "the LLM2CLIP-upgraded CLIP vision encoder, as a transformers "
         "`CLIPVisionModel` folder (image processor included)",
     ),
+    "vision-open_clip": (
+        "image-feature-extraction",
+        "the LLM2CLIP-upgraded CLIP vision encoder as an open_clip model folder "
+        "(`open_clip_config.json` with its preprocessing, `open_clip_model.safetensors`)",
+    ),
+    "vision-timm": (
+        "image-feature-extraction",
+        "the LLM2CLIP-upgraded CLIP vision encoder as a timm model folder "
+        "(`config.json` with architecture, model_args and preprocessing, `model.safetensors`)",
+    ),
     "llm2clip": (
         "zero-shot-image-classification",
         "the whole LLM2CLIP model: CLIP vision tower and projection "
@@ -228,7 +238,35 @@ def _metrics_section(facts: RunFacts) -> str:
     return "\n".join(lines)
 
 
+# kind -> the consumers whose own loaders the project's tests run on this kind of export
+# (tests/test_compat_matrix.py, tests/test_vision_consumers.py) and what they compare
+TESTED_WITH = {
+    "vision": "transformers 4.37.2, 4.44.2 and 5.x (`CLIPVisionModel.from_pretrained`: no missing or "
+    "unexpected keys, the trained tower's features within 1e-5); the original LLaVA code "
+    "(llava-torch 1.2.2.post1) as the tower of an original-format LLaVA export",
+    "vision-open_clip": "open_clip 3.3.0 (`create_model_from_pretrained('local-dir:...')`: its own loader "
+    "and preprocessing; pooled, projected and penultimate-layer features equal to the transformers "
+    "`CLIPVisionModel` export within 1e-4 on the same pixels; its preprocessing of non-square images "
+    "equal to the transformers image processor's)",
+    "vision-timm": "timm 1.0.31 (`create_model('local-dir:...', pretrained=True)` and its "
+    "`resolve_data_config` / `create_transform`: pooled, head and penultimate-layer features equal to the "
+    "transformers `CLIPVisionModel` export within 1e-4 on the same pixels; its preprocessing of "
+    "non-square images equal to the transformers image processor's)",
+    "llm2clip": "l2c-llava (`LLM2CLIP.from_pretrained`); its vision part as a `CLIPVisionModel` in "
+    "transformers 4.37.2, 4.44.2 and 5.x",
+    "llava": "transformers 4.37.2, 4.44.2 and 5.x (`LlavaForConditionalGeneration.from_pretrained`: the "
+    "same logits within 1e-3); lmms-eval's `llava_hf` and the project's `l2c_llava` lmms-eval model",
+    "llava-original": "the original LLaVA code (llava-torch 1.2.2.post1, transformers 4.37.2): "
+    "`load_pretrained_model` from another working directory, and after the folder was moved and "
+    "re-pointed (`l2c export repoint`), the transformers export's logits within 1e-3 and its greedy tokens",
+}
+
+
 def _load_section(kind: str, name: str) -> str:
+    return f"Tested with: {TESTED_WITH[kind]}.\n\n" + _loading_lines(kind, name)
+
+
+def _loading_lines(kind: str, name: str) -> str:
     if kind == "vision":
         return f"""```python
 from transformers import CLIPImageProcessor, CLIPVisionModel
@@ -238,8 +276,42 @@ features = model(**processor(images=image, return_tensors="pt")).pooler_output
 ```
 
 As the vision tower of a LLaVA-1.5 build: `l2c mllm build --vision {name} --llm LLM --out OUT`; with the
-original LLaVA code: `--vision_tower {name}` in its training scripts (`CLIPVisionTower` loads a
-`CLIPVisionModel` folder)."""
+original LLaVA code: `--vision_tower /absolute/path/to/{name}` in its training scripts
+(`CLIPVisionTower` loads a `CLIPVisionModel` folder; its `build_vision_tower` takes an existing path,
+or a Hub id starting with `openai` or `laion`). For open_clip or timm code bases:
+`l2c export vision --run RUN --format open_clip|timm`."""
+    if kind == "vision-open_clip":
+        return f"""```python
+import open_clip
+model, preprocess = open_clip.create_model_from_pretrained("local-dir:/path/to/{name}")
+model.eval()
+pixels = preprocess(image).unsqueeze(0)
+image_features = model.encode_image(pixels)        # LLM2CLIP's image embedding (its projection)
+model.visual.output_tokens = True                  # OpenFlamingo-style: the patch tokens too
+pooled, tokens = model.visual(pixels)              # tokens: [B, N, D] after ln_post
+penultimate = model.visual.forward_intermediates(pixels, indices=2, intermediates_only=True,
+                                                 output_fmt="NLC")["image_intermediates"][0]  # LLaVA's layer
+```
+
+Preprocessing (`open_clip_config.json`, `preprocess_cfg`): the shortest side resized to the tower's
+size (bicubic), centre crop, OpenAI CLIP mean / std, as the encoder was trained and evaluated. The
+text side of LLM2CLIP is an LLM with an adapter (`l2c export llm2clip`): open_clip's loader needs a
+text tower, so this folder carries an empty one (every weight zero; `encode_text` returns zeros)."""
+    if kind == "vision-timm":
+        return f"""```python
+import timm
+model = timm.create_model("local-dir:/path/to/{name}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)
+pixels = transform(image).unsqueeze(0)
+pooled = model.forward_head(model.forward_features(pixels), pre_logits=True)  # class token after the final norm
+image_features = model(pixels)      # LLM2CLIP's image embedding (head = its projection; num_classes=0 drops it)
+penultimate = model.get_intermediate_layers(pixels, n=[len(model.blocks) - 2])[0]  # prismatic / LLaVA's layer (patch tokens)
+```
+
+`config.json` names the architecture (a timm CLIP ViT: pre-norm, class token, QuickGELU where OpenAI
+CLIP has it) with `model_args` giving the exact shape, and the preprocessing (`pretrained_cfg`: the
+shortest side resized to the tower's size, bicubic, `crop_pct` 1.0 centre crop, OpenAI CLIP mean / std)."""
     if kind == "llm2clip":
         return f"""```python
 from l2c_llava.stage2.llm2clip import LLM2CLIP
@@ -262,10 +334,11 @@ out = model.generate(**processor(images=image, text=prompt, return_tensors="pt")
 Pad the image to a square with the processor's mean colour first (`image_aspect_ratio: pad`, as in
 training), or use `l2c mllm chat --model {name} --image IMG "question"`. For the original LLaVA code,
 write its layout with `l2c export llava --model {name} --format original --out llava-...`."""
-    return """See "Loading it" below: `load_pretrained_model` of the original LLaVA code, with
-`mm_vision_tower` given as an absolute path, or `python -m llava.eval.run_llava --conv-mode vicuna_v1`
-from inside this folder. Stock transformers loads the transformers-format export
-(`l2c export llava --format hf`) with `LlavaForConditionalGeneration.from_pretrained`."""
+    return """See "Loading it" below: `load_pretrained_model` of the original LLaVA code, from any
+working directory (`mm_vision_tower` is an absolute path or a Hub id; `l2c export repoint` after the
+folder moves), and `python -m llava.eval.run_llava --conv-mode vicuna_v1`.
+Stock transformers loads the transformers-format export (`l2c export llava --format hf`) with
+`LlavaForConditionalGeneration.from_pretrained`."""
 
 
 def model_card(
@@ -279,8 +352,9 @@ def model_card(
     facts.metrics.update(metrics or {})
     if facts.run_dir is None and source is not None:  # an export of an export, or a release
         facts.base_models.append(("exported from", str(source)))
+    library = {"llm2clip": "l2c-llava", "vision-open_clip": "open_clip", "vision-timm": "timm"}
     front = {
-        "library_name": "transformers" if kind != "llm2clip" else "l2c-llava",
+        "library_name": library.get(kind, "transformers"),
         "pipeline_tag": tag,
         "tags": [
             "l2c-llava",

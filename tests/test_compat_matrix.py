@@ -9,7 +9,7 @@ export (moved to another folder after export) with its ``vision_tower/``, the LL
 (release layout), the hf export's tokenizer. Per consumer: the vision folders load with no missing
 or unexpected keys and give the trained tower's features (1e-5, fp32); the exported tokenizer gives
 the training tokenization of a fixed text set; the original-format LLaVA loads through LLaVA's own
-loader and gives the hf export's logits (1e-3, fp32) and greedy tokens; a release-layout LLM2CLIP
+loader from another working directory and gives the hf export's logits (1e-3, fp32) and greedy tokens; a release-layout LLM2CLIP
 folder written by the older transformers imports (``l2c import llm2clip``) with the same features.
 
 The model's weights are rounded to float16-exact values before export: LLaVA's loader always loads
@@ -91,10 +91,15 @@ def artefacts(tmp_path_factory):
         for p in model.parameters():  # float16-exact (LLaVA's loader loads in float16)
             p.copy_(p.half().float())
     save_llava(model, proc, root / "hf", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
+    export_original(root / "hf", root / "placed" / "llava-v1.5-tiny")  # used where it was written
     export_original(root / "hf", root / "first-place" / "llava-v1.5-tiny")
-    (root / "moved").mkdir()  # exported in one place, used from another
+    (root / "moved").mkdir()  # exported in one place, moved, re-pointed with the command
     shutil.move(str(root / "first-place" / "llava-v1.5-tiny"), str(root / "moved" / "llava-v1.5-tiny"))
+    shutil.copytree(root / "moved" / "llava-v1.5-tiny", root / "stale" / "llava-v1.5-tiny")  # not re-pointed
     shutil.rmtree(root / "first-place")
+    from l2c_llava.cli import main
+
+    assert main(["export", "repoint", str(root / "moved" / "llava-v1.5-tiny")]) == 0
     tower = model.model.vision_tower.eval()
     export_vision_tower(tower, root / "vision-export")
     torch.manual_seed(1)
@@ -157,6 +162,8 @@ def _job(a, version: str, out: Path) -> Path:
         "texts": TEXTS + EDGE_TEXTS,
         "llava": {
             "folder": str(a.original),
+            "placed": str(a.root / "placed" / "llava-v1.5-tiny"),
+            "stale": str(a.root / "stale" / "llava-v1.5-tiny"),
             "image": str(a.root / "image.png"),
             "question": QUESTION,
             "max_new_tokens": NEW_TOKENS,
@@ -296,6 +303,20 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
                 check(
                     abs(llava["absolute_tower_path_max_diff"]) == 0.0, "absolute mm_vision_tower path differs"
                 )
+                # loaded from another working directory (the runner's cwd is the test's tmp_path)
+                check(
+                    llava["mm_vision_tower"] == str(a.original / "vision_tower")
+                    and not Path(llava["cwd"]).is_relative_to(a.original),
+                    f"re-pointed mm_vision_tower {llava['mm_vision_tower']} (cwd {llava['cwd']})",
+                )
+                stale = llava.get("stale_error") or ""
+                check(
+                    "Unknown vision tower" in stale,
+                    f"a moved folder not re-pointed should fail in LLaVA's loader, got {stale!r}",
+                )
+                rep["moved, not re-pointed"] = (
+                    stale.split(":")[0] + ": Unknown vision tower" if stale else None
+                )
                 pixels = tensors["llava|pixels"]
                 for key in ("exact", "tokenizer_image_token"):
                     want, greedy = _hf_logits_and_greedy(a, llava[f"ids_{key}"], pixels)
@@ -307,6 +328,11 @@ def test_exports_load_and_agree_in_every_consumer(artefacts, tmp_path):
                     check(same, f"greedy tokens ({key} ids): {llava[f'greedy|{key}']} vs {greedy}")
                     rep[f"llava logits max diff ({key} ids)"] = diff
                     rep[f"llava greedy equal ({key} ids)"] = same
+                    if key == "exact":  # the export used where it was written, same ids
+                        got = tensors["llava|logits|placed"]
+                        diff = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
+                        check(diff <= 1e-3, f"LLaVA logits of the never-moved export differ by {diff:.2e}")
+                        rep["llava logits max diff (never moved, training ids)"] = diff
                 # the token after the image: exact ids are the training ids; tokenizer_image_token adds one
                 rep["ids_exact_equal_training"] = (
                     _with_image_id(a, llava["ids_exact"]) == _training_ids(a, [llava["prompt"]])[0]

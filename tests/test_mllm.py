@@ -468,7 +468,7 @@ def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
     assert config["mm_vision_select_feature"] == "patch" and config["mm_hidden_size"] == 32
-    assert config["mm_vision_tower"] == "vision_tower"  # relative to the folder (see its README.md)
+    assert config["mm_vision_tower"] == str(out.resolve() / "vision_tower")  # absolute: any working directory
     original = load_file(str(out / "model.safetensors"))
     assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.embed_tokens.weight"} <= set(
         original

@@ -1,7 +1,8 @@
 """The exports hold what transformers 4.x and the original LLaVA code read (issue 16), checked on the
 files (transformers 5 only; the consumers themselves run in tests/test_compat_matrix.py):
 the LLM's own tokenizer files with a 4.37-readable config, ``rope_theta`` / ``rope_scaling`` at the
-top level, vision towers under ``vision_model.*``, a relative ``mm_vision_tower``, and a Vicuna-like
+top level, vision towers under ``vision_model.*``, an ``mm_vision_tower`` LLaVA's loader takes from any
+working directory (absolute, or a Hub id; ``l2c export repoint`` after a move), and a Vicuna-like
 LLM folder with ``tokenizer.model`` only."""
 
 from __future__ import annotations
@@ -188,22 +189,105 @@ def test_vision_towers_are_written_under_vision_model_and_both_layouts_load(expo
     )
 
 
-def test_mm_vision_tower_is_relative_and_the_folder_says_how_to_load_it(exported, tmp_path):
+def test_mm_vision_tower_is_absolute_and_repoint_follows_a_moved_folder(exported, tmp_path, capsys):
+    """LLaVA's build_vision_tower takes a path that exists from the working directory (or an
+    openai/laion Hub id): the export names its tower absolutely; `l2c export repoint` re-writes it after
+    a move and keeps the folder a previous output of the export (its record updated)."""
     from transformers import CLIPVisionModel
 
+    from l2c_llava.io import check_output_folder, output_problem
+    from l2c_llava.mllm.export import ORIGINAL_KIND
+
     config = json.loads((exported.out / "config.json").read_text())
-    assert config["mm_vision_tower"] == "vision_tower"  # relative: the folder can move
+    assert config["mm_vision_tower"] == str(exported.out.resolve() / "vision_tower")
     moved = tmp_path / "elsewhere" / exported.out.name
     shutil.copytree(exported.out, moved)
-    tower, info = CLIPVisionModel.from_pretrained(moved / config["mm_vision_tower"], output_loading_info=True)
+    assert main(["export", "repoint", str(moved)]) == 0
+    assert f"-> {moved.resolve() / 'vision_tower'}" in capsys.readouterr().out
+    tower_path = json.loads((moved / "config.json").read_text())["mm_vision_tower"]
+    assert tower_path == str(moved.resolve() / "vision_tower")
+    assert output_problem(moved) is None and check_output_folder(moved, ORIGINAL_KIND) == moved
+    tower, info = CLIPVisionModel.from_pretrained(tower_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     want = exported.model.model.vision_tower.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in tower.state_dict().items())
     readme = (exported.out / "README.md").read_text()
-    assert (
-        "--conv-mode vicuna_v1" in readme and 'mm_vision_tower=os.path.join(path, "vision_tower")' in readme
-    )
+    assert "--conv-mode vicuna_v1" in readme and "l2c export repoint" in readme and "Tested with:" in readme
+    assert f"`mm_vision_tower` is `{config['mm_vision_tower']}`" in readme
     assert "tokenizer_image_token" in readme and "▁" in readme
+    # not an original-format export: refused with what it is
+    assert main(["export", "repoint", str(exported.hf)]) == 2
+    assert "not an original-format LLaVA export" in capsys.readouterr().err
+
+
+def test_vision_tower_option_takes_the_same_tower_by_path_or_an_id_llavas_loader_knows(
+    exported, tmp_path, monkeypatch, capsys
+):
+    from .test_hub_ids import put_in_hub_cache
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    args = ["export", "llava", "--model", str(exported.hf), "--format", "original", "--out"]
+    # a folder with the same tower: taken, absolute
+    assert main([*args, "llava-a", "--vision-tower", str(exported.root / "vision")]) == 0
+    cfg = json.loads((tmp_path / "llava-a" / "config.json").read_text())
+    assert cfg["mm_vision_tower"] == str((exported.root / "vision").resolve())
+    # a folder with another tower: refused before anything is written
+    other = tmp_path / "other-vision"
+    t = tiny_vision()
+    with torch.no_grad():
+        next(p for n, p in t.named_parameters() if n.endswith("post_layernorm.bias")).add_(1.0)
+    t.save_pretrained(other)
+    assert main([*args, "llava-b", "--vision-tower", str(other)]) == 2
+    assert "vision weights differ" in capsys.readouterr().err and not (tmp_path / "llava-b").exists()
+    # a Hub id LLaVA's loader does not take (it raises "Unknown vision tower" for it)
+    assert main([*args, "llava-c", "--vision-tower", "my-org/llm2clip-vision"]) == 2
+    assert "starts with openai or laion" in capsys.readouterr().err
+    # a released tower's id, cached locally: compared, then named
+    put_in_hub_cache(cache, "openai/clip-tiny", exported.root / "vision")
+    assert main([*args, "llava-d", "--vision-tower", "openai/clip-tiny"]) == 0
+    assert (
+        json.loads((tmp_path / "llava-d" / "config.json").read_text())["mm_vision_tower"]
+        == "openai/clip-tiny"
+    )
+    assert "same weights as the cached snapshot" in (tmp_path / "llava-d" / "README.md").read_text()
+    put_in_hub_cache(cache, "openai/clip-other", other)
+    assert main([*args, "llava-e", "--vision-tower", "openai/clip-other"]) == 2
+    assert "is not that release" in capsys.readouterr().err
+    # repoint to the released id, then back to the folder's own tower
+    assert main(["export", "repoint", "llava-a", "--vision-tower", "openai/clip-tiny"]) == 0
+    assert (
+        json.loads((tmp_path / "llava-a" / "config.json").read_text())["mm_vision_tower"]
+        == "openai/clip-tiny"
+    )
+
+
+def test_a_model_on_an_unchanged_released_tower_names_its_hub_id(exported, tmp_path, monkeypatch):
+    """No --vision-tower: the Hub id the model was built on, when LLaVA takes it, the tower was not
+    trained and the cached snapshot holds the same weights; otherwise the exported folder."""
+    from l2c_llava.mllm.export import export_original
+
+    from .test_hub_ids import put_in_hub_cache
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    put_in_hub_cache(cache, "openai/clip-tiny", exported.root / "vision")
+    hf = tmp_path / "hf-copy"
+    shutil.copytree(exported.hf, hf)
+    for meta, want in (
+        ({"vision_tower": "openai/clip-tiny"}, "openai/clip-tiny"),
+        ({"vision_tower": "openai/clip-tiny", "vision_tower_trained": True}, None),
+        ({"vision_tower": "someone/clip-tiny"}, None),  # LLaVA's loader would not take the id
+    ):
+        (hf / "l2c_mllm.json").write_text(json.dumps({"template": "vicuna_v1", **meta}))
+        out = export_original(hf, tmp_path / "out" / "llava-x", overwrite=True)
+        got = json.loads((out / "config.json").read_text())["mm_vision_tower"]
+        assert got == (want or str(out.resolve() / "vision_tower")), meta
 
 
 def test_a_vicuna_like_folder_with_only_tokenizer_model_builds(tmp_path, capsys):

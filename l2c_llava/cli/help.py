@@ -81,12 +81,20 @@ EXAMPLES: dict[str, list[str]] = {
     "export vision": [
         "l2c export vision --run runs/quick/stage2",
         "l2c export vision --run runs/quick/stage2 --out my-llm2clip-vision",
+        "l2c export vision --run runs/quick/stage2 --format open_clip --out my-llm2clip-open_clip",
+        "l2c export vision --run runs/quick/stage2 --format timm --out my-llm2clip-timm",
     ],
     "export llm2clip": ["l2c export llm2clip --run runs/quick/stage2 --out my-llm2clip"],
     "export llava": [
         "l2c export llava --model runs/quick/mllm/llm2clip/finetune --out llava-hf",
         "l2c export llava --model runs/quick/mllm/llm2clip/finetune --format original "
         "--out llava-v1.5-llm2clip",
+        "l2c export llava --model runs/quick/mllm/baseline/finetune --format original "
+        "--out llava-v1.5-baseline --vision-tower openai/clip-vit-large-patch14-336",
+    ],
+    "export repoint": [
+        "l2c export repoint /new/place/llava-v1.5-llm2clip",
+        "l2c export repoint llava-v1.5-baseline --vision-tower /models/clip-vit-large-patch14-336",
     ],
     "mllm build": [
         "l2c mllm build --vision runs/quick/export/vision --llm embedded:smollm2-135m-instruct "

@@ -25,14 +25,17 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from l2c_llava.stage2 import export
 
-    out = args.out or str(
-        layout.export_dir(args.run) / args.export_command
-    )  # the run's export.dir/vision|llm2clip
+    fmt = getattr(args, "format", "hf")
+    name = args.export_command if fmt == "hf" else f"vision-{fmt}"
+    out = args.out or str(layout.export_dir(args.run) / name)  # the run's export.dir/vision|llm2clip
     if args.export_command == "vision":
-        out = export.export_vision(args.run, out, overwrite=args.overwrite)
-        print(
-            f"exported the vision encoder to {out} (transformers CLIPVisionModel + preprocessor_config.json)"
-        )
+        out = export.export_vision(args.run, out, overwrite=args.overwrite, format=fmt)
+        loads = {
+            "hf": "transformers CLIPVisionModel + preprocessor_config.json",
+            "open_clip": f"open_clip.create_model_from_pretrained('local-dir:{out}')",
+            "timm": f"timm.create_model('local-dir:{out}', pretrained=True)",
+        }[fmt]
+        print(f"exported the vision encoder to {out} ({loads})")
     else:
         out = export.export_llm2clip(args.run, out, text_encoder=args.text_encoder, overwrite=args.overwrite)
         print(
@@ -44,12 +47,29 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_export_llava(args) -> int:
-    from l2c_llava.mllm.export import export_hf, export_original
+    from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
 
-    out = (export_hf if args.format == "hf" else export_original)(
-        args.model, args.out, overwrite=args.overwrite
-    )
+    if args.format == "hf":
+        if args.vision_tower:
+            raise LlavaExportError(
+                "--vision-tower is for --format original (LLaVA's mm_vision_tower); the hf export "
+                "carries its tower inside the model"
+            )
+        out = export_hf(args.model, args.out, overwrite=args.overwrite)
+    else:
+        out = export_original(args.model, args.out, overwrite=args.overwrite, vision_tower=args.vision_tower)
     print(f"exported ({args.format}) to {out}")
+    if args.format == "original":
+        tower = json.loads((Path(out) / "config.json").read_text())["mm_vision_tower"]
+        print(
+            f"mm_vision_tower: {tower} (LLaVA's loader takes it from any folder; after moving the export, "
+            "run `l2c export repoint NEW_PLACE`)"
+        )
+        if getattr(args, "push_to_hub", None) and not tower.startswith(("openai", "laion")):
+            print(
+                "note: mm_vision_tower is a path on this machine: who downloads the pushed folder runs "
+                "`l2c export repoint FOLDER` (or passes mm_vision_tower= to load_pretrained_model)"
+            )
     push_if_asked(args, out)
     connector = json.loads((Path(out) / "config.json").read_text()).get("l2c_connector")
     if connector:
@@ -58,6 +78,14 @@ def _cmd_export_llava(args) -> int:
             "it with l2c_llava.mllm.build.load_llava: transformers' LlavaForConditionalGeneration (and lmms-eval's "
             "llava_hf) take only the MLP connector"
         )
+    return 0
+
+
+def _cmd_export_repoint(args) -> int:
+    from l2c_llava.mllm.export import repoint_original
+
+    old, new = repoint_original(args.folder, vision_tower=args.vision_tower)
+    print(f"{args.folder}: mm_vision_tower {old} -> {new}")
     return 0
 
 
@@ -121,7 +149,16 @@ COMMANDS: dict[str, Command] = {
                 "--out",
                 default=None,
                 help="output folder (default: the run's export.dir, else <run>/export, + /vision: "
-                "where the mllm configs read a stage-2 run's tower)",
+                "where the mllm configs read a stage-2 run's tower; /vision-open_clip, /vision-timm)",
+            ),
+            A(
+                "--format",
+                choices=["hf", "open_clip", "timm"],
+                default="hf",
+                help="hf: transformers CLIPVisionModel folder; open_clip: open_clip_config.json + "
+                "open_clip_model.safetensors (open_clip.create_model_from_pretrained('local-dir:OUT')); "
+                "timm: config.json + model.safetensors (timm.create_model('local-dir:OUT', pretrained=True)); "
+                "the last two with LLM2CLIP's image projection (default: %(default)s)",
             ),
             OVERWRITE,
         ],
@@ -149,9 +186,33 @@ COMMANDS: dict[str, Command] = {
             A("--model", required=True, help="an mllm run folder (or its model/ folder)"),
             A("--out", required=True, help="output folder (original format: its name must contain 'llava')"),
             A("--format", choices=["hf", "original"], default="hf"),
+            A(
+                "--vision-tower",
+                default=None,
+                metavar="ID_OR_PATH",
+                help="original format: what mm_vision_tower names. Default: the released tower's Hub id "
+                "when the model's tower is that release unchanged (in the local Hub cache), else the "
+                "absolute path of the exported vision_tower/. A folder must hold this model's tower; a Hub "
+                "id must start with openai or laion (LLaVA's loader takes no other)",
+            ),
             OVERWRITE,
         ],
         push=True,
+    ),
+    "export repoint": Command(
+        "point an original-format LLaVA export's mm_vision_tower at its own vision_tower/ after the "
+        "folder moved (or at --vision-tower)",
+        _cmd_export_repoint,
+        [
+            A("folder", help="the moved original-format export (l2c export llava --format original)"),
+            A(
+                "--vision-tower",
+                default=None,
+                metavar="ID_OR_PATH",
+                help="a folder holding the same tower, or the released tower's Hub id (openai/..., laion/...) "
+                "(default: the folder's own vision_tower/, absolute)",
+            ),
+        ],
     ),
     "import llm2clip": Command(
         "a released LLM2CLIP folder (e.g. LLM2CLIP-Openai-L-14-336) -> OUT/vision + OUT/llm2clip",

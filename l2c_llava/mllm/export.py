@@ -8,8 +8,12 @@ processor with the chat template); ``export_hf`` copies it to a folder of the us
 ``mm_vision_select_layer``, ``mm_vision_select_feature``, ``mm_hidden_size``, ``image_aspect_ratio``,
 ``mm_use_im_start_end``, ...), LLM weights under ``model.*`` / ``lm_head``, projector weights under
 ``model.mm_projector.0`` / ``.2``, the tokenizer, and the vision encoder folder beside it
-(``vision_tower/``, which ``mm_vision_tower`` points at: the original code rebuilds the
-tower from that path at load time: a path relative to the model folder, see ``original_readme``).
+(``vision_tower/``). The original code rebuilds the tower at load time from ``mm_vision_tower``, and
+its ``build_vision_tower`` takes only a path that exists from the working directory or a Hub id
+starting with ``openai`` or ``laion`` (or holding ``ShareGPT4V``): so ``mm_vision_tower`` is the
+tower's Hub id where the tower is that released model, unchanged; otherwise the absolute path of
+``vision_tower/`` as exported (or ``--vision-tower``), which ``l2c export repoint`` re-writes after
+the folder moved (``repoint_original``).
 The folder name must contain "llava" (its loader checks). Every file is written in the form
 transformers 4.37 (LLaVA's pin) reads as well as 5.x (``l2c_llava.models.portable``).
 """
@@ -52,7 +56,11 @@ ORIGINAL_TO_HF_KEYS = {
 }
 
 
-VISION_DIR = "vision_tower"  # inside the exported folder; mm_vision_tower names it relatively
+VISION_DIR = "vision_tower"  # inside the exported folder; mm_vision_tower names it (absolute) or a Hub id
+ORIGINAL_KIND = "llava original export"
+# LLaVA's build_vision_tower (llava/model/multimodal_encoder/builder.py): a name that is not an existing
+# path is taken only when it starts with one of these, or contains "ShareGPT4V"
+LLAVA_HUB_PREFIXES = ("openai", "laion")
 
 
 class LlavaExportError(L2CError, ValueError):
@@ -145,7 +153,7 @@ def original_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def original_readme(name: str, meta: dict) -> str:
+def original_readme(name: str, meta: dict, mm_vision_tower: str = "", why: str = "") -> str:
     """The note written into an original-format export: how to load it and the two conventions."""
     return f"""# {name}: LLaVA-1.5 in the original LLaVA layout (haotian-liu/LLaVA)
 
@@ -159,25 +167,30 @@ image processor included).
 
 ## Loading it
 
-`mm_vision_tower` is `vision_tower`, a path relative to this folder. The original code resolves it
-from the working directory (`build_vision_tower` checks `os.path.exists(mm_vision_tower)`), so either
-pass the absolute path (the loader hands extra keyword arguments to the config):
+`mm_vision_tower` is `{mm_vision_tower}` ({why}). The original code rebuilds the vision tower from
+it (`build_vision_tower` takes a path that exists from the working directory, or a Hub id starting
+with `openai` or `laion`), so the folder loads from any working directory:
 
 ```python
-import os
 from llava.model.builder import load_pretrained_model
 from llava.mm_utils import get_model_name_from_path
 path = "/path/to/{name}"
-tokenizer, model, image_processor, _ = load_pretrained_model(
-    path, None, get_model_name_from_path(path), mm_vision_tower=os.path.join(path, "vision_tower"))
+tokenizer, model, image_processor, _ = load_pretrained_model(path, None, get_model_name_from_path(path))
 ```
-
-or run the original scripts from inside this folder:
 
 ```bash
-cd /path/to/{name}
-python -m llava.eval.run_llava --model-path "$PWD" --conv-mode vicuna_v1 --image-file IMG --query "..."
+python -m llava.eval.run_llava --model-path /path/to/{name} --conv-mode vicuna_v1 --image-file IMG --query "..."
 ```
+
+lmms-eval's own `llava` model calls the same `load_pretrained_model`
+(`python -m lmms_eval --model llava --model_args pretrained=/path/to/{name},conv_template=vicuna_v1
+--tasks TASKS --batch_size 1`, on a GPU); l2c-llava's tests run LLaVA's loader itself, not that model.
+
+**After moving or copying this folder**, point `mm_vision_tower` at its new place:
+`l2c export repoint /new/path/to/{name}` (or `--vision-tower ID_OR_PATH`: the released tower's Hub id,
+or another copy of the same tower). Without it, the loader raises `ValueError: Unknown vision tower`
+once the old place is gone. Without l2c-llava at hand, the loader also takes the path as a keyword:
+`load_pretrained_model(path, None, name, mm_vision_tower=os.path.join(path, "vision_tower"))`.
 
 The folder name must keep "llava" in it (the loader builds a LLaVA model only then).
 
@@ -199,8 +212,160 @@ The folder name must keep "llava" in it (the loader builds a LLaVA model only th
 """
 
 
+def llava_takes_hub_id(name: str) -> bool:
+    """Whether LLaVA's ``build_vision_tower`` takes `name` when no such path exists."""
+    return name.startswith(LLAVA_HUB_PREFIXES) or "ShareGPT4V" in name
+
+
+def _same_tower(folder: str, tower) -> str | None:
+    """Why the CLIP vision weights in `folder` (a CLIPVisionModel or CLIPModel folder) are not `tower`'s
+    (None: they are, bit for bit once cast to the tower's dtype, as LLaVA's loader casts them)."""
+    from transformers import CLIPVisionModel
+
+    try:
+        other = CLIPVisionModel.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - any reason it is not a CLIP vision folder, told as it is
+        return f"it does not load as a CLIPVisionModel ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+
+    def keys(module) -> dict:  # transformers 4.x keeps vision_model.*, 5.x not
+        return {k.removeprefix("vision_model."): v for k, v in module.state_dict().items()}
+
+    mine, theirs = keys(tower), keys(other)
+    if mine.keys() != theirs.keys():
+        return "its vision tower has other weights (other keys)"
+    bad = [
+        k
+        for k, v in mine.items()
+        if v.shape != theirs[k].shape or not torch.equal(v, theirs[k].to(v.dtype))  # in the model's dtype
+    ]
+    return f"its vision weights differ from the model's ({', '.join(bad[:3])})" if bad else None
+
+
+def _cached_hub_tower(hub_id: str) -> str | None:
+    """The local Hub-cache snapshot of `hub_id`, or None when it is not cached (never downloads)."""
+    from huggingface_hub import snapshot_download
+
+    from l2c_llava.models.hub import hub_cache_dir
+
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        return snapshot_download(
+            repo_id, revision=revision or None, cache_dir=hub_cache_dir(), local_files_only=True
+        )
+    except Exception:  # noqa: BLE001 - not cached, in whatever way huggingface_hub says it
+        return None
+
+
+def choose_vision_tower(out: Path, tower, meta: dict, asked: str | None) -> tuple[str, str]:
+    """(``mm_vision_tower``, why) for an original-format export written to `out`.
+
+    `asked` (``--vision-tower``): an existing folder (made absolute; its weights must be the model's
+    tower) or a Hub id LLaVA's loader takes (compared with the model's tower where it is in the local
+    Hub cache). Not asked: the run's own tower when it was a Hub id that LLaVA takes, the tower was not
+    trained, and the cached snapshot holds exactly these weights; otherwise the absolute path of the
+    exported ``vision_tower/``."""
+    from l2c_llava.models.hub import is_hub_id
+
+    if asked:
+        path = Path(asked).expanduser()
+        if path.exists():
+            why = _same_tower(str(path), tower)
+            if why:
+                raise LlavaExportError(
+                    f"--vision-tower {asked}: {why}; give the folder of this model's tower (or leave "
+                    "--vision-tower out: the export's own vision_tower/ is then used)"
+                )
+            return str(path.resolve()), "the folder given with --vision-tower (same weights)"
+        if not is_hub_id(asked):
+            raise LlavaExportError(
+                f"--vision-tower {asked}: no such folder, and not a Hub id (org/name); give an existing "
+                "CLIP vision folder or the Hub id of the released tower"
+            )
+        if not llava_takes_hub_id(asked):
+            raise LlavaExportError(
+                f"--vision-tower {asked}: LLaVA's build_vision_tower takes a Hub id only when it starts "
+                f"with {' or '.join(LLAVA_HUB_PREFIXES)} (or holds ShareGPT4V), and raises 'Unknown "
+                "vision tower' for any other. Download it (`hf download "
+                f"{asked.partition('@')[0]} --local-dir DIR`) and give DIR, or leave --vision-tower out"
+            )
+        cached = _cached_hub_tower(asked)
+        if cached is not None:
+            why = _same_tower(cached, tower)
+            if why:
+                raise LlavaExportError(
+                    f"--vision-tower {asked}: the cached snapshot ({cached}): {why}; this model's tower "
+                    "is not that release (trained further?): leave --vision-tower out"
+                )
+            return asked, "the Hub id given with --vision-tower (same weights as the cached snapshot)"
+        return (
+            asked,
+            "the Hub id given with --vision-tower (not in the local Hub cache: weights not compared)",
+        )
+    own = str(meta.get("vision_tower") or "")
+    if (
+        own
+        and is_hub_id(own)
+        and llava_takes_hub_id(own)
+        and not meta.get("vision_tower_trained", False)
+        and (cached := _cached_hub_tower(own)) is not None
+        and _same_tower(cached, tower) is None
+    ):
+        return own, "the released tower the model was built on (Hub id; same weights as its cached snapshot)"
+    return str(out.resolve() / VISION_DIR), "the exported vision_tower/ folder, absolute"
+
+
+def repoint_original(folder: str | os.PathLike, vision_tower: str | None = None) -> tuple[str, str]:
+    """Re-write ``mm_vision_tower`` of an original-format export after it moved: the absolute path of
+    its own ``vision_tower/`` as it is now, or `vision_tower` (a folder or Hub id, checked as at export).
+    The folder's output record (``.l2c_output.json``) is updated, so it stays a previous output of
+    ``l2c export llava``. Returns (old, new)."""
+    from transformers import CLIPVisionModel
+
+    from l2c_llava.io import OUTPUT_MARKER, atomic_write_json, atomic_write_text, file_record
+    from l2c_llava.locks import run_lock
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise LlavaExportError(
+            f"{folder}: no readable config.json ({type(e).__name__}); give the folder written by "
+            "`l2c export llava --format original`"
+        ) from None
+    if config.get("model_type") != "llava_llama" or "mm_vision_tower" not in config:
+        raise LlavaExportError(
+            f"{cfg_path}: model_type {config.get('model_type')!r} without mm_vision_tower: not an "
+            "original-format LLaVA export (`l2c export llava --format original`)"
+        )
+    own = folder / VISION_DIR
+    if not (own / "model.safetensors").is_file():
+        raise LlavaExportError(
+            f"{folder}: no {VISION_DIR}/model.safetensors, the tower the export carries; re-export the "
+            "model with `l2c export llava --format original`"
+        )
+    tower = None
+    if vision_tower:  # compared with the tower the export carries
+        tower = CLIPVisionModel.from_pretrained(own)
+    new, _ = choose_vision_tower(folder, tower, {}, vision_tower)
+    old = config["mm_vision_tower"]
+    with run_lock(folder, ORIGINAL_KIND):
+        config["mm_vision_tower"] = new
+        atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
+        marker = folder / OUTPUT_MARKER
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            if isinstance(record.get("content"), dict) and "config.json" in record["content"]:
+                record["content"]["config.json"] = file_record(cfg_path)
+                atomic_write_json(marker, record)
+    return old, new
+
+
 def export_original(
-    model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    vision_tower: str | None = None,
 ) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
@@ -211,7 +376,7 @@ def export_original(
             f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
             "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip"
         )
-    check_output_folder(out, "llava original export", overwrite)  # before any model loads
+    check_output_folder(out, ORIGINAL_KIND, overwrite)  # before any model loads
     folder, model, processor = load_trained_llava(model_dir)
     try:
         not_transformers_llava(model.config, "the original LLaVA format", str(folder))
@@ -219,6 +384,7 @@ def export_original(
         raise LlavaExportError(str(e)) from None
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     vc, tc = model.config.vision_config, model.config.text_config
+    mm_vision_tower, why = choose_vision_tower(out, model.model.vision_tower, meta, vision_tower)
 
     def build(tmp: Path) -> None:
         tower = CLIPVisionModel(vc)
@@ -235,7 +401,7 @@ def export_original(
             {
                 "architectures": ["LlavaLlamaForCausalLM"],
                 "model_type": "llava_llama",
-                "mm_vision_tower": VISION_DIR,
+                "mm_vision_tower": mm_vision_tower,
                 "mm_projector_type": projector_type_of(model.config),
                 "mm_vision_select_layer": model.config.vision_feature_layer,
                 "mm_vision_select_feature": "patch"
@@ -257,6 +423,7 @@ def export_original(
         write_portable_tokenizer(
             processor.tokenizer, tmp, tokenizer_source(processor.tokenizer), getattr(tc, "model_type", None)
         )
-        write_card(tmp, "llava-original", model_dir, name=out.name, body=original_readme(out.name, meta))
+        body = original_readme(out.name, meta, mm_vision_tower, why)
+        write_card(tmp, "llava-original", model_dir, name=out.name, body=body)
 
-    return publish_folder(out, build, "llava original export", overwrite)
+    return publish_folder(out, build, ORIGINAL_KIND, overwrite)

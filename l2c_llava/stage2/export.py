@@ -1,9 +1,11 @@
 """Export the upgraded vision encoder: a transformers ``CLIPVisionModel`` folder (safetensors,
 config, ``preprocessor_config.json`` at the tower's resolution) that LLaVA and any VLM builder load,
 with its keys under ``vision_model.*`` (the layout transformers 4.x and 5.x both load; 5.x's own
-``save_pretrained`` drops the prefix, which 4.x does not read).
+``save_pretrained`` drops the prefix, which 4.x does not read); or, with ``--format open_clip|timm``,
+the same tower as an open_clip or timm folder (``l2c_llava.models.vision_formats``), LLM2CLIP's image
+projection included where the source has one.
 The folder is built in a temporary place, loaded back and checked (no missing or unexpected keys,
-same features as the trained tower) before it is moved into place."""
+same features / the same weights as the trained tower) before it is moved into place."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.layout import export_dir, exported_tower, is_stage2_run  # noqa: F401 (re-exported)
 from l2c_llava.models.portable import save_vision_folder
+from l2c_llava.models.vision_formats import FORMATS, VisionFormatError
 from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
 
 
@@ -25,17 +28,81 @@ class ExportError(L2CError, ValueError):
     """A folder that is not a stage-2 model, or an export that does not load back cleanly."""
 
 
-def export_vision(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+KIND_OF_FORMAT = {
+    "hf": "vision encoder",
+    "open_clip": "open_clip vision encoder",
+    "timm": "timm vision encoder",
+}
+
+
+def export_vision(
+    source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False, format: str = "hf"
+) -> Path:
     """Write the tower of a stage-2 run (or its model/ folder, an LLM2CLIP export or release) as a
-    CLIPVisionModel folder."""
-    check_output_folder(out_dir, "vision encoder", overwrite)  # before any model loads
+    CLIPVisionModel folder (`format` hf), or as an open_clip / timm folder with LLM2CLIP's image
+    projection (``encode_image`` / the timm head give the LLM2CLIP image embedding)."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown vision export format {format!r}; choose one of {', '.join(FORMATS)}")
+    check_output_folder(out_dir, KIND_OF_FORMAT[format], overwrite)  # before any model loads
     try:
         model = LLM2CLIP.from_pretrained(source).model
     except LLM2CLIPLoadError as e:
         raise ExportError(
             f"{e}; train one with `l2c stage2 train` or import a release with `l2c import llm2clip`"
         ) from None
-    return export_vision_tower(model.vision_model, out_dir, overwrite, card_source=source)
+    if format == "hf":
+        return export_vision_tower(model.vision_model, out_dir, overwrite, card_source=source)
+    return export_vision_library(
+        model.vision_model,
+        out_dir,
+        format,
+        projection=model.visual_projection.weight,
+        logit_scale=float(model.logit_scale.detach()),
+        overwrite=overwrite,
+        card_source=source,
+    )
+
+
+def export_vision_library(
+    trained,
+    out_dir: str | os.PathLike,
+    format: str,
+    projection: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    overwrite: bool = False,
+    card_source: str | os.PathLike | None = None,
+) -> Path:
+    """A transformers CLIP vision transformer (`trained`) as an open_clip or timm folder, with the
+    image `projection` ([E, D]) where given; checked on load-back: the written weights, mapped back,
+    are exactly the tower's (the libraries themselves read it in tests/test_vision_consumers.py)."""
+    from safetensors.torch import load_file
+
+    from l2c_llava.models import vision_formats as vf
+
+    try:
+        vf.check_expressible(trained.config, format)
+    except VisionFormatError as e:
+        raise ExportError(str(e)) from None
+    want = vf._hf_vision_state(trained)
+    layers = int(trained.config.num_hidden_layers)
+
+    def build(tmp: Path) -> None:
+        if format == "open_clip":
+            vf.write_open_clip_folder(trained, tmp, projection, logit_scale)
+            state = load_file(str(tmp / vf.OPEN_CLIP_WEIGHTS))
+            back, proj = vf.hf_from_open_clip(state, layers), state["visual.proj"].T
+        else:
+            vf.write_timm_folder(trained, tmp, projection)
+            state = load_file(str(tmp / vf.TIMM_WEIGHTS))
+            back, proj = vf.hf_from_timm(state, layers), state.get("head.weight")
+        if back.keys() != want.keys() or any(not torch.equal(back[k], want[k]) for k in want):
+            bad = sorted(k for k in want if k not in back or not torch.equal(back[k], want[k]))
+            raise ExportError(f"the {format} folder does not hold the tower's weights: {bad[:5]}")
+        if projection is not None and not torch.equal(proj, projection.detach().float()):
+            raise ExportError(f"the {format} folder does not hold the image projection")
+        write_card(tmp, f"vision-{format}", card_source, name=Path(out_dir).name)
+
+    return publish_folder(out_dir, build, KIND_OF_FORMAT[format], overwrite)
 
 
 def export_vision_tower(

@@ -6,8 +6,8 @@ nothing from l2c_llava (it must run where the project itself does not).
     python compat_runner.py JOB.json OUT_DIR
 
 JOB: {"pixels": safetensors file with "pixels" [B,3,S,S], "vision": {name: folder},
-"tokenizers": {name: folder}, "texts": [...], "llava": {"folder", "image", "question",
-"max_new_tokens"} or null, "hf_llava": {"folder", "ids"} or null, "llm2clip_release": {"out", "vision_config", "text_dim", "projection_dim",
+"tokenizers": {name: folder}, "texts": [...], "llava": {"folder" (moved and re-pointed), "placed"
+(never moved), "stale" (moved, not re-pointed), "image", "question", "max_new_tokens"} or null, "hf_llava": {"folder", "ids"} or null, "llm2clip_release": {"out", "vision_config", "text_dim", "projection_dim",
 "num_blocks", "seed"} or null}
 """
 
@@ -74,26 +74,39 @@ def run_llava(job, tensors, result):
     from PIL import Image
 
     spec = job["llava"]
-    folder = spec["folder"]
-    entry = result["llava"] = {}
+    folder = spec["folder"]  # exported elsewhere, moved here, re-pointed (`l2c export repoint`)
+    entry = result["llava"] = {"cwd": os.getcwd()}
     name = get_model_name_from_path(folder)
-    # 1. as the README says for the scripts: from inside the folder (mm_vision_tower is relative)
-    here = os.getcwd()
-    os.chdir(folder)
-    try:
-        tokenizer, model, image_processor, _ = load_pretrained_model(folder, None, name, device="cpu")
-    finally:
-        os.chdir(here)
-    # 2. from anywhere, the absolute tower path handed to the config
+    # 1. from this working directory (not the folder's): as LLaVA's CLI, its model worker, lmms-eval's
+    # llava model and any training script load it
+    tokenizer, model, image_processor, _ = load_pretrained_model(folder, None, name, device="cpu")
+    entry["mm_vision_tower"] = model.config.mm_vision_tower
+    # 2. the absolute tower path handed to the config (the way without l2c-llava at hand)
     _, model2, _, _ = load_pretrained_model(
         folder, None, name, device="cpu", mm_vision_tower=os.path.join(folder, "vision_tower")
     )
+    # 3. an export loaded where it was written (never moved)
+    placed = spec["placed"]
+    _, model3, _, _ = load_pretrained_model(placed, None, get_model_name_from_path(placed), device="cpu")
+    # 4. a copy moved without re-pointing, its old place gone: LLaVA's own error
+    dtype = torch.get_default_dtype()
+    try:
+        load_pretrained_model(spec["stale"], None, get_model_name_from_path(spec["stale"]), device="cpu")
+        entry["stale_error"] = None
+    except Exception as e:  # recorded, judged by the test
+        entry["stale_error"] = f"{type(e).__name__}: {e}"[:500]
+    finally:  # transformers 4.37 raised inside from_pretrained with float16 left as the default dtype
+        torch.set_default_dtype(dtype)
     entry["loaded"] = True
     entry["dtype_loaded"] = str(next(model.parameters()).dtype)
     entry["tokenizer_class"] = type(tokenizer).__name__
     entry["len_tokenizer"] = len(tokenizer)
     entry["embed_rows"] = int(model.get_input_embeddings().weight.shape[0])
-    model, model2 = model.float().eval(), model2.float().eval()  # the exported weights are fp16-exact
+    model, model2, model3 = (
+        model.float().eval(),
+        model2.float().eval(),
+        model3.float().eval(),
+    )  # fp16-exact weights
     conv = conv_templates["vicuna_v1"].copy()
     conv.append_message(conv.roles[0], "<image>\n" + spec["question"])
     conv.append_message(conv.roles[1], None)
@@ -125,6 +138,9 @@ def run_llava(job, tensors, result):
         other = model2(input_ids=ids_exact, images=pixels, image_sizes=[image.size]).logits
         entry["absolute_tower_path_max_diff"] = float(
             (other - tensors["llava|logits|exact"][None]).abs().max()
+        )
+        tensors["llava|logits|placed"] = (
+            model3(input_ids=ids_exact, images=pixels, image_sizes=[image.size]).logits[0].contiguous()
         )
 
 
