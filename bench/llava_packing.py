@@ -30,16 +30,13 @@ from types import SimpleNamespace
 import torch
 
 
-def run(data: str = "runs/demo/data", batches: int = 6, warmup: int = 1) -> dict:
+def demo_llava():
+    """(model, processor): the demo's LLaVA, SmolLM2-135M from the embedded GGUF with a demo-size
+    vision tower of random weights (224 px, 32-px patches, width 256, 6 layers: 49 image tokens)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from l2c_llava.data.readers import read_llava_json
-    from l2c_llava.losses import supervised_loss
-    from l2c_llava.mllm.build import build_llava, num_image_tokens
-    from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler, PackedCollate
-    from l2c_llava.models.llm import cpu_has_native_bf16
+    from l2c_llava.mllm.build import build_llava
 
-    root = Path(data)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         CLIPVisionModel(
@@ -52,9 +49,20 @@ def run(data: str = "runs/demo/data", batches: int = 6, warmup: int = 1) -> dict
                 num_attention_heads=4,
             )
         ).save_pretrained(tmp)
-        model, processor = build_llava(
+        return build_llava(
             tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct", torch_dtype="float32")
         )
+
+
+def run(data: str = "runs/demo/data", batches: int = 6, warmup: int = 1) -> dict:
+    from l2c_llava.data.readers import read_llava_json
+    from l2c_llava.losses import supervised_loss
+    from l2c_llava.mllm.build import num_image_tokens
+    from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler, PackedCollate
+    from l2c_llava.models.llm import cpu_has_native_bf16
+
+    root = Path(data)
+    model, processor = demo_llava()
     n_img = num_image_tokens(model.config.vision_config)
     pad_id = processor.tokenizer.pad_token_id
     bf16 = cpu_has_native_bf16()

@@ -32,34 +32,18 @@ STAGES = {  # stage: (file, template, max_length, rows per micro-batch)
 
 def worker(data: str, stage: str, batches: int, barrier: str, procs: int) -> dict:
     """One process: build, wait until every process of the layout is built, time `batches` steps."""
-    from types import SimpleNamespace
-
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from llava_packing import demo_llava
 
     from l2c_llava.data.readers import read_llava_json
     from l2c_llava.losses import supervised_loss
-    from l2c_llava.mllm.build import build_llava, num_image_tokens
+    from l2c_llava.mllm.build import num_image_tokens
     from l2c_llava.mllm.data import LlavaDataset, ModalityLengthSampler, PackedCollate
     from l2c_llava.models.llm import cpu_has_native_bf16
 
     file, template, max_len, batch = STAGES[stage]
     root = Path(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        CLIPVisionModel(
-            CLIPVisionConfig(
-                image_size=224,
-                patch_size=32,
-                hidden_size=256,
-                intermediate_size=1024,
-                num_hidden_layers=6,
-                num_attention_heads=4,
-            )
-        ).save_pretrained(tmp)
-        model, processor = build_llava(
-            tmp, SimpleNamespace(name_or_path="embedded:smollm2-135m-instruct", torch_dtype="float32")
-        )
+    model, processor = demo_llava()
     rows = read_llava_json(root / "llava" / file, root / "images", on_bad_row="skip", image_check="exists")
     ds = LlavaDataset(
         rows.items,
