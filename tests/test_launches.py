@@ -51,13 +51,17 @@ def env() -> dict:
 
 
 def launch(yaml: str | None, args: list[str], *, kill: str | None = None, expect: int = 0) -> str:
-    """`l2c ARGS` on 1 process (yaml None) or through ``accelerate launch --config_file yaml`` on 2."""
+    """`l2c ARGS` on 1 process (yaml None: in this process, on 1 thread as each launched process; no
+    interpreter to start) or through ``accelerate launch --config_file yaml`` on 2."""
     if yaml is None:
-        cmd = [sys.executable, "-m", "l2c_llava.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
-        cmd += ["--num_processes", "2", "--main_process_port", str(_port())]
-        cmd += (CPU_FSDP if "fsdp" in yaml else []) + ["-m", "l2c_llava.cli", *args]
+        from l2c_llava.cli import main
+
+        assert kill is None and expect == 0 and torch.get_num_threads() == 1
+        assert main(args) == 0, args
+        return ""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
+    cmd += ["--num_processes", "2", "--main_process_port", str(_port())]
+    cmd += (CPU_FSDP if "fsdp" in yaml else []) + ["-m", "l2c_llava.cli", *args]
     e = env()
     if kill:
         e["L2C_FAULT_KILL_AFTER_CHECKPOINT"] = kill
