@@ -24,13 +24,15 @@ BENCHES = {
     "llava_data": ("LLaVA data pipeline: collation vs model step; padding waste", "llava_data"),
     "llava_step": ("LLaVA step: LM head on every position vs on the supervised ones", "llava_step"),
     "retrieval": ("retrieval eval, 5K images x 25K captions, vs one matmul", "retrieval"),
+    "gemm_limit": ("the GEMM limit and each stage's achieved FLOP/s as a share of it", "gemm_limit"),
 }
 QUICK = {
     "stage2_step": {"steps": 2, "online": False},
-    "text_encode": {"n": 16, "rounds": 1},
+    "text_encode": {"images": 3, "rounds": 1},
     "llava_data": {"batches": 2, "model_steps": 1},
     "retrieval": {"images": 500, "repeats": 1},
     "llava_step": {"batch": 2, "steps": 1},
+    "gemm_limit": {"quick": True},
 }
 
 

@@ -33,12 +33,14 @@ def run_variant(name: str, train: Path, short_key: str, a) -> None:
     out = a.out / name
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    for split in ("eval_short", "eval_long"):  # the test captions' features: computed once, shared
+    d = a.data
+    hard = d / "retrieval" / "long_hard.json"  # datasets of the generator's version 3 on
+    splits = ("eval_short", "eval_long", *(("eval_long_hard",) if hard.is_file() else ()))
+    for split in splits:  # the test captions' features: computed once, shared
         (a.out / "eval_cache" / split).mkdir(parents=True, exist_ok=True)
         link = cache / split
         if not link.exists():
             os.symlink(a.out / "eval_cache" / split, link)
-    d = a.data
     ov = [
         f"run.output_dir={out / 'run'}",
         f"text_encoder.path={a.encoder}",
@@ -49,6 +51,7 @@ def run_variant(name: str, train: Path, short_key: str, a) -> None:
         f"data.image_root={d / 'images'}",
         f"data.eval_short={d / 'retrieval' / 'karpathy.json'}",
         f"data.eval_long={d / 'retrieval' / 'long_test.json'}",
+        f"data.eval_long_hard={hard if hard.is_file() else 'null'}",
         f"data.eval_image_root={d / 'images'}",
         *a.set,
     ]

@@ -113,7 +113,9 @@ def run_facts(source: str | os.PathLike | None) -> RunFacts:
                 if s1:
                     facts.metrics["stage1 metrics.json"] = s1
         d = cfg.get("data") or {}
-        facts.datasets += [(k, str(d[k])) for k in ("train", "eval_short", "eval_long") if d.get(k)]
+        facts.datasets += [
+            (k, str(d[k])) for k in ("train", "eval_short", "eval_long", "eval_long_hard") if d.get(k)
+        ]
     elif facts.recipe == "mllm":
         m = cfg.get("model") or {}
         facts.base_models.append(("vision tower", str(m.get("vision_tower"))))

@@ -86,6 +86,15 @@ def demo_clip_path(verify: bool = True) -> Path:
     return folder
 
 
+@lru_cache(maxsize=1)
+def demo_clip_tokenizer():
+    """The tokenizer of the shipped demo CLIP (OpenAI CLIP's BPE, 77-token context, start and end
+    tokens included): what the baseline's text tower reads, from the asset folder alone."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_clip_path(verify=False)))
+
+
 @cache
 def _check_digest(path: Path, expected: str) -> None:
     digest = sha256_file(path)

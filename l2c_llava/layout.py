@@ -21,6 +21,9 @@ IMAGES = "images"
 CAPTION_PAIRS = {s: f"captions/{s}.jsonl" for s in ("train", "val", "test")}  # {"image", "short", "long"}
 RETRIEVAL_SHORT = "retrieval/karpathy.json"  # Karpathy-style, every split
 RETRIEVAL_LONG = "retrieval/long_test.json"  # ShareGPT4V-1K style, test split
+# the same style, families of test scenes whose captions share their first 77 CLIP tokens (a "family" key per row)
+RETRIEVAL_LONG_HARD = "retrieval/long_hard.json"
+HARD_IMAGES = "hard"  # under IMAGES: the hard set's redrawn members (hard/<scene index>_<member>.jpg)
 LLAVA_PRETRAIN = "llava/pretrain.json"
 LLAVA_INSTRUCT = "llava/instruct.json"
 VQA = {s: f"eval/vqa_{s}.jsonl" for s in ("val", "test")}
@@ -33,6 +36,7 @@ DATASET_FILES = {  # as the manifest records them
     "caption_pairs": CAPTION_PAIRS,
     "retrieval_short": RETRIEVAL_SHORT,
     "retrieval_long": RETRIEVAL_LONG,
+    "retrieval_long_hard": RETRIEVAL_LONG_HARD,
     "llava_pretrain": LLAVA_PRETRAIN,
     "llava_instruct": LLAVA_INSTRUCT,
     "vqa": VQA,
@@ -53,7 +57,8 @@ STAGE1_ENCODER = "encoder"  # the caption encoder a stage-1 run writes last (sta
 RETRIEVAL_TABLE = "retrieval.md"  # beside a stage-2 run's RUN_METRICS (`l2c stage2 eval`)
 
 # -- a text feature cache (stage 2's cache.dir; written by `l2c stage2 cache`, stage2/cache.py) ------------
-CACHE_MANIFEST = "manifest.json"  # in each of its folders (train, eval_short, eval_long)
+CACHE_MANIFEST = "manifest.json"  # in each of its folders (train, eval_short, eval_long, eval_long_hard)
+CACHE_LLM_WINDOW = "llm_window.json"  # in eval_long_hard: what the encoder's window keeps of the hard set
 
 # -- an evaluation folder (`l2c mllm eval --out`; written by mllm/lmms.py) -----------------------------------
 EVAL_RESULTS = "results.json"  # the normalized table

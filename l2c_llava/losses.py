@@ -95,20 +95,21 @@ def _mask_slicing() -> bool:
         return False
 
 
-def supervised_loss(model, batch: dict, only_supervised: bool = True) -> torch.Tensor:
+def supervised_loss(model, batch: dict, only_supervised: bool = True, **forward) -> torch.Tensor:
     """Next-token cross-entropy, the mean over the supervised tokens: transformers' causal-LM loss.
 
     With ``only_supervised`` the LM head (and the float32 logits of the loss) runs only on the
     positions whose next token carries a label: a LLaVA row supervises its caption or answers, not
     its 576 image tokens, prompt and padding, so most of the vocabulary projection is skipped
-    (``bench/llava_step.py`` measures it). NaN when no token is supervised, as transformers gives."""
+    (``bench/llava_step.py`` measures it). NaN when no token is supervised, as transformers gives.
+    ``forward`` goes to the model's forward as is (``use_cache=False`` for packed rows)."""
     labels = batch["labels"]
     if not (only_supervised and _mask_slicing()):
-        return model(**batch).loss
+        return model(**batch, **forward).loss
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits  # (kept positions, vocab)
+    logits = model(**inputs, **forward, logits_to_keep=keep).logits  # (kept positions, vocab)
     return torch.nn.functional.cross_entropy(
         logits.float(), labels[:, 1:][keep[:, :-1]], ignore_index=IGNORE_INDEX
     )

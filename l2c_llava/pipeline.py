@@ -191,6 +191,8 @@ class Pipeline:
         # data
         data_up: list[str] = []
         if c.data.synth_images is not None:
+            from l2c_llava.data.synthetic import GENERATOR_VERSION
+
             argv = l2c + [
                 "data",
                 "synth",
@@ -209,7 +211,9 @@ class Pipeline:
             ]
             add(
                 Step("data", "embedded dataset", argv, [D], D / L.MANIFEST),
-                {"synth": c.data.model_dump()},
+                # the generator's version: a dataset of an older generator (without files the steps now
+                # read) is made again, and every step after it runs again
+                {"synth": c.data.model_dump(), "generator": GENERATOR_VERSION},
                 [],
             )
             data_up = ["data"]
@@ -276,6 +280,12 @@ class Pipeline:
 
         # stage 2: one config for the cache, the training and the retrieval eval
         s2 = c.stage2
+        eval_sets = {"data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG}
+        unset = {}
+        if D is not None and (c.data.synth_images is not None or (D / L.RETRIEVAL_LONG_HARD).is_file()):
+            eval_sets["data.eval_long_hard"] = L.RETRIEVAL_LONG_HARD
+        elif D is not None:  # a dataset written before the hard set existed: scored without it
+            unset["data.eval_long_hard"] = None
         cfg = resolved(
             s2,
             {
@@ -283,12 +293,12 @@ class Pipeline:
                 "text_encoder.path": str(R.stage1_encoder),
                 "cache.dir": str(R.text_features),
                 "vision.name_or_path": base_vision,
+                **unset,
             },
             {
                 "data.train": L.CAPTION_PAIRS["train"],
                 "data.image_root": L.IMAGES,
-                "data.eval_short": L.RETRIEVAL_SHORT,
-                "data.eval_long": L.RETRIEVAL_LONG,
+                **eval_sets,
                 "data.eval_image_root": L.IMAGES,
             },
         )

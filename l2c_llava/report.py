@@ -330,6 +330,104 @@ def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
     return ["", f"![{alt}]({_rel(IN_RUN.plots / name)})", ""]
 
 
+# the retrieval sets, in the order the report shows them (stage 2's metrics.json names)
+SETS = ("short", "long", "long_hard")
+SET_TITLES = {"short": "short captions", "long": "long captions", "long_hard": "hard long captions"}
+
+
+def _hard_set_section(ret: dict) -> list[str]:
+    """The hard long-caption set: what it measures, both encoders within its families against chance,
+    McNemar's test, and what the numbers say."""
+    info = ret.get("sets", {}).get("long_hard")
+    if not info or "within_family_chance" not in info:
+        return []
+    chance = info["within_family_chance"]
+    k = round(1 / chance) if chance else 0
+    window = info.get("llm_window") or {}
+    md = [
+        "",
+        "### The hard long-caption set (the demo's Urban-1K)",
+        "",
+        f"`long_hard`: {info['families']} families of about {k} held-out scenes ({info['images']} images) that "
+        "differ only in the colour or the shape of one group. Each caption first tells the rest of the scene, in "
+        "the same words for every member of its family, until CLIP's first 77 tokens are used up; the group that "
+        "differs is described after them. A 77-token text tower (the baseline's) reads every member of a family "
+        "alike, so it can rank the right image first for at most one caption of a family: within families its "
+        f"R@1 is at most 1/{k} ({_pct(chance)}%, the chance level), and over the whole set at most that. "
+        "The LLM reads the whole caption"
+        + (
+            f" (its window: {window['max_length']} tokens; the captions hold up to {window['tokens_max']}, and "
+            f"the members of a family part by token {window['first_difference_max']} at the latest; "
+            f"{window['families_read_alike']} of {window['families']} families read alike)."
+            if window.get("max_length")
+            else "."
+        ),
+        "",
+        f"| encoder | text->image R@1, whole set [95% CI] | R@1 within its family [95% CI] (chance {_pct(chance)}) | "
+        "families whose text features are the same | mean text cosine: members / other families' captions |",
+        "|---|---|---|---|---|",
+    ]
+    ci = ret.get("intervals", {})
+    for enc, name in (("baseline", "baseline CLIP"), ("llm2clip", "LLM2CLIP")):
+        r = ret.get(enc, {}).get("long_hard")
+        if not r or "t2i_within_family_R@1" not in r:
+            continue
+        c = ci.get(enc, {}).get("long_hard", {})
+        md.append(
+            f"| {name} | {_pct(r.get('t2i_R@1'))}{_ci(c.get('t2i_R@1'))} | "
+            f"{_pct(r['t2i_within_family_R@1'])}{_ci(c.get('t2i_within_family_R@1'))} | "
+            f"{_pct(r['text_identical_families'])}% | {_num(r['text_cosine_within_family'])} / "
+            f"{_num(r.get('text_cosine_between_families'))} |"
+        )
+    paired = ret.get("paired_within_family", {}).get("long_hard")
+    if paired:
+        md += [
+            "",
+            f"Within families, LLM2CLIP - baseline: {100 * paired['gain']:+.1f} points; captions only LLM2CLIP "
+            f"gets right / only the baseline: {paired['wins']} / {paired['losses']}, McNemar's exact p "
+            f"{paired['p_value']:.2g}.",
+        ]
+    md += ["", *_hard_set_reading(ret, chance)]
+    return md
+
+
+def _hard_set_reading(ret: dict, chance: float) -> list[str]:
+    """One sentence per encoder on the hard set: above chance within families or not, and why not."""
+    out = []
+    ci = ret.get("intervals", {})
+    for enc, name in (("baseline", "The baseline"), ("llm2clip", "LLM2CLIP")):
+        r = ret.get(enc, {}).get("long_hard")
+        lo_hi = ci.get(enc, {}).get("long_hard", {}).get("t2i_within_family_R@1")
+        if not r or "t2i_within_family_R@1" not in r or not lo_hi:
+            continue
+        same, cos = r["text_identical_families"], r["text_cosine_within_family"]
+        if lo_hi[0] > chance:
+            out.append(
+                f"{name} is above chance within families: it tells the members apart by the late detail."
+            )
+        elif same >= 0.999:
+            out.append(
+                f"{name} is at chance or below within families ({_pct(r['t2i_within_family_R@1'])}%, interval "
+                f"{_ci(lo_hi).strip()}): its text features of a family's members are the same (every family), as "
+                "a tower that stops reading before the captions differ must give."
+            )
+        else:
+            other = r.get("text_cosine_between_families")
+            little = (
+                f"; captions of other families are at {other:.4f}: the late words move its caption feature "
+                "little, and not in a direction its image side follows"
+                if isinstance(other, float) and cos > other
+                else ""
+            )
+            out.append(
+                f"{name} is not above chance within families ({_pct(r['t2i_within_family_R@1'])}%, interval "
+                f"{_ci(lo_hi).strip()}) although its text features of the members differ (mean cosine {cos:.4f}, "
+                f"{_pct(same)}% of the families the same{little}): what differs in them does not rank the "
+                "family's images better than chance."
+            )
+    return out
+
+
 def collect(out: Path) -> dict:
     """Every number the report shows, from the run folder."""
     run = L.PipelineRun(out)
@@ -468,7 +566,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             "|---|---|---|---|---|---|---|",
         ]
         ci = ret.get("intervals", {})
-        for cap in ("short", "long"):
+        for cap in SETS:
             for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
                 b = ret.get("baseline", {}).get(cap, {})
                 l_ = ret.get("llm2clip", {}).get(cap, {})
@@ -505,8 +603,11 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             md.append(
                 f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context."
             )
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
-        for ax, cap in zip(axes, ("short", "long")):
+        md += _hard_set_section(ret)
+        shown = [cap for cap in SETS if ret.get("llm2clip", {}).get(cap)] or ["short", "long"]
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.2), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, cap in zip(axes, shown):
             labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
             for i, enc in enumerate(ENCODERS):
                 vals = [
@@ -515,7 +616,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
                 ]
                 ax.bar([j + 0.4 * (i - 0.5) for j in range(len(labels))], vals, width=0.4, label=enc)
             ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
-            ax.set_title(f"{cap} captions")
+            ax.set_title(SET_TITLES.get(cap, f"{cap} captions"))
         axes[0].set_ylabel("recall %")
         axes[0].legend(fontsize=7)
         md += _figure(fig, plots, "retrieval.png", "retrieval")

@@ -67,28 +67,86 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _blocks(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
+    return [(a, min(a + width, hi)) for a in range(lo, hi, width)]
+
+
 def retrieval_ranks(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int], chunk: int = 1024
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: Sequence[int],
+    chunk: int = 512,
+    text_chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t_rank [I], t2i_rank [T]): for each image the rank of its best-scored own caption, for each
     caption the rank of its image (0 = top; only strictly higher scores count against it). Embeddings are compared by
-    dot product: normalise them first for cosine."""
-    img, txt = image_emb.float(), text_emb.float()
+    dot product: normalise them first for cosine.
+
+    One pass over the similarity matrix, block by block (`chunk` images x `text_chunk` captions, 8 MB:
+    a block that stays in the CPU's cache while both directions count in it, and few enough blocks
+    that two threads on a shared machine do not wait on each other at every small operator; on one
+    thread 512 x 4096 costs what 256 x 2048 does, on a busy machine 4.6x less), each score computed once:
+    the captions are taken in image order, so an image block's own captions form one diagonal block;
+    the diagonal blocks are computed first (they give every caption's own score and every image's best
+    own one), kept, and reused in the counting pass."""
+    img, txt = image_emb.float().contiguous(), text_emb.float()
     owner = torch.as_tensor(list(text_image), dtype=torch.long)
     n_img, n_txt = img.shape[0], txt.shape[0]
     if owner.numel() != n_txt:
         raise ValueError(f"text_image has {owner.numel()} entries for {n_txt} captions")
-    i2t = torch.empty(n_img, dtype=torch.long)
-    for lo in range(0, n_img, chunk):
-        sim = img[lo : lo + chunk] @ txt.T
-        mine = owner.unsqueeze(0) == torch.arange(lo, lo + sim.shape[0]).unsqueeze(1)
-        best = sim.masked_fill(~mine, float("-inf")).max(dim=1).values
-        i2t[lo : lo + sim.shape[0]] = (sim > best.unsqueeze(1)).sum(dim=1)
-    t2i = torch.empty(n_txt, dtype=torch.long)
-    for lo in range(0, n_txt, chunk):
-        sim = txt[lo : lo + chunk] @ img.T
-        own = sim.gather(1, owner[lo : lo + sim.shape[0]].unsqueeze(1))
-        t2i[lo : lo + sim.shape[0]] = (sim > own).sum(dim=1)
+    if n_txt and not (0 <= int(owner.min()) and int(owner.max()) < n_img):
+        bad = int(((owner < 0) | (owner >= n_img)).nonzero()[0])
+        raise ValueError(f"caption {bad} names image {int(owner[bad])}; there are {n_img} images")
+    perm = torch.argsort(owner, stable=True)  # captions in image order
+    txt, owner = txt[perm].contiguous(), owner[perm]
+    image_blocks = _blocks(0, n_img, chunk)
+    edges = torch.searchsorted(owner, torch.tensor([lo for lo, _ in image_blocks] + [n_img])).tolist()
+    best = torch.full((n_img,), float("-inf"))  # each image's best own caption score
+    own = torch.empty(n_txt)  # each caption's score with its image
+    diagonal = []
+    for (lo, hi), a, b in zip(image_blocks, edges, edges[1:]):
+        sim = img[lo:hi] @ txt[a:b].T
+        rows = owner[a:b] - lo
+        own[a:b] = sim[rows, torch.arange(b - a)]
+        best[lo:hi].scatter_reduce_(0, rows, own[a:b], "amax")
+        diagonal.append(sim)
+    i2t = torch.zeros(n_img, dtype=torch.long)
+    t2i = torch.zeros(n_txt, dtype=torch.long)
+    for (lo, hi), a, b, diag in zip(image_blocks, edges, edges[1:], diagonal):
+        for t0, t1, kept in [
+            *((t0, t1, None) for t0, t1 in _blocks(0, a, text_chunk)),
+            (a, b, diag),
+            *((t0, t1, None) for t0, t1 in _blocks(b, n_txt, text_chunk)),
+        ]:
+            sim = kept if kept is not None else img[lo:hi] @ txt[t0:t1].T
+            i2t[lo:hi] += (sim > best[lo:hi, None]).sum(dim=1)
+            t2i[t0:t1] += (sim > own[None, t0:t1]).sum(dim=0)
+    return i2t, t2i[torch.argsort(perm)]
+
+
+def retrieval_ranks_ties_in_order(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieval_ranks` with ties broken by position, as a stable sort ranks them: an equal score
+    of an earlier item counts against the query too. For sets built to tie: the hard long-caption set,
+    where a 77-token tower gives a family's captions the same features, and ties counted for the query
+    would let every image of the family find "its" caption first. One [I, T] product (small sets)."""
+    img, txt = image_emb.float(), text_emb.float()
+    owner = torch.as_tensor(list(text_image), dtype=torch.long)
+    if owner.numel() != txt.shape[0]:
+        raise ValueError(f"text_image has {owner.numel()} entries for {txt.shape[0]} captions")
+    sim = img @ txt.T  # [I, T]
+    n_img, n_txt = sim.shape
+    mine = owner.unsqueeze(0) == torch.arange(n_img).unsqueeze(1)
+    own_scores = sim.masked_fill(~mine, float("-inf"))
+    best = own_scores.max(dim=1).values
+    first = (own_scores == best.unsqueeze(1)).float().argmax(dim=1)  # the earliest best own caption
+    before = torch.arange(n_txt).unsqueeze(0) < first.unsqueeze(1)
+    i2t = (sim > best.unsqueeze(1)).sum(dim=1) + ((sim == best.unsqueeze(1)) & before & ~mine).sum(dim=1)
+    col = sim.T  # [T, I]
+    own = col.gather(1, owner.unsqueeze(1))
+    earlier = torch.arange(n_img).unsqueeze(0) < owner.unsqueeze(1)
+    t2i = (col > own).sum(dim=1) + ((col == own) & earlier).sum(dim=1)
     return i2t, t2i
 
 

@@ -44,8 +44,11 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
     assert r["collate_rows_per_s"] > 0 and r["model_step_rows_per_s"] > 0
     import text_encode
 
-    t = text_encode.run(n=8, batch=4, rounds=1)
-    assert t["ours"]["texts_per_s"] > 0 and t["llm2vec"]["texts_per_s"] > 0
+    t = text_encode.run(images=2, batch=4, rounds=1, weights="random")
+    assert t["captions"] == 12 and t["short_captions"] == 10
+    for side in ("ours_bf16", "llm2vec_fp32", "ours_fp32"):
+        assert t[side]["texts_per_s"] > 0
+    assert t["agreement_with_llm2vec_fp32"]["ours_fp32"]["cosine_min"] > 0.9999
     import llava_step
 
     s = llava_step.run(str(synth_dir), batch=2, steps=1)
@@ -53,6 +56,25 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
         r = s[stage]
         assert 0 < r["positions_kept_share"] < 1 and r["ratio_kept_over_all"] > 0
         assert r["float32_logits_mb_per_batch"]["kept"] < r["float32_logits_mb_per_batch"]["all"]
+
+
+@pytest.mark.slow
+def test_gemm_limit_benchmark_counts_every_stage(tmp_path):
+    """Every stage runs (tiny random models), its FLOPs counted and the analytic count close to them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gemm_limit import STAGES
+
+    _run(["bench/gemm_limit.py", "--quick"], tmp_path)
+    res = json.loads((tmp_path / "gemm_limit-quick.json").read_text())
+    assert set(res["stages"]) == set(STAGES)
+    for dtype in ("bf16", "fp32"):
+        assert res["limit_start"][dtype]["limit_gflops"] > 0 and res["limit_end"][dtype]["limit_gflops"] > 0
+    for name, stage in res["stages"].items():
+        for dtype in ("bf16", "fp32") if name != "retrieval" else ("fp32",):
+            r = stage[dtype]
+            assert r["gflops_counted"] > 0 and r["share_of_limit"] > 0, (name, dtype, r)
+            assert 0.8 <= r["analytic_over_counted"] <= 1.25, (name, dtype, r)
+            assert 0 < r["useful_share_of_limit"] <= r["share_of_limit"] + 1e-9
 
 
 def test_caption_corruptions_mark_exactly_the_changed_rows():

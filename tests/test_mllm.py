@@ -279,6 +279,16 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     assert not torch.equal(f[lm_key], init[lm_key])
     assert all(torch.allclose(f[k], g[k], atol=1e-6) for k in f)
     assert torch.allclose(f[proj[0]], a[proj[0]], atol=0.1) and not torch.equal(f[proj[0]], init[proj[0]])
+    # padding-free batches (data.packing) train to the padded run's losses and weights
+    packed_path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft_packed")
+    assert main(["mllm", "finetune", "--config", str(packed_path), init_from, "data.packing=true"]) == 0
+    p = saved_state(tmp_path / "ft_packed" / "model")
+    assert all(torch.allclose(p[k], g[k], atol=1e-5) for k in g)
+    logs = [
+        [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("ft_straight", "ft_packed")
+    ]
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], abs=1e-5)
     # the config's stage must match the command
     capsys.readouterr()
     assert main(["mllm", "pretrain", "--config", str(path)]) == 2
@@ -765,3 +775,60 @@ def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, syn
             assert all(a is b is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))
         nothing = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
         assert torch.isnan(supervised_loss(model, nothing)) and torch.isnan(model(**nothing).loss)
+
+
+def test_packed_rows_give_the_padded_loss_and_gradients(tmp_path, parts, synth_dir):
+    """Padding-free batches: the same samples packed end to end (position_ids restarting, no
+    attention mask) give the padded batch's loss and gradients, with image and text-only samples in
+    one row, several rows when the capacity is short, and every sample's own image in its place; a
+    packing that let attention cross samples (no position restart) changes the loss."""
+    from l2c_llava.losses import supervised_loss
+    from l2c_llava.mllm.data import Collate, PackedCollate, pack_rows
+    from l2c_llava.mllm.train import MllmRecipe
+
+    assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
+    assert pack_rows([9, 2], 4) == [[0], [1]]  # longer than a row: a row of its own
+    assert pack_rows([70] * 7 + [60], 512) == [list(range(0, 8, 2)), list(range(1, 8, 2))]  # even rows
+    assert (
+        pack_rows([6, 5, 5], 10) == [[0], [1, 2]]
+        and pack_rows([6, 5, 5], 9) == [[0], [1], [2]]
+        and pack_rows([], 8) == []
+    )
+    for stage in ("pretrain", "finetune"):
+        _, cfg = mllm_config(tmp_path, parts, synth_dir, stage, tmp_path / stage)
+        recipe = MllmRecipe(cfg)
+        model, proc = recipe.build()
+        ds = recipe.build_data(proc, model)
+        images = [i for i in range(len(ds)) if ds.rows[i].has_image][:4]
+        text_only = [i for i in range(len(ds)) if not ds.rows[i].has_image][:2]
+        samples = [ds[i] for i in images[:2] + text_only + images[2:]]
+        total = sum(len(s["input_ids"]) for s in samples)
+        padded = Collate(proc.tokenizer.pad_token_id)(samples)
+        assert int(padded["attention_mask"].sum()) == total
+        pad_id = proc.tokenizer.pad_token_id
+        longest = max(len(s["input_ids"]) for s in samples)
+        for capacity in (total, longest + 1, None):
+            packed = PackedCollate(pad_id, capacity)(samples)
+            assert int(packed.pop("num_tokens")) == total
+            rows = packed["input_ids"].shape[0]
+            assert (rows == 1) == (capacity == total) and packed["input_ids"].numel() <= padded[
+                "input_ids"
+            ].numel()
+            assert capacity != total or packed["input_ids"].numel() == total  # one row, no padding
+            grads = []
+            for batch in (padded, packed):
+                model.zero_grad(set_to_none=True)
+                loss = supervised_loss(model, batch, use_cache=False)
+                loss.backward()
+                grads.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+            (a, ga), (b, gb) = grads
+            assert torch.isfinite(a) and torch.allclose(a, b, atol=1e-5), (stage, capacity, a, b)
+            assert any(g is not None for g in ga)
+            assert all(x is y is None or torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+        # the one row with positions running on: attention crosses the samples, the loss moves
+        one_row = PackedCollate(pad_id, total)(samples)
+        one_row.pop("num_tokens")
+        leaky = dict(one_row, position_ids=torch.arange(total)[None])
+        with torch.no_grad():
+            kept, crossed = (model(**x, use_cache=False).logits for x in (one_row, leaky))
+            assert (kept - crossed).abs().max() > 1e-3

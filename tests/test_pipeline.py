@@ -127,7 +127,7 @@ def test_bad_pipeline_configs_are_named(tmp_path, capsys):
 
 # --- each step's resolved config file ---------------------------------------------------------
 
-SHIPPED = ("quick", "demo", "paper")
+SHIPPED = ("quick", "demo", "demo_4k", "paper")
 
 
 def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
@@ -156,39 +156,56 @@ def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
 
 PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code before them gave
     # (the eval steps and the report changed on purpose with eval.model / eval.batch_size: the batched
-    # l2c_llava model, issue 33)
+    # l2c_llava model, issue 33; quick and demo from their data step on with the generator's version 3:
+    # the hard long-caption set, issue 33)
     "quick": {
-        "data": ("8c6f48f642b9521e", "8c6f48f642b9521e"),
-        "stage1": ("02f8f244e9697ff5", "1d6fddaa669dc1a6"),
-        "baseline": ("94fd337d6ea97927", "eb4fb95bb8a4a7b9"),
-        "text_cache": ("b6b7f33a22a7ee56", "b6b7f33a22a7ee56"),
-        "stage2": ("646dada81020af84", "a2ffa53bbbb8a548"),
-        "retrieval": ("4bac3a958fe1fe34", "4dc1ef97ea01d9e6"),
-        "export": ("530c8ff75e63e4bd", "530c8ff75e63e4bd"),
-        "health": ("56e6d0c648a5136e", "56e6d0c648a5136e"),
-        "pretrain_baseline": ("a69924dd27ac9cfe", "dd0df95e916ecd9e"),
-        "finetune_baseline": ("ebea3f0b08b65b5e", "191e94f4bbee37d5"),
-        "eval_baseline": ("b4b7fb84ae67e060", "b4b7fb84ae67e060"),
-        "pretrain_llm2clip": ("063d5dd58a18dbb6", "14b2333e27918b5c"),
-        "finetune_llm2clip": ("4f786897b8fd0295", "3f498daf00e0644b"),
-        "eval_llm2clip": ("8ffa455b594c80bf", "8ffa455b594c80bf"),
-        "report": ("91daf0ca84654a6e", "91daf0ca84654a6e"),
+        "data": ("13520ed31032af9b", "13520ed31032af9b"),
+        "stage1": ("4d1e1b78ba13516f", "447a095ae701bfbe"),
+        "baseline": ("5a85c6148575430e", "c98a4805fa17c033"),
+        "text_cache": ("d26cbbf79ae47d2d", "d26cbbf79ae47d2d"),
+        "stage2": ("ad773b6ba10bb34e", "8cf92431b2cfb665"),
+        "retrieval": ("19da09a854c9e1de", "0eab988f0b70c733"),
+        "export": ("a011f7662cbd2ed4", "a011f7662cbd2ed4"),
+        "health": ("6e304792af6cdfef", "6e304792af6cdfef"),
+        "pretrain_baseline": ("f0fd8cab8ad8fe9f", "770fc9a0544625a4"),
+        "finetune_baseline": ("28e4c8e88291140e", "2221afc779514bab"),
+        "eval_baseline": ("ce3b128aeff9c73b", "ce3b128aeff9c73b"),
+        "pretrain_llm2clip": ("5610b7e42534679c", "e08073c42e3b53cd"),
+        "finetune_llm2clip": ("61a16d671a8090b2", "c80435e993b24e56"),
+        "eval_llm2clip": ("94515d742fd992e8", "94515d742fd992e8"),
+        "report": ("8efad30daad0931d", "8efad30daad0931d"),
     },
     "demo": {
-        "data": ("65bea8093fa145b4", "65bea8093fa145b4"),
-        "stage1": ("8800c4178e5e7dd7", "ecdd41c41f77cc73"),
-        "text_cache": ("493b0fc776e58c7c", "493b0fc776e58c7c"),
-        "stage2": ("785dda3dcfb1ade7", "40deb850f437b416"),
-        "retrieval": ("64b53a1bfdde0c83", "f225fb3eb73a3ca6"),
-        "export": ("ac561449c173b770", "ac561449c173b770"),
-        "health": ("b0ec14e5e94ee662", "b0ec14e5e94ee662"),
-        "pretrain_baseline": ("a8700dfb8478876b", "52d54d7366e7b758"),
-        "finetune_baseline": ("9c4c03759bcb6372", "db712fc34f0adb55"),
-        "eval_baseline": ("57f5de7fc8b6143b", "57f5de7fc8b6143b"),
-        "pretrain_llm2clip": ("452f6ba96f5f90ab", "4ce22fbcf569771c"),
-        "finetune_llm2clip": ("952f7ecdaa1b0f48", "101bb25b46229941"),
-        "eval_llm2clip": ("122b5500aa455c09", "122b5500aa455c09"),
-        "report": ("43503474929da0bd", "43503474929da0bd"),
+        "data": ("5ef820a78816a2b9", "5ef820a78816a2b9"),
+        "stage1": ("c001c47cdabdc128", "d8ea5f3a6eba091e"),
+        "text_cache": ("a0b73b64beb697f3", "a0b73b64beb697f3"),
+        "stage2": ("5d97bf0121914ef6", "530a4300f9e67f97"),
+        "retrieval": ("2571407302b4ca2a", "5018b12ae7ca02a7"),
+        "export": ("0f2b3c259f15dba6", "0f2b3c259f15dba6"),
+        "health": ("fb9bba6602b687a3", "fb9bba6602b687a3"),
+        "pretrain_baseline": ("650dd704e8dade43", "2661bf84e1bc14df"),
+        "finetune_baseline": ("770675b7cbcf1fe0", "847e70576e08e4ee"),
+        "eval_baseline": ("c42fb896f3f134c9", "c42fb896f3f134c9"),
+        "pretrain_llm2clip": ("d690a7b4380221e4", "43bdd2efd065b311"),
+        "finetune_llm2clip": ("0c29be0132d5e76a", "9b3fd57f6fa8784f"),
+        "eval_llm2clip": ("b56a87addf5810af", "b56a87addf5810af"),
+        "report": ("035dd8d098f109eb", "035dd8d098f109eb"),
+    },
+    "demo_4k": {
+        "data": ("9c03fb2e86b1c4ee", "9c03fb2e86b1c4ee"),
+        "stage1": ("ffdc6e72b97ab508", "67936e7cc7aea911"),
+        "text_cache": ("35941ef37122842b", "35941ef37122842b"),
+        "stage2": ("617cdaefeff0ca7c", "1cc41c5143e108b4"),
+        "retrieval": ("1c5a22c447b94311", "a944a568b39ce351"),
+        "export": ("d370b8a6b6e02c48", "d370b8a6b6e02c48"),
+        "health": ("7bd288d1fb2e3b35", "7bd288d1fb2e3b35"),
+        "pretrain_baseline": ("10656021eb8a2d50", "203f86ccc6f7dea6"),
+        "finetune_baseline": ("dd55029d4e940fa3", "2925a7abfd72c631"),
+        "eval_baseline": ("42f4ede0de0e3475", "42f4ede0de0e3475"),
+        "pretrain_llm2clip": ("9f0943221d7c5b37", "577504de61a7edfe"),
+        "finetune_llm2clip": ("e8a534fde8ad6e7b", "fbf4ea06bb722fa5"),
+        "eval_llm2clip": ("70f494fe20815904", "70f494fe20815904"),
+        "report": ("9ef1e4ee96319d41", "9ef1e4ee96319d41"),
     },
     "paper": {
         "stage1": ("2bcdd38cd45e6ae5", "f822cec8cdb29b8f"),

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from l2c_llava.stage1.encoder import EncoderLoadError, TextEncoder, lora_targets
+from l2c_llava.errors import InputError
+from l2c_llava.stage1.encoder import EncoderLoadError, TextEncoder, length_batches, lora_targets
 
 from .tiny_llm import FAMILIES, save_tiny_llm
 
@@ -139,6 +140,93 @@ def test_encode_keeps_order_and_is_independent_of_batching(tiny_dirs):
     batch = enc.tokenize([enc.format_text(t) for t in texts])
     with torch.no_grad():
         assert torch.allclose(enc(**batch), enc(**batch, length_buckets=3), atol=1e-5)
+
+
+def _brute_force_cost(widths: list[int], max_rows: int, overhead: int) -> float:
+    """The least padded tokens + overhead per batch over every split of the sorted widths."""
+    n = len(widths)
+    if n == 0:
+        return 0
+    return min(
+        widths[0] * k + overhead + _brute_force_cost(widths[k:], max_rows, overhead)
+        for k in range(1, min(max_rows, n) + 1)
+    )
+
+
+def test_length_batches_are_the_least_padding_and_cover_every_text_once():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.choice([3, 4, 5, 9, 30, 31, 60]) for _ in range(rng.randint(1, 9))]
+        max_rows, overhead = rng.randint(1, 4), rng.choice([0, 5, 64])
+        batches = length_batches(lengths, max_rows, overhead)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= max_rows for b in batches)
+        widths = [max(lengths[i] for i in b) for b in batches]
+        assert widths == sorted(widths, reverse=True)  # longest first
+        cost = sum(w * len(b) + overhead for w, b in zip(widths, batches))
+        assert cost == _brute_force_cost(sorted(lengths, reverse=True), max_rows, overhead)
+    # the demo's mix: dense captions are not padded into the batch of the longest short ones
+    mix = [150, 140, 120, 25, 24, 22, 20] + [15] * 20
+    for b in length_batches(mix, 8):
+        assert len({mix[i] >= 120 for i in b}) == 1
+    with pytest.raises(InputError, match="batch size"):
+        length_batches([3], 0)
+
+
+def test_bf16_features_stay_within_the_stated_tolerance_of_float32(tiny_dirs):
+    """The stage-2 cache runs the encoder in bf16 (the demo's text_encoder.torch_dtype): on this tiny
+    random model the features agree with float32 ones within a cosine of 0.9995 per text and a largest
+    difference of 1% of the largest feature value (measured: 0.99998, 0.2%). SmolLM2-135M is more
+    sensitive on short captions (bench/text_encode.py against llm2vec's float32: dense captions
+    >= 0.9999, short ones down to about 0.986, mean 0.998; bench/RESULTS.md)."""
+    texts = [
+        "star",
+        "two blue squares on a beige background",
+        "a large solid red circle in the center, next to three small green triangles",
+        " ".join(["red circle on blue"] * 12),
+    ]
+    f32 = TextEncoder.from_pretrained(tiny_dirs["llama"], torch_dtype="float32", device="cpu")
+    b16 = TextEncoder.from_pretrained(tiny_dirs["llama"], torch_dtype="bfloat16", device="cpu")
+    assert next(b16.model.parameters()).dtype == torch.bfloat16
+    a, b = f32.encode(texts, batch_size=2), b16.encode(texts, batch_size=2)
+    assert b.dtype == torch.float32  # pooled in float32 whatever the compute dtype
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert bool((cos >= 0.9995).all()), cos.tolist()
+    assert (a - b).abs().max() <= 0.01 * a.abs().max()
+    assert not torch.equal(a, b)  # it did run in bf16
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: frozen q/k/v biases too
+def test_frozen_base_in_bf16_gives_the_same_autocast_step(tiny_dirs, family):
+    from peft import LoraConfig, get_peft_model
+
+    from l2c_llava.stage1.encoder import frozen_linears_in
+
+    enc = TextEncoder.from_pretrained(tiny_dirs[family], device="cpu")
+    enc.model = get_peft_model(
+        enc.model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(enc.model, ["q_proj", "v_proj"]))
+    )
+    torch.nn.init.normal_(enc.model.base_model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
+    batch = enc.tokenize([enc.format_text(t) for t in ["a red circle", "two blue squares on beige"]])
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            enc(**batch, length_buckets=2).float().square().sum().backward()
+        out = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+        enc.zero_grad(set_to_none=True)
+        return out
+
+    plain = grads()
+    with frozen_linears_in(enc.model, torch.bfloat16) as n:
+        assert n > 0 and enc.model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        cast = grads()
+    assert plain.keys() == cast.keys() and len(plain) > 0
+    assert all(torch.equal(plain[k], cast[k]) for k in plain)  # the same products, bit for bit
+    after = dict(enc.named_parameters())
+    assert all(after[n].dtype == v.dtype and torch.equal(after[n], v) for n, v in before.items())
 
 
 def test_doc_max_length_cuts_long_texts_by_words(tiny_dirs):

@@ -32,6 +32,44 @@ def test_ranks_give_the_recall_of_recall_at_k_and_count_ties_for_the_query():
     assert i2t.tolist() == t2i.tolist() == [0, 0, 0]
 
 
+def _reference_ranks(img, txt, owner):
+    """The definition, on the whole similarity matrix at once."""
+    sim = img @ txt.T
+    owner = torch.as_tensor(owner)
+    mine = owner[None, :] == torch.arange(img.shape[0])[:, None]
+    best = sim.masked_fill(~mine, float("-inf")).max(dim=1).values
+    own = sim[owner, torch.arange(len(owner))]
+    return (sim > best[:, None]).sum(dim=1), (sim > own[None, :]).sum(dim=0)
+
+
+@pytest.mark.parametrize("chunk,text_chunk", [(1, 1), (3, 5), (7, 2), (256, 2048)])
+def test_blocked_ranks_equal_the_whole_matrix_with_ties_and_uneven_captions(chunk, text_chunk):
+    g = torch.Generator().manual_seed(chunk)
+    for _ in range(12):
+        n_img, n_txt = (
+            int(torch.randint(1, 30, (1,), generator=g)),
+            int(torch.randint(1, 90, (1,), generator=g)),
+        )
+        # small integers: every score exact, many ties (duplicate images and captions among them);
+        # captions in no order, 0 to many per image
+        img = torch.randint(-2, 3, (n_img, 6), generator=g).float()
+        txt = torch.randint(-2, 3, (n_txt, 6), generator=g).float()
+        owner = torch.randint(0, n_img, (n_txt,), generator=g).tolist()
+        got = retrieval_ranks(img, txt, owner, chunk=chunk, text_chunk=text_chunk)
+        want = _reference_ranks(img, txt, owner)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # real-valued, normalised, five captions per image in shuffled order (exact ties are the integer
+    # case's: a real-valued tie holds only as far as two matrix products round alike)
+    img, txt, owner = _setup(n_img=60, noise=0.5, seed=chunk)
+    perm = torch.randperm(len(owner), generator=g)
+    txt, owner = txt[perm], torch.as_tensor(owner)[perm].tolist()
+    got = retrieval_ranks(img, txt, owner, chunk=chunk, text_chunk=text_chunk)
+    want = _reference_ranks(img, txt, owner)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="caption 1 names image 9"):
+        retrieval_ranks(img[:3], txt[:2], [0, 9])
+
+
 def test_recall_interval_covers_the_value_and_narrows_with_more_images():
     img, txt, owner = _setup(n_img=100)
     r_small = recall_with_ci(*retrieval_ranks(img, txt, owner), owner, ks=(1,))

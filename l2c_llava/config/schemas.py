@@ -311,6 +311,12 @@ class Stage2Data(DataChecks):
     eval_long: str | None = Field(
         None, description="long-caption test set (Karpathy-style JSON or Urban-1K folder)"
     )
+    eval_long_hard: str | None = Field(
+        None,
+        description="hard long-caption set (the embedded data's retrieval/long_hard.json): families of images "
+        "whose captions share their first 77 CLIP tokens and differ after; scored like eval_long, and within "
+        "each family",
+    )
     eval_image_root: str | None = None
     eval_split: str = "test"
 
@@ -394,7 +400,9 @@ class Stage2Config(RecipeConfig):
                     f"must be <= logit_scale.max ({self.logit_scale.max})",
                 )
             )
-        if (self.data.eval_short or self.data.eval_long) and not self.data.eval_image_root:
+        if (
+            self.data.eval_short or self.data.eval_long or self.data.eval_long_hard
+        ) and not self.data.eval_image_root:
             out.append(("data.eval_image_root", None, "the retrieval test sets need their image folder"))
         return out
 
@@ -439,6 +447,12 @@ class MllmData(DataChecks):
     template: Literal["plain", "vicuna_v1"] = "vicuna_v1"
     max_length: PositiveInt = 2048
     group_by_modality_length: bool = True
+    packing: bool = Field(
+        False,
+        description="padding-free batches: each micro-batch's samples packed end to end into rows of at most "
+        "data.max_length tokens, attention kept inside each sample by position_ids (sdpa/eager/flash-attention; "
+        "the loss is the padded batch's); LLaVA-1.5 pads",
+    )
     num_workers: NonNegInt = 4
 
 

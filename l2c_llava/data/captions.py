@@ -453,3 +453,75 @@ def text_only_conversation(rng: random.Random) -> list[tuple[str, str]]:
                 (f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(sorted(words)) + ".")
             )
     return turns
+
+
+# ---------------------------------------------------------------------------------------------
+# hard long captions: families told apart only after CLIP's 77 tokens
+# ---------------------------------------------------------------------------------------------
+
+# true of every image the generator draws: what a long caption may add once the scene is told
+HARD_FILLERS = (
+    "Every shape is drawn flat, with no shadows and no perspective.",
+    "There is no text, no border and no frame anywhere in the picture.",
+    "Each group of shapes keeps to its own region of an invisible three by three grid.",
+)
+
+
+def hard_caption_sentences(scene: Scene, late: Group, rng: random.Random) -> list[str]:
+    """The opening sentences of a hard long caption, in order: true of every member of the family
+    of `scene`, whose members differ only in the colour or the shape of the group `late` (its
+    position, size, style and count are the same). They tell everything but that group's colour and
+    shape: the total, the background, every other group with its attributes and relations, where the
+    late group is, the empty regions; then remarks true of any drawn image. The generator keeps the
+    fewest that fill CLIP's window and appends :func:`hard_caption_ending`."""
+    others = [g for g in scene.groups if g is not late]
+    total = scene.total
+    sentences = [
+        rng.choice(
+            [
+                f"The image shows {number_word(total)} flat geometric {'shape' if total == 1 else 'shapes'} "
+                f"arranged on {background_phrase(scene, True)}.",
+                f"This picture presents a simple composition of {number_word(total)} geometric "
+                f"{'object' if total == 1 else 'objects'} placed on {background_phrase(scene, True)}.",
+            ]
+        )
+    ]
+    for g in others:
+        desc = noun_phrase(g, size=True, style=True)
+        tilt = ", tilted slightly to one side" if g.tilt else ""
+        sentences.append(
+            rng.choice(
+                [
+                    f"{cap(POSITION_PHRASE[g.position])}, there {_be(g)} {desc}{tilt}.",
+                    f"{cap(desc)} can be seen {POSITION_PHRASE[g.position]}{tilt}.",
+                ]
+            )
+        )
+    for a, b in zip(others, others[1:]):
+        sentences.append(
+            f"{cap(noun_phrase(a, definite=True))} {_be(a)} {relation(a, b)} {noun_phrase(b, definite=True)}."
+        )
+    more = "one more object" if late.count == 1 else f"{number_word(late.count)} more objects"
+    sentences.append(f"There {'is' if late.count == 1 else 'are'} {more} {POSITION_PHRASE[late.position]}.")
+    taken = {g.position for g in scene.groups}
+    empty = [name for name in POSITIONS.values() if name not in taken]
+    if empty:
+        sentences.append(
+            f"The {join_list(empty)} {'region is' if len(empty) == 1 else 'regions are'} left empty."
+        )
+    return sentences + list(HARD_FILLERS)
+
+
+def hard_caption_ending(late: Group, template: int) -> str:
+    """The last sentence of a hard long caption: the late group with its colour and shape, the only
+    words that differ between the members of a family (``template``: the same for all of them)."""
+    desc = noun_phrase(late, size=True, style=True)
+    tilt = ", tilted slightly to one side" if late.tilt else ""
+    noun = late.shape if late.count == 1 else PLURAL[late.shape]
+    only = f"{'it is' if late.count == 1 else 'they are'} the only {late.colour} {noun} in the picture"
+    templates = [
+        f"Finally, {POSITION_PHRASE[late.position]}, there {_be(late)} {desc}{tilt}; {only}.",
+        f"Last of all, {desc} {'sits' if late.count == 1 else 'sit'} {POSITION_PHRASE[late.position]}{tilt}, "
+        f"and {only}.",
+    ]
+    return templates[template % len(templates)]

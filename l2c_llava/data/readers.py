@@ -566,6 +566,23 @@ def read_long_captions(
     return _build_retrieval(entries, root, str(path), len(data), on_bad_row, image_check, problems)
 
 
+def read_families(path: str | os.PathLike) -> dict[str, str]:
+    """{image path: family} of a long-caption JSON list whose rows carry a "family" (the embedded hard
+    long-caption set: images whose captions differ only after CLIP's 77 tokens); {} for a set without
+    families (a folder, a Karpathy-style file, rows without the key)."""
+    path = Path(path)
+    if path.is_dir():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, list):
+        return {}
+    return {
+        row["image"]: str(row["family"])
+        for row in data
+        if isinstance(row, dict) and isinstance(row.get("image"), str) and row.get("family") is not None
+    }
+
+
 def _read_caption_folder(root: Path, on_bad_row: OnBadRow, image_check: ImageCheck) -> RetrievalSet:
     image_dir, caption_dir = root / "image", root / "caption"
     if not image_dir.is_dir() or not caption_dir.is_dir():

@@ -7,6 +7,9 @@
       captions/{train,val,test}.jsonl       caption pairs {"image", "short", "long", "alternatives"}  (stages 1, 2)
       retrieval/karpathy.json               Karpathy-style, 5 captions per image, all splits (COCO/Flickr)
       retrieval/long_test.json              long-caption test set, ShareGPT4V-1K style (one dense caption)
+      retrieval/long_hard.json              hard long-caption set, same style: families of 3 test scenes whose
+                                            captions share their first 77 CLIP tokens (a "family" key per row)
+      images/hard/000000012_1.jpg ...       the hard set's redrawn members (member 0 is the test image itself)
       llava/pretrain.json                   blip_laion_cc_sbu_558k.json-style rows (train split)
       llava/instruct.json                   llava_v1_5_mix665k.json-style rows (train split, some text-only)
       eval/vqa_{val,test}.jsonl             short-answer VQA (color, count, shape, position, existence)
@@ -35,16 +38,28 @@ import statistics
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from l2c_llava import layout as L
 from l2c_llava.data import captions as C
-from l2c_llava.data.scenes import COLOURS, SHAPES, Background, Group, Scene, render_scene, sample_scene
-from l2c_llava.embedded import clip_tokenizer
-from l2c_llava.errors import InputError, OutputExistsError
+from l2c_llava.data.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    MIN_CONTRAST,
+    SHAPES,
+    Background,
+    Group,
+    Scene,
+    render_scene,
+    sample_scene,
+)
+from l2c_llava.embedded import clip_tokenizer, demo_clip_tokenizer
+from l2c_llava.errors import InputError, L2CError, OutputExistsError
 from l2c_llava.io import (
     LOCK_FILES,
     atomic_write_json,
@@ -63,8 +78,10 @@ from l2c_llava.locks import run_lock
 logger = logging.getLogger(__name__)
 
 GENERATOR = "l2c-llava synthetic scenes"
-GENERATOR_VERSION = 2  # 2: caption pairs carry the five COCO-like "alternatives"
+GENERATOR_VERSION = 3  # 2: caption pairs carry the five COCO-like "alternatives"; 3: retrieval/long_hard.json
 CLIP_CONTEXT = 77
+HARD_FAMILY_SIZE = 3  # images per family of the hard long-caption set: a 77-token tower gets at most 1 in 3
+HARD_MAX_FAMILIES = 100  # the first test scenes that make a family, at most
 
 BRIEF_PROMPTS = [
     "Describe the image concisely.",
@@ -134,17 +151,54 @@ def assign_splits(n: int, seed: int, val_fraction: float, test_fraction: float) 
 
 
 def _render_chunk(args: tuple[list[dict], int, int, int, str]) -> list[tuple[int, list[list[list[int]]]]]:
-    """Worker: draw and save a chunk of scenes; returns each scene's instance boxes."""
+    """Worker: draw and save a chunk of scenes (at their "path" under the image folder, by default
+    :func:`image_relpath` of their index); returns each scene's instance boxes."""
     scenes, size, seed, quality, image_dir = args
     out = []
     for s in scenes:
         scene = Scene(s["index"], Background(**s["background"]), [Group(**g) for g in s["groups"]])
         img = render_scene(scene, size, seed)
-        path = Path(image_dir) / image_relpath(scene.index)
+        path = Path(image_dir) / s.get("path", image_relpath(scene.index))
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, format="JPEG", quality=quality)
-        out.append((scene.index, [g.boxes for g in scene.groups]))
+        out.append((s.get("path", scene.index), [g.boxes for g in scene.groups]))
     return out
+
+
+def _scene_payload(scene: Scene, path: str | None = None) -> dict:
+    out = {
+        "index": scene.index,
+        "background": asdict(scene.background),
+        "groups": [asdict(g) for g in scene.groups],
+    }
+    return out | ({"path": path} if path is not None else {})
+
+
+def _draw(
+    payload: list[dict], options: SynthOptions, workers: int, image_dir: Path, progress: bool, desc: str
+) -> dict:
+    """Draw and save every scene of `payload` (in parallel: each image depends only on (seed, index));
+    returns {its "path", else its index: the instance boxes of each group}."""
+    n = len(payload)
+    chunk = max(1, min(64, n // (workers * 4) or 1))
+    jobs = [
+        (payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(image_dir))
+        for i in range(0, n, chunk)
+    ]
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    boxes: dict = {}
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for res in pool.map(_render_chunk, jobs):
+                boxes.update(res)
+                bar.update(len(res))
+    else:
+        for job in jobs:
+            res = _render_chunk(job)
+            boxes.update(res)
+            bar.update(len(res))
+    bar.close()
+    return boxes
 
 
 def _karpathy_tokens(text: str) -> list[str]:
@@ -314,6 +368,196 @@ def generate(
     return manifest
 
 
+class HardSetError(L2CError, RuntimeError):
+    """A family of the hard long-caption set that does not have the property the set is for (its
+    captions the same for CLIP's 77 tokens and different after, its images different): a generator
+    bug, never written out."""
+
+    exit_code = 1
+
+
+def check_hard_family(family: str, captions: list[str], tokenizer, context: int = CLIP_CONTEXT) -> dict:
+    """Tokenize a family's captions as the baseline's text tower does and check that its members are
+    the same for the tower and different after: every caption longer than `context` tokens (start and
+    end tokens counted), the first `context` tokens of all of them equal (so the truncated inputs, the
+    start token, ``context - 2`` caption tokens and the end token, are equal token for token), and the
+    captions different after. Returns {"shared_tokens": the tokens all members begin with (start token
+    counted), "tokens_max"}; raises HardSetError naming the family and what fails."""
+    full = tokenizer(captions, add_special_tokens=True, verbose=False)["input_ids"]
+    cut = tokenizer(captions, add_special_tokens=True, truncation=True, max_length=context)["input_ids"]
+    problems = []
+    if len(captions) < 2:
+        problems.append(f"{len(captions)} member(s); a family has at least 2")
+    if len(set(captions)) != len(captions):
+        problems.append("two members have the same caption")
+    short = [i for i, ids in enumerate(full) if len(ids) <= context]
+    if short:
+        problems.append(
+            f"member(s) {short} have at most {context} tokens ({[len(full[i]) for i in short]}): the tower reads them whole"
+        )
+    shared = 0
+    while all(len(ids) > shared for ids in full) and len({ids[shared] for ids in full}) == 1:
+        shared += 1
+    if shared < context:
+        words = tokenizer.decode(full[0][max(1, shared - 4) : shared + 4])
+        problems.append(
+            f"the members differ at token {shared} (near {words!r}), within the first {context} tokens the tower reads"
+        )
+    if len({tuple(ids) for ids in cut}) != 1:
+        problems.append(f"their inputs cut at {context} tokens differ")
+    if problems:
+        raise HardSetError(
+            f"hard long-caption family {family}: "
+            + "; ".join(problems)
+            + ". Its captions: "
+            + " | ".join(captions)
+        )
+    return {"shared_tokens": shared, "tokens_max": max(map(len, full))}
+
+
+def _late_values(scene: Scene, late: Group, attribute: str) -> list[str]:
+    """The colours (or shapes) the late group may take in the other members: another one than its own,
+    (colour, shape) still unique in the scene, a colour with the contrast the sampler asks for."""
+    others = {(g.colour, g.shape) for g in scene.groups if g is not late}
+    if attribute == "shape":
+        return [sh for sh in SHAPES if sh != late.shape and (late.colour, sh) not in others]
+    bg = scene.background
+    bg_rgb = [BACKGROUNDS[bg.colour]] + ([BACKGROUNDS[bg.colour2]] if bg.colour2 else [])
+    return [
+        c
+        for c, rgb in COLOURS.items()
+        if c != late.colour
+        and (c, late.shape) not in others
+        and all(sum((x - y) ** 2 for x, y in zip(rgb, b)) ** 0.5 >= MIN_CONTRAST for b in bg_rgb)
+    ]
+
+
+# mean absolute difference (0-255) where the late group is drawn, at least: two draws of one scene are
+# byte for byte the same (0); the smallest change measured, a small shape's at 32 px, is about 4
+HARD_MIN_PIXEL_CHANGE = 2.0
+
+
+def _check_pixels(image_dir: Path, family: dict, boxes: dict) -> float:
+    """The members of a family differ where their late group is drawn (the union of its boxes in
+    every member): a mean absolute difference of at least HARD_MIN_PIXEL_CHANGE between any two.
+    Returns the smallest."""
+    members = family["members"]
+    drawn = [
+        m["group"].boxes if m["image"] not in boxes else boxes[m["image"]][family["slot"]] for m in members
+    ]
+    pixels = []
+    for m in members:
+        with Image.open(image_dir / m["image"]) as im:
+            pixels.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+    mask = np.zeros(pixels[0].shape[:2], dtype=bool)
+    for x0, y0, x1, y1 in (b for bs in drawn for b in bs):
+        mask[y0 : y1 + 1, x0 : x1 + 1] = True
+    smallest = float("inf")
+    for i in range(len(members)):
+        for j in range(i + 1, len(members)):
+            change = float(np.abs(pixels[i] - pixels[j])[mask].mean()) if mask.any() else 0.0
+            smallest = min(smallest, change)
+            if change < HARD_MIN_PIXEL_CHANGE:
+                raise HardSetError(
+                    f"hard long-caption family {family['family']}: {members[i]['image']} and {members[j]['image']} "
+                    f"differ by {change:.1f} (of 255) on average where their {family['attribute']} differs, "
+                    f"less than {HARD_MIN_PIXEL_CHANGE}: the images do not show what the captions tell apart"
+                )
+    return smallest
+
+
+def hard_long_set(
+    partial: Path, scenes: list[Scene], splits: list[str], options: SynthOptions, workers: int, progress: bool
+) -> tuple[list[dict], dict]:
+    """The hard long-caption set, ShareGPT4V-1K style with a "family" key per row: for each of the first
+    HARD_MAX_FAMILIES test scenes, HARD_FAMILY_SIZE images that differ only in the colour (or the shape)
+    of the scene's most salient group: the test image itself and redrawn copies (same layout, same
+    noise) under ``images/hard/``. Their captions tell the rest of the scene until they fill CLIP's
+    77-token window, the same words for every member, then that group (:func:`~l2c_llava.data.captions.
+    hard_caption_ending`). Checked with the demo CLIP's tokenizer (:func:`check_hard_family`) and on
+    the pixels (the members differ where the group is drawn); returns the rows and the statistics the
+    manifest records."""
+    tok = demo_clip_tokenizer()
+    if tok.model_max_length != CLIP_CONTEXT:
+        raise HardSetError(
+            f"the demo CLIP's tokenizer keeps {tok.model_max_length} tokens, not {CLIP_CONTEXT}"
+        )
+    families, payload = [], []
+    for s in scenes:
+        if splits[s.index] != "test" or len(families) == HARD_MAX_FAMILIES:
+            continue
+        rng = random.Random(f"{options.seed}-hard-{s.index}")
+        late = max(s.groups, key=C.salience)
+        attribute = rng.choice(("colour", "shape"))
+        values = _late_values(s, late, attribute)
+        sentences = C.hard_caption_sentences(s, late, rng)
+        template = rng.randrange(2)
+        if len(values) < HARD_FAMILY_SIZE - 1:
+            continue
+        # the fewest opening sentences that fill the tower's window: the caption's difference comes after
+        lengths = tok([" ".join(sentences[: k + 1]) for k in range(len(sentences))], verbose=False)[
+            "input_ids"
+        ]
+        keep = next((k + 1 for k, ids in enumerate(lengths) if len(ids) - 1 >= CLIP_CONTEXT), None)
+        if keep is None:
+            continue
+        opening = " ".join(sentences[:keep])
+        family = f"{s.index:09d}"
+        members = []
+        for j, value in enumerate([None, *rng.sample(values, HARD_FAMILY_SIZE - 1)]):
+            g = late if value is None else replace(late, **{attribute: value}, boxes=[])
+            if g.shape == "circle":
+                g = replace(g, tilt=0.0)
+            variant = Scene(s.index, s.background, [g if x is late else x for x in s.groups])
+            rel = image_relpath(s.index) if value is None else f"{L.HARD_IMAGES}/{family}_{j}.jpg"
+            if value is not None:
+                payload.append(_scene_payload(variant, rel))
+            members.append(
+                {"image": rel, "group": g, "caption": f"{opening} {C.hard_caption_ending(g, template)}"}
+            )
+        families.append(
+            {"family": family, "attribute": attribute, "slot": s.groups.index(late), "members": members}
+        )
+    if not families:
+        return [], {"families": 0}
+    boxes = _draw(payload, options, workers, partial / L.IMAGES, progress, "drawing the hard set")
+    rows, checks, change = [], [], []
+    for f in families:
+        checks.append(check_hard_family(f["family"], [m["caption"] for m in f["members"]], tok))
+        change.append(_check_pixels(partial / L.IMAGES, f, boxes))
+        for j, m in enumerate(f["members"]):
+            rows.append(
+                {
+                    "id": f"{f['family']}_{j}",
+                    "image": m["image"],
+                    "family": f["family"],
+                    "differs": {
+                        "attribute": f["attribute"],
+                        "value": getattr(m["group"], f["attribute"]),
+                        "position": m["group"].position,
+                    },
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe this image in detail."},
+                        {"from": "gpt", "value": m["caption"]},
+                    ],
+                }
+            )
+    sizes = Counter(len(f["members"]) for f in families)
+    return rows, {
+        "families": len(families),
+        "family_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "images": len(rows),
+        "redrawn_images": len(payload),
+        "differs_in": dict(sorted(Counter(f["attribute"] for f in families).items())),
+        "clip_tokenizer": "l2c_llava/assets/demo_clip",
+        "clip_context": CLIP_CONTEXT,
+        "shared_clip_tokens_min": min(c["shared_tokens"] for c in checks),
+        "clip_tokens_max": max(c["tokens_max"] for c in checks),
+        "caption_words_max": max(len(r["conversations"][1]["value"].split()) for r in rows),
+        "pixel_change_min": round(min(change), 2),
+    }
+
+
 def _generate(partial: Path, options: SynthOptions, workers: int | None, progress: bool) -> dict:
     """Write the dataset into the empty folder `partial`; returns its manifest."""
     wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
@@ -328,28 +572,9 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
 
     # --- pixels (parallel; each image depends only on (seed, index)) ---
     workers = workers or min(4, os.cpu_count() or 1)
-    payload = [
-        {"index": s.index, "background": asdict(s.background), "groups": [asdict(g) for g in s.groups]}
-        for s in scenes
-    ]
-    chunk = max(1, min(64, n // (workers * 4) or 1))
-    jobs = [
-        (payload[i : i + chunk], options.size, options.seed, options.jpeg_quality, str(partial / L.IMAGES))
-        for i in range(0, n, chunk)
-    ]
-    bar = tqdm(total=n, desc="drawing images", unit="img", disable=not progress)
-    boxes: dict[int, list] = {}
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for res in pool.map(_render_chunk, jobs):
-                boxes.update(res)
-                bar.update(len(res))
-    else:
-        for job in jobs:
-            res = _render_chunk(job)
-            boxes.update(res)
-            bar.update(len(res))
-    bar.close()
+    boxes = _draw(
+        [_scene_payload(s) for s in scenes], options, workers, partial / L.IMAGES, progress, "drawing images"
+    )
     for s in scenes:
         for g, b in zip(s.groups, boxes[s.index]):
             g.boxes = b
@@ -433,6 +658,10 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
             for r in split_rows("test")
         ],
     )
+
+    # hard long-caption set (the demo's Urban-1K): families told apart only after CLIP's 77 tokens
+    hard_rows, hard_stats = hard_long_set(partial, scenes, splits, options, workers, progress)
+    atomic_write_json(partial / L.RETRIEVAL_LONG_HARD, hard_rows)
 
     # LLaVA pretrain rows, blip_laion_cc_sbu_558k.json style
     pretrain = []
@@ -523,6 +752,7 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
         "pope_questions": len(pope),
         "short_caption_words_mean": round(statistics.fmean(len(r["short"].split()) for r in rows), 2),
         "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
+        "long_hard": hard_stats,
     }
     try:
         tok = clip_tokenizer()

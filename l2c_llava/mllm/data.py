@@ -1,7 +1,8 @@
 """LLaVA training data: LCS-558K / mix665k-style JSON rows, tokenized lazily (a row becomes tokens
 when the loader asks for it), images padded to square with the mean colour (LLaVA's "pad") and
 preprocessed by the model's processor; batches grouped by length with image and text-only rows kept
-apart (LLaVA's group_by_modality_length).
+apart (LLaVA's group_by_modality_length); with ``data.packing`` a micro-batch's samples are packed
+into rows without padding (:class:`PackedCollate`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,80 @@ class Collate:
             mask[i, :k] = 1
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+        if images:
+            out["pixel_values"] = torch.stack(images)
+        return out
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """The samples of `lengths` placed into as few rows of at most `capacity` tokens as it finds, the
+    rows kept even (the longest row sets the batch's width): longest sample first, each into the
+    least-filled row it fits in, with one more row whenever a sample fits in none. A sample longer
+    than `capacity` gets a row of its own. Each row lists its samples' indices, longest first."""
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    alone = [[i] for i in order if lengths[i] > capacity]
+    rest = [i for i in order if lengths[i] <= capacity]
+    n_rows = max(1, -(-sum(lengths[i] for i in rest) // capacity)) if rest else 0
+    while rest:
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        filled = [0] * n_rows
+        for i in rest:
+            fits = [r for r in range(n_rows) if filled[r] + lengths[i] <= capacity]
+            if not fits:
+                break
+            r = min(fits, key=lambda r: (filled[r], r))
+            rows[r].append(i)
+            filled[r] += lengths[i]
+        else:
+            return alone + rows
+        n_rows += 1
+    return alone
+
+
+class PackedCollate:
+    """Padding-free batches: a micro-batch's samples packed end to end into as few, even rows of at
+    most `capacity` tokens as :func:`pack_rows` finds (by default the longest sample's length: the
+    padded batch's width, its rows filled with the other samples instead of padding, so no row's
+    attention is wider than padding would have made it; the positions computed fall from
+    ``batch x longest`` to about the real tokens), with no attention mask and each sample's
+    ``position_ids`` starting again at 0. transformers reads the packing from the positions and keeps
+    attention inside each sample (sdpa, eager and flash-attention; the forward needs
+    ``use_cache=False``, or the cache turns the detection off). The first label of each sample is
+    ignored, so no token is predicted across a boundary (in a padded batch that label is never
+    used either), and the images are stacked in the order their ``<image>`` tokens come in the rows,
+    the order LLaVA fills them in. The loss over a micro-batch (the mean over its supervised tokens)
+    is the padded batch's; ``num_tokens`` counts the real tokens (for the throughput log; it is not a
+    model input). A row's tail after its last sample, if shorter than the longest row, is padding with
+    positions of its own, and carries no label."""
+
+    def __init__(self, pad_id: int, capacity: int | None = None):
+        self.pad_id, self.capacity = pad_id, capacity
+
+    def __call__(self, batch: list[dict]) -> dict:
+        lengths = [len(b["input_ids"]) for b in batch]
+        rows = pack_rows(lengths, self.capacity or max(lengths))
+        n = max(sum(lengths[i] for i in r) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), n), dtype=torch.long)
+        images = []
+        for r, members in enumerate(rows):
+            at = 0
+            for i in members:
+                k, b = lengths[i], batch[i]
+                ids[r, at : at + k] = torch.tensor(b["input_ids"])
+                labels[r, at + 1 : at + k] = torch.tensor(b["labels"][1:], dtype=torch.long)
+                positions[r, at : at + k] = torch.arange(k)
+                if "pixel_values" in b:
+                    images.append(b["pixel_values"])
+                at += k
+            positions[r, at:] = torch.arange(n - at)
+        out = {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "num_tokens": torch.tensor(sum(lengths)),
+        }
         if images:
             out["pixel_values"] = torch.stack(images)
         return out

@@ -26,7 +26,7 @@ from l2c_llava.io import atomic_write_json, publish_folder
 from l2c_llava.locks import run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
-from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler
+from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler, PackedCollate
 from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
@@ -259,7 +259,9 @@ class MllmRecipe:
             trackers.finish(acc)
             return state.finished
         wrapped = state.wrapped
-        collate = Collate(processor.tokenizer.pad_token_id)
+        pad_id = processor.tokenizer.pad_token_id
+        packing = cfg.data.packing
+        collate = PackedCollate(pad_id) if packing else Collate(pad_id)
         tokens, step_tokens, t_step = 0, 0, 0.0
 
         def steps():
@@ -284,14 +286,16 @@ class MllmRecipe:
         def loss_of(batches) -> torch.Tensor | None:
             nonlocal step_tokens
             batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-            loss = supervised_loss(wrapped, batch)
+            real = int(batch.pop("num_tokens")) if packing else int(batch["attention_mask"].sum())
+            # packed rows: no cache, or transformers does not read the packing from position_ids
+            loss = supervised_loss(wrapped, batch, use_cache=False)
             if not torch.isfinite(loss):  # a micro-batch with no supervised token
                 if world == 1 and not is_deepspeed(acc):
                     return None
                 # every rank must run each backward (DDP's all-reduce, DeepSpeed's boundary):
                 # a zero loss gives zero gradients (the empty selection has no NaN gradient)
                 loss = loss.nan_to_num(0.0) * 0.0
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += real
             return loss
 
         def step_gradients(micro_batches: list) -> float:

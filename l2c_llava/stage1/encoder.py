@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,6 +137,38 @@ def _read_llm2vec_config(folders: Sequence[str]) -> dict:
             except json.JSONDecodeError as e:
                 raise EncoderLoadError(f"{path} is not valid JSON: {e}") from None
     return {}
+
+
+# A forward pass costs about as much as this many more padded tokens (the per-layer launches of a
+# small batch, measured on SmolLM2-135M on the CPU): the batching below trades the two.
+BATCH_OVERHEAD_TOKENS = 64
+
+
+def length_batches(
+    lengths: Sequence[int], max_rows: int, overhead: int = BATCH_OVERHEAD_TOKENS
+) -> list[list[int]]:
+    """Indices of `lengths` (token counts) in batches of at most `max_rows`, longest first, with the
+    least padded tokens + `overhead` per batch (exact, by dynamic programming over the sorted
+    lengths). Fixed batches of `max_rows` pad the batch where long texts meet short ones to the
+    longest of them: 11-13% of the demo's stage-2 caption tokens (5 short captions of 10-25 tokens
+    per dense one of 100-190); these batches pad about 2%."""
+    if max_rows < 1:
+        raise InputError(f"batch size must be at least 1, got {max_rows}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    width = [lengths[i] for i in order]  # a batch starting at sorted position i is width[i] wide
+    best = [0] + [math.inf] * n  # best[j]: least cost of the first j sorted texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + width[i] * (j - i) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], n
+    while j:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 class TextEncoder(nn.Module):
@@ -407,8 +440,9 @@ class TextEncoder(nn.Module):
         progress=None,
     ) -> torch.Tensor:
         """Embed `texts` -> float32 tensor [N, D] on the CPU, in input order. Texts are batched by
-        token length (little padding); a progress bar shows for long inputs (or `show_progress`), or
-        `progress` (a tqdm bar of the caller's, counting texts) advances instead."""
+        token length, at most `batch_size` a batch, cut where padding would cost more than another
+        forward pass (:func:`length_batches`); a progress bar shows for long inputs (or
+        `show_progress`), or `progress` (a tqdm bar of the caller's, counting texts) advances instead."""
         from tqdm.auto import tqdm
 
         if isinstance(texts, str):
@@ -419,22 +453,21 @@ class TextEncoder(nn.Module):
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InputError(f"text {i} is empty: every text needs at least one token")
-        formatted = [self.format_text(t, instruction) for t in texts]
+        s = self.settings
+        # only texts over doc_max_length are cut word by word; the others' lengths in one batched call
+        lengths = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=s.max_length)
+        formatted = [
+            self.format_text(t, instruction, cut=len(n) > s.doc_max_length)
+            for t, n in zip(texts, lengths["input_ids"])
+        ]
         ids, part_lens = self._token_ids(formatted)  # tokenized once: sorted by length, then padded per batch
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        batches = length_batches([len(x) for x in ids], batch_size)
         was_training = self.training
         self.eval()
         device = self.device
         out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
         show = (len(texts) >= 512 if show_progress is None else show_progress) and progress is None
-        for start in tqdm(
-            range(0, len(texts), batch_size),
-            desc="encoding",
-            unit="batch",
-            disable=not show,
-            total=math.ceil(len(texts) / batch_size),
-        ):
-            idx = order[start : start + batch_size]
+        for idx in tqdm(batches, desc="encoding", unit="batch", disable=not show):
             batch = {
                 k: v.to(device)
                 for k, v in self._pad([ids[i] for i in idx], [part_lens[i] for i in idx]).items()
@@ -487,6 +520,29 @@ class TextEncoder(nn.Module):
             },
         )
         return out
+
+
+@contextmanager
+def frozen_linears_in(model: nn.Module, dtype: torch.dtype):
+    """Within: the frozen nn.Linear weights (and biases) of `model` stored in `dtype`, the originals
+    back on exit. Under autocast to `dtype` every linear casts its weight at each call, and autocast
+    keeps the cast only of weights that need gradients: a LoRA step re-casts the whole frozen base at
+    every forward (a quarter of a bf16 stage-1 step, bench/gemm_limit.py). Autocast would run these
+    products in `dtype` anyway, on the same rounded values: the step computes exactly the same."""
+    kept = []
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear) or mod.weight.requires_grad:
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(mod, name)
+            if p is not None and not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+                kept.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield len(kept)
+    finally:
+        for p, data in kept:
+            p.data = data
 
 
 def save_adapter(model, folder: Path) -> Path:

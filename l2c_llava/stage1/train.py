@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,10 +38,10 @@ from l2c_llava.models.llm import EncoderSource
 from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.cra import evaluate_caption_retrieval
 from l2c_llava.stage1.data import Example, caption_examples, epoch_order, general_text_examples, mix
-from l2c_llava.stage1.encoder import TextEncoder, lora_targets, save_adapter
+from l2c_llava.stage1.encoder import TextEncoder, frozen_linears_in, lora_targets, save_adapter
 from l2c_llava.stage1.mntp import run_mntp
 from l2c_llava.train import sharded
-from l2c_llava.train.accelerator import make_accelerator
+from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
 from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
@@ -319,6 +320,7 @@ class Stage1Recipe:
             output=None,
             lr=t.lr,
             weight_decay=t.weight_decay,
+            fused=True,
         )
         self._wrapped = state.wrapped
         if state.start >= total:  # trained already: its saved stats (none if it stopped before writing them)
@@ -377,20 +379,24 @@ class Stage1Recipe:
             return StepReport({"lr": f"{state.sched.get_last_lr()[0]:.2e}"}, {"tokens_per_second": tps})
 
         t0 = time.perf_counter()
-        last_loss = train_loop(
-            acc,
-            state,
-            total,
-            steps(),
-            step_gradients,
-            report,
-            params=params,
-            train=t,
-            desc="stage 1 contrastive",
-            save_checkpoint=lambda step: self.save_checkpoint(
-                acc, model, encoder, state.opt, state.sched, step
-            ),
-        )
+        # bf16 autocast on a plain or DDP launch: the frozen base kept in bf16 while training (the same
+        # products, without re-casting it at every forward); ZeRO / FSDP hold their own copies
+        low = acc.mixed_precision == "bf16" and not (is_deepspeed(acc) or acc.distributed_type.name == "FSDP")
+        with frozen_linears_in(encoder.model, torch.bfloat16) if low else nullcontext():
+            last_loss = train_loop(
+                acc,
+                state,
+                total,
+                steps(),
+                step_gradients,
+                report,
+                params=params,
+                train=t,
+                desc="stage 1 contrastive",
+                save_checkpoint=lambda step: self.save_checkpoint(
+                    acc, model, encoder, state.opt, state.sched, step
+                ),
+            )
         stats = {
             "steps": total,
             "examples": len(examples),

@@ -30,18 +30,22 @@ from typing import Any
 import torch
 
 from l2c_llava import layout as L
-from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
+from l2c_llava.data.readers import read_caption_pairs, read_families, read_karpathy, read_long_captions
 from l2c_llava.data.webdataset import expand_shards, scan_shards
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_save, atomic_write_json
 from l2c_llava.models.hub import resolve_model_path
-from l2c_llava.stage1.encoder import TextEncoder  # the frozen stage-1 encoder: a model, not its training
+from l2c_llava.stage1.encoder import (  # the frozen stage-1 encoder: a model, not its training
+    SEPARATOR,
+    TextEncoder,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "l2c-llava text feature cache v1"
 MANIFEST = L.CACHE_MANIFEST
+WINDOW = L.CACHE_LLM_WINDOW
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _WHOLE_FILE_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole; larger ones by size + head + tail
 _EDGE = 1 << 20
@@ -405,6 +409,10 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
         ).captions
     if d.eval_long:
         sets["eval_long"] = read_long_captions(d.eval_long, root, image_check="none").captions
+    hard = None
+    if d.eval_long_hard:
+        hard = read_long_captions(d.eval_long_hard, root, image_check="none")
+        sets["eval_long_hard"] = hard.captions
     encoder = None
 
     def load():
@@ -432,4 +440,75 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
         summary[name] = {"rows": len(cache), "dim": cache.dim, "shards": len(cache.manifest["shards"])}
         if name == "train" and scan is not None:
             atomic_write_json(cache.folder / "bad_samples.json", scan.bad)
+    if hard is not None:
+        summary["eval_long_hard"]["llm_window"] = _window_record(
+            Path(c.dir) / "eval_long_hard", hard, d.eval_long_hard, te, load, warn
+        )
     return summary
+
+
+def llm_window(
+    encoder, captions: Sequence[str], families: Sequence[str], instruction: str | None = None
+) -> dict:
+    """What `encoder` reads of caption families whose members differ only late (the embedded hard
+    long-caption set): the tokens it keeps of each caption (the text as ``encode`` puts it together,
+    cut at the encoder's ``max_length``), and the families whose members it keeps the same tokens of,
+    their difference cut off. ``first_difference_max``: the latest token at which a family's
+    members part, in what the encoder reads (instruction tokens counted)."""
+    formatted = [encoder.format_text(c, instruction) for c in captions]
+    batch = encoder.tokenize(formatted)
+    kept = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    whole = encoder.tokenizer([f.replace(SEPARATOR, "") for f in formatted], verbose=False)["input_ids"]
+    window = encoder.settings.max_length
+    by_family: dict[str, list[list[int]]] = {}
+    for f, ids in zip(families, kept):
+        by_family.setdefault(f, []).append(ids)
+    alike, parts = [], []
+    for f, rows in by_family.items():
+        if len(rows) < 2:
+            continue
+        if len({tuple(r) for r in rows}) == 1:
+            alike.append(f)
+            continue
+        n = 0
+        while all(len(r) > n for r in rows) and len({r[n] for r in rows}) == 1:
+            n += 1
+        parts.append(n)
+    return {
+        "max_length": window,
+        "instruction": instruction,
+        "captions": len(captions),
+        "captions_cut": sum(len(w) > window for w in whole),
+        "tokens_max": max(map(len, whole)) if whole else 0,
+        "families": sum(len(r) > 1 for r in by_family.values()),
+        "families_read_alike": len(alike),
+        "read_alike": alike[:10],
+        "first_difference_max": max(parts) if parts else None,
+    }
+
+
+def _window_record(folder: Path, rs, path, te, load, warn) -> dict | None:
+    """The LLM window check of the hard set (:func:`llm_window`), kept beside its cache
+    (``llm_window.json``; redone when the cache's encoder or instruction, or text_encoder.max_length,
+    changed): `l2c stage2 eval` reports it, and families the encoder reads alike are warned of here."""
+    families = read_families(path)
+    owner = [families.get(rs.image_ids[i]) for i in rs.caption_image]
+    if not any(owner):
+        return None
+    made = {"encoder": TextFeatureCache(folder).encoder_digest, "max_length_setting": te.max_length}
+    record = folder / WINDOW
+    old = json.loads(record.read_text()) if record.is_file() else {}
+    if {k: old.get(k) for k in made} == made:
+        return old
+    res = made | llm_window(
+        load(), rs.captions, [o or f"row {j}" for j, o in enumerate(owner)], te.instruction
+    )
+    atomic_write_json(record, res)
+    if res["families_read_alike"]:
+        warn(
+            f"{res['families_read_alike']} of {res['families']} families of {path} are read alike by the text "
+            f"encoder: its window (max_length {res['max_length']} tokens) ends before their captions differ "
+            f"(they hold up to {res['tokens_max']} tokens); LLM2CLIP cannot tell them apart either. Raise "
+            "text_encoder.max_length to read them"
+        )
+    return res

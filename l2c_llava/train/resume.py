@@ -51,7 +51,7 @@ RUN_LENGTH = frozenset({"train.max_steps", "train.epochs"})
 AFTER_TRAINING = frozenset({"eval", "export"})  # top-level sections
 # Keys added after run folders existed, each with the value that does what those runs did: at that
 # value the key is left out of every comparison and fingerprint, so adding it re-runs and refuses nothing.
-ADDED_KEYS = {"text_encoder.torch_dtype": "auto"}
+ADDED_KEYS = {"text_encoder.torch_dtype": "auto", "data.packing": False, "data.eval_long_hard": None}
 
 
 # Keys removed after run folders existed (config/core.py REMOVED_KEYS: configs that still hold them load):
