@@ -212,10 +212,14 @@ def quick_run(tmp_path_factory) -> QuickRun:
 _POPEN = subprocess.Popen  # (a test may patch subprocess meanwhile)
 _LIVE: set[subprocess.Popen] = set()  # processes to end with the session
 _BACKGROUND: dict[str, Background] = {}
-# the environments some tests run a reference in: scripts/<script> <args>, by the test file that needs it
+# the environments some tests run a reference in: scripts/<script> <args>, by the test file (or test) that
+# needs it; a test that builds one itself (bench/text_encode.py) must be here too, or it would build the
+# same environment at the same time as the background build
+LLM2VEC_ENV = ("setup_llm2vec_env.sh",)
 ENV_SETUPS = {
     "test_compat_matrix.py": [("setup_compat_env.sh", "4.37.2"), ("setup_compat_env.sh", "4.44.2")],
-    "test_llm2vec_parity.py": [("setup_llm2vec_env.sh",)],
+    "test_llm2vec_parity.py": [LLM2VEC_ENV],
+    "test_bench.py::test_llava_data_and_text_encode_benchmarks_run": [LLM2VEC_ENV],
 }
 
 
@@ -257,11 +261,17 @@ def _build_env(words: tuple[str, ...]) -> subprocess.CompletedProcess:
     )
 
 
+def _envs(item) -> list[tuple[str, ...]]:
+    """The environments (ENV_SETUPS) a test reads."""
+    name = getattr(item, "originalname", item.name)
+    return ENV_SETUPS.get(item.path.name, []) + ENV_SETUPS.get(f"{item.path.name}::{name}", [])
+
+
 def _waits(item) -> int:
     """0: an ordinary test; 1: it reads an environment built in the background; 2: the quick pipeline."""
     if "quick_run" in getattr(item, "fixturenames", ()):
         return 2
-    return 1 if item.path.name in ENV_SETUPS else 0
+    return 1 if _envs(item) else 0
 
 
 @pytest.hookimpl(trylast=True)
@@ -273,7 +283,7 @@ def pytest_collection_finish(session) -> None:
     items = session.items
     if not items or session.config.option.collectonly:
         return
-    envs = [w for f in dict.fromkeys(i.path.name for i in items if _waits(i) == 1) for w in ENV_SETUPS[f]]
+    envs = list(dict.fromkeys(w for i in items for w in _envs(i)))
     if envs:
         _BACKGROUND["envs"] = Background("envs", lambda: {w: _build_env(w) for w in envs})
     if any(_waits(i) == 2 for i in items):
