@@ -261,6 +261,26 @@ def _build_env(words: tuple[str, ...]) -> subprocess.CompletedProcess:
     )
 
 
+# tests whose commands start when collection ends: test -> the module function that runs them, given an
+# empty folder and the environment of the session's start (a test may change os.environ meanwhile)
+BACKGROUND_TESTS = {
+    "test_config_names.py::test_stage1_quick_runs_from_an_empty_folder": "stage1_quick_from_an_empty_folder",
+}
+
+
+def _key(item) -> str:
+    return f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+
+
+def background_test(request, fn, tmp_path: Path) -> tuple[Path, object]:
+    """(folder, fn(folder, environ)): what the background run of this test's commands gave (started
+    when collection ended), or fn run here in `tmp_path`."""
+    started = _BACKGROUND.get(_key(request.node))
+    if started is not None:
+        return started.result()
+    return tmp_path, fn(tmp_path, dict(os.environ))
+
+
 def _envs(item) -> list[tuple[str, ...]]:
     """The environments (ENV_SETUPS) a test reads."""
     name = getattr(item, "originalname", item.name)
@@ -271,7 +291,7 @@ def _waits(item) -> int:
     """0: an ordinary test; 1: it reads an environment built in the background; 2: the quick pipeline."""
     if "quick_run" in getattr(item, "fixturenames", ()):
         return 2
-    return 1 if _envs(item) else 0
+    return 1 if _envs(item) or _key(item) in BACKGROUND_TESTS else 0
 
 
 @pytest.hookimpl(trylast=True)
@@ -286,6 +306,11 @@ def pytest_collection_finish(session) -> None:
     envs = list(dict.fromkeys(w for i in items for w in _envs(i)))
     if envs:
         _BACKGROUND["envs"] = Background("envs", lambda: {w: _build_env(w) for w in envs})
+    for item in items:
+        if _key(item) in BACKGROUND_TESTS and _key(item) not in _BACKGROUND:
+            fn = getattr(item.module, BACKGROUND_TESTS[_key(item)])
+            folder, environ = session.config._tmp_path_factory.mktemp("background"), dict(os.environ)
+            _BACKGROUND[_key(item)] = Background(_key(item), lambda fn=fn, d=folder, e=environ: (d, fn(d, e)))
     if any(_waits(i) == 2 for i in items):
         out = session.config._tmp_path_factory.mktemp("quick_pipeline") / "quick"
         # one thread a step while other tests run beside it; every core when it is all there is to run
