@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import LLM2VEC_ENV, ROOT, env_setup
 
 
 def _run(args, tmp_path):
@@ -44,6 +44,8 @@ def test_llava_data_and_text_encode_benchmarks_run(tmp_path, synth_dir):
     assert r["collate_rows_per_s"] > 0 and r["model_step_rows_per_s"] > 0
     import text_encode
 
+    # the llm2vec environment text_encode runs its side in: the build started when collection ended
+    assert env_setup(*LLM2VEC_ENV).returncode == 0
     t = text_encode.run(images=2, batch=4, rounds=1, weights="random")
     assert t["captions"] == 12 and t["short_captions"] == 10
     for side in ("ours_bf16", "llm2vec_fp32", "ours_fp32"):

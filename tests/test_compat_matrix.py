@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import ROOT
+from .conftest import ROOT, env_setup
 from .test_stage2_model import tiny_vision
 from .tiny_llm import save_tiny_sp_llama
 
@@ -60,12 +60,7 @@ HF_IDS = [1, 355, 400, 13, 90, 367, 359, 358]  # BOS, "▁", <image> (one: 4.x e
 def _env_python(version: str) -> str:
     if version == "5.x":
         return sys.executable
-    setup = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "setup_compat_env.sh"), version],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    setup = env_setup("setup_compat_env.sh", version)  # (built in the background while the other tests ran)
     assert setup.returncode == 0, setup.stderr[-3000:]
     return setup.stdout.strip().splitlines()[-1]
 

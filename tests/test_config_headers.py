@@ -88,7 +88,8 @@ class Checkout:
         """An input `path` (config key `key`) of the command `where`: there, or a problem named."""
         provided = self.provided if provided is None else provided
         p = _norm(path)
-        if p.split("/")[0] not in NOT_SHIPPED and (ROOT / p).exists():
+        shipped = (ROOT / p).resolve()  # (an embedded name resolves to its folder in the package)
+        if p.split("/")[0] not in NOT_SHIPPED and shipped.is_relative_to(ROOT) and shipped.exists():
             return  # shipped in the checkout
         if self.written(p):
             if key == "model.vision_tower" and p in self.stage2_runs and p not in self.exported:

@@ -12,11 +12,11 @@ import pytest
 from l2c_llava.cli import main
 from l2c_llava.config_names import project_root, resolve_config
 
-from .conftest import ROOT
+from .conftest import ROOT, background_test
 
 
-def l2c(cwd, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def l2c(cwd, *args, timeout=300, environ=None):
+    env = {**(os.environ if environ is None else environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "l2c_llava", *args],
         cwd=cwd,
@@ -66,16 +66,30 @@ def test_stage1_quick_from_an_empty_folder_outside_the_checkout(tmp_path):
     assert r.returncode == 0 and "root: /nonexistent/../tmp" in r.stdout
 
 
-@pytest.mark.slow
-def test_stage1_quick_runs_from_an_empty_folder(tmp_path):
-    """The real thing (a few minutes on 2 cores): stage1/configs/quick.yaml's header as written, from an
-    empty folder: the quick data, then `l2c stage1` on the config, by its name (`--config quick`)."""
+def stage1_quick_from_an_empty_folder(folder, environ) -> tuple:
+    """The commands of stage1/configs/quick.yaml's header as written, in the empty `folder`: the quick
+    data, then `l2c stage1` on the config by its name (`--config quick`). A few minutes of subprocesses:
+    started when collection ends (conftest.BACKGROUND_TESTS), beside the other tests."""
     from l2c_llava.config_names import shipped_configs
 
     from .test_config_headers import commands
 
     header = next(c for c in shipped_configs(ROOT) if c.path == ROOT / "stage1/configs/quick.yaml").command
     synth, stage1 = commands(header)
+    made = l2c(folder, *synth[1:], "--quiet", timeout=900, environ=environ)
+    if made.returncode != 0:
+        return synth, stage1, made, None
+    return synth, stage1, made, l2c(folder, "stage1", "--config", "quick", timeout=1800, environ=environ)
+
+
+@pytest.mark.slow
+def test_stage1_quick_runs_from_an_empty_folder(tmp_path, request):
+    """The real thing (a few minutes on 2 cores): stage1/configs/quick.yaml's header as written, from an
+    empty folder: the quick data, then `l2c stage1` on the config, by its name (`--config quick`)."""
+    folder, (synth, stage1, made, trained) = background_test(
+        request, stage1_quick_from_an_empty_folder, tmp_path
+    )
+    assert not folder.resolve().is_relative_to(ROOT.resolve())
     assert synth[:3] == ["l2c", "data", "synth"] and stage1 == [
         "l2c",
         "stage1",
@@ -83,9 +97,7 @@ def test_stage1_quick_runs_from_an_empty_folder(tmp_path):
         "stage1/configs/quick.yaml",
     ]
     assert resolve_config("quick", "stage1") == str(ROOT / "stage1/configs/quick.yaml")
-    r = l2c(tmp_path, *synth[1:], "--quiet", timeout=900)
-    assert r.returncode == 0, r.stderr
-    r = l2c(tmp_path, "stage1", "--config", "quick", timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "runs/quick/stage1/metrics.json").is_file()
-    assert (tmp_path / "runs/quick/stage1/encoder").is_dir()
+    assert made.returncode == 0, made.stderr
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (folder / "runs/quick/stage1/metrics.json").is_file()
+    assert (folder / "runs/quick/stage1/encoder").is_dir()

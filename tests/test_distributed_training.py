@@ -30,20 +30,16 @@ def _port() -> int:
 
 
 def launch(processes: int, args: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    """`l2c ARGS` on 1 process (in this process, on 1 thread as each of torchrun's; no interpreter to
+    start) or under torchrun on `processes`."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "l2c_llava.cli", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            f"--master_port={_port()}",
-            "-m",
-            "l2c_llava.cli",
-            *args,
-        ]
+        from l2c_llava.cli import main
+
+        assert torch.get_num_threads() == 1 and main(args) == 0, args
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    cmd += [f"--master_port={_port()}", "-m", "l2c_llava.cli", *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT
+from .conftest import CPU_FSDP, PAPER_LAUNCHES, ROOT, TRAINING_RECORDS
 from .test_distributed_training import _port
 from .test_stage2_cache import FakeEncoder
 from .test_stage2_model import tiny_vision
@@ -36,7 +36,6 @@ pytestmark = [
     ),
 ]
 
-CPU_FSDP = ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
 KIND = {"ddp": "MULTI_CPU", "fsdp": "FSDP"}  # else DEEPSPEED
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5  # fp32, 2 processes against 1 on the same global batch
 
@@ -52,13 +51,17 @@ def env() -> dict:
 
 
 def launch(yaml: str | None, args: list[str], *, kill: str | None = None, expect: int = 0) -> str:
-    """`l2c ARGS` on 1 process (yaml None) or through ``accelerate launch --config_file yaml`` on 2."""
+    """`l2c ARGS` on 1 process (yaml None: in this process, on 1 thread as each launched process; no
+    interpreter to start) or through ``accelerate launch --config_file yaml`` on 2."""
     if yaml is None:
-        cmd = [sys.executable, "-m", "l2c_llava.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
-        cmd += ["--num_processes", "2", "--main_process_port", str(_port())]
-        cmd += (CPU_FSDP if "fsdp" in yaml else []) + ["-m", "l2c_llava.cli", *args]
+        from l2c_llava.cli import main
+
+        assert kill is None and expect == 0 and torch.get_num_threads() == 1
+        assert main(args) == 0, args
+        return ""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
+    cmd += ["--num_processes", "2", "--main_process_port", str(_port())]
+    cmd += (CPU_FSDP if "fsdp" in yaml else []) + ["-m", "l2c_llava.cli", *args]
     e = env()
     if kill:
         e["L2C_FAULT_KILL_AFTER_CHECKPOINT"] = kill
@@ -395,52 +398,20 @@ def test_a_launch_that_would_fall_back_stops_before_writing(world, synth_dir, tm
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".l2c.lock", ".l2c.lock.json"}
 
 
-def test_paper_shaped_pipeline_with_launch_words(tmp_path):
+@pytest.mark.timeout(3600)  # the shared run (conftest.quick_run) starts in the first test that reads it
+def test_paper_shaped_pipeline_with_launch_words(quick_run):
     """The quick pipeline with launch words in the paper pipeline's places (stage 1 ZeRO-2, stage 2
     ZeRO-1, the LLaVA pretrain ZeRO-2 and finetune ZeRO-3; the baseline CLIP FSDP): the training steps
     run on 2 processes as their yaml says, the single-process steps (data, text cache, retrieval, exports,
-    health, lmms-eval) do not, and the pipeline ends with its report."""
-
-    def words(yaml: str) -> str:
-        w = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
-        w += ["--num_processes", "2", "--main_process_port", str(_port())]
-        return json.dumps(w + (CPU_FSDP if "fsdp" in yaml else []))
-
-    out = tmp_path / "paper-shaped"
-    launches = {
-        "stage1": "stage1/accelerate/deepspeed_zero2.yaml",
-        "baseline.clip": "stage2/accelerate/fsdp.yaml",
-        "stage2": "stage2/accelerate/deepspeed_zero1.yaml",
-        "mllm.pretrain": "mllm/accelerate/deepspeed_zero2.yaml",
-        "mllm.finetune": "mllm/accelerate/deepspeed_zero3.yaml",
-    }
-    overrides = [f"{key}.launch={words(yaml)}" for key, yaml in launches.items()]
-    # the quick LLaVAs' global batch of 4: 2 rows per process
-    overrides += [f"mllm.{s}.overrides=[train.per_device_batch_size=2]" for s in ("pretrain", "finetune")]
-    cmd = [sys.executable, "-m", "l2c_llava.cli", "pipeline", "--config", "pipeline/configs/quick.yaml"]
-    res = subprocess.run(
-        [*cmd, f"run.output_dir={out}", *overrides],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
-    state = json.loads((out / "pipeline" / "state.json").read_text())["steps"]
+    health, lmms-eval) do not, and the pipeline ends with its report. The run is conftest.quick_run, which
+    tests/test_pipeline.py's end-to-end test reads too (killed in stage 1 and resumed)."""
+    assert quick_run.launched
+    state = quick_run.state
     assert all(rec["status"] == "done" for rec in state.values()), state
-    runs = {
-        "stage1": (out / "stage1" / "metrics.json", "train"),
-        "baseline.clip": (out / "clip" / "train_stats.json", None),
-        "stage2": (out / "stage2" / "train_stats.json", None),
-    }
-    for enc in ("baseline", "llm2clip"):
-        runs[f"mllm.pretrain/{enc}"] = (out / "mllm" / enc / "pretrain" / "train_stats.json", None)
-        runs[f"mllm.finetune/{enc}"] = (out / "mllm" / enc / "finetune" / "train_stats.json", None)
-    for key, (path, section) in runs.items():
-        stats = json.loads(path.read_text())
+    for key, (_, section) in TRAINING_RECORDS.items():
+        stats = quick_run.records[key]
         recorded = (stats[section] if section else stats)["launch"]
-        yaml = launches[key.split("/")[0]]
+        yaml = PAPER_LAUNCHES[key.split("/")[0]]
         kind = next((v for k, v in KIND.items() if k in Path(yaml).stem), "DEEPSPEED")
         assert recorded["world_size"] == 2 and recorded["distributed_type"] == kind, (key, recorded)
-    assert (out / "report.md").is_file() and "## Stage 2" in (out / "report.md").read_text()
+    assert "## Stage 2" in quick_run.report

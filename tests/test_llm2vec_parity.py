@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from l2c_llava.embedded import smollm2_gguf_path
 from l2c_llava.stage1.encoder import TextEncoder
 
-from .conftest import ROOT
+from .conftest import ROOT, env_setup
 
 TEXTS = [
     "a red circle",
@@ -29,9 +29,7 @@ TEXTS = [
 
 @pytest.mark.slow
 def test_text_encoder_matches_llm2vec(tmp_path):
-    setup = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "setup_llm2vec_env.sh")], capture_output=True, text=True, timeout=1200
-    )
+    setup = env_setup("setup_llm2vec_env.sh")  # (built in the background while the other tests ran)
     assert setup.returncode == 0, setup.stderr[-3000:]
     ref_python = setup.stdout.strip().splitlines()[-1]
     texts = tmp_path / "texts.json"

@@ -5,17 +5,14 @@ stage-2 setting changes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from l2c_llava.io import atomic_write_json
 from l2c_llava.pipeline import load_pipeline
+
+from .conftest import finish, quick_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "pipeline" / "configs" / "quick.yaml")
@@ -285,50 +282,23 @@ def test_each_step_runs_its_resolved_config_file_which_every_command_loads(tmp_p
     assert command_line(fin.argv, fin.launch)[:2] == ["accelerate", "launch"]
 
 
-def _pipeline(out: Path, *overrides: str, **kw):
-    cmd = [
-        sys.executable,
-        "-m",
-        "l2c_llava.cli",
-        "pipeline",
-        "--config",
-        QUICK,
-        f"run.output_dir={out}",
-        *overrides,
-    ]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _finish(proc) -> str:
-    text, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
 @pytest.mark.slow
-def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(tmp_path):
-    out = tmp_path / "quick"
-    # 1) kill the pipeline while stage 1 is training (after its first checkpoint)
-    proc = _pipeline(out, start_new_session=True)
-    ckpts = out / "stage1" / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(not p.name.startswith(".") for p in ckpts.iterdir()):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the pipeline ended before stage 1 wrote a checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "stage1" / "metrics.json").exists()
-    # 2) run again: stage 1 resumes from its checkpoint, then everything runs to the report
-    text = _finish(_pipeline(out))
+@pytest.mark.timeout(3600)  # the shared run (conftest.quick_run) starts in the first test that reads it
+def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(quick_run):
+    """The quick pipeline (conftest.quick_run: under the paper's launch words where DeepSpeed is installed)
+    killed while stage 1 trains and run again: stage 1 resumes and every step runs to the report; the same
+    command again skips every step; a changed stage-2 setting, launch words left out, runs stage 2 and
+    what follows again, on one process, and nothing before it."""
+    out = quick_run.out
+    # 1-2) killed after stage 1's first checkpoint, then run again: stage 1 resumes from its checkpoint
+    text = quick_run.resumed_text
     assert "stage 1: LLM -> caption encoder (resuming)" in text
     assert "resumed from" in (out / "stage1" / "train.log").read_text()
-    state = json.loads((out / "pipeline" / "state.json").read_text())["steps"]
+    state = quick_run.state
     assert all(rec["status"] == "done" for rec in state.values()), state
     stage2_config = out / "pipeline" / "configs" / "stage2.yaml"  # the resolved config stage 2 ran under
     assert state["stage2"]["argv"][-2:] == ["--config", str(stage2_config)] and stage2_config.is_file()
-    report = (out / "report.md").read_text()
+    report = quick_run.report
     for part in (
         "## Stage 1",
         "## Stage 2",
@@ -355,11 +325,11 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
     numbers = json.loads((out / "report.json").read_text())["numbers"]
     assert numbers["lmms"]["baseline"] and numbers["lmms"]["llm2clip"] and numbers["retrieval"]["llm2clip"]
     # 3) run again: every step is skipped
-    text = _finish(_pipeline(out))
+    text = finish(quick_pipeline(out, *quick_run.command()))
     assert text.count("inputs unchanged: skipped") == len(state) and "(running)" not in text
     # 4) a stage-2 setting changes: stage 2 and what follows run again, stage 1 does not
     stage1_mtime = (out / "stage1" / "metrics.json").stat().st_mtime_ns
-    text = _finish(_pipeline(out, "stage2.overrides=[train.lr=0.0003]"))
+    text = finish(quick_pipeline(out, *quick_run.command(launch=False), "stage2.overrides=[train.lr=0.0003]"))
     assert "stage 1: LLM -> caption encoder: done earlier" in text
     assert "stage 2: vision encoder vs cached LLM features (running)" in text
     assert (
@@ -369,6 +339,7 @@ def test_quick_pipeline_end_to_end_with_kill_resume_skip_and_a_changed_setting(t
     assert (out / "stage1" / "metrics.json").stat().st_mtime_ns == stage1_mtime
     cfg = (out / "stage2" / "config.yaml").read_text()
     assert "lr: 0.0003" in cfg
+    assert json.loads((out / "stage2" / "train_stats.json").read_text())["launch"]["world_size"] == 1
 
 
 def test_report_shows_the_bench_sections_when_present(tmp_path):
