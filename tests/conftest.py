@@ -219,6 +219,9 @@ LLM2VEC_ENV = ("setup_llm2vec_env.sh",)
 ENV_SETUPS = {
     "test_compat_matrix.py": [("setup_compat_env.sh", "4.37.2"), ("setup_compat_env.sh", "4.44.2")],
     "test_llm2vec_parity.py": [LLM2VEC_ENV],
+    "test_vision_consumers.py::test_open_clip_and_timm_load_the_exports_and_give_the_transformers_features": [
+        ("setup_compat_env.sh", "vision")
+    ],
     "test_bench.py::test_llava_data_and_text_encode_benchmarks_run": [LLM2VEC_ENV],
 }
 

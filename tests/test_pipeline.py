@@ -5,6 +5,8 @@ stage-2 setting changes."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest

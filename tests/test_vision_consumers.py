@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from l2c_llava.cli import main
 
-from .conftest import ROOT
+from .conftest import ROOT, env_setup
 from .test_stage2_model import tiny_vision
 
 # non-square sizes (w, h): landscape and portrait, where transformers' centre crop (floor of half the
@@ -124,12 +124,7 @@ def test_a_tower_the_libraries_cannot_express_is_refused_with_the_reason(tmp_pat
 
 
 def _consumers_python() -> str:
-    setup = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "setup_compat_env.sh"), "vision"],
-        capture_output=True,
-        text=True,
-        timeout=2400,
-    )
+    setup = env_setup("setup_compat_env.sh", "vision")  # (built in the background while the other tests ran)
     assert setup.returncode == 0, setup.stderr[-3000:]
     return setup.stdout.strip().splitlines()[-1]
 
