@@ -165,6 +165,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(__name__).debug("the system error, with its traceback", exc_info=True)
         print(f"l2c {' '.join([args.command, *sub])}: {os_error_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under a launcher: leave the process group before the interpreter exits, as torch asks. Left to the
+    interpreter's exit, a rank's communication threads can be torn down mid-flight (a rank aborting with
+    "terminate called without an active exception" after its work was done, seen once in the launch tests)."""
+    import importlib.util
+
+    if "torch" not in sys.modules or importlib.util.find_spec("torch.distributed") is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _OS_ADVICE = {
