@@ -54,6 +54,21 @@ def demo_llava():
         )
 
 
+def demo_trainable(model, stage: str) -> None:
+    """Train what the demo trains: the projector (pretrain), the projector and LoRA r 16 on the LLM's
+    q/v projections (finetune; injected once); train mode."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" in name or "lora_" in name)
+    if stage == "finetune" and not any("lora_" in name for name, _ in model.named_parameters()):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+            model.model.language_model,
+        )
+    model.train()
+
+
 def run(data: str = "runs/demo/data", batches: int = 6, warmup: int = 1) -> dict:
     from l2c_llava.data.readers import read_llava_json
     from l2c_llava.losses import supervised_loss
@@ -82,16 +97,7 @@ def run(data: str = "runs/demo/data", batches: int = 6, warmup: int = 1) -> dict
             "packed": PackedCollate(pad_id),  # rows as wide as the longest sample (the recipe's)
             f"packed_{max_len}": PackedCollate(pad_id, max_len),  # rows up to max_length
         }
-        for name, p in model.named_parameters():
-            p.requires_grad_("multi_modal_projector" in name)
-        if stage == "finetune":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            inject_adapter_in_model(
-                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-                model.model.language_model,
-            )
-        model.train()
+        demo_trainable(model, stage)
         rec: dict[str, list] = {k: [] for k in layouts}
         for i, group in enumerate(samples):
             real = sum(len(s["input_ids"]) for s in group)

@@ -33,7 +33,7 @@ STAGES = {  # stage: (file, template, max_length, rows per micro-batch)
 def worker(data: str, stage: str, batches: int, barrier: str, procs: int) -> dict:
     """One process: build, wait until every process of the layout is built, time `batches` steps."""
     import torch
-    from llava_packing import demo_llava
+    from llava_packing import demo_llava, demo_trainable
 
     from l2c_llava.data.readers import read_llava_json
     from l2c_llava.losses import supervised_loss
@@ -56,16 +56,7 @@ def worker(data: str, stage: str, batches: int, barrier: str, procs: int) -> dic
     order = list(ModalityLengthSampler(ds.lengths, batch, 1, seed=42))
     collate = PackedCollate(processor.tokenizer.pad_token_id)
     micro = [collate([ds[i] for i in order[b * batch : (b + 1) * batch]]) for b in range(batches + 1)]
-    for name, p in model.named_parameters():
-        p.requires_grad_("multi_modal_projector" in name)
-    if stage == "finetune":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        inject_adapter_in_model(
-            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-            model.model.language_model,
-        )
-    model.train()
+    demo_trainable(model, stage)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_native_bf16() else contextlib.nullcontext()
 
     def step(b: dict) -> int:

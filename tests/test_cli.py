@@ -118,3 +118,17 @@ def test_a_closed_pipe_ends_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(tmp_path):
+    """Under a launcher a command ends by leaving its process group (torch asks for it; left to the
+    interpreter's exit, a rank's communication threads can be torn down mid-flight)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["ls"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
