@@ -43,9 +43,17 @@ from l2c_llava.config import load_config, write_config
 from l2c_llava.config.core import RecipeConfig, config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.config_names import project_root
+from l2c_llava.cpu_threads import THREADS_FILE_ENV
 from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
-from l2c_llava.io import atomic_write_json, dumps_json, file_record, records_problem, safetensors_problem
+from l2c_llava.io import (
+    atomic_write_json,
+    atomic_write_text,
+    dumps_json,
+    file_record,
+    records_problem,
+    safetensors_problem,
+)
 from l2c_llava.locks import run_lock
 from l2c_llava.models.hub import is_hub_id
 from l2c_llava.report import write_report
@@ -89,13 +97,19 @@ class _Child:
     proc: subprocess.Popen
     started: float
     log: Path | None
+    threads: int | None = None  # the CPU threads it was given (None: its default, every core)
+    threads_file: Path | None = None  # where it reads its share while it runs (l2c_llava/cpu_threads.py)
 
     @classmethod
     def start(cls, step: Step, decision: str, log: Path | None, threads: int | None) -> _Child:
         cmd = command_line(step.argv, step.launch)
-        env = None
-        if threads is not None:  # torch, OpenMP and MKL read these at start
+        env, threads_file = None, None
+        if threads is not None:  # torch, OpenMP and MKL read these at start; the file, at each step
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            if log is not None:
+                threads_file = log.with_suffix(".threads")
+                atomic_write_text(threads_file, f"{threads}\n")
+                env[THREADS_FILE_ENV] = str(threads_file)
         out = None
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +121,16 @@ class _Child:
         finally:
             if out is not None:
                 out.close()
-        return cls(step, decision, proc, time.time(), log)
+        return cls(step, decision, proc, time.time(), log, threads, threads_file)
+
+    def share(self, threads: int) -> bool:
+        """Give the running child `threads` CPU threads from its next step on (a child started with its
+        default, or without a log, keeps what it has). True if that changed its share."""
+        if self.threads_file is None or threads == self.threads:
+            return False
+        atomic_write_text(self.threads_file, f"{threads}\n")
+        self.threads = threads
+        return True
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -693,6 +716,7 @@ class Pipeline:
                         ran[step.name] = decision
                     else:
                         running[step.name] = child
+                self._share_cores(running, echo)
                 if not running:
                     if failed or not pending:
                         break
@@ -786,12 +810,24 @@ class Pipeline:
             return None
         return _Child.start(step, decision, log, threads)
 
-    def _threads(self) -> int | None:
-        """CPU threads of a child beside others with several steps at once: its share of the cores
-        (None: the child's own default, every core; also where OMP_NUM_THREADS is set)."""
+    def _threads(self, beside: int | None = None) -> int | None:
+        """CPU threads of a child with several steps at once: its share of the cores among `beside`
+        running steps (default: ``parallel``). None: the child's own default, every core; also where
+        OMP_NUM_THREADS is set."""
         if self.cfg.parallel <= 1 or os.environ.get("OMP_NUM_THREADS"):
             return None
-        return max(1, (os.cpu_count() or 1) // self.cfg.parallel)
+        return max(1, (os.cpu_count() or 1) // max(1, beside or self.cfg.parallel))
+
+    def _share_cores(self, running: dict[str, _Child], echo) -> None:
+        """The cores shared among the steps running now, once no other step can start: a step whose
+        neighbour ended takes the cores it left, from its next training step or batch on
+        (:func:`l2c_llava.cpu_threads.follow_share`)."""
+        share = self._threads(len(running))
+        if share is None:
+            return
+        for name, child in running.items():
+            if child.share(share):
+                echo(f"== {name}: now on {share} CPU thread(s)")
 
     status_every = 60.0  # seconds between two progress lines while steps run beside each other
 

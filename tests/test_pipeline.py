@@ -129,7 +129,7 @@ def test_bad_pipeline_configs_are_named(tmp_path, capsys):
 
 # --- each step's resolved config file ---------------------------------------------------------
 
-SHIPPED = ("quick", "demo", "demo_4k", "paper")
+SHIPPED = ("quick", "demo", "demo_1200", "demo_4k", "paper")
 
 
 def portable_fingerprints(name: str, out: Path) -> dict[str, tuple[str, str]]:
@@ -177,7 +177,23 @@ PORTABLE_FINGERPRINTS = {  # step -> (fingerprint, resume key), as the code befo
         "eval_llm2clip": ("94515d742fd992e8", "94515d742fd992e8"),
         "report": ("8efad30daad0931d", "8efad30daad0931d"),
     },
-    "demo": {
+    "demo": {  # 2026-12-08: 900 images, about half the work of demo_1200 (issue 33's 20 minutes)
+        "data": ("a7ec74e3a89dabda", "a7ec74e3a89dabda"),
+        "stage1": ("5708484af190b4d8", "f9967980dbb7378a"),
+        "text_cache": ("c8764720ee2a008d", "c8764720ee2a008d"),
+        "stage2": ("a60082cd6bbbafde", "ef115812b077aa54"),
+        "retrieval": ("bf726e95f9d1ebff", "551165d4334ec93e"),
+        "export": ("ebb26a58081120a7", "ebb26a58081120a7"),
+        "health": ("7727ca85f9803686", "7727ca85f9803686"),
+        "pretrain_baseline": ("d450495c5a8d4b55", "600f53e67089419f"),
+        "finetune_baseline": ("4ec49a6095527174", "c8dda2a8108620f0"),
+        "eval_baseline": ("95d9145c9949a5bf", "95d9145c9949a5bf"),
+        "pretrain_llm2clip": ("636ece9713da45c9", "a00c5a5c5dd572fb"),
+        "finetune_llm2clip": ("3d6afc316c116474", "49519290c415e271"),
+        "eval_llm2clip": ("57c9cd640fccd31c", "57c9cd640fccd31c"),
+        "report": ("cd774fcdf6085955", "cd774fcdf6085955"),
+    },
+    "demo_1200": {  # the demo until 2026-12-08, its run folders unchanged
         "data": ("5ef820a78816a2b9", "5ef820a78816a2b9"),
         "stage1": ("b0e4c4d09e101cea", "4bcaa14fefd6d325"),
         "text_cache": ("52dc711be25cb2a7", "52dc711be25cb2a7"),
@@ -448,19 +464,25 @@ out, seconds, fail = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "fail"
 os.makedirs(out, exist_ok=True)
 start = time.time()
 print("working in", out, flush=True)
-time.sleep(seconds)
+seen, share = [], os.environ.get("L2C_THREADS_FILE")  # the CPU threads the pipeline gives it over time
+while time.time() < start + seconds:
+    if share and os.path.exists(share):
+        n = open(share).read().strip()
+        if not seen or seen[-1] != n:
+            seen.append(n)
+    time.sleep(0.02)
 if fail:
     print("this step fails here", flush=True)
     sys.exit(3)
-rec = {"start": start, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS")}
+rec = {"start": start, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS"), "seen": seen}
 with open(os.path.join(out, "done.json"), "w") as f:
     json.dump(rec, f)
 """
 
 
-def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
+def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = "", seconds: dict | None = None):
     """The quick pipeline's object with its steps replaced by small commands (sleep, then write
-    done.json): a: -, b: a, c: -, d: b and c."""
+    done.json): a: -, b: a, c: -, d: b and c (`seconds`: other durations than 1, 0.2, 2 and 0.1)."""
     import l2c_llava.pipeline as P
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -469,18 +491,14 @@ def _toy_pipeline(out: Path, monkeypatch, parallel: int, fail: str = ""):
     )
     pipe = load_pipeline(QUICK, [f"run.output_dir={out}", f"parallel={parallel}"])
     steps = []
-    for name, upstream, seconds in (
-        ("a", [], 1.0),
-        ("b", ["a"], 0.2),
-        ("c", [], 2.0),
-        ("d", ["b", "c"], 0.1),
-    ):
+    durations = {"a": 1.0, "b": 0.2, "c": 2.0, "d": 0.1} | (seconds or {})
+    for name, upstream in (("a", []), ("b", ["a"]), ("c", []), ("d", ["b", "c"])):
         folder = out / name
         steps.append(
             P.Step(
                 name=name,
                 title=f"step {name}",
-                argv=["l2c", str(folder), str(seconds), "fail" if name == fail else "ok"],
+                argv=["l2c", str(folder), str(durations[name]), "fail" if name == fail else "ok"],
                 outputs=[folder],
                 done_marker=folder / "done.json",
                 fingerprint=f"fp-{name}",
@@ -523,6 +541,56 @@ def test_parallel_steps_run_side_by_side_after_what_they_read(tmp_path, monkeypa
     ), lines
     again = _toy_pipeline(out, monkeypatch, 2).run(echo=lambda *_: None)
     assert set(again.values()) == {"skip"}
+
+
+def test_parallel_step_takes_the_cores_its_neighbour_left(tmp_path, monkeypatch):
+    """On 4 cores with parallel=2: a and c start on 2 threads each; when a ends, b takes its place (2
+    each still); when b ends nothing else can start (d reads c), and c, still running, is given all 4
+    in its threads file, which its steps read (l2c_llava/cpu_threads.py); d, alone to the end, starts
+    on its default."""
+    import l2c_llava.pipeline as P
+
+    out = tmp_path / "run"
+    pipe = _toy_pipeline(
+        out, monkeypatch, 2, seconds={"c": 6.0}
+    )  # c outlasts a and b however slow they start
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 4)
+    lines: list[str] = []
+    pipe.run(echo=lines.append)
+    rec = {n: json.loads((out / n / "done.json").read_text()) for n in "abcd"}
+    assert [rec[n]["threads"] for n in "abc"] == ["2"] * 3, rec
+    assert rec["a"]["seen"] == ["2"] and rec["b"]["seen"] == ["2"], rec
+    assert rec["c"]["seen"] == ["2", "4"], rec  # b ended while c ran: the cores b left
+    assert rec["d"]["threads"] is None and rec["d"]["seen"] == [], rec
+    assert "== c: now on 4 CPU thread(s)" in lines, lines
+    assert (out / "pipeline" / "logs" / "c.threads").read_text() == "4\n"
+
+
+def test_follow_share_sets_the_threads_the_file_holds(tmp_path, monkeypatch):
+    """A step's loops adopt the count in L2C_THREADS_FILE (read at most every few seconds unless
+    forced); a missing or malformed file, or no variable, changes nothing."""
+    import torch
+
+    from l2c_llava import cpu_threads
+
+    before = torch.get_num_threads()
+    share = tmp_path / "step.threads"
+    try:
+        monkeypatch.delenv(cpu_threads.THREADS_FILE_ENV, raising=False)
+        assert cpu_threads.follow_share(force=True) is None
+        monkeypatch.setenv(cpu_threads.THREADS_FILE_ENV, str(share))
+        assert cpu_threads.follow_share(force=True) is None  # no file yet
+        share.write_text("oops\n")
+        assert cpu_threads.follow_share(force=True) is None and torch.get_num_threads() == before
+        target = 1 if before != 1 else 2
+        share.write_text(f"{target}\n")
+        assert cpu_threads.follow_share(force=True) == target and torch.get_num_threads() == target
+        share.write_text(f"{before}\n")
+        assert cpu_threads.follow_share() is None  # read again only after CHECK_EVERY seconds
+        assert torch.get_num_threads() == target
+        assert cpu_threads.follow_share(force=True) == before
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_parallel_step_failure_lets_the_others_finish_and_names_the_log(tmp_path, monkeypatch):

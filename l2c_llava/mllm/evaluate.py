@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.images import load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_jsonl
@@ -226,6 +227,7 @@ def _answers(
     tok.padding_side = "left"  # batched generation continues every row at the same position
     preds: list[str] = []
     for lo in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         chunk = questions[lo : lo + batch_size]
         texts = [
             processor.apply_chat_template(

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.mllm.data import expand2square, mean_colour
 from l2c_llava.mllm.export import load_trained_llava
 
@@ -232,6 +233,7 @@ class L2CLlava(lmms):
     ) -> list[GenerationResult]:
         """Answers to full prompts (chat template applied), ``images[i]`` the images of ``texts[i]``,
         one left-padded ``generate``. Each answer ends before the first of ``gen_kwargs['until']``."""
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         until, kwargs = self._generation_settings(gen_kwargs)
         self.tokenizer.padding_side = "left"  # every row continues at the same position
         inputs = self._inputs(list(texts), [im for ims in images for im in ims])
@@ -315,6 +317,7 @@ class L2CLlava(lmms):
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def _loglikelihood_batch(self, items: list[tuple[str, str, list]]) -> list[tuple[float, bool]]:
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         rows, starts, pixels = [], [], []
         for ctx, continuation, images in items:
             content = self._user_content(ctx, len(images))

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, follow_umask
@@ -468,6 +469,7 @@ class TextEncoder(nn.Module):
         out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
         show = (len(texts) >= 512 if show_progress is None else show_progress) and progress is None
         for idx in tqdm(batches, desc="encoding", unit="batch", disable=not show):
+            follow_share()  # under a parallel pipeline: the cores a neighbour left
             batch = {
                 k: v.to(device)
                 for k, v in self._pad([ids[i] for i in idx], [part_lens[i] for i in idx]).items()
@@ -523,19 +525,20 @@ class TextEncoder(nn.Module):
 
 
 @contextmanager
-def frozen_linears_in(model: nn.Module, dtype: torch.dtype):
-    """Within: the frozen nn.Linear weights (and biases) of `model` stored in `dtype`, the originals
-    back on exit. Under autocast to `dtype` every linear casts its weight at each call, and autocast
+def frozen_linears_in(model: nn.Module, dtype: torch.dtype, frozen_only: bool = True):
+    """Within: the frozen nn.Linear weights (and biases) of `model` stored in `dtype` (every linear's
+    with ``frozen_only=False``: for inference, under ``no_grad``), the originals back on exit. Under autocast to `dtype` every linear casts its weight at each call, and autocast
     keeps the cast only of weights that need gradients: a LoRA step re-casts the whole frozen base at
     every forward (a quarter of a bf16 stage-1 step, bench/gemm_limit.py). Autocast would run these
     products in `dtype` anyway, on the same rounded values: the step computes exactly the same."""
     kept = []
     for mod in model.modules():
-        if not isinstance(mod, nn.Linear) or mod.weight.requires_grad:
+        if not isinstance(mod, nn.Linear) or (frozen_only and mod.weight.requires_grad):
             continue
         for name in ("weight", "bias"):
             p = getattr(mod, name)
-            if p is not None and not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            frozen = not (frozen_only and p is not None and p.requires_grad)
+            if p is not None and frozen and p.dtype != dtype and p.is_floating_point():
                 kept.append((p, p.data))
                 p.data = p.data.to(dtype)
     try:

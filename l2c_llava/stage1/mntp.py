@@ -15,6 +15,7 @@ import torch
 
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
 from l2c_llava.io import move_into_place, work_folder
@@ -122,6 +123,7 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
     gen = torch.Generator().manual_seed(cfg.run.seed)
     special = set(tok.all_special_ids)
     for step in range(total):
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
         order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
         batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]

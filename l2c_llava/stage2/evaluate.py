@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava import layout as L
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.images import clip_image_processor, load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_families, read_karpathy, read_long_captions
 from l2c_llava.embedded import resolve_vision_path
@@ -54,6 +55,7 @@ def embed_images(
 
     out = []
     for lo in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False):
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         images = [load_rgb(p) for p in paths[lo : lo + batch_size]]
         with torch.no_grad():
             out.append(F.normalize(embed(preprocess(images)).float(), dim=-1))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava import layout as L
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.images import load_rgb
 from l2c_llava.data.scenes import COLOURS, SHAPES
 from l2c_llava.errors import InputError, MissingFileError
@@ -64,6 +65,7 @@ def tower_features(
         for lo in tqdm(
             range(0, len(image_paths), batch), desc="tower features", disable=not progress, leave=False
         ):
+            follow_share()  # under a parallel pipeline: the cores a neighbour left
             px = proc(images=[load_rgb(p) for p in image_paths[lo : lo + batch]], return_tensors="pt")[
                 "pixel_values"
             ]
@@ -169,6 +171,7 @@ def patch_probe(
     reader = PatchReader(feats.shape[-1], feats.shape[1])
     opt = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=0.05)
     for _ in range(steps):
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         b = train_q[torch.randint(len(train_q), (128,))]
         loss = _task_loss(reader(feats[b[:, 0]], b[:, 1], b[:, 2]), b)
         opt.zero_grad(set_to_none=True)

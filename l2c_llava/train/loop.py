@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from l2c_llava import trackers
+from l2c_llava.cpu_threads import follow_share
 from l2c_llava.layout import TRAIN_LOG, TRAINED_MODEL
 from l2c_llava.quantization import make_adamw
 from l2c_llava.train import sharded
@@ -177,6 +178,7 @@ def train_loop(
     step, last = state.start, float("nan")
     batches = iter(steps)
     while step < total:
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
         epoch, batch = next(batches)
         loss = mean_over_processes(acc, step_gradients(batch))
         clip_gradients(acc, state.wrapped, params, train.grad_clip)
