@@ -3,7 +3,12 @@
 # to the same 2.13.0 (CPU) next to an older transformers, as the users of the exports run them.
 #   4.37.2  LLaVA's own pin (haotian-liu/LLaVA main): tokenizers 0.15.1, sentencepiece, and the
 #           original LLaVA code itself (llava-torch 1.2.2.post1, installed --no-deps: its metadata pins
-#           torch 2.0.1 / torchvision / bitsandbytes / gradio, none of which its loader imports)
+#           torch 2.0.1 / torchvision / bitsandbytes / gradio, none of which its loader imports), and
+#           lmms-eval (the version scripts/setup_env.sh installs, --no-deps, with pyproject's `eval`
+#           extra: what it imports) for its own `llava` model on the original-format export
+#           (tests/test_lmms_llava_original.py). lmms-eval's metadata asks transformers >= 4.39.2,
+#           which LLaVA's code does not run on (its generate fails from 4.38); its `llava` model and
+#           evaluator run on 4.37.2 as they are
 #   4.44.2  the llm2vec / LLM2CLIP era
 #   vision  open_clip and timm (pyproject's `vision-consumers` extra) for the open_clip / timm exports
 #           (tests/test_vision_consumers.py). Both import torchvision, whose wheels on the index are
@@ -17,7 +22,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VERSION="${1:?usage: setup_compat_env.sh 4.37.2|4.44.2|vision}"
 case "$VERSION" in
-  4.37.2) TAG=tf437; PKGS=("transformers==4.37.2" "tokenizers==0.15.1" "accelerate==0.27.2" "numpy<2");;
+  4.37.2) TAG=tf437; PKGS=("transformers==4.37.2" "tokenizers==0.15.1" "accelerate==0.27.2" "numpy<2")
+    # the `eval` extra's packages (pyproject.toml, the one list) beside LLaVA's pins, and lmms-eval's
+    # version from the project's own set-up (one pin)
+    mapfile -t EVAL < <(awk '/^eval = \[/{f=1} f{print} f&&/\]/{exit}' "$ROOT/pyproject.toml" | grep -o '"[^"]*"' | tr -d '"')
+    LMMS_EVAL="$(grep -o 'lmms-eval==[0-9.]*' "$ROOT/scripts/setup_env.sh" | head -1)"
+    [[ ${#EVAL[@]} -gt 0 && -n "$LMMS_EVAL" ]] || { echo "setup_compat_env.sh: no eval extra / lmms-eval pin found" >&2; exit 2; }
+    # pyarrow (datasets' backend): the newest (26) imports only beside numpy >= 2, kept out here; 21 works
+    PKGS+=("${EVAL[@]}" "pyarrow<22");;
   4.44.2) TAG=tf444; PKGS=("transformers==4.44.2" "tokenizers>=0.19,<0.20" "accelerate==0.33.0" "numpy<2.3");;
   vision) TAG=vision
     # the extra's pins, read from pyproject.toml (the one list of dependencies)
@@ -51,8 +63,8 @@ if [[ "$TAG" == vision ]]; then
   "$VPY" -c "import torch, torchvision, open_clip, timm; print('[setup-compat] torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__, 'timm', timm.__version__)" >&2
 elif [[ "$TAG" == tf437 ]]; then
   # the original LLaVA code; its loader path imports only transformers, torch, PIL (and accelerate)
-  pip_install --no-deps "llava-torch==1.2.2.post1"
-  "$VPY" -c "from llava.model.builder import load_pretrained_model; import transformers; print('[setup-compat] llava ok, transformers', transformers.__version__)" >&2
+  pip_install --no-deps "llava-torch==1.2.2.post1" "$LMMS_EVAL"
+  "$VPY" -c "from llava.model.builder import load_pretrained_model; import transformers, lmms_eval.evaluator; print('[setup-compat] llava ok, lmms-eval ok, transformers', transformers.__version__)" >&2
 else
   "$VPY" -c "import transformers; print('[setup-compat] transformers', transformers.__version__)" >&2
 fi

@@ -183,8 +183,12 @@ python -m llava.eval.run_llava --model-path /path/to/{name} --conv-mode vicuna_v
 ```
 
 lmms-eval's own `llava` model calls the same `load_pretrained_model`
-(`python -m lmms_eval --model llava --model_args pretrained=/path/to/{name},conv_template=vicuna_v1
---tasks TASKS --batch_size 1`, on a GPU); l2c-llava's tests run LLaVA's loader itself, not that model.
+(`python -m lmms_eval eval --model llava --model_args pretrained=/path/to/{name},conv_template=vicuna_v1
+--tasks TASKS --batch_size 1`; on a CPU add `,device_map=auto,device=cpu` to the model_args). l2c-llava's
+tests run it (lmms-eval 0.7.3 installed `--no-deps` beside transformers 4.37.2, which LLaVA's code
+needs): given the training's prompt ids it answers exactly as the transformers export under lmms-eval;
+as it is, its `tokenizer_image_token` adds the one token described under "The token after the image"
+below, and the answers differ.
 
 **After moving or copying this folder**, point `mm_vision_tower` at its new place:
 `l2c export repoint /new/path/to/{name}` (or `--vision-tower ID_OR_PATH`: the released tower's Hub id,
