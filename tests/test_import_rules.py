@@ -116,3 +116,17 @@ def test_the_rules_see_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from l2c_llava.stage2.train import x\n    import l2c_llava.cli\n")
     assert imports(f) == {"stage2.train", "stage2.train.x", "cli"}
+
+
+def test_config_layers_without_a_circle():
+    """config/core.py is the mechanism and knows no recipe; schemas.py and migrations.py stand on it;
+    loader.py alone puts them together (the recipe registry, RECIPES, is read there)."""
+    found = modules()
+    above_core = {"config.schemas", "config.migrations", "config.loader"}
+    assert not {i for i in imports(found["config.core"]) if top(i) == "config"}, "config.core imports config"
+    assert "config.loader" not in imports(found["config.schemas"]) | imports(found["config.migrations"])
+    assert "config.schemas" not in imports(found["config.migrations"])
+    assert {"config.schemas.RECIPES", "config.migrations.drop_removed_keys"} <= imports(
+        found["config.loader"]
+    )
+    assert above_core <= set(found)

@@ -54,7 +54,7 @@ def test_a_stage2_run_not_exported_says_the_command(tmp_path):
 
 
 def test_paper_mllm_configs_name_the_stage2_run_not_a_path_inside_it():
-    from l2c_llava.config.core import load_config
+    from l2c_llava.config.loader import load_config
 
     stage2 = load_config(ROOT / "stage2/configs/openai_l14_336.yaml")
     assert stage2.export.dir is None  # the default layout: <run>/export
