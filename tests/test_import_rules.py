@@ -130,3 +130,10 @@ def test_config_layers_without_a_circle():
         found["config.loader"]
     )
     assert above_core <= set(found)
+
+
+def test_train_optim_builds_every_optimiser():
+    """Recipes and the library ask train/optim.py's make_adamw for their optimiser; no one else builds one."""
+    built = [m for m, p in modules().items() if "torch.optim.AdamW(" in p.read_text() and m != "train.optim"]
+    assert not built, built
+    assert "train.optim.make_adamw" in imports(modules()["train.loop"])

@@ -12,7 +12,8 @@ import torch
 
 from l2c_llava.cli import main
 from l2c_llava.config import ConfigError, load_config
-from l2c_llava.quantization import MemorySaverError, make_adamw, quantize_linears_4bit_
+from l2c_llava.quantization import MemorySaverError, quantize_linears_4bit_
+from l2c_llava.train.optim import make_adamw
 
 from .test_mllm import mllm_config, parts  # noqa: F401
 

@@ -19,11 +19,12 @@ from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
 from l2c_llava.io import move_into_place, work_folder
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
-from l2c_llava.quantization import make_adamw, prepare_for_qlora
+from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
 from l2c_llava.stage1.encoder import lora_targets, save_adapter
 from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import LaunchError, configure_launch
+from l2c_llava.train.optim import make_adamw
 
 logger = logging.getLogger("l2c_llava.stage1")
 
