@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from l2c_llava.models.hub import HubError, is_hub_id, resolve_model_path
+from l2c_llava.models.hub import HubError
+from l2c_llava.models.reference import is_hub_id, resolve_model_path
 from tests.tiny_llm import save_tiny_llm
 
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -137,3 +137,21 @@ def test_train_optim_builds_every_optimiser():
     built = [m for m, p in modules().items() if "torch.optim.AdamW(" in p.read_text() and m != "train.optim"]
     assert not built, built
     assert "train.optim.make_adamw" in imports(modules()["train.loop"])
+
+
+def test_one_owner_of_what_a_model_name_means():
+    """A model name (``embedded:``, a .gguf file, a stage-2 run, a Hub id, a folder) is read by
+    models/reference.py alone: the other modules ask it, none looks at the Hub or a run folder itself."""
+    owned = {"models.hub.hub_snapshot", "layout.is_stage2_run", "layout.exported_tower"}
+    found = modules()
+    bad = [
+        f"{m} imports {i}" for m, p in found.items() if m != "models.reference" for i in imports(p) & owned
+    ]
+    assert not bad, bad
+    askers = {
+        "models.llm": "llm_folder",
+        "models.vision": "resolve_vision_path",
+        "stage1.encoder": "resolve_model_path",
+    }
+    assert all(f"models.reference.{name}" in imports(found[m]) for m, name in askers.items())
+    assert not {i for i in imports(found["embedded"]) if top(i) in {"models", "layout"}}

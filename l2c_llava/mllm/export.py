@@ -264,7 +264,7 @@ def choose_vision_tower(out: Path, tower, meta: dict, asked: str | None) -> tupl
     Hub cache). Not asked: the run's own tower when it was a Hub id that LLaVA takes, the tower was not
     trained, and the cached snapshot holds exactly these weights; otherwise the absolute path of the
     exported ``vision_tower/``."""
-    from l2c_llava.models.hub import is_hub_id
+    from l2c_llava.models.reference import is_hub_id
 
     if asked:
         path = Path(asked).expanduser()

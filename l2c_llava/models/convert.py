@@ -19,7 +19,8 @@ import torch
 
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
-from l2c_llava.models.hub import WEIGHTS_PICKLE, resolve_model_path
+from l2c_llava.models.hub import WEIGHTS_PICKLE
+from l2c_llava.models.reference import resolve_model_path
 
 CONVERTED_KIND = "converted model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

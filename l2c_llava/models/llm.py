@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
+from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf
 from l2c_llava.errors import L2CError
+from l2c_llava.models.reference import llm_folder
 from l2c_llava.quantization import bnb_4bit_config, require_bitsandbytes
 
 logger = logging.getLogger(__name__)

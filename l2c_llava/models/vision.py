@@ -11,8 +11,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
+from l2c_llava.models.reference import resolve_vision_path
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, follow_umask
-from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.llm import (
     EncoderLoadError,
     EncoderSource,
@@ -41,6 +39,7 @@ from l2c_llava.models.llm import (
     merge_adapters,
     resolve_dtype,
 )
+from l2c_llava.models.reference import llm_folder, resolve_model_path
 from l2c_llava.train.sharded import is_fsdp_wrapped, state_dict
 
 logger = logging.getLogger(__name__)
@@ -219,9 +218,7 @@ class TextEncoder(nn.Module):
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
         merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
         override the saved ones."""
-        if not str(path).startswith("embedded:") and Path(str(path)).suffix != ".gguf":
-            path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
-        path = str(path)
+        path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         meta_path = Path(path) / ENCODER_META
         saved: dict = {}

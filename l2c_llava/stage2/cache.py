@@ -32,10 +32,9 @@ import torch
 from l2c_llava import layout as L
 from l2c_llava.data.readers import read_caption_pairs, read_families, read_karpathy, read_long_captions
 from l2c_llava.data.webdataset import expand_shards, scan_shards
-from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_save, atomic_write_json
-from l2c_llava.models.hub import resolve_model_path
+from l2c_llava.models.reference import llm_folder, resolve_model_path
 from l2c_llava.stage1.encoder import (  # the frozen stage-1 encoder: a model, not its training
     SEPARATOR,
     TextEncoder,

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from l2c_llava import layout as L
 from l2c_llava.data.images import clip_image_processor, load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_families, read_karpathy, read_long_captions
-from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, atomic_write_text
+from l2c_llava.models.reference import resolve_vision_path
 from l2c_llava.stage2.cache import CacheError, TextFeatureCache
 from l2c_llava.stage2.clip_baseline import pooled
 from l2c_llava.stage2.llm2clip import LLM2CLIP

@@ -18,7 +18,6 @@ from l2c_llava.cards import model_card, write_card
 from l2c_llava.data.images import write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
-from l2c_llava.layout import export_dir, exported_tower, is_stage2_run  # noqa: F401 (re-exported)
 from l2c_llava.models.portable import save_vision_folder
 from l2c_llava.models.vision_formats import FORMATS, VisionFormatError
 from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
