@@ -155,3 +155,21 @@ def test_one_owner_of_what_a_model_name_means():
     }
     assert all(f"models.reference.{name}" in imports(found[m]) for m, name in askers.items())
     assert not {i for i in imports(found["embedded"]) if top(i) in {"models", "layout"}}
+
+
+def test_one_owner_of_the_pixels():
+    """LLaVA's pad to square and its image processor live in data/images.py; training's data, chat, the
+    VQA eval, lmms-eval's model, the export and the health check take them from there."""
+    found = modules()
+    users = {
+        "mllm.data": "preprocess_images",
+        "mllm.chat": "pad_images",
+        "mllm.evaluate": "pad_images",
+        "mllm.lmms_model": "pad_images",
+        "mllm.build": "llava_image_processor",
+        "mllm.export": "pil_image_processor",
+        "stage2.health": "llava_image_processor",
+    }
+    assert all(f"data.images.{name}" in imports(found[m]) for m, name in users.items())
+    copies = [m for m, p in found.items() if m != "data.images" and "def expand2square" in p.read_text()]
+    assert not copies, copies

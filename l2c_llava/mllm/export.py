@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.cards import write_card
-from l2c_llava.data.images import write_preprocessor_config
+from l2c_llava.data.images import pil_image_processor, write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.build import BuildError, load_llava, not_transformers_llava, projector_type_of
@@ -38,7 +38,6 @@ from l2c_llava.models.portable import (
     tokenizer_source,
     write_portable_tokenizer,
 )
-from l2c_llava.models.vision import pil_image_processor
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it

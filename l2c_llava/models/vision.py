@@ -10,7 +10,6 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from l2c_llava.errors import L2CError
 from l2c_llava.models.reference import resolve_vision_path
 
@@ -93,45 +92,3 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     finally:
         if quiet:
             hf_logging.set_verbosity(level)
-
-
-def llava_image_processor(size: int, pad: bool = True):
-    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
-    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
-    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
-    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
-    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
-    (processor on the raw image) gets training's pixels."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    return LlavaImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_pad=pad,
-    )
-
-
-def pil_image_processor(image_processor):
-    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    if isinstance(image_processor, LlavaImageProcessorPil):
-        return image_processor
-    keys = (
-        "size",
-        "crop_size",
-        "image_mean",
-        "image_std",
-        "do_pad",
-        "do_resize",
-        "do_center_crop",
-        "do_rescale",
-        "rescale_factor",
-        "do_normalize",
-        "do_convert_rgb",
-        "resample",
-    )
-    d = image_processor.to_dict()
-    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava import layout as L
-from l2c_llava.data.images import load_rgb
+from l2c_llava.data.images import llava_image_processor, load_rgb
 from l2c_llava.data.scenes import COLOURS, SHAPES
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.models.vision import llava_image_processor, load_vision_tower
+from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.train.optim import make_adamw
 
 CELLS = 9
