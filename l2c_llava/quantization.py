@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from l2c_llava.errors import L2CError
-
-
-class MemorySaverError(L2CError, RuntimeError):
-    """A memory-saving switch that cannot work here; names the config key and what to do."""
+from l2c_llava.errors import CannotRunError
 
 
 def require_bitsandbytes(what: str, key: str, off: str | None = None):
@@ -27,12 +23,12 @@ def require_bitsandbytes(what: str, key: str, off: str | None = None):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise MemorySaverError(
+        raise CannotRunError(
             f"{key}: {what} needs bitsandbytes ({e}); install the gpu extra "
             f"(pip install -e '.[gpu]') on a CUDA machine, or set {off}"
         ) from None
     if not torch.cuda.is_available():
-        raise MemorySaverError(
+        raise CannotRunError(
             f"{key}: {what} runs bitsandbytes' CUDA kernels and this machine has no CUDA GPU; "
             f"set {off} here, or run on a GPU"
         )

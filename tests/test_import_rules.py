@@ -173,3 +173,26 @@ def test_one_owner_of_the_pixels():
     assert all(f"data.images.{name}" in imports(found[m]) for m, name in users.items())
     copies = [m for m, p in found.items() if m != "data.images" and "def expand2square" in p.read_text()]
     assert not copies, copies
+
+
+def test_each_error_class_is_told_apart():
+    """errors.py holds the generic errors (InputError, MissingFileError, ...); a module keeps a class of
+    its own only where something tells it apart: an ``except`` or ``isinstance`` naming it, an exit code
+    of its own, or the package's public API (l2c_llava.__all__)."""
+    caught, defined, own_exit = set(), {}, set()
+    for m, p in modules().items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                caught |= {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                caught |= {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.ClassDef) and node.name.endswith("Error") and m != "errors":
+                defined[node.name] = m
+                if any(isinstance(s, ast.Assign) and "exit_code" in ast.unparse(s) for s in node.body):
+                    own_exit.add(node.name)
+    alone = sorted(
+        f"{m}.{c}" for c, m in defined.items() if c not in caught | own_exit | set(l2c_llava.__all__)
+    )
+    assert not alone, (
+        f"fold into l2c_llava.errors (InputError, MissingFileError, CannotRunError, ...): {alone}"
+    )

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from l2c_llava.layout import NotExportedError, PipelineRun, export_dir
+from l2c_llava.errors import MissingFileError
+from l2c_llava.layout import PipelineRun, export_dir
 from tests.conftest import ROOT
 
 
@@ -49,7 +50,7 @@ def test_a_stage2_run_not_exported_says_the_command(tmp_path):
     run = tmp_path / "s2"
     run.mkdir()
     (run / "config.yaml").write_text("recipe: stage2\n")
-    with pytest.raises(NotExportedError, match=f"l2c export vision --run {run}"):
+    with pytest.raises(MissingFileError, match=f"l2c export vision --run {run}"):
         load_vision_tower(str(run))
 
 

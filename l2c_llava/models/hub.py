@@ -16,16 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 
 # what a model folder needs; pickled weights are left out on purpose (see module docstring)
 WEIGHTS_SAFE = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 WEIGHTS_PICKLE = ("*.json", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 _MARKERS = ("config.json", "adapter_config.json", "llm2clip_config.json", "l2c_encoder.json")
-
-
-class HubError(L2CError, ValueError):
-    """A Hub id that cannot be resolved to a local folder (offline and not cached, unknown, gated)."""
 
 
 def hub_offline() -> bool:
@@ -79,13 +75,13 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             and any(cached.glob("*.bin"))
             and not any(cached.glob("*.safetensors"))
         ):
-            raise HubError(
+            raise InputError(
                 f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
                 f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead"
             )
     if hub_offline():
         state = "only partly in" if cached is not None else "not in"
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: HF_HUB_OFFLINE=1 and the model is {state} the Hugging Face cache "
             f"({cache}). Download it on a machine with network (`hf download {repo_id}`, same "
             "HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder"
@@ -100,17 +96,17 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             if "gated" in type(e).__name__.lower() or "401" in str(e) or "403" in str(e)
             else "check the id and the network, or set HF_HUB_OFFLINE=1 to use the cache only"
         )
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: cannot download it from the Hugging Face Hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}"
         ) from None
     if not any((folder / m).is_file() for m in _MARKERS):
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: the Hub repository has no config.json (nor adapter_config.json): "
             "not a transformers model"
         )
     if not _complete(folder, patterns):  # e.g. pickled .bin weights only (lmsys/vicuna-7b-v1.5)
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: the Hub repository has no safetensors weights (pickled .bin only?): "
             f"`l2c convert weights {hub_id} OUT` downloads and converts them; then give OUT"
         )

@@ -10,14 +10,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.models.reference import resolve_vision_path
 
 logger = logging.getLogger(__name__)
-
-
-class VisionTowerError(L2CError, ValueError):
-    """A vision tower folder that cannot be loaded (wrong kind, damaged or pickled weights)."""
 
 
 def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle: bool = False):
@@ -30,25 +26,25 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     path = resolve_vision_path(str(path))
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path}: no config.json (a transformers CLIPVisionModel / CLIPModel folder is expected)"
         )
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in ("clip", "clip_vision_model"):
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
             "(clip / clip_vision_model)"
         )
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if not safetensors and pickles and not allow_pickle:
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
             "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
             "--allow-pickle if you trust where the file comes from"
         )
     if not safetensors and not pickles:
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
             "weights only is converted by `l2c convert weights SOURCE OUT`"
         )
@@ -58,7 +54,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
                 with safe_open(str(f), framework="pt") as st:
                     st.keys()
             except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
-                raise VisionTowerError(
+                raise InputError(
                     f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
                     "is damaged or not safetensors: export or download it again"
                 ) from None
@@ -72,7 +68,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
             try:
                 torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - UnpicklingError (code or other objects), a damaged file
-                raise VisionTowerError(
+                raise InputError(
                     f"vision tower {path}: {name} cannot be loaded as plain tensors ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); it holds code or other objects, or is damaged. Nothing "
                     "in it was run. Use safetensors weights from a source you trust"

@@ -32,13 +32,7 @@ from torch import nn
 
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, follow_umask
-from l2c_llava.models.llm import (
-    EncoderLoadError,
-    EncoderSource,
-    load_llm,
-    merge_adapters,
-    resolve_dtype,
-)
+from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
 from l2c_llava.models.reference import llm_folder, resolve_model_path
 from l2c_llava.train.sharded import is_fsdp_wrapped, state_dict
 
@@ -134,7 +128,7 @@ def _read_llm2vec_config(folders: Sequence[str]) -> dict:
             try:
                 return json.loads(path.read_text())
             except json.JSONDecodeError as e:
-                raise EncoderLoadError(f"{path} is not valid JSON: {e}") from None
+                raise InputError(f"{path} is not valid JSON: {e}") from None
     return {}
 
 
@@ -230,9 +224,7 @@ class TextEncoder(nn.Module):
             else:
                 adapter = Path(path) / ADAPTER_DIR
                 if not adapter.is_dir():
-                    raise EncoderLoadError(
-                        f"{path}: {ENCODER_META} names an adapter, but {adapter} is missing"
-                    )
+                    raise InputError(f"{path}: {ENCODER_META} names an adapter, but {adapter} is missing")
                 source = EncoderSource(
                     src["base"], src.get("gguf_file"), list(src.get("adapters", [])) + [str(adapter)]
                 )

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from l2c_llava.quantization import MemorySaverError, require_bitsandbytes
+from l2c_llava.errors import CannotRunError
+from l2c_llava.quantization import require_bitsandbytes
 
 
 def make_adamw(
@@ -22,4 +23,4 @@ def make_adamw(
     if kind == "adamw_8bit":
         bnb = require_bitsandbytes("8-bit AdamW", key, off=f"{key}=adamw")
         return bnb.optim.AdamW8bit(params, **kwargs)
-    raise MemorySaverError(f"{key}={kind!r}: expected adamw or adamw_8bit")
+    raise CannotRunError(f"{key}={kind!r}: expected adamw or adamw_8bit")
