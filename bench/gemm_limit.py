@@ -368,9 +368,9 @@ def _stage1(examples, batch: int, steps: int, bf16: bool, limit: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from l2c_llava.losses import hard_negative_nll_loss
-    from l2c_llava.quantization import make_adamw
     from l2c_llava.stage1.encoder import frozen_linears_in, lora_targets
     from l2c_llava.stage1.train import Stage1Recipe
+    from l2c_llava.train.optim import make_adamw
 
     enc = _smollm2_encoder("float32")
     layers, width, _ = _llm_dims(enc.model)
@@ -434,8 +434,8 @@ def _stage2(batch: int, steps: int, bf16: bool, limit: float) -> dict:
     from l2c_llava.losses import clip_loss
     from l2c_llava.models.llm import local_llm_folder
     from l2c_llava.models.vision import load_vision_tower
-    from l2c_llava.quantization import make_adamw
     from l2c_llava.stage2.model import LLM2CLIPModel
+    from l2c_llava.train.optim import make_adamw
 
     text_dim = AutoConfig.from_pretrained(local_llm_folder(MODELS["llm"])).hidden_size  # the cache's features
     torch.manual_seed(0)

@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 def demo_llava(out: Path) -> Path:
     from types import SimpleNamespace
 
-    from l2c_llava.embedded import EMBEDDED_CLIP, EMBEDDED_LLM, resolve_vision
+    from l2c_llava.embedded import EMBEDDED_CLIP, EMBEDDED_LLM
     from l2c_llava.mllm.build import build_llava, save_llava
+    from l2c_llava.models.reference import resolve_vision_path as resolve_vision
 
     model, processor = build_llava(
         resolve_vision(EMBEDDED_CLIP), SimpleNamespace(name_or_path=EMBEDDED_LLM), torch_dtype="float32"

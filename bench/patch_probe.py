@@ -32,7 +32,7 @@ def run(
 ) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from l2c_llava.embedded import resolve_vision_path
+    from l2c_llava.models.reference import resolve_vision_path
     from l2c_llava.stage2.health import encoder_health
 
     reference = next((t for t in towers if t != "random"), None)

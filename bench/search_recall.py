@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 def baseline_tower(run: Path, given: str | None) -> str:
     """The run's baseline tower: the CLIP it trained (run/clip/model), else `given` or the shipped one."""
-    from l2c_llava.embedded import resolve_vision_path
     from l2c_llava.layout import PipelineRun
+    from l2c_llava.models.reference import resolve_vision_path
 
     clip = PipelineRun(run).clip_model
     if given is None and (clip / "config.json").is_file():

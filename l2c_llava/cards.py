@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from l2c_llava.embedded import EMBEDDED_LLM
-from l2c_llava.models.hub import is_hub_id
+from l2c_llava.models.reference import is_hub_id
 
 CARD = "README.md"
 

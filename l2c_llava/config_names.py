@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from l2c_llava.config.core import apply_overrides, read_yaml
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import MissingFileError
 
 RECIPE_FOLDERS = ("stage1", "stage2", "mllm", "pipeline")
 
@@ -89,10 +89,6 @@ COMMAND_FOLDER = {
 }
 
 
-class ConfigNameError(L2CError, FileNotFoundError):
-    """A --config that is neither a file nor the name of a shipped config."""
-
-
 def config_name(c: ShippedConfig, root: Path | None = None) -> str:
     """A shipped config's name: its recipe folder and file stem (``stage1/quick``); within its own
     command the stem alone (``l2c stage1 --config quick``)."""
@@ -126,20 +122,20 @@ def resolve_config(name_or_path: str | os.PathLike, command: str | None = None) 
     if len(found) == 1:
         return str(found[0].path)
     if len(found) > 1:
-        raise ConfigNameError(
+        raise MissingFileError(
             f"config {given!r} names several shipped configs: "
             f"{', '.join(config_name(c, root) for c in found)}; give one of these names"
         )
     if Path(given).exists():  # a folder, a pipe: there, but not a file to read
         what = "a folder" if Path(given).is_dir() else "not a regular file"
         inside = sorted(p.name for p in Path(given).glob("*.yaml")) if Path(given).is_dir() else []
-        raise ConfigNameError(
+        raise MissingFileError(
             f"config {given!r} is {what}, not a YAML file; give the config file itself"
             + (f" (it holds {', '.join(inside[:5])})" if inside else "")
         )
     close = difflib.get_close_matches(stem, list(names) + [n.split("/", 1)[1] for n in names], n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ConfigNameError(
+    raise MissingFileError(
         f"config {given!r}: no such file (from {Path.cwd()}) and no shipped config of that name"
         f"{hint}; `l2c ls` lists the names"
     )

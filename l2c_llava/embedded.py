@@ -3,6 +3,7 @@
 
 Both packages are installed with ``--no-deps`` by scripts/setup_env.sh and are never imported: their
 own imports need plugins / torchvision we do not have. Files are found through package metadata.
+What an ``embedded:`` name in a config means is decided by ``l2c_llava.models.reference``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 
 from l2c_llava.errors import InputError, MissingFileError
 from l2c_llava.io import atomic_write_text, follow_umask, move_into_place, sha256_file
-from l2c_llava.layout import exported_tower, is_stage2_run
-from l2c_llava.models.hub import WEIGHTS_SAFE, resolve_model_path
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_CLIP = "embedded:demo-clip"
@@ -43,31 +42,6 @@ def _package_file(package: str, filename: str) -> Path:
 def smollm2_gguf_path() -> Path:
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF file."""
     return _package_file(_SMOLLM2_PKG, _SMOLLM2_FILE)
-
-
-def resolve_llm_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """Map a config's LLM reference to (folder, gguf file name or None) for ``from_pretrained``.
-
-    ``embedded:smollm2-135m-instruct`` -> the shipped GGUF; ``x/y.gguf`` -> (x, y.gguf); a folder
-    stays a folder (as does a Hub id: :func:`llm_folder` resolves it).
-    """
-    if name_or_path == EMBEDDED_LLM:
-        p = smollm2_gguf_path()
-        return str(p.parent), p.name
-    if name_or_path.startswith("embedded:"):
-        raise InputError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_LLM!r}")
-    p = Path(name_or_path)
-    if p.suffix == ".gguf":
-        return str(p.parent), p.name
-    return name_or_path, gguf_file
-
-
-def llm_folder(name_or_path: str, gguf_file: str | None = None, what: str = "LLM") -> tuple[str, str | None]:
-    """:func:`resolve_llm_path`, then a Hub id (``org/name``) -> its snapshot in the Hugging Face cache
-    (downloaded where allowed; ``l2c_llava.models.hub``): a local folder to read files from."""
-    folder, gguf = resolve_llm_path(name_or_path, gguf_file)
-    patterns = ("*.json", "*.model", "*.txt", gguf) if gguf else WEIGHTS_SAFE
-    return resolve_model_path(folder, what, patterns), gguf
 
 
 def demo_clip_path(verify: bool = True) -> Path:
@@ -103,19 +77,6 @@ def _check_digest(path: Path, expected: str) -> None:
             f"{path}: sha256 {digest} is not the shipped demo CLIP's ({expected}); the file "
             "was changed or damaged: restore it from the repository"
         )
-
-
-def resolve_vision_path(name_or_path: str) -> str:
-    """A config's CLIP reference -> a folder: ``embedded:demo-clip`` is the shipped demo CLIP; a Hub id
-    (``openai/clip-vit-large-patch14-336``) its snapshot in the Hugging Face cache; a stage-2 run
-    folder its exported tower (``l2c_llava.layout.exported_tower``); a folder stays."""
-    if name_or_path == EMBEDDED_CLIP:
-        return str(demo_clip_path())
-    if name_or_path.startswith("embedded:"):
-        raise InputError(f"unknown embedded vision model {name_or_path!r}; the only one is {EMBEDDED_CLIP!r}")
-    if is_stage2_run(name_or_path):  # a stage-2 run folder: its exported tower, by the one layout
-        return str(exported_tower(name_or_path))
-    return resolve_model_path(name_or_path, "vision model")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -7,8 +7,11 @@ BuildError, ...) derives from it, and from the built-in type it always had (Valu
 RuntimeError, FileNotFoundError), so existing ``except`` clauses and tests still match.
 
 A module without an error class of its own raises :class:`InputError` (a value the user gave that
-cannot be used), :class:`MissingFileError` (a file or folder the user named that is not there) or
-:class:`OutputExistsError` (an output that would replace something else).
+cannot be used), :class:`MissingFileError` (a file or folder the user named that is not there),
+:class:`OutputError` / :class:`OutputExistsError` (an output that cannot be written or would replace
+something else) or :class:`CannotRunError` (a step that cannot run here or now). A module keeps an
+error class of its own only where a caller tells it apart: catches it by name (ConfigError, ImageError,
+BuildError, ...) or exits with another code (HardSetError, PipelineError: 1, a failed run).
 """
 
 from __future__ import annotations
@@ -36,3 +39,8 @@ class OutputError(L2CError, ValueError):
 
 class OutputExistsError(L2CError, FileExistsError):
     """An output that exists and holds something else; the message says how to replace it."""
+
+
+class CannotRunError(L2CError, RuntimeError):
+    """A step that cannot run here or now: a package or GPU it needs is missing (bitsandbytes), another
+    process holds its folder, the Hub refuses a push, an evaluation run cannot start or failed."""

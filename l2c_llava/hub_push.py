@@ -13,14 +13,10 @@ import argparse
 import os
 from pathlib import Path
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import CannotRunError
 from l2c_llava.models.hub import hub_offline
 
 LOCAL_ONLY = [".l2c_output.json", ".l2c.lock", "**/.l2c.lock"]
-
-
-class PushError(L2CError, RuntimeError):
-    pass
 
 
 def push_folder(
@@ -39,9 +35,9 @@ def push_folder(
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise PushError(f"{folder}: not an exported model folder (no config.json)")
+        raise CannotRunError(f"{folder}: not an exported model folder (no config.json)")
     if hub_offline():
-        raise PushError(
+        raise CannotRunError(
             f"HF_HUB_OFFLINE is set: cannot push {folder} to {repo_id}; unset it (the export is kept)"
         )
     api = HfApi(token=token)
@@ -57,7 +53,7 @@ def push_folder(
             ignore_patterns=LOCAL_ONLY,
         )
     except LocalTokenNotFoundError:
-        raise PushError(
+        raise CannotRunError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login` (the export is kept)"
         ) from None
     except HfHubHTTPError as e:
@@ -67,7 +63,7 @@ def push_folder(
             403: f"the token may not write to {repo_id}: use a token with write access, or a repo of yours",
             404: f"{repo_id} not found and not created: check the name (owner/name)",
         }.get(status, str(e))
-        raise PushError(
+        raise CannotRunError(
             f"pushing {folder} to {repo_id} failed ({status}): {hint} (the export is kept)"
         ) from None
     return str(getattr(info, "commit_url", info))

@@ -91,16 +91,12 @@ def is_stage2_run(folder: str | os.PathLike) -> bool:
         return False
 
 
-class NotExportedError(MissingFileError):
-    """A stage-2 run whose vision tower is asked for before ``l2c export vision`` wrote it."""
-
-
 def exported_tower(run_dir: str | os.PathLike) -> Path:
     """The vision tower exported from a stage-2 run (``export_dir(run)/vision``), or an error saying
     the command that writes it."""
     folder = export_dir(run_dir) / "vision"
     if not (folder / "config.json").is_file():
-        raise NotExportedError(
+        raise MissingFileError(
             f"{run_dir} is a stage-2 run whose vision tower is not exported yet ({folder}): "
             f"run `l2c export vision --run {run_dir}`"
         )

@@ -19,17 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import CannotRunError
 from l2c_llava.io import atomic_write_json, ensure_folder
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".l2c.lock"
 HOLDER_NAME = ".l2c.lock.json"
-
-
-class RunLockedError(L2CError, RuntimeError):
-    """Another process is writing into this run folder."""
 
 
 def _holder(folder: Path) -> dict:
@@ -47,7 +43,7 @@ def _main_process() -> bool:
 @contextmanager
 def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold the lock of `folder` (created, with a clear error when it cannot be) while the block runs.
-    A second holder fails at once with :class:`RunLockedError` naming the first one's PID and command."""
+    A second holder fails at once with :class:`CannotRunError` naming the first one's PID and command."""
     from filelock import FileLock, Timeout
 
     folder = ensure_folder(folder, what)
@@ -61,12 +57,12 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
         h = _holder(folder)
         who = f"PID {h.get('pid', '?')}" + (f" on {h['host']}" if h.get("host") else "")
         cmd = f" (`{h['command']}`, started {h.get('started', '?')})" if h.get("command") else ""
-        raise RunLockedError(
+        raise CannotRunError(
             f"{folder} is in use by another {h.get('what', 'run')}: {who}{cmd}. Wait for it to finish, stop it, "
             "or use another output folder"
         ) from None
     except PermissionError:
-        raise RunLockedError(
+        raise CannotRunError(
             f"{folder}: no permission to create its lock file {LOCK_NAME}; choose a folder you can write to"
         ) from None
     try:

@@ -44,7 +44,6 @@ from l2c_llava.config.core import RecipeConfig, config_to_dict, flatten
 from l2c_llava.config.schemas import PipelineConfig, PipelineStep
 from l2c_llava.config_names import project_root
 from l2c_llava.cpu_threads import THREADS_FILE_ENV
-from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.io import (
     atomic_write_json,
@@ -55,7 +54,7 @@ from l2c_llava.io import (
     safetensors_problem,
 )
 from l2c_llava.locks import run_lock
-from l2c_llava.models.hub import is_hub_id
+from l2c_llava.models.reference import is_hub_id, resolve_vision_path
 from l2c_llava.report import write_report
 from l2c_llava.train.resume import fingerprint_keys, resumable_keys
 from l2c_llava.train.run_dir import versions

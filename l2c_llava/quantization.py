@@ -1,5 +1,5 @@
 """Memory savers for smaller GPUs, as config switches: QLoRA (4-bit NF4 base weights through
-bitsandbytes, LoRA adapters trained on top) and 8-bit AdamW. Gradient checkpointing is a switch of
+bitsandbytes, LoRA adapters trained on top) and 8-bit AdamW (built by train/optim.py). Gradient checkpointing is a switch of
 each stage already (``model.gradient_checkpointing`` / ``train.gradient_checkpointing`` /
 ``vision.gradient_checkpointing``).
 
@@ -11,15 +11,9 @@ without a word.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from l2c_llava.errors import L2CError
-
-
-class MemorySaverError(L2CError, RuntimeError):
-    """A memory-saving switch that cannot work here; names the config key and what to do."""
+from l2c_llava.errors import CannotRunError
 
 
 def require_bitsandbytes(what: str, key: str, off: str | None = None):
@@ -29,12 +23,12 @@ def require_bitsandbytes(what: str, key: str, off: str | None = None):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise MemorySaverError(
+        raise CannotRunError(
             f"{key}: {what} needs bitsandbytes ({e}); install the gpu extra "
             f"(pip install -e '.[gpu]') on a CUDA machine, or set {off}"
         ) from None
     if not torch.cuda.is_available():
-        raise MemorySaverError(
+        raise CannotRunError(
             f"{key}: {what} runs bitsandbytes' CUDA kernels and this machine has no CUDA GPU; "
             f"set {off} here, or run on a GPU"
         )
@@ -59,21 +53,6 @@ def prepare_for_qlora(model, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-
-
-def make_adamw(
-    params, kind: str, key: str = "train.optimizer", fused: bool = False, **kwargs: Any
-) -> torch.optim.Optimizer:
-    """AdamW (torch) or 8-bit AdamW (bitsandbytes: optimizer states in 8 bits, ~75% less state memory).
-    `fused`: torch's fused AdamW (one vectorised kernel per tensor; on the CPU torch otherwise updates
-    each tensor with a dozen separate operators: 3.7x less optimizer time on the stage-2 demo model,
-    the same values within 1.5e-8)."""
-    if kind == "adamw":
-        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
-    if kind == "adamw_8bit":
-        bnb = require_bitsandbytes("8-bit AdamW", key, off=f"{key}=adamw")
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    raise MemorySaverError(f"{key}={kind!r}: expected adamw or adamw_8bit")
 
 
 def quantize_linears_4bit_(

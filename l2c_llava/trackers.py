@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from l2c_llava.config.core import config_to_dict, flatten
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 
 PROJECT = "l2c-llava"
 LOG_DIR = "logs"
@@ -40,23 +40,19 @@ TRACKERS = {
 }
 
 
-class TrackerError(L2CError, ValueError):
-    pass
-
-
 def check_report_to(report_to: Sequence[str]) -> list[str]:
     """The trackers, checked: known to accelerate and installed (else an error naming the install)."""
     out = []
     for name in report_to:
         if name not in TRACKERS:
-            raise TrackerError(
+            raise InputError(
                 f"train.report_to: unknown tracker {name!r}; accelerate knows {', '.join(TRACKERS)}"
             )
         if importlib.util.find_spec(TRACKERS[name]) is None and not (
             name == "tensorboard" and importlib.util.find_spec("tensorboardX")
         ):
             extra = " (or pip install -e .[dev])" if name == "tensorboard" else ""
-            raise TrackerError(
+            raise InputError(
                 f"train.report_to lists {name}, which is not installed: pip install {name}{extra}"
             )
         out.append(name)

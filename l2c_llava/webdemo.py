@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c_llava import layout as L
-from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import L2CError
 from l2c_llava.mllm.chat import LlavaChat
+from l2c_llava.models.reference import resolve_vision_path
 from l2c_llava.search import Encoder, SearchIndex, build_index, list_images, run_queries
 
 

@@ -46,7 +46,7 @@ def test_every_leaf_command_has_its_own_examples_and_they_parse():
             assert path == "" or path.split()[0] == args.command, (line, chosen)
             config = getattr(args, "config", None)
             if config is not None:  # a config an example names is one the checkout ships
-                resolve_config(config, args.command)  # ConfigNameError (a failure) if not
+                resolve_config(config, args.command)  # MissingFileError (a failure) if not
 
 
 def test_version_and_python_dash_m(capsys):

@@ -383,7 +383,7 @@ def _with_image_id(a, ids):
 def _our_pixels(a):
     from PIL import Image
 
-    from l2c_llava.mllm.data import expand2square, mean_colour
+    from l2c_llava.data.images import expand2square, mean_colour
 
     img = expand2square(
         Image.open(a.root / "image.png").convert("RGB"), mean_colour(a.processor.image_processor)

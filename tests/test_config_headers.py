@@ -22,7 +22,7 @@ from l2c_llava.cli import parse_args
 from l2c_llava.config import load_config
 from l2c_llava.config.core import config_to_dict, flatten
 from l2c_llava.config_names import ShippedConfig, _header, resolve_config, shipped_configs
-from l2c_llava.models.hub import is_hub_id
+from l2c_llava.models.reference import is_hub_id
 
 from .conftest import ROOT
 

@@ -83,12 +83,13 @@ def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, par
 
 
 def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsys):  # noqa: F811
-    from l2c_llava.mllm.export import LlavaExportError, export_original
-    from l2c_llava.mllm.lmms import EvalError, run_lmms_eval
+    from l2c_llava.errors import CannotRunError, InputError
+    from l2c_llava.mllm.export import export_original
+    from l2c_llava.mllm.lmms import run_lmms_eval
 
     model, proc = tiny_llava(parts, "qformer", queries=4)
     save_llava(model, proc, tmp_path / "m")
-    with pytest.raises(LlavaExportError, match="takes only the MLP"):
+    with pytest.raises(InputError, match="takes only the MLP"):
         export_original(tmp_path / "m", tmp_path / "llava-orig")
     from l2c_llava.cli import main
 
@@ -112,7 +113,7 @@ def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsy
         == 2
     )
     assert "takes only the MLP" in capsys.readouterr().err
-    with pytest.raises(EvalError, match="takes only the MLP connector"):
+    with pytest.raises(CannotRunError, match="takes only the MLP connector"):
         run_lmms_eval(tmp_path / "m", ["l2c_vqa"], tmp_path / "ev")
     with pytest.raises(BuildError, match="expected one of mlp2x_gelu, linear, qformer, perceiver"):
         build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type="blip")

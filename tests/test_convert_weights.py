@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from l2c_llava.models.convert import ConvertError, convert_folder, safetensors_name
+from l2c_llava.errors import InputError
+from l2c_llava.models.convert import convert_folder, safetensors_name
 from tests.conftest import ROOT
 from tests.tiny_llm import save_tiny_llm
 
@@ -53,11 +54,12 @@ def test_names():
 def test_converted_folder_loads_where_the_pickled_one_is_refused(tmp_path, shards):
     from transformers import AutoModelForCausalLM
 
-    from l2c_llava.models.llm import EncoderLoadError, local_llm_folder
+    from l2c_llava.errors import InputError
+    from l2c_llava.models.llm import local_llm_folder
 
     src, binary = bin_folder(tmp_path, shards)
     assert not list(binary.glob("*.safetensors")) and list(binary.glob("*.bin"))
-    with pytest.raises(EncoderLoadError, match="l2c convert weights"):
+    with pytest.raises(InputError, match="l2c convert weights"):
         local_llm_folder(str(binary))
     r = subprocess.run(
         [sys.executable, "-m", "l2c_llava.cli", "convert", "weights", str(binary), str(tmp_path / "out")],
@@ -95,6 +97,6 @@ def test_a_pickle_that_is_not_plain_tensors_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with open(tmp_path / "m" / "pytorch_model.bin", "wb") as f:
         pickle.dump({"w": Evil()}, f)
-    with pytest.raises(ConvertError, match="weights_only=True"):
+    with pytest.raises(InputError, match="weights_only=True"):
         convert_folder(tmp_path / "m", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from l2c_llava.embedded import (
-    EMBEDDED_LLM,
-    clip_token_count,
-    clip_tokenizer,
-    resolve_llm_path,
-    smollm2_gguf_path,
-)
+from l2c_llava.embedded import EMBEDDED_LLM, clip_token_count, clip_tokenizer, smollm2_gguf_path
+from l2c_llava.models.reference import model_ref, resolve_llm_path
 
 
 def test_smollm2_gguf_is_found_and_is_smollm2():
@@ -30,6 +25,22 @@ def test_resolve_llm_path_forms(tmp_path):
     assert resolve_llm_path("ckpt/model.Q4.gguf") == ("ckpt", "model.Q4.gguf")
     with pytest.raises(ValueError, match="the only one is"):
         resolve_llm_path("embedded:gpt5")
+
+
+def test_model_ref_kinds(tmp_path):
+    """One place says what a model name means: shipped, a GGUF file, a stage-2 run, a Hub id, a folder."""
+    run = tmp_path / "s2"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: stage2\n")
+    kinds = {
+        "embedded:demo-clip": "embedded",
+        "ckpt/model.Q4.gguf": "gguf",
+        str(run): "stage2_run",
+        "openai/clip-vit-large-patch14-336": "hub",
+        str(tmp_path): "folder",
+        "a/b/c": "folder",
+    }
+    assert {name: model_ref(name).kind for name in kinds} == kinds
 
 
 def test_clip_tokenizer_matches_openai_ids():

@@ -48,7 +48,7 @@ def test_lmms_eval_pixels_equal_training_pixels(exported, size, monkeypatch):
     from transformers import AutoProcessor
     from transformers.models.auto import image_processing_auto as auto
 
-    from l2c_llava.mllm.data import preprocess_images
+    from l2c_llava.data.images import preprocess_images
     from l2c_llava.mllm.lmms_entry import pin_pil_backend
 
     folder, train_processor = exported

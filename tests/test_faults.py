@@ -21,8 +21,8 @@ from PIL import Image
 from l2c_llava import io as l2c_io
 from l2c_llava.cli import main
 from l2c_llava.data.readers import DataError, read_caption_pairs
-from l2c_llava.errors import L2CError, OutputError
-from l2c_llava.locks import HOLDER_NAME, RunLockedError, run_lock
+from l2c_llava.errors import CannotRunError, L2CError, OutputError
+from l2c_llava.locks import HOLDER_NAME, run_lock
 
 from .conftest import ROOT
 
@@ -65,11 +65,10 @@ def _tiny_tower(folder: Path, safe: bool = True) -> Path:
 def test_module_errors_share_the_base_and_keep_their_builtin_type():
     from l2c_llava.config import ConfigError
     from l2c_llava.mllm.build import BuildError
-    from l2c_llava.mllm.lmms import EvalError
 
     assert issubclass(DataError, L2CError) and issubclass(DataError, ValueError)
     assert issubclass(ConfigError, L2CError) and issubclass(BuildError, L2CError)
-    assert issubclass(EvalError, L2CError) and issubclass(EvalError, RuntimeError)
+    assert issubclass(CannotRunError, L2CError) and issubclass(CannotRunError, RuntimeError)
 
 
 def test_cli_prints_an_l2c_error_with_exit_2_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
@@ -222,11 +221,12 @@ def test_corrupt_safetensors_tower_names_the_file(tmp_path, capsys):
 
 
 def test_pickle_tower_needs_allow_pickle(tmp_path, monkeypatch):
-    from l2c_llava.models.vision import VisionTowerError, load_vision_tower
+    from l2c_llava.errors import InputError
+    from l2c_llava.models.vision import load_vision_tower
 
     tower = _tiny_tower(tmp_path / "tower", safe=False)
     assert (tower / "pytorch_model.bin").is_file() and not list(tower.glob("*.safetensors"))
-    with pytest.raises(VisionTowerError, match=r"pytorch_model.bin \(a pickle.*--allow-pickle"):
+    with pytest.raises(InputError, match=r"pytorch_model.bin \(a pickle.*--allow-pickle"):
         load_vision_tower(str(tower))
     calls, real_load = [], torch.load
     monkeypatch.setattr(
@@ -471,7 +471,7 @@ def test_second_run_in_a_folder_stops_at_once_with_the_holders_pid(tmp_path, cap
     p = _holder(run)
     try:
         t0 = time.perf_counter()
-        with pytest.raises(RunLockedError) as e:
+        with pytest.raises(CannotRunError) as e:
             with run_lock(run, "stage-2 run"):
                 pass
         assert time.perf_counter() - t0 < 5
@@ -982,7 +982,7 @@ def test_one_publish_at_a_time_into_an_output_folder(tmp_path):
     seen = []
 
     def second(tmp):  # another publish into the same folder while this one builds
-        with pytest.raises(RunLockedError, match=f"{out} is in use by another demo: PID {os.getpid()}"):
+        with pytest.raises(CannotRunError, match=f"{out} is in use by another demo: PID {os.getpid()}"):
             l2c_io.publish_folder(out, lambda t: (t / "b.txt").write_text("b"), "demo")
         seen.append("refused")
         (tmp / "a.txt").write_text("a")

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from l2c_llava.cli import main
-from l2c_llava.data.filter import FilterError, filter_captions
+from l2c_llava.data.filter import filter_captions
 from l2c_llava.data.readers import DataError
+from l2c_llava.errors import InputError
 
 
 def img_key(im) -> str:
@@ -96,7 +97,7 @@ def test_swapped_captions_are_removed_and_the_rest_written_as_read(tmp_path, syn
         truth=lambda row: row.image in bad,
     )
     assert r4["flagged"] == round(0.1 * r4["rows"]) and r4["measured"]["precision"] == 1.0
-    with pytest.raises(FilterError, match="not both"):
+    with pytest.raises(InputError, match="not both"):
         filter_captions(path, synth_dir / "images", enc, out, drop_share=0.1, threshold=0.5, progress=False)
     # a re-run with another threshold reuses the scores: no caption embedded again
     calls = enc.text_calls
@@ -182,7 +183,7 @@ def test_bad_rows_and_paths_are_named(tmp_path, synth_dir):
         path, synth_dir / "images", enc, tmp_path / "o.jsonl", on_bad_row="skip", progress=False
     )
     assert r["rows"] == len(rows) - 2 and len(r["bad_rows_skipped"]) == 2
-    with pytest.raises(FilterError, match="is the input file"):
+    with pytest.raises(InputError, match="is the input file"):
         filter_captions(path, synth_dir / "images", enc, path, progress=False)
 
 

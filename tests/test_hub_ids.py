@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from l2c_llava.models.hub import HubError, is_hub_id, resolve_model_path
+from l2c_llava.errors import InputError
+from l2c_llava.models.reference import is_hub_id, resolve_model_path
 from tests.tiny_llm import save_tiny_llm
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -116,9 +117,9 @@ def test_text_encoder_from_a_hub_id(tmp_path, hub):
 def test_offline_and_not_cached_is_one_clear_error(hub):
     from l2c_llava.models.vision import load_vision_tower
 
-    with pytest.raises(HubError, match=r"openai/clip-vit-large-patch14-336: HF_HUB_OFFLINE=1.*not in"):
+    with pytest.raises(InputError, match=r"openai/clip-vit-large-patch14-336: HF_HUB_OFFLINE=1.*not in"):
         load_vision_tower("openai/clip-vit-large-patch14-336")
-    with pytest.raises(HubError, match="lmsys/vicuna-7b-v1.5: HF_HUB_OFFLINE=1"):
+    with pytest.raises(InputError, match="lmsys/vicuna-7b-v1.5: HF_HUB_OFFLINE=1"):
         resolve_model_path("lmsys/vicuna-7b-v1.5", "LLM")
 
 
@@ -127,7 +128,7 @@ def test_a_cached_config_without_weights_is_not_taken_for_the_model(tmp_path, hu
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text("{}")
     put_in_hub_cache(hub, "org/half", tmp_path / "cfg")
-    with pytest.raises(HubError, match="only partly in"):
+    with pytest.raises(InputError, match="only partly in"):
         resolve_model_path("org/half")
 
 
@@ -136,5 +137,5 @@ def test_a_cached_pickle_only_model_points_at_the_conversion(tmp_path, hub):
     (tmp_path / "bin" / "config.json").write_text("{}")
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"x")
     put_in_hub_cache(hub, "lmsys/vicuna-bin", tmp_path / "bin")
-    with pytest.raises(HubError, match="l2c convert weights lmsys/vicuna-bin"):
+    with pytest.raises(InputError, match="l2c convert weights lmsys/vicuna-bin"):
         resolve_model_path("lmsys/vicuna-bin", "LLM")

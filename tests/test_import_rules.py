@@ -116,3 +116,83 @@ def test_the_rules_see_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from l2c_llava.stage2.train import x\n    import l2c_llava.cli\n")
     assert imports(f) == {"stage2.train", "stage2.train.x", "cli"}
+
+
+def test_config_layers_without_a_circle():
+    """config/core.py is the mechanism and knows no recipe; schemas.py and migrations.py stand on it;
+    loader.py alone puts them together (the recipe registry, RECIPES, is read there)."""
+    found = modules()
+    above_core = {"config.schemas", "config.migrations", "config.loader"}
+    assert not {i for i in imports(found["config.core"]) if top(i) == "config"}, "config.core imports config"
+    assert "config.loader" not in imports(found["config.schemas"]) | imports(found["config.migrations"])
+    assert "config.schemas" not in imports(found["config.migrations"])
+    assert {"config.schemas.RECIPES", "config.migrations.drop_removed_keys"} <= imports(
+        found["config.loader"]
+    )
+    assert above_core <= set(found)
+
+
+def test_train_optim_builds_every_optimiser():
+    """Recipes and the library ask train/optim.py's make_adamw for their optimiser; no one else builds one."""
+    built = [m for m, p in modules().items() if "torch.optim.AdamW(" in p.read_text() and m != "train.optim"]
+    assert not built, built
+    assert "train.optim.make_adamw" in imports(modules()["train.loop"])
+
+
+def test_one_owner_of_what_a_model_name_means():
+    """A model name (``embedded:``, a .gguf file, a stage-2 run, a Hub id, a folder) is read by
+    models/reference.py alone: the other modules ask it, none looks at the Hub or a run folder itself."""
+    owned = {"models.hub.hub_snapshot", "layout.is_stage2_run", "layout.exported_tower"}
+    found = modules()
+    bad = [
+        f"{m} imports {i}" for m, p in found.items() if m != "models.reference" for i in imports(p) & owned
+    ]
+    assert not bad, bad
+    askers = {
+        "models.llm": "llm_folder",
+        "models.vision": "resolve_vision_path",
+        "stage1.encoder": "resolve_model_path",
+    }
+    assert all(f"models.reference.{name}" in imports(found[m]) for m, name in askers.items())
+    assert not {i for i in imports(found["embedded"]) if top(i) in {"models", "layout"}}
+
+
+def test_one_owner_of_the_pixels():
+    """LLaVA's pad to square and its image processor live in data/images.py; training's data, chat, the
+    VQA eval, lmms-eval's model, the export and the health check take them from there."""
+    found = modules()
+    users = {
+        "mllm.data": "preprocess_images",
+        "mllm.chat": "pad_images",
+        "mllm.evaluate": "pad_images",
+        "mllm.lmms_model": "pad_images",
+        "mllm.build": "llava_image_processor",
+        "mllm.export": "pil_image_processor",
+        "stage2.health": "llava_image_processor",
+    }
+    assert all(f"data.images.{name}" in imports(found[m]) for m, name in users.items())
+    copies = [m for m, p in found.items() if m != "data.images" and "def expand2square" in p.read_text()]
+    assert not copies, copies
+
+
+def test_each_error_class_is_told_apart():
+    """errors.py holds the generic errors (InputError, MissingFileError, ...); a module keeps a class of
+    its own only where something tells it apart: an ``except`` or ``isinstance`` naming it, an exit code
+    of its own, or the package's public API (l2c_llava.__all__)."""
+    caught, defined, own_exit = set(), {}, set()
+    for m, p in modules().items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                caught |= {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                caught |= {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.ClassDef) and node.name.endswith("Error") and m != "errors":
+                defined[node.name] = m
+                if any(isinstance(s, ast.Assign) and "exit_code" in ast.unparse(s) for s in node.body):
+                    own_exit.add(node.name)
+    alone = sorted(
+        f"{m}.{c}" for c, m in defined.items() if c not in caught | own_exit | set(l2c_llava.__all__)
+    )
+    assert not alone, (
+        f"fold into l2c_llava.errors (InputError, MissingFileError, CannotRunError, ...): {alone}"
+    )

@@ -40,7 +40,7 @@ def launch_env(yaml_path: Path) -> tuple[dict[str, str], int]:
 
 
 def training_values(recipe: str, world: int) -> dict:
-    from l2c_llava.config.core import load_config
+    from l2c_llava.config.loader import load_config
 
     t = load_config(ROOT / PAPER[recipe]).train
     if recipe == "mllm":

@@ -12,7 +12,9 @@ import torch
 
 from l2c_llava.cli import main
 from l2c_llava.config import ConfigError, load_config
-from l2c_llava.quantization import MemorySaverError, make_adamw, quantize_linears_4bit_
+from l2c_llava.errors import CannotRunError
+from l2c_llava.quantization import quantize_linears_4bit_
+from l2c_llava.train.optim import make_adamw
 
 from .test_mllm import mllm_config, parts  # noqa: F401
 
@@ -36,12 +38,12 @@ def test_8bit_adamw_is_bitsandbytes_or_a_clear_error(monkeypatch):
     assert type(make_adamw(params, "adamw", lr=1e-3)) is torch.optim.AdamW
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (as on this machine)
     with pytest.raises(
-        MemorySaverError, match=r"train.optimizer: 8-bit AdamW needs bitsandbytes .*set train.optimizer=adamw"
+        CannotRunError, match=r"train.optimizer: 8-bit AdamW needs bitsandbytes .*set train.optimizer=adamw"
     ):
         make_adamw(params, "adamw_8bit", lr=1e-3)
     made = fake_bnb(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(MemorySaverError, match="this machine has no CUDA GPU"):
+    with pytest.raises(CannotRunError, match="this machine has no CUDA GPU"):
         make_adamw(params, "adamw_8bit", lr=1e-3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     opt = make_adamw(params, "adamw_8bit", lr=1e-3, weight_decay=0.1)
@@ -51,11 +53,11 @@ def test_8bit_adamw_is_bitsandbytes_or_a_clear_error(monkeypatch):
 def test_4bit_needs_bitsandbytes_and_a_gpu(monkeypatch):
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(MemorySaverError, match="model.llm.load_in_4bit: QLoRA"):
+    with pytest.raises(CannotRunError, match="model.llm.load_in_4bit: QLoRA"):
         quantize_linears_4bit_(layer, torch.bfloat16, "model.llm.load_in_4bit")
     fake_bnb(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(MemorySaverError, match="no CUDA GPU"):
+    with pytest.raises(CannotRunError, match="no CUDA GPU"):
         quantize_linears_4bit_(layer, torch.bfloat16, "model.llm.load_in_4bit")
     assert type(layer[0]) is torch.nn.Linear  # untouched
 

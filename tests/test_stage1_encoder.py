@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l2c_llava.errors import InputError
-from l2c_llava.stage1.encoder import EncoderLoadError, TextEncoder, length_batches, lora_targets
+from l2c_llava.stage1.encoder import TextEncoder, length_batches, lora_targets
 
 from .tiny_llm import FAMILIES, save_tiny_llm
 
@@ -333,7 +333,7 @@ def test_unknown_model_family_is_named(tmp_path):
         )
     ).save_pretrained(folder)
     with pytest.raises(
-        EncoderLoadError,
+        InputError,
         match=r"model family 'bert' is not supported.*supported: gemma, llama, mistral, phi3, qwen2, qwen3",
     ):
         TextEncoder.from_pretrained(folder, device="cpu")
@@ -351,45 +351,43 @@ def test_gguf_that_is_not_a_decoder_llm(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(EncoderLoadError, match=r"holds a 'bert' model, not a supported decoder LLM"):
+    with pytest.raises(InputError, match=r"holds a 'bert' model, not a supported decoder LLM"):
         TextEncoder.from_pretrained(path, device="cpu")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not gguf at all" * 10)
-    with pytest.raises(EncoderLoadError, match="is not a readable GGUF file"):
+    with pytest.raises(InputError, match="is not a readable GGUF file"):
         TextEncoder.from_pretrained(junk, device="cpu")
-    with pytest.raises(EncoderLoadError, match="GGUF file not found"):
+    with pytest.raises(InputError, match="GGUF file not found"):
         TextEncoder.from_pretrained(tmp_path / "missing.gguf", device="cpu")
 
 
 def test_checkpoint_folders_missing_files(tiny_dirs, tmp_path):
     import shutil
 
-    with pytest.raises(EncoderLoadError, match="model folder not found"):
+    with pytest.raises(InputError, match="model folder not found"):
         TextEncoder.from_pretrained(tmp_path / "nowhere", device="cpu")
     no_config = shutil.copytree(tiny_dirs["llama"], tmp_path / "no_config")
     (no_config / "config.json").unlink()
-    with pytest.raises(EncoderLoadError, match="has no config.json"):
+    with pytest.raises(InputError, match="has no config.json"):
         TextEncoder.from_pretrained(no_config, device="cpu")
     no_weights = shutil.copytree(tiny_dirs["llama"], tmp_path / "no_weights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(EncoderLoadError, match=r"has no \*.safetensors weights"):
+    with pytest.raises(InputError, match=r"has no \*.safetensors weights"):
         TextEncoder.from_pretrained(no_weights, device="cpu")
     empty_adapter = tmp_path / "adapter"
     empty_adapter.mkdir()
-    with pytest.raises(EncoderLoadError, match="has no adapter_config.json"):
+    with pytest.raises(InputError, match="has no adapter_config.json"):
         TextEncoder.from_pretrained(tiny_dirs["llama"], adapters=[empty_adapter], device="cpu")
     (empty_adapter / "adapter_config.json").write_text("{}")
     (empty_adapter / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(
-        EncoderLoadError, match="no adapter_model.safetensors .found adapter_model.bin: convert it"
-    ):
+    with pytest.raises(InputError, match="no adapter_model.safetensors .found adapter_model.bin: convert it"):
         TextEncoder.from_pretrained(tiny_dirs["llama"], adapters=[empty_adapter], device="cpu")
     broken = tmp_path / "encoder"
     broken.mkdir()
     (broken / "l2c_encoder.json").write_text(
         json.dumps({"standalone": False, "source": {"base": str(tiny_dirs["llama"])}})
     )
-    with pytest.raises(EncoderLoadError, match="names an adapter, but .* is missing"):
+    with pytest.raises(InputError, match="names an adapter, but .* is missing"):
         TextEncoder.from_pretrained(broken, device="cpu")
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from l2c_llava.cli import main
+from l2c_llava.errors import InputError
 from l2c_llava.stage1.encoder import TextEncoder
-from l2c_llava.stage2.cache import CacheError, TextFeatureCache, build_cache, encoder_fingerprint
+from l2c_llava.stage2.cache import TextFeatureCache, build_cache, encoder_fingerprint
 
 from .tiny_llm import save_tiny_llm
 
@@ -81,7 +82,7 @@ def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
     got = cache.features(range(10))
     assert got.dtype == torch.float32 and not torch.equal(got, want)  # really computed in bf16
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99
-    with pytest.raises(CacheError, match="other compute_dtype"):
+    with pytest.raises(InputError, match="other compute_dtype"):
         build_cache(
             tmp_path / "c",
             CAPTIONS,
@@ -109,9 +110,9 @@ def test_a_cache_made_under_another_token_window_is_not_reused(tmp_path, encoder
     kw = dict(shard_size=4, load_encoder=FakeEncoder, progress=False)
     cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **kw)
     assert cache.manifest["max_length"] == 64
-    with pytest.raises(CacheError, match="other max_length"):
+    with pytest.raises(InputError, match="other max_length"):
         build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=128, **kw)
-    with pytest.raises(CacheError, match="other max_length"):
+    with pytest.raises(InputError, match="other max_length"):
         build_cache(tmp_path / "c", CAPTIONS, encoder_dir, **kw)  # the encoder's own window
     build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **{**kw, "load_encoder": lambda: 1 / 0})
     old = build_cache(tmp_path / "f", CAPTIONS, encoder_dir, **kw)
@@ -130,7 +131,7 @@ def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert not manifest["complete"]
-    with pytest.raises(CacheError, match="incomplete .2 shards written"):
+    with pytest.raises(InputError, match="incomplete .2 shards written"):
         TextFeatureCache(tmp_path / "c")
     again = FakeEncoder()
     cache = build_cache(
@@ -150,23 +151,23 @@ def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
 def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
     build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False)
     other = CAPTIONS[:6] + ["a brown star"] + CAPTIONS[7:]
-    with pytest.raises(CacheError, match="made with other captions_digest; it is not reused"):
+    with pytest.raises(InputError, match="made with other captions_digest; it is not reused"):
         build_cache(
             tmp_path / "c", other, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
         )
     cache = TextFeatureCache(tmp_path / "c")
-    with pytest.raises(CacheError, match=r"caption 6 \('a brown star'\) has no cached feature"):
+    with pytest.raises(InputError, match=r"caption 6 \('a brown star'\) has no cached feature"):
         cache.check(other)
-    with pytest.raises(CacheError, match=r"caption 10 \('one more'\) has no cached feature"):
+    with pytest.raises(InputError, match=r"caption 10 \('one more'\) has no cached feature"):
         cache.check(CAPTIONS + ["one more"])
     # another encoder (other weights) or another instruction: refused
     other_encoder = save_tiny_llm(tmp_path / "other", "llama", seed=1)
     assert encoder_fingerprint(other_encoder)["digest"] != encoder_fingerprint(encoder_dir)["digest"]
-    with pytest.raises(CacheError, match="built by another text encoder"):
+    with pytest.raises(InputError, match="built by another text encoder"):
         cache.check(CAPTIONS, encoder_path=other_encoder)
-    with pytest.raises(CacheError, match="built by another text encoder or instruction"):
+    with pytest.raises(InputError, match="built by another text encoder or instruction"):
         cache.check(CAPTIONS, encoder_path=encoder_dir, instruction="Given a caption")
-    with pytest.raises(CacheError, match="other encoder"):
+    with pytest.raises(InputError, match="other encoder"):
         build_cache(
             tmp_path / "c", CAPTIONS, other_encoder, shard_size=4, load_encoder=FakeEncoder, progress=False
         )
@@ -186,7 +187,7 @@ def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
 def test_bad_input(tmp_path, encoder_dir):
     with pytest.raises(ValueError, match="caption 1 is empty"):
         build_cache(tmp_path / "c", ["a", " "], encoder_dir, load_encoder=FakeEncoder, progress=False)
-    with pytest.raises(CacheError, match="not a text feature cache"):
+    with pytest.raises(InputError, match="not a text feature cache"):
         TextFeatureCache(tmp_path / "nowhere")
 
     class Shifting(FakeEncoder):  # the feature dimension changes between shards
@@ -194,11 +195,11 @@ def test_bad_input(tmp_path, encoder_dir):
             self.dim += 1
             return super().encode(texts, instruction, batch_size)
 
-    with pytest.raises(CacheError, match="shard 1: feature dimension 8 differs from the cache's 7"):
+    with pytest.raises(InputError, match="shard 1: feature dimension 8 differs from the cache's 7"):
         build_cache(
             tmp_path / "d", CAPTIONS, encoder_dir, shard_size=4, load_encoder=Shifting, progress=False
         )
-    with pytest.raises(CacheError, match="text encoder not found"):
+    with pytest.raises(InputError, match="text encoder not found"):
         build_cache(
             tmp_path / "e", CAPTIONS, tmp_path / "no_encoder", load_encoder=FakeEncoder, progress=False
         )

@@ -10,8 +10,9 @@ from l2c_llava.cli import main
 from l2c_llava.config import load_config
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import write_shards
+from l2c_llava.errors import InputError
 from l2c_llava.models.vision import load_vision_tower
-from l2c_llava.stage2.cache import CacheError, build_cache, pair_captions
+from l2c_llava.stage2.cache import build_cache, pair_captions
 from l2c_llava.stage2.train import LLM2CLIPModel, Stage2Recipe, param_groups
 
 from .test_stage2_cache import FakeEncoder
@@ -149,7 +150,7 @@ def test_bad_input(tmp_path, setup, synth_dir, capsys):
         tmp_path / "nocache",
         [f"data.train={synth_dir}/captions/test.jsonl"],
     )
-    with pytest.raises(CacheError, match="has no cached feature"):
+    with pytest.raises(InputError, match="has no cached feature"):
         Stage2Recipe(cfg).run()
     # the CLI reports it and exits 2
     path = tmp_path / "nocache.yaml"
@@ -254,7 +255,8 @@ def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path, setup, s
 def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, synth_dir, capsys):
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    from l2c_llava.stage2.export import ExportError, export_vision
+    from l2c_llava.errors import InputError
+    from l2c_llava.stage2.export import export_vision
     from l2c_llava.stage2.model import LLM2CLIPModel
 
     root, vision_dir, encoder, _ = setup
@@ -283,7 +285,7 @@ def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, syn
     assert proc.crop_size["height"] == 32 and list(proc.image_mean) == pytest.approx(
         [0.48145466, 0.4578275, 0.40821073]
     )
-    with pytest.raises(ExportError, match="neither an LLM2CLIP export"):
+    with pytest.raises(InputError, match="neither an LLM2CLIP export"):
         export_vision(tmp_path, tmp_path / "x")
     assert main(["export", "vision", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
 

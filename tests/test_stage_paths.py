@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from l2c_llava.layout import NotExportedError, PipelineRun, export_dir
+from l2c_llava.errors import MissingFileError
+from l2c_llava.layout import PipelineRun, export_dir
 from tests.conftest import ROOT
 
 
@@ -49,12 +50,12 @@ def test_a_stage2_run_not_exported_says_the_command(tmp_path):
     run = tmp_path / "s2"
     run.mkdir()
     (run / "config.yaml").write_text("recipe: stage2\n")
-    with pytest.raises(NotExportedError, match=f"l2c export vision --run {run}"):
+    with pytest.raises(MissingFileError, match=f"l2c export vision --run {run}"):
         load_vision_tower(str(run))
 
 
 def test_paper_mllm_configs_name_the_stage2_run_not_a_path_inside_it():
-    from l2c_llava.config.core import load_config
+    from l2c_llava.config.loader import load_config
 
     stage2 = load_config(ROOT / "stage2/configs/openai_l14_336.yaml")
     assert stage2.export.dir is None  # the default layout: <run>/export

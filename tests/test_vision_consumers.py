@@ -108,15 +108,16 @@ def test_the_weight_mapping_is_exact_and_the_configs_say_what_the_libraries_read
 
 
 def test_a_tower_the_libraries_cannot_express_is_refused_with_the_reason(tmp_path):
-    from l2c_llava.stage2.export import ExportError, export_vision_library
+    from l2c_llava.errors import InputError
+    from l2c_llava.stage2.export import export_vision_library
 
     tower = tiny_vision()
     tower.config.hidden_act = "gelu_new"
-    with pytest.raises(ExportError, match="hidden_act is 'gelu_new'.*--format hf"):
+    with pytest.raises(InputError, match="hidden_act is 'gelu_new'.*--format hf"):
         export_vision_library(tower, tmp_path / "x", "timm")
     tower = tiny_vision()
     tower.config.layer_norm_eps = 1e-6
-    with pytest.raises(ExportError, match="layer_norm_eps 1e-06.*--format open_clip"):
+    with pytest.raises(InputError, match="layer_norm_eps 1e-06.*--format open_clip"):
         export_vision_library(tower, tmp_path / "y", "timm")
     out = export_vision_library(tower, tmp_path / "z", "open_clip")  # open_clip can: norm_kwargs
     cfg = json.loads((out / "open_clip_config.json").read_text())

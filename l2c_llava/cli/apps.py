@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from l2c_llava.cli.command import OVERWRITE, TEXT_ENCODER, A, Command
+from l2c_llava.cli.command import OVERWRITE, TEXT_ENCODER, Command, option
 from l2c_llava.config import ConfigError, dump_config, load_config
 from l2c_llava.config_names import config_name, project_root, shipped_configs
 from l2c_llava.errors import EXIT_BAD_INPUT, InputError
@@ -131,22 +131,22 @@ COMMANDS: dict[str, Command] = {
     "ls": Command(
         "list the shipped configs by name (--config NAME, from any folder)",
         _cmd_ls,
-        [A("--paths", action="store_true", help="also print each config's file")],
+        [option("--paths", action="store_true", help="also print each config's file")],
     ),
     "validate": Command(
         "validate configs (before anything is loaded) and print them resolved",
         _cmd_validate,
         [
-            A("configs", nargs="+", metavar="CONFIG"),
-            A("--print", action="store_true", help="print the resolved config as YAML"),
+            option("configs", nargs="+", metavar="CONFIG"),
+            option("--print", action="store_true", help="print the resolved config as YAML"),
         ],
     ),
     "pipeline": Command(
         "every step for both encoders (stage 1, stage 2, LLaVA, lmms-eval), then the report",
         _cmd_pipeline,
         [
-            A("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop"),
-            A("--report-only", action="store_true", help="write the report from what is there and stop"),
+            option("--dry-run", action="store_true", help="list each step as skip / resume / fresh and stop"),
+            option("--report-only", action="store_true", help="write the report from what is there and stop"),
         ],
         config="pipeline",
     ),
@@ -154,21 +154,23 @@ COMMANDS: dict[str, Command] = {
         "embed an image folder (only new or changed files on a re-run)",
         _cmd_search_index,
         [
-            A("--images", required=True, help="image folder (searched recursively)"),
-            A("--encoder", required=True, help="LLM2CLIP model (export / stage-2 run) or CLIP model folder"),
-            A("--out", required=True, help="index folder"),
+            option("--images", required=True, help="image folder (searched recursively)"),
+            option(
+                "--encoder", required=True, help="LLM2CLIP model (export / stage-2 run) or CLIP model folder"
+            ),
+            option("--out", required=True, help="index folder"),
             TEXT_ENCODER,
-            A(
+            option(
                 "--kind",
                 choices=["flat", "ivf", "hnsw"],
                 default="flat",
                 help="flat: exact; ivf / hnsw: approximate, for large collections (recall vs exact reported)",
             ),
-            A("--nlist", type=int, default=None, help="ivf: cells (default 4 sqrt(N))"),
-            A("--nprobe", type=int, default=None, help="ivf: cells searched (default nlist / 8)"),
-            A("--hnsw-m", type=int, default=32, help="hnsw: links per node"),
-            A("--ef-search", type=int, default=64, help="hnsw: search breadth"),
-            A("--batch-size", type=int, default=32),
+            option("--nlist", type=int, default=None, help="ivf: cells (default 4 sqrt(N))"),
+            option("--nprobe", type=int, default=None, help="ivf: cells searched (default nlist / 8)"),
+            option("--hnsw-m", type=int, default=32, help="hnsw: links per node"),
+            option("--ef-search", type=int, default=64, help="hnsw: search breadth"),
+            option("--batch-size", type=int, default=32),
             OVERWRITE,
         ],
     ),
@@ -176,24 +178,24 @@ COMMANDS: dict[str, Command] = {
         "top-k images for texts or images; --compare for encoders side by side",
         _cmd_search_query,
         [
-            A("--index", required=True, help="index folder (l2c search index)"),
-            A("--text", action="append", help="a text query (repeatable)"),
-            A("--image", action="append", help="an image query (repeatable)"),
-            A("--k", type=int, default=5),
-            A(
+            option("--index", required=True, help="index folder (l2c search index)"),
+            option("--text", action="append", help="a text query (repeatable)"),
+            option("--image", action="append", help="an image query (repeatable)"),
+            option("--k", type=int, default=5),
+            option(
                 "--compare",
                 action="append",
                 metavar="INDEX",
                 help="another index (another encoder), side by side",
             ),
-            A(
+            option(
                 "--encoder",
                 default=None,
                 help="query encoder (default: the one the index records; another one is refused)",
             ),
             TEXT_ENCODER,
-            A("--sheet", default=None, help="write a contact sheet PNG (and a .md table beside it)"),
-            A("--json", default=None, help="write the hits as JSON"),
+            option("--sheet", default=None, help="write a contact sheet PNG (and a .md table beside it)"),
+            option("--json", default=None, help="write the hits as JSON"),
         ],
     ),
     "demo": Command(
@@ -201,36 +203,38 @@ COMMANDS: dict[str, Command] = {
         "with both encoders (Gradio)",
         _cmd_demo,
         [
-            A(
+            option(
                 "--run",
                 default="runs/demo",
                 help="a pipeline run folder to read the models and images from (default: %(default)s)",
             ),
-            A(
+            option(
                 "--llava",
                 action="append",
                 metavar="[NAME=]DIR",
                 help="a LLaVA (mllm run folder or transformers LLaVA "
                 "folder) instead of the run's; repeatable",
             ),
-            A(
+            option(
                 "--encoder",
                 action="append",
                 metavar="[NAME=]DIR",
                 help="a CLIP or LLM2CLIP model for the search tab instead of the run's; repeatable",
             ),
-            A(
+            option(
                 "--images",
                 default=None,
                 help="image folder to pick from and search (default: RUN/data/images)",
             ),
-            A(
+            option(
                 "--host",
                 default="127.0.0.1",
                 help="address to serve on (default: %(default)s, this machine only)",
             ),
-            A("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)"),
-            A("--max-new-tokens", type=int, default=64, help="longest answer (default: %(default)s)"),
+            option(
+                "--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)"
+            ),
+            option("--max-new-tokens", type=int, default=64, help="longest answer (default: %(default)s)"),
         ],
     ),
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from l2c_llava.io import atomic_write_json
 
 
-def A(*flags: str, **kw) -> tuple:
+def option(*flags: str, **kw) -> tuple:
     """One option or positional, as argparse's add_argument takes it."""
     return flags, kw
 
@@ -50,14 +50,14 @@ def training(run: Callable[[], Callable]) -> Callable:
     return entry
 
 
-OVERWRITE = A(
+OVERWRITE = option(
     "--overwrite",
     action="store_true",
     help="replace an existing --out that is not a previous output of this command",
 )
-TEXT_ENCODER = A(
+TEXT_ENCODER = option(
     "--text-encoder", default=None, help="LLM2CLIP: its caption encoder, if not the recorded one"
 )
-LLAVA_MODEL = A("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
-PROBE_TRAIN = A("--probe-train", type=int, default=2000, help="train scenes for the patch probe")
-WRITE_JSON = A("--out", default=None, help="write the figures to this JSON file")
+LLAVA_MODEL = option("--model", required=True, help="an mllm run folder or a transformers LLaVA folder")
+PROBE_TRAIN = option("--probe-train", type=int, default=2000, help="train scenes for the patch probe")
+WRITE_JSON = option("--out", default=None, help="write the figures to this JSON file")

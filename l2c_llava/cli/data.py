@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from l2c_llava.cli.command import TEXT_ENCODER, A, Command, json_out
+from l2c_llava.cli.command import TEXT_ENCODER, Command, json_out, option
 from l2c_llava.errors import EXIT_BAD_INPUT
 
 
@@ -89,33 +89,33 @@ COMMANDS: dict[str, Command] = {
         "generate the embedded dataset in the real formats",
         _cmd_synth,
         [
-            A("--out", required=True, type=Path, help="output folder"),
-            A("--images", type=int, default=1000),
-            A("--seed", type=int, default=0),
-            A("--size", type=int, default=336, help="image side in pixels"),
-            A("--val-fraction", type=float, default=0.1),
-            A("--test-fraction", type=float, default=0.1),
-            A("--max-objects", type=int, default=5, help="most object groups per image (2..9)"),
-            A("--jpeg-quality", type=int, default=90),
-            A("--workers", type=int, default=None, help="drawing processes (default: cores, at most 4)"),
-            A(
+            option("--out", required=True, type=Path, help="output folder"),
+            option("--images", type=int, default=1000),
+            option("--seed", type=int, default=0),
+            option("--size", type=int, default=336, help="image side in pixels"),
+            option("--val-fraction", type=float, default=0.1),
+            option("--test-fraction", type=float, default=0.1),
+            option("--max-objects", type=int, default=5, help="most object groups per image (2..9)"),
+            option("--jpeg-quality", type=int, default=90),
+            option("--workers", type=int, default=None, help="drawing processes (default: cores, at most 4)"),
+            option(
                 "--overwrite",
                 action="store_true",
                 help="replace a dataset `l2c data synth` made with other options (a folder holding its "
                 "manifest.json and nothing else); a folder of anything else is never replaced",
             ),
-            A("--quiet", action="store_true", help="no progress bar"),
+            option("--quiet", action="store_true", help="no progress bar"),
         ],
     ),
     "data check": Command(
         "check a data file in one of the real formats; lists every bad row",
         _cmd_check,
         [
-            A("file", type=Path),
-            A("--format", required=True, choices=["pairs", "karpathy", "long", "llava"]),
-            A("--image-root", type=Path, default=None),
-            A("--split", default="test", help="Karpathy split to check"),
-            A(
+            option("file", type=Path),
+            option("--format", required=True, choices=["pairs", "karpathy", "long", "llava"]),
+            option("--image-root", type=Path, default=None),
+            option("--split", default="test", help="Karpathy split to check"),
+            option(
                 "--image-check",
                 default="decode",
                 choices=["none", "exists", "header", "decode"],
@@ -127,32 +127,36 @@ COMMANDS: dict[str, Command] = {
         "drop or flag image-caption pairs a trained model scores as mismatched",
         _cmd_filter,
         [
-            A("file", type=Path, help="caption pairs (JSONL/CSV/TSV) or LCS-558K-style LLaVA JSON"),
-            A("--format", required=True, choices=["pairs", "llava"]),
-            A("--image-root", required=True, type=Path),
-            A("--model", required=True, help="LLM2CLIP model (export / stage-2 run) or a CLIP model folder"),
+            option("file", type=Path, help="caption pairs (JSONL/CSV/TSV) or LCS-558K-style LLaVA JSON"),
+            option("--format", required=True, choices=["pairs", "llava"]),
+            option("--image-root", required=True, type=Path),
+            option(
+                "--model", required=True, help="LLM2CLIP model (export / stage-2 run) or a CLIP model folder"
+            ),
             TEXT_ENCODER,
-            A("--out", required=True, type=Path, help="the filtered copy (same format as the input)"),
-            A("--threshold", default="auto", help="a cosine, or auto: the --null-quantile of shuffled pairs"),
-            A("--null-quantile", type=float, default=0.95),
-            A(
+            option("--out", required=True, type=Path, help="the filtered copy (same format as the input)"),
+            option(
+                "--threshold", default="auto", help="a cosine, or auto: the --null-quantile of shuffled pairs"
+            ),
+            option("--null-quantile", type=float, default=0.95),
+            option(
                 "--drop-share",
                 type=float,
                 default=None,
                 help="instead of a threshold: drop this share of rows, the "
                 "lowest-scoring (e.g. a known noise rate)",
             ),
-            A(
+            option(
                 "--score",
                 choices=["zscore", "cosine"],
                 default="zscore",
                 help="zscore: the cosine against the image's "
                 "and caption's cosines with other rows; cosine: raw",
             ),
-            A("--mode", choices=["drop", "flag"], default="drop"),
-            A("--fields", default="short,long", help="pairs: caption fields scored (comma-separated)"),
-            A("--on-bad-row", choices=["error", "skip"], default="error"),
-            A("--batch-size", type=int, default=32),
+            option("--mode", choices=["drop", "flag"], default="drop"),
+            option("--fields", default="short,long", help="pairs: caption fields scored (comma-separated)"),
+            option("--on-bad-row", choices=["error", "skip"], default="error"),
+            option("--batch-size", type=int, default=32),
         ],
     ),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from l2c_llava.cli.command import LLAVA_MODEL, A, Command, json_out, training
+from l2c_llava.cli.command import LLAVA_MODEL, Command, json_out, option, training
 from l2c_llava.errors import InputError
 
 
@@ -91,17 +91,19 @@ COMMANDS: dict[str, Command] = {
         _cmd_eval_vqa,
         [
             LLAVA_MODEL,
-            A("--questions", required=True, help="JSONL: question_id, image, question, answers, type"),
-            A("--image-root", required=True),
-            A("--train-json", default=None, help="LLaVA training JSON, for the most-frequent-answer prior"),
-            A(
+            option("--questions", required=True, help="JSONL: question_id, image, question, answers, type"),
+            option("--image-root", required=True),
+            option(
+                "--train-json", default=None, help="LLaVA training JSON, for the most-frequent-answer prior"
+            ),
+            option(
                 "--out",
                 default=None,
                 help="folder for vqa_metrics.json / vqa_answers.jsonl (default: --model)",
             ),
-            A("--batch-size", type=int, default=8),
-            A("--limit", type=int, default=None, help="first N questions only"),
-            A(
+            option("--batch-size", type=int, default=8),
+            option("--limit", type=int, default=None, help="first N questions only"),
+            option(
                 "--shuffled-images",
                 action="store_true",
                 help="answer each question again with another question's "
@@ -114,27 +116,27 @@ COMMANDS: dict[str, Command] = {
         _cmd_mllm_eval,
         [
             LLAVA_MODEL,
-            A(
+            option(
                 "--tasks",
                 required=True,
                 help="comma-separated: local l2c_vqa,l2c_pope,l2c_caption (offline, "
                 "need --data; `local` for all three) or lmms-eval names (vqav2_val,gqa,...; `paper` for the "
                 "paper table's, `paper_all` with the GPT-judged ones)",
             ),
-            A("--out", required=True, help="results folder (lmms_eval/ as written, results.json/.md)"),
-            A("--data", default=None, help="the embedded dataset's folder (for the local tasks)"),
-            A("--image-root", default=None, help="image root of the local tasks (default DATA/images)"),
-            A("--device", default="cpu", help="cpu, cuda, cuda:0 ..."),
-            A(
+            option("--out", required=True, help="results folder (lmms_eval/ as written, results.json/.md)"),
+            option("--data", default=None, help="the embedded dataset's folder (for the local tasks)"),
+            option("--image-root", default=None, help="image root of the local tasks (default DATA/images)"),
+            option("--device", default="cpu", help="cpu, cuda, cuda:0 ..."),
+            option(
                 "--lmms-model",
                 default="l2c_llava",
                 choices=["l2c_llava", "llava_hf"],
                 help="the lmms-eval model: l2c_llava (this project's, batched) or lmms-eval's llava_hf "
                 "(batch size 1 only)",
             ),
-            A("--batch-size", type=int, default=8, help="questions per forward (llava_hf: 1)"),
-            A("--limit", type=int, default=None, help="first N rows of each task"),
-            A("--task-limit", action="append", metavar="TASK=N", help="first N rows of one local task"),
+            option("--batch-size", type=int, default=8, help="questions per forward (llava_hf: 1)"),
+            option("--limit", type=int, default=None, help="first N rows of each task"),
+            option("--task-limit", action="append", metavar="TASK=N", help="first N rows of one local task"),
         ],
     ),
     "mllm chat": Command(
@@ -142,16 +144,16 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         [
             LLAVA_MODEL,
-            A("--image", default=None),
-            A("--max-new-tokens", type=int, default=64),
-            A(
+            option("--image", default=None),
+            option("--max-new-tokens", type=int, default=64),
+            option(
                 "--interactive",
                 "-i",
                 action="store_true",
                 help="keep the model loaded and answer one question per line "
                 "of stdin (`/image PATH` changes the image, `/image` drops it; an empty line or EOF ends)",
             ),
-            A("question", nargs="?", default=None),
+            option("question", nargs="?", default=None),
         ],
     ),
 }

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from l2c_llava import layout
-from l2c_llava.cli.command import OVERWRITE, A, Command, json_out
+from l2c_llava.cli.command import OVERWRITE, Command, json_out, option
 from l2c_llava.hub_push import push_if_asked
 
 
@@ -47,11 +47,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_export_llava(args) -> int:
-    from l2c_llava.mllm.export import LlavaExportError, export_hf, export_original
+    from l2c_llava.errors import InputError
+    from l2c_llava.mllm.export import export_hf, export_original
 
     if args.format == "hf":
         if args.vision_tower:
-            raise LlavaExportError(
+            raise InputError(
                 "--vision-tower is for --format original (LLaVA's mm_vision_tower); the hf export "
                 "carries its tower inside the model"
             )
@@ -127,9 +128,9 @@ COMMANDS: dict[str, Command] = {
         "safetensors, read with torch.load(weights_only=True)",
         _cmd_convert,
         [
-            A("source", help="model folder or Hub id (lmsys/vicuna-7b-v1.5)"),
-            A("out", help="output folder; point the configs' LLM (or vision) path at it"),
-            A(
+            option("source", help="model folder or Hub id (lmsys/vicuna-7b-v1.5)"),
+            option("out", help="output folder; point the configs' LLM (or vision) path at it"),
+            option(
                 "--overwrite",
                 action="store_true",
                 help="replace an existing OUT that is not a previous output of this command",
@@ -140,18 +141,18 @@ COMMANDS: dict[str, Command] = {
         "the stage-2 vision tower as a transformers CLIPVisionModel folder",
         _cmd_export,
         [
-            A(
+            option(
                 "--run",
                 required=True,
                 help="a stage-2 run folder (or its model/ folder, or an LLM2CLIP export)",
             ),
-            A(
+            option(
                 "--out",
                 default=None,
                 help="output folder (default: the run's export.dir, else <run>/export, + /vision: "
                 "where the mllm configs read a stage-2 run's tower; /vision-open_clip, /vision-timm)",
             ),
-            A(
+            option(
                 "--format",
                 choices=["hf", "open_clip", "timm"],
                 default="hf",
@@ -168,13 +169,13 @@ COMMANDS: dict[str, Command] = {
         "the whole model (vision + projection + adapter + text encoder reference), release layout",
         _cmd_export,
         [
-            A("--run", required=True, help="a stage-2 run folder (or its model/ folder)"),
-            A(
+            option("--run", required=True, help="a stage-2 run folder (or its model/ folder)"),
+            option(
                 "--out",
                 default=None,
                 help="output folder (default: the run's export.dir, else <run>/export, + /llm2clip)",
             ),
-            A("--text-encoder", default=None, help="record this text encoder instead of the run's"),
+            option("--text-encoder", default=None, help="record this text encoder instead of the run's"),
             OVERWRITE,
         ],
         push=True,
@@ -183,10 +184,12 @@ COMMANDS: dict[str, Command] = {
         "a trained LLaVA: transformers format (hf) or the original LLaVA format",
         _cmd_export_llava,
         [
-            A("--model", required=True, help="an mllm run folder (or its model/ folder)"),
-            A("--out", required=True, help="output folder (original format: its name must contain 'llava')"),
-            A("--format", choices=["hf", "original"], default="hf"),
-            A(
+            option("--model", required=True, help="an mllm run folder (or its model/ folder)"),
+            option(
+                "--out", required=True, help="output folder (original format: its name must contain 'llava')"
+            ),
+            option("--format", choices=["hf", "original"], default="hf"),
+            option(
                 "--vision-tower",
                 default=None,
                 metavar="ID_OR_PATH",
@@ -204,8 +207,8 @@ COMMANDS: dict[str, Command] = {
         "folder moved (or at --vision-tower)",
         _cmd_export_repoint,
         [
-            A("folder", help="the moved original-format export (l2c export llava --format original)"),
-            A(
+            option("folder", help="the moved original-format export (l2c export llava --format original)"),
+            option(
                 "--vision-tower",
                 default=None,
                 metavar="ID_OR_PATH",
@@ -218,9 +221,9 @@ COMMANDS: dict[str, Command] = {
         "a released LLM2CLIP folder (e.g. LLM2CLIP-Openai-L-14-336) -> OUT/vision + OUT/llm2clip",
         _cmd_import,
         [
-            A("source", help="the downloaded checkpoint folder"),
-            A("--out", required=True, help="output folder"),
-            A(
+            option("source", help="the downloaded checkpoint folder"),
+            option("--out", required=True, help="output folder"),
+            option(
                 "--text-encoder",
                 default=None,
                 help="the caption-contrastive LLM it pairs with (for text features)",
@@ -232,15 +235,15 @@ COMMANDS: dict[str, Command] = {
         "assemble a LLaVA model from a vision encoder folder and an LLM",
         _cmd_mllm_build,
         [
-            A("--vision", required=True, help="CLIPVisionModel / CLIPModel folder or Hub id"),
-            A(
+            option("--vision", required=True, help="CLIPVisionModel / CLIPModel folder or Hub id"),
+            option(
                 "--llm",
                 required=True,
                 help="LLM folder, Hub id (lmsys/vicuna-7b-v1.5), .gguf file or "
                 "embedded:smollm2-135m-instruct",
             ),
-            A("--out", required=True),
-            A(
+            option("--out", required=True),
+            option(
                 "--dtype",
                 choices=["llm", "float32", "bfloat16", "float16"],
                 default="llm",
@@ -248,7 +251,7 @@ COMMANDS: dict[str, Command] = {
                 "model, made directly in it (no float32 copy); default: the dtype the LLM's config.json names "
                 "(Vicuna-7B-v1.5: float16)",
             ),
-            A(
+            option(
                 "--allow-pickle",
                 action="store_true",
                 help="accept a tower saved as pytorch_model.bin (a pickle; loaded "

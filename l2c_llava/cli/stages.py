@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from l2c_llava.cli.command import PROBE_TRAIN, WRITE_JSON, A, Command, json_out, training, write_out
+from l2c_llava.cli.command import PROBE_TRAIN, WRITE_JSON, Command, json_out, option, training, write_out
 from l2c_llava.io import atomic_write_json
 
 
@@ -105,10 +105,12 @@ COMMANDS: dict[str, Command] = {
         "caption retrieval accuracy (CRA) and short<->long top-1 of an encoder",
         _cmd_stage1_eval,
         [
-            A("--encoder", default=None, help="encoder folder (default: <run.output_dir>/encoder)"),
-            A("--base", action="store_true", help="evaluate the untuned LLM of the config instead"),
-            A("--causal", action="store_true", help="with causal attention (the LLM as it was pretrained)"),
-            A("--out", default=None, help="also write the numbers to this JSON file"),
+            option("--encoder", default=None, help="encoder folder (default: <run.output_dir>/encoder)"),
+            option("--base", action="store_true", help="evaluate the untuned LLM of the config instead"),
+            option(
+                "--causal", action="store_true", help="with causal attention (the LLM as it was pretrained)"
+            ),
+            option("--out", default=None, help="also write the numbers to this JSON file"),
         ],
         config="stage1",
     ),
@@ -116,7 +118,7 @@ COMMANDS: dict[str, Command] = {
         "embed every caption once with the frozen stage-1 encoder (resumable, fingerprinted)",
         _cmd_stage2_cache,
         [
-            A(
+            option(
                 "--overwrite",
                 action="store_true",
                 help="rebuild a cache made by another encoder or for other captions",
@@ -133,13 +135,13 @@ COMMANDS: dict[str, Command] = {
         "retrieval R@1/5/10, short and long captions: baseline CLIP vs LLM2CLIP (metrics.json, table)",
         _cmd_stage2_eval,
         [
-            A("--model", default=None, help="LLM2CLIP model (default: the run's model/)"),
-            A(
+            option("--model", default=None, help="LLM2CLIP model (default: the run's model/)"),
+            option(
                 "--baseline",
                 default=None,
                 help="baseline CLIPModel folder (default: eval.baseline or vision.name_or_path)",
             ),
-            A("--no-baseline", action="store_true", help="evaluate LLM2CLIP only"),
+            option("--no-baseline", action="store_true", help="evaluate LLM2CLIP only"),
         ],
         config="stage2",
     ),
@@ -153,12 +155,14 @@ COMMANDS: dict[str, Command] = {
         "synthetic dataset",
         _cmd_clip_eval,
         [
-            A("--model", required=True, help="a transformers CLIPModel folder (with its tokenizer)"),
-            A("--data", required=True, help="a dataset in the embedded layout (l2c data synth)"),
-            A("--split", default="test", help="the Karpathy split of the short-caption set (default: test)"),
-            A("--max-images", type=int, default=None, help="the first N images of each set only"),
+            option("--model", required=True, help="a transformers CLIPModel folder (with its tokenizer)"),
+            option("--data", required=True, help="a dataset in the embedded layout (l2c data synth)"),
+            option(
+                "--split", default="test", help="the Karpathy split of the short-caption set (default: test)"
+            ),
+            option("--max-images", type=int, default=None, help="the first N images of each set only"),
             PROBE_TRAIN,
-            A("--no-health", action="store_true", help="retrieval only"),
+            option("--no-health", action="store_true", help="retrieval only"),
             WRITE_JSON,
         ],
     ),
@@ -167,17 +171,19 @@ COMMANDS: dict[str, Command] = {
         "position, colour)",
         _cmd_health,
         [
-            A(
+            option(
                 "--tower",
                 action="append",
                 required=True,
                 metavar="[NAME=]DIR",
                 help="a CLIPVisionModel / CLIPModel folder; repeat for several",
             ),
-            A("--data", required=True, help="a synthetic dataset (its scenes.jsonl is the ground truth)"),
+            option(
+                "--data", required=True, help="a synthetic dataset (its scenes.jsonl is the ground truth)"
+            ),
             PROBE_TRAIN,
-            A("--test", type=int, default=500, help="test scenes"),
-            A("--steps", type=int, default=2000, help="patch-probe training steps"),
+            option("--test", type=int, default=500, help="test scenes"),
+            option("--steps", type=int, default=2000, help="patch-probe training steps"),
             WRITE_JSON,
         ],
     ),

@@ -1,26 +1,26 @@
-"""YAML configs, dotted command-line overrides, typed validation that reports every problem at once.
+"""The config mechanism every recipe's schema stands on: sections, problems, YAML, overrides, writing.
 
 A config file is a YAML mapping whose top-level ``recipe`` key names its schema (``stage1``,
-``stage2``, ``mllm``...). Loading goes: read YAML (duplicate keys are an error) -> apply
-``a.b.c=value`` overrides (values parsed as YAML scalars/lists) -> validate with the recipe's
-pydantic schema -> run the schema's cross-field checks. Nothing touches a model or a dataset.
+``stage2``, ``mllm``...; config/schemas.py). Loading (config/loader.py) goes: read YAML (duplicate keys
+are an error) -> apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) -> validate with
+the recipe's pydantic schema -> run the schema's cross-field checks. Nothing touches a model or a dataset.
+This module knows no recipe.
 
-Every problem becomes one line naming the file (or the override that set the value), the dotted key,
-the bad value and what is allowed; all lines are raised together in one :class:`ConfigError`.
+Every problem becomes one :class:`Problem` line naming the file (or the override that set the value), the
+dotted key, the bad value and what is allowed; all lines are raised together in one :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from l2c_llava.errors import L2CError
 from l2c_llava.io import atomic_write_text
@@ -199,7 +199,6 @@ def apply_overrides(
     """Apply dotted overrides to a nested dict (copied), then ``values`` ({dotted key: value}, set as given
     rather than read as YAML: what a program sets, e.g. the pipeline's output folders), which win.
     Returns (data, {key: override text}, problems)."""
-    import copy
 
     data = copy.deepcopy(data)
     origin: dict[str, str] = {}
@@ -237,51 +236,7 @@ def apply_overrides(
     return data, origin, problems
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _field_path(model: type[BaseModel], loc: Sequence[Any]) -> str:
-    """Turn a pydantic error location into the dotted config key (dropping union-branch tags)."""
-    parts: list[str] = []
-    current: Any = model
-    for item in loc:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-            continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None:
-            continue  # a union-branch tag such as 'int' or 'list[str]': not part of the key
-        parts.append(str(item))
-        current = _section_type(fields[item].annotation) if item in fields else None
-    return ".".join(parts)
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _allowed_keys(model: type[BaseModel], dotted_parent: str) -> list[str]:
-    current: Any = model
-    for part in [p for p in dotted_parent.split(".") if p]:
-        part = part.split("[")[0]
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        current = _section_type(fields[part].annotation)
-    return list(getattr(current, "model_fields", {}) or {})
-
-
-def _source_for(key: str, origin: Mapping[str, str], default: str, message: str = "") -> str:
+def source_for(key: str, origin: Mapping[str, str], default: str, message: str = "") -> str:
     """Which override set the value behind a problem: one at the key, under it, above it, or named
     in the message (cross-field checks name every key they involve)."""
     import re
@@ -299,171 +254,9 @@ def _source_for(key: str, origin: Mapping[str, str], default: str, message: str 
     return f"override {best[1]!r}" if best else default
 
 
-def _problems_from_validation(
-    err: ValidationError, model: type[BaseModel], source: str, origin: Mapping[str, str]
-) -> list[Problem]:
-    problems = []
-    for e in err.errors(include_url=False):
-        key = _field_path(model, e["loc"])
-        src = _source_for(key, origin, source)
-        if e["type"] == "extra_forbidden":
-            parent, _, name = key.rpartition(".")
-            allowed = _allowed_keys(model, parent)
-            hint = difflib.get_close_matches(name, allowed, n=1)
-            msg = "unknown key"
-            if hint:
-                msg += f"; did you mean {hint[0]!r}?"
-            msg += f" Allowed keys{' under ' + parent if parent else ''}: {', '.join(allowed)}"
-            problems.append(Problem(src, key, e["input"], msg))
-        elif e["type"] == "missing":
-            problems.append(Problem(src, key, MISSING, "required key is missing"))
-        else:
-            msg = e["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, ") :]
-            problems.append(Problem(src, key, e.get("input", MISSING), msg))
-    return problems
-
-
-# Keys removed from a recipe's schema after configs and run folders held them: (recipe, dotted key) ->
-# the one value they ever had effect with. A config that still sets one to that value loads (the key is
-# dropped); another value is an error that says why. train/resume.py counts them in fingerprints as
-# before, so removing a key re-runs and refuses nothing.
-REMOVED_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
-    ("stage1", "data.instructions.separator"): (
-        "!@#$%^&*()",
-        "llm2vec's fixed marker between instruction and text; the encoder never read this key",
-    ),
-}
-
-
-def _without_removed_keys(data: Mapping[str, Any], recipe: str, source: str, origin: Mapping[str, str]):
-    """`data` without the :data:`REMOVED_KEYS` of `recipe` that hold their old value."""
-    out = copy.deepcopy(dict(data))
-    problems = []
-    for (rec, key), (value, why) in REMOVED_KEYS.items():
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if rec != recipe or not isinstance(node, dict) or parts[-1] not in node:
-            continue
-        if node[parts[-1]] != value:
-            problems.append(
-                Problem(
-                    _source_for(key, origin, source), key, node[parts[-1]], f"removed key ({why}); delete it"
-                )
-            )
-        del node[parts[-1]]
-    if problems:
-        raise ConfigError(problems, source)
-    return out
-
-
-def validate_config(
-    data: Mapping[str, Any],
-    source: str = "<config>",
-    origin: Mapping[str, str] | None = None,
-    schema: type[RecipeConfig] | None = None,
-) -> RecipeConfig:
-    """Validate a config mapping against its recipe's schema; raise ConfigError with every problem."""
-    from l2c_llava.config.schemas import RECIPES
-
-    origin = origin or {}
-    if schema is None:
-        recipe = data.get("recipe", MISSING)
-        if recipe is MISSING:
-            raise ConfigError(
-                [
-                    Problem(
-                        source,
-                        "recipe",
-                        MISSING,
-                        f"required key is missing; one of: {', '.join(sorted(RECIPES))}",
-                    )
-                ],
-                source,
-            )
-        if recipe not in RECIPES:
-            hint = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
-            raise ConfigError(
-                [
-                    Problem(
-                        _source_for("recipe", origin, source),
-                        "recipe",
-                        recipe,
-                        f"unknown recipe{'; did you mean ' + repr(hint[0]) + '?' if hint else ''}"
-                        f" Allowed: {', '.join(sorted(RECIPES))}",
-                    )
-                ],
-                source,
-            )
-        schema = RECIPES[recipe]
-    data = _without_removed_keys(data, get_args(schema.model_fields["recipe"].annotation)[0], source, origin)
-    try:
-        cfg = schema.model_validate(dict(data))
-    except ValidationError as err:
-        problems = _problems_from_validation(err, schema, source, origin)
-        # Report the cross-field problems too, in the same error: drop the bad values (their defaults
-        # take over), validate again, and run the checks on keys not already reported.
-        pruned = _without(data, [e["loc"] for e in err.errors()])
-        try:
-            partial = schema.model_validate(pruned)
-        except ValidationError:
-            partial = None
-        if partial is not None:
-            reported = {p.key for p in problems}
-            problems += [
-                Problem(_source_for(key, origin, source, msg), key, value, msg)
-                for key, value, msg in partial.check()
-                if key not in reported
-            ]
-        raise ConfigError(problems, source) from None
-    semantic = [
-        Problem(_source_for(key, origin, source, msg), key, value, msg) for key, value, msg in cfg.check()
-    ]
-    if semantic:
-        raise ConfigError(semantic, source)
-    return cfg
-
-
-def _without(data: Mapping[str, Any], locs: Sequence[Sequence[Any]]) -> dict:
-    """A deep copy of `data` with the value at each error location removed."""
-    import copy
-
-    out = copy.deepcopy(dict(data))
-    for loc in locs:
-        node: Any = out
-        for item in loc[:-1]:
-            if isinstance(node, dict) and item in node:
-                node = node[item]
-            elif isinstance(node, list) and isinstance(item, int) and item < len(node):
-                node = node[item]
-            else:
-                node = None
-                break
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-    return out
-
-
-def load_config(
-    path: str | os.PathLike,
-    overrides: Sequence[str] = (),
-    schema: type[RecipeConfig] | None = None,
-    values: Mapping[str, Any] | None = None,
-) -> RecipeConfig:
-    """Read ``path``, apply ``overrides`` then ``values`` (see :func:`apply_overrides`), validate. Raises
-    :class:`ConfigError` listing every problem."""
-    data = read_yaml(path)
-    data, origin, problems = apply_overrides(data, overrides, values)
-    try:
-        cfg = validate_config(data, source=str(path), origin=origin, schema=schema)
-    except ConfigError as e:
-        raise ConfigError(problems + e.problems, path) from None
-    if problems:
-        raise ConfigError(problems, path)
-    return cfg
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -40,14 +40,10 @@ import torch
 
 from l2c_llava.data.images import ImageError, load_rgb
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
-from l2c_llava.errors import L2CError, MissingFileError
+from l2c_llava.errors import InputError, MissingFileError
 from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_text, check_output_file, sha256_file
 
 logger = logging.getLogger("l2c_llava.filter")
-
-
-class FilterError(L2CError, ValueError):
-    pass
 
 
 @dataclass
@@ -98,9 +94,9 @@ def read_rows(
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise FilterError(f"{path}: not valid JSON ({e}); the llava format is one JSON list") from None
+            raise InputError(f"{path}: not valid JSON ({e}); the llava format is one JSON list") from None
         if not isinstance(data, list):
-            raise FilterError(f"{path}: expected a JSON list of rows (LCS-558K style)")
+            raise InputError(f"{path}: expected a JSON list of rows (LCS-558K style)")
         for i, raw in enumerate(data):
             label = f"item {i}"
             conv = raw.get("conversations") if isinstance(raw, dict) else None
@@ -120,7 +116,7 @@ def read_rows(
                 )
             )
     else:
-        raise FilterError(f"format {fmt!r}: expected pairs or llava")
+        raise InputError(f"format {fmt!r}: expected pairs or llava")
     for r in rows:
         if r.image is None:
             continue
@@ -207,7 +203,7 @@ def score(
             img_vecs.append(encoder.embed_images(pics))
             ok.extend(idx)
     if not ok:
-        raise FilterError("no readable image: nothing to score")
+        raise InputError("no readable image: nothing to score")
     img = torch.cat(img_vecs)
     scores, null = {}, {}
     for f in rows[ok[0]].captions:
@@ -231,7 +227,7 @@ def thresholds(null: dict[str, torch.Tensor], threshold: float | None, quantile:
     out = {}
     for f, s in null.items():
         if s.numel() == 0:
-            raise FilterError("fewer than 2 scored rows: no shuffled pairs to calibrate on; give --threshold")
+            raise InputError("fewer than 2 scored rows: no shuffled pairs to calibrate on; give --threshold")
         out[f] = float(torch.quantile(s.float(), quantile))
     return out
 
@@ -276,18 +272,18 @@ def filter_captions(
     from safetensors.torch import load_file, save_file
 
     if drop_share is not None and not 0.0 < drop_share < 1.0:
-        raise FilterError(f"drop_share {drop_share}: must be between 0 and 1 (the share of rows to drop)")
+        raise InputError(f"drop_share {drop_share}: must be between 0 and 1 (the share of rows to drop)")
     if drop_share is not None and threshold is not None:
-        raise FilterError("give either a threshold or a drop share, not both")
+        raise InputError("give either a threshold or a drop share, not both")
     if score_kind not in ("cosine", "zscore"):
-        raise FilterError(f"score {score_kind!r}: expected cosine or zscore")
+        raise InputError(f"score {score_kind!r}: expected cosine or zscore")
     if mode not in ("drop", "flag"):
-        raise FilterError(f"mode {mode!r}: expected drop or flag")
+        raise InputError(f"mode {mode!r}: expected drop or flag")
     if not 0.0 < null_quantile < 1.0:
-        raise FilterError(f"null_quantile {null_quantile}: must be between 0 and 1")
+        raise InputError(f"null_quantile {null_quantile}: must be between 0 and 1")
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():
-        raise FilterError(f"--out {out} is the input file; write the filtered copy elsewhere")
+        raise InputError(f"--out {out} is the input file; write the filtered copy elsewhere")
     check_output_file(out)  # before any scoring
     fields = ("caption",) if fmt == "llava" else tuple(fields)
     rows, problems, kind = read_rows(path, fmt, Path(image_root), fields, on_bad_row=on_bad_row)

@@ -1,9 +1,14 @@
-"""Image preprocessing without torchvision (it cannot be installed next to the CPU torch here).
+"""Image preprocessing, every stage's, without torchvision (it cannot be installed next to the CPU torch here).
 
-Evaluation uses transformers' own CLIP image processor with its PIL backend (resize the shortest
-side, bicubic; centre crop; rescale; OpenAI mean/std), so features match what LLaVA and every
-transformers user feed the tower. Training adds the paper's RandomResizedCrop (scale 0.9-1.0,
-bicubic) before the same normalisation.
+CLIP (stage 2, the baseline, search): evaluation uses transformers' own CLIP image processor with its PIL
+backend (resize the shortest side, bicubic; centre crop; rescale; OpenAI mean/std), so features match what
+LLaVA and every transformers user feed the tower. Training adds the paper's RandomResizedCrop (scale
+0.9-1.0, bicubic) before the same normalisation.
+
+LLaVA: pad to a square of the processor's mean colour (LLaVA's ``image_aspect_ratio: pad``,
+:func:`pad_images`), then the same CLIP resize and crop (:func:`llava_image_processor`). Training's data,
+chat, the VQA eval, lmms-eval's model and the exported processor all take their pixels from here, so a
+benchmark sees training's pixels (tests/test_eval_pixels.py).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +55,80 @@ def clip_image_processor(size: int):
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
     )
+
+
+def llava_image_processor(size: int, pad: bool = True):
+    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
+    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
+    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
+    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
+    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
+    (processor on the raw image) gets training's pixels."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_pad=pad,
+    )
+
+
+def pil_image_processor(image_processor):
+    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if isinstance(image_processor, LlavaImageProcessorPil):
+        return image_processor
+    keys = (
+        "size",
+        "crop_size",
+        "image_mean",
+        "image_std",
+        "do_pad",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "do_convert_rgb",
+        "resample",
+    )
+    d = image_processor.to_dict()
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square canvas of the background colour, the image centred (LLaVA's "pad")."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    """The processor's mean as an RGB colour: what LLaVA pads with."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+def pad_images(images: Sequence[Image.Image], image_processor, aspect: str = "pad") -> list[Image.Image]:
+    """LLaVA's ``image_aspect_ratio``: ``pad`` -> each image padded to a square of the processor's mean
+    colour (the processor then resizes and crops); another value -> the images as they are."""
+    if aspect != "pad":
+        return list(images)
+    bg = mean_colour(image_processor)
+    return [expand2square(im, bg) for im in images]
+
+
+def preprocess_images(images: Sequence[Image.Image], image_processor, aspect: str = "pad") -> torch.Tensor:
+    """LLaVA training's pixels: :func:`pad_images`, then the processor. [N, 3, size, size]."""
+    return image_processor(images=pad_images(images, image_processor, aspect), return_tensors="pt")[
+        "pixel_values"
+    ]
 
 
 def write_preprocessor_config(folder: str | Path, size: int) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from l2c_llava.config.schemas import ConnectorSection, LLMSection
+from l2c_llava.data.images import llava_image_processor
 from l2c_llava.errors import L2CError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.connectors import CONNECTORS, llava_with_connector_class, make_connector
@@ -40,7 +41,7 @@ from l2c_llava.models.portable import (
     portable_config,
     tokenizer_source,
 )
-from l2c_llava.models.vision import llava_image_processor, load_vision_tower
+from l2c_llava.models.vision import load_vision_tower
 
 logger = logging.getLogger("l2c_llava.mllm")
 

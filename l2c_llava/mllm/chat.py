@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-from l2c_llava.data.images import ImageError, load_rgb
-from l2c_llava.mllm.data import expand2square, mean_colour
+from l2c_llava.data.images import ImageError, load_rgb, pad_images
 from l2c_llava.mllm.export import load_trained_llava
 
 
@@ -42,10 +41,8 @@ class LlavaChat:
             text = "<image>" if image else ""
         images = None
         if image:
-            img = load_rgb(image)
-            if self.meta.get("image_aspect_ratio", "pad") == "pad":
-                img = expand2square(img, mean_colour(processor.image_processor))
-            images = img
+            aspect = self.meta.get("image_aspect_ratio", "pad")
+            images = pad_images([load_rgb(image)], processor.image_processor, aspect)[0]
         inputs = processor(images=images, text=text, return_tensors="pt")
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.losses import IGNORE_INDEX
 
 IMAGE_TOKEN = "<image>"
@@ -27,10 +27,6 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 TEMPLATES = ("plain", "vicuna_v1")
-
-
-class ConversationError(L2CError, ValueError):
-    """A row whose turns do not fit the template (the message says which turn)."""
 
 
 @dataclass
@@ -52,12 +48,12 @@ def normalize_turns(conversations: list[dict], has_image: bool) -> list[tuple[st
         role, value = turn.get("from"), turn.get("value")
         want = "human" if i % 2 == 0 else "gpt"
         if role != want:
-            raise ConversationError(
+            raise InputError(
                 f"turn {i} is from {role!r}; turns must alternate human, gpt, ... from a human turn"
             )
         turns.append((role, value.replace(IMAGE_TOKEN, "").strip()))  # a text-only row has no image to place
     if not turns or turns[-1][0] != "gpt":
-        raise ConversationError("a conversation must end with a gpt turn")
+        raise InputError("a conversation must end with a gpt turn")
     if has_image:
         turns[0] = ("human", f"{IMAGE_TOKEN}\n{turns[0][1]}")
     return turns
@@ -74,7 +70,7 @@ def render(turns: list[tuple[str, str]], template: str, eos: str) -> tuple[str, 
         spans.append((len(text), len(text) + len(answer)))
         return text + answer, spans
     if template != "vicuna_v1":
-        raise ConversationError(f"unknown template {template!r} (one of: {', '.join(TEMPLATES)})")
+        raise InputError(f"unknown template {template!r} (one of: {', '.join(TEMPLATES)})")
     text = VICUNA_SYSTEM + " "
     for i in range(0, len(turns), 2):
         text += f"USER: {turns[i][1]} ASSISTANT:"
@@ -122,10 +118,10 @@ def encode(
         ids.append(tok)
         labels.append(tok if inside else IGNORE)
     if has_image and ids.count(image_token_id) != num_image_tokens:
-        raise ConversationError(f"{IMAGE_TOKEN} did not become one token; add it to the tokenizer first")
+        raise InputError(f"{IMAGE_TOKEN} did not become one token; add it to the tokenizer first")
     if len(ids) > max_length:
         first = ids.index(image_token_id) if has_image else 0
         if has_image and first + num_image_tokens > max_length:
-            raise ConversationError(f"max_length {max_length} cuts into the {num_image_tokens} image tokens")
+            raise InputError(f"max_length {max_length} cuts into the {num_image_tokens} image tokens")
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, text)

@@ -1,8 +1,8 @@
 """LLaVA training data: LCS-558K / mix665k-style JSON rows, tokenized lazily (a row becomes tokens
 when the loader asks for it), images padded to square with the mean colour (LLaVA's "pad") and
-preprocessed by the model's processor; batches grouped by length with image and text-only rows kept
-apart (LLaVA's group_by_modality_length); with ``data.packing`` a micro-batch's samples are packed
-into rows without padding (:class:`PackedCollate`).
+preprocessed by the model's processor (``l2c_llava.data.images.preprocess_images``, every stage's pixels);
+batches grouped by length with image and text-only rows kept apart (LLaVA's group_by_modality_length);
+with ``data.packing`` a micro-batch's samples are packed into rows without padding (:class:`PackedCollate`).
 """
 
 from __future__ import annotations
@@ -11,34 +11,11 @@ import random
 from collections.abc import Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from l2c_llava.data.images import load_rgb
+from l2c_llava.data.images import load_rgb, preprocess_images
 from l2c_llava.data.readers import LlavaRow
 from l2c_llava.mllm.conversation import IGNORE, encode
-
-
-def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad to a square canvas of the background colour, the image centred (LLaVA's "pad")."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), background)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-def mean_colour(image_processor) -> tuple[int, int, int]:
-    return tuple(int(x * 255) for x in image_processor.image_mean)
-
-
-def preprocess_images(images: Sequence[Image.Image], image_processor, aspect: str = "pad") -> torch.Tensor:
-    if aspect == "pad":
-        bg = mean_colour(image_processor)
-        images = [expand2square(im, bg) for im in images]
-    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
 def row_length(row: LlavaRow, image_tokens: int) -> int:

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from l2c_llava.cpu_threads import follow_share
-from l2c_llava.data.images import load_rgb
+from l2c_llava.data.images import load_rgb, pad_images
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
 from l2c_llava.io import atomic_save, atomic_write_json, atomic_write_jsonl
-from l2c_llava.mllm.data import expand2square, mean_colour
 from l2c_llava.mllm.export import load_trained_llava
 from l2c_llava.stats import paired_comparison, sign_test_p, wilson_interval  # noqa: F401 (re-exported)
 
@@ -236,8 +235,7 @@ def _answers(
             for q in chunk
         ]
         images = [load_rgb(p) for p in image_paths[lo : lo + batch_size]]
-        if meta.get("image_aspect_ratio", "pad") == "pad":
-            images = [expand2square(im, mean_colour(processor.image_processor)) for im in images]
+        images = pad_images(images, processor.image_processor, meta.get("image_aspect_ratio", "pad"))
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id

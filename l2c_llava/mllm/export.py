@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from l2c_llava.cards import write_card
-from l2c_llava.data.images import write_preprocessor_config
-from l2c_llava.errors import L2CError
+from l2c_llava.data.images import pil_image_processor, write_preprocessor_config
+from l2c_llava.errors import InputError
 from l2c_llava.io import check_output_folder, publish_folder
 from l2c_llava.mllm.build import BuildError, load_llava, not_transformers_llava, projector_type_of
 from l2c_llava.models.portable import (
@@ -38,7 +38,6 @@ from l2c_llava.models.portable import (
     tokenizer_source,
     write_portable_tokenizer,
 )
-from l2c_llava.models.vision import pil_image_processor
 
 # transformers' conversion of an original LLaVA checkpoint to its LLaVA class
 # (models/llava/convert_llava_weights_to_hf.py, KEYS_TO_MODIFY_MAPPING, each applied in order where it
@@ -63,10 +62,6 @@ ORIGINAL_KIND = "llava original export"
 LLAVA_HUB_PREFIXES = ("openai", "laion")
 
 
-class LlavaExportError(L2CError, ValueError):
-    pass
-
-
 def load_trained_llava(model_dir: str | os.PathLike, **load_kwargs):
     """(folder, model, processor) of a trained LLaVA: an mllm run folder (its model/) or a transformers
     LLaVA folder; a pretrain run that saved the projector only, or anything else, is refused with why.
@@ -77,19 +72,17 @@ def load_trained_llava(model_dir: str | os.PathLike, **load_kwargs):
     if (folder / "model" / "config.json").is_file():
         folder = folder / "model"
     if (folder / "projector" / "projector.safetensors").is_file() and not (folder / "config.json").is_file():
-        raise LlavaExportError(
+        raise InputError(
             f"{model_dir} is a pretrain run that saved the projector only (as LLaVA's mm_projector); "
             "use the finetune run, or pretrain with train.save_full_model=true"
         )
     if not (folder / "config.json").is_file():
-        raise LlavaExportError(
+        raise InputError(
             f"{model_dir}: no LLaVA model (config.json); train one with `l2c mllm pretrain|finetune`"
         )
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get("model_type") != "llava":
-        raise LlavaExportError(
-            f"{folder}: model_type {cfg.get('model_type')!r}, not a transformers LLaVA model"
-        )
+        raise InputError(f"{folder}: model_type {cfg.get('model_type')!r}, not a transformers LLaVA model")
     processor = AutoProcessor.from_pretrained(folder)
     processor.image_processor = pil_image_processor(processor.image_processor)  # one backend everywhere
     return folder, _loaded(folder, **load_kwargs), processor
@@ -99,7 +92,7 @@ def _loaded(folder: Path, **load_kwargs):
     try:
         return load_llava(folder, **load_kwargs)
     except BuildError as e:
-        raise LlavaExportError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -122,7 +115,7 @@ def original_state_dict(model) -> dict[str, torch.Tensor]:
         second = model.model.multi_modal_projector.linear_2
         eye = torch.eye(second.weight.shape[0], dtype=second.weight.dtype)
         if not (torch.equal(second.weight, eye) and not second.bias.any()):
-            raise LlavaExportError(
+            raise InputError(
                 "a linear projector whose second layer is not the identity cannot be written "
                 "as LLaVA's single mm_projector Linear"
             )
@@ -268,25 +261,25 @@ def choose_vision_tower(out: Path, tower, meta: dict, asked: str | None) -> tupl
     Hub cache). Not asked: the run's own tower when it was a Hub id that LLaVA takes, the tower was not
     trained, and the cached snapshot holds exactly these weights; otherwise the absolute path of the
     exported ``vision_tower/``."""
-    from l2c_llava.models.hub import is_hub_id
+    from l2c_llava.models.reference import is_hub_id
 
     if asked:
         path = Path(asked).expanduser()
         if path.exists():
             why = _same_tower(str(path), tower)
             if why:
-                raise LlavaExportError(
+                raise InputError(
                     f"--vision-tower {asked}: {why}; give the folder of this model's tower (or leave "
                     "--vision-tower out: the export's own vision_tower/ is then used)"
                 )
             return str(path.resolve()), "the folder given with --vision-tower (same weights)"
         if not is_hub_id(asked):
-            raise LlavaExportError(
+            raise InputError(
                 f"--vision-tower {asked}: no such folder, and not a Hub id (org/name); give an existing "
                 "CLIP vision folder or the Hub id of the released tower"
             )
         if not llava_takes_hub_id(asked):
-            raise LlavaExportError(
+            raise InputError(
                 f"--vision-tower {asked}: LLaVA's build_vision_tower takes a Hub id only when it starts "
                 f"with {' or '.join(LLAVA_HUB_PREFIXES)} (or holds ShareGPT4V), and raises 'Unknown "
                 "vision tower' for any other. Download it (`hf download "
@@ -296,7 +289,7 @@ def choose_vision_tower(out: Path, tower, meta: dict, asked: str | None) -> tupl
         if cached is not None:
             why = _same_tower(cached, tower)
             if why:
-                raise LlavaExportError(
+                raise InputError(
                     f"--vision-tower {asked}: the cached snapshot ({cached}): {why}; this model's tower "
                     "is not that release (trained further?): leave --vision-tower out"
                 )
@@ -333,18 +326,18 @@ def repoint_original(folder: str | os.PathLike, vision_tower: str | None = None)
     try:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise LlavaExportError(
+        raise InputError(
             f"{folder}: no readable config.json ({type(e).__name__}); give the folder written by "
             "`l2c export llava --format original`"
         ) from None
     if config.get("model_type") != "llava_llama" or "mm_vision_tower" not in config:
-        raise LlavaExportError(
+        raise InputError(
             f"{cfg_path}: model_type {config.get('model_type')!r} without mm_vision_tower: not an "
             "original-format LLaVA export (`l2c export llava --format original`)"
         )
     own = folder / VISION_DIR
     if not (own / "model.safetensors").is_file():
-        raise LlavaExportError(
+        raise InputError(
             f"{folder}: no {VISION_DIR}/model.safetensors, the tower the export carries; re-export the "
             "model with `l2c export llava --format original`"
         )
@@ -376,7 +369,7 @@ def export_original(
 
     out = Path(out_dir)
     if "llava" not in out.name.lower():
-        raise LlavaExportError(
+        raise InputError(
             f"{out}: the original LLaVA loader only builds a LLaVA model when the folder name "
             "contains 'llava'; choose a name like llava-v1.5-7b-llm2clip"
         )
@@ -385,7 +378,7 @@ def export_original(
     try:
         not_transformers_llava(model.config, "the original LLaVA format", str(folder))
     except ValueError as e:
-        raise LlavaExportError(str(e)) from None
+        raise InputError(str(e)) from None
     meta = json.loads((folder / "l2c_mllm.json").read_text()) if (folder / "l2c_mllm.json").is_file() else {}
     vc, tc = model.config.vision_config, model.config.text_config
     mm_vision_tower, why = choose_vision_tower(out, model.model.vision_tower, meta, vision_tower)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from l2c_llava import layout as L
 from l2c_llava.data.readers import DataError, RowProblem, iter_rows, resolve_under
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import CannotRunError
 from l2c_llava.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from l2c_llava.mllm.evaluate import normalize, shifted_images
 
@@ -65,10 +65,6 @@ def expand_tasks(tasks: list[str]) -> list[str]:
             if x not in out:
                 out.append(x)
     return out
-
-
-class EvalError(L2CError, RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------- scoring (called from mllm/tasks/utils.py)
@@ -188,7 +184,7 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
     if task == "l2c_caption":
         path = data_dir / L.RETRIEVAL_SHORT
         if not path.is_file():
-            raise EvalError(f"{path}: not found (the caption task reads the Karpathy-style test split)")
+            raise CannotRunError(f"{path}: not found (the caption task reads the Karpathy-style test split)")
         images = json.loads(path.read_text()).get("images", [])
         rows, problems = [], []
         for i, im in enumerate(images):
@@ -208,7 +204,7 @@ def local_task_rows(task: str, data_dir: Path, image_root: Path | None = None) -
         if problems:
             raise DataError(problems, str(path), total=len(rows) + len(problems))
         return rows
-    raise EvalError(f"unknown local task {task!r}; local tasks are {', '.join(LOCAL_TASKS)}")
+    raise CannotRunError(f"unknown local task {task!r}; local tasks are {', '.join(LOCAL_TASKS)}")
 
 
 def spread_sample(rows: list[dict], cap: int, seed: int = 0) -> list[dict]:
@@ -242,12 +238,14 @@ def prepare_local_tasks(
         if cap:
             rows = spread_sample(rows, cap)
         if not rows:
-            raise EvalError(f"task {task}: no rows in {data_dir}")
+            raise CannotRunError(f"task {task}: no rows in {data_dir}")
         data = dest / f"{task}.jsonl"
         atomic_write_jsonl(data, rows)
         text = (TASK_DIR / f"{task}.yaml").read_text()
         if "__DATA_FILE__" not in text:
-            raise EvalError(f"{TASK_DIR / f'{task}.yaml'}: no __DATA_FILE__ placeholder for its data file")
+            raise CannotRunError(
+                f"{TASK_DIR / f'{task}.yaml'}: no __DATA_FILE__ placeholder for its data file"
+            )
         atomic_write_text(dest / f"{task}.yaml", text.replace("__DATA_FILE__", json.dumps(str(data))))
     return dest
 
@@ -306,9 +304,9 @@ def run_lmms_eval(
     """Run lmms-eval on `model_dir` for `tasks` with the lmms-eval `model` (``l2c_llava``: batched;
     ``llava_hf``: batch size 1), then write the normalized table. Returns its rows."""
     if model not in LMMS_MODELS:
-        raise EvalError(f"lmms-eval model {model!r}: use one of {', '.join(LMMS_MODELS)}")
+        raise CannotRunError(f"lmms-eval model {model!r}: use one of {', '.join(LMMS_MODELS)}")
     if model == "llava_hf" and batch_size != 1:
-        raise EvalError(
+        raise CannotRunError(
             f"lmms-eval's llava_hf answers one question at a time (batch size 1, not {batch_size}); "
             "use --batch-size 1, or the batched l2c_llava model"
         )
@@ -317,14 +315,14 @@ def run_lmms_eval(
         folder = folder / L.TRAINED_MODEL
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     if cfg.get("model_type") != "llava" or not (folder / "processor_config.json").is_file():
-        raise EvalError(
+        raise CannotRunError(
             f"{model_dir}: not a transformers LLaVA folder with its processor (config.json with "
             "model_type llava, processor_config.json); point at a finetune run or make one with "
             "`l2c export llava --format hf`"
         )
     if cfg.get("l2c_connector"):
         kind = cfg["l2c_connector"].get("type")
-        raise EvalError(
+        raise CannotRunError(
             f"{folder}: a LLaVA with the {kind} connector; lmms-eval's llava_hf model loads it with "
             "transformers' LLaVA class, which takes only the MLP connector. Score it with "
             "`l2c mllm eval-vqa` (our loader) instead"
@@ -332,7 +330,7 @@ def run_lmms_eval(
     try:
         import lmms_eval  # noqa: F401
     except ImportError as e:
-        raise EvalError(
+        raise CannotRunError(
             f"lmms-eval is not installed ({e}); `bash scripts/setup_env.sh` installs it "
             "(without torchvision, see README 'Evaluation')"
         ) from e
@@ -342,7 +340,7 @@ def run_lmms_eval(
     local = [t for t in tasks if t in LOCAL_TASKS]
     unknown = set(task_limits or {}) - set(local)
     if unknown:
-        raise EvalError(
+        raise CannotRunError(
             f"per-task limits for {sorted(unknown)}: only local tasks take one (use --limit for the others)"
         )
     for stale in (L.EVAL_RESULTS, "results.md"):  # a result folder holds the result of one run
@@ -350,7 +348,7 @@ def run_lmms_eval(
     include = None
     if local:
         if data_dir is None:
-            raise EvalError(
+            raise CannotRunError(
                 f"tasks {', '.join(local)} are local: give --data (the embedded dataset's folder)"
             )
         root = Path(image_root) if image_root else None
@@ -378,12 +376,12 @@ def run_lmms_eval(
     atomic_write_text(out / "lmms_eval.log", "".join(lines))
     if proc.returncode != 0:
         tail = "".join(lines[-25:])
-        raise EvalError(
+        raise CannotRunError(
             f"lmms-eval exited with {proc.returncode} (full log: {out / 'lmms_eval.log'}):\n{tail}"
         )
     results = sorted(raw.rglob("*results.json"))
     if not results:
-        raise EvalError(f"lmms-eval wrote no *results.json under {raw} (log: {out / 'lmms_eval.log'})")
+        raise CannotRunError(f"lmms-eval wrote no *results.json under {raw} (log: {out / 'lmms_eval.log'})")
     rows = normalize_results(json.loads(results[-1].read_text()))
     write_table(out, rows, results[-1])
     return rows

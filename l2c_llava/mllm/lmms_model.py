@@ -5,7 +5,7 @@ machine the demo's 1,300 held-out questions took 7.5 minutes per LLaVA that way.
 same folder the same way (transformers' ``LlavaForConditionalGeneration`` through
 :func:`l2c_llava.mllm.export.load_trained_llava`, the saved processor on the PIL backend), builds the
 same prompt (the processor's chat template, the image first in the user turn) and gives the model
-training's pixels (:func:`l2c_llava.mllm.data.expand2square` with the processor's mean colour where
+training's pixels (:func:`l2c_llava.data.images.pad_images`: padded to the processor's mean colour where
 the model was trained with ``image_aspect_ratio: pad``), and answers many questions per forward:
 
 - ``generate_until``: requests grouped by their generation settings, longest prompts first, left
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from l2c_llava.cpu_threads import follow_share
-from l2c_llava.mllm.data import expand2square, mean_colour
+from l2c_llava.data.images import pad_images
 from l2c_llava.mllm.export import load_trained_llava
 
 IMAGE_TOKEN = "<image>"
@@ -186,10 +186,7 @@ class L2CLlava(lmms):
     def _pixels_ready(self, images: list) -> list:
         """Training's pixels: LLaVA's pad to a square of the processor's mean colour where the model
         was trained with it (the processor then resizes and crops as in training)."""
-        if self.aspect != "pad":
-            return images
-        bg = mean_colour(self.processor.image_processor)
-        return [expand2square(im, bg) for im in images]
+        return pad_images(images, self.processor.image_processor, self.aspect)
 
     def _inputs(self, texts: list[str], images: list) -> dict:
         enc = self.processor(

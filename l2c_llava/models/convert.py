@@ -17,16 +17,13 @@ from pathlib import Path
 
 import torch
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.io import publish_folder
-from l2c_llava.models.hub import WEIGHTS_PICKLE, resolve_model_path
+from l2c_llava.models.hub import WEIGHTS_PICKLE
+from l2c_llava.models.reference import resolve_model_path
 
 CONVERTED_KIND = "converted model"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class ConvertError(L2CError, ValueError):
-    """A checkpoint that cannot be converted; the message names the file."""
 
 
 def safetensors_name(name: str) -> str:
@@ -42,7 +39,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError (not plain tensors), a damaged file
-        raise ConvertError(
+        raise InputError(
             f"{path}: not loadable with weights_only=True ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor checkpoints are "
             "converted"
@@ -50,7 +47,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConvertError(f"{path}: not a flat state dict of tensors")
+        raise InputError(f"{path}: not a flat state dict of tensors")
     return state
 
 
@@ -69,10 +66,10 @@ def convert_file(src: Path, dst: Path) -> int:
     save_file(out, str(dst), metadata={"format": "pt"})
     with safe_open(str(dst), framework="pt") as st:
         if set(st.keys()) != set(state):
-            raise ConvertError(f"{dst}: written keys differ from {src}'s")
+            raise InputError(f"{dst}: written keys differ from {src}'s")
         for k in state:
             if not torch.equal(st.get_tensor(k), state[k]):
-                raise ConvertError(f"{dst}: tensor {k} differs from {src}'s after writing")
+                raise InputError(f"{dst}: tensor {k} differs from {src}'s after writing")
     return len(state)
 
 
@@ -80,10 +77,10 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite: bo
     """A model folder (or Hub id) with pickled weights -> `out`, the same folder with safetensors."""
     folder = Path(resolve_model_path(src, "model to convert", WEIGHTS_PICKLE))
     if not folder.is_dir():
-        raise ConvertError(f"{src}: not a folder (nor a Hub id)")
+        raise InputError(f"{src}: not a folder (nor a Hub id)")
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if not pickles:
-        raise ConvertError(f"{src}: no pickled weights (*.bin) to convert")
+        raise InputError(f"{src}: no pickled weights (*.bin) to convert")
     stats = {"source": str(src), "files": {}, "tensors": 0}
 
     def build(tmp: Path) -> None:

@@ -1,9 +1,9 @@
-"""Model references -> local folders: a folder stays a folder, a Hugging Face Hub id (``org/name``,
-optionally ``org/name@revision``) becomes its snapshot folder in the Hub cache.
+"""A Hugging Face Hub id (``org/name``, optionally ``org/name@revision``) -> its snapshot folder in the Hub
+cache (:func:`hub_snapshot`).
 
-Every place a config names a model (vision tower, LLM, ``baseline.vision``, stage-1 base and
-adapters, text encoder) goes through :func:`resolve_model_path`, so a Hub id works wherever a folder
-does and the checks that follow (config.json, safetensors weights, no pickles) are the same.
+Every place a config names a model asks ``l2c_llava.models.reference`` what the name means; a Hub id
+comes here, so it works wherever a folder does and the checks that follow (config.json, safetensors
+weights, no pickles) are the same.
 
 Order: the cache first (no network when the snapshot is there, complete); then a download when the
 Hub may be reached; offline (``HF_HUB_OFFLINE=1``) and not cached: one error naming the id and
@@ -14,29 +14,14 @@ Hub may be reached; offline (``HF_HUB_OFFLINE=1``) and not cached: one error nam
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 
-# org/name[@revision]: the Hub's own rules (letters, digits, - _ . ; no leading/trailing - or .)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]+)?$")
 # what a model folder needs; pickled weights are left out on purpose (see module docstring)
 WEIGHTS_SAFE = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 WEIGHTS_PICKLE = ("*.json", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 _MARKERS = ("config.json", "adapter_config.json", "llm2clip_config.json", "l2c_encoder.json")
-
-
-class HubError(L2CError, ValueError):
-    """A Hub id that cannot be resolved to a local folder (offline and not cached, unknown, gated)."""
-
-
-def is_hub_id(name_or_path: str) -> bool:
-    """True for ``org/name`` (or ``org/name@rev``) that is not an existing local path."""
-    s = str(name_or_path)
-    if s.startswith(("embedded:", "/", "./", "../", "~")) or Path(s).exists():
-        return False
-    return bool(_HUB_ID.match(s))
 
 
 def hub_offline() -> bool:
@@ -90,13 +75,13 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             and any(cached.glob("*.bin"))
             and not any(cached.glob("*.safetensors"))
         ):
-            raise HubError(
+            raise InputError(
                 f"{what} {hub_id}: the cached snapshot holds pickled .bin weights only ({cached}); "
                 f"`l2c convert weights {hub_id} OUT` writes a safetensors copy to use instead"
             )
     if hub_offline():
         state = "only partly in" if cached is not None else "not in"
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: HF_HUB_OFFLINE=1 and the model is {state} the Hugging Face cache "
             f"({cache}). Download it on a machine with network (`hf download {repo_id}`, same "
             "HF_HUB_CACHE), unset HF_HUB_OFFLINE, or give a local folder"
@@ -111,27 +96,18 @@ def hub_snapshot(hub_id: str, what: str = "model", patterns: tuple[str, ...] = W
             if "gated" in type(e).__name__.lower() or "401" in str(e) or "403" in str(e)
             else "check the id and the network, or set HF_HUB_OFFLINE=1 to use the cache only"
         )
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: cannot download it from the Hugging Face Hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}"
         ) from None
     if not any((folder / m).is_file() for m in _MARKERS):
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: the Hub repository has no config.json (nor adapter_config.json): "
             "not a transformers model"
         )
     if not _complete(folder, patterns):  # e.g. pickled .bin weights only (lmsys/vicuna-7b-v1.5)
-        raise HubError(
+        raise InputError(
             f"{what} {hub_id}: the Hub repository has no safetensors weights (pickled .bin only?): "
             f"`l2c convert weights {hub_id} OUT` downloads and converts them; then give OUT"
         )
     return str(folder)
-
-
-def resolve_model_path(
-    name_or_path: str | os.PathLike, what: str = "model", patterns: tuple[str, ...] = WEIGHTS_SAFE
-) -> str:
-    """A local path as it is; a Hub id -> its snapshot folder (:func:`hub_snapshot`); ``embedded:``
-    names are left to ``l2c_llava.embedded``."""
-    s = str(name_or_path)
-    return hub_snapshot(s, what, patterns) if is_hub_id(s) else s

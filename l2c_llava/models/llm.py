@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from l2c_llava.embedded import EMBEDDED_LLM, llm_folder, materialize_gguf
-from l2c_llava.errors import L2CError
+from l2c_llava.embedded import EMBEDDED_LLM, materialize_gguf
+from l2c_llava.errors import InputError
+from l2c_llava.models.reference import llm_folder
 from l2c_llava.quantization import bnb_4bit_config, require_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ SUPPORTED_FAMILIES = {
 GGUF_DECODERS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
 
 
-class EncoderLoadError(L2CError, ValueError):
-    """A checkpoint that cannot be made into a text encoder; the message says what and how to fix it."""
-
-
 @dataclass
 class EncoderSource:
     """Where the weights come from: a base (folder / GGUF) and LoRA adapters merged in turn."""
@@ -46,25 +43,25 @@ class EncoderSource:
 
 
 def _check_gguf(path: Path) -> str:
-    """The GGUF file's architecture, or an EncoderLoadError saying why it is not a decoder LLM."""
+    """The GGUF file's architecture, or an InputError saying why it is not a decoder LLM."""
     if not path.is_file():
-        raise EncoderLoadError(f"GGUF file not found: {path}")
+        raise InputError(f"GGUF file not found: {path}")
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a core dependency
-        raise EncoderLoadError("loading GGUF files needs the `gguf` package (pip install gguf)") from e
+        raise InputError("loading GGUF files needs the `gguf` package (pip install gguf)") from e
     try:
         reader = gguf.GGUFReader(str(path))
         field_ = reader.fields["general.architecture"]
         arch = bytes(field_.parts[field_.data[0]]).decode()
     except KeyError:
-        raise EncoderLoadError(
+        raise InputError(
             f"{path}: GGUF file without general.architecture; cannot tell what model it holds"
         ) from None
     except Exception as e:  # not a GGUF file at all
-        raise EncoderLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     if arch not in GGUF_DECODERS:
-        raise EncoderLoadError(
+        raise InputError(
             f"{path} holds a {arch!r} model, not a supported decoder LLM; "
             f"supported GGUF architectures: {', '.join(sorted(GGUF_DECODERS))}"
         )
@@ -73,7 +70,7 @@ def _check_gguf(path: Path) -> str:
 
 def _check_family(model_type: str, where: str) -> None:
     if model_type not in SUPPORTED_FAMILIES:
-        raise EncoderLoadError(
+        raise InputError(
             f"{where}: model family {model_type!r} is not supported as a bidirectional text encoder; "
             f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
         )
@@ -118,14 +115,14 @@ def local_llm_folder(name_or_path: str, gguf_file: str | None = None) -> str:
         return str(materialize_gguf(folder, gguf_file))  # converted once, cached as safetensors
     p = Path(folder)
     if not p.is_dir():
-        raise EncoderLoadError(
+        raise InputError(
             f"model folder not found: {folder} (a transformers folder, a .gguf file or {EMBEDDED_LLM!r})"
         )
     if not (p / "config.json").is_file():
-        raise EncoderLoadError(f"{folder} has no config.json: not a transformers model folder")
+        raise InputError(f"{folder} has no config.json: not a transformers model folder")
     if not any(p.glob("*.safetensors")):
         found = ", ".join(sorted(x.name for x in p.iterdir())) or "nothing"
-        raise EncoderLoadError(
+        raise InputError(
             f"{name_or_path} has no *.safetensors weights (found: {found}); pickled .bin weights (Vicuna-7B-v1.5 "
             f"ships them) are not loaded: `l2c convert weights {name_or_path} OUT` writes a safetensors copy"
         )
@@ -170,7 +167,7 @@ def load_llm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
-        raise EncoderLoadError(f"{folder}: no usable tokenizer ({e})") from None
+        raise InputError(f"{folder}: no usable tokenizer ({e})") from None
     name = getattr(config, "_name_or_path", "") or ""
     return model, tokenizer, config.model_type, name
 
@@ -183,12 +180,12 @@ def merge_adapters(model, adapters: Sequence[str]):
     for adapter in adapters:
         p = Path(adapter)
         if not (p / "adapter_config.json").is_file():
-            raise EncoderLoadError(
+            raise InputError(
                 f"adapter folder {adapter} has no adapter_config.json (a peft LoRA folder is expected)"
             )
         if not (p / "adapter_model.safetensors").is_file():
             other = [x.name for x in p.glob("adapter_model.*")]
-            raise EncoderLoadError(
+            raise InputError(
                 f"adapter folder {adapter} has no adapter_model.safetensors"
                 + (f" (found {', '.join(other)}: convert it to safetensors)" if other else "")
             )

@@ -10,15 +10,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from l2c_llava.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from l2c_llava.embedded import resolve_vision_path
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
+from l2c_llava.models.reference import resolve_vision_path
 
 logger = logging.getLogger(__name__)
-
-
-class VisionTowerError(L2CError, ValueError):
-    """A vision tower folder that cannot be loaded (wrong kind, damaged or pickled weights)."""
 
 
 def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle: bool = False):
@@ -31,25 +26,25 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     path = resolve_vision_path(str(path))
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path}: no config.json (a transformers CLIPVisionModel / CLIPModel folder is expected)"
         )
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in ("clip", "clip_vision_model"):
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path} is a {cfg.model_type!r} model, not a CLIP vision model "
             "(clip / clip_vision_model)"
         )
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if not safetensors and pickles and not allow_pickle:
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path} holds its weights as {pickles[0]} (a pickle, which can run code "
             "when loaded) and no .safetensors file. Convert it (`l2c convert weights FOLDER OUT`), or pass "
             "--allow-pickle if you trust where the file comes from"
         )
     if not safetensors and not pickles:
-        raise VisionTowerError(
+        raise InputError(
             f"vision tower {path}: no weights (*.safetensors); a model shipped as pickled .bin "
             "weights only is converted by `l2c convert weights SOURCE OUT`"
         )
@@ -59,7 +54,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
                 with safe_open(str(f), framework="pt") as st:
                     st.keys()
             except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
-                raise VisionTowerError(
+                raise InputError(
                     f"vision tower {path}: {f.name} cannot be read ({type(e).__name__}: {e}); the file "
                     "is damaged or not safetensors: export or download it again"
                 ) from None
@@ -73,7 +68,7 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
             try:
                 torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - UnpicklingError (code or other objects), a damaged file
-                raise VisionTowerError(
+                raise InputError(
                     f"vision tower {path}: {name} cannot be loaded as plain tensors ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); it holds code or other objects, or is damaged. Nothing "
                     "in it was run. Use safetensors weights from a source you trust"
@@ -93,45 +88,3 @@ def load_vision_tower(path: str, attn_implementation: str = "sdpa", allow_pickle
     finally:
         if quiet:
             hf_logging.set_verbosity(level)
-
-
-def llava_image_processor(size: int, pad: bool = True):
-    """The LLaVA's image processor: pad to a square of the mean colour (LLaVA's ``image_aspect_ratio:
-    pad``, with `pad`), then CLIP's resize (shortest side, bicubic) and centre crop to ``size``, OpenAI
-    CLIP's mean / std. Always the PIL backend (``LlavaImageProcessorPil``): transformers 5 picks the
-    torchvision one wherever torchvision is installed, and the two resize differently; LLaVA and
-    OpenAI used PIL. Saved as ``LlavaImageProcessor`` with ``do_pad``, so lmms-eval's ``llava_hf``
-    (processor on the raw image) gets training's pixels."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    return LlavaImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_pad=pad,
-    )
-
-
-def pil_image_processor(image_processor):
-    """The same image processor on the PIL backend (a loaded one may be torchvision's)."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    if isinstance(image_processor, LlavaImageProcessorPil):
-        return image_processor
-    keys = (
-        "size",
-        "crop_size",
-        "image_mean",
-        "image_std",
-        "do_pad",
-        "do_resize",
-        "do_center_crop",
-        "do_rescale",
-        "rescale_factor",
-        "do_normalize",
-        "do_convert_rgb",
-        "resample",
-    )
-    d = image_processor.to_dict()
-    return LlavaImageProcessorPil(**{k: d[k] for k in keys if d.get(k) is not None})

@@ -31,17 +31,10 @@ import torch
 from torch import nn
 
 from l2c_llava.cpu_threads import follow_share
-from l2c_llava.embedded import llm_folder
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, follow_umask
-from l2c_llava.models.hub import resolve_model_path
-from l2c_llava.models.llm import (
-    EncoderLoadError,
-    EncoderSource,
-    load_llm,
-    merge_adapters,
-    resolve_dtype,
-)
+from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
+from l2c_llava.models.reference import llm_folder, resolve_model_path
 from l2c_llava.train.sharded import is_fsdp_wrapped, state_dict
 
 logger = logging.getLogger(__name__)
@@ -136,7 +129,7 @@ def _read_llm2vec_config(folders: Sequence[str]) -> dict:
             try:
                 return json.loads(path.read_text())
             except json.JSONDecodeError as e:
-                raise EncoderLoadError(f"{path} is not valid JSON: {e}") from None
+                raise InputError(f"{path} is not valid JSON: {e}") from None
     return {}
 
 
@@ -220,9 +213,7 @@ class TextEncoder(nn.Module):
         ``"embedded:smollm2-135m-instruct"``, an llm2vec / LLM2CLIP checkpoint (base + `adapters`
         merged in turn + llm2vec_config.json), or a folder written by :meth:`save`. Explicit options
         override the saved ones."""
-        if not str(path).startswith("embedded:") and Path(str(path)).suffix != ".gguf":
-            path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
-        path = str(path)
+        path = resolve_model_path(path, "text encoder")  # a Hub id -> its cached snapshot
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         meta_path = Path(path) / ENCODER_META
         saved: dict = {}
@@ -234,9 +225,7 @@ class TextEncoder(nn.Module):
             else:
                 adapter = Path(path) / ADAPTER_DIR
                 if not adapter.is_dir():
-                    raise EncoderLoadError(
-                        f"{path}: {ENCODER_META} names an adapter, but {adapter} is missing"
-                    )
+                    raise InputError(f"{path}: {ENCODER_META} names an adapter, but {adapter} is missing")
                 source = EncoderSource(
                     src["base"], src.get("gguf_file"), list(src.get("adapters", [])) + [str(adapter)]
                 )

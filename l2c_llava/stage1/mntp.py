@@ -20,11 +20,12 @@ from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
 from l2c_llava.io import move_into_place, work_folder
 from l2c_llava.models.llm import EncoderSource, load_llm, merge_adapters, resolve_dtype
-from l2c_llava.quantization import make_adamw, prepare_for_qlora
+from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
 from l2c_llava.stage1.encoder import lora_targets, save_adapter
 from l2c_llava.train import sharded
-from l2c_llava.train.accelerator import LaunchError, configure_launch
+from l2c_llava.train.accelerator import configure_launch
+from l2c_llava.train.optim import make_adamw
 
 logger = logging.getLogger("l2c_llava.stage1")
 
@@ -74,7 +75,7 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
         logger.info("MNTP already done: %s", out)
         return out
     if sharded.zero_stage(acc) == 3:
-        raise LaunchError(
+        raise InputError(
             "MNTP under ZeRO-3: its LM head runs outside the DeepSpeed engine, which ZeRO-3 cannot "
             "partition. Run MNTP under a ZeRO-2 or DDP launch (stage1/accelerate/deepspeed_zero2.yaml), or "
             "name a trained MNTP adapter in model.adapters and set mntp.enabled=false"

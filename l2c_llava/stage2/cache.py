@@ -32,10 +32,9 @@ import torch
 from l2c_llava import layout as L
 from l2c_llava.data.readers import read_caption_pairs, read_families, read_karpathy, read_long_captions
 from l2c_llava.data.webdataset import expand_shards, scan_shards
-from l2c_llava.embedded import llm_folder
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_save, atomic_write_json
-from l2c_llava.models.hub import resolve_model_path
+from l2c_llava.models.reference import llm_folder, resolve_model_path
 from l2c_llava.stage1.encoder import (  # the frozen stage-1 encoder: a model, not its training
     SEPARATOR,
     TextEncoder,
@@ -49,10 +48,6 @@ WINDOW = L.CACHE_LLM_WINDOW
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _WHOLE_FILE_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole; larger ones by size + head + tail
 _EDGE = 1 << 20
-
-
-class CacheError(L2CError, ValueError):
-    """A cache that cannot be used for this run; the message says why and how to rebuild it."""
 
 
 def caption_keys(captions: Sequence[str]) -> torch.Tensor:
@@ -121,7 +116,7 @@ def encoder_fingerprint(encoder_path: str | os.PathLike, instruction: str | None
         elif Path(folder).is_dir():
             add_folder("base", Path(folder))
         else:
-            raise CacheError(f"text encoder not found: {encoder_path}")
+            raise InputError(f"text encoder not found: {encoder_path}")
     digest = hashlib.sha256(
         json.dumps({"files": parts, "instruction": instruction}, sort_keys=True).encode()
     ).hexdigest()
@@ -137,17 +132,17 @@ class TextFeatureCache:
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
-            raise CacheError(
+            raise InputError(
                 f"{self.folder} is not a text feature cache (no {MANIFEST}); build it with `l2c stage2 cache`"
             )
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise CacheError(
+            raise InputError(
                 f"{path}: unknown cache format {self.manifest.get('format')!r} (expected {FORMAT!r})"
             )
         if not self.manifest.get("complete"):
             done = len(self.manifest.get("shards", []))
-            raise CacheError(
+            raise InputError(
                 f"{self.folder}: the cache is incomplete ({done} shards written); run `l2c stage2 cache` again to finish it"
             )
         self._handles = [
@@ -202,7 +197,7 @@ class TextFeatureCache:
 
     def rows_of(self, captions: Sequence[str], where: str = "") -> torch.Tensor:
         """Cache rows of `captions` found by their keys (sorted-key search: 16 bytes per row, no dict),
-        or a CacheError naming the first caption with no cached feature."""
+        or a InputError naming the first caption with no cached feature."""
         if not hasattr(self, "_sorted"):
             keys = self.keys()
             order = torch.argsort(keys)
@@ -213,7 +208,7 @@ class TextFeatureCache:
         if not bool(found.all()):
             i = int((~found).nonzero()[0])
             text = captions[i] if len(captions[i]) <= 60 else captions[i][:57] + "..."
-            raise CacheError(
+            raise InputError(
                 f"{where + ': ' if where else ''}caption {text!r} has no cached feature in {self.folder}; "
                 "rebuild the cache for this data: l2c stage2 cache --config ..."
             )
@@ -240,7 +235,7 @@ class TextFeatureCache:
             want = encoder_fingerprint(encoder_path, instruction)["digest"]
             if want != self.encoder_digest:
                 made = self.manifest["encoder"]
-                raise CacheError(
+                raise InputError(
                     f"{self.folder} was built by another text encoder or instruction "
                     f"({made.get('path')}, instruction {made.get('instruction')!r}); this run uses {encoder_path} "
                     f"(instruction {instruction!r}). Rebuild it: l2c stage2 cache --config ... (or point cache.dir elsewhere)"
@@ -252,12 +247,12 @@ class TextFeatureCache:
         for i in range(len(captions)):
             if i >= len(have) or int(have[i]) != int(keys[i]):
                 text = captions[i] if len(captions[i]) <= 60 else captions[i][:57] + "..."
-                raise CacheError(
+                raise InputError(
                     f"{where + ': ' if where else ''}caption {i} ({text!r}) has no cached feature: {self.folder} was "
                     f"built for other captions ({len(have)} rows, this run needs {len(captions)}). "
                     f"Rebuild it: l2c stage2 cache --config ..."
                 )
-        raise CacheError(
+        raise InputError(
             f"{self.folder} holds {len(have)} rows; this run needs {len(captions)} (rebuild the cache)"
         )
 
@@ -288,12 +283,12 @@ def build_cache(
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
-        raise CacheError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not captions:
-        raise CacheError("no captions to cache")
+        raise InputError("no captions to cache")
     for i, c in enumerate(captions):
         if not isinstance(c, str) or not c.strip():
-            raise CacheError(f"caption {i} is empty")
+            raise InputError(f"caption {i} is empty")
     folder = Path(folder)
     keys = caption_keys(captions)
     fp = encoder_fingerprint(encoder_path, instruction)
@@ -319,7 +314,7 @@ def build_cache(
         }  # older caches: "auto", the encoder's own window
         differs = [k for k in wanted if made.get(k) != (wanted[k] if k != "encoder" else fp["digest"])]
         if differs and not overwrite:
-            raise CacheError(
+            raise InputError(
                 f"{folder} holds a cache made with other {', '.join(differs)}; it is not reused. "
                 f"Pass --overwrite to rebuild it there, or choose another cache.dir"
             )
@@ -350,7 +345,7 @@ def build_cache(
             if manifest["dim"] is None:
                 manifest["dim"] = int(feats.shape[1])
             elif feats.shape[1] != manifest["dim"]:
-                raise CacheError(
+                raise InputError(
                     f"shard {s}: feature dimension {feats.shape[1]} differs from the cache's {manifest['dim']}"
                 )
             name = f"shard-{s:05d}.safetensors"

@@ -27,10 +27,10 @@ from l2c_llava import layout as L
 from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.images import clip_image_processor, load_rgb
 from l2c_llava.data.readers import RetrievalSet, read_families, read_karpathy, read_long_captions
-from l2c_llava.embedded import resolve_vision_path
 from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json, atomic_write_text
-from l2c_llava.stage2.cache import CacheError, TextFeatureCache
+from l2c_llava.models.reference import resolve_vision_path
+from l2c_llava.stage2.cache import TextFeatureCache
 from l2c_llava.stage2.clip_baseline import pooled
 from l2c_llava.stage2.llm2clip import LLM2CLIP
 from l2c_llava.stage2.retrieval import recall_at_k
@@ -211,12 +211,12 @@ def evaluate(
         cache = TextFeatureCache(Path(cfg.cache.dir) / f"eval_{name}")
         want = model.text_encoder_ref.get("digest")
         if want and cache.encoder_digest != want:
-            raise CacheError(
+            raise InputError(
                 f"{cache.folder} was made by another text encoder than the one {model.source} was trained "
                 "with; rebuild it: l2c stage2 cache --config ..."
             )
         if cache.dim != model.text_dim:
-            raise CacheError(
+            raise InputError(
                 f"{cache.folder} holds {cache.dim}-d features; the adapter of {model.source} takes "
                 f"{model.text_dim}-d ones. Rebuild the cache with the model's text encoder"
             )

@@ -16,17 +16,11 @@ import torch
 
 from l2c_llava.cards import model_card, write_card
 from l2c_llava.data.images import write_preprocessor_config
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.io import check_output_folder, publish_folder
-from l2c_llava.layout import export_dir, exported_tower, is_stage2_run  # noqa: F401 (re-exported)
 from l2c_llava.models.portable import save_vision_folder
 from l2c_llava.models.vision_formats import FORMATS, VisionFormatError
 from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
-
-
-class ExportError(L2CError, ValueError):
-    """A folder that is not a stage-2 model, or an export that does not load back cleanly."""
-
 
 KIND_OF_FORMAT = {
     "hf": "vision encoder",
@@ -42,12 +36,12 @@ def export_vision(
     CLIPVisionModel folder (`format` hf), or as an open_clip / timm folder with LLM2CLIP's image
     projection (``encode_image`` / the timm head give the LLM2CLIP image embedding)."""
     if format not in FORMATS:
-        raise ExportError(f"unknown vision export format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown vision export format {format!r}; choose one of {', '.join(FORMATS)}")
     check_output_folder(out_dir, KIND_OF_FORMAT[format], overwrite)  # before any model loads
     try:
         model = LLM2CLIP.from_pretrained(source).model
     except LLM2CLIPLoadError as e:
-        raise ExportError(
+        raise InputError(
             f"{e}; train one with `l2c stage2 train` or import a release with `l2c import llm2clip`"
         ) from None
     if format == "hf":
@@ -82,7 +76,7 @@ def export_vision_library(
     try:
         vf.check_expressible(trained.config, format)
     except VisionFormatError as e:
-        raise ExportError(str(e)) from None
+        raise InputError(str(e)) from None
     want = vf._hf_vision_state(trained)
     layers = int(trained.config.num_hidden_layers)
 
@@ -97,9 +91,9 @@ def export_vision_library(
             back, proj = vf.hf_from_timm(state, layers), state.get("head.weight")
         if back.keys() != want.keys() or any(not torch.equal(back[k], want[k]) for k in want):
             bad = sorted(k for k in want if k not in back or not torch.equal(back[k], want[k]))
-            raise ExportError(f"the {format} folder does not hold the tower's weights: {bad[:5]}")
+            raise InputError(f"the {format} folder does not hold the tower's weights: {bad[:5]}")
         if projection is not None and not torch.equal(proj, projection.detach().float()):
-            raise ExportError(f"the {format} folder does not hold the image projection")
+            raise InputError(f"the {format} folder does not hold the image projection")
         write_card(tmp, f"vision-{format}", card_source, name=Path(out_dir).name)
 
     return publish_folder(out_dir, build, KIND_OF_FORMAT[format], overwrite)
@@ -116,7 +110,7 @@ def export_vision_tower(
     tower = CLIPVisionModel(config).eval()
     missing, unexpected = tower.load_state_dict(trained.state_dict(), strict=False)
     if missing or unexpected:
-        raise ExportError(
+        raise InputError(
             f"the trained tower does not fit CLIPVisionModel: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
@@ -129,7 +123,7 @@ def export_vision_tower(
             k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
         }
         if bad:
-            raise ExportError(f"the exported folder does not load back cleanly: {bad}")
+            raise InputError(f"the exported folder does not load back cleanly: {bad}")
         probe = torch.randn(
             2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0)
         )
@@ -139,7 +133,7 @@ def export_vision_tower(
                 again.eval()(pixel_values=probe).pooler_output,
                 atol=1e-5,
             ):
-                raise ExportError("the exported tower's features differ from the trained tower's")
+                raise InputError("the exported tower's features differ from the trained tower's")
 
     return publish_folder(out_dir, build, "vision encoder", overwrite)
 
@@ -157,7 +151,7 @@ def export_llm2clip(
             out_dir, overwrite=overwrite, card=model_card("llm2clip", Path(out_dir).name, source)
         )
     except LLM2CLIPLoadError as e:
-        raise ExportError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def import_llm2clip(
@@ -170,7 +164,7 @@ def import_llm2clip(
     (CLIPVisionModel for LLaVA) and OUT/llm2clip (the whole model)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is an existing file, not a folder; choose another output folder")
+        raise InputError(f"{out} is an existing file, not a folder; choose another output folder")
     for part, kind in (("llm2clip", "llm2clip model"), ("vision", "vision encoder")):  # before any work
         check_output_folder(out / part, kind, overwrite)
     whole = export_llm2clip(source, out / "llm2clip", text_encoder, overwrite)

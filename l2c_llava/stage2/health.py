@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from l2c_llava import layout as L
 from l2c_llava.cpu_threads import follow_share
-from l2c_llava.data.images import load_rgb
+from l2c_llava.data.images import llava_image_processor, load_rgb
 from l2c_llava.data.scenes import COLOURS, SHAPES
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.models.vision import llava_image_processor, load_vision_tower
+from l2c_llava.models.vision import load_vision_tower
+from l2c_llava.train.optim import make_adamw
 
 CELLS = 9
 
@@ -169,7 +170,7 @@ def patch_probe(
     feats = (feats - feats.mean((0, 1))) / feats.std((0, 1)).clamp_min(1e-6)
     torch.manual_seed(seed)
     reader = PatchReader(feats.shape[-1], feats.shape[1])
-    opt = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = make_adamw(reader.parameters(), "adamw", lr=1e-3, weight_decay=0.05)
     for _ in range(steps):
         follow_share()  # under a parallel pipeline: the cores a neighbour left
         b = train_q[torch.randint(len(train_q), (128,))]

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from l2c_llava.data.images import clip_image_processor, write_preprocessor_config
 from l2c_llava.errors import L2CError
 from l2c_llava.io import publish_folder
-from l2c_llava.models.hub import resolve_model_path
 from l2c_llava.models.portable import portable_config
+from l2c_llava.models.reference import resolve_model_path
 from l2c_llava.stage1.encoder import TextEncoder
 from l2c_llava.stage2.cache import encoder_fingerprint
 from l2c_llava.stage2.model import LLM2CLIPModel

@@ -2,6 +2,7 @@
 
 - ``accelerator.py``  the accelerate Accelerator; the launch values under DeepSpeed; a micro-batch's
                       backward and gradient clipping under every launch (one process, DDP, FSDP, DeepSpeed)
+- ``optim.py``        the optimiser: AdamW or 8-bit AdamW (``train.optimizer``)
 - ``schedule.py``     the learning-rate schedule
 - ``checkpoints.py``  atomic checkpoints, an exact resume, a damaged latest one set aside
 - ``run_dir.py``      the run folder: resolved config and versions, the training log, train_stats.json

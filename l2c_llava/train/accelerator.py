@@ -10,7 +10,7 @@ import os
 import torch
 
 from l2c_llava import trackers
-from l2c_llava.errors import L2CError
+from l2c_llava.errors import InputError
 from l2c_llava.models.llm import warn_if_slow_bf16
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def make_accelerator(mixed_precision: str, seed: int, report_to=(), run_dir=None
     if want["kind"] == "FSDP" and not torch.cuda.is_available():
         flags = ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING")
         if any(os.environ.get(f, "false").lower() == "true" for f in flags):
-            raise LaunchError(
+            raise InputError(
                 "FSDP on a machine without a GPU: fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading "
                 "need a GPU (accelerate refuses them on the CPU); launch with --fsdp_sync_module_states false "
                 "--fsdp_cpu_ram_efficient_loading false (the shipped yamls keep them on for GPUs). Nothing "
@@ -112,7 +112,7 @@ def check_launch(acc, want: dict) -> None:
             f"the launcher started {want['world_size']} processes and this one sees a world of {acc.num_processes}"
         )
     if problems:
-        raise LaunchError(
+        raise InputError(
             "; ".join(problems)
             + ". Nothing was written. On a machine without a GPU launch with DS_ACCELERATOR=cpu and without "
             "--cpu / use_cpu (it turns DeepSpeed and FSDP off); check that deepspeed is installed "
@@ -136,10 +136,6 @@ def launch_info(acc) -> dict:
         strategy = getattr(fsdp, "sharding_strategy", None)
         info["fsdp_sharding"] = getattr(strategy, "name", str(strategy))
     return info
-
-
-class LaunchError(L2CError, ValueError):
-    """A launch (accelerate / DeepSpeed / FSDP) that cannot run the recipe as configured."""
 
 
 # what the training config decides under DeepSpeed (the accelerate yaml decides ZeRO stage, offload,
@@ -189,7 +185,7 @@ def configure_launch(
     if plugin is None:
         return None
     if contrastive_accum and accum > 1:
-        raise LaunchError(
+        raise InputError(
             "train.contrastive_accum (GradCache) backpropagates each micro-batch twice, which "
             "DeepSpeed's accumulation does not allow: launch with the DDP or FSDP config, or set "
             "train.contrastive_accum=false"

@@ -29,7 +29,6 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.cpu_threads import follow_share
 from l2c_llava.layout import TRAIN_LOG, TRAINED_MODEL
-from l2c_llava.quantization import make_adamw
 from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import (
     clip_gradients,
@@ -39,6 +38,7 @@ from l2c_llava.train.accelerator import (
     lift_scalar_parameters,
     micro_backward,
 )
+from l2c_llava.train.optim import make_adamw
 from l2c_llava.train.run_dir import append_log, finished_stats, truncate_log
 from l2c_llava.train.schedule import make_scheduler
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from l2c_llava.config.core import REMOVED_KEYS as REMOVED_CONFIG_KEYS
 from l2c_llava.config.core import config_to_dict, flatten
+from l2c_llava.config.migrations import with_removed_keys, without_migrated_keys
 from l2c_llava.errors import InputError
 from l2c_llava.layout import RUN_CONFIG
 from l2c_llava.train.checkpoints import Checkpoints
@@ -49,39 +49,7 @@ BOOKKEEPING = frozenset(
 OUTPUT_LOCATIONS = frozenset({"run.output_dir"})  # (export.dir is in an AFTER_TRAINING section)
 RUN_LENGTH = frozenset({"train.max_steps", "train.epochs"})
 AFTER_TRAINING = frozenset({"eval", "export"})  # top-level sections
-# Keys added after run folders existed, each with the value that does what those runs did: at that
-# value the key is left out of every comparison and fingerprint, so adding it re-runs and refuses nothing.
-ADDED_KEYS = {"text_encoder.torch_dtype": "auto", "data.packing": False, "data.eval_long_hard": None}
-
-
-# Keys removed after run folders existed (config/core.py REMOVED_KEYS: configs that still hold them load):
-# comparisons leave them out, fingerprints count them at their one value as before.
-REMOVED_KEYS = {key: value for (_, key), (value, _) in REMOVED_CONFIG_KEYS.items()}
-
-
-def without_migrated_keys(flat: Mapping[str, object]) -> dict:
-    """`flat` without the :data:`ADDED_KEYS` that hold their original value and without the
-    :data:`REMOVED_KEYS` (an old run's config.yaml still holds them)."""
-    return {
-        k: v
-        for k, v in flat.items()
-        if not (k in ADDED_KEYS and v == ADDED_KEYS[k]) and not (k in REMOVED_KEYS and v == REMOVED_KEYS[k])
-    }
-
-
-def with_removed_keys(flat: Mapping[str, object]) -> dict:
-    """`flat` with each of the :data:`REMOVED_KEYS` whose section it has, at its one value: what a
-    fingerprint counted before the key was removed."""
-    out = dict(flat)
-    for key, value in REMOVED_KEYS.items():
-        if key in out:
-            continue
-        section = key.rpartition(".")[0] + "."
-        items = list(out.items())
-        at = [i for i, (k, _) in enumerate(items) if k.startswith(section)]
-        if at:  # where it stood: after its section's other keys (fingerprints hash in order)
-            out = dict(items[: at[-1] + 1] + [(key, value)] + items[at[-1] + 1 :])
-    return out
+# The keys a schema gained or lost after run folders existed: config/migrations.py.
 
 
 def is_bookkeeping(key: str) -> bool:
