@@ -466,6 +466,46 @@ def _check_pixels(image_dir: Path, family: dict, boxes: dict) -> float:
     return smallest
 
 
+def _hard_family(s: Scene, seed: int, tok) -> tuple[dict, list[dict]] | None:
+    """The hard set's family of the test scene `s`: the scene and HARD_FAMILY_SIZE - 1 copies of it whose
+    most salient group takes another colour (or shape), captioned alike until CLIP's window is full; with
+    the copies to draw. None where the scene makes no family (too few other values for the group, captions
+    that do not fill the window)."""
+    rng = random.Random(f"{seed}-hard-{s.index}")
+    late = max(s.groups, key=C.salience)
+    attribute = rng.choice(("colour", "shape"))
+    values = _late_values(s, late, attribute)
+    sentences = C.hard_caption_sentences(s, late, rng)
+    template = rng.randrange(2)
+    if len(values) < HARD_FAMILY_SIZE - 1:
+        return None
+    # the fewest opening sentences that fill the tower's window: the caption's difference comes after
+    lengths = tok([" ".join(sentences[: k + 1]) for k in range(len(sentences))], verbose=False)["input_ids"]
+    keep = next((k + 1 for k, ids in enumerate(lengths) if len(ids) - 1 >= CLIP_CONTEXT), None)
+    if keep is None:
+        return None
+    opening = " ".join(sentences[:keep])
+    family = f"{s.index:09d}"
+    members, payload = [], []
+    for j, value in enumerate([None, *rng.sample(values, HARD_FAMILY_SIZE - 1)]):
+        g = late if value is None else replace(late, **{attribute: value}, boxes=[])
+        if g.shape == "circle":
+            g = replace(g, tilt=0.0)
+        variant = Scene(s.index, s.background, [g if x is late else x for x in s.groups])
+        rel = image_relpath(s.index) if value is None else f"{L.HARD_IMAGES}/{family}_{j}.jpg"
+        if value is not None:
+            payload.append(_scene_payload(variant, rel))
+        members.append(
+            {"image": rel, "group": g, "caption": f"{opening} {C.hard_caption_ending(g, template)}"}
+        )
+    return {
+        "family": family,
+        "attribute": attribute,
+        "slot": s.groups.index(late),
+        "members": members,
+    }, payload
+
+
 def hard_long_set(
     partial: Path, scenes: list[Scene], splits: list[str], options: SynthOptions, workers: int, progress: bool
 ) -> tuple[list[dict], dict]:
@@ -486,38 +526,10 @@ def hard_long_set(
     for s in scenes:
         if splits[s.index] != "test" or len(families) == HARD_MAX_FAMILIES:
             continue
-        rng = random.Random(f"{options.seed}-hard-{s.index}")
-        late = max(s.groups, key=C.salience)
-        attribute = rng.choice(("colour", "shape"))
-        values = _late_values(s, late, attribute)
-        sentences = C.hard_caption_sentences(s, late, rng)
-        template = rng.randrange(2)
-        if len(values) < HARD_FAMILY_SIZE - 1:
-            continue
-        # the fewest opening sentences that fill the tower's window: the caption's difference comes after
-        lengths = tok([" ".join(sentences[: k + 1]) for k in range(len(sentences))], verbose=False)[
-            "input_ids"
-        ]
-        keep = next((k + 1 for k, ids in enumerate(lengths) if len(ids) - 1 >= CLIP_CONTEXT), None)
-        if keep is None:
-            continue
-        opening = " ".join(sentences[:keep])
-        family = f"{s.index:09d}"
-        members = []
-        for j, value in enumerate([None, *rng.sample(values, HARD_FAMILY_SIZE - 1)]):
-            g = late if value is None else replace(late, **{attribute: value}, boxes=[])
-            if g.shape == "circle":
-                g = replace(g, tilt=0.0)
-            variant = Scene(s.index, s.background, [g if x is late else x for x in s.groups])
-            rel = image_relpath(s.index) if value is None else f"{L.HARD_IMAGES}/{family}_{j}.jpg"
-            if value is not None:
-                payload.append(_scene_payload(variant, rel))
-            members.append(
-                {"image": rel, "group": g, "caption": f"{opening} {C.hard_caption_ending(g, template)}"}
-            )
-        families.append(
-            {"family": family, "attribute": attribute, "slot": s.groups.index(late), "members": members}
-        )
+        made = _hard_family(s, options.seed, tok)
+        if made is not None:
+            families.append(made[0])
+            payload += made[1]
     if not families:
         return [], {"families": 0}
     boxes = _draw(payload, options, workers, partial / L.IMAGES, progress, "drawing the hard set")
