@@ -20,8 +20,8 @@ from l2c_llava.mllm.lmms import (
 )
 
 from .conftest import ROOT
-from .test_stage2_model import tiny_vision
 from .tiny_llm import save_tiny_llm
+from .tiny_models import tiny_vision
 
 ROOT_CONFIG = ROOT / "pipeline" / "configs" / "demo.yaml"
 
