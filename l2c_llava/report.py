@@ -155,60 +155,50 @@ def image_use(out: Path) -> dict:
             continue
         r: dict = {}
         ids = sorted(right)
-        k = sum(right[i] for i in ids)
-        r["vqa"] = {
-            "accuracy": round(k / len(ids), 4),
-            "n": len(ids),
-            "ci95": [round(x, 4) for x in wilson_interval(k, len(ids))],
-        }
+        r["vqa"] = _accuracy(sum(right[i] for i in ids), len(ids))
         other = _sample_hits(folder, "l2c_vqa_shuffled", "exact_match")
         common = [i for i in ids if i in other]
         if common:
-            k2 = sum(other[i] for i in common)
-            r["vqa_another_image"] = {
-                "accuracy": round(k2 / len(common), 4),
-                "n": len(common),
-                "ci95": [round(x, 4) for x in wilson_interval(k2, len(common))],
-            }
+            r["vqa_another_image"] = _accuracy(sum(other[i] for i in common), len(common))
             r["vs_another_image"] = paired_comparison([right[i] for i in common], [other[i] for i in common])
         if len(prior) > max(ids):
-            kp = sum(prior[i] for i in ids)
-            r["vqa_prior"] = {
-                "accuracy": round(kp / len(ids), 4),
-                "n": len(ids),
-                "ci95": [round(x, 4) for x in wilson_interval(kp, len(ids))],
-            }
+            r["vqa_prior"] = _accuracy(sum(prior[i] for i in ids), len(ids))
             r["vs_prior"] = paired_comparison([right[i] for i in ids], [prior[i] for i in ids])
         pope = _sample_hits(folder, "l2c_pope", "pope_accuracy")
         yes = _sample_hits(folder, "l2c_pope", "pope_yes_ratio")
         if pope:
-            kp = sum(pope.values())
             r["pope"] = {
-                "accuracy": round(kp / len(pope), 4),
-                "n": len(pope),
-                "ci95": [round(x, 4) for x in wilson_interval(kp, len(pope))],
+                **_accuracy(sum(pope.values()), len(pope)),
                 "yes_ratio": round(sum(yes.values()) / len(yes), 4) if yes else None,
             }
-        t = READS_IMAGE
-        checks = {}
-        if "vs_another_image" in r:
-            v = r["vs_another_image"]
-            checks["above_another_image"] = (
-                v["gain"] >= t["min_gain_over_shuffled"] and v["p_value"] < t["max_p_shuffled"]
-            )
-        if "vs_prior" in r:
-            v = r["vs_prior"]
-            checks["above_prior"] = v["gain"] > 0 and v["p_value"] < t["max_p_prior"]
-        if "pope" in r:
-            lo, hi = t["pope_yes_ratio"]
-            yr = r["pope"]["yes_ratio"]
-            checks["pope"] = (
-                r["pope"]["accuracy"] >= t["min_pope_accuracy"] and yr is not None and lo <= yr <= hi
-            )
-        r["checks"] = checks
-        r["reads_image"] = bool(checks) and all(checks.values())
+        r["checks"] = _reads_image_checks(r)
+        r["reads_image"] = bool(r["checks"]) and all(r["checks"].values())
         res[enc] = r
     return res
+
+
+def _accuracy(k: int, n: int) -> dict:
+    """`k` right of `n`: the accuracy with its 95% Wilson interval."""
+    return {"accuracy": round(k / n, 4), "n": n, "ci95": [round(x, 4) for x in wilson_interval(k, n)]}
+
+
+def _reads_image_checks(r: dict) -> dict[str, bool]:
+    """Each threshold of READS_IMAGE that one encoder's numbers (:func:`image_use`) can be held to, met or not."""
+    t = READS_IMAGE
+    checks = {}
+    if "vs_another_image" in r:
+        v = r["vs_another_image"]
+        checks["above_another_image"] = (
+            v["gain"] >= t["min_gain_over_shuffled"] and v["p_value"] < t["max_p_shuffled"]
+        )
+    if "vs_prior" in r:
+        v = r["vs_prior"]
+        checks["above_prior"] = v["gain"] > 0 and v["p_value"] < t["max_p_prior"]
+    if "pope" in r:
+        lo, hi = t["pope_yes_ratio"]
+        yr = r["pope"]["yes_ratio"]
+        checks["pope"] = r["pope"]["accuracy"] >= t["min_pope_accuracy"] and yr is not None and lo <= yr <= hi
+    return checks
 
 
 def _image_use_section(use: dict) -> list[str]:
@@ -263,14 +253,16 @@ def _ci3(bounds) -> str:
     return f" [{bounds[0]:.3f}-{bounds[1]:.3f}]" if bounds else ""
 
 
+# the patch probe's questions (stage2/health.py), in the order the report shows them
+PROBE_TASKS = ("existence", "position", "colour")
+
+
 def _health_section(health: dict | None, plots: Path) -> list[str]:
     """Encoder health of both towers: collapse figures and the patch probe, against chance."""
-    import matplotlib.pyplot as plt
-
     md = ["## Encoder health: do the towers keep the image? (read this before any number built on them)", ""]
     if not health:
         return md + ["(missing: health/health.json)", ""]
-    tasks = ("existence", "position", "colour")
+    tasks = PROBE_TASKS
     md += [
         "| encoder | median cosine, two different images (pooled / mean patch) | top direction's variance share | "
         "probe: existence | position | colour |",
@@ -295,6 +287,14 @@ def _health_section(health: dict | None, plots: Path) -> list[str]:
         f"scored on {first['test_scenes']} test scenes: is there a <colour> <shape>, in which of the 3x3 cells, "
         "and what colour is the <shape> in <cell>. Near chance, no LLaVA on those features can answer better.",
     ]
+    return md + _health_plot(health, chance, plots)
+
+
+def _health_plot(health: dict, chance: dict, plots: Path) -> list[str]:
+    """Each tower's patch-probe accuracy per question, against chance (dashed)."""
+    import matplotlib.pyplot as plt
+
+    tasks = PROBE_TASKS
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for i, (enc, h) in enumerate(health.items()):
         ax.bar(
@@ -317,7 +317,7 @@ def _health_section(health: dict | None, plots: Path) -> list[str]:
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Patch probe on each tower's LLaVA features")
     ax.legend(fontsize=7)
-    return md + _figure(fig, plots, "encoder_health.png", "encoder health")
+    return _figure(fig, plots, "encoder_health.png", "encoder health")
 
 
 def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
