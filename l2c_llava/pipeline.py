@@ -7,6 +7,10 @@ what a user would run by hand):
          -> for baseline and llm2clip: LLaVA pretrain -> finetune -> lmms-eval
          -> report
 
+Each step is a row of the step table (:data:`STEPS`): the steps it reads from, its ``l2c`` command, what it
+writes and what its fingerprint reads; :meth:`Pipeline._plan` fills the rows in from the pipeline config, one
+part per family of steps (data, stage 1, baseline, stage 2, health, each encoder's LLaVA, report).
+
 A step that runs a recipe gets its config resolved here: the step's YAML, the pipeline config's
 ``overrides`` for it, and the wiring the pipeline sets (output folders under ``run.output_dir``, the
 embedded dataset's files, the upstream steps' outputs), validated into the recipe's typed config and
@@ -36,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from l2c_llava import layout as L
@@ -201,6 +206,164 @@ def config_fingerprint(
     }
 
 
+# ---------------------------------------------------------------------- the step table
+@dataclass(frozen=True)
+class StepRow:
+    """What a step is, whatever the run's config: the steps it reads from, its `l2c` command, what it writes
+    and, for a recipe step (`l2c COMMAND --config FILE`), which part of its resolved config its fingerprint
+    reads. The rest (the command's values, the other steps' fingerprint inputs) comes from the run's config:
+    the part of :class:`Pipeline` named after the step's family."""
+
+    name: str
+    title: str
+    reads: tuple[str, ...]  # the steps whose outputs it reads (those the run plans), in fingerprint order
+    command: str | None  # `l2c COMMAND ...`; None: it runs in this process
+    writes: Callable[[L.PipelineRun], list[Path]]  # what it writes; removed when its inputs change
+    done: Callable[[L.PipelineRun], Path]  # exists once its work is complete
+    launched: bool = False  # runs under the step config's launch words (accelerate launch ...)
+    # a recipe step: the config sections its fingerprint reads (None: all), and those read after training
+    # that it keeps (config_fingerprint)
+    sections: tuple[str, ...] | None = None
+    keep: tuple[str, ...] = ()
+
+
+def _llava_rows(enc: str, tower: str) -> tuple[StepRow, ...]:
+    """LLaVA-1.5 on one encoder (its tower written by the step `tower`), then lmms-eval on it."""
+    return (
+        StepRow(
+            f"pretrain_{enc}",
+            f"LLaVA ({enc}): pretrain the projector",
+            (tower, "data"),
+            "mllm pretrain",
+            lambda R: [R.llava(enc, "pretrain")],
+            lambda R: R.llava_stats(enc, "pretrain"),
+            launched=True,
+        ),
+        StepRow(
+            f"finetune_{enc}",
+            f"LLaVA ({enc}): instruction-tune",
+            (f"pretrain_{enc}",),
+            "mllm finetune",
+            lambda R: [R.llava(enc, "finetune")],
+            lambda R: R.llava_stats(enc, "finetune"),
+            launched=True,
+        ),
+        StepRow(
+            f"eval_{enc}",
+            f"lmms-eval ({enc})",
+            (f"finetune_{enc}",),
+            "mllm eval",
+            lambda R: [R.eval(enc)],
+            lambda R: R.eval_results(enc),
+        ),
+    )
+
+
+# the step that writes each encoder's vision tower (none for a baseline CLIP used as is)
+TOWER_STEP = {"baseline": "baseline", "llm2clip": "export"}
+_BEFORE_REPORT = (
+    StepRow("data", "embedded dataset", (), "data synth", lambda R: [R.data], lambda R: R.data / L.MANIFEST),
+    StepRow(
+        "stage1",
+        "stage 1: LLM -> caption encoder",
+        ("data",),
+        "stage1",
+        lambda R: [R.stage1],
+        lambda R: R.stage1_metrics,
+        launched=True,
+        keep=("eval",),
+    ),
+    StepRow(
+        "baseline",
+        "baseline CLIP trained from scratch",
+        ("data",),
+        "clip pretrain",
+        lambda R: [R.clip],
+        lambda R: R.clip_model / "config.json",
+        launched=True,
+    ),
+    StepRow(
+        "text_cache",
+        "stage 2: text feature cache",
+        ("stage1",),
+        "stage2 cache",
+        lambda R: [R.text_features],
+        lambda R: R.text_features_done,
+        sections=("text_encoder", "cache", "data"),
+    ),
+    StepRow(
+        "stage2",
+        "stage 2: vision encoder vs cached LLM features",
+        ("text_cache", "baseline"),
+        "stage2 train",
+        lambda R: [R.stage2],
+        lambda R: R.stage2_weights,
+        launched=True,
+    ),
+    StepRow(
+        "retrieval",
+        "retrieval: baseline vs LLM2CLIP",
+        ("stage2",),
+        "stage2 eval",
+        lambda R: [R.retrieval_metrics, R.retrieval_md],
+        lambda R: R.retrieval_metrics,
+        keep=("eval",),
+    ),
+    StepRow(
+        "export",
+        "export the upgraded encoder",
+        ("stage2",),
+        None,
+        lambda R: [R.exports],
+        lambda R: R.export("llm2clip") / "config.json",
+    ),
+    StepRow(
+        "health",
+        "encoder health: collapse and patch probe, both towers",
+        ("export", "baseline", "data"),
+        "health",
+        lambda R: [R.health],
+        lambda R: R.health_json,
+    ),
+    *(row for enc in ENCODERS for row in _llava_rows(enc, TOWER_STEP[enc])),
+)
+# name -> row, in the order the steps run one at a time; the report reads every step before it
+STEPS: dict[str, StepRow] = {
+    row.name: row
+    for row in (
+        *_BEFORE_REPORT,
+        StepRow(
+            "report",
+            "report",
+            tuple(row.name for row in _BEFORE_REPORT),
+            None,
+            lambda R: [R.report_md, R.plots],
+            lambda R: R.report_md,
+        ),
+    )
+}
+
+
+def l2c_argv(command: str, *options: tuple[str, object]) -> list[str]:
+    """A step's command line, ``l2c COMMAND --flag value ...``, each value as text (an option whose value is
+    None left out); :func:`command_line` says what runs it."""
+    argv = ["l2c", *command.split()]
+    for flag, value in options:
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _chain(step: Step, inputs: dict, fingerprints: dict[str, str]) -> None:
+    """Set the step's fingerprint (and resume key) from its inputs and the fingerprints of the steps it reads."""
+    resumable = inputs.pop("resumable", None)
+    ups = {u: fingerprints[u] for u in step.upstream}
+    step.fingerprint = _digest({"step": step.name, "inputs": inputs, "upstream": ups})
+    inputs = {**inputs, "config": resumable} if resumable is not None else inputs
+    step.resume_key = _digest({"step": step.name, "inputs": inputs, "upstream": ups})
+    fingerprints[step.name] = step.fingerprint
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, source: str = "", overrides: list[str] | None = None):
         self.cfg = cfg
@@ -209,6 +372,7 @@ class Pipeline:
         self.state_path = self.run_folder.state
         self.source, self.overrides = source, overrides or []
         self._resolve_configs()
+        self.data_dir = self._data_dir()
         self.steps = self._plan()
         self.damaged: dict[str, str] = {}  # step -> why its recorded outputs no longer match
 
@@ -234,147 +398,135 @@ class Pipeline:
         return Path(d.dir) if d.dir else None
 
     def _plan(self) -> list[Step]:
-        c, out, R, D = self.cfg, self.out, self.run_folder, self._data_dir()
-        l2c = ["l2c"]
-        steps: list[Step] = []
-        fps: dict[str, str] = {}
+        """The run's steps in the table's order (:data:`STEPS`), each family's from its part below with the
+        inputs its fingerprint reads; each fingerprint chained to those of the steps it reads from."""
+        planned = [
+            *self._data_step(),
+            *self._stage1_step(),
+            *self._baseline_step(),
+            *self._stage2_steps(),
+            *self._health_step(),
+            *(part for enc in ENCODERS for part in self._llava_steps(enc)),
+            (self._step("report", func=self._report), {"scale": self.cfg.scale}),
+        ]
+        fingerprints: dict[str, str] = {}
+        for step, inputs in planned:
+            step.upstream = [u for u in STEPS[step.name].reads if u in fingerprints]
+            _chain(step, inputs, fingerprints)
+        return [step for step, _ in planned]
 
-        def resolved(step: PipelineStep, wiring: dict[str, str], data: dict[str, str] | None = None):
-            """The step's YAML with its overrides, then the pipeline's wiring, then (with a data folder) config
-            keys pointed at files of the embedded layout: validated, every problem named."""
-            if D is not None:
-                wiring = {**wiring, **{k: str(D / rel) for k, rel in (data or {}).items()}}
-            return load_config(step.config, step.overrides, values=wiring)
+    def _step(self, name: str, argv: list[str] | None = None, **how) -> Step:
+        """The table's step `name`, run by `argv` (else by `func`, in this process) as `how` says."""
+        row = STEPS[name]
+        return Step(row.name, row.title, argv, row.writes(self.run_folder), row.done(self.run_folder), **how)
 
-        def recipe(name: str, step: PipelineStep, command: list[str], cfg: RecipeConfig) -> dict:
-            """The fields of a Step that runs `l2c COMMAND --config <its resolved config>`."""
-            file = R.step_config(name)
-            origin = step.config + (f" with {' '.join(step.overrides)}" if step.overrides else "")
-            return {
-                "argv": l2c + [*command, "--config", str(file)],
-                "config": cfg,
-                "config_file": file,
-                "config_origin": origin,
-            }
+    def _recipe_step(self, name: str, given: PipelineStep, cfg: RecipeConfig) -> tuple[Step, dict]:
+        """A step that runs ``l2c COMMAND --config <its resolved config>``; its fingerprint reads that config
+        (the table's sections of it) and the input files it names."""
+        row, file = STEPS[name], self.run_folder.step_config(name)
+        step = self._step(
+            name,
+            l2c_argv(row.command, ("--config", file)),
+            launch=given.launch if row.launched else None,
+            config=cfg,
+            config_file=file,
+            config_origin=given.config + (f" with {' '.join(given.overrides)}" if given.overrides else ""),
+        )
+        return step, config_fingerprint(cfg, row.sections, row.keep, produced=self.out)
 
-        def fp(cfg: RecipeConfig, sections=None, keep=()) -> dict:
-            return config_fingerprint(cfg, sections, keep, produced=out)
+    def _resolve(self, given: PipelineStep, wiring: dict, data: dict[str, str] | None = None) -> RecipeConfig:
+        """The step's YAML with its overrides, then the pipeline's wiring, then (with a data folder) config keys
+        pointed at files of the embedded layout: validated, every problem named."""
+        if self.data_dir is not None:
+            wiring = {**wiring, **{k: str(self.data_dir / rel) for k, rel in (data or {}).items()}}
+        return load_config(given.config, given.overrides, values=wiring)
 
-        def add(step: Step, fp_obj, upstream: list[str]) -> None:
-            step.upstream = upstream
-            resumable = fp_obj.pop("resumable", None)
-            ups = {u: fps[u] for u in upstream}
-            step.fingerprint = _digest({"step": step.name, "inputs": fp_obj, "upstream": ups})
-            inputs = {**fp_obj, "config": resumable} if resumable is not None else fp_obj
-            step.resume_key = _digest({"step": step.name, "inputs": inputs, "upstream": ups})
-            fps[step.name] = step.fingerprint
-            steps.append(step)
+    @cached_property
+    def baseline_tower(self) -> str:
+        """The baseline's vision tower: the CLIP the baseline step trains, else ``baseline.vision``:
+        embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder;
+        a Hub id stays an id, each step resolves it through the Hugging Face cache when it runs (planning,
+        --dry-run and validation never download)."""
+        if self.cfg.baseline.clip is not None:
+            return str(self.run_folder.clip_model)
+        vision = str(self.cfg.baseline.vision)
+        return vision if is_hub_id(vision) else resolve_vision_path(vision)
 
-        # data
-        data_up: list[str] = []
-        if c.data.synth_images is not None:
-            from l2c_llava.data.synthetic import GENERATOR_VERSION
+    def _tower(self, enc: str) -> str:
+        """The vision tower of one encoder's LLaVA: the baseline's, or the one the export step writes."""
+        return self.baseline_tower if enc == "baseline" else str(self.run_folder.export("vision"))
 
-            argv = l2c + [
-                "data",
-                "synth",
-                "--out",
-                str(D),
-                "--images",
-                str(c.data.synth_images),
-                "--seed",
-                str(c.data.synth_seed),
-                "--size",
-                str(c.data.synth_size),
-                "--val-fraction",
-                str(c.data.synth_val_fraction),
-                "--test-fraction",
-                str(c.data.synth_test_fraction),
-            ]
-            add(
-                Step("data", "embedded dataset", argv, [D], D / L.MANIFEST),
-                # the generator's version: a dataset of an older generator (without files the steps now
-                # read) is made again, and every step after it runs again
-                {"synth": c.data.model_dump(), "generator": GENERATOR_VERSION},
-                [],
-            )
-            data_up = ["data"]
-        elif D is not None:
-            manifest = D / L.MANIFEST
-            if not manifest.is_file():
+    def _data_step(self) -> list[tuple[Step, dict]]:
+        """`l2c data synth` into the run folder (data.synth_images); none for a data.dir, which must hold
+        the embedded dataset's layout."""
+        d, D = self.cfg.data, self.data_dir
+        if d.synth_images is None:
+            if D is not None and not (D / L.MANIFEST).is_file():
                 raise PipelineError(
                     f"data.dir {D}: no manifest.json (the embedded dataset's layout; "
                     "`l2c data synth` writes one)"
                 )
+            return []
+        from l2c_llava.data.synthetic import GENERATOR_VERSION
 
-        # stage 1
-        s1 = c.stage1
-        cfg = resolved(
+        argv = l2c_argv(
+            "data synth",
+            ("--out", D),
+            ("--images", d.synth_images),
+            ("--seed", d.synth_seed),
+            ("--size", d.synth_size),
+            ("--val-fraction", d.synth_val_fraction),
+            ("--test-fraction", d.synth_test_fraction),
+        )
+        # the generator's version: a dataset of an older generator (without files the steps now read) is
+        # made again, and every step after it runs again
+        return [(self._step("data", argv), {"synth": d.model_dump(), "generator": GENERATOR_VERSION})]
+
+    def _stage1_step(self) -> list[tuple[Step, dict]]:
+        s1 = self.cfg.stage1
+        cfg = self._resolve(
             s1,
-            {"run.output_dir": str(R.stage1)},
+            {"run.output_dir": str(self.run_folder.stage1)},
             {
                 "data.train": L.CAPTION_PAIRS["train"],
                 "data.eval": L.RETRIEVAL_SHORT,
                 "data.eval_pairs": L.CAPTION_PAIRS["test"],
             },
         )
-        add(
-            Step(
-                "stage1",
-                "stage 1: LLM -> caption encoder",
-                outputs=[R.stage1],
-                done_marker=R.stage1_metrics,
-                launch=s1.launch,
-                **recipe("stage1", s1, ["stage1"], cfg),
-            ),
-            fp(cfg, keep=("eval",)),
-            data_up,
+        return [self._recipe_step("stage1", s1, cfg)]
+
+    def _baseline_step(self) -> list[tuple[Step, dict]]:
+        """A CLIP trained from scratch (baseline.clip); none for one used as is (baseline.vision)."""
+        b = self.cfg.baseline.clip
+        if b is None:
+            return []
+        cfg = self._resolve(
+            b,
+            {"run.output_dir": str(self.run_folder.clip)},
+            {"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES},
         )
+        return [self._recipe_step("baseline", b, cfg)]
 
-        # baseline
-        if c.baseline.clip is not None:
-            b = c.baseline.clip
-            cfg = resolved(
-                b,
-                {"run.output_dir": str(R.clip)},
-                {"data.train": L.RETRIEVAL_SHORT, "data.image_root": L.IMAGES},
-            )
-            add(
-                Step(
-                    "baseline",
-                    "baseline CLIP trained from scratch",
-                    outputs=[R.clip],
-                    done_marker=R.clip_model / "config.json",
-                    launch=b.launch,
-                    **recipe("baseline", b, ["clip", "pretrain"], cfg),
-                ),
-                fp(cfg),
-                data_up,
-            )
-            base_vision, base_up = str(R.clip_model), ["baseline"]
-        else:
-            # embedded:demo-clip -> the shipped folder, so that every step (and every exported LLaVA) names a folder
-            # a Hub id stays an id: each step resolves it through the Hugging Face cache when it runs
-            # (planning, --dry-run and validation never download)
-
-            vision = str(c.baseline.vision)
-            base_vision, base_up = (vision if is_hub_id(vision) else resolve_vision_path(vision)), []
-
-        # stage 2: one config for the cache, the training and the retrieval eval
-        s2 = c.stage2
+    def _stage2_steps(self) -> list[tuple[Step, dict]]:
+        """Stage 2 from one resolved config: the text feature cache, the training, the retrieval eval; then
+        the export of the upgraded encoder (in this process)."""
+        s2, R, D = self.cfg.stage2, self.run_folder, self.data_dir
+        tower = self.baseline_tower
         eval_sets = {"data.eval_short": L.RETRIEVAL_SHORT, "data.eval_long": L.RETRIEVAL_LONG}
         unset = {}
-        if D is not None and (c.data.synth_images is not None or (D / L.RETRIEVAL_LONG_HARD).is_file()):
+        if D is not None and (
+            self.cfg.data.synth_images is not None or (D / L.RETRIEVAL_LONG_HARD).is_file()
+        ):
             eval_sets["data.eval_long_hard"] = L.RETRIEVAL_LONG_HARD
         elif D is not None:  # a dataset written before the hard set existed: scored without it
             unset["data.eval_long_hard"] = None
-        cfg = resolved(
+        cfg = self._resolve(
             s2,
             {
                 "run.output_dir": str(R.stage2),
                 "text_encoder.path": str(R.stage1_encoder),
                 "cache.dir": str(R.text_features),
-                "vision.name_or_path": base_vision,
+                "vision.name_or_path": tower,
                 **unset,
             },
             {
@@ -384,171 +536,77 @@ class Pipeline:
                 "data.eval_image_root": L.IMAGES,
             },
         )
-        add(
-            Step(
-                "text_cache",
-                "stage 2: text feature cache",
-                outputs=[R.text_features],
-                done_marker=R.text_features_done,
-                **recipe("text_cache", s2, ["stage2", "cache"], cfg),
-            ),
-            fp(cfg, ("text_encoder", "cache", "data")),
-            ["stage1"],
-        )
-        add(
-            Step(
-                "stage2",
-                "stage 2: vision encoder vs cached LLM features",
-                outputs=[R.stage2],
-                done_marker=R.stage2_weights,
-                launch=s2.launch,
-                **recipe("stage2", s2, ["stage2", "train"], cfg),
-            ),
-            fp(cfg),
-            ["text_cache", *base_up],
-        )
-        add(
-            Step(
-                "retrieval",
-                "retrieval: baseline vs LLM2CLIP",
-                outputs=[R.retrieval_metrics, R.retrieval_md],
-                done_marker=R.retrieval_metrics,
-                **recipe("retrieval", s2, ["stage2", "eval"], cfg),
-            ),
-            fp(cfg, keep=("eval",)),
-            ["stage2"],
-        )
-        add(
-            Step(
-                "export",
-                "export the upgraded encoder",
-                None,
-                [R.exports],
-                R.export("llm2clip") / "config.json",
-                func=self._export,
-            ),
-            {},
-            ["stage2"],
-        )
+        return [
+            self._recipe_step("text_cache", s2, cfg),
+            self._recipe_step("stage2", s2, cfg),
+            self._recipe_step("retrieval", s2, cfg),
+            (self._step("export", func=self._export), {}),
+        ]
 
-        # encoder health: collapse figures and the patch probe of both towers, read before any LLaVA number
-        if D is not None:
-            h = c.health
-            argv = l2c + [
-                "health",
-                "--tower",
-                f"baseline={base_vision}",
-                "--tower",
-                f"llm2clip={R.export('vision')}",
-                "--data",
-                str(D),
-                "--probe-train",
-                str(h.probe_train),
-                "--test",
-                str(h.test_scenes),
-                "--steps",
-                str(h.probe_steps),
-                "--out",
-                str(R.health_json),
-            ]
-            add(
-                Step(
-                    "health",
-                    "encoder health: collapse and patch probe, both towers",
-                    argv,
-                    [R.health],
-                    R.health_json,
-                ),
-                {"health": h.model_dump()},
-                ["export", *base_up, *data_up],
-            )
+    def _health_step(self) -> list[tuple[Step, dict]]:
+        """Encoder health: collapse figures and the patch probe of both towers, read before any LLaVA number
+        (with a data folder)."""
+        h, R = self.cfg.health, self.run_folder
+        if self.data_dir is None:
+            return []
+        argv = l2c_argv(
+            "health",
+            *(("--tower", f"{enc}={self._tower(enc)}") for enc in ENCODERS),
+            ("--data", self.data_dir),
+            ("--probe-train", h.probe_train),
+            ("--test", h.test_scenes),
+            ("--steps", h.probe_steps),
+            ("--out", R.health_json),
+        )
+        return [(self._step("health", argv), {"health": h.model_dump()})]
 
-        # LLaVA on each encoder, then lmms-eval
-        towers = {
-            "baseline": (base_vision, base_up),
-            "llm2clip": (str(R.export("vision")), ["export"]),
+    def _llava_steps(self, enc: str) -> list[tuple[Step, dict]]:
+        """LLaVA-1.5 on one encoder's tower: pretrain the projector, instruction-tune, then lmms-eval."""
+        pre, fin, R = self.cfg.mllm.pretrain, self.cfg.mllm.finetune, self.run_folder
+        images = {"data.image_root": L.IMAGES}
+        wiring = {"model.vision_tower": self._tower(enc)}
+        pre_dir, fin_dir = R.llava(enc, "pretrain"), R.llava(enc, "finetune")
+        pre_cfg = self._resolve(
+            pre, {"run.output_dir": str(pre_dir), **wiring}, {"data.path": L.LLAVA_PRETRAIN, **images}
+        )
+        fin_cfg = self._resolve(
+            fin,
+            {"run.output_dir": str(fin_dir), **wiring, "model.init_from": str(pre_dir)},
+            {"data.path": L.LLAVA_INSTRUCT, **images},
+        )
+        return [
+            self._recipe_step(f"pretrain_{enc}", pre, pre_cfg),
+            self._recipe_step(f"finetune_{enc}", fin, fin_cfg),
+            self._eval_step(enc),
+        ]
+
+    def _eval_step(self, enc: str) -> tuple[Step, dict]:
+        """lmms-eval on one encoder's finetuned LLaVA; its fingerprint reads the eval settings and the data
+        folder's manifest (its size and time)."""
+        e, R, D = self.cfg.eval, self.run_folder, self.data_dir
+        data = e.data or (str(D) if D else None)
+        argv = l2c_argv(
+            "mllm eval",
+            ("--model", R.llava(enc, "finetune")),
+            ("--tasks", ",".join(e.tasks)),
+            ("--out", R.eval(enc)),
+            ("--device", e.device),
+            ("--lmms-model", e.model),
+            ("--batch-size", e.batch_size),
+            ("--data", data),
+            ("--limit", e.limit),
+            *(("--task-limit", f"{task}={n}") for task, n in sorted(e.task_limits.items())),
+        )
+        inputs = {
+            "eval": {**e.model_dump(), "data": data},
+            "files": _file_stats([data and str(Path(data) / L.MANIFEST)], self.out),
         }
-        for enc in ENCODERS:
-            vt, vt_up = towers[enc]
-            pre, fin = c.mllm.pretrain, c.mllm.finetune
-            pre_dir, fin_dir = R.llava(enc, "pretrain"), R.llava(enc, "finetune")
-            cfg = resolved(
-                pre,
-                {"run.output_dir": str(pre_dir), "model.vision_tower": vt},
-                {"data.path": L.LLAVA_PRETRAIN, "data.image_root": L.IMAGES},
-            )
-            add(
-                Step(
-                    f"pretrain_{enc}",
-                    f"LLaVA ({enc}): pretrain the projector",
-                    outputs=[pre_dir],
-                    done_marker=R.llava_stats(enc, "pretrain"),
-                    launch=pre.launch,
-                    **recipe(f"pretrain_{enc}", pre, ["mllm", "pretrain"], cfg),
-                ),
-                fp(cfg),
-                [*vt_up, *data_up],
-            )
-            cfg = resolved(
-                fin,
-                {"run.output_dir": str(fin_dir), "model.vision_tower": vt, "model.init_from": str(pre_dir)},
-                {"data.path": L.LLAVA_INSTRUCT, "data.image_root": L.IMAGES},
-            )
-            add(
-                Step(
-                    f"finetune_{enc}",
-                    f"LLaVA ({enc}): instruction-tune",
-                    outputs=[fin_dir],
-                    done_marker=R.llava_stats(enc, "finetune"),
-                    launch=fin.launch,
-                    **recipe(f"finetune_{enc}", fin, ["mllm", "finetune"], cfg),
-                ),
-                fp(cfg),
-                [f"pretrain_{enc}"],
-            )
-            e = c.eval
-            ev = R.eval(enc)
-            eval_data = e.data or (str(D) if D else None)
-            argv = l2c + [
-                "mllm",
-                "eval",
-                "--model",
-                str(fin_dir),
-                "--tasks",
-                ",".join(e.tasks),
-                "--out",
-                str(ev),
-                "--device",
-                e.device,
-                "--lmms-model",
-                e.model,
-                "--batch-size",
-                str(e.batch_size),
-            ]
-            argv += ["--data", eval_data] if eval_data else []
-            argv += ["--limit", str(e.limit)] if e.limit else []
-            for task, n in sorted(e.task_limits.items()):
-                argv += ["--task-limit", f"{task}={n}"]
-            add(
-                Step(f"eval_{enc}", f"lmms-eval ({enc})", argv, [ev], R.eval_results(enc)),
-                {
-                    "eval": {**e.model_dump(), "data": eval_data},
-                    "files": _file_stats([eval_data and str(Path(eval_data) / L.MANIFEST)], out),
-                },
-                [f"finetune_{enc}"],
-            )
-
-        add(
-            Step("report", "report", None, [R.report_md, R.plots], R.report_md, func=self._report),
-            {"scale": c.scale},
-            [s.name for s in steps],
-        )
-        return steps
+        return self._step(f"eval_{enc}", argv), inputs
 
     def _export(self) -> None:
+        R = self.run_folder
         for what in ("vision", "llm2clip"):
-            R = self.run_folder
-            self._run(["l2c", "export", what, "--run", str(R.stage2), "--out", str(R.export(what))])
+            self._run(l2c_argv(f"export {what}", ("--run", R.stage2), ("--out", R.export(what))))
 
     def _report(self) -> None:
         write_report(self.out, self.cfg, self.load_state())
@@ -921,7 +979,10 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "PipelineStep",
+    "STEPS",
+    "StepRow",
     "command_line",
+    "l2c_argv",
     "load_pipeline",
     "write_step_config",
 ]

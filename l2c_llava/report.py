@@ -155,60 +155,50 @@ def image_use(out: Path) -> dict:
             continue
         r: dict = {}
         ids = sorted(right)
-        k = sum(right[i] for i in ids)
-        r["vqa"] = {
-            "accuracy": round(k / len(ids), 4),
-            "n": len(ids),
-            "ci95": [round(x, 4) for x in wilson_interval(k, len(ids))],
-        }
+        r["vqa"] = _accuracy(sum(right[i] for i in ids), len(ids))
         other = _sample_hits(folder, "l2c_vqa_shuffled", "exact_match")
         common = [i for i in ids if i in other]
         if common:
-            k2 = sum(other[i] for i in common)
-            r["vqa_another_image"] = {
-                "accuracy": round(k2 / len(common), 4),
-                "n": len(common),
-                "ci95": [round(x, 4) for x in wilson_interval(k2, len(common))],
-            }
+            r["vqa_another_image"] = _accuracy(sum(other[i] for i in common), len(common))
             r["vs_another_image"] = paired_comparison([right[i] for i in common], [other[i] for i in common])
         if len(prior) > max(ids):
-            kp = sum(prior[i] for i in ids)
-            r["vqa_prior"] = {
-                "accuracy": round(kp / len(ids), 4),
-                "n": len(ids),
-                "ci95": [round(x, 4) for x in wilson_interval(kp, len(ids))],
-            }
+            r["vqa_prior"] = _accuracy(sum(prior[i] for i in ids), len(ids))
             r["vs_prior"] = paired_comparison([right[i] for i in ids], [prior[i] for i in ids])
         pope = _sample_hits(folder, "l2c_pope", "pope_accuracy")
         yes = _sample_hits(folder, "l2c_pope", "pope_yes_ratio")
         if pope:
-            kp = sum(pope.values())
             r["pope"] = {
-                "accuracy": round(kp / len(pope), 4),
-                "n": len(pope),
-                "ci95": [round(x, 4) for x in wilson_interval(kp, len(pope))],
+                **_accuracy(sum(pope.values()), len(pope)),
                 "yes_ratio": round(sum(yes.values()) / len(yes), 4) if yes else None,
             }
-        t = READS_IMAGE
-        checks = {}
-        if "vs_another_image" in r:
-            v = r["vs_another_image"]
-            checks["above_another_image"] = (
-                v["gain"] >= t["min_gain_over_shuffled"] and v["p_value"] < t["max_p_shuffled"]
-            )
-        if "vs_prior" in r:
-            v = r["vs_prior"]
-            checks["above_prior"] = v["gain"] > 0 and v["p_value"] < t["max_p_prior"]
-        if "pope" in r:
-            lo, hi = t["pope_yes_ratio"]
-            yr = r["pope"]["yes_ratio"]
-            checks["pope"] = (
-                r["pope"]["accuracy"] >= t["min_pope_accuracy"] and yr is not None and lo <= yr <= hi
-            )
-        r["checks"] = checks
-        r["reads_image"] = bool(checks) and all(checks.values())
+        r["checks"] = _reads_image_checks(r)
+        r["reads_image"] = bool(r["checks"]) and all(r["checks"].values())
         res[enc] = r
     return res
+
+
+def _accuracy(k: int, n: int) -> dict:
+    """`k` right of `n`: the accuracy with its 95% Wilson interval."""
+    return {"accuracy": round(k / n, 4), "n": n, "ci95": [round(x, 4) for x in wilson_interval(k, n)]}
+
+
+def _reads_image_checks(r: dict) -> dict[str, bool]:
+    """Each threshold of READS_IMAGE that one encoder's numbers (:func:`image_use`) can be held to, met or not."""
+    t = READS_IMAGE
+    checks = {}
+    if "vs_another_image" in r:
+        v = r["vs_another_image"]
+        checks["above_another_image"] = (
+            v["gain"] >= t["min_gain_over_shuffled"] and v["p_value"] < t["max_p_shuffled"]
+        )
+    if "vs_prior" in r:
+        v = r["vs_prior"]
+        checks["above_prior"] = v["gain"] > 0 and v["p_value"] < t["max_p_prior"]
+    if "pope" in r:
+        lo, hi = t["pope_yes_ratio"]
+        yr = r["pope"]["yes_ratio"]
+        checks["pope"] = r["pope"]["accuracy"] >= t["min_pope_accuracy"] and yr is not None and lo <= yr <= hi
+    return checks
 
 
 def _image_use_section(use: dict) -> list[str]:
@@ -263,14 +253,16 @@ def _ci3(bounds) -> str:
     return f" [{bounds[0]:.3f}-{bounds[1]:.3f}]" if bounds else ""
 
 
+# the patch probe's questions (stage2/health.py), in the order the report shows them
+PROBE_TASKS = ("existence", "position", "colour")
+
+
 def _health_section(health: dict | None, plots: Path) -> list[str]:
     """Encoder health of both towers: collapse figures and the patch probe, against chance."""
-    import matplotlib.pyplot as plt
-
     md = ["## Encoder health: do the towers keep the image? (read this before any number built on them)", ""]
     if not health:
         return md + ["(missing: health/health.json)", ""]
-    tasks = ("existence", "position", "colour")
+    tasks = PROBE_TASKS
     md += [
         "| encoder | median cosine, two different images (pooled / mean patch) | top direction's variance share | "
         "probe: existence | position | colour |",
@@ -295,6 +287,14 @@ def _health_section(health: dict | None, plots: Path) -> list[str]:
         f"scored on {first['test_scenes']} test scenes: is there a <colour> <shape>, in which of the 3x3 cells, "
         "and what colour is the <shape> in <cell>. Near chance, no LLaVA on those features can answer better.",
     ]
+    return md + _health_plot(health, chance, plots)
+
+
+def _health_plot(health: dict, chance: dict, plots: Path) -> list[str]:
+    """Each tower's patch-probe accuracy per question, against chance (dashed)."""
+    import matplotlib.pyplot as plt
+
+    tasks = PROBE_TASKS
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for i, (enc, h) in enumerate(health.items()):
         ax.bar(
@@ -317,7 +317,7 @@ def _health_section(health: dict | None, plots: Path) -> list[str]:
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Patch probe on each tower's LLaVA features")
     ax.legend(fontsize=7)
-    return md + _figure(fig, plots, "encoder_health.png", "encoder health")
+    return _figure(fig, plots, "encoder_health.png", "encoder health")
 
 
 def _figure(fig, plots: Path, name: str, alt: str) -> list[str]:
@@ -495,11 +495,11 @@ def lmms_table(lmms: dict) -> list[dict]:
 
 
 def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) -> Path:
+    """``report.md`` (one section per part of the method, its plots under ``plots/``) and ``report.json``
+    (every number it shows) in the run folder `out`; `state` is the pipeline's (its steps and versions)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     run = L.PipelineRun(out)
     plots = run.plots
@@ -507,6 +507,35 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     state = state or {}
     data = collect(out)
     scale = getattr(cfg, "scale", None) or state.get("scale", "?")
+    table = lmms_table(data["lmms"])
+    md = [
+        *_opening(out, scale, state),
+        *_stage1_section(data["stage1"], plots),
+        *_health_section(data.get("health"), plots),
+        *_retrieval_section(data["retrieval"], plots),
+        *_lmms_section(out, table, data["lmms"], plots),
+        *_paired_section(data.get("llava_paired") or {}),
+        "",
+        *_image_use_section(data.get("llava_image_use") or {}),
+        *_curves_section(data["curves"], plots),
+        *_bench_sections(run),
+        *_steps_section(state),
+        *_versions_section(state),
+    ]
+    atomic_write_json(
+        run.report_json,
+        {
+            "scale": scale,
+            "numbers": {**data, "lmms_table": table},
+            "steps": state.get("steps", {}),
+            "versions": state.get("versions", {}),
+        },
+    )
+    return atomic_write_text(run.report_md, "\n".join(md) + "\n")
+
+
+def _opening(out: Path, scale: str, state: dict) -> list[str]:
+    """The title, where the numbers come from, and (below paper scale) how to read them."""
     md = [f"# LLM2CLIP vs baseline CLIP: {scale} scale", ""]
     md += [
         f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
@@ -515,6 +544,7 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
         + ". Every number below is read from the files the steps wrote.",
         "",
     ]
+    run = L.PipelineRun(out)
     manifest = _read(run.data / L.MANIFEST)
     if scale != "paper":
         size = f"{manifest['options']['images']} synthetic images" if manifest else "a small dataset"
@@ -524,215 +554,238 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
             "compare here; they are not the paper's numbers. Read each difference with its interval and test.",
             "",
         ]
+    return md
 
-    # stage 1
-    md += ["## Stage 1: caption retrieval accuracy (CRA) of the LLM as a caption encoder", ""]
-    s1 = data["stage1"]
-    if s1:
-        rows = [
-            ("causal LLM (before)", "_before_causal"),
-            ("bidirectional, untrained (before)", "_before"),
-            ("after stage 1", "_after"),
-        ]
-        md += ["| encoder | CRA | short->long top-1 | long->short top-1 |", "|---|---|---|---|"]
-        for name, suffix in rows:
-            md.append(
-                f"| {name} | {_pct(s1.get('cra' + suffix))} | {_pct(s1.get('short_to_long_top1' + suffix))} | "
-                f"{_pct(s1.get('long_to_short_top1' + suffix))} |"
-            )
-        fig, ax = plt.subplots(figsize=(6.5, 3.2))
-        keys = ("cra", "short_to_long_top1", "long_to_short_top1")
-        for i, (name, suffix) in enumerate(rows):
-            vals = [100 * (s1.get(k + suffix) or 0) for k in keys]
-            ax.bar([j + 0.27 * (i - 1) for j in range(3)], vals, width=0.27, label=name)
-        ax.set_xticks(range(3), ["CRA", "short->long top-1", "long->short top-1"])
-        ax.set_ylabel("%")
-        ax.set_title("Stage 1: the LLM as a caption encoder")
-        ax.legend(fontsize=7)
-        md += _figure(fig, plots, "stage1_cra.png", "stage 1")
-    else:
-        md += ["(missing: stage1/metrics.json)", ""]
 
-    # encoder health
-    md += _health_section(data.get("health"), plots)
+def _stage1_section(s1: dict | None, plots: Path) -> list[str]:
+    """Stage 1: the LLM's caption retrieval accuracy before (causal, bidirectional untrained) and after."""
+    import matplotlib.pyplot as plt
 
-    # retrieval
-    md += ["## Stage 2: image-text retrieval, baseline CLIP vs LLM2CLIP (R@K, %)", ""]
-    ret = data["retrieval"]
-    if ret:
-        md += [
-            "| captions | direction | baseline R@1 [95% CI] | LLM2CLIP R@1 [95% CI] | R@1 difference [95% CI], paired p "
-            "| baseline R@5/10 | LLM2CLIP R@5/10 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        ci = ret.get("intervals", {})
-        for cap in SETS:
-            for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
-                b = ret.get("baseline", {}).get(cap, {})
-                l_ = ret.get("llm2clip", {}).get(cap, {})
-                if not b or not l_:
-                    continue
-                m = f"{d}_R@1"
-                cells = [
-                    f"{_pct(r.get(m))}{_ci(ci.get(enc, {}).get(cap, {}).get(m))}"
-                    for enc, r in (("baseline", b), ("llm2clip", l_))
-                ]
-                paired = ret.get("paired", {}).get(cap, {}).get(m)
-                diff = f"{100 * (l_[m] - b[m]):+.1f}" + (
-                    f"{_ci(paired['ci95'])}, p {paired['p_value']:.2g}" if paired else ""
-                )
-                rest = [" / ".join(_pct(r.get(f"{d}_R@{k}")) for k in (5, 10)) for r in (b, l_)]
-                md.append(f"| {cap} | {name} | {cells[0]} | {cells[1]} | {diff} | {rest[0]} | {rest[1]} |")
-        if ret.get("paired"):
-            md += [
-                "",
-                "Intervals: 95% percentile bootstrap over the test images (an image and its captions drawn "
-                "together); p: paired bootstrap of LLM2CLIP minus the baseline on the same resamples, two-sided.",
+    md = ["## Stage 1: caption retrieval accuracy (CRA) of the LLM as a caption encoder", ""]
+    if not s1:
+        return md + ["(missing: stage1/metrics.json)", ""]
+    rows = [
+        ("causal LLM (before)", "_before_causal"),
+        ("bidirectional, untrained (before)", "_before"),
+        ("after stage 1", "_after"),
+    ]
+    md += ["| encoder | CRA | short->long top-1 | long->short top-1 |", "|---|---|---|---|"]
+    for name, suffix in rows:
+        md.append(
+            f"| {name} | {_pct(s1.get('cra' + suffix))} | {_pct(s1.get('short_to_long_top1' + suffix))} | "
+            f"{_pct(s1.get('long_to_short_top1' + suffix))} |"
+        )
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    keys = ("cra", "short_to_long_top1", "long_to_short_top1")
+    for i, (name, suffix) in enumerate(rows):
+        vals = [100 * (s1.get(k + suffix) or 0) for k in keys]
+        ax.bar([j + 0.27 * (i - 1) for j in range(3)], vals, width=0.27, label=name)
+    ax.set_xticks(range(3), ["CRA", "short->long top-1", "long->short top-1"])
+    ax.set_ylabel("%")
+    ax.set_title("Stage 1: the LLM as a caption encoder")
+    ax.legend(fontsize=7)
+    return md + _figure(fig, plots, "stage1_cra.png", "stage 1")
+
+
+def _retrieval_section(ret: dict | None, plots: Path) -> list[str]:
+    """Stage 2: image-text retrieval of both encoders on each set (intervals, the paired difference), the
+    sets, the hard long-caption set, and the recall plot."""
+    md = ["## Stage 2: image-text retrieval, baseline CLIP vs LLM2CLIP (R@K, %)", ""]
+    if not ret:
+        return md + ["(missing: stage2/metrics.json)", ""]
+    md += [
+        "| captions | direction | baseline R@1 [95% CI] | LLM2CLIP R@1 [95% CI] | R@1 difference [95% CI], paired p "
+        "| baseline R@5/10 | LLM2CLIP R@5/10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ci = ret.get("intervals", {})
+    for cap in SETS:
+        for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
+            b = ret.get("baseline", {}).get(cap, {})
+            l_ = ret.get("llm2clip", {}).get(cap, {})
+            if not b or not l_:
+                continue
+            m = f"{d}_R@1"
+            cells = [
+                f"{_pct(r.get(m))}{_ci(ci.get(enc, {}).get(cap, {}).get(m))}"
+                for enc, r in (("baseline", b), ("llm2clip", l_))
             ]
-        sets = ret.get("sets", {})
+            paired = ret.get("paired", {}).get(cap, {}).get(m)
+            diff = f"{100 * (l_[m] - b[m]):+.1f}" + (
+                f"{_ci(paired['ci95'])}, p {paired['p_value']:.2g}" if paired else ""
+            )
+            rest = [" / ".join(_pct(r.get(f"{d}_R@{k}")) for k in (5, 10)) for r in (b, l_)]
+            md.append(f"| {cap} | {name} | {cells[0]} | {cells[1]} | {diff} | {rest[0]} | {rest[1]} |")
+    if ret.get("paired"):
         md += [
             "",
-            "Sets: "
-            + "; ".join(
-                f"{k}: {v.get('images')} images, {v.get('captions')} captions" for k, v in sets.items()
-            )
-            + ".",
+            "Intervals: 95% percentile bootstrap over the test images (an image and its captions drawn "
+            "together); p: paired bootstrap of LLM2CLIP minus the baseline on the same resamples, two-sided.",
         ]
-        trunc = ret.get("baseline", {}).get("long", {}).get("captions_truncated")
-        if trunc is not None:
-            md.append(
-                f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context."
-            )
-        md += _hard_set_section(ret)
-        shown = [cap for cap in SETS if ret.get("llm2clip", {}).get(cap)] or ["short", "long"]
-        fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.2), sharey=True, squeeze=False)
-        axes = axes[0]
-        for ax, cap in zip(axes, shown):
-            labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-            for i, enc in enumerate(ENCODERS):
-                vals = [
-                    100 * (ret.get(enc, {}).get(cap, {}).get(f"{lab.split()[0]}_{lab.split()[1]}") or 0)
-                    for lab in labels
-                ]
-                ax.bar([j + 0.4 * (i - 0.5) for j in range(len(labels))], vals, width=0.4, label=enc)
-            ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
-            ax.set_title(SET_TITLES.get(cap, f"{cap} captions"))
-        axes[0].set_ylabel("recall %")
-        axes[0].legend(fontsize=7)
-        md += _figure(fig, plots, "retrieval.png", "retrieval")
-    else:
-        md += ["(missing: stage2/metrics.json)", ""]
+    sets = ret.get("sets", {})
+    md += [
+        "",
+        "Sets: "
+        + "; ".join(f"{k}: {v.get('images')} images, {v.get('captions')} captions" for k, v in sets.items())
+        + ".",
+    ]
+    trunc = ret.get("baseline", {}).get("long", {}).get("captions_truncated")
+    if trunc is not None:
+        md.append(
+            f"The baseline's text tower cut {_pct(trunc)}% of the long captions at its 77-token context."
+        )
+    md += _hard_set_section(ret)
+    return md + _retrieval_plot(ret, plots)
 
-    # lmms-eval
-    md += ["## LLaVA-1.5 on each encoder: lmms-eval", ""]
-    table = lmms_table(data["lmms"])
-    if table:
-        refs = blind_references(out)
-        md += [
-            "| task | metric | baseline | LLM2CLIP | difference | without the image | n |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in table:
-            ref = refs.get((r["task"], r["metric"]))
-            r["without_image"] = ref
-            md.append(
-                f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
-                f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
-                f"{_num(ref)} | {r.get('n', '-')} |"
-            )
-        if refs:
-            md += [
-                "",
-                '"Without the image" is what answering blind scores on the same rows: for l2c_vqa the most '
-                "frequent training answer of the question's type, for POPE the majority answer (accuracy) and "
-                'always "yes" (F1). A model above it uses the image.',
+
+def _retrieval_plot(ret: dict, plots: Path) -> list[str]:
+    """R@1/5/10 both ways of both encoders, a panel per set LLM2CLIP was scored on."""
+    import matplotlib.pyplot as plt
+
+    shown = [cap for cap in SETS if ret.get("llm2clip", {}).get(cap)] or ["short", "long"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, cap in zip(axes, shown):
+        labels = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        for i, enc in enumerate(ENCODERS):
+            vals = [
+                100 * (ret.get(enc, {}).get(cap, {}).get(f"{lab.split()[0]}_{lab.split()[1]}") or 0)
+                for lab in labels
             ]
-        missing = [enc for enc in ENCODERS if not data["lmms"].get(enc)]
-        if missing:
-            md.append(f"\n(missing: eval/{missing[0]}/results.json)")
-        tasks = sorted({r["task"] for r in table})
-        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            rows = [r for r in table if r["task"] == task]
-            for i, enc in enumerate(ENCODERS):
-                ax.bar(
-                    [j + 0.4 * (i - 0.5) for j in range(len(rows))],
-                    [r.get(enc) or 0 for r in rows],
-                    width=0.4,
-                    label="LLM2CLIP" if enc == "llm2clip" else enc,
-                )
-            for j, r in enumerate(rows):  # what answering without the image scores
-                if r.get("without_image") is not None:
-                    ax.hlines(
-                        r["without_image"],
-                        j - 0.45,
-                        j + 0.45,
-                        colors="black",
-                        linestyles="dashed",
-                        label="without the image" if not j else None,
-                    )
-            ax.set_xticks(range(len(rows)), [r["metric"] for r in rows], fontsize=7, rotation=20)
-            ax.set_title(task, fontsize=9)
-            if any(r.get("without_image") is not None for r in rows):
-                ax.legend(fontsize=6)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle("lmms-eval: the same LLaVA recipe on each encoder", fontsize=9)
-        md += _figure(fig, plots, "lmms_eval.png", "lmms-eval")
-    else:
-        md += ["(missing: eval/*/results.json)", ""]
-    paired = data.get("llava_paired") or {}
-    if paired:
+            ax.bar([j + 0.4 * (i - 0.5) for j in range(len(labels))], vals, width=0.4, label=enc)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+        ax.set_title(SET_TITLES.get(cap, f"{cap} captions"))
+    axes[0].set_ylabel("recall %")
+    axes[0].legend(fontsize=7)
+    return _figure(fig, plots, "retrieval.png", "retrieval")
+
+
+def _lmms_section(out: Path, table: list[dict], lmms: dict, plots: Path) -> list[str]:
+    """lmms-eval of each encoder's LLaVA: a row per (task, metric) beside what answering blind scores
+    (written into the table's rows as ``without_image``), and the plot."""
+    md = ["## LLaVA-1.5 on each encoder: lmms-eval", ""]
+    if not table:
+        return md + ["(missing: eval/*/results.json)", ""]
+    refs = blind_references(out)
+    md += [
+        "| task | metric | baseline | LLM2CLIP | difference | without the image | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        ref = refs.get((r["task"], r["metric"]))
+        r["without_image"] = ref
+        md.append(
+            f"| {r['task']} | {r['metric']} | {_num(r.get('baseline'))}{_se(r, 'baseline')} | "
+            f"{_num(r.get('llm2clip'))}{_se(r, 'llm2clip')} | {_num(r.get('diff')) if 'diff' in r else '-'} | "
+            f"{_num(ref)} | {r.get('n', '-')} |"
+        )
+    if refs:
         md += [
             "",
-            "Per question, the same questions for both encoders (95% Wilson intervals; McNemar's exact "
-            "test on the questions only one of them gets right):",
-            "",
-            "| task | n | baseline [95% CI] | LLM2CLIP [95% CI] | LLM2CLIP - baseline | only LLM2CLIP right / "
-            "only baseline right | McNemar p |",
-            "|---|---|---|---|---|---|---|",
+            '"Without the image" is what answering blind scores on the same rows: for l2c_vqa the most '
+            "frequent training answer of the question's type, for POPE the majority answer (accuracy) and "
+            'always "yes" (F1). A model above it uses the image.',
         ]
-        for task, r in paired.items():
-            t = r["llm2clip_vs_baseline"]
-            md.append(
-                f"| {task} ({r['metric']}) | {r['n']} | {r['baseline']['accuracy']:.3f}{_ci3(r['baseline']['ci95'])} | "
-                f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
-                f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |"
+    missing = [enc for enc in ENCODERS if not lmms.get(enc)]
+    if missing:
+        md.append(f"\n(missing: eval/{missing[0]}/results.json)")
+    return md + _lmms_plot(table, plots)
+
+
+def _lmms_plot(table: list[dict], plots: Path) -> list[str]:
+    """Both encoders' lmms-eval numbers, a panel per task, with what answering blind scores dashed."""
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in table})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in table if r["task"] == task]
+        for i, enc in enumerate(ENCODERS):
+            ax.bar(
+                [j + 0.4 * (i - 0.5) for j in range(len(rows))],
+                [r.get(enc) or 0 for r in rows],
+                width=0.4,
+                label="LLM2CLIP" if enc == "llm2clip" else enc,
             )
-    md.append("")
-    md += _image_use_section(data.get("llava_image_use") or {})
+        for j, r in enumerate(rows):  # what answering without the image scores
+            if r.get("without_image") is not None:
+                ax.hlines(
+                    r["without_image"],
+                    j - 0.45,
+                    j + 0.45,
+                    colors="black",
+                    linestyles="dashed",
+                    label="without the image" if not j else None,
+                )
+        ax.set_xticks(range(len(rows)), [r["metric"] for r in rows], fontsize=7, rotation=20)
+        ax.set_title(task, fontsize=9)
+        if any(r.get("without_image") is not None for r in rows):
+            ax.legend(fontsize=6)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("lmms-eval: the same LLaVA recipe on each encoder", fontsize=9)
+    return _figure(fig, plots, "lmms_eval.png", "lmms-eval")
 
-    # curves
-    md += ["## Training curves", ""]
-    curves = data["curves"]
-    if curves:
-        panels = [(t, [f for f in fs if f in curves]) for t, fs in PANELS]
-        panels = [(t, fs) for t, fs in panels if fs]
-        n = len(panels)
-        cols = min(3, n)
-        rows_ = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 2.8 * rows_), squeeze=False)
-        titles = dict(CURVES)
-        for ax, (title, folders) in zip(axes.flat, panels):
-            for f in folders:
-                pts = curves[f]
-                label = "LLM2CLIP" if "llm2clip" in f else "baseline" if "baseline" in f else None
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
-            if len(folders) > 1:
-                ax.legend(fontsize=7)
-            ax.set_title(title, fontsize=8)
-            ax.set_xlabel("step", fontsize=7)
-            ax.set_ylabel("loss", fontsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        fig.tight_layout()
-        md += ["| step | first logged loss | last logged loss | logged points |", "|---|---|---|---|"]
-        for folder, pts in curves.items():
-            md.append(f"| {titles.get(folder, folder)} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {len(pts)} |")
-        md += _figure(fig, plots, "training_curves.png", "training curves")
-    else:
-        md += ["(no train_log.jsonl found)", ""]
 
-    # optional sections, written by the bench scripts on this run folder
+def _paired_section(paired: dict) -> list[str]:
+    """The two LLaVAs question by question (:func:`paired_llava`): accuracies and McNemar's test."""
+    if not paired:
+        return []
+    md = [
+        "",
+        "Per question, the same questions for both encoders (95% Wilson intervals; McNemar's exact "
+        "test on the questions only one of them gets right):",
+        "",
+        "| task | n | baseline [95% CI] | LLM2CLIP [95% CI] | LLM2CLIP - baseline | only LLM2CLIP right / "
+        "only baseline right | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, r in paired.items():
+        t = r["llm2clip_vs_baseline"]
+        md.append(
+            f"| {task} ({r['metric']}) | {r['n']} | {r['baseline']['accuracy']:.3f}{_ci3(r['baseline']['ci95'])} | "
+            f"{r['llm2clip']['accuracy']:.3f}{_ci3(r['llm2clip']['ci95'])} | {t['gain']:+.3f} | "
+            f"{t['wins']} / {t['losses']} | {t['p_value']:.3g} |"
+        )
+    return md
+
+
+def _curves_section(curves: dict, plots: Path) -> list[str]:
+    """Every training step's loss curve (a panel per stage, both encoders on one for the LLaVAs) and a
+    table of first and last logged losses."""
+    import matplotlib.pyplot as plt
+
+    md = ["## Training curves", ""]
+    if not curves:
+        return md + ["(no train_log.jsonl found)", ""]
+    panels = [(t, [f for f in fs if f in curves]) for t, fs in PANELS]
+    panels = [(t, fs) for t, fs in panels if fs]
+    n = len(panels)
+    cols = min(3, n)
+    rows_ = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 2.8 * rows_), squeeze=False)
+    titles = dict(CURVES)
+    for ax, (title, folders) in zip(axes.flat, panels):
+        for f in folders:
+            pts = curves[f]
+            label = "LLM2CLIP" if "llm2clip" in f else "baseline" if "baseline" in f else None
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+        if len(folders) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("loss", fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    md += ["| step | first logged loss | last logged loss | logged points |", "|---|---|---|---|"]
+    for folder, pts in curves.items():
+        md.append(f"| {titles.get(folder, folder)} | {pts[0][1]:.3f} | {pts[-1][1]:.3f} | {len(pts)} |")
+    return md + _figure(fig, plots, "training_curves.png", "training curves")
+
+
+def _bench_sections(run: L.PipelineRun) -> list[str]:
+    """The optional sections the bench scripts write on this run folder (connectors, caption filtering)."""
+    md = []
     conn = _read(run.connectors / "connectors.json")
     if conn:
         md += [
@@ -745,40 +798,45 @@ def write_report(out: str | os.PathLike, cfg=None, state: dict | None = None) ->
     if filt.is_file():
         md += ["## Caption filtering on deliberately corrupted pairs (`python bench/caption_filter.py`)", ""]
         md += filt.read_text().splitlines()[2:] + [""]
+    return md
 
-    # steps, versions, fingerprints
+
+def _steps_section(state: dict) -> list[str]:
+    """Each step's status, seconds and fingerprint, the time in steps and the last run's wall time."""
     steps = state.get("steps", {})
-    if steps:
-        md += ["## Steps", "", "| step | status | seconds | fingerprint |", "|---|---|---|---|"]
-        for name, rec in steps.items():
-            if name == "report":
-                continue
-            md.append(
-                f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |"
-            )
-        total = sum(r.get("seconds", 0) for r in steps.values())
-        md += ["", f"Time in steps: {total / 60:.1f} min."]
-        last = state.get("last_run") or {}
-        if last.get("parallel", 1) > 1 and (last.get("seconds") or last.get("started")):
-            ends = [r["finished"] for r in steps.values() if r.get("finished")]
-            wall = last.get("seconds") or (max(ends, default=last["started"]) - last["started"])
-            md += [
-                f"The last run took {wall / 60:.1f} min of wall time, up to {last['parallel']} steps at once "
-                "(each beside another on its share of the CPU threads, so a step's seconds are not those of a "
-                "run of one step at a time)."
-            ]
-        md += [""]
-    if state.get("versions"):
-        md += ["## Versions", "", "| package | version |", "|---|---|"]
-        md += [f"| {k} | {v} |" for k, v in state["versions"].items()]
-        md.append("")
-    atomic_write_json(
-        run.report_json,
-        {
-            "scale": scale,
-            "numbers": {**data, "lmms_table": table},
-            "steps": steps,
-            "versions": state.get("versions", {}),
-        },
-    )
-    return atomic_write_text(run.report_md, "\n".join(md) + "\n")
+    if not steps:
+        return []
+    md = ["## Steps", "", "| step | status | seconds | fingerprint |", "|---|---|---|---|"]
+    for name, rec in steps.items():
+        if name == "report":
+            continue
+        md.append(
+            f"| {name} | {rec.get('status')} | {rec.get('seconds', 0):.0f} | `{rec.get('fingerprint', '')[:12]}` |"
+        )
+    total = sum(r.get("seconds", 0) for r in steps.values())
+    md += ["", f"Time in steps: {total / 60:.1f} min."]
+    last = state.get("last_run") or {}
+    if last.get("parallel", 1) > 1 and (last.get("seconds") or last.get("started")):
+        ends = [r["finished"] for r in steps.values() if r.get("finished")]
+        wall = last.get("seconds") or (max(ends, default=last["started"]) - last["started"])
+        md += [
+            f"The last run took {wall / 60:.1f} min of wall time, up to {last['parallel']} steps at once "
+            "(each beside another on its share of the CPU threads, so a step's seconds are not those of a "
+            "run of one step at a time)."
+        ]
+    return md + [""]
+
+
+def _versions_section(state: dict) -> list[str]:
+    """The versions of the packages the run used (the pipeline's state)."""
+    versions = state.get("versions")
+    if not versions:
+        return []
+    return [
+        "## Versions",
+        "",
+        "| package | version |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in versions.items()),
+        "",
+    ]

@@ -17,6 +17,10 @@ import torch
 
 from l2c_llava.data.synthetic import SynthOptions, generate
 
+from .recipe_configs import clip_config
+from .tiny_llm import save_tiny_llm
+from .tiny_models import FakeEncoder, tiny_vision
+
 # one thread in the test process and the commands it starts: its models are tiny, and with two threads
 # each small op waits on the other thread (on a 2-core machine shared with other work, 10x slower; the
 # patch-probe test: 14 s instead of 136 s). Pipeline steps on SmolLM2 keep their threads (pipeline_env).
@@ -33,6 +37,98 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, SMALL, workers=1, progress=False)
     return out
+
+
+# -- tiny models and what is built from them, shared by the test modules ----------------------------------
+# Session-wide where every test only reads them; one per module where tests write into them.
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama folder (tests/tiny_llm.py): the base LLM of stage 1, the encoder of text caches."""
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llama") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def llava_parts(tmp_path_factory) -> Path:
+    """A LLaVA's parts: a tiny random Llama (llm/) and CLIP vision tower (vision/) in one folder."""
+    root = tmp_path_factory.mktemp("mllm")
+    save_tiny_llm(root / "llm", "llama")
+    tiny_vision().save_pretrained(root / "vision")
+    return root
+
+
+@pytest.fixture(scope="session")
+def stage2_parts(tmp_path_factory, synth_dir):
+    """Stage 2's inputs at toy size: a tiny vision tower, a fake encoder's folder and the training captions'
+    feature cache by FakeEncoder (12 dims): (root, the tower's folder, the encoder's folder, the caption
+    pairs); recipe_configs.stage2_config trains on them."""
+    from l2c_llava.data.readers import read_caption_pairs
+    from l2c_llava.stage2.cache import build_cache, pair_captions
+
+    root = tmp_path_factory.mktemp("s2")
+    vision_dir = root / "vision"
+    tiny_vision().save_pretrained(vision_dir)
+    encoder = root / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")  # the fake encoder's identity for the fingerprint
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
+    build_cache(
+        root / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=32,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
+    return root, vision_dir, encoder, pairs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_dir):
+    """The demo chain at toy size: CLIP from scratch -> caches (fake LLM) -> stage 2 from its tower:
+    (root, the stage-2 config file, its config, the encoder folder). One per test module: the tests run
+    `l2c stage2 eval` on it, which writes into its run folder."""
+    from l2c_llava.cli import main
+    from l2c_llava.config import load_config
+    from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
+    from l2c_llava.stage2.cache import build_cache, pair_captions
+    from l2c_llava.stage2.train import Stage2Recipe
+
+    root = tmp_path_factory.mktemp("s2eval")
+    path, _ = clip_config(root, synth_dir, root / "clip")
+    assert main(["clip", "pretrain", "--config", str(path)]) == 0
+    encoder = root / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    fake = lambda: FakeEncoder(dim=12)  # noqa: E731
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
+    short = read_karpathy(synth_dir / "retrieval" / "karpathy.json", synth_dir / "images", image_check="none")
+    long = read_long_captions(
+        synth_dir / "retrieval" / "long_test.json", synth_dir / "images", image_check="none"
+    )
+    for name, caps in (
+        ("train", pair_captions(pairs)),
+        ("eval_short", short.captions),
+        ("eval_long", long.captions),
+    ):
+        build_cache(root / "cache" / name, caps, encoder, shard_size=32, load_encoder=fake, progress=False)
+    cfg_path = root / "s2.yaml"
+    cfg_path.write_text(f"""recipe: stage2
+run: {{output_dir: {root / "s2"}, seed: 1}}
+text_encoder: {{path: {encoder}}}
+cache: {{dir: {root / "cache"}}}
+vision: {{name_or_path: {root / "clip" / "model"}, image_size: 32, gradient_checkpointing: false}}
+adapter: {{num_blocks: 2, projection_dim: 16}}
+data: {{train: {synth_dir}/captions/train.jsonl, image_root: {synth_dir}/images, num_workers: 0,
+        eval_short: {synth_dir}/retrieval/karpathy.json, eval_long: {synth_dir}/retrieval/long_test.json,
+        eval_image_root: {synth_dir}/images}}
+train: {{lr: 1.0e-3, batch_size: 4, max_steps: 3, mixed_precision: "no"}}
+eval: {{batch_size: 5}}
+""")
+    cfg = load_config(cfg_path)
+    Stage2Recipe(cfg).run()
+    return root, cfg_path, cfg, encoder
 
 
 # -- the quick pipeline, run once for the tests that read it ------------------------------------------

@@ -107,7 +107,7 @@ def test_patch_probe_questions_are_true_and_the_probe_runs(tmp_path):
     from l2c_llava.data.synthetic import SynthOptions, generate
     from l2c_llava.stage2.health import _CELL0, _SHAPE0, probe_questions
 
-    from .test_stage2_model import tiny_vision
+    from .tiny_models import tiny_vision
 
     data = tmp_path / "data"
     generate(data, SynthOptions(images=60, seed=5, size=64, test_fraction=0.3), workers=1, progress=False)

@@ -6,11 +6,10 @@ from __future__ import annotations
 from l2c_llava.cards import read_card
 from l2c_llava.cli import main
 
-from .test_mllm import mllm_config, parts  # noqa: F401 - fixture
-from .test_stage2_eval_export import trained  # noqa: F401 - fixture
+from .recipe_configs import mllm_config
 
 
-def test_vision_and_llm2clip_exports_carry_a_card_with_the_runs_metrics(trained, tmp_path):  # noqa: F811
+def test_vision_and_llm2clip_exports_carry_a_card_with_the_runs_metrics(trained, tmp_path):
     root, cfg_path, _, encoder = trained
     assert main(["stage2", "eval", "--config", str(cfg_path)]) == 0  # metrics.json in the run folder
     for what in ("vision", "llm2clip"):
@@ -34,12 +33,14 @@ def test_vision_and_llm2clip_exports_carry_a_card_with_the_runs_metrics(trained,
     assert main(["export", "vision", "--run", str(root / "s2"), "--out", str(tmp_path / "tiny-vision")]) == 0
 
 
-def test_llava_run_model_and_both_exports_carry_a_card(tmp_path, parts, synth_dir):  # noqa: F811
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
+def test_llava_run_model_and_both_exports_carry_a_card(tmp_path, llava_parts, synth_dir):
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft")
     assert main(["mllm", "finetune", "--config", str(path)]) == 0
     meta, text = read_card(tmp_path / "ft" / "model")
     assert meta["pipeline_tag"] == "image-text-to-text" and "llava" in meta["tags"]
-    assert str(parts / "vision") in text and str(parts / "llm") in text and "instruct.json" in text
+    assert (
+        str(llava_parts / "vision") in text and str(llava_parts / "llm") in text and "instruct.json" in text
+    )
     assert "| steps | 3 |" in text and "final_loss" in text  # the run's training numbers
     assert "LlavaForConditionalGeneration.from_pretrained" in text
     hf = tmp_path / "tiny-llava-hf"

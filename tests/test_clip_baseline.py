@@ -9,17 +9,7 @@ import torch
 from l2c_llava.cli import main
 from l2c_llava.config import load_config
 
-
-def clip_config(tmp_path, synth_dir, out, extra=()):
-    path = tmp_path / f"{out.name}.yaml"
-    path.write_text(f"""recipe: clip
-run: {{output_dir: {out}, seed: 3}}
-model: {{image_size: 32, patch_size: 16, vision_width: 32, vision_layers: 2, vision_heads: 2, text_width: 32,
-         text_layers: 1, text_heads: 2, context_length: 24, projection_dim: 16}}
-data: {{train: {synth_dir}/retrieval/karpathy.json, image_root: {synth_dir}/images, num_workers: 0}}
-train: {{batch_size: 8, max_steps: 3, log_every: 1, save_every: 2, mixed_precision: "no"}}
-""")
-    return path, load_config(path, list(extra))
+from .recipe_configs import clip_config
 
 
 def test_pretrain_writes_a_standard_clip_folder(tmp_path, synth_dir, capsys):

@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .conftest import ROOT, env_setup
-from .test_stage2_model import tiny_vision
 from .tiny_llm import save_tiny_sp_llama
+from .tiny_models import tiny_vision
 
 CONSUMERS = ("4.37.2", "4.44.2", "5.x")
 # asserted: prompts as the templates build them, captions, questions, digits, unicode, newlines

@@ -12,7 +12,7 @@ import torch
 from l2c_llava.mllm.build import BuildError, build_llava, image_tokens_of, load_llava, save_llava
 from l2c_llava.mllm.connectors import PerceiverResampler, QFormerConnector, make_connector
 
-from .test_mllm import mllm_config, parts  # noqa: F401  (the module-scoped tiny LLM + vision tower)
+from .recipe_configs import mllm_config
 
 KINDS = ["qformer", "perceiver"]
 
@@ -41,21 +41,21 @@ def test_connector_errors_name_the_setting():
         make_connector({"type": "resampler"}, vision_dim=32, llm_dim=16)
 
 
-def tiny_llava(parts, kind, queries=6):  # noqa: F811
+def tiny_llava(llava_parts, kind, queries=6):
     return build_llava(
-        parts / "vision",
-        SimpleNamespace(name_or_path=str(parts / "llm")),
+        llava_parts / "vision",
+        SimpleNamespace(name_or_path=str(llava_parts / "llm")),
         projector_type=kind,
         connector={"num_queries": queries, "heads": 4},
     )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, parts, kind):  # noqa: F811
+def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, llava_parts, kind):
     from PIL import Image
     from transformers import AutoProcessor
 
-    model, proc = tiny_llava(parts, kind, queries=6)
+    model, proc = tiny_llava(llava_parts, kind, queries=6)
     assert image_tokens_of(model.config) == model.config.image_seq_length == 6
     text = proc.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
@@ -82,12 +82,12 @@ def test_tiny_llava_with_a_connector_generates_after_save_and_load(tmp_path, par
     assert not torch.allclose(la, lb)
 
 
-def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsys):  # noqa: F811
+def test_transformers_only_paths_refuse_a_connector_model(tmp_path, llava_parts, capsys):
     from l2c_llava.errors import CannotRunError, InputError
     from l2c_llava.mllm.export import export_original
     from l2c_llava.mllm.lmms import run_lmms_eval
 
-    model, proc = tiny_llava(parts, "qformer", queries=4)
+    model, proc = tiny_llava(llava_parts, "qformer", queries=4)
     save_llava(model, proc, tmp_path / "m")
     with pytest.raises(InputError, match="takes only the MLP"):
         export_original(tmp_path / "m", tmp_path / "llava-orig")
@@ -116,21 +116,25 @@ def test_transformers_only_paths_refuse_a_connector_model(tmp_path, parts, capsy
     with pytest.raises(CannotRunError, match="takes only the MLP connector"):
         run_lmms_eval(tmp_path / "m", ["l2c_vqa"], tmp_path / "ev")
     with pytest.raises(BuildError, match="expected one of mlp2x_gelu, linear, qformer, perceiver"):
-        build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")), projector_type="blip")
+        build_llava(
+            llava_parts / "vision",
+            SimpleNamespace(name_or_path=str(llava_parts / "llm")),
+            projector_type="blip",
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiny_llava_with_a_connector_trains_three_steps_and_reloads(tmp_path, parts, synth_dir, kind):  # noqa: F811
+def test_tiny_llava_with_a_connector_trains_three_steps_and_reloads(tmp_path, llava_parts, synth_dir, kind):
     from l2c_llava.mllm.train import MllmRecipe
 
     extra = [f"model.projector_type={kind}", "model.connector.num_queries=8", "model.connector.heads=4"]
     _, cfg = mllm_config(
-        tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre", [*extra, "train.save_full_model=true"]
+        tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre", [*extra, "train.save_full_model=true"]
     )
     stats = MllmRecipe(cfg).run()
     assert stats["steps"] == 3 and stats["final_loss"] == stats["final_loss"]  # finite
     trained = load_llava(tmp_path / "pre" / "model")
-    init, _ = tiny_llava(parts, kind, queries=8)
+    init, _ = tiny_llava(llava_parts, kind, queries=8)
     a, b = trained.state_dict(), init.state_dict()
     proj = [k for k in a if "multi_modal_projector" in k]
     assert any(not torch.allclose(a[k], b[k]) for k in proj)  # the connector trained
@@ -139,7 +143,7 @@ def test_tiny_llava_with_a_connector_trains_three_steps_and_reloads(tmp_path, pa
     # the finetune starts from the pretrained connector (LoRA, 2 steps) and saves a loadable model
     _, ft = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "finetune",
         tmp_path / "ft",

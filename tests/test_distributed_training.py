@@ -5,7 +5,6 @@ few steps each, compared weight by weight."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,17 +15,10 @@ from safetensors.torch import load_file
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.stage2.cache import build_cache, pair_captions
 
-from .conftest import ROOT
-from .test_stage1_train import write_config as stage1_config
-from .test_stage2_cache import FakeEncoder
-from .test_stage2_model import tiny_vision
+from .conftest import ROOT, free_port
+from .recipe_configs import stage1_config
 from .tiny_llm import save_tiny_llm
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .tiny_models import FakeEncoder, tiny_vision
 
 
 def launch(processes: int, args: list[str]) -> None:
@@ -39,7 +31,7 @@ def launch(processes: int, args: list[str]) -> None:
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    cmd += [f"--master_port={_port()}", "-m", "l2c_llava.cli", *args]
+    cmd += [f"--master_port={free_port()}", "-m", "l2c_llava.cli", *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 

@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 
-from .conftest import ROOT
-from .test_distributed_training import _port
+from .conftest import ROOT, free_port
 
 WORKER = r"""
 import sys
@@ -72,7 +71,7 @@ def run(tmp_path, processes: int, mode: str) -> dict:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={processes}",
-        f"--master_port={_port()}",
+        f"--master_port={free_port()}",
         str(script),
         mode,
         str(out),

@@ -9,7 +9,7 @@ import pytest
 from l2c_llava.cli import main
 
 from .hub_standin import HubStandIn
-from .test_stage2_model import tiny_vision
+from .tiny_models import tiny_vision
 
 
 @pytest.fixture

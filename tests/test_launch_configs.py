@@ -144,7 +144,7 @@ def test_deepspeed_accelerator_prepares_without_a_dataloader():
     import subprocess
     import sys
 
-    from .test_distributed_training import _port
+    from .conftest import free_port
 
     env, _ = launch_env(ROOT / "stage2/accelerate/deepspeed_zero2.yaml")
     env = {
@@ -156,7 +156,7 @@ def test_deepspeed_accelerator_prepares_without_a_dataloader():
         "WORLD_SIZE": "1",
         "LOCAL_WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_port()),
+        "MASTER_PORT": str(free_port()),
     }
     script = """
 import json, torch

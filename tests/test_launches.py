@@ -22,11 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CPU_FSDP, PAPER_LAUNCHES, ROOT, TRAINING_RECORDS
-from .test_distributed_training import _port
-from .test_stage2_cache import FakeEncoder
-from .test_stage2_model import tiny_vision
+from .conftest import CPU_FSDP, PAPER_LAUNCHES, ROOT, TRAINING_RECORDS, free_port
 from .tiny_llm import save_tiny_llm
+from .tiny_models import FakeEncoder, tiny_vision
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,7 +58,7 @@ def launch(yaml: str | None, args: list[str], *, kill: str | None = None, expect
         assert main(args) == 0, args
         return ""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", yaml]
-    cmd += ["--num_processes", "2", "--main_process_port", str(_port())]
+    cmd += ["--num_processes", "2", "--main_process_port", str(free_port())]
     cmd += (CPU_FSDP if "fsdp" in yaml else []) + ["-m", "l2c_llava.cli", *args]
     e = env()
     if kill:
@@ -388,7 +386,7 @@ def test_a_launch_that_would_fall_back_stops_before_writing(world, synth_dir, tm
     out = tmp_path / "run"
     cfg = stage2_config(world, synth_dir, out, 4)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "stage2/accelerate/fsdp.yaml"]
-    cmd += ["--num_processes", "2", "--main_process_port", str(_port()), "-m", "l2c_llava.cli"]
+    cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "l2c_llava.cli"]
     res = subprocess.run(
         [*cmd, "stage2", "train", "--config", str(cfg)], cwd=ROOT, env=env(), capture_output=True, text=True
     )

@@ -20,8 +20,6 @@ from l2c_llava.mllm.lmms import (
 )
 
 from .conftest import ROOT
-from .test_stage2_model import tiny_vision
-from .tiny_llm import save_tiny_llm
 
 ROOT_CONFIG = ROOT / "pipeline" / "configs" / "demo.yaml"
 
@@ -90,13 +88,12 @@ def test_normalize_results_keeps_values_stderr_and_n():
 
 
 @pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmms")
-    save_tiny_llm(root / "llm", "llama")
-    tiny_vision().save_pretrained(root / "vision")
-    model, proc = build_llava(root / "vision", SimpleNamespace(name_or_path=str(root / "llm")))
-    save_llava(model, proc, root / "m", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
-    return root / "m"
+def tiny_llava(tmp_path_factory, llava_parts):
+    """The tiny LLaVA-1.5 (Vicuna template, padded images) of conftest's llava_parts, saved."""
+    out = tmp_path_factory.mktemp("lmms") / "m"
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
+    save_llava(model, proc, out, {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
+    return out
 
 
 def test_lmms_eval_runs_for_real_on_the_local_tasks(tmp_path, tiny_llava, synth_dir, capsys):

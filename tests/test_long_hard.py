@@ -177,8 +177,8 @@ def evaluated(tmp_path_factory, synth_dir):
     from l2c_llava.stage2.cache import build_cache, pair_captions
     from l2c_llava.stage2.train import Stage2Recipe
 
-    from .test_clip_baseline import clip_config
-    from .test_stage2_cache import FakeEncoder
+    from .recipe_configs import clip_config
+    from .tiny_models import FakeEncoder
 
     root = tmp_path_factory.mktemp("hard_eval")
     path, _ = clip_config(root, synth_dir, root / "clip", ["train.max_steps=1"])

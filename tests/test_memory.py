@@ -16,7 +16,7 @@ from l2c_llava.errors import CannotRunError
 from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train.optim import make_adamw
 
-from .test_mllm import mllm_config, parts  # noqa: F401
+from .recipe_configs import mllm_config
 
 
 def fake_bnb(monkeypatch):
@@ -62,21 +62,21 @@ def test_4bit_needs_bitsandbytes_and_a_gpu(monkeypatch):
     assert type(layer[0]) is torch.nn.Linear  # untouched
 
 
-def test_qlora_settings_are_checked_with_the_config(tmp_path, parts, synth_dir):  # noqa: F811
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
+def test_qlora_settings_are_checked_with_the_config(tmp_path, llava_parts, synth_dir):
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft")
     with pytest.raises(ConfigError, match="model.llm.load_in_4bit"):
         load_config(path, ["model.llm.load_in_4bit=true"])  # full finetune of a 4-bit LLM
     load_config(path, ["model.llm.load_in_4bit=true", "train.tune=lora"])
 
 
-def test_switches_stop_the_commands_before_any_work(tmp_path, parts, synth_dir, capsys, monkeypatch):  # noqa: F811
+def test_switches_stop_the_commands_before_any_work(tmp_path, llava_parts, synth_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft")
     rc = main(["mllm", "finetune", "--config", str(path), "model.llm.load_in_4bit=true", "train.tune=lora"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.llm.load_in_4bit: QLoRA (4-bit base weights) needs bitsandbytes" in err
     assert not (tmp_path / "ft" / "checkpoints").exists() and not (tmp_path / "ft" / "model").exists()
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre")
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre")
     rc = main(["mllm", "pretrain", "--config", str(path), "train.optimizer=adamw_8bit"])
     assert rc == 2 and "train.optimizer: 8-bit AdamW needs bitsandbytes" in capsys.readouterr().err
     assert not (tmp_path / "pre" / "checkpoints").exists()

@@ -15,16 +15,8 @@ from l2c_llava.mllm.build import BuildError, build_llava, prepare_tokenizer, sav
 from l2c_llava.mllm.conversation import IGNORE, encode
 from l2c_llava.mllm.data import ModalityLengthSampler, padding_waste
 
-from .test_stage2_model import tiny_vision
-from .tiny_llm import save_tiny_llm, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mllm")
-    save_tiny_llm(root / "llm", "llama")
-    tiny_vision().save_pretrained(root / "vision")
-    return root
+from .recipe_configs import mllm_config
+from .tiny_llm import tiny_tokenizer
 
 
 def tok_with_image():
@@ -104,7 +96,7 @@ def test_plain_labels_and_truncation():
 
 
 @pytest.mark.parametrize("size,patch", [(32, 8), (48, 16), (64, 16)])
-def test_image_tokens_equal_patch_features(tmp_path, parts, size, patch):
+def test_image_tokens_equal_patch_features(tmp_path, llava_parts, size, patch):
     from PIL import Image
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -117,7 +109,7 @@ def test_image_tokens_equal_patch_features(tmp_path, parts, size, patch):
         patch_size=patch,
     )
     CLIPVisionModel(cfg).save_pretrained(tmp_path / "v")
-    model, proc = build_llava(tmp_path / "v", SimpleNamespace(name_or_path=str(parts / "llm")))
+    model, proc = build_llava(tmp_path / "v", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     want = (size // patch) ** 2
     assert model.config.image_seq_length == want
     text = proc.apply_chat_template(
@@ -134,12 +126,12 @@ def test_image_tokens_equal_patch_features(tmp_path, parts, size, patch):
     model(**inputs)  # the forward checks tokens == features itself
 
 
-def test_build_is_strict_and_generates_after_save_load(tmp_path, parts):
+def test_build_is_strict_and_generates_after_save_load(tmp_path, llava_parts):
     from PIL import Image
     from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
-    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
-    tower = CLIPVisionModel.from_pretrained(parts / "vision")
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
+    tower = CLIPVisionModel.from_pretrained(llava_parts / "vision")
     for k, v in tower.state_dict().items():  # the tower's trained weights, not a random tower
         assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
     save_llava(model, proc, tmp_path / "a")
@@ -154,10 +146,10 @@ def test_build_is_strict_and_generates_after_save_load(tmp_path, parts):
     b = again.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b) and a.shape[1] == inputs["input_ids"].shape[1] + 4
     with pytest.raises(BuildError, match="not a CLIP vision model"):
-        build_llava(parts / "llm", SimpleNamespace(name_or_path=str(parts / "llm")))
+        build_llava(llava_parts / "llm", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
 
 
-def test_linear_projector_is_one_linear_and_stays_so(tmp_path, parts, synth_dir):
+def test_linear_projector_is_one_linear_and_stays_so(tmp_path, llava_parts, synth_dir):
     from transformers import LlavaForConditionalGeneration
 
     from l2c_llava.mllm.export import export_original
@@ -165,7 +157,7 @@ def test_linear_projector_is_one_linear_and_stays_so(tmp_path, parts, synth_dir)
 
     _, cfg = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "pretrain",
         tmp_path / "lin",
@@ -205,22 +197,6 @@ def test_modality_grouped_batches():
     assert padding_waste([0, 1], [3, -1], 2) == pytest.approx(1 / 3)
 
 
-def mllm_config(tmp_path, parts, synth_dir, stage, out, extra=()):
-    path = tmp_path / f"{out.name}.yaml"
-    tune = "projector" if stage == "pretrain" else "full"
-    data = "pretrain" if stage == "pretrain" else "instruct"
-    template = "plain" if stage == "pretrain" else "vicuna_v1"
-    path.write_text(f"""recipe: mllm
-run: {{output_dir: {out}, seed: 3}}
-model: {{vision_tower: {parts / "vision"}, llm: {{name_or_path: {parts / "llm"}, torch_dtype: float32}}}}
-data: {{path: {synth_dir}/llava/{data}.json, image_root: {synth_dir}/images, template: {template}, max_length: 120,
-        num_workers: 0}}
-train: {{stage: {stage}, tune: {tune}, lr: 1.0e-3, global_batch_size: 4, per_device_batch_size: 2, max_steps: 3,
-         mixed_precision: "no", gradient_checkpointing: false, save_every: 1, log_every: 1, warmup_ratio: 0.0}}
-""")
-    return path, load_config(path, list(extra))
-
-
 def saved_state(folder):
     from transformers import LlavaForConditionalGeneration
 
@@ -231,10 +207,12 @@ class Killed(Exception):
     pass
 
 
-def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth_dir, monkeypatch, capsys):
+def test_pretrain_and_finetune_resume_to_the_same_weights(
+    tmp_path, llava_parts, synth_dir, monkeypatch, capsys
+):
     from l2c_llava.mllm.train import MllmRecipe
 
-    _, cfg = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre")
+    _, cfg = mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre")
     original = MllmRecipe.save_checkpoint
 
     def die_after_2(self, *args):
@@ -249,7 +227,7 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     monkeypatch.setattr(MllmRecipe, "save_checkpoint", original)
     stats = MllmRecipe(cfg).run()
     assert stats["steps"] == 3 and stats["grad_accum"] == 2
-    _, straight = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre_straight")
+    _, straight = mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre_straight")
     MllmRecipe(straight).run()
     # the pretrain keeps the projector only (LLaVA's mm_projector): the LLM and tower are unchanged
     assert not (tmp_path / "pre" / "model").exists()
@@ -258,7 +236,7 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     proj = sorted(a)
     assert proj and all(k.startswith("model.multi_modal_projector.") for k in proj)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    built, _ = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    built, _ = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     init = built.state_dict()
     assert not torch.allclose(a[proj[0]], init[proj[0]])  # the projector trained
     lm_key = "model.language_model.layers.0.mlp.up_proj.weight"
@@ -267,20 +245,20 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     # finetune from the pretrained projector, full LLM, through the CLI; killed after step 2 it
     # resumes to the same weights as a straight run
     init_from = f"model.init_from={tmp_path / 'pre'}"
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft")
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft")
     monkeypatch.setattr(MllmRecipe, "save_checkpoint", die_after_2)
     with pytest.raises(Killed):
         main(["mllm", "finetune", "--config", str(path), init_from])
     monkeypatch.setattr(MllmRecipe, "save_checkpoint", original)
     assert main(["mllm", "finetune", "--config", str(path), init_from]) == 0
-    straight_path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft_straight")
+    straight_path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft_straight")
     assert main(["mllm", "finetune", "--config", str(straight_path), init_from]) == 0
     f, g = saved_state(tmp_path / "ft" / "model"), saved_state(tmp_path / "ft_straight" / "model")
     assert not torch.equal(f[lm_key], init[lm_key])
     assert all(torch.allclose(f[k], g[k], atol=1e-6) for k in f)
     assert torch.allclose(f[proj[0]], a[proj[0]], atol=0.1) and not torch.equal(f[proj[0]], init[proj[0]])
     # padding-free batches (data.packing) train to the padded run's losses and weights
-    packed_path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "ft_packed")
+    packed_path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft_packed")
     assert main(["mllm", "finetune", "--config", str(packed_path), init_from, "data.packing=true"]) == 0
     p = saved_state(tmp_path / "ft_packed" / "model")
     assert all(torch.allclose(p[k], g[k], atol=1e-5) for k in g)
@@ -295,14 +273,14 @@ def test_pretrain_and_finetune_resume_to_the_same_weights(tmp_path, parts, synth
     assert "run it with `l2c mllm finetune`" in capsys.readouterr().err
 
 
-def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
+def test_lora_finetune_saves_a_plain_model(tmp_path, llava_parts, synth_dir):
     from transformers import LlavaForConditionalGeneration
 
     from l2c_llava.mllm.train import MllmRecipe
 
     _, cfg = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "finetune",
         tmp_path / "lora",
@@ -322,7 +300,7 @@ def test_lora_finetune_saves_a_plain_model(tmp_path, parts, synth_dir):
     assert not any("lora" in k for k in model.state_dict())
 
 
-def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
+def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, llava_parts, synth_dir):
     """train.mixed_precision=bf16 on the CPU (the demo's; 1.46x faster steps on a CPU with native bf16):
     the matmuls run in bf16, the weights, the loss log and the saved model stay float32."""
     import json
@@ -333,7 +311,7 @@ def test_lora_finetune_under_cpu_bf16_autocast(tmp_path, parts, synth_dir):
 
     _, cfg = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "finetune",
         tmp_path / "bf16",
@@ -391,13 +369,13 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     assert not caplog.records
 
 
-def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_dir):
+def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, llava_parts, synth_dir):
     """LLaVA's mm_projector_lr is not tied to LoRA: a full finetune gets the projector its own lr."""
     from l2c_llava.mllm.train import MllmRecipe
 
     _, cfg = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "finetune",
         tmp_path / "full",
@@ -412,14 +390,14 @@ def test_projector_lr_applies_to_the_full_finetune_too(tmp_path, parts, synth_di
     assert len(proj["params"]) + len(rest["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_path, parts, synth_dir):
+def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_path, llava_parts, synth_dir):
     """freeze_vision_tower=false in the pretrain: the projector-only output keeps the trained tower
     beside the projector, at its own lr, and the finetune's init_from loads it over model.vision_tower."""
     from l2c_llava.mllm.train import MllmRecipe
 
     _, cfg = mllm_config(
         tmp_path,
-        parts,
+        llava_parts,
         synth_dir,
         "pretrain",
         tmp_path / "pre",
@@ -434,30 +412,32 @@ def test_a_tower_trained_in_the_pretrain_is_kept_and_read_by_the_finetune(tmp_pa
     folder = tmp_path / "pre" / "projector"
     tower = load_file(str(folder / "vision_tower.safetensors"))
     assert json.loads((folder / "l2c_mllm.json").read_text())["vision_tower_trained"] is True
-    original = model.state_dict()  # built from parts/vision, before training
+    original = model.state_dict()  # built from llava_parts/vision, before training
     key = next(k for k in tower if k.endswith("encoder.layers.0.mlp.fc1.weight"))
     assert not torch.allclose(tower[key], original[key])  # the tower trained
     _, ft = mllm_config(
-        tmp_path, parts, synth_dir, "finetune", tmp_path / "ft", [f"model.init_from={tmp_path / 'pre'}"]
+        tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "ft", [f"model.init_from={tmp_path / 'pre'}"]
     )
     loaded, _ = MllmRecipe(ft).build()
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tower.items())
     # a frozen tower is neither saved nor loaded, and vision_lr on a frozen tower is refused
-    _, frozen = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre_frozen")
+    _, frozen = mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre_frozen")
     MllmRecipe(frozen).run()
     assert not (tmp_path / "pre_frozen" / "projector" / "vision_tower.safetensors").exists()
     with pytest.raises(ConfigError, match="the tower is frozen"):
-        mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "x", ["train.vision_lr=1e-4"])
+        mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "x", ["train.vision_lr=1e-4"])
 
 
-def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, parts, synth_dir, capsys):
+def test_original_format_maps_to_transformers_by_its_conversion_rules(
+    tmp_path, llava_parts, synth_dir, capsys
+):
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
     from l2c_llava.mllm.export import original_to_hf
 
-    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     torch.nn.init.normal_(model.model.multi_modal_projector.linear_1.weight)
     save_llava(model, proc, tmp_path / "a")
     args = ["export", "llava", "--model", str(tmp_path / "a"), "--format", "original", "--out"]
@@ -491,8 +471,8 @@ def test_original_format_maps_to_transformers_by_its_conversion_rules(tmp_path, 
         assert torch.equal(got[k], want[k]), k
 
 
-def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
-    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+def test_chat_and_bad_rows(tmp_path, llava_parts, synth_dir, capsys):
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     image = next((synth_dir / "images").rglob("*.jpg"))
     assert (
@@ -516,14 +496,14 @@ def test_chat_and_bad_rows(tmp_path, parts, synth_dir, capsys):
     rows[2]["conversations"] = [{"from": "gpt", "value": "x"}]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(rows))
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "finetune", tmp_path / "badrun")
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "finetune", tmp_path / "badrun")
     capsys.readouterr()
     assert main(["mllm", "finetune", "--config", str(path), f"data.path={bad}"]) == 2
     err = capsys.readouterr().err
     assert "item 1" in err and "missing.jpg" in err and "item 2" in err
 
 
-def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsys):
+def test_eval_vqa_scores_answers_and_the_prior(tmp_path, llava_parts, synth_dir, capsys):
     from PIL import Image
 
     from l2c_llava.mllm.evaluate import normalize
@@ -533,7 +513,7 @@ def test_eval_vqa_scores_answers_and_the_prior(tmp_path, parts, synth_dir, capsy
         and normalize("The red") == "red"
         and normalize("top left\nmore") == "top left"
     )
-    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     save_llava(model, proc, tmp_path / "m", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     args = [
         "mllm",
@@ -678,7 +658,7 @@ def test_a_numeric_answer_supervises_the_lone_space_before_it():
     assert enc.text.startswith(first_prompt) and enc.text[len(first_prompt) :].startswith(" 3<|im_end|>")
 
 
-def test_the_finetune_learns_an_answer_only_the_image_gives(tmp_path, parts):
+def test_the_finetune_learns_an_answer_only_the_image_gives(tmp_path, llava_parts):
     """End to end on held-out images: the answer ("what colour is the picture?") is in the pixels
     only, so a model that reaches it has its image features wired through the projector, the
     labels, the training and the saved model. The same questions asked with another image, and the
@@ -724,7 +704,7 @@ def test_the_finetune_learns_an_answer_only_the_image_gives(tmp_path, parts):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
     (tmp_path / "ft.yaml").write_text(f"""recipe: mllm
 run: {{output_dir: {tmp_path / "ft"}, seed: 0}}
-model: {{vision_tower: {parts / "vision"}, llm: {{name_or_path: {parts / "llm"}, torch_dtype: float32}}}}
+model: {{vision_tower: {llava_parts / "vision"}, llm: {{name_or_path: {llava_parts / "llm"}, torch_dtype: float32}}}}
 data: {{path: {tmp_path / "train.json"}, image_root: {tmp_path / "img"}, template: vicuna_v1, max_length: 120,
         num_workers: 0}}
 train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_device_batch_size: 16,
@@ -745,7 +725,7 @@ train: {{stage: finetune, tune: full, lr: 3.0e-3, global_batch_size: 16, per_dev
     assert m["vs_shuffled_images"]["p_value"] < 0.05 and m["vs_prior"]["gain"] >= 0.5, m
 
 
-def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, synth_dir):
+def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, llava_parts, synth_dir):
     """The LM head on the supervised positions only gives transformers' causal-LM loss and the same
     gradients, for captions (plain) and multi-turn answers with text-only rows (vicuna_v1)."""
     from l2c_llava.losses import _mask_slicing, supervised_loss
@@ -754,7 +734,7 @@ def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, syn
 
     assert _mask_slicing()  # the transformers this project pins does it; older ones fall back
     for stage in ("pretrain", "finetune"):
-        _, cfg = mllm_config(tmp_path, parts, synth_dir, stage, tmp_path / stage)
+        _, cfg = mllm_config(tmp_path, llava_parts, synth_dir, stage, tmp_path / stage)
         recipe = MllmRecipe(cfg)
         model, proc = recipe.build()
         ds = recipe.build_data(proc, model)
@@ -777,7 +757,7 @@ def test_the_supervised_positions_loss_is_transformers_loss(tmp_path, parts, syn
         assert torch.isnan(supervised_loss(model, nothing)) and torch.isnan(model(**nothing).loss)
 
 
-def test_packed_rows_give_the_padded_loss_and_gradients(tmp_path, parts, synth_dir):
+def test_packed_rows_give_the_padded_loss_and_gradients(tmp_path, llava_parts, synth_dir):
     """Padding-free batches: the same samples packed end to end (position_ids restarting, no
     attention mask) give the padded batch's loss and gradients, with image and text-only samples in
     one row, several rows when the capacity is short, and every sample's own image in its place; a
@@ -795,7 +775,7 @@ def test_packed_rows_give_the_padded_loss_and_gradients(tmp_path, parts, synth_d
         and pack_rows([], 8) == []
     )
     for stage in ("pretrain", "finetune"):
-        _, cfg = mllm_config(tmp_path, parts, synth_dir, stage, tmp_path / stage)
+        _, cfg = mllm_config(tmp_path, llava_parts, synth_dir, stage, tmp_path / stage)
         recipe = MllmRecipe(cfg)
         model, proc = recipe.build()
         ds = recipe.build_data(proc, model)

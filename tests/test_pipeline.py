@@ -621,3 +621,27 @@ def test_one_step_at_a_time_keeps_the_terminal_and_the_threads(tmp_path, monkeyp
     assert rec["a"]["end"] <= rec["b"]["start"] <= rec["b"]["end"] <= rec["c"]["start"] <= rec["d"]["start"]
     assert all(r["threads"] is None for r in rec.values())
     assert not (out / "pipeline" / "logs").exists()
+
+
+def test_the_step_table_declares_each_planned_step(tmp_path):
+    """Every planned step is a row of the table (pipeline.STEPS), in its order: it reads only steps before
+    it, those the run plans; its command line is the row's `l2c` command; what it writes, the row's."""
+    from l2c_llava.layout import PipelineRun
+    from l2c_llava.pipeline import STEPS
+
+    order = list(STEPS)
+    assert all(set(row.reads) <= set(order[: order.index(name)]) for name, row in STEPS.items())
+    for name in SHIPPED:
+        out = tmp_path / name
+        pipe = load_pipeline(str(ROOT / "pipeline" / "configs" / f"{name}.yaml"), [f"run.output_dir={out}"])
+        names = [s.name for s in pipe.steps]
+        assert names == [n for n in order if n in names], names
+        for s in pipe.steps:
+            row = STEPS[s.name]
+            assert s.upstream == [u for u in row.reads if u in names[: names.index(s.name)]], s.name
+            assert s.outputs == row.writes(PipelineRun(out)) and s.done_marker == row.done(PipelineRun(out))
+            if row.command is None:
+                assert s.argv is None and s.func is not None, s.name
+            else:
+                assert s.argv[: 1 + len(row.command.split())] == ["l2c", *row.command.split()], s.argv
+            assert (s.launch is not None) <= row.launched, s.name

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from l2c_llava.cli import main
 
-from .test_stage2_model import tiny_vision
 from .tiny_llm import save_tiny_llm, save_tiny_sp_llama
+from .tiny_models import tiny_vision
 
 TEXTS = ["a red circle", "Two blue squares and a large green star.", "USER: what is 123?\nASSISTANT: 4"]
 

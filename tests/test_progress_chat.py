@@ -8,13 +8,12 @@ from types import SimpleNamespace
 from l2c_llava.cli import main
 from l2c_llava.mllm.build import build_llava, save_llava
 
-from .test_mllm import parts  # noqa: F401 - fixture
-from .test_stage1_train import tiny_base, write_config  # noqa: F401 - fixture
+from .recipe_configs import stage1_config
 
 
-def test_stage1_shows_the_evaluations_and_the_save(tmp_path, tiny_base, synth_dir, capsys):  # noqa: F811
-    cfg = write_config(
-        tmp_path, tiny_base, synth_dir, tmp_path / "run", extra="output: {merge_weights: true}\n"
+def test_stage1_shows_the_evaluations_and_the_save(tmp_path, tiny_llama, synth_dir, capsys):
+    cfg = stage1_config(
+        tmp_path, tiny_llama, synth_dir, tmp_path / "run", extra="output: {merge_weights: true}\n"
     )
     assert main(["stage1", "--config", str(cfg)]) == 0
     err = capsys.readouterr().err
@@ -29,10 +28,12 @@ def test_stage1_shows_the_evaluations_and_the_save(tmp_path, tiny_base, synth_di
     assert "eval:" in capsys.readouterr().err
 
 
-def test_interactive_chat_loads_once_and_answers_every_line(tmp_path, parts, synth_dir, capsys, monkeypatch):  # noqa: F811
+def test_interactive_chat_loads_once_and_answers_every_line(
+    tmp_path, llava_parts, synth_dir, capsys, monkeypatch
+):
     import l2c_llava.mllm.chat as chat_module
 
-    model, proc = build_llava(parts / "vision", SimpleNamespace(name_or_path=str(parts / "llm")))
+    model, proc = build_llava(llava_parts / "vision", SimpleNamespace(name_or_path=str(llava_parts / "llm")))
     save_llava(model, proc, tmp_path / "a", {"template": "vicuna_v1", "image_aspect_ratio": "pad"})
     images = sorted((synth_dir / "images").rglob("*.jpg"))[:2]
     loads = []

@@ -19,12 +19,8 @@ from l2c_llava.stage2.clip_baseline import ClipPretrainRecipe
 from l2c_llava.stage2.train import Stage2Recipe
 from l2c_llava.train.resume import may_change_on_resume, resume_key
 
-from .test_clip_baseline import clip_config
-from .test_mllm import mllm_config, parts  # noqa: F401 (a fixture)
+from .recipe_configs import clip_config, mllm_config, stage1_config, stage2_config
 from .test_pipeline import QUICK
-from .test_stage1_train import tiny_base, write_config  # noqa: F401 (a fixture)
-from .test_stage2_train import config as stage2_config
-from .test_stage2_train import setup  # noqa: F401 (a fixture)
 
 QUICK_STAGE1 = str(Path(QUICK).parents[2] / "stage1" / "configs" / "quick.yaml")
 
@@ -121,8 +117,8 @@ def _longer_then_changed(make, steps_of, longer=3, changed="train.lr=0.0007", ke
     assert steps_of(make([f"train.max_steps={longer}", changed, "run.resume=false"]).run()) == longer
 
 
-def test_stage1(tmp_path, tiny_base, synth_dir):  # noqa: F811
-    path = write_config(tmp_path, tiny_base, synth_dir, tmp_path / "run")
+def test_stage1(tmp_path, tiny_llama, synth_dir):
+    path = stage1_config(tmp_path, tiny_llama, synth_dir, tmp_path / "run")
     common = ["eval.cra=false", "data.eval=null", "data.eval_pairs=null", "eval.causal_baseline=false"]
 
     def make(extra):
@@ -136,8 +132,8 @@ def test_stage1(tmp_path, tiny_base, synth_dir):  # noqa: F811
     assert make(["train.max_steps=4", "train.lr=0.0007"]).finished() is None
 
 
-def test_stage2(tmp_path, setup, synth_dir):  # noqa: F811
-    root, vision_dir, encoder, _ = setup
+def test_stage2(tmp_path, stage2_parts, synth_dir):
+    root, vision_dir, encoder, _ = stage2_parts
     _longer_then_changed(
         lambda extra: Stage2Recipe(
             stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "r", extra)
@@ -153,10 +149,10 @@ def test_clip_baseline(tmp_path, synth_dir):
     )
 
 
-def test_llava(tmp_path, parts, synth_dir):  # noqa: F811
+def test_llava(tmp_path, llava_parts, synth_dir):
     _longer_then_changed(
         lambda extra: MllmRecipe(
-            mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "m", extra)[1]
+            mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "m", extra)[1]
         ),
         lambda stats: stats["steps"],
     )

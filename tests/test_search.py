@@ -23,8 +23,8 @@ from l2c_llava.search import (
     run_queries,
 )
 
-from .test_stage2_cache import FakeEncoder
 from .test_stage2_eval_export import release_folder
+from .tiny_models import FakeEncoder
 
 pytest.importorskip("faiss")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,44 +14,16 @@ from l2c_llava.config import load_config
 from l2c_llava.stage1.encoder import TextEncoder
 from l2c_llava.stage1.train import Stage1Recipe
 
-from .tiny_llm import save_tiny_llm
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return save_tiny_llm(tmp_path_factory.mktemp("base") / "llama", "llama")
-
-
-def write_config(tmp_path: Path, base: Path, data: Path, out: Path, extra: str = "") -> Path:
-    cfg = tmp_path / f"{out.name}.yaml"
-    cfg.write_text(
-        textwrap.dedent(f"""\
-        # l2c stage1 --config {cfg}
-        # test config
-        recipe: stage1
-        run: {{output_dir: {out}, seed: 3}}
-        model: {{name_or_path: {base}, max_length: 48, gradient_checkpointing: false}}
-        lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        data:
-          train: {data}/captions/train.jsonl
-          eval: {data}/retrieval/karpathy.json
-          eval_pairs: {data}/captions/test.jsonl
-          max_samples: 24
-        train: {{lr: 1.0e-3, batch_size: 4, max_steps: 3, warmup_steps: 1, log_every: 1, save_every: 1, keep_checkpoints: 2}}
-        eval: {{batch_size: 8}}
-        """)
-        + extra
-    )
-    return cfg
+from .recipe_configs import stage1_config
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "encoder" / "adapter" / "adapter_model.safetensors"))
 
 
-def test_three_steps_save_reload_and_resume(tmp_path, tiny_base, synth_dir):
+def test_three_steps_save_reload_and_resume(tmp_path, tiny_llama, synth_dir):
     run = tmp_path / "run"
-    cfg_path = write_config(tmp_path, tiny_base, synth_dir, run)
+    cfg_path = stage1_config(tmp_path, tiny_llama, synth_dir, run)
     metrics = Stage1Recipe(load_config(cfg_path)).run()
     # metrics: CRA etc. before (causal and bidirectional) and after
     saved = json.loads((run / "metrics.json").read_text())
@@ -71,18 +42,18 @@ def test_three_steps_save_reload_and_resume(tmp_path, tiny_base, synth_dir):
 
     # the encoder folder reloads, with the trained adapter applied
     enc = TextEncoder.from_pretrained(run / "encoder", device="cpu")
-    base = TextEncoder.from_pretrained(tiny_base, device="cpu")
+    base = TextEncoder.from_pretrained(tiny_llama, device="cpu")
     texts = ["a red circle", "two blue squares on a beige background"]
     assert not torch.allclose(enc.encode(texts), base.encode(texts))
 
 
-def test_contrastive_accumulation_matches_the_whole_batch(tmp_path, tiny_base, synth_dir):
+def test_contrastive_accumulation_matches_the_whole_batch(tmp_path, tiny_llama, synth_dir):
     """4 x 2 with GradCache gives the adapter of one step at 8 x 1 (same examples, all negatives)."""
     runs = {}
     for name, batch, accum, cache in (("whole", 8, 1, True), ("cached", 4, 2, True), ("plain", 4, 2, False)):
         run = tmp_path / name
         cfg = load_config(
-            write_config(tmp_path, tiny_base, synth_dir, run),
+            stage1_config(tmp_path, tiny_llama, synth_dir, run),
             [
                 f"train.batch_size={batch}",
                 f"train.grad_accum={accum}",
@@ -107,10 +78,10 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, synth_dir, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_llama, synth_dir, monkeypatch):
     """A run killed after its step-3 checkpoint and run again ends where an uninterrupted run ends."""
     cfg = load_config(
-        write_config(tmp_path, tiny_base, synth_dir, tmp_path / "killed"), ["train.max_steps=5"]
+        stage1_config(tmp_path, tiny_llama, synth_dir, tmp_path / "killed"), ["train.max_steps=5"]
     )
     original = Stage1Recipe.save_checkpoint
 
@@ -130,7 +101,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, synth_dir, 
     log = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     straight = load_config(
-        write_config(tmp_path, tiny_base, synth_dir, tmp_path / "straight"), ["train.max_steps=5"]
+        stage1_config(tmp_path, tiny_llama, synth_dir, tmp_path / "straight"), ["train.max_steps=5"]
     )
     Stage1Recipe(straight).run()
     a, b = adapter_weights(tmp_path / "killed"), adapter_weights(tmp_path / "straight")
@@ -145,11 +116,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, synth_dir, 
     assert again["train"]["steps"] == 5
 
 
-def test_mntp_then_contrastive_and_merged_output(tmp_path, tiny_base, synth_dir):
+def test_mntp_then_contrastive_and_merged_output(tmp_path, tiny_llama, synth_dir):
     run = tmp_path / "mntp_run"
     extra = "mntp: {enabled: true, max_steps: 2, batch_size: 4, lr: 1.0e-3}\noutput: {merge_weights: true}\n"
     cfg = load_config(
-        write_config(tmp_path, tiny_base, synth_dir, run, extra), ["eval.causal_baseline=false"]
+        stage1_config(tmp_path, tiny_llama, synth_dir, run, extra), ["eval.causal_baseline=false"]
     )
     metrics = Stage1Recipe(cfg).run()
     assert (run / "mntp" / ".complete").is_file() and (run / "mntp" / "adapter_model.safetensors").is_file()
@@ -162,9 +133,9 @@ def test_mntp_then_contrastive_and_merged_output(tmp_path, tiny_base, synth_dir)
     assert torch.allclose(merged.encode(texts), adapter.encode(texts), atol=1e-5)
 
 
-def test_cli_train_and_eval(tmp_path, tiny_base, synth_dir, capsys):
+def test_cli_train_and_eval(tmp_path, tiny_llama, synth_dir, capsys):
     run = tmp_path / "cli_run"
-    cfg = write_config(tmp_path, tiny_base, synth_dir, run)
+    cfg = stage1_config(tmp_path, tiny_llama, synth_dir, run)
     assert main(["stage1", "--config", str(cfg), "train.max_steps=1", "eval.causal_baseline=false"]) == 0
     assert json.loads(capsys.readouterr().out)["cra_after"] >= 0
     assert main(["stage1", "eval", "--config", str(cfg), "--out", str(tmp_path / "e.json")]) == 0

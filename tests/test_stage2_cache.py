@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from l2c_llava.stage1.encoder import TextEncoder
 from l2c_llava.stage2.cache import TextFeatureCache, build_cache, encoder_fingerprint
 
 from .tiny_llm import save_tiny_llm
+from .tiny_models import FakeEncoder
 
 CAPTIONS = [f"a red circle and {n} blue squares" for n in ("one", "two", "three", "four")] + [
     "a large green star on a beige background",
@@ -23,54 +23,30 @@ CAPTIONS = [f"a red circle and {n} blue squares" for n in ("one", "two", "three"
 ]
 
 
-class FakeEncoder:
-    """Deterministic features from the text hash; counts calls; can die on a given call."""
-
-    def __init__(self, dim: int = 6, die_on_call: int | None = None):
-        self.dim, self.calls, self.die_on_call = dim, 0, die_on_call
-
-    def encode(self, texts, instruction=None, batch_size=32):
-        self.calls += 1
-        if self.calls == self.die_on_call:
-            raise KeyboardInterrupt("killed")
-        rows = [
-            torch.tensor(
-                list(hashlib.sha256(f"{instruction}|{t}".encode()).digest()[: self.dim]), dtype=torch.float32
-            )
-            for t in texts
-        ]
-        return torch.stack(rows)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    return save_tiny_llm(tmp_path_factory.mktemp("enc") / "llama", "llama")
-
-
-def test_round_trip_with_a_real_encoder(tmp_path, encoder_dir):
-    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, dtype="float32", progress=False)
+def test_round_trip_with_a_real_encoder(tmp_path, tiny_llama):
+    cache = build_cache(tmp_path / "c", CAPTIONS, tiny_llama, shard_size=4, dtype="float32", progress=False)
     assert len(cache) == 10 and cache.dim == 32 and len(cache.manifest["shards"]) == 3
-    want = TextEncoder.from_pretrained(encoder_dir, device="cpu").encode(CAPTIONS)
+    want = TextEncoder.from_pretrained(tiny_llama, device="cpu").encode(CAPTIONS)
     assert torch.allclose(cache.features(range(10)), want, atol=1e-5)
     assert torch.allclose(cache.feature(9), want[9], atol=1e-5)
-    cache.check(CAPTIONS, encoder_path=encoder_dir)  # the same captions and encoder: accepted
-    half = build_cache(tmp_path / "h", CAPTIONS, encoder_dir, shard_size=4, dtype="float16", progress=False)
+    cache.check(CAPTIONS, encoder_path=tiny_llama)  # the same captions and encoder: accepted
+    half = build_cache(tmp_path / "h", CAPTIONS, tiny_llama, shard_size=4, dtype="float16", progress=False)
     assert half._handles[0].get_slice("features").get_dtype() == "F16"
     assert torch.allclose(half.features([0, 5]), want[[0, 5]], atol=2e-3)
     with pytest.raises(IndexError):
         cache.feature(10)
 
 
-def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
+def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, tiny_llama):
     """text_encoder.torch_dtype=bfloat16 (the demo's, ~1.8x faster on a CPU with AVX512-BF16): the
     features stay close to float32's, the manifest records the compute dtype, and a cache made in
     another compute dtype is not resumed into."""
-    enc = TextEncoder.from_pretrained(encoder_dir, device="cpu", torch_dtype="bfloat16")
+    enc = TextEncoder.from_pretrained(tiny_llama, device="cpu", torch_dtype="bfloat16")
     assert next(enc.model.parameters()).dtype == torch.bfloat16
     cache = build_cache(
         tmp_path / "c",
         CAPTIONS,
-        encoder_dir,
+        tiny_llama,
         shard_size=4,
         dtype="float32",
         progress=False,
@@ -78,7 +54,7 @@ def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
         compute_dtype="bfloat16",
     )
     assert cache.manifest["compute_dtype"] == "bfloat16"
-    want = TextEncoder.from_pretrained(encoder_dir, device="cpu").encode(CAPTIONS)
+    want = TextEncoder.from_pretrained(tiny_llama, device="cpu").encode(CAPTIONS)
     got = cache.features(range(10))
     assert got.dtype == torch.float32 and not torch.equal(got, want)  # really computed in bf16
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99
@@ -86,47 +62,47 @@ def test_bf16_compute_is_recorded_and_close_to_float32(tmp_path, encoder_dir):
         build_cache(
             tmp_path / "c",
             CAPTIONS,
-            encoder_dir,
+            tiny_llama,
             shard_size=4,
             dtype="float32",
             progress=False,
             load_encoder=FakeEncoder,
         )
     old = build_cache(
-        tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
+        tmp_path / "f", CAPTIONS, tiny_llama, shard_size=4, load_encoder=FakeEncoder, progress=False
     )
     manifest = json.loads((old.folder / "manifest.json").read_text())
     del manifest["compute_dtype"]  # a cache written before the key existed is still reused as "auto"
     (old.folder / "manifest.json").write_text(json.dumps(manifest))
     build_cache(
-        tmp_path / "f", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
+        tmp_path / "f", CAPTIONS, tiny_llama, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
     )
 
 
-def test_a_cache_made_under_another_token_window_is_not_reused(tmp_path, encoder_dir):
+def test_a_cache_made_under_another_token_window_is_not_reused(tmp_path, tiny_llama):
     """text_encoder.max_length cuts every dense caption: a cache built with one window is refused
     under another (it was reused silently before), recorded in the manifest; a cache written before
     the key existed counts as the encoder's own window."""
     kw = dict(shard_size=4, load_encoder=FakeEncoder, progress=False)
-    cache = build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **kw)
+    cache = build_cache(tmp_path / "c", CAPTIONS, tiny_llama, max_length=64, **kw)
     assert cache.manifest["max_length"] == 64
     with pytest.raises(InputError, match="other max_length"):
-        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=128, **kw)
+        build_cache(tmp_path / "c", CAPTIONS, tiny_llama, max_length=128, **kw)
     with pytest.raises(InputError, match="other max_length"):
-        build_cache(tmp_path / "c", CAPTIONS, encoder_dir, **kw)  # the encoder's own window
-    build_cache(tmp_path / "c", CAPTIONS, encoder_dir, max_length=64, **{**kw, "load_encoder": lambda: 1 / 0})
-    old = build_cache(tmp_path / "f", CAPTIONS, encoder_dir, **kw)
+        build_cache(tmp_path / "c", CAPTIONS, tiny_llama, **kw)  # the encoder's own window
+    build_cache(tmp_path / "c", CAPTIONS, tiny_llama, max_length=64, **{**kw, "load_encoder": lambda: 1 / 0})
+    old = build_cache(tmp_path / "f", CAPTIONS, tiny_llama, **kw)
     manifest = json.loads((old.folder / "manifest.json").read_text())
     del manifest["max_length"]
     (old.folder / "manifest.json").write_text(json.dumps(manifest))
-    build_cache(tmp_path / "f", CAPTIONS, encoder_dir, **{**kw, "load_encoder": lambda: 1 / 0})
+    build_cache(tmp_path / "f", CAPTIONS, tiny_llama, **{**kw, "load_encoder": lambda: 1 / 0})
 
 
-def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
+def test_resume_after_a_kill_between_shards(tmp_path, tiny_llama):
     dying = FakeEncoder(die_on_call=3)
     with pytest.raises(KeyboardInterrupt):
         build_cache(
-            tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: dying, progress=False
+            tmp_path / "c", CAPTIONS, tiny_llama, shard_size=4, load_encoder=lambda: dying, progress=False
         )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
@@ -135,26 +111,24 @@ def test_resume_after_a_kill_between_shards(tmp_path, encoder_dir):
         TextFeatureCache(tmp_path / "c")
     again = FakeEncoder()
     cache = build_cache(
-        tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: again, progress=False
+        tmp_path / "c", CAPTIONS, tiny_llama, shard_size=4, load_encoder=lambda: again, progress=False
     )
     assert again.calls == 1  # only the missing shard was embedded
     straight = build_cache(
-        tmp_path / "s", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
+        tmp_path / "s", CAPTIONS, tiny_llama, shard_size=4, load_encoder=FakeEncoder, progress=False
     )
     assert torch.equal(cache.features(range(10)), straight.features(range(10)))
     # complete: nothing is embedded again (the loader is not even called)
     build_cache(
-        tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
+        tmp_path / "c", CAPTIONS, tiny_llama, shard_size=4, load_encoder=lambda: 1 / 0, progress=False
     )
 
 
-def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
-    build_cache(tmp_path / "c", CAPTIONS, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False)
+def test_a_stale_cache_is_refused(tmp_path, tiny_llama):
+    build_cache(tmp_path / "c", CAPTIONS, tiny_llama, shard_size=4, load_encoder=FakeEncoder, progress=False)
     other = CAPTIONS[:6] + ["a brown star"] + CAPTIONS[7:]
     with pytest.raises(InputError, match="made with other captions_digest; it is not reused"):
-        build_cache(
-            tmp_path / "c", other, encoder_dir, shard_size=4, load_encoder=FakeEncoder, progress=False
-        )
+        build_cache(tmp_path / "c", other, tiny_llama, shard_size=4, load_encoder=FakeEncoder, progress=False)
     cache = TextFeatureCache(tmp_path / "c")
     with pytest.raises(InputError, match=r"caption 6 \('a brown star'\) has no cached feature"):
         cache.check(other)
@@ -162,11 +136,11 @@ def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
         cache.check(CAPTIONS + ["one more"])
     # another encoder (other weights) or another instruction: refused
     other_encoder = save_tiny_llm(tmp_path / "other", "llama", seed=1)
-    assert encoder_fingerprint(other_encoder)["digest"] != encoder_fingerprint(encoder_dir)["digest"]
+    assert encoder_fingerprint(other_encoder)["digest"] != encoder_fingerprint(tiny_llama)["digest"]
     with pytest.raises(InputError, match="built by another text encoder"):
         cache.check(CAPTIONS, encoder_path=other_encoder)
     with pytest.raises(InputError, match="built by another text encoder or instruction"):
-        cache.check(CAPTIONS, encoder_path=encoder_dir, instruction="Given a caption")
+        cache.check(CAPTIONS, encoder_path=tiny_llama, instruction="Given a caption")
     with pytest.raises(InputError, match="other encoder"):
         build_cache(
             tmp_path / "c", CAPTIONS, other_encoder, shard_size=4, load_encoder=FakeEncoder, progress=False
@@ -175,7 +149,7 @@ def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
     rebuilt = build_cache(
         tmp_path / "c",
         other,
-        encoder_dir,
+        tiny_llama,
         shard_size=4,
         load_encoder=FakeEncoder,
         overwrite=True,
@@ -184,9 +158,9 @@ def test_a_stale_cache_is_refused(tmp_path, encoder_dir):
     rebuilt.check(other)
 
 
-def test_bad_input(tmp_path, encoder_dir):
+def test_bad_input(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="caption 1 is empty"):
-        build_cache(tmp_path / "c", ["a", " "], encoder_dir, load_encoder=FakeEncoder, progress=False)
+        build_cache(tmp_path / "c", ["a", " "], tiny_llama, load_encoder=FakeEncoder, progress=False)
     with pytest.raises(InputError, match="not a text feature cache"):
         TextFeatureCache(tmp_path / "nowhere")
 
@@ -196,20 +170,18 @@ def test_bad_input(tmp_path, encoder_dir):
             return super().encode(texts, instruction, batch_size)
 
     with pytest.raises(InputError, match="shard 1: feature dimension 8 differs from the cache's 7"):
-        build_cache(
-            tmp_path / "d", CAPTIONS, encoder_dir, shard_size=4, load_encoder=Shifting, progress=False
-        )
+        build_cache(tmp_path / "d", CAPTIONS, tiny_llama, shard_size=4, load_encoder=Shifting, progress=False)
     with pytest.raises(InputError, match="text encoder not found"):
         build_cache(
             tmp_path / "e", CAPTIONS, tmp_path / "no_encoder", load_encoder=FakeEncoder, progress=False
         )
 
 
-def test_cli_builds_train_and_eval_caches(tmp_path, encoder_dir, synth_dir, capsys):
+def test_cli_builds_train_and_eval_caches(tmp_path, tiny_llama, synth_dir, capsys):
     cfg = tmp_path / "s2.yaml"
     cfg.write_text(f"""recipe: stage2
 run: {{output_dir: {tmp_path}/run}}
-text_encoder: {{path: {encoder_dir}, batch_size: 8}}
+text_encoder: {{path: {tiny_llama}, batch_size: 8}}
 cache: {{dir: {tmp_path}/cache, shard_size: 16, dtype: float32}}
 vision: {{name_or_path: unused}}
 data:
@@ -230,7 +202,7 @@ data:
     assert "it is not reused" in capsys.readouterr().err
 
 
-def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, encoder_dir, synth_dir, capsys):
+def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, tiny_llama, synth_dir, capsys):
     import io
     import tarfile
 
@@ -258,7 +230,7 @@ def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, encoder_d
     cfg = tmp_path / "s2.yaml"
     cfg.write_text(f"""recipe: stage2
 run: {{output_dir: {tmp_path}/run}}
-text_encoder: {{path: {encoder_dir}, batch_size: 8}}
+text_encoder: {{path: {tiny_llama}, batch_size: 8}}
 cache: {{dir: {tmp_path}/cache, shard_size: 16, dtype: float32}}
 vision: {{name_or_path: unused}}
 data: {{format: webdataset, train: "{tmp_path}/wds/{{00000..{n - 1:05d}}}.tar"}}

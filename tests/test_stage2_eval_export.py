@@ -14,54 +14,14 @@ from safetensors.torch import save_file
 from l2c_llava.cli import main
 from l2c_llava.config import load_config
 from l2c_llava.data.images import load_rgb
-from l2c_llava.data.readers import read_caption_pairs, read_karpathy, read_long_captions
+from l2c_llava.data.readers import read_caption_pairs, read_long_captions
 from l2c_llava.stage2.cache import TextFeatureCache, build_cache, pair_captions
 from l2c_llava.stage2.llm2clip import LLM2CLIP, LLM2CLIPLoadError
 from l2c_llava.stage2.model import LLM2CLIPModel
 from l2c_llava.stage2.retrieval import recall_at_k
 from l2c_llava.stage2.train import Stage2Recipe
 
-from .test_clip_baseline import clip_config
-from .test_stage2_cache import FakeEncoder
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_dir):
-    """The demo chain at toy size: CLIP from scratch -> caches (fake LLM) -> stage 2 from its tower."""
-    root = tmp_path_factory.mktemp("s2eval")
-    path, _ = clip_config(root, synth_dir, root / "clip")
-    assert main(["clip", "pretrain", "--config", str(path)]) == 0
-    encoder = root / "encoder"
-    encoder.mkdir()
-    (encoder / "config.json").write_text("{}")
-    fake = lambda: FakeEncoder(dim=12)  # noqa: E731
-    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
-    short = read_karpathy(synth_dir / "retrieval" / "karpathy.json", synth_dir / "images", image_check="none")
-    long = read_long_captions(
-        synth_dir / "retrieval" / "long_test.json", synth_dir / "images", image_check="none"
-    )
-    for name, caps in (
-        ("train", pair_captions(pairs)),
-        ("eval_short", short.captions),
-        ("eval_long", long.captions),
-    ):
-        build_cache(root / "cache" / name, caps, encoder, shard_size=32, load_encoder=fake, progress=False)
-    cfg_path = root / "s2.yaml"
-    cfg_path.write_text(f"""recipe: stage2
-run: {{output_dir: {root / "s2"}, seed: 1}}
-text_encoder: {{path: {encoder}}}
-cache: {{dir: {root / "cache"}}}
-vision: {{name_or_path: {root / "clip" / "model"}, image_size: 32, gradient_checkpointing: false}}
-adapter: {{num_blocks: 2, projection_dim: 16}}
-data: {{train: {synth_dir}/captions/train.jsonl, image_root: {synth_dir}/images, num_workers: 0,
-        eval_short: {synth_dir}/retrieval/karpathy.json, eval_long: {synth_dir}/retrieval/long_test.json,
-        eval_image_root: {synth_dir}/images}}
-train: {{lr: 1.0e-3, batch_size: 4, max_steps: 3, mixed_precision: "no"}}
-eval: {{batch_size: 5}}
-""")
-    cfg = load_config(cfg_path)
-    Stage2Recipe(cfg).run()
-    return root, cfg_path, cfg, encoder
+from .tiny_models import FakeEncoder
 
 
 def test_eval_compares_both_models_on_short_and_long_captions(trained, capsys):

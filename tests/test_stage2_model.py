@@ -12,21 +12,7 @@ from l2c_llava.losses import clip_loss
 from l2c_llava.stage2.model import LinearBlock, LLM2CLIPModel, TextAdapter
 from l2c_llava.stage2.retrieval import recall_at_k
 
-
-def tiny_vision():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return CLIPVisionModel(cfg)
+from .tiny_models import tiny_vision
 
 
 def test_adapter_shapes_and_residual_structure():

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from l2c_llava.cli import main
-from l2c_llava.config import load_config
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import write_shards
 from l2c_llava.errors import InputError
@@ -15,52 +14,17 @@ from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import build_cache, pair_captions
 from l2c_llava.stage2.train import LLM2CLIPModel, Stage2Recipe, param_groups
 
-from .test_stage2_cache import FakeEncoder
-from .test_stage2_model import tiny_vision
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, synth_dir):
-    root = tmp_path_factory.mktemp("s2")
-    vision_dir = root / "vision"
-    tiny_vision().save_pretrained(vision_dir)
-    encoder = root / "encoder"
-    encoder.mkdir()
-    (encoder / "config.json").write_text("{}")  # the fake encoder's identity for the fingerprint
-    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images")
-    build_cache(
-        root / "cache" / "train",
-        pair_captions(pairs),
-        encoder,
-        shard_size=32,
-        load_encoder=lambda: FakeEncoder(dim=12),
-        progress=False,
-    )
-    return root, vision_dir, encoder, pairs
-
-
-def config(root, vision_dir, encoder, synth_dir, out, extra=()):
-    text = f"""recipe: stage2
-run: {{output_dir: {out}, seed: 1}}
-text_encoder: {{path: {encoder}}}
-cache: {{dir: {root}/cache}}
-vision: {{name_or_path: {vision_dir}, image_size: 32, gradient_checkpointing: false}}
-adapter: {{num_blocks: 2, projection_dim: 16}}
-data: {{train: {synth_dir}/captions/train.jsonl, image_root: {synth_dir}/images, num_workers: 0}}
-train: {{lr: 1.0e-3, batch_size: 4, max_steps: 4, log_every: 1, save_every: 1, mixed_precision: "no"}}
-"""
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(text)
-    return load_config(path, list(extra))
+from .recipe_configs import stage2_config
+from .tiny_models import FakeEncoder, tiny_vision
 
 
 class Killed(Exception):
     pass
 
 
-def test_train_saves_resumes_to_the_same_weights(tmp_path, setup, synth_dir, monkeypatch):
-    root, vision_dir, encoder, _ = setup
-    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "killed")
+def test_train_saves_resumes_to_the_same_weights(tmp_path, stage2_parts, synth_dir, monkeypatch):
+    root, vision_dir, encoder, _ = stage2_parts
+    cfg = stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "killed")
     original = Stage2Recipe.save_checkpoint
 
     def die_after_2(self, *args):
@@ -77,7 +41,7 @@ def test_train_saves_resumes_to_the_same_weights(tmp_path, setup, synth_dir, mon
     assert stats["steps"] == 4
     log = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["logit_scale"] <= 100 for r in log)
-    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "straight")).run()
+    Stage2Recipe(stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "straight")).run()
     a = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {
@@ -97,15 +61,15 @@ def test_train_saves_resumes_to_the_same_weights(tmp_path, setup, synth_dir, mon
     assert meta["text_dim"] == 12 and meta["projection_dim"] == 16
 
 
-def test_webdataset_shards_are_streamed_in_training(tmp_path, setup, synth_dir):
-    root, vision_dir, encoder, pairs = setup
+def test_webdataset_shards_are_streamed_in_training(tmp_path, stage2_parts, synth_dir):
+    root, vision_dir, encoder, pairs = stage2_parts
     shards = write_shards(
         [(f"{i:05d}", p.image_path, p.short, p.long) for i, p in enumerate(pairs)],
         tmp_path / "wds",
         per_shard=20,
     )
     pattern = str(tmp_path / "wds" / f"{{00000..{len(shards) - 1:05d}}}.tar")
-    cfg = config(
+    cfg = stage2_config(
         root,
         vision_dir,
         encoder,
@@ -132,17 +96,17 @@ def test_layer_decay_groups():
     assert by_param[id(named["text_adapter.adaptor.2.weight"])]["weight_decay"] == 0.05
 
 
-def test_bad_input(tmp_path, setup, synth_dir, capsys):
+def test_bad_input(tmp_path, stage2_parts, synth_dir, capsys):
     from .tiny_llm import save_tiny_llm
 
-    root, vision_dir, encoder, _ = setup
+    root, vision_dir, encoder, _ = stage2_parts
     llama = save_tiny_llm(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="is a 'llama' model, not a CLIP vision model"):
         load_vision_tower(str(llama))
     with pytest.raises(ValueError, match="no config.json"):
         load_vision_tower(str(tmp_path))
     # captions without a cached feature: the test split was never cached
-    cfg = config(
+    cfg = stage2_config(
         root,
         vision_dir,
         encoder,
@@ -205,7 +169,9 @@ def test_train_on_several_short_captions(tmp_path, synth_dir):
         load_encoder=lambda: FakeEncoder(dim=12),
         progress=False,
     )
-    cfg = config(root, root / "vision", encoder, synth_dir, root / "run", ["data.short_key=alternatives"])
+    cfg = stage2_config(
+        root, root / "vision", encoder, synth_dir, root / "run", ["data.short_key=alternatives"]
+    )
     assert Stage2Recipe(cfg).run()["steps"] == 4
 
 
@@ -245,23 +211,23 @@ def test_vision_tower_from_a_clip_model_folder(tmp_path):
     assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad is not None
 
 
-def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path, setup, synth_dir):
-    root, vision_dir, encoder, _ = setup
-    cfg = config(root, vision_dir, encoder, synth_dir, tmp_path / "small", ["train.batch_size=1000"])
+def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path, stage2_parts, synth_dir):
+    root, vision_dir, encoder, _ = stage2_parts
+    cfg = stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "small", ["train.batch_size=1000"])
     with pytest.raises(ValueError, match="not enough samples for one batch of 1000"):
         Stage2Recipe(cfg).run()
 
 
-def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, synth_dir, capsys):
+def test_export_vision_loads_back_with_the_trained_features(tmp_path, stage2_parts, synth_dir, capsys):
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     from l2c_llava.errors import InputError
     from l2c_llava.stage2.export import export_vision
     from l2c_llava.stage2.model import LLM2CLIPModel
 
-    root, vision_dir, encoder, _ = setup
+    root, vision_dir, encoder, _ = stage2_parts
     run = tmp_path / "run"
-    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, run, ["train.max_steps=2"])).run()
+    Stage2Recipe(stage2_config(root, vision_dir, encoder, synth_dir, run, ["train.max_steps=2"])).run()
     assert main(["export", "vision", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
     capsys.readouterr()
     exported, info = CLIPVisionModel.from_pretrained(tmp_path / "export", output_loading_info=True)
@@ -290,23 +256,25 @@ def test_export_vision_loads_back_with_the_trained_features(tmp_path, setup, syn
     assert main(["export", "vision", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_resume_refuses_a_changed_config(tmp_path, setup, synth_dir):
-    root, vision_dir, encoder, _ = setup
-    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2"])).run()
-    changed = config(
+def test_resume_refuses_a_changed_config(tmp_path, stage2_parts, synth_dir):
+    root, vision_dir, encoder, _ = stage2_parts
+    Stage2Recipe(
+        stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2"])
+    ).run()
+    changed = stage2_config(
         root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2", "train.lr=5e-4"]
     )
     with pytest.raises(ValueError, match=r"another config \(train.lr: 0.001 -> 0.0005\)"):
         Stage2Recipe(changed).run()
     # logging settings may change; run.resume=false starts over
     Stage2Recipe(
-        config(
+        stage2_config(
             root, vision_dir, encoder, synth_dir, tmp_path / "r", ["train.max_steps=2", "train.log_every=2"]
         )
     ).run()
     assert (
         Stage2Recipe(
-            config(
+            stage2_config(
                 root,
                 vision_dir,
                 encoder,
@@ -319,9 +287,9 @@ def test_resume_refuses_a_changed_config(tmp_path, setup, synth_dir):
     )
 
 
-def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, setup, synth_dir):
+def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, stage2_parts, synth_dir):
     """batch 4 x 2 accumulated with GradCache = batch 8 in one pass: same loss, same weights."""
-    root, vision_dir, encoder, _ = setup
+    root, vision_dir, encoder, _ = stage2_parts
     one = ["train.max_steps=1", "train.batch_size=8", "train.grad_clip=null"]
     acc = [
         "train.max_steps=1",
@@ -330,8 +298,8 @@ def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, 
         "train.contrastive_accum=true",
         "train.grad_clip=null",
     ]
-    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "whole", one)).run()
-    Stage2Recipe(config(root, vision_dir, encoder, synth_dir, tmp_path / "accum", acc)).run()
+    Stage2Recipe(stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "whole", one)).run()
+    Stage2Recipe(stage2_config(root, vision_dir, encoder, synth_dir, tmp_path / "accum", acc)).run()
     la = json.loads((tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()[0])
     lb = json.loads((tmp_path / "accum" / "train_log.jsonl").read_text().splitlines()[0])
     assert lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
@@ -344,16 +312,18 @@ def test_contrastive_accumulation_in_training_matches_the_whole_batch(tmp_path, 
 
 
 def test_export_defaults_to_the_runs_export_dir_and_the_run_reads_as_its_tower(
-    tmp_path, setup, synth_dir, capsys
+    tmp_path, stage2_parts, synth_dir, capsys
 ):
     """Stage paths from one layout: `l2c export vision --run RUN` writes to export.dir/vision and an mllm
     config naming RUN as its vision tower reads that folder."""
     from l2c_llava.models.vision import load_vision_tower
 
-    root, vision_dir, encoder, _ = setup
+    root, vision_dir, encoder, _ = stage2_parts
     run, shared = tmp_path / "run", tmp_path / "exports"
     Stage2Recipe(
-        config(root, vision_dir, encoder, synth_dir, run, ["train.max_steps=1", f"export.dir={shared}"])
+        stage2_config(
+            root, vision_dir, encoder, synth_dir, run, ["train.max_steps=1", f"export.dir={shared}"]
+        )
     ).run()
     assert main(["export", "vision", "--run", str(run)]) == 0
     assert main(["export", "llm2clip", "--run", str(run)]) == 0

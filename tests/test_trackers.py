@@ -13,10 +13,7 @@ import pytest
 from l2c_llava.cli import main
 from l2c_llava.config import ConfigError, load_config
 
-from .test_clip_baseline import clip_config
-from .test_mllm import mllm_config, parts  # noqa: F401 - fixture
-from .test_stage1_train import tiny_base, write_config  # noqa: F401 - fixture
-from .test_stage2_eval_export import trained  # noqa: F401 - fixture
+from .recipe_configs import clip_config, mllm_config, stage1_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed"
@@ -37,9 +34,9 @@ def events(run: Path):
     return out, files
 
 
-def test_stage1_reports_loss_lr_throughput_and_cra_before_and_after(tmp_path, tiny_base, synth_dir):  # noqa: F811
+def test_stage1_reports_loss_lr_throughput_and_cra_before_and_after(tmp_path, tiny_llama, synth_dir):
     run = tmp_path / "s1"
-    cfg = write_config(tmp_path, tiny_base, synth_dir, run)
+    cfg = stage1_config(tmp_path, tiny_llama, synth_dir, run)
     assert main(["stage1", "--config", str(cfg), "train.report_to=[tensorboard]"]) == 0
     scalars, files = events(run)
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3] and all(v > 0 for _, v in scalars["train/loss"])
@@ -52,13 +49,13 @@ def test_stage1_reports_loss_lr_throughput_and_cra_before_and_after(tmp_path, ti
     assert hp and "train.lr: 0.001" in hp[0].read_text()
 
 
-def test_clip_and_llava_recipes_report_too_and_the_default_writes_nothing(tmp_path, synth_dir, parts):  # noqa: F811
+def test_clip_and_llava_recipes_report_too_and_the_default_writes_nothing(tmp_path, synth_dir, llava_parts):
     path, _ = clip_config(tmp_path, synth_dir, tmp_path / "clip")
     assert main(["clip", "pretrain", "--config", str(path), "train.report_to=[tensorboard]"]) == 0
     scalars, _ = events(tmp_path / "clip")
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
     assert {"train/lr", "train/logit_scale", "train/images_per_second"} <= set(scalars)
-    path, _ = mllm_config(tmp_path, parts, synth_dir, "pretrain", tmp_path / "pre")
+    path, _ = mllm_config(tmp_path, llava_parts, synth_dir, "pretrain", tmp_path / "pre")
     assert main(["mllm", "pretrain", "--config", str(path), "train.report_to=[tensorboard]"]) == 0
     scalars, _ = events(tmp_path / "pre")
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3] and "train/tokens_per_second" in scalars
@@ -121,7 +118,7 @@ def wandb_records(path: Path) -> list:
     return out
 
 
-def test_stage2_eval_numbers_join_the_training_curves(trained, capsys):  # noqa: F811
+def test_stage2_eval_numbers_join_the_training_curves(trained, capsys):
     root, cfg_path, _, _ = trained
     run = root / "s2"
     assert main(["stage2", "eval", "--config", str(cfg_path), "train.report_to=[tensorboard]"]) == 0

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from l2c_llava.cli import main
 
 from .conftest import ROOT, env_setup
-from .test_stage2_model import tiny_vision
+from .tiny_models import tiny_vision
 
 # non-square sizes (w, h): landscape and portrait, where transformers' centre crop (floor of half the
 # excess) and torchvision's (round half to even) start at the same pixel; and one where they do not

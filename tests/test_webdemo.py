@@ -32,8 +32,8 @@ def demo_run(tmp_path_factory, synth_dir):
     from l2c_llava.mllm.build import build_llava, save_llava
 
     from .test_search import save_tiny_clip
-    from .test_stage2_model import tiny_vision
     from .tiny_llm import save_tiny_llm
+    from .tiny_models import tiny_vision
 
     run = tmp_path_factory.mktemp("demo") / "run"
     save_tiny_llm(run / "llm", "llama")

@@ -338,7 +338,7 @@ def generate(
     (same options, same generator version) is already there and every file matches what was written;
     regenerates a damaged one; replaces one made with other options only when `overwrite`; never
     replaces a folder holding anything the generator did not write. One writer per folder: a second
-    one stops at once (:class:`~l2c_llava.locks.RunLockedError`)."""
+    one stops at once (:class:`~l2c_llava.errors.CannotRunError`)."""
     options.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -466,6 +466,46 @@ def _check_pixels(image_dir: Path, family: dict, boxes: dict) -> float:
     return smallest
 
 
+def _hard_family(s: Scene, seed: int, tok) -> tuple[dict, list[dict]] | None:
+    """The hard set's family of the test scene `s`: the scene and HARD_FAMILY_SIZE - 1 copies of it whose
+    most salient group takes another colour (or shape), captioned alike until CLIP's window is full; with
+    the copies to draw. None where the scene makes no family (too few other values for the group, captions
+    that do not fill the window)."""
+    rng = random.Random(f"{seed}-hard-{s.index}")
+    late = max(s.groups, key=C.salience)
+    attribute = rng.choice(("colour", "shape"))
+    values = _late_values(s, late, attribute)
+    sentences = C.hard_caption_sentences(s, late, rng)
+    template = rng.randrange(2)
+    if len(values) < HARD_FAMILY_SIZE - 1:
+        return None
+    # the fewest opening sentences that fill the tower's window: the caption's difference comes after
+    lengths = tok([" ".join(sentences[: k + 1]) for k in range(len(sentences))], verbose=False)["input_ids"]
+    keep = next((k + 1 for k, ids in enumerate(lengths) if len(ids) - 1 >= CLIP_CONTEXT), None)
+    if keep is None:
+        return None
+    opening = " ".join(sentences[:keep])
+    family = f"{s.index:09d}"
+    members, payload = [], []
+    for j, value in enumerate([None, *rng.sample(values, HARD_FAMILY_SIZE - 1)]):
+        g = late if value is None else replace(late, **{attribute: value}, boxes=[])
+        if g.shape == "circle":
+            g = replace(g, tilt=0.0)
+        variant = Scene(s.index, s.background, [g if x is late else x for x in s.groups])
+        rel = image_relpath(s.index) if value is None else f"{L.HARD_IMAGES}/{family}_{j}.jpg"
+        if value is not None:
+            payload.append(_scene_payload(variant, rel))
+        members.append(
+            {"image": rel, "group": g, "caption": f"{opening} {C.hard_caption_ending(g, template)}"}
+        )
+    return {
+        "family": family,
+        "attribute": attribute,
+        "slot": s.groups.index(late),
+        "members": members,
+    }, payload
+
+
 def hard_long_set(
     partial: Path, scenes: list[Scene], splits: list[str], options: SynthOptions, workers: int, progress: bool
 ) -> tuple[list[dict], dict]:
@@ -486,38 +526,10 @@ def hard_long_set(
     for s in scenes:
         if splits[s.index] != "test" or len(families) == HARD_MAX_FAMILIES:
             continue
-        rng = random.Random(f"{options.seed}-hard-{s.index}")
-        late = max(s.groups, key=C.salience)
-        attribute = rng.choice(("colour", "shape"))
-        values = _late_values(s, late, attribute)
-        sentences = C.hard_caption_sentences(s, late, rng)
-        template = rng.randrange(2)
-        if len(values) < HARD_FAMILY_SIZE - 1:
-            continue
-        # the fewest opening sentences that fill the tower's window: the caption's difference comes after
-        lengths = tok([" ".join(sentences[: k + 1]) for k in range(len(sentences))], verbose=False)[
-            "input_ids"
-        ]
-        keep = next((k + 1 for k, ids in enumerate(lengths) if len(ids) - 1 >= CLIP_CONTEXT), None)
-        if keep is None:
-            continue
-        opening = " ".join(sentences[:keep])
-        family = f"{s.index:09d}"
-        members = []
-        for j, value in enumerate([None, *rng.sample(values, HARD_FAMILY_SIZE - 1)]):
-            g = late if value is None else replace(late, **{attribute: value}, boxes=[])
-            if g.shape == "circle":
-                g = replace(g, tilt=0.0)
-            variant = Scene(s.index, s.background, [g if x is late else x for x in s.groups])
-            rel = image_relpath(s.index) if value is None else f"{L.HARD_IMAGES}/{family}_{j}.jpg"
-            if value is not None:
-                payload.append(_scene_payload(variant, rel))
-            members.append(
-                {"image": rel, "group": g, "caption": f"{opening} {C.hard_caption_ending(g, template)}"}
-            )
-        families.append(
-            {"family": family, "attribute": attribute, "slot": s.groups.index(late), "members": members}
-        )
+        made = _hard_family(s, options.seed, tok)
+        if made is not None:
+            families.append(made[0])
+            payload += made[1]
     if not families:
         return [], {"families": 0}
     boxes = _draw(payload, options, workers, partial / L.IMAGES, progress, "drawing the hard set")
@@ -559,28 +571,77 @@ def hard_long_set(
 
 
 def _generate(partial: Path, options: SynthOptions, workers: int | None, progress: bool) -> dict:
-    """Write the dataset into the empty folder `partial`; returns its manifest."""
+    """Write the dataset into the empty folder `partial`; returns its manifest. Every part draws its random
+    choices from generators seeded by (seed, what, index): none depends on the order the parts run in."""
     wanted = {"generator": GENERATOR, "version": GENERATOR_VERSION, "options": options.__dict__}
     t0 = time.perf_counter()
     (partial / L.IMAGES).mkdir(parents=True)
-
-    n = options.images
-    scenes = [
-        sample_scene(random.Random(f"{options.seed}-scene-{i}"), i, options.max_objects) for i in range(n)
-    ]
-    splits = assign_splits(n, options.seed, options.val_fraction, options.test_fraction)
-
-    # --- pixels (parallel; each image depends only on (seed, index)) ---
     workers = workers or min(4, os.cpu_count() or 1)
+
+    scenes = _scenes(partial, options, workers, progress)
+    splits = assign_splits(options.images, options.seed, options.val_fraction, options.test_fraction)
+    rows = _language(scenes, splits, options.seed)
+    _write_caption_pairs(partial, rows)
+    _write_retrieval_sets(partial, rows)
+    # hard long-caption set (the demo's Urban-1K): families told apart only after CLIP's 77 tokens
+    hard_rows, hard_stats = hard_long_set(partial, scenes, splits, options, workers, progress)
+    atomic_write_json(partial / L.RETRIEVAL_LONG_HARD, hard_rows)
+    pretrain = _llava_pretrain(rows, options.seed)
+    atomic_write_json(partial / L.LLAVA_PRETRAIN, pretrain)
+    instruct, n_text = _llava_instruct(rows, options.seed)
+    atomic_write_json(partial / L.LLAVA_INSTRUCT, instruct)
+    pope = _write_questions(partial, rows)
+    atomic_write_jsonl(
+        partial / L.SCENES,
+        ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes),
+    )
+
+    stats = {
+        "splits": dict(Counter(splits)),
+        "pretrain_rows": len(pretrain),
+        "instruct_rows": len(instruct),
+        "instruct_text_only_rows": n_text,
+        "vqa_questions": {
+            name: sum(len(r["questions"]) for r in _split(rows, name)) for name in ("val", "test")
+        },
+        "pope_questions": pope,
+        "short_caption_words_mean": round(statistics.fmean(len(r["short"].split()) for r in rows), 2),
+        "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
+        "long_hard": hard_stats,
+        **_dense_caption_lengths(rows),
+    }
+    content = write_sums(partial)
+    manifest = wanted | {
+        "image_root": L.IMAGES,
+        "files": L.DATASET_FILES,
+        "stats": stats,
+        "content": content,
+        "content_sha256": tree_digest(partial),
+    }
+    atomic_write_json(partial / L.MANIFEST, manifest)
+    return manifest | {"seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _scenes(partial: Path, options: SynthOptions, workers: int, progress: bool) -> list[Scene]:
+    """Every image's scene, sampled and drawn (in parallel: each image depends only on (seed, index)),
+    each group given its instance boxes as drawn."""
+    scenes = [
+        sample_scene(random.Random(f"{options.seed}-scene-{i}"), i, options.max_objects)
+        for i in range(options.images)
+    ]
     boxes = _draw(
         [_scene_payload(s) for s in scenes], options, workers, partial / L.IMAGES, progress, "drawing images"
     )
     for s in scenes:
         for g, b in zip(s.groups, boxes[s.index]):
             g.boxes = b
+    return scenes
 
-    # --- language ---
-    text_rng = {i: random.Random(f"{options.seed}-text-{i}") for i in range(n)}
+
+def _language(scenes: list[Scene], splits: list[str], seed: int) -> list[dict]:
+    """Per image: its short caption, five COCO-like alternatives, the dense caption, its questions and
+    (a test image) its POPE questions, from one generator per image."""
+    text_rng = {s.index: random.Random(f"{seed}-text-{s.index}") for s in scenes}
     freq = Counter(p for s in scenes for p in s.present())
     # ties broken by name: most_common() keeps first-seen order, which follows the sets' hash order
     popular = [o for o, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))] + sorted(
@@ -602,12 +663,16 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
                 "pope": C.pope_questions(s, rng, popular) if splits[s.index] == "test" else [],
             }
         )
+    return rows
 
-    def split_rows(name: str) -> list[dict]:
-        return [r for r in rows if r["split"] == name]
 
-    # caption pairs (stages 1 and 2); "alternatives": the image's five COCO-like captions, a list
-    # stage 2 can train on (data.short_key=alternatives) as LLM2CLIP trains on raw web captions
+def _split(rows: list[dict], name: str) -> list[dict]:
+    return [r for r in rows if r["split"] == name]
+
+
+def _write_caption_pairs(partial: Path, rows: list[dict]) -> None:
+    """Caption pairs (stages 1 and 2); "alternatives": the image's five COCO-like captions, a list stage 2
+    can train on (data.short_key=alternatives) as LLM2CLIP trains on raw web captions."""
     for name in ("train", "val", "test"):
         atomic_write_jsonl(
             partial / L.CAPTION_PAIRS[name],
@@ -618,11 +683,14 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
                     "long": r["long"],
                     "alternatives": r["alternatives"],
                 }
-                for r in split_rows(name)
+                for r in _split(rows, name)
             ),
         )
 
-    # Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json)
+
+def _write_retrieval_sets(partial: Path, rows: list[dict]) -> None:
+    """The Karpathy-style retrieval JSON (like dataset_coco.json / dataset_flickr30k.json: every split, the
+    five alternatives per image) and the long-caption test set, ShareGPT4V-1K style."""
     images, sentid = [], 0
     for imgid, r in enumerate(rows):
         sents = []
@@ -642,8 +710,6 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
             }
         )
     atomic_write_json(partial / L.RETRIEVAL_SHORT, {"images": images, "dataset": "l2c-synth"}, indent=None)
-
-    # long-caption test set, ShareGPT4V-1K style
     atomic_write_json(
         partial / L.RETRIEVAL_LONG,
         [
@@ -655,18 +721,16 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
                     {"from": "gpt", "value": r["long"]},
                 ],
             }
-            for r in split_rows("test")
+            for r in _split(rows, "test")
         ],
     )
 
-    # hard long-caption set (the demo's Urban-1K): families told apart only after CLIP's 77 tokens
-    hard_rows, hard_stats = hard_long_set(partial, scenes, splits, options, workers, progress)
-    atomic_write_json(partial / L.RETRIEVAL_LONG_HARD, hard_rows)
 
-    # LLaVA pretrain rows, blip_laion_cc_sbu_558k.json style
+def _llava_pretrain(rows: list[dict], seed: int) -> list[dict]:
+    """LLaVA pretrain rows, blip_laion_cc_sbu_558k.json style: a brief prompt and the short caption."""
     pretrain = []
-    for r in split_rows("train"):
-        rng = random.Random(f"{options.seed}-pretrain-{r['index']}")
+    for r in _split(rows, "train"):
+        rng = random.Random(f"{seed}-pretrain-{r['index']}")
         prompt = rng.choice(BRIEF_PROMPTS)
         human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
         pretrain.append(
@@ -676,12 +740,15 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
                 "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": r["short"]}],
             }
         )
-    atomic_write_json(partial / L.LLAVA_PRETRAIN, pretrain)
+    return pretrain
 
-    # LLaVA instruction rows, llava_v1_5_mix665k.json style
+
+def _llava_instruct(rows: list[dict], seed: int) -> tuple[list[dict], int]:
+    """LLaVA instruction rows, llava_v1_5_mix665k.json style (short-answer VQA, conversation, detail and
+    brief captions, some text-only rows), shuffled; returns them and how many are text-only."""
     instruct = []
-    for r in split_rows("train"):
-        rng = random.Random(f"{options.seed}-instruct-{r['index']}")
+    for r in _split(rows, "train"):
+        rng = random.Random(f"{seed}-instruct-{r['index']}")
         kind = rng.choices(("vqa", "conversation", "detail", "brief"), weights=(0.55, 0.2, 0.15, 0.1))[0]
         if kind == "vqa":
             # 2-5 of the image's 7 questions (all 7 per row was measured: no better reading of the
@@ -705,18 +772,20 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
         instruct.append({"id": f"{r['index']:09d}", "image": r["image"], "conversations": conv})
     n_text = max(1, round(len(instruct) * 0.0612))  # mix665k: ~40.7k of 665k rows have no image
     for k in range(n_text):
-        rng = random.Random(f"{options.seed}-textonly-{k}")
+        rng = random.Random(f"{seed}-textonly-{k}")
         conv = []
         for q, a in C.text_only_conversation(rng):
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         instruct.append({"id": f"textonly_{k:06d}", "conversations": conv})
-    random.Random(f"{options.seed}-instruct-order").shuffle(instruct)
-    atomic_write_json(partial / L.LLAVA_INSTRUCT, instruct)
+    random.Random(f"{seed}-instruct-order").shuffle(instruct)
+    return instruct, n_text
 
-    # VQA evaluation splits and POPE
+
+def _write_questions(partial: Path, rows: list[dict]) -> int:
+    """The VQA evaluation splits (val, test) and POPE (test); returns the number of POPE questions."""
     for name in ("val", "test"):
         qrows = []
-        for r in split_rows(name):
+        for r in _split(rows, name):
             for k, q in enumerate(r["questions"]):
                 qrows.append(
                     {
@@ -730,54 +799,25 @@ def _generate(partial: Path, options: SynthOptions, workers: int | None, progres
                 )
         atomic_write_jsonl(partial / L.VQA[name], qrows)
     pope = []
-    for r in split_rows("test"):
+    for r in _split(rows, "test"):
         for k, q in enumerate(r["pope"]):
             pope.append({"question_id": f"{r['index']:09d}_{k}", "image": r["image"], **q})
     atomic_write_jsonl(partial / L.POPE, pope)
+    return len(pope)
 
-    atomic_write_jsonl(
-        partial / L.SCENES,
-        ({"image": image_relpath(s.index), "split": splits[s.index], **s.to_json()} for s in scenes),
-    )
 
-    # --- statistics ---
-    stats = {
-        "splits": dict(Counter(splits)),
-        "pretrain_rows": len(pretrain),
-        "instruct_rows": len(instruct),
-        "instruct_text_only_rows": n_text,
-        "vqa_questions": {
-            name: sum(len(r["questions"]) for r in split_rows(name)) for name in ("val", "test")
-        },
-        "pope_questions": len(pope),
-        "short_caption_words_mean": round(statistics.fmean(len(r["short"].split()) for r in rows), 2),
-        "alternatives_per_image": min(len(r["alternatives"]) for r in rows),
-        "long_hard": hard_stats,
-    }
+def _dense_caption_lengths(rows: list[dict]) -> dict:
+    """The dense captions' lengths in CLIP tokens and the share over its 77-token window (the manifest's
+    statistics; not measured, and said so, without the CLIP vocabulary package)."""
     try:
         tok = clip_tokenizer()
-        lengths = [
-            len(ids)
-            for ids in tok([r["long"] for r in rows], add_special_tokens=True, verbose=False)["input_ids"]
-        ]
-        stats |= {
-            "dense_clip_tokens_mean": round(statistics.fmean(lengths), 1),
-            "dense_clip_tokens_median": statistics.median(lengths),
-            "dense_clip_tokens_max": max(lengths),
-            "dense_over_77_clip_tokens_share": round(
-                sum(n_ > CLIP_CONTEXT for n_ in lengths) / len(lengths), 4
-            ),
-        }
+        ids = tok([r["long"] for r in rows], add_special_tokens=True, verbose=False)["input_ids"]
     except FileNotFoundError as e:  # the CLIP vocabulary package is missing: say so, generate anyway
-        stats["dense_clip_tokens"] = f"not measured: {e}"
-
-    content = write_sums(partial)
-    manifest = wanted | {
-        "image_root": L.IMAGES,
-        "files": L.DATASET_FILES,
-        "stats": stats,
-        "content": content,
-        "content_sha256": tree_digest(partial),
+        return {"dense_clip_tokens": f"not measured: {e}"}
+    lengths = [len(x) for x in ids]
+    return {
+        "dense_clip_tokens_mean": round(statistics.fmean(lengths), 1),
+        "dense_clip_tokens_median": statistics.median(lengths),
+        "dense_clip_tokens_max": max(lengths),
+        "dense_over_77_clip_tokens_share": round(sum(n > CLIP_CONTEXT for n in lengths) / len(lengths), 4),
     }
-    atomic_write_json(partial / L.MANIFEST, manifest)
-    return manifest | {"seconds": round(time.perf_counter() - t0, 2)}
