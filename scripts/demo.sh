@@ -6,7 +6,7 @@
 # each, then runs/demo/report.md with its plots.
 # A finished step is skipped on the next run, a changed input re-runs that step and what follows, a
 # killed step resumes from its last checkpoint.
-# Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default: the config's 1200; the 4,000-image sizing is pipeline/configs/demo_4k.yaml);
+# Environment: L2C_DEMO_DIR (output folder, default runs/demo), L2C_DEMO_IMAGES (default: the config's 900; the 1,200- and 4,000-image sizings are pipeline/configs/demo_1200.yaml and demo_4k.yaml);
 # extra arguments are pipeline overrides, e.g. `bash scripts/demo.sh eval.limit=50`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
