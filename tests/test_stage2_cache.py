@@ -200,6 +200,13 @@ data:
     capsys.readouterr()
     assert main(["stage2", "cache", "--config", str(cfg), f"data.train={synth_dir}/captions/test.jsonl"]) == 2
     assert "it is not reused" in capsys.readouterr().err
+    # the first rows only (data.max_train_rows), in a cache of their own
+    part = [f"cache.dir={tmp_path}/cache3", "data.max_train_rows=3"]
+    assert main(["stage2", "cache", "--config", str(cfg), *part]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["rows"] == 2 * 3
+    shards = ["data.format=webdataset", f"data.train={tmp_path}/shards/{{00000..00001}}.tar"]
+    assert main(["stage2", "cache", "--config", str(cfg), *part, *shards]) == 2
+    assert "with webdataset shards, name fewer shards" in capsys.readouterr().err
 
 
 def test_cli_caches_webdataset_captions_and_scans_the_images(tmp_path, tiny_llama, synth_dir, capsys):

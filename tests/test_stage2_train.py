@@ -175,6 +175,32 @@ def test_train_on_several_short_captions(tmp_path, synth_dir):
     assert Stage2Recipe(cfg).run()["steps"] == 4
 
 
+def test_max_train_rows_trains_on_the_first_rows_which_is_all_their_cache_holds(tmp_path, synth_dir):
+    """data.max_train_rows: training reads the first N caption pairs only, so a cache of those rows'
+    captions (what `l2c stage2 cache` builds under the same key) is enough; the whole file is not."""
+    root = tmp_path
+    tiny_vision().save_pretrained(root / "vision")
+    encoder = root / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    train = synth_dir / "captions" / "train.jsonl"
+    pairs = read_caption_pairs(train, synth_dir / "images", max_rows=8)
+    assert len(pairs) == 8 < len(train.read_text().splitlines())
+    build_cache(
+        root / "cache" / "train",
+        pair_captions(pairs),
+        encoder,
+        shard_size=64,
+        load_encoder=lambda: FakeEncoder(dim=12),
+        progress=False,
+    )
+    cfg = stage2_config(root, root / "vision", encoder, synth_dir, root / "run", ["data.max_train_rows=8"])
+    assert Stage2Recipe(cfg).run()["steps"] == 4
+    whole = stage2_config(root, root / "vision", encoder, synth_dir, root / "whole")
+    with pytest.raises(InputError, match="has no cached feature"):
+        Stage2Recipe(whole).run()
+
+
 def test_dense_share_and_reproducible_choices():
     from l2c_llava.stage2.train import pick_dense
 

@@ -26,7 +26,12 @@ REMOVED_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
 }
 # Keys added after run folders existed, each with the value that does what those runs did: at that
 # value the key is left out of every comparison and fingerprint, so adding it re-runs and refuses nothing.
-ADDED_KEYS = {"text_encoder.torch_dtype": "auto", "data.packing": False, "data.eval_long_hard": None}
+ADDED_KEYS = {
+    "text_encoder.torch_dtype": "auto",
+    "data.packing": False,
+    "data.eval_long_hard": None,
+    "data.max_train_rows": None,
+}
 # The removed keys as {dotted key: old value}: what an old run's flat config.yaml holds.
 REMOVED_VALUES = {key: value for (_, key), (value, _) in REMOVED_KEYS.items()}
 

@@ -305,6 +305,11 @@ class Stage2Data(DataChecks):
     short_key: str = "short"
     long_key: str = "long"
     dense_share: Probability = Field(0.5, description="per-sample chance of the dense caption")
+    max_train_rows: PositiveInt | None = Field(
+        None,
+        description="the first N rows of data.train only (JSONL/CSV caption pairs): stage 2, and its text "
+        "cache, on part of a dataset",
+    )
     rrc_scale: tuple[Probability, Probability] = (0.9, 1.0)
     num_workers: NonNegInt = 4
     eval_short: str | None = Field(None, description="Karpathy-style JSON, several short captions per image")

@@ -376,6 +376,12 @@ def pair_captions(pairs) -> list[str]:
     return out
 
 
+WEBDATASET_ROWS = (
+    "data.max_train_rows reads the first rows of a JSONL/CSV file; with webdataset shards, name fewer "
+    "shards in data.train instead"
+)
+
+
 def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> dict:
     """``l2c stage2 cache``: every caption set of a stage-2 config (train; eval_short / eval_long when
     set) embedded once by the frozen encoder (loaded only if a set needs it). A webdataset's bad
@@ -384,6 +390,8 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
     d, te, c = cfg.data, cfg.text_encoder, cfg.cache
     scan = None
     if d.format == "webdataset":
+        if d.max_train_rows is not None:
+            raise InputError(WEBDATASET_ROWS)
         scan = scan_shards(
             expand_shards(d.train),
             short_key=d.short_key,
@@ -399,7 +407,12 @@ def cache_text_features(cfg, overwrite: bool = False, warn=logger.warning) -> di
         sets = {"train": scan.captions}
     else:
         pairs = read_caption_pairs(
-            d.train, None, short_key=d.short_key, long_key=d.long_key, on_bad_row=d.on_bad_row
+            d.train,
+            None,
+            short_key=d.short_key,
+            long_key=d.long_key,
+            on_bad_row=d.on_bad_row,
+            max_rows=d.max_train_rows,
         )
         sets = {"train": pair_captions(pairs)}
     root = d.eval_image_root or "."

@@ -29,10 +29,11 @@ from l2c_llava.config import Stage2Config
 from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
+from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_save, atomic_write_json
 from l2c_llava.locks import run_lock
 from l2c_llava.models.vision import load_vision_tower
-from l2c_llava.stage2.cache import TextFeatureCache
+from l2c_llava.stage2.cache import WEBDATASET_ROWS, TextFeatureCache
 from l2c_llava.stage2.contrastive import ContrastiveRecipe
 from l2c_llava.stage2.model import LLM2CLIPModel
 from l2c_llava.train.sharded import clamp_scale
@@ -166,6 +167,8 @@ class Stage2Recipe(ContrastiveRecipe):
             self.cfg.vision.image_size, tuple(d.rrc_scale), rng=random.Random(self.cfg.run.seed + rank)
         )
         if d.format == "webdataset":
+            if d.max_train_rows is not None:
+                raise InputError(WEBDATASET_ROWS)
             ds = ShardImages(
                 expand_shards(d.train),
                 self.cache,
@@ -184,6 +187,7 @@ class Stage2Recipe(ContrastiveRecipe):
             long_key=d.long_key,
             on_bad_row=d.on_bad_row,
             image_check=d.image_check,
+            max_rows=d.max_train_rows,
         )
         flat = self.cache.rows_of([c for p in pairs for c in p.shorts], where=d.train).tolist()
         ends = list(itertools.accumulate(len(p.shorts) for p in pairs))
