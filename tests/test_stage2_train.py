@@ -152,15 +152,14 @@ def test_several_short_captions_per_image_are_cached_once_and_drawn_in_turn(tmp_
     assert seen == {row[c] for c in pairs[0].shorts}  # every short caption of image 0 comes up
 
 
-def test_train_on_several_short_captions(tmp_path, synth_dir):
-    root = tmp_path
+def _cached_pairs(root, synth_dir, **read):
+    """A tiny tower, a stand-in encoder folder and a train cache (FakeEncoder features) of the caption
+    pairs `read_caption_pairs(train.jsonl, **read)` gives: (vision, encoder, pairs)."""
     tiny_vision().save_pretrained(root / "vision")
     encoder = root / "encoder"
     encoder.mkdir()
     (encoder / "config.json").write_text("{}")
-    pairs = read_caption_pairs(
-        synth_dir / "captions" / "train.jsonl", synth_dir / "images", short_key="alternatives"
-    )
+    pairs = read_caption_pairs(synth_dir / "captions" / "train.jsonl", synth_dir / "images", **read)
     build_cache(
         root / "cache" / "train",
         pair_captions(pairs),
@@ -169,8 +168,13 @@ def test_train_on_several_short_captions(tmp_path, synth_dir):
         load_encoder=lambda: FakeEncoder(dim=12),
         progress=False,
     )
+    return root / "vision", encoder, pairs
+
+
+def test_train_on_several_short_captions(tmp_path, synth_dir):
+    vision, encoder, _ = _cached_pairs(tmp_path, synth_dir, short_key="alternatives")
     cfg = stage2_config(
-        root, root / "vision", encoder, synth_dir, root / "run", ["data.short_key=alternatives"]
+        tmp_path, vision, encoder, synth_dir, tmp_path / "run", ["data.short_key=alternatives"]
     )
     assert Stage2Recipe(cfg).run()["steps"] == 4
 
@@ -178,25 +182,11 @@ def test_train_on_several_short_captions(tmp_path, synth_dir):
 def test_max_train_rows_trains_on_the_first_rows_which_is_all_their_cache_holds(tmp_path, synth_dir):
     """data.max_train_rows: training reads the first N caption pairs only, so a cache of those rows'
     captions (what `l2c stage2 cache` builds under the same key) is enough; the whole file is not."""
-    root = tmp_path
-    tiny_vision().save_pretrained(root / "vision")
-    encoder = root / "encoder"
-    encoder.mkdir()
-    (encoder / "config.json").write_text("{}")
-    train = synth_dir / "captions" / "train.jsonl"
-    pairs = read_caption_pairs(train, synth_dir / "images", max_rows=8)
-    assert len(pairs) == 8 < len(train.read_text().splitlines())
-    build_cache(
-        root / "cache" / "train",
-        pair_captions(pairs),
-        encoder,
-        shard_size=64,
-        load_encoder=lambda: FakeEncoder(dim=12),
-        progress=False,
-    )
-    cfg = stage2_config(root, root / "vision", encoder, synth_dir, root / "run", ["data.max_train_rows=8"])
+    vision, encoder, pairs = _cached_pairs(tmp_path, synth_dir, max_rows=8)
+    assert len(pairs) == 8 < len((synth_dir / "captions" / "train.jsonl").read_text().splitlines())
+    cfg = stage2_config(tmp_path, vision, encoder, synth_dir, tmp_path / "run", ["data.max_train_rows=8"])
     assert Stage2Recipe(cfg).run()["steps"] == 4
-    whole = stage2_config(root, root / "vision", encoder, synth_dir, root / "whole")
+    whole = stage2_config(tmp_path, vision, encoder, synth_dir, tmp_path / "whole")
     with pytest.raises(InputError, match="has no cached feature"):
         Stage2Recipe(whole).run()
 
