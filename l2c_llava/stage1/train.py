@@ -29,7 +29,6 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
-from l2c_llava.errors import InputError
 from l2c_llava.io import atomic_write_json
 from l2c_llava.layout import RUN_METRICS, STAGE1_ENCODER
 from l2c_llava.locks import run_lock
@@ -46,15 +45,10 @@ from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
 from l2c_llava.train.loop import accumulate_gradients, run_training
 from l2c_llava.train.recipe import Plan, StepReport
-from l2c_llava.train.resume import check_resume_config, flat_config, resume_key, same_run
+from l2c_llava.train.resume import check_resume_config, same_run
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 
 logger = logging.getLogger("l2c_llava.stage1")
-
-
-def config_digest(cfg: Stage1Config) -> str:
-    """What must not change between a checkpoint and its resume, by the one rule (train/resume.py)."""
-    return resume_key(flat_config(cfg))
 
 
 class Stage1Recipe:
@@ -440,7 +434,6 @@ class Stage1Recipe:
             state.sched,
             wrapped=state.wrapped,
             model=acc.unwrap_model(self.encoder),
-            extra={"resume_key": config_digest(self.cfg)},
         )
 
     def load_checkpoint(self, state) -> int:
@@ -464,17 +457,7 @@ class Stage1Recipe:
         trainer_state = checkpoints.restore_with(
             acc, read, state.opt, state.sched, wrapped=state.wrapped, model=unwrapped
         )
-        if trainer_state is None:
-            return 0
-        if trainer_state.get("resume_key", config_digest(self.cfg)) != config_digest(
-            self.cfg
-        ):  # older: config.yaml
-            raise InputError(
-                f"checkpoint step {trainer_state['step']} in {checkpoints.root} was written under a config that "
-                "differs from this one in a key that may not change on resume; use a new run.output_dir, "
-                "or run.resume=false to start over"
-            )
-        return int(trainer_state["step"])
+        return 0 if trainer_state is None else int(trainer_state["step"])
 
 
 def _with_adapter_name(key: str, name: str) -> str:
