@@ -22,8 +22,7 @@ from l2c_llava.cards import model_card
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.io import atomic_write_json, publish_folder
-from l2c_llava.locks import run_lock
+from l2c_llava.io import atomic_write_json, publish_folder, run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler, PackedCollate

@@ -29,9 +29,8 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_write_json, run_lock
 from l2c_llava.layout import RUN_METRICS, STAGE1_ENCODER
-from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.models.llm import EncoderSource
 from l2c_llava.quantization import prepare_for_qlora
