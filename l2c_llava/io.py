@@ -1,8 +1,15 @@
-"""Atomic file writes and small JSON helpers shared by every stage.
+"""Atomic file writes and small JSON helpers shared by every stage, and one writer per folder.
 
 Every file a run writes goes through these helpers: the content lands in a temporary file in the
 same folder, is flushed and fsynced, then `os.replace`d over the target, so a killed process leaves
 either the old file or the new one, never half of one.
+
+One writer per run or output folder (:func:`run_lock`): an advisory lock held for the run's whole life.
+``<folder>/.l2c.lock`` is locked with the ``filelock`` package (``flock`` on POSIX: the system releases
+it when the holder dies, however it dies, so a stale lock of a killed process is simply taken over);
+``<folder>/.l2c.lock.json`` beside it names the holder (PID, host, command, start time) for the
+message a second run gets. Each folder has its own lock, so ``l2c pipeline`` holding its output folder
+does not block the steps it runs as child processes in sub-folders of it.
 """
 
 from __future__ import annotations
@@ -10,19 +17,27 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from l2c_llava.errors import OutputError
+from l2c_llava.errors import CannotRunError, OutputError
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".l2c_output.json"  # written by publish_folder: what kind of output, which files
-# a folder's run lock and the note naming its holder (locks.py): bookkeeping, not content
-LOCK_FILES = (".l2c.lock", ".l2c.lock.json")
+LOCK_NAME = ".l2c.lock"
+HOLDER_NAME = ".l2c.lock.json"
+# a folder's run lock and the note naming its holder (run_lock): bookkeeping, not content
+LOCK_FILES = (LOCK_NAME, HOLDER_NAME)
 _UMASK: int | None = None
 
 
@@ -450,15 +465,12 @@ def publish_folder(
     One writer: the run lock of `out` (``.l2c.lock``, kept in the new folder) is held throughout.
     The folder records its kind, files and their sizes and sha256 in ``.l2c_output.json``
     (:func:`output_problem` checks them) and follows the user's umask (weights included)."""
-    import logging
     import shutil
-
-    from l2c_llava.locks import run_lock  # locks.py builds on this module
 
     out = Path(out)
     check_output_folder(out, kind, overwrite, legacy_marker)  # before the lock puts a file in it
     for p in clean_interrupted(out):
-        logging.getLogger(__name__).warning("removed %s, left by an interrupted earlier run", p)
+        logger.warning("removed %s, left by an interrupted earlier run", p)
     created = not out.exists()
     try:
         with run_lock(out, kind):  # one writer: a second publish into `out` stops at once
@@ -509,3 +521,66 @@ def remove_lock_only_folder(folder: str | os.PathLike) -> None:
             folder.rmdir()
     except OSError:  # another run took it meanwhile, or it cannot be written: leave it
         pass
+
+
+# -- one writer per folder ------------------------------------------------------------------------------
+
+
+def _lock_holder(folder: Path) -> dict:
+    try:
+        return json.loads((folder / HOLDER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _main_process() -> bool:
+    """Only the first process of a distributed launch locks (the others write nothing of their own)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold the lock of `folder` (created, with a clear error when it cannot be) while the block runs.
+    A second holder fails at once with :class:`CannotRunError` naming the first one's PID and command."""
+    from filelock import FileLock, Timeout
+
+    folder = ensure_folder(folder, what)
+    if not _main_process():
+        yield folder
+        return
+    lock = FileLock(str(folder / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        h = _lock_holder(folder)
+        who = f"PID {h.get('pid', '?')}" + (f" on {h['host']}" if h.get("host") else "")
+        cmd = f" (`{h['command']}`, started {h.get('started', '?')})" if h.get("command") else ""
+        raise CannotRunError(
+            f"{folder} is in use by another {h.get('what', 'run')}: {who}{cmd}. Wait for it to finish, stop it, "
+            "or use another output folder"
+        ) from None
+    except PermissionError:
+        raise CannotRunError(
+            f"{folder}: no permission to create its lock file {LOCK_NAME}; choose a folder you can write to"
+        ) from None
+    try:
+        old = _lock_holder(folder)
+        if old.get("pid") and old.get("pid") != os.getpid():
+            logger.info("%s: taking over the lock left by PID %s, which is gone", folder, old["pid"])
+
+        atomic_write_json(
+            folder / HOLDER_NAME,
+            {
+                "pid": os.getpid(),
+                "what": what,
+                "host": socket.gethostname(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else what,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        yield folder
+    finally:
+        try:
+            (folder / HOLDER_NAME).unlink(missing_ok=True)
+        finally:
+            lock.release()

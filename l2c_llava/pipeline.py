@@ -56,9 +56,9 @@ from l2c_llava.io import (
     dumps_json,
     file_record,
     records_problem,
+    run_lock,
     safetensors_problem,
 )
-from l2c_llava.locks import run_lock
 from l2c_llava.models.reference import is_hub_id, resolve_vision_path
 from l2c_llava.report import write_report
 from l2c_llava.train.resume import fingerprint_keys, resumable_keys

@@ -22,7 +22,7 @@ from l2c_llava import io as l2c_io
 from l2c_llava.cli import main
 from l2c_llava.data.readers import DataError, read_caption_pairs
 from l2c_llava.errors import CannotRunError, L2CError, OutputError
-from l2c_llava.locks import HOLDER_NAME, run_lock
+from l2c_llava.io import HOLDER_NAME, run_lock
 
 from .conftest import ROOT
 
@@ -450,7 +450,7 @@ def test_yaml_alias_bomb_in_validate_finishes(tmp_path, capsys):
 
 HOLD = """
 import sys, time
-from l2c_llava.locks import run_lock
+from l2c_llava.io import run_lock
 with run_lock(sys.argv[1], "stage-2 run"):
     print("held", flush=True)
     time.sleep(60)

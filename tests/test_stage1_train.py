@@ -39,6 +39,9 @@ def test_three_steps_save_reload_and_resume(tmp_path, tiny_llama, synth_dir):
         "step-0000003",
     ]  # keep 2
     assert (run / "config.yaml").is_file() and (run / "versions.json").is_file()
+    # the one resume rule (train/resume.py, against config.yaml): no key of stage 1's own in a checkpoint
+    trainer_state = torch.load(run / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=True)
+    assert set(trainer_state) == {"step", "optimizer", "scheduler", "torch_rng", "python_rng", "launch"}
 
     # the encoder folder reloads, with the trained adapter applied
     enc = TextEncoder.from_pretrained(run / "encoder", device="cpu")

@@ -222,8 +222,9 @@ def test_mismatched_feature_dimension_is_named(trained, tmp_path, synth_dir):
     opt = torch.optim.AdamW(wrong.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(ValueError, match="run of another shape: .*text_adapter"):
-        one_process = SimpleNamespace(num_processes=1, is_main_process=True)
-        Stage2Recipe(cfg).load_checkpoint(one_process, wrong, wrong, opt, sched)
+        recipe = Stage2Recipe(cfg)
+        recipe.acc, recipe.model = SimpleNamespace(num_processes=1, is_main_process=True), wrong
+        recipe.load_checkpoint(SimpleNamespace(wrapped=wrong, opt=opt, sched=sched))
 
 
 def test_queries_are_encoded_in_the_dtype_of_the_training_features(trained, tmp_path, monkeypatch):

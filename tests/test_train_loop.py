@@ -1,4 +1,4 @@
-"""The shared training loop (train/loop.py) on a tiny linear model: gradient accumulation equals one pass
+"""The shared training driver (train/loop.py) running a recipe (train/recipe.py) over a tiny linear model: gradient accumulation equals one pass
 over the whole batch, a left-out micro-batch adds nothing, and the loop logs, saves and resumes on the
 steps the config names."""
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from l2c_llava.train.accelerator import make_accelerator
-from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.loop import accumulate_gradients, run_training
+from l2c_llava.train.recipe import Plan, StepReport
 
 TRAIN = dict(
     optimizer="adamw",
@@ -62,67 +63,68 @@ def test_accumulated_gradients_equal_the_whole_batch(acc):
     assert torch.allclose(ref.weight.grad, parts.weight.grad, atol=1e-6)
 
 
-def _train(acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list):
-    """A run of `total` steps in `run_dir` (resumed from the last of `checkpoints`: step -> states);
-    the steps it saves at go to `saved`, the steps it asks the data for to `asked`."""
-    model = torch.nn.Linear(3, 1)
-    with torch.no_grad():
-        model.weight.fill_(0.1)
-        model.bias.zero_()
-    train = SimpleNamespace(**TRAIN)
-    run_dir.mkdir(exist_ok=True)  # prepare_run_dir's, in a recipe
+class _LinearRecipe:
+    """A recipe (train/recipe.py) over a tiny linear model: its checkpoints kept in `checkpoints` (step ->
+    states), the steps it saves at in `saved`, the steps it asks the data for in `asked`."""
 
-    def load(wrapped, opt, sched) -> int:
-        if not checkpoints:
-            return 0
-        step = max(checkpoints)
-        model.load_state_dict(checkpoints[step]["model"])
-        opt.load_state_dict(checkpoints[step]["opt"])
-        sched.load_state_dict(checkpoints[step]["sched"])
-        return step
+    def __init__(self, acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list):
+        self.acc, self.run_dir, self.total = acc, run_dir, total
+        self.checkpoints, self.saved, self.asked = checkpoints, saved, asked
+        self.model = torch.nn.Linear(3, 1)
+        with torch.no_grad():
+            self.model.weight.fill_(0.1)
+            self.model.bias.zero_()
 
-    state = prepare_training(
-        acc,
-        model,
-        list(model.parameters()),
-        total,
-        train,
-        run_dir,
-        resume=True,
-        load_checkpoint=load,
-        micro_batch=2,
-        accum=2,
-        output=None,
-        lr=0.1,
-    )
-    x, y = _data()
+    def setup(self, acc) -> Plan:
+        params = list(self.model.parameters())
+        return Plan(
+            self.model, params, self.total, 2, 2, clip=params, desc="test", adamw={"lr": 0.1}, output=None
+        )
 
-    def steps():
+    def batches(self, state):
+        x, y = _data()
         step = state.start
         while True:
-            asked.append(step)
+            self.asked.append(step)
             yield step // 2, [(x[:4], y[:4]), (x[4:], y[4:])]
             step += 1
 
-    def save(step: int) -> None:
-        saved.append(step)
-        checkpoints[step] = copy.deepcopy(
-            {"model": model.state_dict(), "opt": state.opt.state_dict(), "sched": state.sched.state_dict()}
+    def step(self, state, micro) -> float:
+        return accumulate_gradients(self.acc, micro, lambda b: _mse(self.model, b), 2)
+
+    def report(self, state, loss: float) -> StepReport:
+        return StepReport({}, {"extra": 1}, {"tracked_only": 2})
+
+    def save_checkpoint(self, state, step: int) -> None:
+        self.saved.append(step)
+        self.checkpoints[step] = copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "opt": state.opt.state_dict(),
+                "sched": state.sched.state_dict(),
+            }
         )
 
-    last = train_loop(
-        acc,
-        state,
-        total,
-        steps(),
-        lambda micro: accumulate_gradients(acc, micro, lambda b: _mse(model, b), 2),
-        lambda loss: StepReport({}, {"extra": 1}, {"tracked_only": 2}),
-        params=list(model.parameters()),
-        train=train,
-        save_checkpoint=save,
-        desc="test",
-    )
-    return model, last
+    def load_checkpoint(self, state) -> int:
+        if not self.checkpoints:
+            return 0
+        step = max(self.checkpoints)
+        self.model.load_state_dict(self.checkpoints[step]["model"])
+        state.opt.load_state_dict(self.checkpoints[step]["opt"])
+        state.sched.load_state_dict(self.checkpoints[step]["sched"])
+        return step
+
+    def save(self, state, last_loss: float) -> dict:
+        return {"final_loss": last_loss}
+
+
+def _train(acc, run_dir, total: int, checkpoints: dict, saved: list, asked: list):
+    """A run of `total` steps in `run_dir` (resumed from the last of `checkpoints`: step -> states);
+    the steps it saves at go to `saved`, the steps it asks the data for to `asked`."""
+    run_dir.mkdir(exist_ok=True)  # prepare_run_dir's, in a recipe
+    recipe = _LinearRecipe(acc, run_dir, total, checkpoints, saved, asked)
+    state = run_training(acc, recipe, SimpleNamespace(**TRAIN), resume=True)
+    return recipe.model, state.stats["final_loss"]
 
 
 def test_the_loop_logs_saves_and_resumes_on_the_configs_steps(acc, tmp_path):

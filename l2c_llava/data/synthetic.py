@@ -68,12 +68,12 @@ from l2c_llava.io import (
     clean_interrupted,
     move_into_place,
     remove_lock_only_folder,
+    run_lock,
     sha256_file,
     tree_digest,
     work_folder,
     writing,
 )
-from l2c_llava.locks import run_lock
 
 logger = logging.getLogger(__name__)
 

@@ -318,8 +318,7 @@ def repoint_original(folder: str | os.PathLike, vision_tower: str | None = None)
     ``l2c export llava``. Returns (old, new)."""
     from transformers import CLIPVisionModel
 
-    from l2c_llava.io import OUTPUT_MARKER, atomic_write_json, atomic_write_text, file_record
-    from l2c_llava.locks import run_lock
+    from l2c_llava.io import OUTPUT_MARKER, atomic_write_json, atomic_write_text, file_record, run_lock
 
     folder = Path(folder)
     cfg_path = folder / "config.json"

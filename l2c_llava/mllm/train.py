@@ -22,8 +22,7 @@ from l2c_llava.cards import model_card
 from l2c_llava.config import MllmConfig
 from l2c_llava.data.readers import read_llava_json
 from l2c_llava.errors import InputError, MissingFileError
-from l2c_llava.io import atomic_write_json, publish_folder
-from l2c_llava.locks import run_lock
+from l2c_llava.io import atomic_write_json, publish_folder, run_lock
 from l2c_llava.losses import supervised_loss
 from l2c_llava.mllm.build import build_llava, image_tokens_of, save_llava
 from l2c_llava.mllm.data import Collate, LlavaDataset, ModalityLengthSampler, PackedCollate
@@ -31,7 +30,8 @@ from l2c_llava.quantization import quantize_linears_4bit_
 from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
-from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.loop import accumulate_gradients, run_training
+from l2c_llava.train.recipe import Plan, StepReport
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 from l2c_llava.train.sharded import clean_name
@@ -214,161 +214,145 @@ class MllmRecipe:
             order = torch.randperm(len(ds), generator=g).tolist()
         return rank_order(order, t.per_device_batch_size, world, rank)
 
-    # -- loop --------------------------------------------------------------------------------------
+    # -- the recipe as the shared driver runs it (train/recipe.py) -------------------------------------
 
     def run(self) -> dict:
-        from torch.utils.data import DataLoader, Subset
-
         cfg, t = self.cfg, self.cfg.train
-        acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
+        acc = self.acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
         world = acc.num_processes
         if t.global_batch_size % (t.per_device_batch_size * world):
             raise InputError(
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_batch_size "
                 f"x processes ({t.per_device_batch_size} x {world})"
             )
-        accum = t.global_batch_size // (t.per_device_batch_size * world)
+        self.accum = t.global_batch_size // (t.per_device_batch_size * world)
         rows = self.read_rows()  # bad rows are reported before the LLM and the tower are built
         with sharded.whole_models(acc):  # ZeRO-3: built whole and partitioned by the engine (no meta build
-            model, processor = self.build()  # under zero.Init)
-        ds = self.build_data(processor, model, rows)
+            self.model, self.processor = self.build()  # under zero.Init)
+        self.ds = self.build_data(self.processor, self.model, rows)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
         trackers.start(acc, cfg, self.run_dir)
-        steps_per_epoch = len(ds) // t.global_batch_size
-        if steps_per_epoch == 0:
+        stats = run_training(acc, self, t, resume=cfg.run.resume).stats
+        trackers.finish(acc)
+        acc.wait_for_everyone()
+        return stats
+
+    def setup(self, acc) -> Plan:
+        cfg, t, model = self.cfg, self.cfg.train, self.model
+        self.steps_per_epoch = len(self.ds) // t.global_batch_size
+        if self.steps_per_epoch == 0:
             raise InputError(
-                f"{cfg.data.path}: {len(ds)} rows, fewer than one global batch of {t.global_batch_size}"
+                f"{cfg.data.path}: {len(self.ds)} rows, fewer than one global batch of {t.global_batch_size}"
             )
-        total = t.max_steps or t.epochs * steps_per_epoch
-        state = prepare_training(
-            acc,
+        self.total = t.max_steps or t.epochs * self.steps_per_epoch
+        pad_id = self.processor.tokenizer.pad_token_id
+        self.collate = PackedCollate(pad_id) if cfg.data.packing else Collate(pad_id)
+        self.tokens, self.step_tokens, self.step_began = 0, 0, 0.0
+        model.train()  # as the wrapped model's train() would: the wrappers keep the module's mode
+        return Plan(
             model,
             self.param_groups(model),
-            total,
-            t,
-            self.run_dir,
-            resume=cfg.run.resume,
-            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(acc, wrapped, model, opt, sched),
+            self.total,
             micro_batch=t.per_device_batch_size,
-            accum=accum,
-            lr=t.lr,
+            accum=self.accum,
+            clip=[p for p in model.parameters() if p.requires_grad],
+            desc=f"llava {t.stage}",
+            adamw=dict(lr=t.lr),
         )
-        if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
-            trackers.finish(acc)
-            return state.finished
-        wrapped = state.wrapped
-        pad_id = processor.tokenizer.pad_token_id
-        packing = cfg.data.packing
-        collate = PackedCollate(pad_id) if packing else Collate(pad_id)
-        tokens, step_tokens, t_step = 0, 0, 0.0
 
-        def steps():
-            step = state.start
-            while True:
-                epoch = step // steps_per_epoch
-                order = self.epoch_order(ds, epoch, world, acc.process_index)
-                # a resumed run picks up inside its epoch
-                done_rows = (step - epoch * steps_per_epoch) * accum * t.per_device_batch_size
-                loader = DataLoader(
-                    Subset(ds, order[done_rows:]),
-                    batch_size=t.per_device_batch_size,
-                    collate_fn=collate,
-                    num_workers=cfg.data.num_workers,
-                )
-                batches = iter(loader)
-                for _ in range(steps_per_epoch - (step - epoch * steps_per_epoch)):
-                    # each micro-batch is drawn from the loader when its turn comes
-                    yield epoch, [batches] * accum
-                    step += 1
+    def batches(self, state):
+        """Each step's micro-batches, drawn from the epoch's loader when their turn comes; a resumed run
+        picks up inside its epoch."""
+        from torch.utils.data import DataLoader, Subset
+
+        t, acc, per_epoch = self.cfg.train, self.acc, self.steps_per_epoch
+        step = state.start
+        while True:
+            epoch = step // per_epoch
+            order = self.epoch_order(self.ds, epoch, acc.num_processes, acc.process_index)
+            done_rows = (step - epoch * per_epoch) * self.accum * t.per_device_batch_size
+            loader = DataLoader(
+                Subset(self.ds, order[done_rows:]),
+                batch_size=t.per_device_batch_size,
+                collate_fn=self.collate,
+                num_workers=self.cfg.data.num_workers,
+            )
+            batches = iter(loader)
+            for _ in range(per_epoch - (step - epoch * per_epoch)):
+                yield epoch, [batches] * self.accum
+                step += 1
+
+    def step(self, state, micro_batches: list) -> float:
+        acc, world, packing = self.acc, self.acc.num_processes, self.cfg.data.packing
+        self.step_tokens, self.step_began = 0, time.perf_counter()
 
         def loss_of(batches) -> torch.Tensor | None:
-            nonlocal step_tokens
             batch = {k: v.to(acc.device) for k, v in next(batches).items()}
             real = int(batch.pop("num_tokens")) if packing else int(batch["attention_mask"].sum())
             # packed rows: no cache, or transformers does not read the packing from position_ids
-            loss = supervised_loss(wrapped, batch, use_cache=False)
+            loss = supervised_loss(state.wrapped, batch, use_cache=False)
             if not torch.isfinite(loss):  # a micro-batch with no supervised token
                 if world == 1 and not is_deepspeed(acc):
                     return None
                 # every rank must run each backward (DDP's all-reduce, DeepSpeed's boundary):
                 # a zero loss gives zero gradients (the empty selection has no NaN gradient)
                 loss = loss.nan_to_num(0.0) * 0.0
-            step_tokens += real
+            self.step_tokens += real
             return loss
 
-        def step_gradients(micro_batches: list) -> float:
-            nonlocal step_tokens, t_step
-            step_tokens, t_step = 0, time.perf_counter()
-            return accumulate_gradients(acc, micro_batches, loss_of, accum)
+        return accumulate_gradients(acc, micro_batches, loss_of, self.accum)
 
-        def report(loss: float) -> StepReport:
-            nonlocal tokens
-            tokens += step_tokens
-            tps = step_tokens * world / max(1e-9, time.perf_counter() - t_step)
-            return StepReport({"tok_s": f"{tps:.0f}"}, {"tokens_per_second": round(tps, 1)})
+    def report(self, state, loss: float) -> StepReport:
+        self.tokens += self.step_tokens
+        tps = self.step_tokens * self.acc.num_processes / max(1e-9, time.perf_counter() - self.step_began)
+        return StepReport({"tok_s": f"{tps:.0f}"}, {"tokens_per_second": round(tps, 1)})
 
-        t0 = time.perf_counter()
-        wrapped.train()
-        last = train_loop(
-            acc,
-            state,
-            total,
-            steps(),
-            step_gradients,
-            report,
-            params=[p for p in model.parameters() if p.requires_grad],
-            train=t,
-            desc=f"llava {t.stage}",
-            save_checkpoint=lambda step: self.save_checkpoint(
-                acc, wrapped, model, state.opt, state.sched, step
-            ),
-        )
-        seconds = time.perf_counter() - t0
+    def save(self, state, last_loss: float) -> dict:
+        acc, world = self.acc, self.acc.num_processes
+        seconds = time.perf_counter() - state.started
         stats = {
-            "steps": total,
-            "final_loss": last,
-            "grad_accum": accum,
-            "rows": len(ds),
+            "steps": self.total,
+            "final_loss": last_loss,
+            "grad_accum": self.accum,
+            "rows": len(self.ds),
             "seconds_this_session": round(seconds, 1),
-            "tokens_per_second": round(tokens * world / seconds, 1) if tokens else None,
+            "tokens_per_second": round(self.tokens * world / seconds, 1) if self.tokens else None,
         }
         stats["launch"] = state.launch
-        unwrapped = acc.unwrap_model(wrapped)
+        unwrapped = acc.unwrap_model(state.wrapped)
         # every process: the whole weights on the main one, which builds whole models only (the load-back)
-        with sharded.unsharded(acc, wrapped, unwrapped), sharded.whole_models(acc):
+        with sharded.unsharded(acc, state.wrapped, unwrapped), sharded.whole_models(acc):
             if acc.is_main_process:
-                self.save_model(unwrapped, processor, stats)
+                self.save_model(unwrapped, self.processor, stats)
                 write_train_stats(self.run_dir, stats)
-        trackers.finish(acc)
-        acc.wait_for_everyone()
         return stats
 
     # -- checkpoints and output --------------------------------------------------------------------
 
-    def save_checkpoint(self, acc, wrapped, model, opt, sched, step: int) -> None:
+    def save_checkpoint(self, state, step: int) -> None:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
-            acc,
+            self.acc,
             step,
-            lambda: self.trainable_state(model),
-            opt,
-            sched,
+            lambda: self.trainable_state(self.model),
+            state.opt,
+            state.sched,
             name="trainable.safetensors",
-            wrapped=wrapped,
-            model=model,
+            wrapped=state.wrapped,
+            model=self.model,
         )
 
-    def load_checkpoint(self, acc, wrapped, model, opt, sched) -> int:
+    def load_checkpoint(self, state) -> int:
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return checkpoints.load_state(
-            acc,
-            lambda: self.trainable_state(model),
-            opt,
-            sched,
+            self.acc,
+            lambda: self.trainable_state(self.model),
+            state.opt,
+            state.sched,
             name="trainable.safetensors",
-            wrapped=wrapped,
-            model=model,
+            wrapped=state.wrapped,
+            model=self.model,
         )
 
     def save_model(self, model, processor, stats: dict | None = None) -> Path:

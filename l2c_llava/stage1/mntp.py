@@ -6,6 +6,7 @@ the contrastive step. :func:`mask_tokens` is the masking, a pure function of its
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -15,7 +16,6 @@ import torch
 
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config
-from l2c_llava.cpu_threads import follow_share
 from l2c_llava.data.readers import _decode
 from l2c_llava.errors import InputError
 from l2c_llava.io import move_into_place, work_folder
@@ -24,8 +24,8 @@ from l2c_llava.quantization import prepare_for_qlora
 from l2c_llava.stage1.data import epoch_order
 from l2c_llava.stage1.encoder import lora_targets, save_adapter
 from l2c_llava.train import sharded
-from l2c_llava.train.accelerator import configure_launch
-from l2c_llava.train.optim import make_adamw
+from l2c_llava.train.loop import run_training
+from l2c_llava.train.recipe import Plan, StepReport
 
 logger = logging.getLogger("l2c_llava.stage1")
 
@@ -67,9 +67,6 @@ def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: list[str]) -> Path:
     """Masked next-token prediction with LoRA on the bidirectional LLM; returns the adapter folder
     (merged into the base before the contrastive step). Restarts from scratch if interrupted."""
-    from peft import LoraConfig, get_peft_model
-
-    m = cfg.model
     out = run_dir / "mntp"
     if (out / ".complete").is_file():
         logger.info("MNTP already done: %s", out)
@@ -84,73 +81,137 @@ def run_mntp(cfg: Stage1Config, src: EncoderSource, run_dir: Path, acc, texts: l
         texts = texts + [
             t for t in _decode(Path(cfg.mntp.text).read_bytes(), cfg.mntp.text).splitlines() if t.strip()
         ]
-    lm, tok, _, _ = load_llm(
-        src,
-        bidirectional=True,
-        torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
-        attn_implementation=m.attn_implementation,
-        trust_remote_code=m.trust_remote_code,
-        causal_lm=True,
-        load_in_4bit=m.load_in_4bit,
+    # MNTP's own optimisation: a constant lr, no clipping, no checkpoint (train/recipe.py's Plan)
+    train = cfg.train.model_copy(
+        update={"schedule": "constant", "warmup_steps": 0, "grad_clip": None, "contrastive_accum": False}
     )
-    lm = merge_adapters(lm, src.adapters)
-    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    head = lm.get_output_embeddings()
-    lora = cfg.lora
-    if m.load_in_4bit:
-        base = prepare_for_qlora(base, m.gradient_checkpointing)
-    peft_base = get_peft_model(
-        base,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora_targets(base, lora.target_modules),
-        ),
-    )
-    head.requires_grad_(False)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
-    if len(mask_ids) != 1:
-        raise InputError(f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer")
-    mask_id = mask_ids[0]
-    params = [p for p in peft_base.parameters() if p.requires_grad]
-    opt = make_adamw(params, cfg.train.optimizer, lr=cfg.mntp.lr)
-    head.to(acc.device)  # frozen: not handed to DDP (it refuses modules without trainable parameters)
-    configure_launch(acc, micro_batch=cfg.mntp.batch_size, accum=1, grad_clip=None)
-    peft_base, opt = acc.prepare(peft_base, opt)
-    bs = cfg.mntp.batch_size
-    total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(texts) / bs)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    special = set(tok.all_special_ids)
-    for step in range(total):
-        follow_share()  # under a parallel pipeline: the cores a neighbour left
-        epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
-        order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
-        batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]
-        enc = tok(batch_texts, padding=True, truncation=True, max_length=m.max_length, return_tensors="pt")
-        ids, att = enc["input_ids"], enc["attention_mask"]
-        inputs, labels = mask_tokens(ids, att, special, mask_id, len(tok), cfg.mntp.mask_probability, gen)
-        hidden = peft_base(
-            input_ids=inputs.to(acc.device), attention_mask=att.to(acc.device)
-        ).last_hidden_state
-        loss = mntp_loss(head(hidden[:, :-1]), labels.to(acc.device))
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        if step % cfg.train.log_every == 0:
-            logger.info("mntp step %d/%d loss %.4f", step + 1, total, loss.item())
-            trackers.log(acc, {"loss": loss.item()}, step + 1, prefix="mntp/")
-    unwrapped = acc.unwrap_model(peft_base)
-    with sharded.unsharded(acc, peft_base, unwrapped):  # every process: FSDP's whole weights on the main one
-        if acc.is_main_process:
-            tmp = work_folder(out)  # a hidden, new folder: never a user's "mntp.tmp"
-            try:
-                save_adapter(unwrapped, tmp)
-                (tmp / ".complete").write_text(f"{total} steps\n")
-                move_into_place(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    del lm, base, peft_base, head
+    run_training(acc, MntpRecipe(cfg, src, out, texts), train, resume=False)
     return out
+
+
+class MntpRecipe:
+    """MNTP as the shared driver runs it (:class:`~l2c_llava.train.recipe.Recipe`): each step a batch of
+    texts in the epoch's order, masked (:func:`mask_tokens`), the masked tokens' cross-entropy; the
+    adapter saved at the end into `out` (``.complete`` marks it done). No checkpoint: an interrupted
+    MNTP starts over. Its log goes to the logger and the trackers (``mntp/``), not ``train_log.jsonl``."""
+
+    def __init__(self, cfg: Stage1Config, src: EncoderSource, out: Path, texts: list[str]):
+        self.cfg, self.src, self.out, self.texts = cfg, src, out, texts
+        self.run_dir = out.parent
+
+    def setup(self, acc) -> Plan:
+        from peft import LoraConfig, get_peft_model
+
+        cfg, m = self.cfg, self.cfg.model
+        self.acc = acc
+        lm, tok, _, _ = load_llm(
+            self.src,
+            bidirectional=True,
+            torch_dtype=resolve_dtype(m.torch_dtype, str(acc.device)),
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+            causal_lm=True,
+            load_in_4bit=m.load_in_4bit,
+        )
+        lm = merge_adapters(lm, self.src.adapters)
+        base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        self.head = lm.get_output_embeddings()
+        lora = cfg.lora
+        if m.load_in_4bit:
+            base = prepare_for_qlora(base, m.gradient_checkpointing)
+        self.model = get_peft_model(
+            base,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora_targets(base, lora.target_modules),
+            ),
+        )
+        self.head.requires_grad_(False)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        mask_ids = tok(cfg.mntp.mask_token, add_special_tokens=False)["input_ids"]
+        if len(mask_ids) != 1:
+            raise InputError(
+                f"mntp.mask_token {cfg.mntp.mask_token!r} is not a single token for this tokenizer"
+            )
+        self.tok, self.mask_id = tok, mask_ids[0]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.head.to(
+            acc.device
+        )  # frozen: not handed to DDP (it refuses modules without trainable parameters)
+        bs = cfg.mntp.batch_size
+        self.total = cfg.mntp.max_steps or cfg.mntp.epochs * math.ceil(len(self.texts) / bs)
+        self.done = 0
+        return Plan(
+            self.model,
+            params,
+            self.total,
+            micro_batch=bs,
+            accum=1,
+            clip=params,
+            desc="stage 1 MNTP",
+            adamw=dict(lr=cfg.mntp.lr),
+            output=None,
+            log=False,
+            checkpoints=False,
+        )
+
+    def batches(self, state):
+        cfg, tok, texts, bs = self.cfg, self.tok, self.texts, self.cfg.mntp.batch_size
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        special = set(tok.all_special_ids)
+        for step in itertools.count(state.start):
+            epoch, k = divmod(step, max(1, math.ceil(len(texts) / bs)))
+            order = epoch_order(len(texts), cfg.run.seed + 17, epoch)
+            batch_texts = [texts[i] for i in order[k * bs : (k + 1) * bs]] or [texts[0]]
+            enc = tok(
+                batch_texts,
+                padding=True,
+                truncation=True,
+                max_length=cfg.model.max_length,
+                return_tensors="pt",
+            )
+            ids, att = enc["input_ids"], enc["attention_mask"]
+            inputs, labels = mask_tokens(
+                ids, att, special, self.mask_id, len(tok), cfg.mntp.mask_probability, gen
+            )
+            yield epoch, (inputs, att, labels)
+
+    def step(self, state, batch) -> float:
+        inputs, att, labels = batch
+        device = self.acc.device
+        hidden = state.wrapped(input_ids=inputs.to(device), attention_mask=att.to(device)).last_hidden_state
+        loss = mntp_loss(self.head(hidden[:, :-1]), labels.to(device))
+        self.acc.backward(loss)
+        return loss.item()
+
+    def report(self, state, loss: float) -> StepReport:
+        step, self.done = self.done, self.done + 1
+        if step % self.cfg.train.log_every == 0:
+            logger.info("mntp step %d/%d loss %.4f", step + 1, self.total, loss)
+            trackers.log(self.acc, {"loss": loss}, step + 1, prefix="mntp/")
+        return StepReport({}, {})
+
+    def save_checkpoint(self, state, step: int) -> None:  # pragma: no cover - the plan saves none
+        raise NotImplementedError
+
+    def load_checkpoint(self, state) -> int:  # pragma: no cover - the plan resumes none
+        return 0
+
+    def save(self, state, last_loss: float) -> dict:
+        acc = self.acc
+        unwrapped = acc.unwrap_model(state.wrapped)
+        with sharded.unsharded(
+            acc, state.wrapped, unwrapped
+        ):  # every process: FSDP's whole weights on the main one
+            if acc.is_main_process:
+                tmp = work_folder(self.out)  # a hidden, new folder: never a user's "mntp.tmp"
+                try:
+                    save_adapter(unwrapped, tmp)
+                    (tmp / ".complete").write_text(f"{self.total} steps\n")
+                    move_into_place(tmp, self.out)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        return {"steps": self.total, "final_loss": last_loss}

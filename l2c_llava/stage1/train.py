@@ -29,10 +29,8 @@ import torch
 from l2c_llava import trackers
 from l2c_llava.config import Stage1Config, dump_config
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
-from l2c_llava.errors import InputError
-from l2c_llava.io import atomic_write_json
+from l2c_llava.io import atomic_write_json, run_lock
 from l2c_llava.layout import RUN_METRICS, STAGE1_ENCODER
-from l2c_llava.locks import run_lock
 from l2c_llava.losses import hard_negative_nll_loss
 from l2c_llava.models.llm import EncoderSource
 from l2c_llava.quantization import prepare_for_qlora
@@ -44,16 +42,12 @@ from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import is_deepspeed, make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
-from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
-from l2c_llava.train.resume import check_resume_config, flat_config, resume_key, same_run
+from l2c_llava.train.loop import accumulate_gradients, run_training
+from l2c_llava.train.recipe import Plan, StepReport
+from l2c_llava.train.resume import check_resume_config, same_run
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 
 logger = logging.getLogger("l2c_llava.stage1")
-
-
-def config_digest(cfg: Stage1Config) -> str:
-    """What must not change between a checkpoint and its resume, by the one rule (train/resume.py)."""
-    return resume_key(flat_config(cfg))
 
 
 class Stage1Recipe:
@@ -294,12 +288,21 @@ class Stage1Recipe:
     # -- contrastive training -------------------------------------------------------------------------
 
     def train_contrastive(self, acc, encoder: TextEncoder, examples: list[Example]) -> dict:
-        """Supervised contrastive training with a new LoRA, on the shared loop: each step a global batch
-        of examples in the epoch's order, split into micro-batches and processes; HardNegativeNLLLoss
-        over the queries, their positives and hard negatives (gathered across processes)."""
+        """Supervised contrastive training with a new LoRA, on the shared driver (train/recipe.py): each
+        step a global batch of examples in the epoch's order, split into micro-batches and processes;
+        HardNegativeNLLLoss over the queries, their positives and hard negatives (gathered across
+        processes)."""
+        self.acc, self.encoder, self.examples = acc, encoder, examples
+        state = run_training(acc, self, self.cfg.train, resume=self.cfg.run.resume)
+        self._wrapped = state.wrapped
+        return state.stats
+
+    # -- the contrastive step as the shared driver runs it (train/recipe.py) ----------------------------
+
+    def setup(self, acc) -> Plan:
         from peft import LoraConfig, get_peft_model
 
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, encoder = self.cfg, self.cfg.train, self.encoder
         lora = cfg.lora
         targets = lora_targets(encoder.model, lora.target_modules)
         if cfg.model.load_in_4bit:
@@ -313,48 +316,45 @@ class Stage1Recipe:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         encoder.train()
-        world, rank = acc.num_processes, acc.process_index
-        per_step = t.batch_size * world * t.grad_accum
-        steps_per_epoch = max(1, len(examples) // per_step)
-        total = t.max_steps or t.epochs * steps_per_epoch
+        self.per_step = t.batch_size * acc.num_processes * t.grad_accum
+        self.steps_per_epoch = max(1, len(self.examples) // self.per_step)
+        self.total = t.max_steps or t.epochs * self.steps_per_epoch
+        self.tokens = 0
         params = [p for p in encoder.parameters() if p.requires_grad]
-        state = prepare_training(
-            acc,
+        # bf16 autocast on a plain or DDP launch: the frozen base kept in bf16 while training (the same
+        # products, without re-casting it at every forward); ZeRO / FSDP hold their own copies
+        low = acc.mixed_precision == "bf16" and not (is_deepspeed(acc) or acc.distributed_type.name == "FSDP")
+        return Plan(
             encoder,
             params,
-            total,
-            t,
-            self.run_dir,
-            resume=cfg.run.resume,
-            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(
-                acc, wrapped, encoder, opt, sched
-            ),
+            self.total,
             micro_batch=t.batch_size,
             accum=t.grad_accum,
+            clip=params,
+            desc="stage 1 contrastive",
+            adamw=dict(lr=t.lr, weight_decay=t.weight_decay, fused=True),
             output=None,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            fused=True,
+            while_training=frozen_linears_in(encoder.model, torch.bfloat16) if low else nullcontext(),
         )
-        self._wrapped = state.wrapped
-        if state.start >= total:  # trained already: its saved stats (none if it stopped before writing them)
-            return state.finished or {}
-        model = state.wrapped
-        tokens = 0
 
-        def steps():
-            for step in itertools.count(state.start):
-                epoch, k = divmod(step, steps_per_epoch)
-                order = epoch_order(len(examples), cfg.run.seed, epoch)
-                chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
-                micro_batches = []
-                for micro in range(t.grad_accum):
-                    part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
-                    mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
-                        examples[part[0]]
-                    ]
-                    micro_batches.append((mine, self._batch(encoder, mine, acc.device)))
-                yield epoch, micro_batches
+    def batches(self, state):
+        t, acc, examples, per_step = self.cfg.train, self.acc, self.examples, self.per_step
+        world, rank = acc.num_processes, acc.process_index
+        for step in itertools.count(state.start):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            order = epoch_order(len(examples), self.cfg.run.seed, epoch)
+            chunk = order[k * per_step : (k + 1) * per_step] if len(examples) >= per_step else order
+            micro_batches = []
+            for micro in range(t.grad_accum):
+                part = chunk[micro * t.batch_size * world : (micro + 1) * t.batch_size * world]
+                mine = [examples[i] for i in part[rank * t.batch_size : (rank + 1) * t.batch_size]] or [
+                    examples[part[0]]
+                ]
+                micro_batches.append((mine, self._batch(self.encoder, mine, acc.device)))
+            yield epoch, micro_batches
+
+    def step(self, state, micro_batches: list) -> float:
+        t, acc, model = self.cfg.train, self.acc, state.wrapped
 
         def features(item):
             """queries, positives, hard negatives (none: an empty tensor) of one micro-batch."""
@@ -368,59 +368,44 @@ class Stage1Recipe:
                 q, p, neg if neg.shape[0] else None, scale=t.loss_scale, gather=t.gather_across_processes
             )
 
-        def loss_of(item) -> torch.Tensor:
-            nonlocal tokens
-            tokens += int(item[1]["attention_mask"].sum())
-            return loss_fn(*features(item))
+        if not (t.contrastive_accum and t.grad_accum > 1):
+
+            def loss_of(item) -> torch.Tensor:
+                self.tokens += int(item[1]["attention_mask"].sum())
+                return loss_fn(*features(item))
+
+            return accumulate_gradients(
+                acc, micro_batches, loss_of, t.grad_accum, no_sync=model, backward_in_autocast=True
+            )
 
         def embed(item):  # the gradient cache's forward, under autocast as the plain one
             with acc.autocast():
                 return features(item)
 
-        def step_gradients(micro_batches: list) -> float:
-            nonlocal tokens
-            if not (t.contrastive_accum and t.grad_accum > 1):
-                return accumulate_gradients(
-                    acc, micro_batches, loss_of, t.grad_accum, no_sync=model, backward_in_autocast=True
-                )
-            # the gradient cache: the loss of the whole accumulated batch
-            tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
-            loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
-            return loss  # the loop logs its mean over processes
+        # the gradient cache: the loss of the whole accumulated batch
+        self.tokens += sum(int(b["attention_mask"].sum()) for _, b in micro_batches)
+        loss, _ = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward, shared=())
+        return loss  # the driver logs its mean over processes
 
-        def report(loss: float) -> StepReport:
-            tps = round(tokens / max(1e-9, time.perf_counter() - t0), 1)
-            return StepReport({"lr": f"{state.sched.get_last_lr()[0]:.2e}"}, {"tokens_per_second": tps})
+    def report(self, state, loss: float) -> StepReport:
+        tps = round(self.tokens / max(1e-9, time.perf_counter() - state.started), 1)
+        return StepReport({"lr": f"{state.sched.get_last_lr()[0]:.2e}"}, {"tokens_per_second": tps})
 
-        t0 = time.perf_counter()
-        # bf16 autocast on a plain or DDP launch: the frozen base kept in bf16 while training (the same
-        # products, without re-casting it at every forward); ZeRO / FSDP hold their own copies
-        low = acc.mixed_precision == "bf16" and not (is_deepspeed(acc) or acc.distributed_type.name == "FSDP")
-        with frozen_linears_in(encoder.model, torch.bfloat16) if low else nullcontext():
-            last_loss = train_loop(
-                acc,
-                state,
-                total,
-                steps(),
-                step_gradients,
-                report,
-                params=params,
-                train=t,
-                desc="stage 1 contrastive",
-                save_checkpoint=lambda step: self.save_checkpoint(
-                    acc, model, encoder, state.opt, state.sched, step
-                ),
-            )
+    def save(self, state, last_loss: float) -> dict:
+        """The training stats (the encoder is saved by :meth:`_run`, after training)."""
+        if state.start >= self.total:  # trained already, but its stats were never written
+            return {}
+        seconds = time.perf_counter() - state.started
         stats = {
-            "steps": total,
-            "examples": len(examples),
-            "global_batch": per_step,
+            "steps": self.total,
+            "examples": len(self.examples),
+            "global_batch": self.per_step,
             "final_loss": last_loss,
-            "seconds_this_session": round(time.perf_counter() - t0, 1),
-            "tokens_per_second": round(tokens / max(1e-9, time.perf_counter() - t0), 1),
+            "seconds_this_session": round(seconds, 1),
+            "tokens_per_second": round(self.tokens / max(1e-9, seconds), 1),
             "launch": state.launch,
         }
-        if acc.is_main_process:
+        if self.acc.is_main_process:
             write_train_stats(self.run_dir, stats)
         return stats
 
@@ -437,25 +422,26 @@ class Stage1Recipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save_checkpoint(self, acc, wrapped, encoder: TextEncoder, opt, sched, step: int) -> None:
-        adapter = acc.unwrap_model(encoder).model
+    def save_checkpoint(self, state, step: int) -> None:
+        acc = self.acc
+        adapter = acc.unwrap_model(self.encoder).model
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_with(
             acc,
             step,
             lambda d: save_adapter(adapter, d / "adapter"),
-            opt,
-            sched,
-            wrapped=wrapped,
-            model=acc.unwrap_model(encoder),
-            extra={"resume_key": config_digest(self.cfg)},
+            state.opt,
+            state.sched,
+            wrapped=state.wrapped,
+            model=acc.unwrap_model(self.encoder),
         )
 
-    def load_checkpoint(self, acc, wrapped, encoder: TextEncoder, opt, sched) -> int:
+    def load_checkpoint(self, state) -> int:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        acc = self.acc
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        unwrapped = acc.unwrap_model(encoder)
+        unwrapped = acc.unwrap_model(self.encoder)
 
         def read(ck: Path) -> None:
             weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
@@ -467,16 +453,10 @@ class Stage1Recipe:
             else:
                 set_peft_model_state_dict(peft_model, weights)
 
-        state = checkpoints.restore_with(acc, read, opt, sched, wrapped=wrapped, model=unwrapped)
-        if state is None:
-            return 0
-        if state.get("resume_key", config_digest(self.cfg)) != config_digest(self.cfg):  # older: config.yaml
-            raise InputError(
-                f"checkpoint step {state['step']} in {checkpoints.root} was written under a config that "
-                "differs from this one in a key that may not change on resume; use a new run.output_dir, "
-                "or run.resume=false to start over"
-            )
-        return int(state["step"])
+        trainer_state = checkpoints.restore_with(
+            acc, read, state.opt, state.sched, wrapped=state.wrapped, model=unwrapped
+        )
+        return 0 if trainer_state is None else int(trainer_state["step"])
 
 
 def _with_adapter_name(key: str, name: str) -> str:

@@ -28,8 +28,7 @@ from l2c_llava.data.images import TrainTransform, load_rgb, write_preprocessor_c
 from l2c_llava.data.readers import read_caption_pairs, read_karpathy
 from l2c_llava.embedded import clip_tokenizer
 from l2c_llava.errors import InputError
-from l2c_llava.io import atomic_write_json, publish_folder
-from l2c_llava.locks import run_lock
+from l2c_llava.io import atomic_write_json, publish_folder, run_lock
 from l2c_llava.stage2.contrastive import ContrastiveRecipe
 from l2c_llava.stage2.model import clamped_scale
 from l2c_llava.train.sharded import clamp_scale

@@ -1,5 +1,6 @@
 """The training recipe both image-text contrastive models share: stage 2 (``stage2/train.py``) and the
-demo CLIP baseline (``stage2/clip_baseline.py``), on the shared loop (:mod:`l2c_llava.train.loop`)."""
+demo CLIP baseline (``stage2/clip_baseline.py``), a :class:`~l2c_llava.train.recipe.Recipe` that the shared
+driver runs (:func:`l2c_llava.train.loop.run_training`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from l2c_llava.losses import clip_loss
 from l2c_llava.train.accelerator import make_accelerator
 from l2c_llava.train.checkpoints import Checkpoints
 from l2c_llava.train.grad_cache import contrastive_accumulate
-from l2c_llava.train.loop import StepReport, accumulate_gradients, prepare_training, train_loop
+from l2c_llava.train.loop import accumulate_gradients, run_training
+from l2c_llava.train.recipe import Plan, StepReport
 from l2c_llava.train.resume import check_resume_config
 from l2c_llava.train.run_dir import prepare_run_dir, write_train_stats
 from l2c_llava.train.sharded import state_dict as sharded_state_dict
@@ -25,7 +27,7 @@ from l2c_llava.train.sharded import unsharded, whole_models
 
 class ContrastiveRecipe:
     """What both image-text contrastive recipes share (stage 2 and the demo CLIP baseline), on the
-    shared training loop: one pass over the images per epoch (resumed mid-epoch), the CLIP loss with
+    shared driver (setup / batches / step / report / checkpoints / save): one pass over the images per epoch (resumed mid-epoch), the CLIP loss with
     features gathered across processes, gradient accumulation (plain, or the gradient cache with
     ``train.contrastive_accum``), the logit-scale clamp after each step, the whole model's state in
     each checkpoint.
@@ -56,7 +58,7 @@ class ContrastiveRecipe:
     def embed(self, wrapped, batch, acc):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def after_step(self, model) -> float:  # pragma: no cover - abstract
+    def after_step(self, acc, model) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def save_model(self, model) -> Path:  # pragma: no cover - abstract
@@ -64,94 +66,84 @@ class ContrastiveRecipe:
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
-        dataset, n = self.build_data(acc)
+        acc = self.acc = make_accelerator(t.mixed_precision, cfg.run.seed, t.report_to, self.run_dir)
+        self.dataset, self.n = self.build_data(acc)
         check_resume_config(self.run_dir, cfg)
         if acc.is_main_process:
             prepare_run_dir(cfg, self.run_dir, source=self.source, overrides=self.overrides)
         trackers.start(acc, cfg, self.run_dir)
-        with whole_models(acc):  # ZeRO-3: built as on one process, partitioned by the engine
-            model = self.build_model(acc)
-        per_step = t.batch_size * acc.num_processes * t.grad_accum
-        steps_per_epoch = max(1, n // per_step) if n else None
-        total = t.max_steps or (t.epochs * steps_per_epoch if steps_per_epoch else None)
-        if total is None:
-            raise InputError("data.format=webdataset streams without a known length: set train.max_steps")
-        state = prepare_training(
-            acc,
-            model,
-            self.param_groups(model),
-            total,
-            t,
-            self.run_dir,
-            resume=cfg.run.resume,
-            load_checkpoint=lambda wrapped, opt, sched: self.load_checkpoint(acc, wrapped, model, opt, sched),
-            micro_batch=t.batch_size,
-            accum=t.grad_accum,
-            lr=t.lr,
-            betas=tuple(t.betas),
-            eps=t.eps,
-            fused=True,  # bench/gemm_limit.py: the optimizer is a tenth of a demo step otherwise
-        )
-        if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
-            trackers.finish(acc)
-            return state.finished
-        loss_fn = partial(clip_loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad)
-        seen = 0  # images this process trained on in this session
-
-        def loss_of(batch) -> torch.Tensor:
-            nonlocal seen
-            img, txt, scale = self.embed(state.wrapped, batch, acc)
-            seen += img.shape[0]
-            return loss_fn(img, txt, scale)
-
-        def embed(batch):  # the gradient cache's forward, under autocast as the plain one
-            with acc.autocast():
-                return self.embed(state.wrapped, batch, acc)
-
-        def step_gradients(micro_batches: list) -> float:
-            nonlocal seen
-            if getattr(t, "contrastive_accum", False) and len(micro_batches) > 1:
-                loss, rows = contrastive_accumulate(embed, micro_batches, loss_fn, acc.backward)
-                seen += rows
-            else:
-                loss = accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum)
-            return loss  # the loop logs its mean over processes
-
-        def report(loss: float) -> StepReport:
-            scale = self.after_step(acc, model)
-            rate = seen * acc.num_processes / max(1e-9, time.perf_counter() - t0)
-            return StepReport({"scale": f"{scale:.1f}"}, {"logit_scale": scale}, {"images_per_second": rate})
-
-        t0 = time.perf_counter()
-        last = train_loop(
-            acc,
-            state,
-            total,
-            self._steps(dataset, acc, state.start, steps_per_epoch),
-            step_gradients,
-            report,
-            params=list(model.parameters()),
-            train=t,
-            desc=self.name,
-            save_checkpoint=lambda step: self.save_checkpoint(
-                acc, state.wrapped, model, state.opt, state.sched, step
-            ),
-        )
-        seconds = time.perf_counter() - t0
-        stats = {
-            "steps": total,
-            "final_loss": last,
-            "seconds_this_session": round(seconds, 1),
-            "images_per_second": round(seen * acc.num_processes / seconds, 2) if seen else None,
-        }
-        stats["launch"] = state.launch
-        with unsharded(acc, state.wrapped, model):  # every process: the full weights on the main one
-            if acc.is_main_process:
-                self.save_model(model)
-                write_train_stats(self.run_dir, stats)
+        stats = run_training(acc, self, t, resume=cfg.run.resume).stats
         trackers.finish(acc)
         acc.wait_for_everyone()
+        return stats
+
+    # -- the recipe as the shared driver runs it (train/recipe.py) ----------------------------------
+
+    def setup(self, acc) -> Plan:
+        t = self.cfg.train
+        with whole_models(acc):  # ZeRO-3: built as on one process, partitioned by the engine
+            self.model = self.build_model(acc)
+        per_step = t.batch_size * acc.num_processes * t.grad_accum
+        self.steps_per_epoch = max(1, self.n // per_step) if self.n else None
+        total = self.total = t.max_steps or (
+            t.epochs * self.steps_per_epoch if self.steps_per_epoch else None
+        )
+        if total is None:
+            raise InputError("data.format=webdataset streams without a known length: set train.max_steps")
+        self.loss_fn = partial(clip_loss, local_loss=t.local_loss, gather_with_grad=t.gather_with_grad)
+        self.seen = 0  # images this process trained on in this session
+        return Plan(
+            self.model,
+            self.param_groups(self.model),
+            total,
+            micro_batch=t.batch_size,
+            accum=t.grad_accum,
+            clip=list(self.model.parameters()),
+            desc=self.name,
+            # fused: bench/gemm_limit.py: the optimizer is a tenth of a demo step otherwise
+            adamw=dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True),
+        )
+
+    def batches(self, state):
+        return self._steps(self.dataset, self.acc, state.start, self.steps_per_epoch)
+
+    def step(self, state, micro_batches: list) -> float:
+        t, acc = self.cfg.train, self.acc
+        if getattr(t, "contrastive_accum", False) and len(micro_batches) > 1:
+
+            def embed(batch):  # the gradient cache's forward, under autocast as the plain one
+                with acc.autocast():
+                    return self.embed(state.wrapped, batch, acc)
+
+            loss, rows = contrastive_accumulate(embed, micro_batches, self.loss_fn, acc.backward)
+            self.seen += rows
+            return loss  # the driver logs its mean over processes
+
+        def loss_of(batch) -> torch.Tensor:
+            img, txt, scale = self.embed(state.wrapped, batch, acc)
+            self.seen += img.shape[0]
+            return self.loss_fn(img, txt, scale)
+
+        return accumulate_gradients(acc, micro_batches, loss_of, t.grad_accum)
+
+    def report(self, state, loss: float) -> StepReport:
+        scale = self.after_step(self.acc, self.model)
+        rate = self.seen * self.acc.num_processes / max(1e-9, time.perf_counter() - state.started)
+        return StepReport({"scale": f"{scale:.1f}"}, {"logit_scale": scale}, {"images_per_second": rate})
+
+    def save(self, state, last_loss: float) -> dict:
+        acc, seconds = self.acc, time.perf_counter() - state.started
+        stats = {
+            "steps": self.total,
+            "final_loss": last_loss,
+            "seconds_this_session": round(seconds, 1),
+            "images_per_second": round(self.seen * acc.num_processes / seconds, 2) if self.seen else None,
+        }
+        stats["launch"] = state.launch
+        with unsharded(acc, state.wrapped, self.model):  # every process: the full weights on the main one
+            if acc.is_main_process:
+                self.save_model(self.model)
+                write_train_stats(self.run_dir, stats)
         return stats
 
     def _steps(self, dataset, acc, start: int, steps_per_epoch: int | None):
@@ -206,13 +198,24 @@ class ContrastiveRecipe:
     def _state(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in sharded_state_dict(model).items()}
 
-    def save_checkpoint(self, acc, wrapped, model, opt, sched, step: int) -> None:
+    def save_checkpoint(self, state, step: int) -> None:
         Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints).save_state(
-            acc, step, lambda: self._state(model), opt, sched, wrapped=wrapped, model=model
+            self.acc,
+            step,
+            lambda: self._state(self.model),
+            state.opt,
+            state.sched,
+            wrapped=state.wrapped,
+            model=self.model,
         )
 
-    def load_checkpoint(self, acc, wrapped, model, opt, sched) -> int:
+    def load_checkpoint(self, state) -> int:
         checkpoints = Checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return checkpoints.load_state(
-            acc, lambda: self._state(model), opt, sched, wrapped=wrapped, model=model
+            self.acc,
+            lambda: self._state(self.model),
+            state.opt,
+            state.sched,
+            wrapped=state.wrapped,
+            model=self.model,
         )

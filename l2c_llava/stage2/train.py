@@ -30,8 +30,7 @@ from l2c_llava.data.images import TrainTransform, load_rgb
 from l2c_llava.data.readers import read_caption_pairs
 from l2c_llava.data.webdataset import expand_shards, iter_samples, sample_id
 from l2c_llava.errors import InputError
-from l2c_llava.io import atomic_save, atomic_write_json
-from l2c_llava.locks import run_lock
+from l2c_llava.io import atomic_save, atomic_write_json, run_lock
 from l2c_llava.models.vision import load_vision_tower
 from l2c_llava.stage2.cache import WEBDATASET_ROWS, TextFeatureCache
 from l2c_llava.stage2.contrastive import ContrastiveRecipe

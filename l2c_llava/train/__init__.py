@@ -8,7 +8,8 @@
 - ``run_dir.py``      the run folder: resolved config and versions, the training log, train_stats.json
 - ``resume.py``       THE resume rule (``may_change_on_resume``), for every recipe and the pipeline
 - ``grad_cache.py``   gradient-cache accumulation: a whole batch's contrastive loss, a micro-batch at a time
-- ``loop.py``         the training loop each recipe drives with its own batches and loss
+- ``recipe.py``       what a training recipe is: setup / batches / step / report / checkpoints / save
+- ``loop.py``         the driver that runs every recipe: optimiser, resume, loop, clipping, log, checkpoints
 
 Library code: it never imports a recipe, the CLI or the pipeline (``tests/test_import_rules.py``).
 """

@@ -246,7 +246,6 @@ class Checkpoints:
         *,
         wrapped,
         model,
-        extra: dict | None = None,
     ) -> None:
         """Every process meets here, under every launch: the main one runs `write_weights(folder)` while
         `model` holds its full parameters (:func:`~l2c_llava.train.sharded.unsharded`), the optimizer
@@ -266,10 +265,8 @@ class Checkpoints:
                     shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back
                     raise
         optimizer_state = sharded.save_optimizer_state(acc, wrapped, opt, tmp)
-        extra = {
-            **(extra or {}),
-            "launch": {"kind": sharded.kind(acc), "world_size": sharded.world_size(acc)},
-        }
+        # what a resume checks beside the config (one rule for every recipe: train/resume.py)
+        extra = {"launch": {"kind": sharded.kind(acc), "world_size": sharded.world_size(acc)}}
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.save(step, lambda d: None, opt, sched, extra, optimizer_state=optimizer_state, prepared=tmp)

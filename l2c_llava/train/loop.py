@@ -1,13 +1,18 @@
-"""The training loop every recipe drives with its own batches and loss: stage 1's contrastive step, stage 2
-and the demo CLIP baseline (``stage2/contrastive.py``), LLaVA's pretrain and finetune.
+"""The driver every training recipe runs on (:class:`~l2c_llava.train.recipe.Recipe`): stage 1's contrastive
+step and its MNTP, stage 2 and the demo CLIP baseline (``stage2/contrastive.py``), LLaVA's pretrain and
+finetune.
 
-1. :func:`prepare_training`: AdamW on the recipe's parameter groups, the schedule, the launch values
-   (DeepSpeed), accelerate's wrapping, the resume from the last intact checkpoint and the training log
-   cut back to its step; a run that already finished hands back its saved stats instead;
-2. :func:`train_loop`: each step's gradients (the recipe's; most go through
-   :func:`accumulate_gradients`, a micro-batch at a time), clipping, the optimizer and schedule steps, a
-   log record every ``train.log_every`` steps (``train_log.jsonl`` and the trackers) and a checkpoint
-   every ``train.save_every`` steps and at the last one.
+:func:`run_training`:
+
+1. the recipe's setup (:class:`~l2c_llava.train.recipe.Plan`), then AdamW on its parameter groups, the
+   schedule, the launch values (DeepSpeed), accelerate's wrapping, the resume from the last intact
+   checkpoint and the training log cut back to its step; a run that already finished hands back its
+   saved stats instead;
+2. each step: the recipe's gradients (most go through :func:`accumulate_gradients`, a micro-batch at a
+   time), clipping, the optimizer and schedule steps, a log record every ``train.log_every`` steps
+   (``train_log.jsonl`` and the trackers) and a checkpoint every ``train.save_every`` steps and at the
+   last one;
+3. the recipe's save: the trained model and its stats.
 
 The recipe keeps what its method decides: the order of its batches (and where a resumed run picks up
 in it), the loss and how its micro-batches accumulate (gradient cache: :mod:`l2c_llava.train.grad_cache`),
@@ -18,17 +23,17 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from l2c_llava import trackers
 from l2c_llava.cpu_threads import follow_share
-from l2c_llava.layout import TRAIN_LOG, TRAINED_MODEL
+from l2c_llava.layout import TRAIN_LOG
 from l2c_llava.train import sharded
 from l2c_llava.train.accelerator import (
     clip_gradients,
@@ -39,65 +44,100 @@ from l2c_llava.train.accelerator import (
     micro_backward,
 )
 from l2c_llava.train.optim import make_adamw
+from l2c_llava.train.recipe import Plan, Recipe, TrainingState
 from l2c_llava.train.run_dir import append_log, finished_stats, truncate_log
 from l2c_llava.train.schedule import make_scheduler
 
 
-@dataclass
-class TrainingState:
-    """What a training loop starts from: the model as accelerate wrapped it, the optimizer and the
-    schedule (restored from the last checkpoint), the step to start at, the training log, and the saved
-    stats of a run that already finished (else None)."""
+def run_training(acc, recipe: Recipe, train, *, resume: bool) -> TrainingState:
+    """Run `recipe` to the end of its plan; returns where it ended, ``stats`` its stats (a finished
+    run's saved ones). `train` is the config's ``train`` section (optimizer, schedule, warmup,
+    grad_clip, log_every, save_every); `resume`: pick up at the last intact checkpoint."""
+    plan = recipe.setup(acc)
+    state = _prepare(acc, recipe, plan, train, resume)
+    if state.finished is not None:  # a re-run of a finished run: keep its model and numbers
+        state.stats = state.finished
+        return state
+    state.started = time.perf_counter()
+    last = float("nan")
+    if state.start < plan.total:
+        with plan.while_training:
+            last = _train_steps(acc, recipe, plan, state, train)
+    state.stats = recipe.save(state, last)
+    return state
 
-    wrapped: Any
-    opt: Any
-    sched: Any
-    start: int
-    log_path: Path
-    finished: dict | None
-    launch: dict
 
-
-def prepare_training(
-    acc,
-    model,
-    groups: list,
-    total: int,
-    train,
-    run_dir: Path,
-    *,
-    resume: bool,
-    load_checkpoint: Callable[[Any, Any, Any], int],
-    micro_batch: int,
-    accum: int,
-    output: str | None = TRAINED_MODEL,
-    **adamw,
-) -> TrainingState:
-    """What every training loop does before its first step: AdamW on `groups` (``train.optimizer``,
-    `adamw`: lr, betas, ...), the schedule over `total` steps, the launch values, accelerate's wrapping,
-    `load_checkpoint(wrapped, opt, sched) -> step` when `resume` (every process calls it), and the training log cut back to that step.
-    `train` is the config's ``train`` section. The run counts as finished when it has trained `total`
-    steps and holds ``train_stats.json`` and (unless None) the folder `output`."""
+def _prepare(acc, recipe: Recipe, plan: Plan, train, resume: bool) -> TrainingState:
+    """What every run does before its first step: AdamW on the plan's groups (``train.optimizer``), the
+    schedule over its steps, the launch values, accelerate's wrapping, the recipe's
+    ``load_checkpoint`` when `resume` (every process calls it), and the training log cut back to that
+    step."""
+    model = plan.model
     if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":  # neither takes a 0-dim parameter
         lift_scalar_parameters(model)
     if acc.distributed_type.name == "FSDP":  # its wrappers hide the state dict's names: known before
         sharded.remember_state_keys(model)
-    opt = make_adamw(groups, train.optimizer, **adamw)
-    sched = make_scheduler(opt, train.schedule, total, train.warmup_steps, train.warmup_ratio)
+    opt = make_adamw(plan.groups, train.optimizer, **plan.adamw)
+    sched = make_scheduler(opt, train.schedule, plan.total, train.warmup_steps, train.warmup_ratio)
     configure_launch(
         acc,
-        micro_batch=micro_batch,
-        accum=accum,
+        micro_batch=plan.micro_batch,
+        accum=plan.accum,
         grad_clip=train.grad_clip,
         contrastive_accum=getattr(train, "contrastive_accum", False),
     )
     wrapped, opt = acc.prepare(model, opt)
-    start = load_checkpoint(wrapped, opt, sched) if resume else 0
-    log_path = Path(run_dir) / TRAIN_LOG
-    finished = finished_stats(run_dir, start, total, output)
-    if finished is None and acc.is_main_process:
-        truncate_log(log_path, start)
-    return TrainingState(wrapped, opt, sched, start, log_path, finished, launch_info(acc))
+    log_path = Path(recipe.run_dir) / TRAIN_LOG
+    state = TrainingState(wrapped, opt, sched, 0, log_path, None, launch_info(acc))
+    state.start = recipe.load_checkpoint(state) if resume else 0
+    if plan.log:
+        state.finished = finished_stats(recipe.run_dir, state.start, plan.total, plan.output)
+        if state.finished is None and acc.is_main_process:
+            truncate_log(log_path, state.start)
+    return state
+
+
+def _train_steps(acc, recipe: Recipe, plan: Plan, state: TrainingState, train) -> float:
+    """Train from ``state.start`` to the plan's total; returns the last step's loss.
+
+    The recipe's batches are asked for the next one only when a step is left to train; its ``step``
+    computes that step's gradients and returns its loss; its ``report``, called after the optimizer
+    step, says what else to show. The plan's parameters are clipped to ``train.grad_clip``; the
+    recipe's ``save_checkpoint(state, step)`` runs on every process every ``train.save_every`` steps
+    and at the last one."""
+    from tqdm.auto import tqdm
+
+    total = plan.total
+    bar = tqdm(total=total, initial=state.start, desc=plan.desc, unit="step", disable=not acc.is_main_process)
+    step, last = state.start, float("nan")
+    batches = iter(recipe.batches(state))
+    while step < total:
+        follow_share()  # under a parallel pipeline: the cores a neighbour left
+        epoch, batch = next(batches)
+        loss = mean_over_processes(acc, recipe.step(state, batch))
+        clip_gradients(acc, state.wrapped, plan.clip, train.grad_clip)
+        state.opt.step()
+        state.sched.step()
+        state.opt.zero_grad(set_to_none=True)
+        shown = recipe.report(state, loss)
+        step, last = step + 1, loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", **shown.bar)
+        if plan.log and acc.is_main_process and (step % train.log_every == 0 or step == total):
+            rec = {
+                "step": step,
+                "epoch": epoch,
+                "loss": round(loss, 6),
+                "lr": state.sched.get_last_lr()[0],
+                **shown.log,
+            }
+            append_log(state.log_path, rec)
+            trackers.log(acc, {**rec, **shown.trackers_only}, step)
+        if plan.checkpoints and (step % train.save_every == 0 or step == total):
+            recipe.save_checkpoint(state, step)
+            _fault_after_checkpoint(acc, step)
+    bar.close()
+    return last
 
 
 def accumulate_gradients(
@@ -141,69 +181,6 @@ def mean_over_processes(acc, loss: float) -> float:
     if acc.num_processes == 1:
         return loss
     return acc.reduce(torch.tensor(float(loss), device=acc.device), "mean").item()
-
-
-class StepReport(NamedTuple):
-    """What a recipe shows of a step beside its loss and lr: on the progress bar (formatted text), in
-    the training-log record (and the trackers), and to the trackers only."""
-
-    bar: dict[str, str]
-    log: dict[str, Any]
-    trackers_only: dict[str, Any] = {}
-
-
-def train_loop(
-    acc,
-    state: TrainingState,
-    total: int,
-    steps: Iterable[tuple[int, Any]],
-    step_gradients: Callable[[Any], float],
-    report: Callable[[float], StepReport],
-    *,
-    params,
-    train,
-    save_checkpoint: Callable[[int], None],
-    desc: str,
-) -> float:
-    """Train from ``state.start`` to `total` steps; returns the last step's loss (nan when none ran).
-
-    `steps` yields ``(epoch, batch)`` for each step from ``state.start`` on, and is asked for the next
-    one only when a step is left to train; ``step_gradients(batch)`` computes that step's gradients and
-    returns its loss; ``report(loss)``, called after the optimizer step, says what else to show.
-    `params` are clipped to ``train.grad_clip``; ``save_checkpoint(step)`` runs on every process every
-    ``train.save_every`` steps and at the last one."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=state.start, desc=desc, unit="step", disable=not acc.is_main_process)
-    step, last = state.start, float("nan")
-    batches = iter(steps)
-    while step < total:
-        follow_share()  # under a parallel pipeline: the cores a neighbour left
-        epoch, batch = next(batches)
-        loss = mean_over_processes(acc, step_gradients(batch))
-        clip_gradients(acc, state.wrapped, params, train.grad_clip)
-        state.opt.step()
-        state.sched.step()
-        state.opt.zero_grad(set_to_none=True)
-        shown = report(loss)
-        step, last = step + 1, loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", **shown.bar)
-        if acc.is_main_process and (step % train.log_every == 0 or step == total):
-            rec = {
-                "step": step,
-                "epoch": epoch,
-                "loss": round(loss, 6),
-                "lr": state.sched.get_last_lr()[0],
-                **shown.log,
-            }
-            append_log(state.log_path, rec)
-            trackers.log(acc, {**rec, **shown.trackers_only}, step)
-        if step % train.save_every == 0 or step == total:
-            save_checkpoint(step)
-            _fault_after_checkpoint(acc, step)
-    bar.close()
-    return last
 
 
 def _fault_after_checkpoint(acc, step: int) -> None:
