@@ -185,9 +185,9 @@ train: {{lr: 1.0e-3, batch_size: {per_device}, max_steps: 4, log_every: 1, save_
     return cfg
 
 
-def stage1_config(world: Path, data: Path, out: Path, per_device: int) -> Path:
+def stage1_config(world: Path, data: Path, out: Path, per_device: int, extra: str = "") -> Path:
     cfg = out.with_suffix(".yaml")
-    cfg.write_text(f"""recipe: stage1
+    cfg.write_text(f"""{extra}recipe: stage1
 run: {{output_dir: {out}, seed: 3}}
 model: {{name_or_path: {world}/llama, max_length: 48, gradient_checkpointing: false}}
 lora: {{r: 4, alpha: 8, dropout: 0.0}}
@@ -198,6 +198,11 @@ train: {{lr: 1.0e-3, batch_size: {per_device}, max_steps: 3, warmup_steps: 1, lo
 eval: {{batch_size: 8, max_images: 6, causal_baseline: false}}
 """)
     return cfg
+
+
+# MNTP first, on every process the same batch of 4 texts (the 1-process run's too), as
+# stage1/configs/llama3_8b_cc.yaml does under its ZeRO-2 launch
+MNTP = "mntp: {enabled: true, max_steps: 2, batch_size: 4, lr: 1.0e-3}\n"
 
 
 def clip_config(data: Path, out: Path, per_device: int) -> Path:
@@ -245,6 +250,9 @@ def one_process(world, synth_dir):
             launch(None, ["stage2", "train", "--config", str(stage2_config(world, synth_dir, out, 8))])
         elif name == "stage1":
             launch(None, ["stage1", "--config", str(stage1_config(world, synth_dir, out, 4))])
+        elif name == "stage1-mntp":
+            cfg = stage1_config(world, synth_dir, out, 4, MNTP)
+            launch(None, ["stage1", "--config", str(cfg)])
         elif name == "clip":
             launch(None, ["clip", "pretrain", "--config", str(clip_config(synth_dir, out, 8))])
         elif name == "pretrain":
@@ -306,6 +314,22 @@ def test_stage1_launch(yaml, world, synth_dir, one_process, tmp_path):
         want = ref_metrics[when]["bidirectional"] if when == "before" else ref_metrics[when]
         assert got["short_to_long_top1"] == pytest.approx(want["short_to_long_top1"])
         assert got["cra"] == pytest.approx(want["cra"])
+
+
+def test_stage1_mntp_then_contrastive_under_zero2(world, synth_dir, one_process, tmp_path):
+    """MNTP, then the contrastive step, in one ZeRO-2 launch (the paper config's header): the second
+    training gets an engine of its own (before, its backward went to MNTP's engine and failed in
+    DeepSpeed's gradient reduction); both adapters equal a 1-process run's."""
+    yaml = "stage1/accelerate/deepspeed_zero2.yaml"
+    out = tmp_path / "run"
+    launch(yaml, ["stage1", "--config", str(stage1_config(world, synth_dir, out, 2, MNTP))])
+    ref = one_process("stage1-mntp")
+    mntp = Path("mntp") / "adapter_model.safetensors"
+    adapter = Path("encoder") / "adapter" / "adapter_model.safetensors"
+    record(f"stage1 mntp {yaml}", out, ref, weights(ref / adapter), weights(out / adapter))
+    assert_same_weights(weights(ref / mntp), weights(out / mntp))
+    assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
+    assert_same_weights(weights(ref / adapter), weights(out / adapter))
 
 
 def test_clip_baseline_launch(world, synth_dir, one_process, tmp_path):

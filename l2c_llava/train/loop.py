@@ -86,6 +86,11 @@ def _prepare(acc, recipe: Recipe, plan: Plan, train, resume: bool) -> TrainingSt
         grad_clip=train.grad_clip,
         contrastive_accum=getattr(train, "contrastive_accum", False),
     )
+    if getattr(acc, "deepspeed_engine_wrapped", None) is not None or getattr(acc, "_models", None):
+        # an earlier training of this process (MNTP before stage 1's contrastive step) left its model
+        # on the Accelerator, and under DeepSpeed its engine, which would take this run's backward():
+        # let both go first (accelerate's way between two trainings; it also frees that model's memory)
+        acc.free_memory()
     wrapped, opt = acc.prepare(model, opt)
     log_path = Path(recipe.run_dir) / TRAIN_LOG
     state = TrainingState(wrapped, opt, sched, 0, log_path, None, launch_info(acc))
