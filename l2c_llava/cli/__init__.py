@@ -145,9 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
         # past `ulimit -f` a write fails with EFBIG (a message below) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    completed = False  # the command ran to its end (under a launcher: every rank is past its collectives)
     try:
         _prepare(args)
-        return args.func(args)
+        code = args.func(args)
+        completed = True
+        return code
     # a failure the user can fix: its message says where and what to do; anything else is a bug
     except L2CError as e:
         sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
@@ -166,13 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"l2c {' '.join([args.command, *sub])}: {os_error_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        _end_process_group()
+        _end_process_group(wait_for_all=completed)
 
 
-def _end_process_group() -> None:
+def _end_process_group(wait_for_all: bool = False) -> None:
     """Under a launcher: leave the process group before the interpreter exits, as torch asks. Left to the
     interpreter's exit, a rank's communication threads can be torn down mid-flight (a rank aborting with
-    "terminate called without an active exception" after its work was done, seen once in the launch tests)."""
+    "terminate called without an active exception" after its work was done, seen twice in the launch
+    tests, once with this call already made). `wait_for_all` (the command ran to its end): a barrier
+    first, so that no rank leaves while another still has a collective in flight; after a failure there
+    is none (a rank that failed may never reach it)."""
     import importlib.util
 
     if "torch" not in sys.modules or importlib.util.find_spec("torch.distributed") is None:
@@ -180,6 +186,8 @@ def _end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
