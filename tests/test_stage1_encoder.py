@@ -229,6 +229,32 @@ def test_frozen_base_in_bf16_gives_the_same_autocast_step(tiny_dirs, family):
     assert all(after[n].dtype == v.dtype and torch.equal(after[n], v) for n, v in before.items())
 
 
+def test_bf16_encode_holds_every_linear_in_bf16_and_gives_them_back(tiny_dirs):
+    """frozen_only=False (stage 1's evaluation of a bf16 run): the trained LoRA weights are held in bf16
+    too while encoding; the features stay close to float32's and every parameter comes back unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    from l2c_llava.stage1.encoder import frozen_linears_in
+
+    enc = TextEncoder.from_pretrained(tiny_dirs["llama"], device="cpu")
+    enc.model = get_peft_model(
+        enc.model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(enc.model, ["q_proj", "v_proj"]))
+    )
+    lora = enc.model.base_model.model.layers[0].self_attn.q_proj.lora_B.default.weight
+    torch.nn.init.normal_(lora)
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    texts = ["a red circle", "two blue squares on beige"]
+    plain = enc.encode(texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen_linears_in(enc.model, torch.bfloat16, False):
+        assert lora.dtype == torch.bfloat16  # trainable, cast as well
+        low = enc.encode(texts)
+    with frozen_linears_in(enc.model, torch.bfloat16):  # the default leaves the trainable ones alone
+        assert lora.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(plain, low).min() > 0.99
+    after = dict(enc.named_parameters())
+    assert all(after[n].dtype == v.dtype and torch.equal(after[n], v) for n, v in before.items())
+
+
 def test_doc_max_length_cuts_long_texts_by_words(tiny_dirs):
     enc = TextEncoder.from_pretrained(tiny_dirs["llama"], doc_max_length=8, device="cpu")
     text = " ".join(["red circle"] * 20)

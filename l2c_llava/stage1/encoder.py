@@ -516,18 +516,20 @@ class TextEncoder(nn.Module):
 @contextmanager
 def frozen_linears_in(model: nn.Module, dtype: torch.dtype, frozen_only: bool = True):
     """Within: the frozen nn.Linear weights (and biases) of `model` stored in `dtype` (every linear's
-    with ``frozen_only=False``: for inference, under ``no_grad``), the originals back on exit. Under autocast to `dtype` every linear casts its weight at each call, and autocast
-    keeps the cast only of weights that need gradients: a LoRA step re-casts the whole frozen base at
-    every forward (a quarter of a bf16 stage-1 step, bench/gemm_limit.py). Autocast would run these
-    products in `dtype` anyway, on the same rounded values: the step computes exactly the same."""
+    with ``frozen_only=False``: for inference, under ``no_grad``), the originals back on exit. Under
+    autocast to `dtype` every linear casts its weight at each call, and autocast keeps the cast only of
+    weights that need gradients: a LoRA step re-casts the whole frozen base at every forward (a quarter
+    of a bf16 stage-1 step, bench/gemm_limit.py). Autocast would run these products in `dtype` anyway,
+    on the same rounded values: the step computes exactly the same."""
     kept = []
     for mod in model.modules():
         if not isinstance(mod, nn.Linear) or (frozen_only and mod.weight.requires_grad):
             continue
         for name in ("weight", "bias"):
             p = getattr(mod, name)
-            frozen = not (frozen_only and p is not None and p.requires_grad)
-            if p is not None and frozen and p.dtype != dtype and p.is_floating_point():
+            if p is None or (frozen_only and p.requires_grad):
+                continue
+            if p.dtype != dtype and p.is_floating_point():
                 kept.append((p, p.data))
                 p.data = p.data.to(dtype)
     try:
